@@ -1,0 +1,25 @@
+"""Error types shared by every side; each message is one line that names the file or field."""
+
+
+class PpcmiError(Exception):
+    """Base class: the CLI prints ``error: <message>`` and exits with status 2."""
+
+
+class DataError(PpcmiError):
+    """A dataset file or folder is missing, unreadable or inconsistent."""
+
+
+class KeyFileError(PpcmiError):
+    """A key file is missing, has the wrong length or unsafe permissions."""
+
+
+class ProtocolError(PpcmiError):
+    """A message that crosses between hospital and server failed validation."""
+
+
+class ConfigError(PpcmiError):
+    """A configuration file or override is invalid."""
+
+
+class CheckpointError(PpcmiError):
+    """A checkpoint is missing, unreadable or does not match its configuration."""

@@ -1,0 +1,66 @@
+"""Atomic, no-clobber file writes used by every side (temporary file + rename)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .errors import PpcmiError
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, overwrite: bool = True, mode: int | None = None) -> Path:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename.
+
+    With ``overwrite=False`` an existing file is an error and is left untouched.
+    ``mode`` (for example ``0o600``) is applied to the temporary file before the rename,
+    so the final file never exists with wider permissions.
+    """
+    path = Path(path)
+    if not overwrite and path.exists():
+        raise PpcmiError(f"{path}: already exists; refusing to overwrite it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if mode is not None:
+            os.chmod(tmp, mode)
+        if not overwrite:
+            # link() fails if the target appeared meanwhile: no silent clobbering.
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise PpcmiError(f"{path}: already exists; refusing to overwrite it") from None
+            os.unlink(tmp)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, **kwargs: Any) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"), **kwargs)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, **kwargs: Any) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n", **kwargs)
+
+
+def _json_default(o: Any) -> Any:
+    import numpy as np
+
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
