@@ -1,0 +1,48 @@
+"""Hospital key files (hospital side): 32 random bytes from ``secrets``, mode 0600, never overwritten."""
+
+from __future__ import annotations
+
+import secrets
+import stat
+from pathlib import Path
+
+from ..errors import KeyFileError, PpcmiError
+from ..fileio import atomic_write_bytes
+from ..klt import KEY_BYTES
+
+KEY_FILENAME = "klt.key"
+
+
+def keygen(path: str | Path) -> Path:
+    """Create a new key file with mode 0600; an existing file is never overwritten."""
+    path = Path(path)
+    if path.exists():
+        raise KeyFileError(f"{path}: key file already exists; refusing to overwrite it (delete it yourself if you mean to)")
+    try:
+        return atomic_write_bytes(path, secrets.token_bytes(KEY_BYTES), overwrite=False, mode=0o600)
+    except PpcmiError as e:
+        raise KeyFileError(str(e)) from None
+
+
+def load_key(path: str | Path) -> bytes:
+    """Read a key file, refusing one that others can read or that has the wrong length."""
+    path = Path(path)
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise KeyFileError(f"{path}: key file not found (create one with 'ppcmi client keygen')") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise KeyFileError(f"{path}: key file is not a regular file")
+    if st.st_mode & 0o077:
+        raise KeyFileError(f"{path}: key file is readable by group or others (mode {stat.S_IMODE(st.st_mode):04o}); run chmod 600 on it")
+    data = path.read_bytes()
+    if len(data) != KEY_BYTES:
+        raise KeyFileError(f"{path}: key file holds {len(data)} bytes, expected {KEY_BYTES}")
+    return data
+
+
+def key_path(site_dir: str | Path) -> Path:
+    return Path(site_dir) / KEY_FILENAME
+
+
+__all__ = ["keygen", "load_key", "key_path", "KEY_FILENAME"]

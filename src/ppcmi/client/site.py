@@ -1,0 +1,162 @@
+"""A hospital's site folder (hospital side): local autoencoder training, encode+protect, unprotect+decode.
+
+Layout of a site folder (it never leaves the hospital)::
+
+    SITE/klt.key                      32-byte secret key, mode 0600
+    SITE/site.json                    site name, label map, preprocessing, autoencoder config (no secret)
+    SITE/image_ae/model.safetensors   + config.json, and train/ (resumable state)
+    SITE/mask_ae/model.safetensors    + config.json, and train/
+
+Plain latents are named ``z_*`` and exist only in this module; what leaves is a keyed
+``LatentBatch`` (``zt_*``). With ``klt = false`` in the run config (the "no KLT" ablation) the
+latents leave in the clear; the site folder records that choice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..config import AutoencoderConfig, DataConfig
+from ..errors import CheckpointError, PpcmiError
+from ..fileio import atomic_write_json
+from ..klt import KeyedLatentTransform
+from ..models import AEConfig, Autoencoder
+from ..protocol import LatentBatch
+from ..training import FitConfig, FitResult, bce_dice_loss, fit, load_weights, save_weights, seeded_init
+from .keys import key_path, load_key
+
+log = logging.getLogger(__name__)
+
+
+def one_hot(masks: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """(N, H, W) int class indices -> (N, K, H, W) float one-hot."""
+    return F.one_hot(masks.long(), n_classes).permute(0, 3, 1, 2).float()
+
+
+def _ae_loss(model: torch.nn.Module, batch) -> torch.Tensor:
+    (x,) = batch
+    return bce_dice_loss(model(x), x)
+
+
+def train_site(site_dir: str | Path, name: str, images: np.ndarray, masks: np.ndarray, *, n_classes: int,
+               labels: dict, data_cfg: DataConfig, ae_cfg: AutoencoderConfig, klt: bool = True, seed: int = 0,
+               resume: bool = False, progress: bool = True) -> dict[str, FitResult]:
+    """Stage 1 at one hospital: train the image and mask autoencoders on its own data only.
+
+    ``images`` (N, C, S, S) float32 in [0, 1]; ``masks`` (N, S, S) int class indices. A seeded
+    ``ae_cfg.val_frac`` of the samples is held out for early stopping. The key must already exist.
+    """
+    site = Path(site_dir)
+    load_key(key_path(site))  # fail early on a missing or unsafe key
+    n = images.shape[0]
+    if n < 2:
+        raise PpcmiError(f"{site}: a hospital needs at least 2 training images, got {n}")
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(n)
+    n_val = max(1, int(round(n * ae_cfg.val_frac))) if ae_cfg.val_frac > 0 and n >= 4 else 0
+    val_idx, tr_idx = order[:n_val], order[n_val:]
+    meta = {"site": name, "n_classes": n_classes, "labels": labels, "data": asdict(data_cfg),
+            "autoencoder": asdict(ae_cfg), "klt": klt, "in_channels": int(images.shape[1]), "n_train": int(len(tr_idx)), "n_val": int(n_val)}
+    site_json = site / "site.json"
+    if site_json.exists() and not resume:
+        old = json.loads(site_json.read_text())
+        if (site / "image_ae" / "model.safetensors").exists() and (site / "mask_ae" / "model.safetensors").exists():
+            raise PpcmiError(f"{site}: autoencoders already trained here; pass --resume to continue or use another site folder")
+        if old.get("site") != name:
+            raise PpcmiError(f"{site_json}: belongs to site {old.get('site')!r}, not {name!r}")
+    atomic_write_json(site_json, meta)
+    x_img = torch.from_numpy(images).float()
+    x_msk = one_hot(torch.from_numpy(masks), n_classes)
+    results = {}
+    for kind, x, cin in (("image", x_img, images.shape[1]), ("mask", x_msk, n_classes)):
+        cfg = AEConfig(in_channels=int(cin), width=ae_cfg.width, skips=ae_cfg.skips)
+        model = seeded_init(lambda: Autoencoder(cfg), seed + (0 if kind == "image" else 1))
+        d = site / f"{kind}_ae"
+        final = d / "model.safetensors"
+        fc = FitConfig(epochs=ae_cfg.epochs, batch_size=ae_cfg.batch_size, lr=ae_cfg.lr, patience=ae_cfg.patience, seed=seed)
+        res = fit(model, _ae_loss, [x[tr_idx]], [x[val_idx]] if n_val else None, fc, d / "train",
+                  resume=resume and (d / "train" / "state.json").exists(), desc=f"{name} {kind} AE", progress=progress)
+        save_weights(model, final)
+        atomic_write_json(d / "config.json", {"autoencoder": asdict(cfg), "best_epoch": res.best_epoch,
+                                              "best_val_loss": res.best_val, "epochs_run": len(res.history),
+                                              "history": res.history, "train_seconds": res.seconds})
+        results[kind] = res
+    return results
+
+
+class Hospital:
+    """A trained site loaded for inference: encode+protect and unprotect+decode.
+
+    ``protect(images)`` -> query ``LatentBatch``; ``training_batch(images, masks)`` -> train
+    ``LatentBatch``; ``unprotect(reply)`` -> (N, S, S) int64 label maps.
+    """
+
+    def __init__(self, site_dir: str | Path):
+        self.dir = Path(site_dir)
+        meta_path = self.dir / "site.json"
+        if not meta_path.exists():
+            raise CheckpointError(f"{meta_path}: not a trained site folder (run 'ppcmi client train' first)")
+        self.meta = json.loads(meta_path.read_text())
+        self.name: str = self.meta["site"]
+        self.n_classes: int = self.meta["n_classes"]
+        self.klt_enabled: bool = self.meta.get("klt", True)
+        self.data_cfg = DataConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in self.meta["data"].items()})
+        self.models: dict[str, Autoencoder] = {}
+        for kind in ("image", "mask"):
+            d = self.dir / f"{kind}_ae"
+            cfg_path = d / "config.json"
+            if not cfg_path.exists():
+                raise CheckpointError(f"{cfg_path}: missing; the {kind} autoencoder is not trained")
+            cfg = AEConfig(**json.loads(cfg_path.read_text())["autoencoder"])
+            m = Autoencoder(cfg)
+            load_weights(m, d / "model.safetensors")
+            self.models[kind] = m.eval()
+        self.ae_cfg = self.models["image"].cfg
+        key = load_key(key_path(self.dir))
+        self._klt = KeyedLatentTransform(key, self.ae_cfg.latent_channels()) if self.klt_enabled else None
+        del key
+
+    def latent_shapes(self, size: int | None = None) -> dict[str, tuple[int, int, int]]:
+        return self.ae_cfg.latent_shapes(size or self.data_cfg.size)
+
+    @torch.inference_mode()
+    def _encode(self, x: torch.Tensor, kind: str, noise: float = 0.0, seed: int = 0) -> dict[str, np.ndarray]:
+        z = self.models[kind].encode(x)
+        if noise > 0:
+            g = torch.Generator().manual_seed(seed)
+            z = {s: v + noise * torch.randn(v.shape, generator=g) for s, v in z.items()}
+        zt = self._klt.forward(z, kind) if self._klt is not None else z
+        return {s: v.float().numpy() for s, v in zt.items()}
+
+    def protect(self, images: np.ndarray | torch.Tensor, *, dtype=np.float32, noise: float = 0.0, seed: int = 0) -> LatentBatch:
+        """Encode images (N, C, S, S) in [0, 1] and apply this hospital's keyed transform."""
+        x = torch.as_tensor(images).float()
+        zt = self._encode(x, "image", noise, seed)
+        return LatentBatch("query", self.name, {f"zt_img_{s}": v.astype(dtype) for s, v in zt.items()})
+
+    def training_batch(self, images: np.ndarray, masks: np.ndarray, *, dtype=np.float32, noise: float = 0.0, seed: int = 0) -> LatentBatch:
+        """Keyed latent pairs for stage 2: images (N, C, S, S) and masks (N, S, S) class indices."""
+        zt_img = self._encode(torch.as_tensor(images).float(), "image", noise, seed)
+        zt_msk = self._encode(one_hot(torch.as_tensor(masks), self.n_classes), "mask", noise, seed + 1)
+        arrays = {f"zt_img_{s}": v.astype(dtype) for s, v in zt_img.items()}
+        arrays.update({f"zt_msk_{s}": v.astype(dtype) for s, v in zt_msk.items()})
+        return LatentBatch("train", self.name, arrays)
+
+    @torch.inference_mode()
+    def unprotect(self, reply: LatentBatch) -> np.ndarray:
+        """Invert the keyed transform of the server's reply, decode with the mask decoder, argmax."""
+        if reply.kind != "reply":
+            raise PpcmiError(f"kind: expected a 'reply' message, got {reply.kind!r}")
+        if reply.client != self.name:
+            raise PpcmiError(f"client: reply is addressed to {reply.client!r}, this site is {self.name!r}")
+        zt = {s: torch.from_numpy(np.asarray(a, dtype=np.float32)) for s, a in reply.latents("zt_msk_").items()}
+        z = self._klt.inverse(zt, "mask") if self._klt is not None else zt
+        probs = self.models["mask"].decode(z)
+        return probs.argmax(1).numpy().astype(np.int64)

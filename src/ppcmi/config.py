@@ -1,0 +1,187 @@
+"""Run configuration (both sides): typed, frozen dataclasses loaded from TOML with typed overrides.
+
+A TOML file has the sections ``[data]``, ``[autoencoder]``, ``[mapping]`` and top-level keys;
+unknown sections or keys are rejected. Overrides are ``section.key=value`` strings parsed to the
+field's type (``--set autoencoder.epochs=5 --set data.size=128``). The resolved configuration is
+saved as ``config.json`` next to every output. No secret ever belongs here: keys live in key files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    size: int = 256
+    intensity: str = "minmax"          # minmax | percentile | window
+    percentiles: tuple[float, float] = (0.5, 99.5)
+    window: tuple[float, float] | None = None
+    offset: float = 0.0
+    color: str = "gray"                # gray | rgb
+    labels: str | None = None          # "0,1,2" (raw mask values in class order); None: discover
+    class_names: str | None = None     # "background,ps,fh"
+    group_regex: str | None = None     # patient id from the file stem, e.g. "^(patient\\d+)_"
+    group_csv: str | None = None
+    split_lists: dict[str, str] | None = None  # {"train": "...", "val": "...", "test": "..."}
+    val_frac: float = 0.2
+    test_frac: float = 0.2
+    partition: str = "group"           # iid | group | site
+
+
+@dataclass(frozen=True)
+class AutoencoderConfig:
+    width: float = 1.0
+    skips: bool = True
+    epochs: int = 100
+    batch_size: int = 16
+    lr: float = 1e-3
+    patience: int = 15
+    val_frac: float = 0.2
+
+
+@dataclass(frozen=True)
+class MappingTrainConfig:
+    widen: tuple[int, int, int] = (32, 64, 128)
+    mid: tuple[int, int] = (128, 256)
+    down: tuple[int, int, int] = (64, 32, 16)
+    pyramid: bool = True
+    dropout: float = 0.2
+    norm: str = "batch"
+    epochs: int = 150
+    batch_size: int = 16
+    lr: float = 1e-3
+    patience: int = 20
+    val_frac: float = 0.2
+
+
+@dataclass(frozen=True)
+class Config:
+    seed: int = 0
+    clients: int = 3
+    klt: bool = True                   # False: the "no KLT" ablation (latents sent in the clear)
+    data: DataConfig = field(default_factory=DataConfig)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    mapping: MappingTrainConfig = field(default_factory=MappingTrainConfig)
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+            if type(None) in args:
+                return None
+        errs = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except ConfigError as e:
+                errs.append(str(e))
+        raise ConfigError(errs[0] if errs else f"{where}: invalid value {value!r}")
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{where}: expected {len(args)} comma-separated values, got {value!r}")
+        return tuple(_coerce(v, a, where) for v, a in zip(value, args))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table, got {value!r}")
+        return {str(k): str(v) for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+        try:
+            out = tp(value) if not isinstance(value, str) else tp(value.strip())
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}") from None
+        if tp is int and isinstance(value, float) and value != out:
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return out
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported type {tp}")
+
+
+def _build(cls: type, raw: dict, where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(raw) - names
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; allowed {sorted(names)}")
+    kwargs = {}
+    for k, v in raw.items():
+        tp = hints[k]
+        key = f"{where}.{k}" if where else k
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(v, dict):
+                raise ConfigError(f"{key}: expected a table")
+            kwargs[k] = _build(tp, v, key)
+        else:
+            kwargs[k] = _coerce(v, tp, key)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, base: Config | None = None) -> Config:
+    """Load ``path`` (TOML) on top of ``base`` (defaults), then apply ``section.key=value`` overrides."""
+    raw = to_dict(base or Config())
+    if path is not None:
+        p = Path(path)
+        try:
+            file_raw = tomllib.loads(p.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{p}: config file not found") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{p}: invalid TOML ({e})") from None
+        _merge(raw, file_raw, str(p))
+    for ov in overrides or []:
+        if "=" not in ov:
+            raise ConfigError(f"--set {ov!r}: expected section.key=value")
+        key, value = ov.split("=", 1)
+        parts = key.strip().split(".")
+        node = raw
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"--set {key}: unknown section {part!r}")
+            node = node[part]
+        if parts[-1] not in node:
+            raise ConfigError(f"--set {key}: unknown key {parts[-1]!r}")
+        node[parts[-1]] = value
+    return _build(Config, raw, "")
+
+
+def _merge(dst: dict, src: dict, where: str) -> None:
+    for k, v in src.items():
+        if k not in dst:
+            raise ConfigError(f"{where}: unknown key {k!r}; allowed {sorted(dst)}")
+        if isinstance(dst[k], dict) and isinstance(v, dict) and k != "split_lists":
+            _merge(dst[k], v, f"{where}:{k}")
+        else:
+            dst[k] = v
+
+
+def from_dict(raw: dict) -> Config:
+    return _build(Config, raw, "")

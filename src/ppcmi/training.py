@@ -1,0 +1,207 @@
+"""Training loop and checkpoints (neutral code, used by hospitals for the autoencoders and by the server for mapping).
+
+``fit`` trains with Adam, early stopping on a validation loss and best-weights restoration. After
+every epoch it writes, atomically, ``last.safetensors`` (model, optimiser tensors) and
+``state.json`` (epoch, history, patience counter) into ``work_dir``; the best weights go to
+``best.safetensors``. ``fit(..., resume=True)`` continues from the last completed epoch. Each
+epoch's shuffling and dropout are seeded from ``(seed, epoch)`` inside ``torch.random.fork_rng``,
+so an interrupted-and-resumed run equals an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from safetensors.torch import load_file, save
+from torch import nn
+from tqdm.auto import tqdm
+
+from .errors import CheckpointError, PpcmiError
+from .fileio import atomic_write_bytes, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+Batch = Sequence[torch.Tensor]
+LossFn = Callable[[nn.Module, Batch], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    epochs: int = 100
+    batch_size: int = 16
+    lr: float = 1e-3
+    patience: int = 15
+    seed: int = 0
+
+
+@dataclass
+class FitResult:
+    history: list[dict] = field(default_factory=list)
+    best_epoch: int = 0
+    best_val: float = math.inf
+    stopped_early: bool = False
+    seconds: float = 0.0
+
+
+def save_weights(module: nn.Module, path: str | Path, *, metadata: dict | None = None) -> Path:
+    """Atomically write a module's state dict as safetensors."""
+    sd = {k: v.detach().contiguous().clone() for k, v in module.state_dict().items()}
+    return atomic_write_bytes(path, save(sd, metadata=metadata))
+
+
+def load_weights(module: nn.Module, path: str | Path) -> None:
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        sd = load_file(str(path))
+    except Exception as e:
+        raise CheckpointError(f"{path}: unreadable checkpoint ({type(e).__name__})") from None
+    try:
+        module.load_state_dict(sd)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not match the configured network ({str(e).splitlines()[0][:160]})") from None
+
+
+def _optim_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    out = {}
+    sd = opt.state_dict()
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            out[f"optim.{pid}.{k}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().clone().contiguous()
+    return out
+
+
+def _load_optim(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    sd = opt.state_dict()
+    state: dict[int, dict] = {}
+    for name, v in tensors.items():
+        _, pid, k = name.split(".", 2)
+        state.setdefault(int(pid), {})[k] = v
+    sd["state"] = state
+    opt.load_state_dict(sd)
+
+
+def _batches(n: int, batch_size: int, gen: torch.Generator | None) -> list[torch.Tensor]:
+    idx = torch.randperm(n, generator=gen) if gen is not None else torch.arange(n)
+    return [idx[i:i + batch_size] for i in range(0, n, batch_size)]
+
+
+def fit(model: nn.Module, loss_fn: LossFn, train: Sequence[torch.Tensor], val: Sequence[torch.Tensor] | None,
+        cfg: FitConfig, work_dir: str | Path, *, resume: bool = False, desc: str = "train",
+        progress: bool = True, on_epoch: Callable[[int, dict], None] | None = None) -> FitResult:
+    """Train ``model`` on tensors ``train`` (indexed together along dim 0) with early stopping on ``val``.
+
+    ``loss_fn(model, batch)`` returns a scalar loss. Without a validation set, the training loss is
+    used for early stopping. Writes checkpoints into ``work_dir``; the model ends with the best weights.
+    """
+    import time
+
+    work = Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    n = train[0].shape[0]
+    if n == 0:
+        raise PpcmiError(f"{desc}: no training samples")
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    res = FitResult()
+    start_epoch = 1
+    bad = 0
+    state_path, last_path, best_path = work / "state.json", work / "last.safetensors", work / "best.safetensors"
+    if resume:
+        if not state_path.exists():
+            raise CheckpointError(f"{state_path}: nothing to resume (no completed epoch recorded)")
+        st = json.loads(state_path.read_text())
+        tensors = load_file(str(last_path))
+        model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+        _load_optim(opt, {k: v for k, v in tensors.items() if k.startswith("optim.")})
+        res.history, res.best_epoch, res.best_val, bad = st["history"], st["best_epoch"], st["best_val"], st["bad_epochs"]
+        res.seconds = st.get("seconds", 0.0)
+        start_epoch = st["epoch"] + 1
+        if st.get("done"):
+            load_weights(model, best_path)
+            res.stopped_early = st.get("stopped_early", False)
+            log.info("%s: already finished at epoch %d", desc, st["epoch"])
+            return res
+        log.info("%s: resuming after epoch %d", desc, st["epoch"])
+    elif state_path.exists():
+        raise CheckpointError(f"{state_path}: a training run already exists here; pass --resume to continue it or choose a new output folder")
+
+    t0 = time.perf_counter()
+    bar = tqdm(range(start_epoch, cfg.epochs + 1), desc=desc, disable=not progress, leave=False, initial=start_epoch - 1, total=cfg.epochs)
+    for epoch in bar:
+        with torch.random.fork_rng():
+            torch.manual_seed(cfg.seed * 100_003 + epoch)
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+            model.train()
+            tot, count = 0.0, 0
+            for idx in _batches(n, cfg.batch_size, gen):
+                if len(idx) < 2 and n >= 2:  # BatchNorm needs two samples: fold a lone sample into training next epoch
+                    continue
+                batch = [t[idx] for t in train]
+                loss = loss_fn(model, batch)
+                if not torch.isfinite(loss):
+                    raise PpcmiError(f"{desc}: loss became {loss.item()} at epoch {epoch}")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                tot += loss.item() * len(idx)
+                count += len(idx)
+            train_loss = tot / max(count, 1)
+            val_loss = evaluate_loss(model, loss_fn, val, cfg.batch_size) if val is not None and val[0].shape[0] else train_loss
+        rec = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss}
+        res.history.append(rec)
+        if val_loss < res.best_val - 1e-7:
+            res.best_val, res.best_epoch, bad = val_loss, epoch, 0
+            save_weights(model, best_path)
+        else:
+            bad += 1
+        done = bad >= cfg.patience or epoch == cfg.epochs
+        res.stopped_early = bad >= cfg.patience
+        elapsed = res.seconds + time.perf_counter() - t0
+        last = {f"model.{k}": v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+        last.update(_optim_tensors(opt))
+        atomic_write_bytes(last_path, save(last))
+        atomic_write_json(state_path, {"epoch": epoch, "history": res.history, "best_epoch": res.best_epoch, "best_val": res.best_val,
+                                       "bad_epochs": bad, "done": done, "stopped_early": res.stopped_early, "seconds": elapsed})
+        bar.set_postfix(train=f"{train_loss:.4f}", val=f"{val_loss:.4f}")
+        if on_epoch is not None:
+            on_epoch(epoch, rec)
+        if done:
+            break
+    bar.close()
+    res.seconds += time.perf_counter() - t0
+    load_weights(model, best_path)
+    model.eval()
+    return res
+
+
+@torch.no_grad()
+def evaluate_loss(model: nn.Module, loss_fn: LossFn, data: Sequence[torch.Tensor], batch_size: int) -> float:
+    model.eval()
+    n = data[0].shape[0]
+    tot = 0.0
+    for idx in _batches(n, batch_size, None):
+        tot += loss_fn(model, [t[idx] for t in data]).item() * len(idx)
+    return tot / n
+
+
+def seeded_init(factory: Callable[[], nn.Module], seed: int) -> nn.Module:
+    """Build a module with its initial weights drawn from ``seed`` without disturbing the global RNG."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return factory()
+
+
+def bce_dice_loss(pred: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """0.5·BCE + 0.5·soft Dice on sigmoid outputs in [0, 1] (the published autoencoder loss)."""
+    bce = nn.functional.binary_cross_entropy(pred.clamp(1e-6, 1 - 1e-6), target)
+    dims = tuple(range(1, pred.ndim))
+    inter = (pred * target).sum(dims)
+    dice = (2 * inter + eps) / (pred.sum(dims) + target.sum(dims) + eps)
+    return 0.5 * bce + 0.5 * (1 - dice.mean())
