@@ -1,0 +1,46 @@
+"""Privacy-agnostic reference (no trust boundary): a MONAI ``UNet`` trained on pooled images and masks.
+
+This is the comparison the demo and benchmarks print next to PPCMI-SF; it needs the raw data
+in one place, which is exactly what PPCMI-SF avoids.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.losses import DiceCELoss
+from monai.networks.nets import UNet
+
+from .training import FitConfig, FitResult, fit, seeded_init
+
+
+def make_unet(in_channels: int, n_classes: int) -> UNet:
+    return UNet(spatial_dims=2, in_channels=in_channels, out_channels=n_classes, channels=(16, 32, 64, 128, 256),
+                strides=(2, 2, 2, 2), num_res_units=2)
+
+
+def train_unet(images: np.ndarray, masks: np.ndarray, n_classes: int, work_dir: str | Path, *, epochs: int, patience: int,
+               batch_size: int = 16, lr: float = 1e-3, val_frac: float = 0.2, seed: int = 0,
+               progress: bool = True) -> tuple[UNet, FitResult]:
+    """Train on (N, C, S, S) images and (N, S, S) class-index masks with a seeded validation split."""
+    n = images.shape[0]
+    order = np.random.default_rng(seed).permutation(n)
+    n_val = max(1, int(round(n * val_frac))) if n >= 4 else 0
+    va, tr = order[:n_val], order[n_val:]
+    x = torch.from_numpy(images).float()
+    y = torch.from_numpy(masks).long()[:, None]
+    loss = DiceCELoss(to_onehot_y=True, softmax=True)
+    model = seeded_init(lambda: make_unet(images.shape[1], n_classes), seed)
+    res = fit(model, lambda m, b: loss(m(b[0]), b[1]), [x[tr], y[tr]], [x[va], y[va]] if n_val else None,
+              FitConfig(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, seed=seed), work_dir,
+              desc="centralized U-Net", progress=progress)
+    return model, res
+
+
+@torch.inference_mode()
+def predict_unet(model: UNet, images: np.ndarray, batch_size: int = 16) -> np.ndarray:
+    model.eval()
+    out = [model(torch.from_numpy(images[i:i + batch_size]).float()).argmax(1) for i in range(0, len(images), batch_size)]
+    return torch.cat(out).numpy().astype(np.int64)

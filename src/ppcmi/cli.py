@@ -1,0 +1,280 @@
+"""The ``ppcmi`` command line: thin wrappers over the library, grouped by trust side.
+
+``ppcmi client ...`` runs at a hospital, ``ppcmi server ...`` at the coordinator; ``simulate``
+and ``demo`` play every role in one process. Errors print one line (``error: ...``) and exit 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .errors import PpcmiError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="PPCMI-SF: hospitals share only keyed latents; a key-less server maps image latents to mask latents.")
+client_app = typer.Typer(no_args_is_help=True, help="Hospital side: keys, local training, encode+protect, unprotect+decode.")
+server_app = typer.Typer(no_args_is_help=True, help="Coordinator side: train the mapping network and map keyed queries.")
+app.add_typer(client_app, name="client")
+app.add_typer(server_app, name="server")
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="TOML config file ([data], [autoencoder], [mapping] sections).")
+SetOpt = typer.Option(None, "--set", help="Typed override, e.g. --set autoencoder.epochs=5 (repeatable).")
+QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars.")
+
+
+def _guard(fn):
+    """Turn library errors into one line on stderr and exit status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        try:
+            return fn(*args, **kwargs)
+        except PpcmiError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2)
+        except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
+            typer.echo(f"error: {e.filename}: {e.strerror}", err=True)
+            raise typer.Exit(2)
+        except KeyboardInterrupt:
+            typer.echo("interrupted: completed epochs are saved; rerun with --resume to continue", err=True)
+            raise typer.Exit(130)
+
+    return wrapper
+
+
+def _cfg(config: Optional[Path], sets: Optional[List[str]], base=None):
+    from .config import load_config
+
+    return load_config(config, sets or [], base=base)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@app.command()
+@_guard
+def synth(out: Path = typer.Argument(..., help="Output folder (images/, masks/, groups.csv)."),
+          sites: int = typer.Option(3, help="Number of sites with their own intensity and noise."),
+          patients: int = typer.Option(4, help="Patients per site."),
+          slices: int = typer.Option(8, help="Slices per patient."),
+          size: int = typer.Option(128, help="Image size in pixels."),
+          classes: int = typer.Option(3, help="Number of classes including background."),
+          seed: int = typer.Option(0, help="Random seed."),
+          overwrite: bool = typer.Option(False, help="Replace existing synthetic data in OUT.")):
+    """Write synthetic multi-site, multi-class phantom data in the images/ + masks/ layout."""
+    from .data import synth as _synth
+
+    p = _synth(out, sites=sites, patients_per_site=patients, slices_per_patient=slices, size=size, n_classes=classes,
+               seed=seed, overwrite=overwrite)
+    typer.echo(f"wrote {sites * patients * slices} synthetic cases to {p} (group CSV: {p / 'groups.csv'})")
+
+
+# ----------------------------------------------------------------------------- hospital side
+
+
+@client_app.command("keygen")
+@_guard
+def client_keygen(site_dir: Path = typer.Option(..., "--site-dir", "-s", help="The hospital's private site folder.")):
+    """Create this hospital's 32-byte secret key (mode 0600). Never overwrites an existing key."""
+    from .client.keys import key_path, keygen
+
+    site_dir.mkdir(parents=True, exist_ok=True)
+    p = keygen(key_path(site_dir))
+    typer.echo(f"key written to {p} (mode 0600); back it up: without it this site's latents cannot be decoded")
+
+
+@client_app.command("train")
+@_guard
+def client_train(site_dir: Path = typer.Option(..., "--site-dir", "-s", help="Site folder holding the key."),
+                 data: Path = typer.Option(..., "--data", "-d", help="This hospital's training data (images/ + masks/)."),
+                 name: str = typer.Option(..., "--name", "-n", help="This hospital's site id, as the server knows it."),
+                 config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
+                 resume: bool = typer.Option(False, help="Continue an interrupted run from its last completed epoch."),
+                 quiet: bool = QuietOpt):
+    """Stage 1: train the image and mask autoencoders on this hospital's data only."""
+    from .client.site import train_site
+    from .config import to_dict
+    from .data import discover_cases, discover_labels, load_arrays, parse_labels
+    from .fileio import atomic_write_json
+    from .simulate import preprocess_from
+
+    cfg = _cfg(config, set_)
+    cases = discover_cases(data, group_regex=cfg.data.group_regex, group_csv=cfg.data.group_csv)
+    labels = parse_labels(cfg.data.labels, cfg.data.class_names) or discover_labels(cases)
+    arr = load_arrays(cases, preprocess_from(cfg), labels, progress=not quiet)
+    site_dir.mkdir(parents=True, exist_ok=True)
+    res = train_site(site_dir, name, arr["images"], arr["masks"], n_classes=labels.n_classes,
+                     labels={"values": list(labels.values), "names": list(labels.names)}, data_cfg=cfg.data,
+                     ae_cfg=cfg.autoencoder, klt=cfg.klt, seed=cfg.seed, resume=resume, progress=not quiet)
+    atomic_write_json(site_dir / "config.json", to_dict(cfg))
+    for kind, r in res.items():
+        typer.echo(f"{kind} autoencoder: best val loss {r.best_val:.4f} at epoch {r.best_epoch} ({len(r.history)} epochs, {r.seconds:.0f} s)")
+
+
+@client_app.command("encode")
+@_guard
+def client_encode(site_dir: Path = typer.Option(..., "--site-dir", "-s"),
+                  data: Path = typer.Option(..., "--data", "-d", help="A dataset folder (images/ [+ masks/]) or one image file."),
+                  out: Path = typer.Option(..., "--out", "-o", help="Message file to send to the server."),
+                  with_masks: bool = typer.Option(False, "--with-masks", help="Send keyed image+mask pairs for stage 2 (a 'train' message)."),
+                  float16: bool = typer.Option(False, "--float16", help="Send float16 latents (half the payload)."),
+                  noise: float = typer.Option(0.0, help="Gaussian noise std added to latents before they leave (a privacy knob).")):
+    """Encode and protect: write keyed latents as one protocol message (and a local case list beside it)."""
+    from .client.inference import encode_folder
+
+    n, size = encode_folder(site_dir, data, out, with_masks=with_masks, float16=float16, noise=noise)
+    typer.echo(f"wrote {out}: {n} images, {size} bytes (case list kept locally in {out}.cases.json)")
+
+
+@client_app.command("decode")
+@_guard
+def client_decode(site_dir: Path = typer.Option(..., "--site-dir", "-s"),
+                  reply: Path = typer.Option(..., "--reply", "-r", help="The server's reply message."),
+                  cases: Path = typer.Option(None, "--cases", help="Local case list written by 'client encode' (default: QUERY.cases.json)."),
+                  out: Path = typer.Option(..., "--out", "-o", help="Folder for the label maps.")):
+    """Unprotect and decode the server's reply into label maps in the inputs' format."""
+    from .client.inference import decode_reply
+
+    written = decode_reply(site_dir, reply, cases, out)
+    typer.echo(f"wrote {len(written)} label maps to {out}")
+
+
+# ----------------------------------------------------------------------------- coordinator side
+
+
+@server_app.command("train")
+@_guard
+def server_train(messages: List[Path] = typer.Argument(..., help="'train' messages from the hospitals."),
+                 out: Path = typer.Option(..., "--out", "-o", help="Model folder."),
+                 config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
+                 resume: bool = typer.Option(False, help="Continue an interrupted run."), quiet: bool = QuietOpt):
+    """Stage 2: train the mapping network on the hospitals' keyed latent pairs."""
+    from . import protocol
+    from .config import to_dict
+    from .fileio import atomic_write_json
+    from .server.mapping import train_mapping
+
+    cfg = _cfg(config, set_)
+    batches = []
+    for m in messages:
+        try:
+            batches.append(protocol.decode(m.read_bytes()))
+        except PpcmiError as e:
+            raise PpcmiError(f"{m}: {e}") from None
+    _, res = train_mapping(batches, cfg.mapping, out, seed=cfg.seed, resume=resume, progress=not quiet)
+    atomic_write_json(out / "run_config.json", to_dict(cfg))
+    typer.echo(f"mapping network: best val loss {res.best_val:.4f} at epoch {res.best_epoch} ({len(res.history)} epochs, {res.seconds:.0f} s) -> {out}")
+
+
+@server_app.command("map")
+@_guard
+def server_map(model: Path = typer.Option(..., "--model", "-m", help="Model folder from 'server train'."),
+               query: Path = typer.Option(..., "--query", help="A 'query' message from a hospital."),
+               out: Path = typer.Option(..., "--out", "-o", help="Reply message file.")):
+    """Map a hospital's keyed image latents to keyed mask latents with its adapters."""
+    from . import protocol
+    from .fileio import atomic_write_bytes
+    from .server.mapping import MappingServer
+
+    srv = MappingServer(model)
+    try:
+        q = protocol.decode(query.read_bytes())
+    except PpcmiError as e:
+        raise PpcmiError(f"{query}: {e}") from None
+    reply = protocol.encode(srv.handle(q))
+    atomic_write_bytes(out, reply, overwrite=False)
+    typer.echo(f"wrote {out}: {len(reply)} bytes for {q.n} images of {q.client}")
+
+
+# ----------------------------------------------------------------------------- both / evaluation
+
+
+@app.command()
+@_guard
+def predict(images: List[Path] = typer.Argument(..., help="Image files (PNG, JPEG, TIFF, NIfTI, MHA) or DICOM series folders."),
+            site_dir: Path = typer.Option(..., "--site-dir", "-s", help="This hospital's site folder."),
+            model: Path = typer.Option(..., "--model", "-m", help="Mapping model folder (in-process server)."),
+            out: Path = typer.Option(..., "--out", "-o", help="Folder for the label maps (PNG for 2D, NIfTI for volumes).")):
+    """Hospital -> server -> hospital for image files; writes label maps in the inputs' format."""
+    from .client.inference import predict_files
+
+    written = predict_files(site_dir, model, images, out)
+    for p in written:
+        typer.echo(str(p))
+
+
+@app.command()
+@_guard
+def evaluate(pred: Path = typer.Option(..., "--pred", "-p", help="Folder of predicted label maps."),
+             data: Path = typer.Option(..., "--data", "-d", help="Dataset folder with the ground truth (masks/)."),
+             out: Path = typer.Option(..., "--out", "-o", help="Folder for per_case.csv and summary.json."),
+             labels: Optional[str] = typer.Option(None, help="Raw label values in class order, e.g. 0,1,2 (default: discovered).")):
+    """Score label maps against ground truth: Dice, HD95, ASD per class and merged foreground."""
+    from .client.inference import evaluate_folder
+
+    summ = evaluate_folder(pred, data, out, labels)
+    fg = summ.get("fg_dice", {})
+    typer.echo(f"{summ['n_cases']} cases: merged-foreground Dice {fg.get('mean', float('nan')):.4f} "
+               f"(95% CI {fg.get('ci95', ['?', '?'])}) -> {out / 'summary.json'}")
+
+
+@app.command()
+@_guard
+def simulate(data: Path = typer.Option(..., "--data", "-d", help="Dataset folder (images/ + masks/)."),
+             clients: int = typer.Option(3, "--clients", "-n", help="Number of simulated hospitals."),
+             out: Path = typer.Option(Path("runs/simulate"), "--out", "-o"),
+             config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
+             resume: bool = typer.Option(False, help="Reuse finished stages and continue interrupted ones."),
+             quiet: bool = QuietOpt):
+    """All roles in one process, through the same protocol bytes: stage 1, stage 2, inference, evaluation."""
+    from .simulate import public_summary, run_simulation
+    from .fileio import atomic_write_json
+
+    cfg = _cfg(config, (set_ or []) + [f"clients={clients}"])
+    res = run_simulation(cfg, data, out, resume=resume, progress=not quiet)
+    res.pop("_arrays", None)
+    atomic_write_json(out / "summary.json", public_summary(res))
+    from .demo import table
+
+    typer.echo(table({"methods": {"PPCMI-SF": res["ppcmi"]}}))
+    typer.echo(f"payload per image per direction: {res['payload']['float32_bytes']} bytes (float32); results in {out}")
+
+
+@app.command()
+@_guard
+def demo(data: Optional[Path] = typer.Option(None, "--data", "-d", help="Dataset folder (default: the bundled Sunnybrook LV subset)."),
+         name: str = typer.Option("demo", help="Run name: results go to runs/NAME."),
+         out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (overrides --name)."),
+         config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt, quiet: bool = QuietOpt):
+    """The whole pipeline next to a centralized MONAI U-Net; prints a table, payload and latency."""
+    from .demo import demo_config, run_demo
+
+    out = out or Path("runs") / name
+    cfg = _cfg(config, set_, base=demo_config())
+    s = run_demo(data, out, cfg, progress=not quiet)
+    lat, t = s["latency_ms"], s["timings_s"]
+    typer.echo("")
+    typer.echo(s["table_md"])
+    typer.echo("")
+    typer.echo(f"payload per image per direction: {s['payload']['float32_bytes']} bytes float32 "
+               f"({s['payload']['values_per_image']} values; {s['payload']['wire_bytes_query']} bytes on the wire)")
+    typer.echo(f"latency per image (batch 1, median): encode+KLT {lat['encode']:.1f} ms | map {lat['map']:.1f} ms | "
+               f"inverse KLT+decode {lat['decode']:.1f} ms | total {lat['total']:.1f} ms")
+    typer.echo(f"wall time: stage 1 {t['stage1_s']:.0f} s, stage 2 {t['stage2_s']:.0f} s, U-Net {t['unet_s']:.0f} s, total {t['total_s']:.0f} s")
+    typer.echo(f"results: {out}/summary.json, report.md, per_case.csv, loss_curves.png, overlays.png")
+
+
+def main() -> None:  # pragma: no cover
+    sys.exit(app())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

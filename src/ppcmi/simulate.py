@@ -1,0 +1,189 @@
+"""Plays every role in one process (hospitals and server) through the same protocol bytes a network carries.
+
+Each hospital gets its own site folder and key, trains its autoencoders on its own cases only,
+and hands the server nothing but serialised :class:`~ppcmi.protocol.LatentBatch` bytes (also
+written to ``OUT/wire/`` so the traffic can be inspected). The server decodes those bytes,
+trains the mapping network, and answers test queries with reply bytes; each hospital decodes
+its replies and scores its own predictions on the held-out test patients.
+
+Output folder::
+
+    OUT/config.json            resolved configuration
+    OUT/sites/<hospital>/      site folders (in a real deployment each stays at its hospital)
+    OUT/wire/                  every message that crossed, exactly as sent
+    OUT/server/                the mapping network
+    OUT/eval/                  per_case.csv and summary.json (per hospital and overall)
+    OUT/summary.json           the run's headline numbers
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import protocol
+from .client.keys import key_path, keygen
+from .client.site import Hospital, train_site
+from .config import Config, to_dict
+from .data import Case, LabelMap, Preprocess, discover_cases, discover_labels, load_arrays, parse_labels, partition, split_cases, split_from_lists
+from .errors import PpcmiError
+from .fileio import atomic_write_bytes, atomic_write_json
+from .metrics import evaluate_cases, summarize, write_evaluation
+from .server.mapping import MappingServer, train_mapping
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Plan:
+    """Who holds which cases: one list per hospital, plus the held-out test cases."""
+
+    labels: LabelMap
+    prep: Preprocess
+    hospitals: dict[str, list[Case]]
+    test: list[Case]
+
+
+def preprocess_from(cfg: Config) -> Preprocess:
+    d = cfg.data
+    return Preprocess(size=d.size, intensity=d.intensity, percentiles=tuple(d.percentiles), window=d.window, offset=d.offset, color=d.color)
+
+
+def plan(cfg: Config, data_dir: str | Path) -> Plan:
+    """Discover the dataset, split off test patients, and partition the rest into hospitals."""
+    d = cfg.data
+    cases = discover_cases(data_dir, group_regex=d.group_regex, group_csv=d.group_csv)
+    labels = parse_labels(d.labels, d.class_names) or discover_labels(cases)
+    if d.split_lists:
+        sp = split_from_lists(cases, d.split_lists)
+        dev, test = sp.get("train", []) + sp.get("val", []), sp.get("test", [])
+    else:
+        sp = split_cases(cases, val_frac=0.0, test_frac=d.test_frac, seed=cfg.seed, by_group=True)
+        dev, test = sp["train"] + sp["val"], sp["test"]
+    if not test:
+        raise PpcmiError(f"{data_dir}: no test cases after splitting (data.test_frac={d.test_frac})")
+    parts = partition(dev, cfg.clients, mode=d.partition, seed=cfg.seed)
+    return Plan(labels, preprocess_from(cfg), {f"hospital{i + 1}": p for i, p in enumerate(parts)}, test)
+
+
+def _median_ms(fn, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1000)
+    return statistics.median(times)
+
+
+def measure_latency(hospital: Hospital, server: MappingServer, images: np.ndarray, reps: int = 20) -> dict:
+    """Median per-stage latency (ms) at batch 1, after one warm-up, on one thread pool as configured."""
+    x = images[:1]
+    q = hospital.protect(x)
+    wire_q = protocol.encode(q)
+    reply = server.handle(protocol.decode(wire_q))
+    wire_r = protocol.encode(reply)
+    enc = _median_ms(lambda: protocol.encode(hospital.protect(x)), reps)
+    mp = _median_ms(lambda: protocol.encode(server.handle(protocol.decode(wire_q))), reps)
+    dec = _median_ms(lambda: hospital.unprotect(protocol.decode(wire_r)), reps)
+    return {"encode": enc, "map": mp, "decode": dec, "total": enc + mp + dec, "batch": 1, "reps": reps,
+            "threads": torch.get_num_threads()}
+
+
+def payload(hospital: Hospital, images: np.ndarray) -> dict:
+    q = hospital.protect(images[:1])
+    q16 = hospital.protect(images[:1], dtype=np.float16)
+    values = sum(a.size for a in q.arrays.values())
+    return {"values_per_image": int(values), "float32_bytes": int(values * 4), "float16_bytes": int(values * 2),
+            "wire_bytes_query": len(protocol.encode(q)), "wire_bytes_query_f16": len(protocol.encode(q16))}
+
+
+def run_simulation(cfg: Config, data_dir: str | Path, out: str | Path, *, resume: bool = False, progress: bool = True,
+                   latency_reps: int = 0) -> dict:
+    """Stage 1 at every hospital, stage 2 at the server, inference and per-hospital evaluation."""
+    out = Path(out)
+    if (out / "summary.json").exists() and not resume:
+        raise PpcmiError(f"{out}: holds a finished run; choose another --out (or --resume to reuse its stages)")
+    if out.exists() and any(out.iterdir()) and not resume and not (out / "config.json").exists():
+        raise PpcmiError(f"{out}: folder is not empty; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "config.json", {**to_dict(cfg), "data_dir": str(data_dir)})
+    pl = plan(cfg, data_dir)
+    timings: dict[str, float] = {}
+    log.info("plan: %s; test %d cases", {h: len(c) for h, c in pl.hospitals.items()}, len(pl.test))
+
+    # ---- stage 1: at each hospital, on its own data only
+    t0 = time.perf_counter()
+    wire: dict[str, bytes] = {}
+    stage1: dict[str, dict] = {}
+    for i, (name, cases) in enumerate(pl.hospitals.items()):
+        site = out / "sites" / name
+        site.mkdir(parents=True, exist_ok=True)
+        if not key_path(site).exists():
+            keygen(key_path(site))
+        arr = load_arrays(cases, pl.prep, pl.labels, progress=False)
+        done = (site / "mask_ae" / "model.safetensors").exists() and (site / "image_ae" / "model.safetensors").exists()
+        if not done:
+            res = train_site(site, name, arr["images"], arr["masks"], n_classes=pl.labels.n_classes,
+                             labels={"values": list(pl.labels.values), "names": list(pl.labels.names)},
+                             data_cfg=cfg.data, ae_cfg=cfg.autoencoder, klt=cfg.klt, seed=cfg.seed + 17 * i,
+                             resume=resume, progress=progress)
+            stage1[name] = {k: {"epochs": len(r.history), "best_epoch": r.best_epoch, "best_val": r.best_val, "seconds": r.seconds,
+                                "history": r.history} for k, r in res.items()}
+        hosp = Hospital(site)
+        wire[name] = protocol.encode(hosp.training_batch(arr["images"], arr["masks"]))
+        atomic_write_bytes(out / "wire" / f"{name}.train.ppcmi", wire[name])
+    timings["stage1_s"] = time.perf_counter() - t0
+
+    # ---- stage 2: at the server, from bytes only
+    t0 = time.perf_counter()
+    batches = [protocol.decode(b) for b in wire.values()]
+    if not (out / "server" / "mapping.safetensors").exists():
+        _, mres = train_mapping(batches, cfg.mapping, out / "server", seed=cfg.seed, resume=resume, progress=progress)
+        stage2 = {"epochs": len(mres.history), "best_epoch": mres.best_epoch, "best_val": mres.best_val, "history": mres.history}
+    else:
+        stage2 = {}
+    server = MappingServer(out / "server")
+    timings["stage2_s"] = time.perf_counter() - t0
+
+    # ---- inference on held-out test patients, through every hospital's own keys and decoders
+    test = load_arrays(pl.test, pl.prep, pl.labels, progress=False)
+    rows: list[dict] = []
+    preds: dict[str, np.ndarray] = {}
+    t0 = time.perf_counter()
+    for name in pl.hospitals:
+        hosp = Hospital(out / "sites" / name)
+        parts = []
+        for s in range(0, len(test["images"]), 16):
+            q = protocol.encode(hosp.protect(test["images"][s:s + 16]))
+            r = protocol.encode(server.handle(protocol.decode(q)))
+            parts.append(hosp.unprotect(protocol.decode(r)))
+        preds[name] = np.concatenate(parts)
+        rows += evaluate_cases(preds[name], test["masks"], test["case_ids"], pl.labels.n_classes, spacings=test["spacings"],
+                               class_names=list(pl.labels.names), extra=[{"site": name, "method": "ppcmi"}] * len(preds[name]))
+    timings["inference_s"] = time.perf_counter() - t0
+    summ = summarize(rows, group_key="site")
+    write_evaluation(rows, summ, out / "eval")
+    first = Hospital(out / "sites" / next(iter(pl.hospitals)))
+    result = {
+        "dataset": str(data_dir), "hospitals": {h: len(c) for h, c in pl.hospitals.items()}, "n_test": len(pl.test),
+        "labels": {"values": list(pl.labels.values), "names": list(pl.labels.names)},
+        "ppcmi": summ, "payload": payload(first, test["images"]), "timings_s": timings,
+        "stage1": stage1, "stage2": stage2,
+    }
+    if latency_reps:
+        result["latency_ms"] = measure_latency(first, server, test["images"], reps=latency_reps)
+    result["_arrays"] = {"test": test, "preds": preds, "plan": pl}
+    return result
+
+
+def public_summary(result: dict) -> dict:
+    return {k: v for k, v in result.items() if not k.startswith("_")}
+
+
+__all__ = ["Plan", "plan", "run_simulation", "measure_latency", "payload", "public_summary"]
