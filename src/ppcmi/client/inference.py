@@ -1,0 +1,228 @@
+"""Hospital-side file workflows: encode a folder into a message, decode a reply into label maps, predict, evaluate.
+
+Everything that names a file or a patient stays here: a query message carries only keyed
+latents, and the list of which case each row belongs to is kept beside it in a local
+``<message>.cases.json`` that never leaves the hospital. Label maps are written in the input's
+format: PNG for 2D images, NIfTI for volumes (NIfTI, MetaImage or DICOM series inputs).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .. import protocol
+from ..data import (IMAGE_EXTS, LabelMap, Preprocess, discover_cases, load_arrays, n_slices, prepare_image, read_image,
+                    read_mask, resize_mask)
+from ..errors import DataError, PpcmiError
+from ..fileio import atomic_write_bytes, atomic_write_json
+from .site import Hospital
+
+log = logging.getLogger(__name__)
+
+
+def preprocess_of(h: Hospital) -> Preprocess:
+    d = h.data_cfg
+    return Preprocess(size=d.size, intensity=d.intensity, percentiles=tuple(d.percentiles), window=d.window, offset=d.offset, color=d.color)
+
+
+def label_map_of(h: Hospital) -> LabelMap:
+    lab = h.meta["labels"]
+    return LabelMap(tuple(lab["values"]), tuple(lab["names"]))
+
+
+def _stem(p: Path) -> str:
+    name = p.name
+    for ext in sorted(IMAGE_EXTS, key=len, reverse=True):
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
+def _is_image(p: Path) -> bool:
+    return p.is_dir() or any(p.name.lower().endswith(e) for e in IMAGE_EXTS)
+
+
+def list_inputs(paths: Sequence[Path]) -> list[dict]:
+    """Expand image files, DICOM series folders and dataset folders (``images/``) into planes to segment."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if not p.exists():
+            raise DataError(f"{p}: no such file or folder")
+        if p.is_dir() and (p / "images").is_dir():
+            files += sorted(q for q in (p / "images").iterdir() if _is_image(q) and not q.name.startswith("."))
+        elif p.is_dir() and not any(q.suffix.lower() in (".dcm", "") and q.is_file() for q in p.iterdir()):
+            files += sorted(q for q in p.iterdir() if q.is_file() and _is_image(q) and not q.name.startswith("."))
+        else:
+            files.append(p)
+    if not files:
+        raise DataError(f"{', '.join(map(str, paths))}: no images found")
+    planes = []
+    for f in files:
+        n = n_slices(f)
+        fmt = "png" if n is None and not f.is_dir() and not f.name.lower().endswith((".nii", ".nii.gz", ".mha", ".mhd")) else "nifti"
+        for k in ([None] if n is None else range(n)):
+            planes.append({"source": str(f), "slice_index": k, "stem": _stem(f), "format": fmt})
+    return planes
+
+
+def _load_planes(planes: list[dict], prep: Preprocess) -> np.ndarray:
+    out = np.empty((len(planes), 3 if prep.color == "rgb" else 1, prep.size, prep.size), np.float32)
+    for i, pl in enumerate(planes):
+        img, _ = read_image(Path(pl["source"]), pl["slice_index"])
+        if not np.isfinite(img).all():
+            raise DataError(f"{pl['source']}: image has NaN/Inf values")
+        pl["original_shape"] = list(img.shape[1:])
+        out[i] = prepare_image(img, prep)
+    return out
+
+
+def encode_folder(site_dir: Path, data: Path, out: Path, *, with_masks: bool = False, float16: bool = False,
+                  noise: float = 0.0) -> tuple[int, int]:
+    """Write a query (images) or train (image+mask pairs) message plus the local case list; returns (N, bytes)."""
+    h = Hospital(site_dir)
+    prep = preprocess_of(h)
+    dtype = np.float16 if float16 else np.float32
+    if out.exists():
+        raise PpcmiError(f"{out}: already exists; refusing to overwrite it")
+    if with_masks:
+        cases = discover_cases(data, group_regex=h.data_cfg.group_regex, group_csv=h.data_cfg.group_csv)
+        arr = load_arrays(cases, prep, label_map_of(h))
+        msg = h.training_batch(arr["images"], arr["masks"], dtype=dtype, noise=noise)
+        local = [{"case_id": c} for c in arr["case_ids"]]
+    else:
+        planes = list_inputs([data])
+        msg = h.protect(_load_planes(planes, prep), dtype=dtype, noise=noise)
+        local = planes
+    blob = protocol.encode(msg)
+    atomic_write_json(Path(str(out) + ".cases.json"), local)
+    atomic_write_bytes(out, blob, overwrite=False)
+    return msg.n, len(blob)
+
+
+def _write_label_maps(planes: list[dict], labels_idx: np.ndarray, lmap: LabelMap, out: Path) -> list[Path]:
+    """Resize each plane back to its source size, map class indices to raw label values, write per source."""
+    out.mkdir(parents=True, exist_ok=True)
+    values = np.asarray(lmap.values)
+    by_source: dict[str, list[tuple[dict, np.ndarray]]] = {}
+    for pl, lab in zip(planes, labels_idx):
+        h, w = pl["original_shape"]
+        by_source.setdefault(pl["source"], []).append((pl, values[resize_mask(lab, h) if h == w else _resize_rect(lab, h, w)]))
+    written = []
+    for source, items in by_source.items():
+        pl0 = items[0][0]
+        if pl0["format"] == "png":
+            from PIL import Image
+            import io
+
+            arr = items[0][1]
+            arr = arr.astype(np.uint8) if arr.max() < 256 and arr.min() >= 0 else arr.astype(np.uint16)
+            buf = io.BytesIO()
+            Image.fromarray(arr).save(buf, format="PNG")
+            written.append(atomic_write_bytes(out / f"{pl0['stem']}.png", buf.getvalue(), overwrite=False))
+        else:
+            written.append(_write_nifti(source, [a for _, a in sorted(items, key=lambda t: t[0]["slice_index"] or 0)], out / f"{pl0['stem']}.nii.gz"))
+    return written
+
+
+def _resize_rect(lab: np.ndarray, h: int, w: int) -> np.ndarray:
+    s = lab.shape[0]
+    rows = np.minimum(((np.arange(h) + 0.5) * s / h).astype(np.int64), s - 1)
+    cols = np.minimum(((np.arange(w) + 0.5) * s / w).astype(np.int64), s - 1)
+    return lab[np.ix_(rows, cols)]
+
+
+def _write_nifti(source: str, planes: list[np.ndarray], path: Path) -> Path:
+    """Stack (H, W) planes into a volume in the source's voxel order (the inverse of the readers' transpose)."""
+    import nibabel as nib
+
+    if path.exists():
+        raise PpcmiError(f"{path}: already exists; refusing to overwrite it")
+    vol = np.stack(planes).transpose(2, 1, 0).astype(np.int16)  # (Z, H, W) -> (i, j, k)
+    src = Path(source)
+    if src.name.lower().endswith((".nii", ".nii.gz")):
+        ref = nib.load(str(src))
+        affine = ref.affine
+        if len(ref.shape) == 2 or (len(ref.shape) >= 3 and ref.shape[2] == 1):
+            vol = vol.reshape(ref.shape[:2] + (1,) * (len(ref.shape) - 2)) if len(ref.shape) > 2 else vol[:, :, 0]
+    else:
+        _, sp = read_image(src, 0 if len(planes) > 1 else None)
+        affine = np.diag([sp[1] if sp else 1.0, sp[0] if sp else 1.0, 1.0, 1.0])
+    img = nib.Nifti1Image(vol, affine)
+    atomic_write_bytes(path, img.to_bytes() if not str(path).endswith(".gz") else _gz(img.to_bytes()), overwrite=False)
+    return path
+
+
+def _gz(b: bytes) -> bytes:
+    import gzip
+
+    return gzip.compress(b, mtime=0)
+
+
+def decode_reply(site_dir: Path, reply: Path, cases: Path | None, out: Path) -> list[Path]:
+    """Unprotect and decode a reply file; ``cases`` is the local list written by :func:`encode_folder`."""
+    h = Hospital(site_dir)
+    try:
+        msg = protocol.decode(Path(reply).read_bytes(), expected=_mask_shapes(h))
+    except PpcmiError as e:
+        raise PpcmiError(f"{reply}: {e}") from None
+    if cases is None:
+        raise PpcmiError("--cases: give the case list written by 'ppcmi client encode' (QUERY.cases.json)")
+    planes = json.loads(Path(cases).read_text())
+    if len(planes) != msg.n or any("source" not in p for p in planes):
+        raise PpcmiError(f"{cases}: lists {len(planes)} images but the reply holds {msg.n}, or it is not a query case list")
+    return _write_label_maps(planes, h.unprotect(msg), label_map_of(h), out)
+
+
+def _mask_shapes(h: Hospital) -> dict:
+    shapes = h.models["mask"].cfg.latent_shapes(h.data_cfg.size)
+    return shapes
+
+
+def predict_files(site_dir: Path, model_dir: Path, images: Sequence[Path], out: Path) -> list[Path]:
+    """Hospital -> (in-process) server -> hospital for image files, through protocol bytes."""
+    from ..server.mapping import MappingServer
+
+    h = Hospital(site_dir)
+    server = MappingServer(model_dir)
+    planes = list_inputs(images)
+    x = _load_planes(planes, preprocess_of(h))
+    labels = []
+    for s in range(0, len(x), 16):
+        q = protocol.encode(h.protect(x[s:s + 16]))
+        r = protocol.encode(server.handle(protocol.decode(q)))
+        labels.append(h.unprotect(protocol.decode(r)))
+    return _write_label_maps(planes, np.concatenate(labels), label_map_of(h), out)
+
+
+def evaluate_folder(pred: Path, data: Path, out: Path, labels: str | None = None) -> dict:
+    """Score predicted label maps (matched by stem) against ``data/masks`` at native resolution."""
+    from ..data import discover_labels, parse_labels
+    from ..metrics import evaluate_cases, summarize, write_evaluation
+
+    cases = discover_cases(data)
+    lmap = parse_labels(labels) or discover_labels(cases)
+    pred_files = {_stem(p): p for p in Path(pred).iterdir() if p.is_file() and _is_image(p)} if Path(pred).is_dir() else {}
+    if not pred_files:
+        raise DataError(f"{pred}: no predicted label maps found")
+    rows = []
+    for c in cases:
+        stem = c.case_id if c.slice_index is None else c.case_id.rsplit("_z", 1)[0]
+        if stem not in pred_files:
+            continue
+        gt, sp = read_mask(c.mask_path, c.slice_index)
+        pr, _ = read_mask(pred_files[stem], c.slice_index)
+        if pr.shape != gt.shape:
+            raise DataError(f"{pred_files[stem]}: prediction is {pr.shape} but the ground truth {c.mask_path} is {gt.shape}")
+        g = lmap.to_index(gt, c.mask_path)
+        p = lmap.to_index(pr, pred_files[stem])
+        rows += evaluate_cases(p[None], g[None], [c.case_id], lmap.n_classes, spacings=[sp], class_names=list(lmap.names))
+    if not rows:
+        raise DataError(f"{pred}: none of the predictions matches a case in {data}")
+    summ = summarize(rows)
+    write_evaluation(rows, summ, out)
+    return summ
