@@ -13,7 +13,7 @@ import torch
 from monai.losses import DiceCELoss
 from monai.networks.nets import UNet
 
-from .training import FitConfig, FitResult, fit, seeded_init
+from .training import FitConfig, FitResult, dihedral_augment, fit, seeded_init
 
 
 def make_unet(in_channels: int, n_classes: int) -> UNet:
@@ -22,7 +22,7 @@ def make_unet(in_channels: int, n_classes: int) -> UNet:
 
 
 def train_unet(images: np.ndarray, masks: np.ndarray, n_classes: int, work_dir: str | Path, *, epochs: int, patience: int,
-               batch_size: int = 16, lr: float = 1e-3, val_frac: float = 0.2, seed: int = 0,
+               batch_size: int = 16, lr: float = 1e-3, val_frac: float = 0.2, seed: int = 0, augment: bool = False,
                progress: bool = True) -> tuple[UNet, FitResult]:
     """Train on (N, C, S, S) images and (N, S, S) class-index masks with a seeded validation split."""
     n = images.shape[0]
@@ -35,7 +35,7 @@ def train_unet(images: np.ndarray, masks: np.ndarray, n_classes: int, work_dir: 
     model = seeded_init(lambda: make_unet(images.shape[1], n_classes), seed)
     res = fit(model, lambda m, b: loss(m(b[0]), b[1]), [x[tr], y[tr]], [x[va], y[va]] if n_val else None,
               FitConfig(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, seed=seed), work_dir,
-              desc="centralized U-Net", progress=progress)
+              desc="centralized U-Net", progress=progress, augment=dihedral_augment() if augment else None)
     return model, res
 
 

@@ -46,6 +46,8 @@ class AutoencoderConfig:
     lr: float = 1e-3
     patience: int = 15
     val_frac: float = 0.2
+    augment: bool = False              # random flips/rotations of training batches (also used by the U-Net baseline)
+    send_copies: int = 1               # stage 2: the hospital sends this many dihedral copies (1-8) of each training pair
 
 
 @dataclass(frozen=True)

@@ -36,9 +36,9 @@ def demo_config(**over) -> Config:
     """A configuration that finishes within minutes on 2 CPU cores (128×128, short schedules)."""
     return Config(
         seed=0, clients=3,
-        data=DataConfig(size=128, intensity="percentile", group_regex=r"^(SCD\d+)_", test_frac=0.4, partition="group"),
-        autoencoder=AutoencoderConfig(width=1.0, epochs=40, patience=10, batch_size=8),
-        mapping=MappingTrainConfig(epochs=80, patience=15, batch_size=8),
+        data=DataConfig(size=128, intensity="percentile", group_regex=r"^(SCD\d+)_", test_frac=0.2, partition="group"),
+        autoencoder=AutoencoderConfig(width=0.5, epochs=60, patience=15, batch_size=16, augment=True, send_copies=4),
+        mapping=MappingTrainConfig(widen=(16, 32, 64), mid=(64, 128), down=(32, 16, 8), epochs=50, patience=12, batch_size=16),
         **over,
     )
 
@@ -125,8 +125,11 @@ def run_demo(data: str | Path | None = None, out: str | Path = "runs/demo", cfg:
     imgs = np.concatenate([p["images"] for p in pooled])
     msks = np.concatenate([p["masks"] for p in pooled])
     t0 = time.perf_counter()
-    unet, ures = train_unet(imgs, msks, pl.labels.n_classes, out / "unet", epochs=cfg.mapping.epochs, patience=cfg.mapping.patience,
-                            batch_size=cfg.mapping.batch_size, seed=cfg.seed, progress=progress)
+    # same budget in samples seen: stage 2 sees ``send_copies`` flipped/rotated copies of every pair per epoch
+    k = cfg.autoencoder.send_copies
+    unet, ures = train_unet(imgs, msks, pl.labels.n_classes, out / "unet", epochs=cfg.mapping.epochs * k, patience=cfg.mapping.patience * k,
+                            batch_size=cfg.mapping.batch_size, seed=cfg.seed, augment=cfg.autoencoder.augment,
+                            progress=progress)
     unet_s = time.perf_counter() - t0
     upred = predict_unet(unet, test["images"])
     names = list(pl.labels.names)

@@ -136,7 +136,7 @@ def run_simulation(cfg: Config, data_dir: str | Path, out: str | Path, *, resume
             stage1[name] = {k: {"epochs": len(r.history), "best_epoch": r.best_epoch, "best_val": r.best_val, "seconds": r.seconds,
                                 "history": r.history} for k, r in res.items()}
         hosp = Hospital(site)
-        wire[name] = protocol.encode(hosp.training_batch(arr["images"], arr["masks"]))
+        wire[name] = protocol.encode(hosp.training_batch(arr["images"], arr["masks"], copies=cfg.autoencoder.send_copies))
         atomic_write_bytes(out / "wire" / f"{name}.train.ppcmi", wire[name])
     timings["stage1_s"] = time.perf_counter() - t0
 

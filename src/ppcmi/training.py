@@ -95,11 +95,13 @@ def _batches(n: int, batch_size: int, gen: torch.Generator | None) -> list[torch
 
 def fit(model: nn.Module, loss_fn: LossFn, train: Sequence[torch.Tensor], val: Sequence[torch.Tensor] | None,
         cfg: FitConfig, work_dir: str | Path, *, resume: bool = False, desc: str = "train",
-        progress: bool = True, on_epoch: Callable[[int, dict], None] | None = None) -> FitResult:
+        progress: bool = True, on_epoch: Callable[[int, dict], None] | None = None,
+        augment: Callable[[list[torch.Tensor], torch.Generator], list[torch.Tensor]] | None = None) -> FitResult:
     """Train ``model`` on tensors ``train`` (indexed together along dim 0) with early stopping on ``val``.
 
     ``loss_fn(model, batch)`` returns a scalar loss. Without a validation set, the training loss is
     used for early stopping. Writes checkpoints into ``work_dir``; the model ends with the best weights.
+    ``augment(batch, generator)`` optionally transforms each training batch (never validation).
     """
     import time
 
@@ -144,6 +146,8 @@ def fit(model: nn.Module, loss_fn: LossFn, train: Sequence[torch.Tensor], val: S
                 if len(idx) < 2 and n >= 2:  # BatchNorm needs two samples: fold a lone sample into training next epoch
                     continue
                 batch = [t[idx] for t in train]
+                if augment is not None:
+                    batch = augment(batch, gen)
                 loss = loss_fn(model, batch)
                 if not torch.isfinite(loss):
                     raise PpcmiError(f"{desc}: loss became {loss.item()} at epoch {epoch}")
@@ -189,6 +193,24 @@ def evaluate_loss(model: nn.Module, loss_fn: LossFn, data: Sequence[torch.Tensor
     for idx in _batches(n, batch_size, None):
         tot += loss_fn(model, [t[idx] for t in data]).item() * len(idx)
     return tot / n
+
+
+def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th of the 8 flips/rotations of the square (k = 0 is the identity) on the last two axes."""
+    if k >= 4:
+        x = x.flip(-1)
+    return torch.rot90(x, k % 4, dims=(-2, -1))
+
+
+def dihedral_augment(spatial: Sequence[bool] | None = None):
+    """A batch augmentation: one random dihedral transform per batch, applied to every spatial tensor
+    (``spatial[i]`` False leaves tensor i alone, e.g. a client-index vector)."""
+
+    def aug(batch: list[torch.Tensor], gen: torch.Generator) -> list[torch.Tensor]:
+        k = int(torch.randint(8, (1,), generator=gen))
+        return [dihedral(t, k) if (spatial is None or spatial[i]) else t for i, t in enumerate(batch)]
+
+    return aug
 
 
 def seeded_init(factory: Callable[[], nn.Module], seed: int) -> nn.Module:

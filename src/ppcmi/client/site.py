@@ -29,7 +29,7 @@ from ..fileio import atomic_write_json
 from ..klt import KeyedLatentTransform
 from ..models import AEConfig, Autoencoder
 from ..protocol import LatentBatch
-from ..training import FitConfig, FitResult, bce_dice_loss, fit, load_weights, save_weights, seeded_init
+from ..training import FitConfig, FitResult, bce_dice_loss, dihedral, dihedral_augment, fit, load_weights, save_weights, seeded_init
 from .keys import key_path, load_key
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,8 @@ def train_site(site_dir: str | Path, name: str, images: np.ndarray, masks: np.nd
         final = d / "model.safetensors"
         fc = FitConfig(epochs=ae_cfg.epochs, batch_size=ae_cfg.batch_size, lr=ae_cfg.lr, patience=ae_cfg.patience, seed=seed)
         res = fit(model, _ae_loss, [x[tr_idx]], [x[val_idx]] if n_val else None, fc, d / "train",
-                  resume=resume and (d / "train" / "state.json").exists(), desc=f"{name} {kind} AE", progress=progress)
+                  resume=resume and (d / "train" / "state.json").exists(), desc=f"{name} {kind} AE", progress=progress,
+                  augment=dihedral_augment() if ae_cfg.augment else None)
         save_weights(model, final)
         atomic_write_json(d / "config.json", {"autoencoder": asdict(cfg), "best_epoch": res.best_epoch,
                                               "best_val_loss": res.best_val, "epochs_run": len(res.history),
@@ -141,10 +142,21 @@ class Hospital:
         zt = self._encode(x, "image", noise, seed)
         return LatentBatch("query", self.name, {f"zt_img_{s}": v.astype(dtype) for s, v in zt.items()})
 
-    def training_batch(self, images: np.ndarray, masks: np.ndarray, *, dtype=np.float32, noise: float = 0.0, seed: int = 0) -> LatentBatch:
-        """Keyed latent pairs for stage 2: images (N, C, S, S) and masks (N, S, S) class indices."""
-        zt_img = self._encode(torch.as_tensor(images).float(), "image", noise, seed)
-        zt_msk = self._encode(one_hot(torch.as_tensor(masks), self.n_classes), "mask", noise, seed + 1)
+    def training_batch(self, images: np.ndarray, masks: np.ndarray, *, dtype=np.float32, noise: float = 0.0, seed: int = 0,
+                       copies: int = 1) -> LatentBatch:
+        """Keyed latent pairs for stage 2: images (N, C, S, S) and masks (N, S, S) class indices.
+
+        ``copies`` > 1 adds flipped/rotated copies of every pair (the first ``copies`` of the 8
+        dihedral transforms), so the server sees more variation without seeing more patients.
+        """
+        if not 1 <= copies <= 8:
+            raise PpcmiError(f"send_copies: must be between 1 and 8, got {copies}")
+        x = torch.as_tensor(images).float()
+        y = one_hot(torch.as_tensor(masks), self.n_classes)
+        x = torch.cat([dihedral(x, k) for k in range(copies)])
+        y = torch.cat([dihedral(y, k) for k in range(copies)])
+        zt_img = self._encode(x, "image", noise, seed)
+        zt_msk = self._encode(y, "mask", noise, seed + 1)
         arrays = {f"zt_img_{s}": v.astype(dtype) for s, v in zt_img.items()}
         arrays.update({f"zt_msk_{s}": v.astype(dtype) for s, v in zt_msk.items()})
         return LatentBatch("train", self.name, arrays)
