@@ -13,7 +13,8 @@ import torch
 from monai.losses import DiceCELoss
 from monai.networks.nets import UNet
 
-from .training import FitConfig, FitResult, dihedral_augment, fit, seeded_init
+from .augment import batch_augmenter
+from .training import FitConfig, FitResult, fit, seeded_init
 
 
 def make_unet(in_channels: int, n_classes: int) -> UNet:
@@ -23,7 +24,7 @@ def make_unet(in_channels: int, n_classes: int) -> UNet:
 
 def train_unet(images: np.ndarray, masks: np.ndarray, n_classes: int, work_dir: str | Path, *, epochs: int, patience: int,
                batch_size: int = 16, lr: float = 1e-3, val_frac: float = 0.2, seed: int = 0, augment: bool = False,
-               progress: bool = True) -> tuple[UNet, FitResult]:
+               schedule: str = "constant", progress: bool = True) -> tuple[UNet, FitResult]:
     """Train on (N, C, S, S) images and (N, S, S) class-index masks with a seeded validation split."""
     n = images.shape[0]
     order = np.random.default_rng(seed).permutation(n)
@@ -34,8 +35,8 @@ def train_unet(images: np.ndarray, masks: np.ndarray, n_classes: int, work_dir: 
     loss = DiceCELoss(to_onehot_y=True, softmax=True)
     model = seeded_init(lambda: make_unet(images.shape[1], n_classes), seed)
     res = fit(model, lambda m, b: loss(m(b[0]), b[1]), [x[tr], y[tr]], [x[va], y[va]] if n_val else None,
-              FitConfig(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, seed=seed), work_dir,
-              desc="centralized U-Net", progress=progress, augment=dihedral_augment() if augment else None)
+              FitConfig(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, seed=seed, schedule=schedule), work_dir,
+              desc="centralized U-Net", progress=progress, augment=batch_augmenter(["image", "label"]) if augment else None)
     return model, res
 
 

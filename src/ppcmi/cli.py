@@ -251,13 +251,17 @@ def simulate(data: Path = typer.Option(..., "--data", "-d", help="Dataset folder
 @app.command()
 @_guard
 def demo(data: Optional[Path] = typer.Option(None, "--data", "-d", help="Dataset folder (default: the bundled Sunnybrook LV subset)."),
-         name: str = typer.Option("demo", help="Run name: results go to runs/NAME."),
+         name: str = typer.Option("demo", help="Run name: results go to runs/NAME (runs/NAME-2, -3, ... if it is taken)."),
          out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (overrides --name)."),
          config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt, quiet: bool = QuietOpt):
     """The whole pipeline next to a centralized MONAI U-Net; prints a table, payload and latency."""
     from .demo import demo_config, run_demo
 
-    out = out or Path("runs") / name
+    if out is None:  # a fresh folder each time: an earlier run is never touched
+        out, k = Path("runs") / name, 1
+        while out.exists() and any(out.iterdir()):
+            k += 1
+            out = Path("runs") / f"{name}-{k}"
     cfg = _cfg(config, set_, base=demo_config())
     s = run_demo(data, out, cfg, progress=not quiet)
     lat, t = s["latency_ms"], s["timings_s"]

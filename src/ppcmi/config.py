@@ -27,6 +27,7 @@ class DataConfig:
     window: tuple[float, float] | None = None
     offset: float = 0.0
     color: str = "gray"                # gray | rgb
+    crop: float = 1.0                  # central fraction of each side kept before resizing
     labels: str | None = None          # "0,1,2" (raw mask values in class order); None: discover
     class_names: str | None = None     # "background,ps,fh"
     group_regex: str | None = None     # patient id from the file stem, e.g. "^(patient\\d+)_"
@@ -35,6 +36,13 @@ class DataConfig:
     val_frac: float = 0.2
     test_frac: float = 0.2
     partition: str = "group"           # iid | group | site
+
+    def preprocess(self):
+        """The :class:`ppcmi.data.Preprocess` these settings describe."""
+        from .data import Preprocess
+
+        return Preprocess(size=self.size, intensity=self.intensity, percentiles=tuple(self.percentiles),
+                          window=self.window, offset=self.offset, color=self.color, crop=self.crop)
 
 
 @dataclass(frozen=True)
@@ -46,8 +54,8 @@ class AutoencoderConfig:
     lr: float = 1e-3
     patience: int = 15
     val_frac: float = 0.2
-    augment: bool = False              # random flips/rotations of training batches (also used by the U-Net baseline)
-    send_copies: int = 1               # stage 2: the hospital sends this many dihedral copies (1-8) of each training pair
+    augment: bool = False              # random rotation/flip/scale/intensity of training batches (also for the U-Net baseline)
+    send_copies: int = 1               # stage 2: each training pair plus send_copies-1 augmented copies (1-32)
 
 
 @dataclass(frozen=True)
@@ -61,6 +69,7 @@ class MappingTrainConfig:
     epochs: int = 150
     batch_size: int = 16
     lr: float = 1e-3
+    lr_schedule: str = "constant"      # constant (published) | cosine
     patience: int = 20
     val_frac: float = 0.2
 
@@ -92,8 +101,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 errs.append(str(e))
         raise ConfigError(errs[0] if errs else f"{where}: invalid value {value!r}")
     if origin is tuple:
-        if isinstance(value, str):
-            value = [v for v in value.split(",") if v.strip()]
+        if isinstance(value, str):  # "8,16,32" or TOML-style "[8, 16, 32]"
+            value = [v for v in value.strip().strip("[]()").split(",") if v.strip()]
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{where}: expected {len(args)} comma-separated values, got {value!r}")
         return tuple(_coerce(v, a, where) for v, a in zip(value, args))

@@ -621,6 +621,7 @@ class Preprocess:
     window: tuple[float, float] | None = None  # (low, high) after subtracting offset, e.g. (-1000, 1000)
     offset: float = 0.0  # subtracted from raw values first (CT stored as HU+1024 -> 1024)
     color: str = "gray"  # gray (luminance) | rgb (3 channels; gray repeated)
+    crop: float = 1.0  # keep the central fraction of each side before resizing (1.0: whole plane)
 
     def __post_init__(self) -> None:
         if not isinstance(self.size, int) or self.size < 1:
@@ -641,6 +642,32 @@ class Preprocess:
         elif self.intensity == "window":
             raise DataError("data.window: intensity 'window' needs a window (low, high)")
         object.__setattr__(self, "offset", float(self.offset))
+        if not 0.0 < float(self.crop) <= 1.0:
+            raise DataError(f"data.crop: must be in (0, 1], got {self.crop!r}")
+        object.__setattr__(self, "crop", float(self.crop))
+
+
+def crop_box(h: int, w: int, crop: float) -> tuple[int, int, int, int]:
+    """(top, left, rows, cols) of the central ``crop`` fraction of an h x w plane (at least 1 pixel)."""
+    rows, cols = max(1, round(h * crop)), max(1, round(w * crop))
+    return (h - rows) // 2, (w - cols) // 2, rows, cols
+
+
+def center_crop(plane: np.ndarray, crop: float) -> np.ndarray:
+    """The central ``crop`` fraction of the last two axes."""
+    if crop >= 1.0:
+        return plane
+    top, left, rows, cols = crop_box(*plane.shape[-2:], crop)
+    return plane[..., top:top + rows, left:left + cols]
+
+
+def restore_mask(mask: np.ndarray, original_shape: tuple[int, int], crop: float = 1.0) -> np.ndarray:
+    """The inverse of cropping and resizing for a label map: back to ``original_shape``, background (0) outside the crop."""
+    h, w = original_shape
+    top, left, rows, cols = crop_box(h, w, crop)
+    out = np.zeros((h, w), dtype=mask.dtype)
+    out[top:top + rows, left:left + cols] = resize_mask(mask, (rows, cols))
+    return out
 
 
 def to_color(image: np.ndarray, color: str) -> np.ndarray:
@@ -697,8 +724,8 @@ def resize_mask(mask: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
 
 
 def prepare_image(image: np.ndarray, prep: Preprocess) -> np.ndarray:
-    """Raw (C, H, W) -> float32 (1 or 3, size, size) in [0, 1]: colour, intensity scaling, resize."""
-    x = scale_intensity(to_color(image, prep.color), prep)
+    """Raw (C, H, W) -> float32 (1 or 3, size, size) in [0, 1]: centre crop, colour, intensity scaling, resize."""
+    x = scale_intensity(to_color(center_crop(image, prep.crop), prep.color), prep)
     return np.clip(resize_image(x, prep.size), 0.0, 1.0)
 
 
@@ -728,9 +755,11 @@ def load_sample(case: Case, prep: Preprocess, labels: LabelMap) -> Sample:
         raise DataError(f"{case.image_path}{where}: image has {int((~finite).sum())} NaN/Inf values")
     index = labels.to_index(mask, f"{case.mask_path}{where}")
     spacing = sp_img or sp_mask
+    _, _, rows, cols = crop_box(h, w, prep.crop)
     if spacing is not None:
-        spacing = (spacing[0] * h / prep.size, spacing[1] * w / prep.size)
-    return Sample(prepare_image(image, prep), resize_mask(index, prep.size), spacing, case.case_id, case.group, (h, w))
+        spacing = (spacing[0] * rows / prep.size, spacing[1] * cols / prep.size)
+    return Sample(prepare_image(image, prep), resize_mask(center_crop(index, prep.crop), prep.size), spacing, case.case_id,
+                  case.group, (h, w))
 
 
 def load_arrays(cases: Sequence[Case], prep: Preprocess, labels: LabelMap, *, progress: bool = False) -> dict:

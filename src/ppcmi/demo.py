@@ -17,7 +17,7 @@ import numpy as np
 from .baselines import predict_unet, train_unet
 from .config import Config, DataConfig, AutoencoderConfig, MappingTrainConfig, to_dict
 from .fileio import atomic_write_json, atomic_write_text
-from .metrics import EMPTY_RULE, evaluate_cases, summarize, write_evaluation
+from .metrics import EMPTY_RULE, evaluate_cases, summarize, write_evaluation, write_per_case_csv
 from .simulate import public_summary, run_simulation
 
 log = logging.getLogger(__name__)
@@ -129,6 +129,7 @@ def run_demo(data: str | Path | None = None, out: str | Path = "runs/demo", cfg:
     k = cfg.autoencoder.send_copies
     unet, ures = train_unet(imgs, msks, pl.labels.n_classes, out / "unet", epochs=cfg.mapping.epochs * k, patience=cfg.mapping.patience * k,
                             batch_size=cfg.mapping.batch_size, seed=cfg.seed, augment=cfg.autoencoder.augment,
+                            schedule=cfg.mapping.lr_schedule,
                             progress=progress)
     unet_s = time.perf_counter() - t0
     upred = predict_unet(unet, test["images"])
@@ -136,7 +137,6 @@ def run_demo(data: str | Path | None = None, out: str | Path = "runs/demo", cfg:
     urows = evaluate_cases(upred, test["masks"], test["case_ids"], pl.labels.n_classes, spacings=test["spacings"],
                            class_names=names, extra=[{"site": "pooled", "method": "unet_centralized"}] * len(upred))
     usum = summarize(urows)
-    pcsv = Path(out / "eval" / "per_case.csv").read_text()
     write_evaluation(urows, usum, out / "unet" / "eval")
 
     ppc = result["ppcmi"]
@@ -152,14 +152,10 @@ def run_demo(data: str | Path | None = None, out: str | Path = "runs/demo", cfg:
         "hospitals": result["hospitals"], "n_test": result["n_test"], "labels": result["labels"],
         "config": to_dict(cfg), "empty_rule": EMPTY_RULE,
     }
-    for m in ("ppcmi", "unet_centralized"):
-        summary["methods"][m]["full"] = {k: v for k, v in summary["methods"][m]["full"].items()}
     tab = table({"methods": {"PPCMI-SF": ppc, "centralized U-Net": usum}})
     summary["table_md"] = tab
     atomic_write_json(out / "summary.json", summary)
-    # one per-case CSV with both methods
-    ucsv = Path(out / "unet" / "eval" / "per_case.csv").read_text().split("\n", 1)[1]
-    atomic_write_text(out / "per_case.csv", pcsv + ucsv if pcsv.split("\n", 1)[0] == Path(out / "unet" / "eval" / "per_case.csv").read_text().split("\n", 1)[0] else pcsv)
+    write_per_case_csv(arrays["rows"] + urows, out / "per_case.csv")  # both methods, one row per case and hospital
     _plots(out, public_summary(result), ures.history, test, preds, upred)
     atomic_write_text(out / "report.md", report_md(summary))
     return summary
@@ -178,7 +174,7 @@ Every hospital segments every test slice through its own key and decoders; "over
 
 {s['table_md']}
 
-Empty-mask rule: {s['empty_rule']}
+{s['empty_rule'][0].upper() + s['empty_rule'][1:]}.
 
 ## What crosses per image (one direction)
 

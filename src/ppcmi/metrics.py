@@ -477,6 +477,18 @@ def _nan_to_none(obj: Any) -> Any:
     return obj
 
 
+def write_per_case_csv(rows: Sequence[dict], path: str | Path) -> Path:
+    """Write rows as CSV atomically; the header is the union of the rows' keys in first-seen order."""
+    header: dict[str, None] = {}
+    for r in rows:
+        header.update(dict.fromkeys(r))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(header), restval="", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return atomic_write_text(path, buf.getvalue())
+
+
 def write_evaluation(
     rows: Sequence[dict], summary: dict, out_dir: str | Path, *, prefix: str = ""
 ) -> tuple[Path, Path]:
@@ -487,14 +499,7 @@ def write_evaluation(
     the file is strict JSON. Returns (csv path, json path).
     """
     out_dir = Path(out_dir)
-    header: dict[str, None] = {}
-    for r in rows:
-        header.update(dict.fromkeys(r))
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(header), restval="", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    csv_path = atomic_write_text(out_dir / f"{prefix}per_case.csv", buf.getvalue())
+    csv_path = write_per_case_csv(rows, out_dir / f"{prefix}per_case.csv")
     json_path = atomic_write_json(out_dir / f"{prefix}summary.json", _nan_to_none(summary))
     log.info("wrote %s and %s (%d cases)", csv_path, json_path, len(rows))
     return csv_path, json_path

@@ -51,8 +51,7 @@ class Plan:
 
 
 def preprocess_from(cfg: Config) -> Preprocess:
-    d = cfg.data
-    return Preprocess(size=d.size, intensity=d.intensity, percentiles=tuple(d.percentiles), window=d.window, offset=d.offset, color=d.color)
+    return cfg.data.preprocess()
 
 
 def plan(cfg: Config, data_dir: str | Path) -> Plan:
@@ -178,7 +177,7 @@ def run_simulation(cfg: Config, data_dir: str | Path, out: str | Path, *, resume
     }
     if latency_reps:
         result["latency_ms"] = measure_latency(first, server, test["images"], reps=latency_reps)
-    result["_arrays"] = {"test": test, "preds": preds, "plan": pl}
+    result["_arrays"] = {"test": test, "preds": preds, "plan": pl, "rows": rows}
     return result
 
 

@@ -38,6 +38,16 @@ class FitConfig:
     lr: float = 1e-3
     patience: int = 15
     seed: int = 0
+    schedule: str = "constant"  # "constant" | "cosine" (lr decays to 2 % of ``lr`` over ``epochs``)
+
+    def lr_at(self, epoch: int) -> float:
+        """The learning rate for a 1-based ``epoch``: a pure function of the epoch, so resuming needs no state."""
+        if self.schedule == "constant":
+            return self.lr
+        if self.schedule == "cosine":
+            t = (epoch - 1) / max(1, self.epochs - 1)
+            return self.lr * (0.02 + 0.98 * 0.5 * (1.0 + math.cos(math.pi * t)))
+        raise PpcmiError(f"schedule: must be constant or cosine, got {self.schedule!r}")
 
 
 @dataclass
@@ -110,6 +120,7 @@ def fit(model: nn.Module, loss_fn: LossFn, train: Sequence[torch.Tensor], val: S
     n = train[0].shape[0]
     if n == 0:
         raise PpcmiError(f"{desc}: no training samples")
+    cfg.lr_at(1)  # fail early on an unknown schedule
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     res = FitResult()
     start_epoch = 1
@@ -137,6 +148,8 @@ def fit(model: nn.Module, loss_fn: LossFn, train: Sequence[torch.Tensor], val: S
     t0 = time.perf_counter()
     bar = tqdm(range(start_epoch, cfg.epochs + 1), desc=desc, disable=not progress, leave=False, initial=start_epoch - 1, total=cfg.epochs)
     for epoch in bar:
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr_at(epoch)
         with torch.random.fork_rng():
             torch.manual_seed(cfg.seed * 100_003 + epoch)
             gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
@@ -193,37 +206,3 @@ def evaluate_loss(model: nn.Module, loss_fn: LossFn, data: Sequence[torch.Tensor
     for idx in _batches(n, batch_size, None):
         tot += loss_fn(model, [t[idx] for t in data]).item() * len(idx)
     return tot / n
-
-
-def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th of the 8 flips/rotations of the square (k = 0 is the identity) on the last two axes."""
-    if k >= 4:
-        x = x.flip(-1)
-    return torch.rot90(x, k % 4, dims=(-2, -1))
-
-
-def dihedral_augment(spatial: Sequence[bool] | None = None):
-    """A batch augmentation: one random dihedral transform per batch, applied to every spatial tensor
-    (``spatial[i]`` False leaves tensor i alone, e.g. a client-index vector)."""
-
-    def aug(batch: list[torch.Tensor], gen: torch.Generator) -> list[torch.Tensor]:
-        k = int(torch.randint(8, (1,), generator=gen))
-        return [dihedral(t, k) if (spatial is None or spatial[i]) else t for i, t in enumerate(batch)]
-
-    return aug
-
-
-def seeded_init(factory: Callable[[], nn.Module], seed: int) -> nn.Module:
-    """Build a module with its initial weights drawn from ``seed`` without disturbing the global RNG."""
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        return factory()
-
-
-def bce_dice_loss(pred: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
-    """0.5·BCE + 0.5·soft Dice on sigmoid outputs in [0, 1] (the published autoencoder loss)."""
-    bce = nn.functional.binary_cross_entropy(pred.clamp(1e-6, 1 - 1e-6), target)
-    dims = tuple(range(1, pred.ndim))
-    inter = (pred * target).sum(dims)
-    dice = (2 * inter + eps) / (pred.sum(dims) + target.sum(dims) + eps)
-    return 0.5 * bce + 0.5 * (1 - dice.mean())

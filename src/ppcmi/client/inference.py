@@ -17,7 +17,7 @@ import numpy as np
 
 from .. import protocol
 from ..data import (IMAGE_EXTS, LabelMap, Preprocess, discover_cases, load_arrays, n_slices, prepare_image, read_image,
-                    read_mask, resize_mask)
+                    read_mask, restore_mask)
 from ..errors import DataError, PpcmiError
 from ..fileio import atomic_write_bytes, atomic_write_json
 from .site import Hospital
@@ -26,8 +26,7 @@ log = logging.getLogger(__name__)
 
 
 def preprocess_of(h: Hospital) -> Preprocess:
-    d = h.data_cfg
-    return Preprocess(size=d.size, intensity=d.intensity, percentiles=tuple(d.percentiles), window=d.window, offset=d.offset, color=d.color)
+    return h.data_cfg.preprocess()
 
 
 def label_map_of(h: Hospital) -> LabelMap:
@@ -104,14 +103,14 @@ def encode_folder(site_dir: Path, data: Path, out: Path, *, with_masks: bool = F
     return msg.n, len(blob)
 
 
-def _write_label_maps(planes: list[dict], labels_idx: np.ndarray, lmap: LabelMap, out: Path) -> list[Path]:
+def _write_label_maps(planes: list[dict], labels_idx: np.ndarray, lmap: LabelMap, out: Path, crop: float = 1.0) -> list[Path]:
     """Resize each plane back to its source size, map class indices to raw label values, write per source."""
     out.mkdir(parents=True, exist_ok=True)
     values = np.asarray(lmap.values)
     by_source: dict[str, list[tuple[dict, np.ndarray]]] = {}
     for pl, lab in zip(planes, labels_idx):
         h, w = pl["original_shape"]
-        by_source.setdefault(pl["source"], []).append((pl, values[resize_mask(lab, h) if h == w else _resize_rect(lab, h, w)]))
+        by_source.setdefault(pl["source"], []).append((pl, values[restore_mask(lab, (h, w), crop)]))
     written = []
     for source, items in by_source.items():
         pl0 = items[0][0]
@@ -127,13 +126,6 @@ def _write_label_maps(planes: list[dict], labels_idx: np.ndarray, lmap: LabelMap
         else:
             written.append(_write_nifti(source, [a for _, a in sorted(items, key=lambda t: t[0]["slice_index"] or 0)], out / f"{pl0['stem']}.nii.gz"))
     return written
-
-
-def _resize_rect(lab: np.ndarray, h: int, w: int) -> np.ndarray:
-    s = lab.shape[0]
-    rows = np.minimum(((np.arange(h) + 0.5) * s / h).astype(np.int64), s - 1)
-    cols = np.minimum(((np.arange(w) + 0.5) * s / w).astype(np.int64), s - 1)
-    return lab[np.ix_(rows, cols)]
 
 
 def _write_nifti(source: str, planes: list[np.ndarray], path: Path) -> Path:
@@ -175,7 +167,7 @@ def decode_reply(site_dir: Path, reply: Path, cases: Path | None, out: Path) -> 
     planes = json.loads(Path(cases).read_text())
     if len(planes) != msg.n or any("source" not in p for p in planes):
         raise PpcmiError(f"{cases}: lists {len(planes)} images but the reply holds {msg.n}, or it is not a query case list")
-    return _write_label_maps(planes, h.unprotect(msg), label_map_of(h), out)
+    return _write_label_maps(planes, h.unprotect(msg), label_map_of(h), out, h.data_cfg.crop)
 
 
 def _mask_shapes(h: Hospital) -> dict:
@@ -196,7 +188,7 @@ def predict_files(site_dir: Path, model_dir: Path, images: Sequence[Path], out: 
         q = protocol.encode(h.protect(x[s:s + 16]))
         r = protocol.encode(server.handle(protocol.decode(q)))
         labels.append(h.unprotect(protocol.decode(r)))
-    return _write_label_maps(planes, np.concatenate(labels), label_map_of(h), out)
+    return _write_label_maps(planes, np.concatenate(labels), label_map_of(h), out, h.data_cfg.crop)
 
 
 def evaluate_folder(pred: Path, data: Path, out: Path, labels: str | None = None) -> dict:

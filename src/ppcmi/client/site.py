@@ -29,7 +29,8 @@ from ..fileio import atomic_write_json
 from ..klt import KeyedLatentTransform
 from ..models import AEConfig, Autoencoder
 from ..protocol import LatentBatch
-from ..training import FitConfig, FitResult, bce_dice_loss, dihedral, dihedral_augment, fit, load_weights, save_weights, seeded_init
+from ..augment import augment_batch, batch_augmenter
+from ..training import FitConfig, FitResult, bce_dice_loss, fit, load_weights, save_weights, seeded_init
 from .keys import key_path, load_key
 
 log = logging.getLogger(__name__)
@@ -47,11 +48,14 @@ def _ae_loss(model: torch.nn.Module, batch) -> torch.Tensor:
 
 def train_site(site_dir: str | Path, name: str, images: np.ndarray, masks: np.ndarray, *, n_classes: int,
                labels: dict, data_cfg: DataConfig, ae_cfg: AutoencoderConfig, klt: bool = True, seed: int = 0,
-               resume: bool = False, progress: bool = True) -> dict[str, FitResult]:
+               init_seed: int | None = None, resume: bool = False, progress: bool = True) -> dict[str, FitResult]:
     """Stage 1 at one hospital: train the image and mask autoencoders on its own data only.
 
     ``images`` (N, C, S, S) float32 in [0, 1]; ``masks`` (N, S, S) int class indices. A seeded
     ``ae_cfg.val_frac`` of the samples is held out for early stopping. The key must already exist.
+    ``seed`` drives the split and the batch order; ``init_seed`` (default ``seed``) the initial
+    weights. Hospitals that share a public ``init_seed`` start from the same weights, which keeps
+    their latent spaces close and eases the shared mapping core's work; it is no secret.
     """
     site = Path(site_dir)
     load_key(key_path(site))  # fail early on a missing or unsafe key
@@ -77,13 +81,13 @@ def train_site(site_dir: str | Path, name: str, images: np.ndarray, masks: np.nd
     results = {}
     for kind, x, cin in (("image", x_img, images.shape[1]), ("mask", x_msk, n_classes)):
         cfg = AEConfig(in_channels=int(cin), width=ae_cfg.width, skips=ae_cfg.skips)
-        model = seeded_init(lambda: Autoencoder(cfg), seed + (0 if kind == "image" else 1))
+        model = seeded_init(lambda: Autoencoder(cfg), (seed if init_seed is None else init_seed) + (0 if kind == "image" else 1))
         d = site / f"{kind}_ae"
         final = d / "model.safetensors"
         fc = FitConfig(epochs=ae_cfg.epochs, batch_size=ae_cfg.batch_size, lr=ae_cfg.lr, patience=ae_cfg.patience, seed=seed)
         res = fit(model, _ae_loss, [x[tr_idx]], [x[val_idx]] if n_val else None, fc, d / "train",
                   resume=resume and (d / "train" / "state.json").exists(), desc=f"{name} {kind} AE", progress=progress,
-                  augment=dihedral_augment() if ae_cfg.augment else None)
+                  augment=batch_augmenter([kind]) if ae_cfg.augment else None)
         save_weights(model, final)
         atomic_write_json(d / "config.json", {"autoencoder": asdict(cfg), "best_epoch": res.best_epoch,
                                               "best_val_loss": res.best_val, "epochs_run": len(res.history),
@@ -146,15 +150,18 @@ class Hospital:
                        copies: int = 1) -> LatentBatch:
         """Keyed latent pairs for stage 2: images (N, C, S, S) and masks (N, S, S) class indices.
 
-        ``copies`` > 1 adds flipped/rotated copies of every pair (the first ``copies`` of the 8
-        dihedral transforms), so the server sees more variation without seeing more patients.
+        ``copies`` > 1 adds ``copies - 1`` randomly augmented copies of every pair (rotation, flip,
+        scale, shift, intensity; see :mod:`ppcmi.augment`, seeded by ``seed``), so the server sees
+        more variation without seeing more patients.
         """
-        if not 1 <= copies <= 8:
-            raise PpcmiError(f"send_copies: must be between 1 and 8, got {copies}")
-        x = torch.as_tensor(images).float()
-        y = one_hot(torch.as_tensor(masks), self.n_classes)
-        x = torch.cat([dihedral(x, k) for k in range(copies)])
-        y = torch.cat([dihedral(y, k) for k in range(copies)])
+        if not 1 <= copies <= 32:
+            raise PpcmiError(f"send_copies: must be between 1 and 32, got {copies}")
+        x0 = torch.as_tensor(images).float()
+        y0 = one_hot(torch.as_tensor(masks), self.n_classes)
+        gen = torch.Generator().manual_seed(seed)
+        extra = [augment_batch([x0, y0], ["image", "mask"], gen) for _ in range(copies - 1)]
+        x = torch.cat([x0] + [a for a, _ in extra])
+        y = torch.cat([y0] + [b for _, b in extra])
         zt_img = self._encode(x, "image", noise, seed)
         zt_msk = self._encode(y, "mask", noise, seed + 1)
         arrays = {f"zt_img_{s}": v.astype(dtype) for s, v in zt_img.items()}

@@ -120,7 +120,7 @@ def train_mapping(batches: list[LatentBatch], cfg: MappingTrainConfig, out_dir: 
         pred = mixed_forward(m, zt_img, c)
         return sum(torch.nn.functional.mse_loss(pred[s], zt_msk[s]) for s in scales)
 
-    fc = FitConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, patience=cfg.patience, seed=seed)
+    fc = FitConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, patience=cfg.patience, seed=seed, schedule=cfg.lr_schedule)
     res = fit(model, loss_fn, [t[tr] for t in tensors], [t[va] for t in tensors] if len(va) else None, fc, out / "train",
               resume=resume and (out / "train" / "state.json").exists(), desc="server mapping", progress=progress)
     save_weights(model, out / "mapping.safetensors")

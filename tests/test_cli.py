@@ -1,0 +1,233 @@
+"""The command line end to end: synth -> keygen -> train -> encode -> server train -> map -> decode -> evaluate,
+the secrecy of keys in everything a run writes, and one-line errors on bad input."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from ppcmi.cli import app
+from ppcmi.client.keys import key_path
+from ppcmi.klt import KeyedLatentTransform
+from ppcmi.models import AEConfig
+
+runner = CliRunner()
+TINY = ["--set", "data.size=32", "--set", "autoencoder.epochs=2", "--set", "autoencoder.width=0.25",
+        "--set", "mapping.epochs=2", "--set", "mapping.widen=[8,8,8]", "--set", "mapping.mid=[8,8]",
+        "--set", "mapping.down=[8,8,8]", "--set", "data.group_csv=groups.csv"]
+
+
+def ok(*args: str) -> str:
+    r = runner.invoke(app, [str(a) for a in args])
+    assert r.exit_code == 0, f"{args}: exit {r.exit_code}\n{r.output}\n{r.exception!r}"
+    return r.output
+
+
+def fails(*args: str, match: str) -> str:
+    r = runner.invoke(app, [str(a) for a in args])
+    assert r.exit_code == 2, f"{args}: expected exit 2, got {r.exit_code}\n{r.output}"
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert lines and lines[-1].startswith("error: "), r.output
+    assert match in lines[-1], f"{match!r} not in {lines[-1]!r}"
+    return lines[-1]
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    """Two hospitals with their own synthetic data, one server, one query round trip."""
+    root = tmp_path_factory.mktemp("cli")
+    os.chdir(root)  # data.group_csv=groups.csv is resolved per data folder below
+    for i, name in enumerate(("h1", "h2", "test")):
+        ok("synth", root / "data" / name, "--sites", 1, "--patients", 2, "--slices", 4, "--size", 32, "--seed", i + 1)
+    for name in ("h1", "h2"):
+        site = root / "sites" / name
+        ok("client", "keygen", "--site-dir", site)
+        ok("client", "train", "--site-dir", site, "--data", root / "data" / name, "--name", name, "-q",
+           *[a.replace("groups.csv", str(root / "data" / name / "groups.csv")) for a in TINY])
+        ok("client", "encode", "--site-dir", site, "--data", root / "data" / name, "--out", root / "wire" / f"{name}.train", "--with-masks")
+    ok("server", "train", root / "wire" / "h1.train", root / "wire" / "h2.train", "--out", root / "server", "-q", *TINY[:-2])
+    site = root / "sites" / "h1"
+    ok("client", "encode", "--site-dir", site, "--data", root / "data" / "test" / "images", "--out", root / "wire" / "q")
+    ok("server", "map", "--model", root / "server", "--query", root / "wire" / "q", "--out", root / "wire" / "r")
+    ok("client", "decode", "--site-dir", site, "--reply", root / "wire" / "r", "--cases", root / "wire" / "q.cases.json",
+       "--out", root / "pred")
+    out = ok("evaluate", "--pred", root / "pred", "--data", root / "data" / "test", "--out", root / "eval")
+    assert "merged-foreground Dice" in out
+    return root
+
+
+def test_round_trip_writes_every_artefact(run):
+    preds = sorted((run / "pred").glob("*.png"))
+    assert len(preds) == 8
+    for p in preds:
+        lab = np.asarray(Image.open(p))
+        assert lab.shape == (32, 32) and set(np.unique(lab)) <= {0, 1, 2}
+    rows = (run / "eval" / "per_case.csv").read_text().splitlines()
+    assert len(rows) == 1 + 8
+    summ = json.loads((run / "eval" / "summary.json").read_text())
+    assert summ["n_cases"] == 8 and 0.0 <= summ["fg_dice"]["mean"] <= 1.0
+    for folder in (run / "sites" / "h1" / "image_ae", run / "sites" / "h1" / "mask_ae", run / "server"):
+        assert (folder / "config.json").exists()
+    assert json.loads((run / "sites" / "h1" / "config.json").read_text())["data"]["size"] == 32
+    assert json.loads((run / "server" / "run_config.json").read_text())["mapping"]["epochs"] == 2
+    assert oct((key_path(run / "sites" / "h1")).stat().st_mode & 0o777) == "0o600"
+
+
+def _secret_forms(key: bytes, channels: dict[str, int]) -> list[bytes]:
+    forms = [key, key.hex().encode(), key.hex().upper().encode(), base64.b64encode(key), base64.urlsafe_b64encode(key)]
+    klt = KeyedLatentTransform(key, channels)
+    for modality in ("image", "mask"):
+        for s in channels:
+            q = klt.matrix(modality, s).numpy()
+            for dt in (np.float64, np.float32, np.float16):
+                forms.append(np.ascontiguousarray(q, dtype=dt)[:2].tobytes())      # the first rows
+                forms.append(np.ascontiguousarray(q.T, dtype=dt)[:2].tobytes())    # Q transposed
+            forms.append(f"{q[0, 0]:.6f}, {q[0, 1]:.6f}".encode())
+    return forms
+
+
+def test_key_bytes_and_q_absent_from_every_written_file(run):
+    files = [p for p in run.rglob("*") if p.is_file() and p.name != "klt.key"]
+    assert len(files) > 20
+    blobs = {p: p.read_bytes() for p in files}
+    for name in ("h1", "h2"):
+        site = run / "sites" / name
+        key = key_path(site).read_bytes()
+        meta = json.loads((site / "image_ae" / "config.json").read_text())["autoencoder"]
+        for kind, cin in (("image", 1), ("mask", 3)):
+            channels = AEConfig(**{**meta, "in_channels": cin}).latent_channels()
+            for form in _secret_forms(key, channels):
+                leaks = [str(p.relative_to(run)) for p, b in blobs.items() if form in b]
+                assert not leaks, f"secret material of {name} found in {leaks}"
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_missing_mask_names_the_file(run, tmp_path):
+    d = tmp_path / "d"
+    ok("synth", d, "--sites", 1, "--patients", 1, "--slices", 2, "--size", 32)
+    victim = sorted((d / "masks").iterdir())[0]
+    victim.unlink()
+    ok("client", "keygen", "--site-dir", tmp_path / "s")
+    fails("client", "train", "--site-dir", tmp_path / "s", "--data", d, "--name", "x", "-q", *TINY[:-2], match=victim.stem)
+
+
+def test_image_and_mask_of_different_sizes(tmp_path):
+    d = tmp_path / "d"
+    ok("synth", d, "--sites", 1, "--patients", 1, "--slices", 2, "--size", 32)
+    m = sorted((d / "masks").iterdir())[0]
+    Image.fromarray(np.zeros((20, 20), np.uint8)).save(m)
+    ok("client", "keygen", "--site-dir", tmp_path / "s")
+    line = fails("client", "train", "--site-dir", tmp_path / "s", "--data", d, "--name", "x", "-q", *TINY[:-2], match=m.name)
+    assert "20x20" in line or "(20, 20)" in line
+
+
+def test_truncated_image(tmp_path):
+    d = tmp_path / "d"
+    ok("synth", d, "--sites", 1, "--patients", 1, "--slices", 2, "--size", 32)
+    im = sorted((d / "images").iterdir())[1]
+    im.write_bytes(im.read_bytes()[:40])
+    ok("client", "keygen", "--site-dir", tmp_path / "s")
+    fails("client", "train", "--site-dir", tmp_path / "s", "--data", d, "--name", "x", "-q", *TINY[:-2], match=im.name)
+
+
+def test_empty_folder(tmp_path):
+    (tmp_path / "d" / "images").mkdir(parents=True)
+    (tmp_path / "d" / "masks").mkdir()
+    ok("client", "keygen", "--site-dir", tmp_path / "s")
+    fails("client", "train", "--site-dir", tmp_path / "s", "--data", tmp_path / "d", "--name", "x", "-q", match=str(tmp_path / "d"))
+
+
+def test_unknown_label_value(tmp_path):
+    d = tmp_path / "d"
+    ok("synth", d, "--sites", 1, "--patients", 1, "--slices", 2, "--size", 32, "--classes", 2)
+    m = sorted((d / "masks").iterdir())[0]
+    lab = np.asarray(Image.open(m)).copy()
+    lab[0, 0] = 7
+    Image.fromarray(lab).save(m)
+    ok("client", "keygen", "--site-dir", tmp_path / "s")
+    fails("client", "train", "--site-dir", tmp_path / "s", "--data", d, "--name", "x", "-q", "--set", "data.labels=0,1",
+          *TINY[:-2], match=m.name)
+
+
+def test_bad_key_files(run, tmp_path):
+    site = tmp_path / "s"
+    ok("client", "keygen", "--site-dir", site)
+    before = key_path(site).read_bytes()
+    fails("client", "keygen", "--site-dir", site, match="refusing to overwrite")
+    assert key_path(site).read_bytes() == before
+    # a readable key, then a short key, at a trained site: refused before anything is written
+    trained = tmp_path / "trained"
+    import shutil
+
+    shutil.copytree(run / "sites" / "h1", trained)
+    q = tmp_path / "q.msg"
+    key_path(trained).chmod(0o644)
+    fails("client", "encode", "--site-dir", trained, "--data", run / "data" / "test" / "images", "--out", q, match="chmod 600")
+    key_path(trained).chmod(0o600)
+    key_path(trained).write_bytes(b"short")
+    fails("client", "encode", "--site-dir", trained, "--data", run / "data" / "test" / "images", "--out", q, match="5 bytes")
+    assert not q.exists()
+
+
+def test_bad_latent_batches_and_nothing_overwritten(run, tmp_path):
+    from ppcmi import protocol
+
+    good = protocol.decode((run / "wire" / "q").read_bytes())
+    model = run / "server"
+
+    def send(msg_bytes: bytes, match: str) -> None:
+        q = tmp_path / "bad.msg"
+        q.write_bytes(msg_bytes)
+        fails("server", "map", "--model", model, "--query", q, "--out", tmp_path / "reply", match=match)
+        assert not (tmp_path / "reply").exists()
+
+    def raw(arrays: dict, version: str = "1") -> bytes:  # wire bytes built by hand, bypassing validation
+        from safetensors.numpy import save
+
+        return save(arrays, metadata={"ppcmi.version": version, "kind": "query", "client": good.client})
+
+    arrays = dict(good.arrays)
+    send(raw(dict(arrays, zt_img_extra=arrays["zt_img_b"])), "zt_img_extra")
+    nan = {k: v.copy() for k, v in arrays.items()}
+    nan["zt_img_s4"][0, 0, 0, 0] = np.nan
+    send(raw(nan), "zt_img_s4")
+    send(raw(dict(arrays, zt_img_s3=np.ascontiguousarray(arrays["zt_img_s3"][:, :, :-1]))), "zt_img_s3")
+    send(raw(dict(arrays, zt_img_b=arrays["zt_img_b"].astype(np.int32))), "zt_img_b")
+    send(raw(arrays, version="99"), "version")
+    send((run / "wire" / "q").read_bytes()[:100], "bad.msg")
+    # an existing reply is never overwritten
+    existing = tmp_path / "reply"
+    existing.write_bytes(b"precious")
+    fails("server", "map", "--model", model, "--query", run / "wire" / "q", "--out", existing, match="exists")
+    assert existing.read_bytes() == b"precious"
+
+
+def test_outputs_are_not_overwritten(run):
+    before = snapshot(run / "pred")
+    site = run / "sites" / "h1"
+    fails("client", "decode", "--site-dir", site, "--reply", run / "wire" / "r", "--cases", run / "wire" / "q.cases.json",
+          "--out", run / "pred", match="exists")
+    fails("client", "encode", "--site-dir", site, "--data", run / "data" / "test" / "images", "--out", run / "wire" / "q", match="exists")
+    fails("client", "train", "--site-dir", site, "--data", run / "data" / "h1", "--name", "h1", "-q",
+          *[a.replace("groups.csv", str(run / "data" / "h1" / "groups.csv")) for a in TINY], match="already trained")
+    assert snapshot(run / "pred") == before
+
+
+def test_every_command_has_help():
+    for cmd in (["synth"], ["client", "keygen"], ["client", "train"], ["client", "encode"], ["client", "decode"],
+                ["server", "train"], ["server", "map"], ["predict"], ["evaluate"], ["simulate"], ["demo"]):
+        out = ok(*cmd, "--help")
+        assert "Usage" in out and len(out.splitlines()) > 4

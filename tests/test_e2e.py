@@ -1,0 +1,54 @@
+"""The whole pipeline in one process on synthetic multi-site data: three hospitals with their own
+keys and autoencoders, a key-less server, inference through protocol bytes and evaluation."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from ppcmi.config import AutoencoderConfig, Config, DataConfig, MappingTrainConfig
+from ppcmi.data import synth
+from ppcmi.simulate import run_simulation
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    data = synth(root / "data", sites=3, patients_per_site=3, slices_per_patient=6, size=48, n_classes=3, seed=5)
+    cfg = Config(
+        seed=0, clients=3,
+        data=DataConfig(size=48, group_csv=str(data / "groups.csv"), test_frac=0.2, partition="site"),
+        autoencoder=AutoencoderConfig(width=0.5, epochs=40, patience=40, augment=True, send_copies=2),
+        mapping=MappingTrainConfig(widen=(16, 32, 32), mid=(32, 64), down=(32, 16, 8), epochs=40, patience=40,
+                                   lr_schedule="cosine"),
+    )
+    res = run_simulation(cfg, data, root / "run", progress=False)
+    return root / "run", res
+
+
+def test_end_to_end_dice_at_least_0_8(result):
+    run, res = result
+    s = res["ppcmi"]
+    assert s["fg_dice"]["mean"] >= 0.8, {g: v["fg_dice"]["mean"] for g, v in s["by_group"].items()}
+    for g, v in s["by_group"].items():  # every hospital, through its own key and decoders
+        assert v["fg_dice"]["mean"] >= 0.7, (g, v["fg_dice"]["mean"])
+    preds = res["_arrays"]["preds"]
+    assert set(preds) == {"hospital1", "hospital2", "hospital3"}
+    assert all(set(np.unique(p)) <= {0, 1, 2} for p in preds.values())
+
+
+def test_run_folder_layout_and_saved_config(result):
+    run, res = result
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["mapping"]["epochs"] == 40 and cfg["data"]["size"] == 48
+    for h in ("hospital1", "hospital2", "hospital3"):
+        site = run / "sites" / h
+        for kind in ("image_ae", "mask_ae"):
+            assert (site / kind / "model.safetensors").exists() and (site / kind / "config.json").exists()
+        assert (run / "wire" / f"{h}.train.ppcmi").exists()
+    assert (run / "server" / "mapping.safetensors").exists()
+    srv = json.loads((run / "server" / "config.json").read_text())
+    assert srv["clients"] == ["hospital1", "hospital2", "hospital3"]
+    assert (run / "eval" / "per_case.csv").read_text().count("\n") == 1 + 3 * res["n_test"]
