@@ -206,3 +206,19 @@ def evaluate_loss(model: nn.Module, loss_fn: LossFn, data: Sequence[torch.Tensor
     for idx in _batches(n, batch_size, None):
         tot += loss_fn(model, [t[idx] for t in data]).item() * len(idx)
     return tot / n
+
+
+def seeded_init(factory: Callable[[], nn.Module], seed: int) -> nn.Module:
+    """Build a module with its initial weights drawn from ``seed`` without disturbing the global RNG."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return factory()
+
+
+def bce_dice_loss(pred: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """0.5·BCE + 0.5·soft Dice on sigmoid outputs in [0, 1] (the published autoencoder loss)."""
+    bce = nn.functional.binary_cross_entropy(pred.clamp(1e-6, 1 - 1e-6), target)
+    dims = tuple(range(1, pred.ndim))
+    inter = (pred * target).sum(dims)
+    dice = (2 * inter + eps) / (pred.sum(dims) + target.sum(dims) + eps)
+    return 0.5 * bce + 0.5 * (1 - dice.mean())
