@@ -231,3 +231,14 @@ def test_every_command_has_help():
                 ["server", "train"], ["server", "map"], ["predict"], ["evaluate"], ["simulate"], ["demo"]):
         out = ok(*cmd, "--help")
         assert "Usage" in out and len(out.splitlines()) > 4
+
+
+def test_data_options_become_typed_config():
+    from ppcmi.cli import _data_sets
+    from ppcmi.config import load_config
+
+    cfg = load_config(None, _data_sets("0,1,2", "bg,a,b", 96, "-1000,1000", 1024.0))
+    d = cfg.data
+    assert (d.labels, d.class_names, d.size, d.window, d.offset, d.intensity) == ("0,1,2", "bg,a,b", 96, (-1000.0, 1000.0), 1024.0, "window")
+    p = d.preprocess()
+    assert p.window == (-1000.0, 1000.0) and p.offset == 1024.0

@@ -660,3 +660,27 @@ def test_bundled_sunnybrook():
     assert s.image.shape == (1, 64, 64) and s.image.dtype == np.float32
     assert s.image.min() >= 0.0 and s.image.max() <= 1.0 and s.image.max() > 0.5
     assert set(np.unique(s.mask)) == {0, 1} and s.original_shape == (256, 256)
+
+
+def test_center_crop_and_restore_mask_round_trip():
+    from ppcmi.data import Preprocess, center_crop, crop_box, prepare_image, restore_mask
+
+    assert crop_box(256, 256, 0.5) == (64, 64, 128, 128)
+    assert crop_box(7, 10, 0.5) == (1, 2, 4, 5)  # rows round(3.5) = 4 (to even), top (7-4)//2 = 1; cols 5, left 2
+    lab = np.zeros((256, 256), np.int64)
+    lab[100:150, 110:140] = 2
+    small = center_crop(lab, 0.5)  # 128x128: no resampling needed
+    assert small.shape == (128, 128) and small.sum() == lab.sum()
+    assert np.array_equal(restore_mask(small, (256, 256), 0.5), lab)
+    # with a resize in between: back to the original grid, background outside the crop
+    from ppcmi.data import resize_mask
+
+    back = restore_mask(resize_mask(small, 64), (256, 256), 0.5)
+    assert back.shape == (256, 256) and back[:64].sum() == 0 and back[:, :64].sum() == 0
+    assert (back == lab).mean() > 0.99
+    img = np.arange(256 * 256, dtype=np.float32).reshape(1, 256, 256)
+    x = prepare_image(img, Preprocess(size=128, crop=0.5))
+    ref = img[:, 64:192, 64:192]
+    assert np.allclose(x, (ref - ref.min()) / (ref.max() - ref.min()), atol=1e-6)
+    with pytest.raises(DataError, match="data.crop"):
+        Preprocess(crop=0.0)

@@ -27,6 +27,29 @@ app.add_typer(server_app, name="server")
 ConfigOpt = typer.Option(None, "--config", "-c", help="TOML config file ([data], [autoencoder], [mapping] sections).")
 SetOpt = typer.Option(None, "--set", help="Typed override, e.g. --set autoencoder.epochs=5 (repeatable).")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars.")
+LabelsOpt = typer.Option(None, "--labels", help="Raw mask values in class order, e.g. 0,1,2 (default: discovered); "
+                         "a mask value outside them is an error.")
+NamesOpt = typer.Option(None, "--class-names", help="Class names in the same order, e.g. background,ps,fh.")
+SizeOpt = typer.Option(None, "--size", help="Network input size in pixels (square).")
+WindowOpt = typer.Option(None, "--window", help="Fixed intensity window LOW,HIGH after --offset (e.g. -1000,1000 for CT).")
+OffsetOpt = typer.Option(None, "--offset", help="Subtracted from raw values first (1024 for CT stored as HU+1024).")
+
+
+def _data_sets(labels: Optional[str], names: Optional[str], size: Optional[int], window: Optional[str],
+               offset: Optional[float]) -> list[str]:
+    """The data options as --set overrides (they win over the config file)."""
+    out = []
+    if labels is not None:
+        out.append(f"data.labels={labels}")
+    if names is not None:
+        out.append(f"data.class_names={names}")
+    if size is not None:
+        out.append(f"data.size={size}")
+    if window is not None:
+        out += [f"data.window={window}", "data.intensity=window"]
+    if offset is not None:
+        out.append(f"data.offset={offset}")
+    return out
 
 
 def _guard(fn):
@@ -97,6 +120,8 @@ def client_train(site_dir: Path = typer.Option(..., "--site-dir", "-s", help="Si
                  data: Path = typer.Option(..., "--data", "-d", help="This hospital's training data (images/ + masks/)."),
                  name: str = typer.Option(..., "--name", "-n", help="This hospital's site id, as the server knows it."),
                  config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
+                 labels: Optional[str] = LabelsOpt, class_names: Optional[str] = NamesOpt, size: Optional[int] = SizeOpt,
+                 window: Optional[str] = WindowOpt, offset: Optional[float] = OffsetOpt,
                  resume: bool = typer.Option(False, help="Continue an interrupted run from its last completed epoch."),
                  quiet: bool = QuietOpt):
     """Stage 1: train the image and mask autoencoders on this hospital's data only."""
@@ -106,7 +131,7 @@ def client_train(site_dir: Path = typer.Option(..., "--site-dir", "-s", help="Si
     from .fileio import atomic_write_json
     from .simulate import preprocess_from
 
-    cfg = _cfg(config, set_)
+    cfg = _cfg(config, (set_ or []) + _data_sets(labels, class_names, size, window, offset))
     cases = discover_cases(data, group_regex=cfg.data.group_regex, group_csv=cfg.data.group_csv)
     labels = parse_labels(cfg.data.labels, cfg.data.class_names) or discover_labels(cases)
     arr = load_arrays(cases, preprocess_from(cfg), labels, progress=not quiet)
@@ -232,13 +257,15 @@ def simulate(data: Path = typer.Option(..., "--data", "-d", help="Dataset folder
              clients: int = typer.Option(3, "--clients", "-n", help="Number of simulated hospitals."),
              out: Path = typer.Option(Path("runs/simulate"), "--out", "-o"),
              config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
+             labels: Optional[str] = LabelsOpt, class_names: Optional[str] = NamesOpt, size: Optional[int] = SizeOpt,
+             window: Optional[str] = WindowOpt, offset: Optional[float] = OffsetOpt,
              resume: bool = typer.Option(False, help="Reuse finished stages and continue interrupted ones."),
              quiet: bool = QuietOpt):
     """All roles in one process, through the same protocol bytes: stage 1, stage 2, inference, evaluation."""
     from .simulate import public_summary, run_simulation
     from .fileio import atomic_write_json
 
-    cfg = _cfg(config, (set_ or []) + [f"clients={clients}"])
+    cfg = _cfg(config, (set_ or []) + _data_sets(labels, class_names, size, window, offset) + [f"clients={clients}"])
     res = run_simulation(cfg, data, out, resume=resume, progress=not quiet)
     res.pop("_arrays", None)
     atomic_write_json(out / "summary.json", public_summary(res))
@@ -253,7 +280,9 @@ def simulate(data: Path = typer.Option(..., "--data", "-d", help="Dataset folder
 def demo(data: Optional[Path] = typer.Option(None, "--data", "-d", help="Dataset folder (default: the bundled Sunnybrook LV subset)."),
          name: str = typer.Option("demo", help="Run name: results go to runs/NAME (runs/NAME-2, -3, ... if it is taken)."),
          out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (overrides --name)."),
-         config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt, quiet: bool = QuietOpt):
+         config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
+         labels: Optional[str] = LabelsOpt, class_names: Optional[str] = NamesOpt, size: Optional[int] = SizeOpt,
+         window: Optional[str] = WindowOpt, offset: Optional[float] = OffsetOpt, quiet: bool = QuietOpt):
     """The whole pipeline next to a centralized MONAI U-Net; prints a table, payload and latency."""
     from .demo import demo_config, run_demo
 
@@ -262,7 +291,7 @@ def demo(data: Optional[Path] = typer.Option(None, "--data", "-d", help="Dataset
         while out.exists() and any(out.iterdir()):
             k += 1
             out = Path("runs") / f"{name}-{k}"
-    cfg = _cfg(config, set_, base=demo_config())
+    cfg = _cfg(config, (set_ or []) + _data_sets(labels, class_names, size, window, offset), base=demo_config())
     s = run_demo(data, out, cfg, progress=not quiet)
     lat, t = s["latency_ms"], s["timings_s"]
     typer.echo("")

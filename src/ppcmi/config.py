@@ -52,6 +52,7 @@ class AutoencoderConfig:
     epochs: int = 100
     batch_size: int = 16
     lr: float = 1e-3
+    lr_schedule: str = "constant"      # constant (published) | cosine
     patience: int = 15
     val_frac: float = 0.2
     augment: bool = False              # random rotation/flip/scale/intensity of training batches (also for the U-Net baseline)
@@ -122,7 +123,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         try:
             out = tp(value) if not isinstance(value, str) else tp(value.strip())
         except (TypeError, ValueError):
-            raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}") from None
+            raise ConfigError(f"{where}: expected {'an integer' if tp is int else 'a number'}, got {value!r}") from None
         if tp is int and isinstance(value, float) and value != out:
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return out

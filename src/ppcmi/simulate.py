@@ -130,7 +130,7 @@ def run_simulation(cfg: Config, data_dir: str | Path, out: str | Path, *, resume
         if not done:
             res = train_site(site, name, arr["images"], arr["masks"], n_classes=pl.labels.n_classes,
                              labels={"values": list(pl.labels.values), "names": list(pl.labels.names)},
-                             data_cfg=cfg.data, ae_cfg=cfg.autoencoder, klt=cfg.klt, seed=cfg.seed + 17 * i,
+                             data_cfg=cfg.data, ae_cfg=cfg.autoencoder, klt=cfg.klt, seed=cfg.seed + 17 * i, init_seed=cfg.seed,
                              resume=resume, progress=progress)
             stage1[name] = {k: {"epochs": len(r.history), "best_epoch": r.best_epoch, "best_val": r.best_val, "seconds": r.seconds,
                                 "history": r.history} for k, r in res.items()}

@@ -84,7 +84,8 @@ def train_site(site_dir: str | Path, name: str, images: np.ndarray, masks: np.nd
         model = seeded_init(lambda: Autoencoder(cfg), (seed if init_seed is None else init_seed) + (0 if kind == "image" else 1))
         d = site / f"{kind}_ae"
         final = d / "model.safetensors"
-        fc = FitConfig(epochs=ae_cfg.epochs, batch_size=ae_cfg.batch_size, lr=ae_cfg.lr, patience=ae_cfg.patience, seed=seed)
+        fc = FitConfig(epochs=ae_cfg.epochs, batch_size=ae_cfg.batch_size, lr=ae_cfg.lr, patience=ae_cfg.patience, seed=seed,
+                       schedule=ae_cfg.lr_schedule)
         res = fit(model, _ae_loss, [x[tr_idx]], [x[val_idx]] if n_val else None, fc, d / "train",
                   resume=resume and (d / "train" / "state.json").exists(), desc=f"{name} {kind} AE", progress=progress,
                   augment=batch_augmenter([kind]) if ae_cfg.augment else None)
