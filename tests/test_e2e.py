@@ -16,13 +16,13 @@ from ppcmi.simulate import run_simulation
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
-    data = synth(root / "data", sites=3, patients_per_site=3, slices_per_patient=6, size=48, n_classes=3, seed=5)
+    data = synth(root / "data", sites=3, patients_per_site=4, slices_per_patient=6, size=64, n_classes=3, seed=5)
     cfg = Config(
         seed=0, clients=3,
-        data=DataConfig(size=48, group_csv=str(data / "groups.csv"), test_frac=0.2, partition="site"),
-        autoencoder=AutoencoderConfig(width=0.5, epochs=40, patience=40, augment=True, send_copies=2),
+        data=DataConfig(size=64, group_csv=str(data / "groups.csv"), test_frac=0.2, partition="site"),
+        autoencoder=AutoencoderConfig(width=0.5, epochs=40, patience=40, augment=True, send_copies=4),
         mapping=MappingTrainConfig(widen=(16, 32, 32), mid=(32, 64), down=(32, 16, 8), epochs=40, patience=40,
-                                   lr_schedule="cosine"),
+                                   lr_schedule="cosine"),  # hospitals of 18, 24 and 18 slices, 12 test slices
     )
     res = run_simulation(cfg, data, root / "run", progress=False)
     return root / "run", res
@@ -42,7 +42,7 @@ def test_end_to_end_dice_at_least_0_8(result):
 def test_run_folder_layout_and_saved_config(result):
     run, res = result
     cfg = json.loads((run / "config.json").read_text())
-    assert cfg["mapping"]["epochs"] == 40 and cfg["data"]["size"] == 48
+    assert cfg["mapping"]["epochs"] == 40 and cfg["data"]["size"] == 64
     for h in ("hospital1", "hospital2", "hospital3"):
         site = run / "sites" / h
         for kind in ("image_ae", "mask_ae"):

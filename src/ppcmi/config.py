@@ -37,6 +37,10 @@ class DataConfig:
     test_frac: float = 0.2
     partition: str = "group"           # iid | group | site
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.size, int) or self.size < 32 or self.size % 32:
+            raise ConfigError(f"data.size: must be a multiple of 32 (the autoencoder halves it five times), got {self.size!r}")
+
     def preprocess(self):
         """The :class:`ppcmi.data.Preprocess` these settings describe."""
         from .data import Preprocess

@@ -102,9 +102,8 @@ def payload(hospital: Hospital, images: np.ndarray) -> dict:
             "wire_bytes_query": len(protocol.encode(q)), "wire_bytes_query_f16": len(protocol.encode(q16))}
 
 
-def run_simulation(cfg: Config, data_dir: str | Path, out: str | Path, *, resume: bool = False, progress: bool = True,
-                   latency_reps: int = 0) -> dict:
-    """Stage 1 at every hospital, stage 2 at the server, inference and per-hospital evaluation."""
+def prepare_run_dir(cfg: Config, data_dir: str | Path, out: str | Path, *, resume: bool = False) -> Path:
+    """Create the run folder and save the resolved config in it; never reuse a folder holding other things."""
     out = Path(out)
     if (out / "summary.json").exists() and not resume:
         raise PpcmiError(f"{out}: holds a finished run; choose another --out (or --resume to reuse its stages)")
@@ -112,6 +111,13 @@ def run_simulation(cfg: Config, data_dir: str | Path, out: str | Path, *, resume
         raise PpcmiError(f"{out}: folder is not empty; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "config.json", {**to_dict(cfg), "data_dir": str(data_dir)})
+    return out
+
+
+def run_simulation(cfg: Config, data_dir: str | Path, out: str | Path, *, resume: bool = False, progress: bool = True,
+                   latency_reps: int = 0) -> dict:
+    """Stage 1 at every hospital, stage 2 at the server, inference and per-hospital evaluation."""
+    out = prepare_run_dir(cfg, data_dir, out, resume=resume)
     pl = plan(cfg, data_dir)
     timings: dict[str, float] = {}
     log.info("plan: %s; test %d cases", {h: len(c) for h, c in pl.hospitals.items()}, len(pl.test))
@@ -185,4 +191,4 @@ def public_summary(result: dict) -> dict:
     return {k: v for k, v in result.items() if not k.startswith("_")}
 
 
-__all__ = ["Plan", "plan", "run_simulation", "measure_latency", "payload", "public_summary"]
+__all__ = ["Plan", "plan", "prepare_run_dir", "run_simulation", "measure_latency", "payload", "public_summary"]
