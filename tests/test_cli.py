@@ -242,3 +242,22 @@ def test_data_options_become_typed_config():
     assert (d.labels, d.class_names, d.size, d.window, d.offset, d.intensity) == ("0,1,2", "bg,a,b", 96, (-1000.0, 1000.0), 1024.0, "window")
     p = d.preprocess()
     assert p.window == (-1000.0, 1000.0) and p.offset == 1024.0
+
+
+def test_predict_writes_nifti_for_a_volume_and_png_for_slices(run, tmp_path):
+    import nibabel as nib
+
+    pngs = sorted((run / "data" / "test" / "images").glob("*.png"))[:3]
+    planes = [np.asarray(Image.open(p)).astype(np.float32) for p in pngs]
+    vol = np.stack([pl.T for pl in planes], axis=2)  # plane z of the volume is image z (readers transpose i, j)
+    affine = np.diag([0.8, 0.9, 5.0, 1.0])
+    nib.save(nib.Nifti1Image(vol, affine), tmp_path / "vol.nii.gz")
+    site, model = run / "sites" / "h1", run / "server"
+    ok("predict", tmp_path / "vol.nii.gz", "--site-dir", site, "--model", model, "--out", tmp_path / "nii")
+    ok("predict", *pngs, "--site-dir", site, "--model", model, "--out", tmp_path / "png")
+    out = nib.load(tmp_path / "nii" / "vol.nii.gz")
+    assert out.shape == (32, 32, 3) and np.allclose(out.affine, affine)
+    lab = np.asarray(out.dataobj)
+    for z, p in enumerate(pngs):
+        assert np.array_equal(lab[:, :, z].T, np.asarray(Image.open(tmp_path / "png" / p.name))), p.name
+    fails("predict", tmp_path / "vol.nii.gz", "--site-dir", site, "--model", model, "--out", tmp_path / "nii", match="exists")

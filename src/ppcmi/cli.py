@@ -301,7 +301,7 @@ def demo(data: Optional[Path] = typer.Option(None, "--data", "-d", help="Dataset
     lat, t = s["latency_ms"], s["timings_s"]
     typer.echo("")
     typer.echo(s["table_md"])
-    typer.echo("")
+    typer.echo(f"\nPPCMI-SF overall Dice is {s['dice_gap_points']:.2f} points below the centralized U-Net's.")
     typer.echo(f"payload per image per direction: {s['payload']['float32_bytes']} bytes float32 "
                f"({s['payload']['values_per_image']} values; {s['payload']['wire_bytes_query']} bytes on the wire)")
     typer.echo(f"latency per image (batch 1, median): encode+KLT {lat['encode']:.1f} ms | map {lat['map']:.1f} ms | "

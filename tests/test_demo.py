@@ -1,0 +1,43 @@
+"""The demo's outputs on a tiny synthetic dataset (the numbers are meaningless at this budget; the
+artefacts and their schema are what is checked). The bundled-data demo itself is `make demo`."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from ppcmi.config import AutoencoderConfig, Config, DataConfig, MappingTrainConfig
+from ppcmi.data import synth
+from ppcmi.demo import run_demo
+from ppcmi.errors import PpcmiError
+
+
+def test_demo_writes_summary_report_csv_and_plots(tmp_path):
+    data = synth(tmp_path / "data", sites=3, patients_per_site=2, slices_per_patient=3, size=32, n_classes=2, seed=2)
+    cfg = Config(seed=0, clients=3,
+                 data=DataConfig(size=32, group_csv=str(data / "groups.csv"), test_frac=0.2, partition="site"),
+                 autoencoder=AutoencoderConfig(width=0.25, epochs=2, augment=True, send_copies=2),
+                 mapping=MappingTrainConfig(widen=(8, 8, 8), mid=(8, 8), down=(8, 8, 8), epochs=2))
+    out = tmp_path / "run"
+    s = run_demo(data, out, cfg, progress=False, latency_reps=3)
+    on_disk = json.loads((out / "summary.json").read_text())
+    for m in ("ppcmi", "unet_centralized"):
+        for k in ("dice", "hd95_px", "asd_px"):
+            assert k in on_disk["methods"][m]
+        assert 0.0 <= on_disk["methods"][m]["dice"] <= 1.0
+    assert set(on_disk["latency_ms"]) >= {"encode", "map", "decode"}
+    assert on_disk["payload_bytes_per_direction"] == s["payload"]["values_per_image"] * 4
+    assert on_disk["timings_s"]["unet_s"] > 0
+    # the U-Net saw as many (augmented) pairs as the mapping network: epochs x copies
+    assert len(json.loads((out / "unet" / "state.json").read_text())["history"]) == 4
+    with open(out / "per_case.csv") as f:
+        methods = {r["method"] for r in csv.DictReader(f)}
+    assert methods == {"ppcmi", "unet_centralized"}
+    report = (out / "report.md").read_text()
+    assert "| PPCMI-SF | overall |" in report and "centralized U-Net" in report
+    for png in ("loss_curves.png", "overlays.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(PpcmiError, match="finished run"):
+        run_demo(data, out, cfg, progress=False)
