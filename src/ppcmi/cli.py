@@ -247,8 +247,9 @@ def evaluate(pred: Path = typer.Option(..., "--pred", "-p", help="Folder of pred
 
     summ = evaluate_folder(pred, data, out, labels)
     fg = summ.get("fg_dice", {})
+    lo, hi = (fg.get("ci95") or [float("nan")] * 2)[:2]
     typer.echo(f"{summ['n_cases']} cases: merged-foreground Dice {fg.get('mean', float('nan')):.4f} "
-               f"(95% CI {fg.get('ci95', ['?', '?'])}) -> {out / 'summary.json'}")
+               f"(95% bootstrap CI {lo:.4f} to {hi:.4f}) -> {out / 'summary.json'}")
 
 
 @app.command()
