@@ -80,17 +80,22 @@ def _median_ms(fn, reps: int) -> float:
     return statistics.median(times)
 
 
-def measure_latency(hospital: Hospital, server: MappingServer, images: np.ndarray, reps: int = 20) -> dict:
-    """Median per-stage latency (ms) at batch 1, after one warm-up, on one thread pool as configured."""
-    x = images[:1]
+def measure_latency(hospital: Hospital, server: MappingServer, images: np.ndarray, reps: int = 20, batch: int = 1) -> dict:
+    """Median per-stage latency in ms per call at ``batch`` images (protocol bytes included), after one warm-up.
+
+    encode: hospital encode + KLT + serialise; map: server parse + map + serialise; decode: hospital
+    parse + inverse KLT + decode + argmax.
+    """
+    x = np.resize(images, (batch,) + images.shape[1:]).astype(np.float32)
     q = hospital.protect(x)
     wire_q = protocol.encode(q)
     reply = server.handle(protocol.decode(wire_q))
     wire_r = protocol.encode(reply)
+    hospital.unprotect(protocol.decode(wire_r))
     enc = _median_ms(lambda: protocol.encode(hospital.protect(x)), reps)
     mp = _median_ms(lambda: protocol.encode(server.handle(protocol.decode(wire_q))), reps)
     dec = _median_ms(lambda: hospital.unprotect(protocol.decode(wire_r)), reps)
-    return {"encode": enc, "map": mp, "decode": dec, "total": enc + mp + dec, "batch": 1, "reps": reps,
+    return {"encode": enc, "map": mp, "decode": dec, "total": enc + mp + dec, "batch": batch, "reps": reps,
             "threads": torch.get_num_threads()}
 
 
