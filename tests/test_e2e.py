@@ -52,3 +52,17 @@ def test_run_folder_layout_and_saved_config(result):
     srv = json.loads((run / "server" / "config.json").read_text())
     assert srv["clients"] == ["hospital1", "hospital2", "hospital3"]
     assert (run / "eval" / "per_case.csv").read_text().count("\n") == 1 + 3 * res["n_test"]
+
+
+def test_per_hospital_mapping_scope_trains_one_network_per_hospital(tmp_path):
+    data = synth(tmp_path / "data", sites=2, patients_per_site=2, slices_per_patient=3, size=32, n_classes=2, seed=1)
+    cfg = Config(seed=0, clients=2,
+                 data=DataConfig(size=32, group_csv=str(data / "groups.csv"), test_frac=0.25, partition="site"),
+                 autoencoder=AutoencoderConfig(width=0.25, epochs=1),
+                 mapping=MappingTrainConfig(widen=(8, 8, 8), mid=(8, 8), down=(8, 8, 8), epochs=1, scope="per_hospital"))
+    res = run_simulation(cfg, data, tmp_path / "run", progress=False)
+    for h in ("hospital1", "hospital2"):
+        srv = json.loads((tmp_path / "run" / "server" / h / "config.json").read_text())
+        assert srv["clients"] == [h]  # trained on that hospital's pairs only
+    assert set(res["stage2"]["per_hospital"]) == {"hospital1", "hospital2"}
+    assert not (tmp_path / "run" / "server" / "mapping.safetensors").exists()

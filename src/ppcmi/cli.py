@@ -311,6 +311,24 @@ def demo(data: Optional[Path] = typer.Option(None, "--data", "-d", help="Dataset
     typer.echo(f"results: {out}/summary.json, report.md, per_case.csv, loss_curves.png, overlays.png")
 
 
+@app.command()
+@_guard
+def bench(dataset: str = typer.Option(..., "--dataset", help="Preset: psfhs, acdc or sunnybrook_lv (split, labels, partition)."),
+          data: Path = typer.Option(..., "--data", "-d", help="The dataset folder, e.g. ../shared/data/psfhs."),
+          out: Path = typer.Option(..., "--out", "-o", help="Results folder; finished methods are skipped on a rerun."),
+          methods: str = typer.Option(",".join(["ppcmi_cpu", "no_klt", "no_skips", "no_pyramid", "per_hospital_mapping",
+                                                "unet_centralized", "unet_local", "ppcmi_published"]),
+                                      help="Comma-separated methods to run, in order."),
+          config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt, quiet: bool = QuietOpt):
+    """PPCMI-SF, its ablations and U-Net baselines on one dataset with the same split and budget."""
+    from .bench import results_md, run_bench
+
+    res = run_bench(dataset, data, out, [m.strip() for m in methods.split(",") if m.strip()], config=config,
+                    overrides=set_ or [], progress=not quiet)
+    typer.echo(results_md(dataset, res))
+    typer.echo(f"results: {out / 'results.json'}, {out / 'results.md'}")
+
+
 def main() -> None:  # pragma: no cover
     sys.exit(app())
 

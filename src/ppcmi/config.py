@@ -75,6 +75,7 @@ class MappingTrainConfig:
     batch_size: int = 16
     lr: float = 1e-3
     lr_schedule: str = "constant"      # constant (published) | cosine
+    scope: str = "shared"              # shared (one network, per-hospital adapters) | per_hospital (no collaboration)
     patience: int = 20
     val_frac: float = 0.2
 

@@ -605,6 +605,8 @@ def parse_labels(spec: str | None, names: str | None = None) -> LabelMap | None:
         if len(name_list) != len(values) or not all(name_list):
             raise DataError(f"--class-names: {names!r} must give {len(values)} non-empty names "
                             f"to match --labels {spec!r}")
+        if "fg" in name_list[1:]:
+            raise DataError(f"--class-names: 'fg' is reserved for the merged foreground; rename it in {names!r}")
     return LabelMap(values, name_list)
 
 

@@ -11,7 +11,7 @@ Output folder::
     OUT/config.json            resolved configuration
     OUT/sites/<hospital>/      site folders (in a real deployment each stays at its hospital)
     OUT/wire/                  every message that crossed, exactly as sent
-    OUT/server/                the mapping network
+    OUT/server/                the mapping network (OUT/server/<hospital>/ with mapping.scope = per_hospital)
     OUT/eval/                  per_case.csv and summary.json (per hospital and overall)
     OUT/summary.json           the run's headline numbers
 """
@@ -153,12 +153,24 @@ def run_simulation(cfg: Config, data_dir: str | Path, out: str | Path, *, resume
     # ---- stage 2: at the server, from bytes only
     t0 = time.perf_counter()
     batches = [protocol.decode(b) for b in wire.values()]
-    if not (out / "server" / "mapping.safetensors").exists():
-        _, mres = train_mapping(batches, cfg.mapping, out / "server", seed=cfg.seed, resume=resume, progress=progress)
-        stage2 = {"epochs": len(mres.history), "best_epoch": mres.best_epoch, "best_val": mres.best_val, "history": mres.history}
-    else:
-        stage2 = {}
-    server = MappingServer(out / "server")
+    if cfg.mapping.scope not in ("shared", "per_hospital"):
+        raise PpcmiError(f"mapping.scope: must be shared or per_hospital, got {cfg.mapping.scope!r}")
+    # "per_hospital" (the no-collaboration baseline): one mapping network per hospital, on its own pairs only
+    groups = {"": batches} if cfg.mapping.scope == "shared" else {b.client: [b] for b in batches}
+    stage2: dict = {}
+    servers: dict[str, MappingServer] = {}
+    for sub, group in groups.items():
+        model_dir = out / "server" / sub if sub else out / "server"
+        if not (model_dir / "mapping.safetensors").exists():
+            _, mres = train_mapping(group, cfg.mapping, model_dir, seed=cfg.seed, resume=resume, progress=progress)
+            st = {"epochs": len(mres.history), "best_epoch": mres.best_epoch, "best_val": mres.best_val, "history": mres.history}
+            if sub:
+                stage2.setdefault("per_hospital", {})[sub] = st
+            else:
+                stage2 = st
+        srv = MappingServer(model_dir)
+        for b in group:
+            servers[b.client] = srv
     timings["stage2_s"] = time.perf_counter() - t0
 
     # ---- inference on held-out test patients, through every hospital's own keys and decoders
@@ -171,7 +183,7 @@ def run_simulation(cfg: Config, data_dir: str | Path, out: str | Path, *, resume
         parts = []
         for s in range(0, len(test["images"]), 16):
             q = protocol.encode(hosp.protect(test["images"][s:s + 16]))
-            r = protocol.encode(server.handle(protocol.decode(q)))
+            r = protocol.encode(servers[name].handle(protocol.decode(q)))
             parts.append(hosp.unprotect(protocol.decode(r)))
         preds[name] = np.concatenate(parts)
         rows += evaluate_cases(preds[name], test["masks"], test["case_ids"], pl.labels.n_classes, spacings=test["spacings"],
@@ -187,7 +199,7 @@ def run_simulation(cfg: Config, data_dir: str | Path, out: str | Path, *, resume
         "stage1": stage1, "stage2": stage2,
     }
     if latency_reps:
-        result["latency_ms"] = measure_latency(first, server, test["images"], reps=latency_reps)
+        result["latency_ms"] = measure_latency(first, servers[first.name], test["images"], reps=latency_reps)
     result["_arrays"] = {"test": test, "preds": preds, "plan": pl, "rows": rows}
     return result
 

@@ -1,0 +1,42 @@
+import json
+
+import pytest
+
+from ppcmi.bench import dataset_config, run_bench
+from ppcmi.data import synth
+from ppcmi.errors import PpcmiError
+
+TINY = ["data.size=32", "data.labels=0,1", "data.class_names=background,lv", "autoencoder.width=0.25", "autoencoder.epochs=1",
+        "mapping.widen=8,8,8", "mapping.mid=8,8", "mapping.down=8,8,8", "mapping.epochs=1", "clients=2"]
+
+
+def test_bench_runs_methods_with_one_split_and_skips_finished_ones(tmp_path):
+    data = synth(tmp_path / "data", sites=2, patients_per_site=2, slices_per_patient=3, size=32, n_classes=2, seed=4)
+    res = run_bench("sunnybrook_lv", data, tmp_path / "b", ["ppcmi_cpu", "no_klt", "unet_centralized", "unet_local"],
+                    overrides=TINY + [r"data.group_regex=^(site\d+_p\d+)_"], progress=False)
+    assert set(res) == {"ppcmi_cpu", "no_klt", "unet_centralized", "unet_local"}
+    n = res["ppcmi_cpu"]["summary"]["n_cases"]
+    assert res["unet_centralized"]["summary"]["n_cases"] * 2 == n  # PPCMI: every hospital segments every test case
+    assert res["unet_local"]["summary"]["n_cases"] == n  # one local U-Net per hospital
+    assert res["no_klt"]["config"]["klt"] is False
+    md = (tmp_path / "b" / "results.md").read_text()
+    assert "| unet_local |" in md and "merged-foreground Dice" in md
+    stamp = (tmp_path / "b" / "no_klt" / "summary.json").stat().st_mtime_ns
+    run_bench("sunnybrook_lv", data, tmp_path / "b", ["no_klt"], overrides=TINY, progress=False)
+    assert (tmp_path / "b" / "no_klt" / "summary.json").stat().st_mtime_ns == stamp
+    assert json.loads((tmp_path / "b" / "results.json").read_text())["dataset"] == "sunnybrook_lv"
+
+
+def test_unknown_dataset_and_method():
+    with pytest.raises(PpcmiError, match="unknown dataset"):
+        dataset_config("mnist")
+    cfg = dataset_config("acdc")
+    assert cfg.data.labels == "0,1,2,3" and cfg.data.split_lists["test"] == "test.list"
+
+
+def test_reserved_class_name_is_refused_early():
+    from ppcmi.data import parse_labels
+    from ppcmi.errors import DataError
+
+    with pytest.raises(DataError, match="reserved"):
+        parse_labels("0,1", "background,fg")
