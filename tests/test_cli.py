@@ -228,7 +228,7 @@ def test_outputs_are_not_overwritten(run):
 
 def test_every_command_has_help():
     for cmd in (["synth"], ["client", "keygen"], ["client", "train"], ["client", "encode"], ["client", "decode"],
-                ["server", "train"], ["server", "map"], ["predict"], ["evaluate"], ["simulate"], ["demo"]):
+                ["server", "train"], ["server", "map"], ["predict"], ["evaluate"], ["simulate"], ["demo"], ["bench"]):
         out = ok(*cmd, "--help")
         assert "Usage" in out and len(out.splitlines()) > 4
 

@@ -19,6 +19,14 @@ from typing import Any
 from .errors import ConfigError
 
 
+SCHEDULES = ("constant", "cosine")
+
+
+def _choice(where: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{where}: must be one of {', '.join(allowed)}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     size: int = 256
@@ -62,6 +70,9 @@ class AutoencoderConfig:
     augment: bool = False              # random rotation/flip/scale/intensity of training batches (also for the U-Net baseline)
     send_copies: int = 1               # stage 2: each training pair plus send_copies-1 augmented copies (1-32)
 
+    def __post_init__(self) -> None:
+        _choice("autoencoder.lr_schedule", self.lr_schedule, SCHEDULES)
+
 
 @dataclass(frozen=True)
 class MappingTrainConfig:
@@ -78,6 +89,10 @@ class MappingTrainConfig:
     scope: str = "shared"              # shared (one network, per-hospital adapters) | per_hospital (no collaboration)
     patience: int = 20
     val_frac: float = 0.2
+
+    def __post_init__(self) -> None:
+        _choice("mapping.scope", self.scope, ("shared", "per_hospital"))
+        _choice("mapping.lr_schedule", self.lr_schedule, SCHEDULES)
 
 
 @dataclass(frozen=True)

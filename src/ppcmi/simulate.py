@@ -153,8 +153,6 @@ def run_simulation(cfg: Config, data_dir: str | Path, out: str | Path, *, resume
     # ---- stage 2: at the server, from bytes only
     t0 = time.perf_counter()
     batches = [protocol.decode(b) for b in wire.values()]
-    if cfg.mapping.scope not in ("shared", "per_hospital"):
-        raise PpcmiError(f"mapping.scope: must be shared or per_hospital, got {cfg.mapping.scope!r}")
     # "per_hospital" (the no-collaboration baseline): one mapping network per hospital, on its own pairs only
     groups = {"": batches} if cfg.mapping.scope == "shared" else {b.client: [b] for b in batches}
     stage2: dict = {}
