@@ -14,6 +14,7 @@ from monai.losses import DiceCELoss
 from monai.networks.nets import UNet
 
 from .augment import batch_augmenter
+from .config import Config
 from .training import FitConfig, FitResult, fit, seeded_init
 
 
@@ -22,9 +23,21 @@ def make_unet(in_channels: int, n_classes: int) -> UNet:
                 strides=(2, 2, 2, 2), num_res_units=2)
 
 
+def train_reference_unet(cfg: Config, parts: list[dict], n_classes: int, work_dir: str | Path, *, desc: str = "centralized U-Net",
+                         progress: bool = True) -> tuple[UNet, FitResult]:
+    """A privacy-agnostic reference on the pooled ``parts`` (arrays from ``load_arrays``), with the same
+    budget as the mapping network: as many augmented training pairs (``mapping.epochs x send_copies``
+    epochs over the pooled data), the same batch size, schedule and augmentation."""
+    k = cfg.autoencoder.send_copies
+    return train_unet(np.concatenate([p["images"] for p in parts]), np.concatenate([p["masks"] for p in parts]), n_classes,
+                      work_dir, epochs=cfg.mapping.epochs * k, patience=cfg.mapping.patience * k,
+                      batch_size=cfg.mapping.batch_size, seed=cfg.seed, augment=cfg.autoencoder.augment,
+                      schedule=cfg.mapping.lr_schedule, desc=desc, progress=progress)
+
+
 def train_unet(images: np.ndarray, masks: np.ndarray, n_classes: int, work_dir: str | Path, *, epochs: int, patience: int,
                batch_size: int = 16, lr: float = 1e-3, val_frac: float = 0.2, seed: int = 0, augment: bool = False,
-               schedule: str = "constant", progress: bool = True) -> tuple[UNet, FitResult]:
+               schedule: str = "constant", desc: str = "centralized U-Net", progress: bool = True) -> tuple[UNet, FitResult]:
     """Train on (N, C, S, S) images and (N, S, S) class-index masks with a seeded validation split."""
     n = images.shape[0]
     order = np.random.default_rng(seed).permutation(n)
@@ -36,7 +49,7 @@ def train_unet(images: np.ndarray, masks: np.ndarray, n_classes: int, work_dir: 
     model = seeded_init(lambda: make_unet(images.shape[1], n_classes), seed)
     res = fit(model, lambda m, b: loss(m(b[0]), b[1]), [x[tr], y[tr]], [x[va], y[va]] if n_val else None,
               FitConfig(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, seed=seed, schedule=schedule), work_dir,
-              desc="centralized U-Net", progress=progress, augment=batch_augmenter(["image", "label"]) if augment else None)
+              desc=desc, progress=progress, augment=batch_augmenter(["image", "label"]) if augment else None)
     return model, res
 
 

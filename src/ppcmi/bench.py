@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .baselines import predict_unet, train_unet
+from .baselines import predict_unet, train_reference_unet
 from .config import Config, DataConfig, load_config, to_dict
 from .data import load_arrays
 from .errors import PpcmiError
@@ -63,15 +63,11 @@ def _unet(cfg: Config, data: Path, out: Path, local: bool, progress: bool) -> tu
     test = load_arrays(pl.test, pl.prep, pl.labels)
     arrays = {h: load_arrays(c, pl.prep, pl.labels) for h, c in pl.hospitals.items()}
     groups = {h: [a] for h, a in arrays.items()} if local else {"pooled": list(arrays.values())}
-    k = cfg.autoencoder.send_copies
     rows: list[dict] = []
     seconds = 0.0
     for g, parts in groups.items():
         t0 = time.perf_counter()
-        model, _ = train_unet(np.concatenate([p["images"] for p in parts]), np.concatenate([p["masks"] for p in parts]),
-                              pl.labels.n_classes, out / g, epochs=cfg.mapping.epochs * k, patience=cfg.mapping.patience * k,
-                              batch_size=cfg.mapping.batch_size, seed=cfg.seed, augment=cfg.autoencoder.augment,
-                              schedule=cfg.mapping.lr_schedule, progress=progress)
+        model, _ = train_reference_unet(cfg, parts, pl.labels.n_classes, out / g, desc=f"U-Net {g}", progress=progress)
         seconds += time.perf_counter() - t0
         pred = predict_unet(model, test["images"])
         rows += evaluate_cases(pred, test["masks"], test["case_ids"], pl.labels.n_classes, spacings=test["spacings"],

@@ -129,12 +129,11 @@ def client_train(site_dir: Path = typer.Option(..., "--site-dir", "-s", help="Si
     from .config import to_dict
     from .data import discover_cases, discover_labels, load_arrays, parse_labels
     from .fileio import atomic_write_json
-    from .simulate import preprocess_from
 
     cfg = _cfg(config, (set_ or []) + _data_sets(labels, class_names, size, window, offset))
     cases = discover_cases(data, group_regex=cfg.data.group_regex, group_csv=cfg.data.group_csv)
     labels = parse_labels(cfg.data.labels, cfg.data.class_names) or discover_labels(cases)
-    arr = load_arrays(cases, preprocess_from(cfg), labels, progress=not quiet)
+    arr = load_arrays(cases, cfg.data.preprocess(), labels, progress=not quiet)
     site_dir.mkdir(parents=True, exist_ok=True)
     res = train_site(site_dir, name, arr["images"], arr["masks"], n_classes=labels.n_classes,
                      labels={"values": list(labels.values), "names": list(labels.names)}, data_cfg=cfg.data,

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .baselines import predict_unet, train_unet
+from .baselines import predict_unet, train_reference_unet
 from .client.site import Hospital
 from .config import AutoencoderConfig, Config, DataConfig, MappingTrainConfig, from_dict, to_dict
 from .data import load_arrays
@@ -131,22 +131,15 @@ def _plots(out: Path, result: dict, unet_hist: list[dict], test: dict, preds: di
 
 def _centralized_unet(cfg_raw: dict, data: str, work_dir: str, threads: int) -> dict:
     """The privacy-agnostic reference, run in its own process: a MONAI U-Net on the hospitals' pooled
-    training data, predicting the same test cases.
-
-    Budget: the same number of (augmented) training pairs as the mapping network sees, that is
-    ``mapping.epochs x send_copies`` epochs over the pooled data, with the same schedule.
-    """
+    training data (see :func:`ppcmi.baselines.train_reference_unet` for its budget), predicting the
+    same test cases."""
     torch.set_num_threads(threads)
     cfg = from_dict(cfg_raw)
     pl = plan(cfg, data)
     pooled = [load_arrays(c, pl.prep, pl.labels) for c in pl.hospitals.values()]
     test = load_arrays(pl.test, pl.prep, pl.labels)
     t0 = time.perf_counter()
-    k = cfg.autoencoder.send_copies
-    unet, res = train_unet(np.concatenate([p["images"] for p in pooled]), np.concatenate([p["masks"] for p in pooled]),
-                           pl.labels.n_classes, work_dir, epochs=cfg.mapping.epochs * k, patience=cfg.mapping.patience * k,
-                           batch_size=cfg.mapping.batch_size, seed=cfg.seed, augment=cfg.autoencoder.augment,
-                           schedule=cfg.mapping.lr_schedule, progress=False)
+    unet, res = train_reference_unet(cfg, pooled, pl.labels.n_classes, work_dir, progress=False)
     seconds = time.perf_counter() - t0
     return {"pred": predict_unet(unet, test["images"]), "history": res.history, "seconds": seconds}
 

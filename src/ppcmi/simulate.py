@@ -50,10 +50,6 @@ class Plan:
     test: list[Case]
 
 
-def preprocess_from(cfg: Config) -> Preprocess:
-    return cfg.data.preprocess()
-
-
 def plan(cfg: Config, data_dir: str | Path) -> Plan:
     """Discover the dataset, split off test patients, and partition the rest into hospitals."""
     d = cfg.data
@@ -68,7 +64,7 @@ def plan(cfg: Config, data_dir: str | Path) -> Plan:
     if not test:
         raise PpcmiError(f"{data_dir}: no test cases after splitting (data.test_frac={d.test_frac})")
     parts = partition(dev, cfg.clients, mode=d.partition, seed=cfg.seed)
-    return Plan(labels, preprocess_from(cfg), {f"hospital{i + 1}": p for i, p in enumerate(parts)}, test)
+    return Plan(labels, cfg.data.preprocess(), {f"hospital{i + 1}": p for i, p in enumerate(parts)}, test)
 
 
 def _median_ms(fn, reps: int) -> float:

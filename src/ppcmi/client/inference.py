@@ -25,10 +25,6 @@ from .site import Hospital
 log = logging.getLogger(__name__)
 
 
-def preprocess_of(h: Hospital) -> Preprocess:
-    return h.data_cfg.preprocess()
-
-
 def label_map_of(h: Hospital) -> LabelMap:
     lab = h.meta["labels"]
     return LabelMap(tuple(lab["values"]), tuple(lab["names"]))
@@ -84,7 +80,7 @@ def encode_folder(site_dir: Path, data: Path, out: Path, *, with_masks: bool = F
                   noise: float = 0.0) -> tuple[int, int]:
     """Write a query (images) or train (image+mask pairs) message plus the local case list; returns (N, bytes)."""
     h = Hospital(site_dir)
-    prep = preprocess_of(h)
+    prep = h.data_cfg.preprocess()
     dtype = np.float16 if float16 else np.float32
     if out.exists():
         raise PpcmiError(f"{out}: already exists; refusing to overwrite it")
@@ -182,7 +178,7 @@ def predict_files(site_dir: Path, model_dir: Path, images: Sequence[Path], out: 
     h = Hospital(site_dir)
     server = MappingServer(model_dir)
     planes = list_inputs(images)
-    x = _load_planes(planes, preprocess_of(h))
+    x = _load_planes(planes, h.data_cfg.preprocess())
     labels = []
     for s in range(0, len(x), 16):
         q = protocol.encode(h.protect(x[s:s + 16]))
