@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean bench-psfhs bench-acdc bench-sunnybrook bench-latency bench-plots
 
 install: $(STAMP)
 
@@ -17,6 +17,27 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: $(STAMP)
 	$(VENV)/bin/ppcmi demo
+
+# Benchmarks (BENCHMARKS.md): each writes runs/bench-<dataset>/ and copies its results JSON/markdown to
+# benchmarks/results/; a rerun skips finished methods. Datasets are read from ../shared/data.
+SHARED_DATA ?= ../shared/data
+bench-psfhs bench-acdc: bench-%: $(STAMP)
+	$(VENV)/bin/ppcmi bench --dataset $* --data $(SHARED_DATA)/$* --out runs/bench-$*
+	cp runs/bench-$*/results.json benchmarks/results/bench-$*.json
+	cp runs/bench-$*/results.md benchmarks/results/bench-$*.md
+
+bench-sunnybrook: $(STAMP)
+	$(VENV)/bin/ppcmi bench --dataset sunnybrook_lv --data data/sunnybrook_lv --out runs/bench-sunnybrook_lv \
+		--methods ppcmi_cpu,unet_centralized,no_klt,per_hospital_mapping,no_skips,no_pyramid,unet_local
+	cp runs/bench-sunnybrook_lv/results.json benchmarks/results/bench-sunnybrook_lv.json
+	cp runs/bench-sunnybrook_lv/results.md benchmarks/results/bench-sunnybrook_lv.md
+
+bench-latency: $(STAMP)
+	$(PY) benchmarks/latency.py --out benchmarks/results --configs cpu,compact --tag cpu
+	$(PY) benchmarks/latency.py --out benchmarks/results --configs published --tag published
+
+bench-plots: $(STAMP)
+	$(PY) benchmarks/plots.py --results benchmarks/results
 
 test: $(STAMP)
 	$(PY) -m pytest -q

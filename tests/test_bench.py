@@ -2,12 +2,14 @@ import json
 
 import pytest
 
+from ppcmi.client.keys import KEY_FILENAME
 from ppcmi.bench import dataset_config, run_bench
 from ppcmi.data import synth
 from ppcmi.errors import PpcmiError
 
 TINY = ["data.size=32", "data.labels=0,1", "data.class_names=background,lv", "autoencoder.width=0.25", "autoencoder.epochs=1",
-        "mapping.widen=8,8,8", "mapping.mid=8,8", "mapping.down=8,8,8", "mapping.epochs=1", "clients=2"]
+        "mapping.widen=8,8,8", "mapping.mid=8,8", "mapping.down=8,8,8", "mapping.epochs=1", "clients=2", "data.eval_size=64",
+        "data.crop=1.0", "autoencoder.send_copies=1"]
 
 
 def test_bench_runs_methods_with_one_split_and_skips_finished_ones(tmp_path):
@@ -19,6 +21,16 @@ def test_bench_runs_methods_with_one_split_and_skips_finished_ones(tmp_path):
     assert res["unet_centralized"]["summary"]["n_cases"] * 2 == n  # PPCMI: every hospital segments every test case
     assert res["unet_local"]["summary"]["n_cases"] == n  # one local U-Net per hospital
     assert res["no_klt"]["config"]["klt"] is False
+    # the ablation reuses ppcmi_cpu's autoencoders (identical weights) under a fresh key
+    b = tmp_path / "b"
+    assert res["no_klt"]["stage1_from"] == "ppcmi_cpu"
+    for f in ("image_ae/model.safetensors", "mask_ae/model.safetensors"):
+        assert (b / "ppcmi_cpu/sites/hospital1" / f).read_bytes() == (b / "no_klt/sites/hospital1" / f).read_bytes()
+    assert json.loads((b / "no_klt/sites/hospital1/site.json").read_text())["klt"] is False
+    assert (b / "ppcmi_cpu/sites/hospital1" / KEY_FILENAME).read_bytes() != (b / "no_klt/sites/hospital1" / KEY_FILENAME).read_bytes()
+    # float16 on the wire and bf16 autocast are scored too, on the same cases
+    assert set(res["ppcmi_cpu"]["variants"]) == {"float16_wire", "bf16_autocast"}
+    assert res["ppcmi_cpu"]["variants"]["float16_wire"]["n_cases"] == n
     md = (tmp_path / "b" / "results.md").read_text()
     assert "| unet_local |" in md and "merged-foreground Dice" in md
     stamp = (tmp_path / "b" / "no_klt" / "summary.json").stat().st_mtime_ns

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from monai.losses import DiceCELoss
 from monai.networks.nets import UNet
 
@@ -54,7 +55,13 @@ def train_unet(images: np.ndarray, masks: np.ndarray, n_classes: int, work_dir: 
 
 
 @torch.inference_mode()
-def predict_unet(model: UNet, images: np.ndarray, batch_size: int = 16) -> np.ndarray:
+def predict_unet(model: UNet, images: np.ndarray, batch_size: int = 16, size: int | None = None) -> np.ndarray:
+    """Label maps (N, S, S); ``size`` resamples the logits (bilinear) before the argmax, as ``Hospital.unprotect`` does."""
     model.eval()
-    out = [model(torch.from_numpy(images[i:i + batch_size]).float()).argmax(1) for i in range(0, len(images), batch_size)]
+    out = []
+    for i in range(0, len(images), batch_size):
+        logits = model(torch.from_numpy(images[i:i + batch_size]).float())
+        if size is not None and size != logits.shape[-1]:
+            logits = F.interpolate(logits, size=(size, size), mode="bilinear", align_corners=False)
+        out.append(logits.argmax(1))
     return torch.cat(out).numpy().astype(np.int64)

@@ -312,19 +312,27 @@ def demo(data: Optional[Path] = typer.Option(None, "--data", "-d", help="Dataset
 
 @app.command()
 @_guard
-def bench(dataset: str = typer.Option(..., "--dataset", help="Preset: psfhs, acdc or sunnybrook_lv (split, labels, partition)."),
+def bench(dataset: str = typer.Option(..., "--dataset", help="Preset: psfhs, acdc or sunnybrook_lv (split, labels, partition, budget)."),
           data: Path = typer.Option(..., "--data", "-d", help="The dataset folder, e.g. ../shared/data/psfhs."),
           out: Path = typer.Option(..., "--out", "-o", help="Results folder; finished methods are skipped on a rerun."),
-          methods: str = typer.Option(",".join(["ppcmi_cpu", "no_klt", "no_skips", "no_pyramid", "per_hospital_mapping",
-                                                "unet_centralized", "unet_local", "ppcmi_published"]),
-                                      help="Comma-separated methods to run, in order."),
+          methods: str = typer.Option("ppcmi_cpu,no_klt,no_skips,no_pyramid,per_hospital_mapping,unet_centralized,unet_local,"
+                                      "ppcmi_cpu_matched,ppcmi_published",
+                                      help="Comma-separated methods to run, in order. Variants that keep the autoencoder "
+                                           "settings reuse ppcmi_cpu's autoencoders (with fresh keys), so run it first."),
+          published_epochs: Optional[int] = typer.Option(None, "--published-epochs", min=1,
+                                                         help="Mapping epochs for ppcmi_published and ppcmi_cpu_matched "
+                                                              "(default: the preset's; the published network is ~10x slower)."),
           config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt, quiet: bool = QuietOpt):
-    """PPCMI-SF, its ablations and U-Net baselines on one dataset with the same split and budget."""
+    """PPCMI-SF, its ablations and U-Net baselines on one dataset with the same split and budget.
+
+    Writes OUT/<method>/ (runs, per-case CSVs) and OUT/results.json + OUT/results.md covering every
+    finished method. Plots: benchmarks/plots.py.
+    """
     from .bench import results_md, run_bench
 
-    res = run_bench(dataset, data, out, [m.strip() for m in methods.split(",") if m.strip()], config=config,
-                    overrides=set_ or [], progress=not quiet)
-    typer.echo(results_md(dataset, res))
+    run_bench(dataset, data, out, [m.strip() for m in methods.split(",") if m.strip()], config=config,
+              overrides=set_ or [], published_epochs=published_epochs, progress=not quiet)
+    typer.echo((out / "results.md").read_text())
     typer.echo(f"results: {out / 'results.json'}, {out / 'results.md'}")
 
 

@@ -44,10 +44,13 @@ class DataConfig:
     val_frac: float = 0.2
     test_frac: float = 0.2
     partition: str = "group"           # iid | group | site
+    eval_size: int | None = None       # score test cases at this size (predictions resampled from probabilities); None: size
 
     def __post_init__(self) -> None:
         if not isinstance(self.size, int) or self.size < 32 or self.size % 32:
             raise ConfigError(f"data.size: must be a multiple of 32 (the autoencoder halves it five times), got {self.size!r}")
+        if self.eval_size is not None and (not isinstance(self.eval_size, int) or self.eval_size < 8):
+            raise ConfigError(f"data.eval_size: must be an integer of at least 8, got {self.eval_size!r}")
 
     def preprocess(self):
         """The :class:`ppcmi.data.Preprocess` these settings describe."""

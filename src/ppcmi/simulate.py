@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +65,36 @@ def plan(cfg: Config, data_dir: str | Path) -> Plan:
         raise PpcmiError(f"{data_dir}: no test cases after splitting (data.test_frac={d.test_frac})")
     parts = partition(dev, cfg.clients, mode=d.partition, seed=cfg.seed)
     return Plan(labels, cfg.data.preprocess(), {f"hospital{i + 1}": p for i, p in enumerate(parts)}, test)
+
+
+def load_test(pl: Plan, cfg: Config) -> dict:
+    """The test arrays at the working size; with ``data.eval_size`` also ``eval_masks``/``eval_spacings`` at that size."""
+    test = load_arrays(pl.test, pl.prep, pl.labels, progress=False)
+    test["eval_masks"], test["eval_spacings"] = test["masks"], test["spacings"]
+    if cfg.data.eval_size and cfg.data.eval_size != cfg.data.size:
+        fine = load_arrays(pl.test, replace(pl.prep, size=cfg.data.eval_size), pl.labels, progress=False)
+        test["eval_masks"], test["eval_spacings"] = fine["masks"], fine["spacings"]
+    return test
+
+
+def infer_and_score(hospitals: dict[str, Hospital], servers: dict[str, MappingServer], test: dict, labels: LabelMap, *,
+                    size: int | None = None, dtype=np.float32, bf16: bool = False, batch: int = 16) -> tuple[dict, list[dict]]:
+    """Every hospital segments every test image through protocol bytes (hospital -> server -> hospital) and
+    scores its own predictions. ``dtype`` is the wire dtype; ``bf16`` runs all three networks under CPU
+    autocast to bfloat16. Returns predictions per hospital and per-case metric rows."""
+    preds: dict[str, np.ndarray] = {}
+    rows: list[dict] = []
+    for name, hosp in hospitals.items():
+        parts = []
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            for s in range(0, len(test["images"]), batch):
+                q = protocol.encode(hosp.protect(test["images"][s:s + batch], dtype=dtype))
+                r = protocol.encode(servers[name].handle(protocol.decode(q)))
+                parts.append(hosp.unprotect(protocol.decode(r), size=size))
+        preds[name] = np.concatenate(parts)
+        rows += evaluate_cases(preds[name], test["eval_masks"], test["case_ids"], labels.n_classes, spacings=test["eval_spacings"],
+                               class_names=list(labels.names), extra=[{"site": name, "method": "ppcmi"}] * len(preds[name]))
+    return preds, rows
 
 
 def _median_ms(fn, reps: int) -> float:
@@ -168,20 +198,10 @@ def run_simulation(cfg: Config, data_dir: str | Path, out: str | Path, *, resume
     timings["stage2_s"] = time.perf_counter() - t0
 
     # ---- inference on held-out test patients, through every hospital's own keys and decoders
-    test = load_arrays(pl.test, pl.prep, pl.labels, progress=False)
-    rows: list[dict] = []
-    preds: dict[str, np.ndarray] = {}
+    test = load_test(pl, cfg)
     t0 = time.perf_counter()
-    for name in pl.hospitals:
-        hosp = Hospital(out / "sites" / name)
-        parts = []
-        for s in range(0, len(test["images"]), 16):
-            q = protocol.encode(hosp.protect(test["images"][s:s + 16]))
-            r = protocol.encode(servers[name].handle(protocol.decode(q)))
-            parts.append(hosp.unprotect(protocol.decode(r)))
-        preds[name] = np.concatenate(parts)
-        rows += evaluate_cases(preds[name], test["masks"], test["case_ids"], pl.labels.n_classes, spacings=test["spacings"],
-                               class_names=list(pl.labels.names), extra=[{"site": name, "method": "ppcmi"}] * len(preds[name]))
+    hospitals = {name: Hospital(out / "sites" / name) for name in pl.hospitals}
+    preds, rows = infer_and_score(hospitals, servers, test, pl.labels, size=cfg.data.eval_size)
     timings["inference_s"] = time.perf_counter() - t0
     summ = summarize(rows, group_key="site")
     write_evaluation(rows, summ, out / "eval")
@@ -202,4 +222,4 @@ def public_summary(result: dict) -> dict:
     return {k: v for k, v in result.items() if not k.startswith("_")}
 
 
-__all__ = ["Plan", "plan", "prepare_run_dir", "run_simulation", "measure_latency", "payload", "public_summary"]
+__all__ = ["Plan", "plan", "load_test", "infer_and_score", "prepare_run_dir", "run_simulation", "measure_latency", "payload", "public_summary"]

@@ -170,13 +170,19 @@ class Hospital:
         return LatentBatch("train", self.name, arrays)
 
     @torch.inference_mode()
-    def unprotect(self, reply: LatentBatch) -> np.ndarray:
-        """Invert the keyed transform of the server's reply, decode with the mask decoder, argmax."""
+    def unprotect(self, reply: LatentBatch, *, size: int | None = None) -> np.ndarray:
+        """Invert the keyed transform of the server's reply, decode with the mask decoder, argmax.
+
+        ``size``: resample the decoder's class probabilities (bilinear) to ``size`` x ``size``
+        before the argmax, to score at a finer grid than the model's working size.
+        """
         if reply.kind != "reply":
             raise PpcmiError(f"kind: expected a 'reply' message, got {reply.kind!r}")
         if reply.client != self.name:
             raise PpcmiError(f"client: reply is addressed to {reply.client!r}, this site is {self.name!r}")
         zt = {s: torch.from_numpy(np.asarray(a, dtype=np.float32)) for s, a in reply.latents("zt_msk_").items()}
         z = self._klt.inverse(zt, "mask") if self._klt is not None else zt
-        probs = self.models["mask"].decode(z)
+        probs = self.models["mask"].decode(z).float()
+        if size is not None and size != probs.shape[-1]:
+            probs = F.interpolate(probs, size=(size, size), mode="bilinear", align_corners=False)
         return probs.argmax(1).numpy().astype(np.int64)
