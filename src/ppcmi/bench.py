@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import time
 from dataclasses import replace
@@ -167,7 +168,7 @@ def run_method(method: str, cfg: Config, data: Path, out: Path, *, published_epo
 
 
 def _fmt(v: dict | None, digits: int = 4) -> str:
-    if not isinstance(v, dict) or v.get("mean") is None:
+    if not isinstance(v, dict) or v.get("mean") is None or not math.isfinite(v["mean"]):
         return "n/a"
     ci = v.get("ci95") or [float("nan")] * 2
     return f"{v['mean']:.{digits}f} [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
@@ -178,15 +179,14 @@ def _row(method: str, s: dict) -> str:
     spread = f"{np.mean(by):.4f} ± {np.std(by):.4f}" if len(by) > 1 else "n/a"
     per_class = ", ".join(f"{k[:-5]} {v['mean']:.4f}" for k, v in s.items()
                           if k.endswith("_dice") and k != "fg_dice" and isinstance(v, dict) and v.get("mean") is not None)
-    mm = s.get("fg_hd95_mm", {}).get("mean") if isinstance(s.get("fg_hd95_mm"), dict) else None
     return (f"| {method} | {_fmt(s.get('fg_dice'))} | {spread} | {per_class or 'n/a'} | {_fmt(s.get('fg_hd95_px'), 2)} | "
-            f"{_fmt(s.get('fg_asd_px'), 2)} | {'n/a' if mm is None else f'{mm:.2f}'} | {s.get('n_cases', '')} |")
+            f"{_fmt(s.get('fg_asd_px'), 2)} | {_fmt(s.get('fg_hd95_mm'), 2)} | {s.get('n_cases', '')} |")
 
 
 def results_md(dataset: str, results: dict[str, dict]) -> str:
     lines = [f"### {dataset}", "",
              "| method | merged-foreground Dice [95 % CI] | Dice mean ± std over hospitals | Dice per class | HD95 px [95 % CI] | "
-             "ASD px [95 % CI] | HD95 mm | n |",
+             "ASD px [95 % CI] | HD95 mm [95 % CI] | n |",
              "|---|---|---|---|---|---|---|---|"]
     for m, r in results.items():
         lines.append(_row(m, r["summary"]))
