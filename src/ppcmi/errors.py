@@ -23,3 +23,11 @@ class ConfigError(PpcmiError):
 
 class CheckpointError(PpcmiError):
     """A checkpoint is missing, unreadable or does not match its configuration."""
+
+
+class CertError(PpcmiError):
+    """A TLS certificate or private key is missing, invalid, or would be overwritten."""
+
+
+class ServiceError(PpcmiError):
+    """The HTTPS inference service could not be reached or refused a request."""
