@@ -1,5 +1,7 @@
 """Error types shared by every side; each message is one line that names the file or field."""
 
+SERVICE_EXTRA_HINT = 'pip install -c constraints.txt -e ".[service]" (or make install)'
+
 
 class PpcmiError(Exception):
     """Base class: the CLI prints ``error: <message>`` and exits with status 2."""

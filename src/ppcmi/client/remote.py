@@ -12,9 +12,7 @@ import ssl
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from ..errors import CertError, PpcmiError, ServiceError
-
-INSTALL_HINT = 'pip install -c constraints.txt -e ".[service]" (or make install)'
+from ..errors import SERVICE_EXTRA_HINT, CertError, PpcmiError, ServiceError
 
 
 def tls_context(cert: str | Path, key: str | Path, ca: str | Path) -> ssl.SSLContext:
@@ -79,7 +77,7 @@ class ServiceClient:
         try:
             import httpx
         except ImportError:
-            raise PpcmiError(f"--server needs the 'service' extra (httpx is not installed): {INSTALL_HINT}") from None
+            raise PpcmiError(f"--server needs the 'service' extra (httpx is not installed): {SERVICE_EXTRA_HINT}") from None
         parts = urlsplit(url)
         if parts.scheme != "https" or not parts.hostname:
             raise ServiceError(f"--server: expected https://HOST:PORT, got {url!r}")

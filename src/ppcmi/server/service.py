@@ -28,7 +28,7 @@ from typing import Any
 
 from .. import protocol
 from ..certs import site_id_of
-from ..errors import CertError, PpcmiError, ProtocolError
+from ..errors import SERVICE_EXTRA_HINT, CertError, PpcmiError, ProtocolError
 from .mapping import MappingServer
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,6 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_BYTES = 16 * 1024 * 1024  # 36 images of 256 x 256 at full autoencoder width, float32
 DEFAULT_PORT = 8443
 OCTET = "application/octet-stream"
-INSTALL_HINT = 'pip install -c constraints.txt -e ".[service]" (or make install)'
 
 
 def require_extra() -> None:
@@ -45,7 +44,7 @@ def require_extra() -> None:
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError as e:
-        raise PpcmiError(f"the inference service needs the 'service' extra ({e.name} is not installed): {INSTALL_HINT}") from None
+        raise PpcmiError(f"the inference service needs the 'service' extra ({e.name} is not installed): {SERVICE_EXTRA_HINT}") from None
 
 
 class _Refused(Exception):
