@@ -81,6 +81,14 @@ def test_size_limit_and_garbage(rng):
     for junk in (b"", b"1234", b"\xff" * 64, struct.pack("<Q", 10) + b"not json!!", data[: len(data) // 2]):
         with pytest.raises(ProtocolError):
             protocol.decode(junk)
+    # nesting deep enough to exhaust the JSON parser, and metadata values that are not strings
+    deep = b"[" * 100_000
+    with pytest.raises(ProtocolError, match="header: not valid JSON"):
+        protocol.decode(struct.pack("<Q", len(deep)) + deep)
+    for meta in ({**META, "kind": ["query"]}, {**META, "ppcmi.version": 1}):
+        header = json.dumps({"__metadata__": meta}).encode()
+        with pytest.raises(ProtocolError, match="__metadata__: every value must be a string"):
+            protocol.decode(struct.pack("<Q", len(header)) + header)
     # a pickle is just garbage here
     import pickle
 

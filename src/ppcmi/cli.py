@@ -17,12 +17,15 @@ import typer
 
 from .errors import PpcmiError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode="markdown",
                   help="PPCMI-SF: hospitals share only keyed latents; a key-less server maps image latents to mask latents.")
 client_app = typer.Typer(no_args_is_help=True, help="Hospital side: keys, local training, encode+protect, unprotect+decode.")
 server_app = typer.Typer(no_args_is_help=True, help="Coordinator side: train the mapping network and map keyed queries.")
+certs_app = typer.Typer(no_args_is_help=True, help="Certificates for mutual TLS: a project CA, the server's certificate, "
+                        "one client certificate per hospital (CN = its site id).")
 app.add_typer(client_app, name="client")
 app.add_typer(server_app, name="server")
+app.add_typer(certs_app, name="certs")
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="TOML config file ([data], [autoencoder], [mapping] sections).")
 SetOpt = typer.Option(None, "--set", help="Typed override, e.g. --set autoencoder.epochs=5 (repeatable).")
@@ -218,6 +221,78 @@ def server_map(model: Path = typer.Option(..., "--model", "-m", help="Model fold
     typer.echo(f"wrote {out}: {len(reply)} bytes for {q.n} images of {q.client}")
 
 
+@server_app.command("serve")
+@_guard
+def server_serve(model: Path = typer.Option(..., "--model", "-m", help="Model folder from 'server train'."),
+                 cert: Path = typer.Option(..., "--cert", help="Server certificate (server.pem from 'ppcmi certs init')."),
+                 key: Path = typer.Option(..., "--key", help="Server private key (server.key)."),
+                 client_ca: Path = typer.Option(..., "--client-ca", help="CA that signed the hospitals' client certificates (ca.pem); "
+                                                "a connection without a certificate from it is refused during the TLS handshake."),
+                 host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0 for every interface); "
+                                          "hospitals must reach it under a name in the server certificate."),
+                 port: int = typer.Option(8443, help="TCP port."),
+                 max_bytes: int = typer.Option(16 * 1024 * 1024, "--max-bytes",
+                                               help="Largest query body accepted (bytes); larger ones get HTTP 413 before being read. "
+                                                    "The default holds 36 images of 256x256 at full autoencoder width in float32."),
+                 concurrency: int = typer.Option(1, help="Queries mapped at the same time (each uses all of torch's threads)."),
+                 log_level: str = typer.Option("info", "--log-level", help="uvicorn log level: critical, error, warning, info, debug.")):
+    """Serve the mapping network over HTTPS with mutual TLS: POST /v1/map, GET /healthz, /openapi.json.
+
+    Each hospital connects with its client certificate ('ppcmi certs issue-client'); the
+    certificate's CN is its site id, which selects its adapters, and a query sent for another
+    hospital is refused (HTTP 403). Bad input gets a 4xx with a JSON error naming the field.
+    Stop it with Ctrl-C.
+    """
+    from .server.service import serve
+
+    typer.echo(f"serving {model} on https://{host}:{port} (mutual TLS; client CA {client_ca}); Ctrl-C to stop", err=True)
+    serve(model, cert=cert, key=key, client_ca=client_ca, host=host, port=port, max_bytes=max_bytes, concurrency=concurrency,
+          log_level=log_level)
+
+
+# ----------------------------------------------------------------------------- certificates
+
+
+@certs_app.command("init")
+@_guard
+def certs_init(out: Path = typer.Option(..., "--out", "-o", help="Folder for ca.pem, ca.key, server.pem, server.key."),
+               host: Optional[List[str]] = typer.Option(None, "--host", help="Another DNS name or IP address hospitals use to reach "
+                                                        "the server (repeatable); localhost and 127.0.0.1 are always included."),
+               days: int = typer.Option(825, help="Validity of the server certificate in days (the CA's is 10 years).")):
+    """Create the project CA and the server's certificate (ECDSA P-256; private keys mode 0600; never overwrites).
+
+    Keep ca.key with the coordinator (offline if possible); it signs every hospital's
+    certificate. The same files serve Flower's TLS: flower-superlink --ssl-ca-certfile ca.pem
+    --ssl-certfile server.pem --ssl-keyfile server.key.
+    """
+    from .certs import DEFAULT_HOSTS, init_ca
+
+    paths = init_ca(out, host or [], days=days)
+    for p in paths.values():
+        typer.echo(str(p))
+    names = ", ".join(dict.fromkeys([*DEFAULT_HOSTS, *(host or [])]))
+    typer.echo(f"server certificate valid for: {names}; next: ppcmi certs issue-client SITE_ID --ca-dir {out}")
+
+
+@certs_app.command("issue-client")
+@_guard
+def certs_issue_client(name: str = typer.Argument(..., help="The hospital's site id: the 'site' in its site.json, the 'client' "
+                                                  "of its protocol messages (letters, digits, '_', '.', '-')."),
+                       ca_dir: Path = typer.Option(..., "--ca-dir", help="Folder holding ca.pem and ca.key ('ppcmi certs init')."),
+                       out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default: CA_DIR/clients)."),
+                       days: int = typer.Option(825, help="Validity in days.")):
+    """Issue a hospital's client certificate: CN = NAME, its only identity (key mode 0600; never overwrites).
+
+    Hand NAME.pem, NAME.key and ca.pem to that hospital over a trusted channel; never ca.key.
+    """
+    from .certs import issue_client
+
+    cert, key = issue_client(name, ca_dir, out, days=days)
+    typer.echo(f"{cert}\n{key}")
+    typer.echo(f"give the hospital {cert.name}, {key.name} and {ca_dir / 'ca.pem'}; it connects with "
+               f"ppcmi predict --server https://HOST:PORT --cert {cert.name} --key {key.name} --ca ca.pem ...")
+
+
 # ----------------------------------------------------------------------------- both / evaluation
 
 
@@ -225,12 +300,31 @@ def server_map(model: Path = typer.Option(..., "--model", "-m", help="Model fold
 @_guard
 def predict(images: List[Path] = typer.Argument(..., help="Image files (PNG, JPEG, TIFF, NIfTI, MHA) or DICOM series folders."),
             site_dir: Path = typer.Option(..., "--site-dir", "-s", help="This hospital's site folder."),
-            model: Path = typer.Option(..., "--model", "-m", help="Mapping model folder (in-process server)."),
-            out: Path = typer.Option(..., "--out", "-o", help="Folder for the label maps (PNG for 2D, NIfTI for volumes).")):
-    """Hospital -> server -> hospital for image files; writes label maps in the inputs' format."""
-    from .client.inference import predict_files
+            out: Path = typer.Option(..., "--out", "-o", help="Folder for the label maps (PNG for 2D, NIfTI for volumes)."),
+            model: Optional[Path] = typer.Option(None, "--model", "-m", help="Mapping model folder (an in-process server)."),
+            server: Optional[str] = typer.Option(None, "--server", help="Inference service URL, https://HOST:PORT "
+                                                 "('ppcmi server serve'), instead of --model."),
+            cert: Optional[Path] = typer.Option(None, "--cert", help="With --server: this hospital's client certificate "
+                                                "('ppcmi certs issue-client'; its CN must be this site's id)."),
+            key: Optional[Path] = typer.Option(None, "--key", help="With --server: the client certificate's private key."),
+            ca: Optional[Path] = typer.Option(None, "--ca", help="With --server: the project CA certificate (ca.pem) "
+                                              "that the server's certificate must chain to.")):
+    """Hospital -> server -> hospital for image files; writes label maps in the inputs' format.
 
-    written = predict_files(site_dir, model, images, out)
+    With --model the server runs in this process; with --server the keyed latents travel to the
+    inference service over mutual TLS. Either way only keyed latents leave this site.
+    """
+    from .client.inference import predict_files, predict_remote
+
+    if (model is None) == (server is None):
+        raise PpcmiError("give exactly one of --model (in-process server) and --server (HTTPS inference service)")
+    if server is not None:
+        missing = [o for o, v in (("--cert", cert), ("--key", key), ("--ca", ca)) if v is None]
+        if missing:
+            raise PpcmiError(f"--server needs {', '.join(missing)} (mutual TLS)")
+        written = predict_remote(site_dir, server, images, out, cert=cert, key=key, ca=ca)
+    else:
+        written = predict_files(site_dir, model, images, out)
     for p in written:
         typer.echo(str(p))
 

@@ -1,5 +1,7 @@
 """Error types shared by every side; each message is one line that names the file or field."""
 
+SERVICE_EXTRA_HINT = 'pip install -c constraints.txt -e ".[service]" (or make install)'
+
 
 class PpcmiError(Exception):
     """Base class: the CLI prints ``error: <message>`` and exits with status 2."""
@@ -23,3 +25,11 @@ class ConfigError(PpcmiError):
 
 class CheckpointError(PpcmiError):
     """A checkpoint is missing, unreadable or does not match its configuration."""
+
+
+class CertError(PpcmiError):
+    """A TLS certificate or private key is missing, invalid, or would be overwritten."""
+
+
+class ServiceError(PpcmiError):
+    """The HTTPS inference service could not be reached or refused a request."""

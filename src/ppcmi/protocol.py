@@ -130,13 +130,15 @@ def decode(data: bytes, *, max_bytes: int = MAX_BYTES, expected: dict[str, tuple
         raise ProtocolError(f"header: declared length {hlen} does not fit the {len(data)}-byte body")
     try:
         header = json.loads(data[8:8 + hlen].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # bad UTF-8, bad JSON, or nesting deep enough to exhaust the parser
         raise ProtocolError(f"header: not valid JSON ({e.__class__.__name__})") from None
     if not isinstance(header, dict):
         raise ProtocolError("header: expected a JSON object")
     meta = header.pop("__metadata__", None)
     if not isinstance(meta, dict):
         raise ProtocolError("header.__metadata__: missing")
+    if not all(isinstance(v, str) for v in meta.values()):
+        raise ProtocolError("header.__metadata__: every value must be a string")
     extra = set(meta) - _META_KEYS
     if extra:
         raise ProtocolError(f"header.__metadata__: unexpected keys {sorted(extra)}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -171,20 +171,43 @@ def _mask_shapes(h: Hospital) -> dict:
     return shapes
 
 
+def _predict(h: Hospital, images: Sequence[Path], out: Path, send: Callable[[bytes], bytes], batch: int = 16) -> list[Path]:
+    """Protect each batch of images, ``send`` its query bytes to a server, unprotect the reply, write label maps."""
+    planes = list_inputs(images)
+    x = _load_planes(planes, h.data_cfg.preprocess())
+    labels = []
+    for s in range(0, len(x), batch):
+        reply = send(protocol.encode(h.protect(x[s:s + batch])))
+        labels.append(h.unprotect(protocol.decode(reply, expected=_mask_shapes(h))))
+    return _write_label_maps(planes, np.concatenate(labels), label_map_of(h), out, h.data_cfg.crop)
+
+
 def predict_files(site_dir: Path, model_dir: Path, images: Sequence[Path], out: Path) -> list[Path]:
     """Hospital -> (in-process) server -> hospital for image files, through protocol bytes."""
     from ..server.mapping import MappingServer
 
     h = Hospital(site_dir)
     server = MappingServer(model_dir)
-    planes = list_inputs(images)
-    x = _load_planes(planes, h.data_cfg.preprocess())
-    labels = []
-    for s in range(0, len(x), 16):
-        q = protocol.encode(h.protect(x[s:s + 16]))
-        r = protocol.encode(server.handle(protocol.decode(q)))
-        labels.append(h.unprotect(protocol.decode(r)))
-    return _write_label_maps(planes, np.concatenate(labels), label_map_of(h), out, h.data_cfg.crop)
+    return _predict(h, images, out, lambda q: protocol.encode(server.handle(protocol.decode(q))))
+
+
+def predict_remote(site_dir: Path, server_url: str, images: Sequence[Path], out: Path, *, cert: Path, key: Path,
+                   ca: Path) -> list[Path]:
+    """Hospital -> HTTPS inference service (mutual TLS) -> hospital for image files.
+
+    ``cert`` must be this site's client certificate: its CN is the site id the server uses to
+    pick this hospital's adapters, so a certificate for another site is refused here first.
+    """
+    from ..certs import load_cert, site_id_of
+    from ..errors import CertError
+    from .remote import ServiceClient
+
+    h = Hospital(site_dir)
+    cn = site_id_of(load_cert(cert), f"--cert {cert}")
+    if cn != h.name:
+        raise CertError(f"--cert: {cert} is the certificate of site {cn!r}, but {site_dir} is site {h.name!r}")
+    with ServiceClient(server_url, cert=cert, key=key, ca=ca) as client:
+        return _predict(h, images, out, client.map)
 
 
 def evaluate_folder(pred: Path, data: Path, out: Path, labels: str | None = None) -> dict:

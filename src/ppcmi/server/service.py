@@ -1,0 +1,233 @@
+"""The HTTPS inference service with mutual TLS (coordinator side): hospitals post keyed queries, get keyed replies.
+
+Endpoints (the OpenAPI schema is served at ``/openapi.json``):
+
+- ``POST /v1/map``: body = protocol bytes of a ``query`` :class:`~ppcmi.protocol.LatentBatch`
+  (``application/octet-stream``); response = protocol bytes of the ``reply``.
+- ``GET /healthz``: ``{"status": "ok", "protocol_version": 1, "clients": N}``.
+
+Every connection must present a client certificate signed by the project CA
+(:mod:`ppcmi.certs`); the TLS layer refuses any other before HTTP starts. The hospital's
+identity is the verified certificate's subject CN; it selects that hospital's adapters, and a
+query whose ``client`` differs is refused with 403. Client mistakes get a 4xx with a JSON body
+``{"error": "<field>: <what is wrong>"}`` and never stop the service: 400 for a malformed or
+invalid message, 403 for an identity mismatch or a hospital this model does not serve, 413 for a
+body over ``max_bytes`` (checked on ``Content-Length`` before reading, and again while
+streaming), 415 for another content type. Parsing and mapping run in a worker thread (the event
+loop keeps serving), at most ``concurrency`` at a time, on one shared model instance.
+
+FastAPI and uvicorn come with the optional ``service`` extra and are imported only when a
+service is built.
+"""
+
+import functools
+import logging
+import ssl
+from pathlib import Path
+from typing import Any
+
+from .. import protocol
+from ..certs import site_id_of
+from ..errors import SERVICE_EXTRA_HINT, CertError, PpcmiError, ProtocolError
+from .mapping import MappingServer
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BYTES = 16 * 1024 * 1024  # 36 images of 256 x 256 at full autoencoder width, float32
+DEFAULT_PORT = 8443
+OCTET = "application/octet-stream"
+
+
+def require_extra() -> None:
+    """Fail with one clear line when the optional ``service`` extra is missing."""
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise PpcmiError(f"the inference service needs the 'service' extra ({e.name} is not installed): {SERVICE_EXTRA_HINT}") from None
+
+
+class _Refused(Exception):
+    """A client-caused refusal: HTTP status and a one-line message naming the field."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def _identity(scope: dict) -> str:
+    """The site id of the verified client certificate, from the connection's ASGI TLS extension."""
+    tls = (scope.get("extensions") or {}).get("tls") or {}
+    chain = tls.get("client_cert_chain") or []
+    if not chain:
+        raise _Refused(403, "certificate: no verified client certificate on this connection")
+    try:
+        return site_id_of(chain[0], "client certificate")
+    except CertError as e:
+        raise _Refused(403, str(e)) from None
+
+
+def create_app(model_dir: str | Path, *, max_bytes: int = DEFAULT_MAX_BYTES, concurrency: int = 1):
+    """The FastAPI application serving one mapping model folder (loaded once, shared by all requests)."""
+    require_extra()
+    import anyio
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, Response
+    from pydantic import BaseModel
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    if not isinstance(max_bytes, int) or max_bytes < 64:
+        raise PpcmiError(f"--max-bytes: must be an integer of at least 64, got {max_bytes!r}")
+    if not isinstance(concurrency, int) or concurrency < 1:
+        raise PpcmiError(f"--concurrency: must be a positive integer, got {concurrency!r}")
+    server = MappingServer(model_dir)
+    limiter = anyio.CapacityLimiter(concurrency)
+
+    class ErrorBody(BaseModel):
+        error: str
+
+    class Health(BaseModel):
+        status: str
+        protocol_version: int
+        clients: int
+
+    binary = {"schema": {"type": "string", "format": "binary"}}
+    app = FastAPI(title="ppcmi inference service", version=str(protocol.PROTOCOL_VERSION), docs_url=None, redoc_url=None,
+                  description="Maps a hospital's keyed image latents to keyed mask latents with that hospital's adapters. "
+                              "Mutual TLS: the client certificate's CN is the hospital's site id.")
+
+    def error(status: int, message: str, *, close: bool = False) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status, headers={"Connection": "close"} if close else None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:  # 404, 405, ...
+        return error(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
+
+    @app.get("/healthz", response_model=Health, summary="Liveness and what this server speaks")
+    async def healthz() -> Health:
+        return Health(status="ok", protocol_version=protocol.PROTOCOL_VERSION, clients=len(server.clients))
+
+    def map_bytes(body: bytes, caller: str) -> bytes:
+        """Parse, check the sender against the certificate, map, serialise (runs in a worker thread)."""
+        try:
+            query = protocol.decode(body, max_bytes=max_bytes, expected=server.image_shapes)
+        except ProtocolError as e:
+            raise _Refused(400, str(e)) from None
+        if query.client != caller:
+            raise _Refused(403, f"client: the message is for {query.client!r} but the certificate is for {caller!r}")
+        if query.kind != "query":
+            raise _Refused(400, f"kind: expected a 'query' message, got {query.kind!r}")
+        try:
+            return protocol.encode(server.handle(query, client=caller))
+        except ProtocolError as e:
+            raise _Refused(400, str(e)) from None
+
+    responses: dict[int | str, dict[str, Any]] = {
+        200: {"description": "Protocol bytes of the 'reply' message (keyed mask latents).", "content": {OCTET: binary}},
+        400: {"model": ErrorBody, "description": "Malformed or invalid message (the error names the field)."},
+        403: {"model": ErrorBody, "description": "The message's client is not the certificate's, or this model does not serve it."},
+        413: {"model": ErrorBody, "description": "Body larger than the server's limit."},
+        415: {"model": ErrorBody, "description": "Content type other than application/octet-stream."},
+    }
+
+    @app.post("/v1/map", response_class=Response, responses=responses, summary="Map a keyed query to a keyed reply",
+              openapi_extra={"requestBody": {"required": True, "description": "Protocol bytes of a 'query' message.",
+                                             "content": {OCTET: binary}}})
+    async def map_query(request: Request) -> Response:
+        body_read = False
+        try:
+            caller = _identity(request.scope)
+            if caller not in server.clients:
+                raise _Refused(403, f"certificate: hospital {caller!r} is not served by this model")
+            ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            if ctype != OCTET:
+                raise _Refused(415, f"content-type: expected {OCTET}, got {ctype or 'none'!r}")
+            declared = request.headers.get("content-length")
+            if declared is not None and int(declared) > max_bytes:  # h11 has already checked it is a number
+                raise _Refused(413, f"body: Content-Length {declared} exceeds the limit of {max_bytes} bytes")
+            chunks, size = [], 0
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > max_bytes:
+                    raise _Refused(413, f"body: more than the limit of {max_bytes} bytes")
+                chunks.append(chunk)
+            body_read = True
+            reply = await anyio.to_thread.run_sync(map_bytes, b"".join(chunks), caller, limiter=limiter)
+        except _Refused as e:
+            log.info("refused a request (%d): %s", e.status, e)
+            # the rest of an unread body would stall this connection: close it after the answer
+            return error(e.status, str(e), close=not body_read)
+        return Response(reply, media_type=OCTET)
+
+    app.state.mapping = server
+    return app
+
+
+@functools.cache
+def _peer_certificate_protocol():
+    """uvicorn's h11 protocol, plus the verified peer certificate in ``scope["extensions"]["tls"]``.
+
+    uvicorn 0.49 does not fill the ASGI TLS extension. The TLS handshake (and client
+    certificate verification) is complete when ``connection_made`` runs, so the certificate is
+    read once per connection and added to every request's scope under the extension's key names
+    (``client_cert_chain``: PEM list, leaf first; ``client_cert_name``: RFC 4514 subject).
+    """
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class PeerCertH11Protocol(H11Protocol):
+        def connection_made(self, transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            ssl_object = transport.get_extra_info("ssl_object")
+            der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+            if not der:
+                return
+            tls = {"server_cert": None, "client_cert_chain": [ssl.DER_cert_to_PEM_cert(der)],
+                   "client_cert_name": _subject(der), "client_cert_error": None,
+                   "tls_version": _TLS_VERSIONS.get(ssl_object.version() or ""), "cipher_suite": None}
+            app = self.app
+
+            async def with_tls(scope, receive, send):
+                scope.setdefault("extensions", {}).setdefault("tls", tls)
+                await app(scope, receive, send)
+
+            self.app = with_tls
+
+    return PeerCertH11Protocol
+
+
+_TLS_VERSIONS = {"TLSv1.2": 0x0303, "TLSv1.3": 0x0304}
+
+
+def _subject(der: bytes) -> str:
+    from cryptography import x509
+
+    return x509.load_der_x509_certificate(der).subject.rfc4514_string()
+
+
+def uvicorn_config(app, *, cert: str | Path, key: str | Path, client_ca: str | Path, host: str = "127.0.0.1",
+                   port: int = DEFAULT_PORT, log_level: str = "info"):
+    """A uvicorn configuration that requires and verifies a client certificate on every connection."""
+    require_extra()
+    import uvicorn
+
+    for what, p in (("--cert", cert), ("--key", key), ("--client-ca", client_ca)):
+        if not Path(p).is_file():
+            raise CertError(f"{what}: {p}: no such file")
+    return uvicorn.Config(app, host=host, port=port, ssl_certfile=str(cert), ssl_keyfile=str(key), ssl_ca_certs=str(client_ca),
+                          ssl_cert_reqs=ssl.CERT_REQUIRED, http=_peer_certificate_protocol(), ws="none", lifespan="off",
+                          log_level=log_level, access_log=log_level in ("debug", "trace"), server_header=False)
+
+
+def serve(model_dir: str | Path, *, cert: str | Path, key: str | Path, client_ca: str | Path, host: str = "127.0.0.1",
+          port: int = DEFAULT_PORT, max_bytes: int = DEFAULT_MAX_BYTES, concurrency: int = 1, log_level: str = "info") -> None:
+    """Run the service with mutual TLS until interrupted."""
+    require_extra()
+    import uvicorn
+
+    app = create_app(model_dir, max_bytes=max_bytes, concurrency=concurrency)
+    config = uvicorn_config(app, cert=cert, key=key, client_ca=client_ca, host=host, port=port, log_level=log_level)
+    try:
+        config.load()  # builds the SSL context now, so a bad certificate or key is one line, not a traceback
+    except ssl.SSLError as e:
+        raise CertError(f"--cert/--key/--client-ca: cannot build the TLS context ({e.reason or e})") from None
+    uvicorn.Server(config).run()

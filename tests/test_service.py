@@ -1,0 +1,477 @@
+"""The HTTPS inference service end to end: a real uvicorn server on loopback with real mutual TLS.
+
+One tiny trained model (two synthetic hospitals) and one set of certificates are built per
+module; certificates and keys are generated here, in temporary folders, never stored.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from typer.testing import CliRunner
+
+from ppcmi import certs, protocol
+from ppcmi.cli import app as cli_app
+from ppcmi.client.remote import tls_context
+from ppcmi.client.site import Hospital
+from ppcmi.config import AutoencoderConfig, Config, DataConfig, MappingTrainConfig
+from ppcmi.data import synth
+from ppcmi.errors import PpcmiError
+from ppcmi.server.mapping import MappingServer
+from ppcmi.simulate import run_simulation
+
+uvicorn = pytest.importorskip("uvicorn")
+from ppcmi.server.service import create_app, require_extra, uvicorn_config  # noqa: E402
+
+runner = CliRunner()
+MAX_BYTES = 64 * 1024
+OCTET = {"content-type": "application/octet-stream"}
+
+
+def cli(*args, code: int = 0) -> str:
+    r = runner.invoke(cli_app, [str(a) for a in args])
+    assert r.exit_code == code, f"{args}: exit {r.exit_code}\n{r.output}\n{r.exception!r}"
+    return r.output
+
+
+class LiveServer:
+    """uvicorn with the service's mutual-TLS configuration, in a thread, on a free loopback port."""
+
+    def __init__(self, app, tls: Path):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        self.url = f"https://127.0.0.1:{self.port}"
+        config = uvicorn_config(app, cert=tls / "server.pem", key=tls / "server.key", client_ca=tls / "ca.pem",
+                                port=self.port, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            assert self.thread.is_alive() and time.monotonic() < deadline, "the service did not start"
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Two trained hospitals and their server model, a CA with client certificates, a rogue CA, a live service."""
+    root = tmp_path_factory.mktemp("service")
+    data = synth(root / "data", sites=2, patients_per_site=2, slices_per_patient=3, size=32, n_classes=2, seed=1)
+    cfg = Config(seed=0, clients=2,
+                 data=DataConfig(size=32, group_csv=str(data / "groups.csv"), test_frac=0.25, partition="site"),
+                 autoencoder=AutoencoderConfig(width=0.25, epochs=1),
+                 mapping=MappingTrainConfig(widen=(8, 8, 8), mid=(8, 8), down=(8, 8, 8), epochs=1))
+    run_simulation(cfg, data, root / "run", progress=False)
+    tls, rogue = root / "tls", root / "rogue"
+    certs.init_ca(tls)
+    for name in ("hospital1", "hospital2", "hospital9"):  # hospital9: trusted CA, but not served by the model
+        certs.issue_client(name, tls)
+    certs.init_ca(rogue)
+    certs.issue_client("hospital1", rogue)
+    live = LiveServer(create_app(root / "run" / "server", max_bytes=MAX_BYTES), tls)
+    w = {"root": root, "data": data, "model": root / "run" / "server", "tls": tls, "rogue": rogue, "live": live,
+         "site": {h: root / "run" / "sites" / h for h in ("hospital1", "hospital2")}}
+    yield w
+    live.stop()
+
+
+def client_for(w, name: str | None = "hospital1", ca_dir: Path | None = None, ca: Path | None = None) -> httpx.Client:
+    """An httpx client presenting ``ca_dir/clients/name`` (or no certificate) and trusting ``ca``."""
+    ca_dir = ca_dir or w["tls"]
+    ca = ca or w["tls"] / "ca.pem"
+    if name is None:
+        ctx = ssl.create_default_context(cafile=str(ca))
+    else:
+        ctx = tls_context(ca_dir / "clients" / f"{name}.pem", ca_dir / "clients" / f"{name}.key", ca)
+    return httpx.Client(base_url=w["live"].url, verify=ctx, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def http(world):
+    with client_for(world) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def query(world) -> bytes:
+    """Protocol bytes of a valid 3-image query from hospital1."""
+    h = Hospital(world["site"]["hospital1"])
+    x = np.random.default_rng(0).random((3, 1, 32, 32), dtype=np.float32)
+    return protocol.encode(h.protect(x))
+
+
+def assert_healthy(http) -> None:
+    r = http.get("/healthz")
+    assert r.status_code == 200 and r.json() == {"status": "ok", "protocol_version": protocol.PROTOCOL_VERSION, "clients": 2}
+
+
+# ----------------------------------------------------------------------------- the round trip
+
+
+def test_round_trip_equals_local_mapping(world, http, query):
+    r = http.post("/v1/map", content=query, headers=OCTET)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "application/octet-stream"
+    local = MappingServer(world["model"]).handle(protocol.decode(query), client="hospital1")
+    reply = protocol.decode(r.content)
+    assert (reply.kind, reply.client, reply.n) == ("reply", "hospital1", 3)
+    assert reply.arrays.keys() == local.arrays.keys()
+    for name, a in local.arrays.items():  # exactly equal: same model, same arithmetic
+        assert reply.arrays[name].dtype == a.dtype and np.array_equal(reply.arrays[name], a), name
+    h = Hospital(world["site"]["hospital1"])
+    assert np.array_equal(h.unprotect(reply), h.unprotect(local))
+
+
+def test_predict_over_mutual_tls_writes_the_same_label_maps(world, tmp_path):
+    images = sorted((world["data"] / "images").glob("site1_*.png"))[:4]
+    tls = world["tls"]
+    out = cli("predict", *images, "--site-dir", world["site"]["hospital1"], "--server", world["live"].url,
+              "--cert", tls / "clients" / "hospital1.pem", "--key", tls / "clients" / "hospital1.key", "--ca", tls / "ca.pem",
+              "--out", tmp_path / "remote")
+    assert len(out.split()) == 4
+    cli("predict", *images, "--site-dir", world["site"]["hospital1"], "--model", world["model"], "--out", tmp_path / "local")
+    for p in images:
+        remote, local = (np.asarray(Image.open(tmp_path / d / p.name)) for d in ("remote", "local"))
+        assert remote.shape == (32, 32) and np.array_equal(remote, local)
+
+
+def test_openapi_describes_both_endpoints(http):
+    spec = http.get("/openapi.json").json()
+    post = spec["paths"]["/v1/map"]["post"]
+    assert "application/octet-stream" in post["requestBody"]["content"]
+    assert "application/octet-stream" in post["responses"]["200"]["content"]
+    assert {"400", "403", "413", "415"} <= set(post["responses"])
+    assert "get" in spec["paths"]["/healthz"]
+
+
+# ----------------------------------------------------------------------------- who may connect
+
+
+def _refused(w, version: ssl.TLSVersion, name: str | None = "hospital1", ca_dir: Path | None = None) -> None:
+    """Connect with raw TLS; the server must refuse before any HTTP exchange.
+
+    With TLS 1.2 the client certificate is checked inside the handshake, so the client's
+    handshake fails. With TLS 1.3 the client finishes its side first and the server drops the
+    connection when it checks the certificate: the client's first read fails or sees EOF.
+    """
+    ctx = ssl.create_default_context(cafile=str(w["tls"] / "ca.pem"))
+    ctx.minimum_version = ctx.maximum_version = version
+    if name is not None:
+        d = ca_dir or w["tls"]
+        ctx.load_cert_chain(d / "clients" / f"{name}.pem", d / "clients" / f"{name}.key")
+    with socket.create_connection(("127.0.0.1", w["live"].port), timeout=10) as sock:
+        if version == ssl.TLSVersion.TLSv1_2:
+            with pytest.raises(ssl.SSLError):
+                ctx.wrap_socket(sock, server_hostname="localhost")
+            return
+        with ctx.wrap_socket(sock, server_hostname="localhost") as tls:
+            try:
+                tls.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+                answer = tls.recv(64)
+            except (ssl.SSLError, ConnectionResetError, BrokenPipeError):
+                answer = b""
+            assert answer == b"", answer
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3], ids=["TLS1.2", "TLS1.3"])
+def test_client_without_certificate_fails_the_handshake(world, http, version):
+    _refused(world, version, name=None)
+    with client_for(world, name=None) as c, pytest.raises(httpx.TransportError):
+        c.get("/healthz")
+    assert_healthy(http)
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3], ids=["TLS1.2", "TLS1.3"])
+def test_certificate_from_an_untrusted_ca_fails_the_handshake(world, http, version):
+    _refused(world, version, ca_dir=world["rogue"])  # a "hospital1" certificate signed by another CA
+    with client_for(world, ca_dir=world["rogue"]) as c, pytest.raises(httpx.TransportError):
+        c.get("/healthz")
+    assert_healthy(http)
+
+
+def test_server_certificate_from_another_ca_is_not_trusted_by_the_hospital(world, tmp_path):
+    tls = world["tls"]
+    line = cli("predict", world["data"] / "images", "--site-dir", world["site"]["hospital1"], "--server", world["live"].url,
+               "--cert", tls / "clients" / "hospital1.pem", "--key", tls / "clients" / "hospital1.key",
+               "--ca", world["rogue"] / "ca.pem", "--out", tmp_path / "p", code=2).strip().splitlines()[-1]
+    assert line.startswith("error: ") and "TLS failure" in line and "not trusted by --ca" in line
+
+
+def test_cli_names_a_refused_certificate(world, tmp_path):
+    rogue = world["rogue"]
+    line = cli("predict", world["data"] / "images", "--site-dir", world["site"]["hospital1"], "--server", world["live"].url,
+               "--cert", rogue / "clients" / "hospital1.pem", "--key", rogue / "clients" / "hospital1.key",
+               "--ca", world["tls"] / "ca.pem", "--out", tmp_path / "p", code=2).strip().splitlines()[-1]
+    assert line.startswith("error: ") and "refused this hospital's certificate" in line, line
+
+
+def test_certificate_for_hospital_a_posting_for_hospital_b_is_forbidden(world, query):
+    with client_for(world, "hospital2") as c:
+        r = c.post("/v1/map", content=query, headers=OCTET)  # hospital1's query, hospital2's certificate
+        assert r.status_code == 403
+        assert r.json()["error"].startswith("client:") and "'hospital1'" in r.json()["error"]
+        assert_healthy(c)
+
+
+def test_hospital_not_served_by_the_model_is_forbidden(world, query):
+    with client_for(world, "hospital9") as c:
+        r = c.post("/v1/map", content=query, headers=OCTET)
+        assert r.status_code == 403 and "not served by this model" in r.json()["error"]
+        assert_healthy(c)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _raw(arrays: dict, **meta) -> bytes:
+    from safetensors.numpy import save
+
+    return save(arrays, metadata={"ppcmi.version": "1", "kind": "query", "client": "hospital1", **meta})
+
+
+def _arrays(query: bytes, **changes) -> dict:
+    arrays = dict(protocol.decode(query).arrays)
+    arrays.update(changes)
+    return {k: v for k, v in arrays.items() if v is not None}
+
+
+def _with_nan(query: bytes, value: float) -> bytes:
+    arrays = _arrays(query)
+    b = arrays["zt_img_b"].copy()
+    b[0, 0, 0, 0] = value
+    arrays["zt_img_b"] = b
+    return _raw(arrays)
+
+
+BAD = {
+    "malformed body": (lambda q: b"\x00\x01not a protocol message", 400, "header"),
+    "empty body": (lambda q: b"", 400, "body"),
+    "truncated": (lambda q: q[: len(q) // 2], 400, "body"),
+    "wrong protocol version": (lambda q: _raw(_arrays(q), **{"ppcmi.version": "2"}), 400, "version"),
+    "unknown array name": (lambda q: _raw(_arrays(q, patient_id=np.zeros((3, 1, 1, 1), np.float32))), 400, "arrays.patient_id"),
+    "wrong shape": (lambda q: _raw(_arrays(q, zt_img_b=np.zeros((3, 1, 1, 1), np.float32))), 400, "arrays.zt_img_b: shape"),
+    "wrong dtype": (lambda q: _raw(_arrays(q, zt_img_b=protocol.decode(q).arrays["zt_img_b"].astype(np.float64))), 400, "dtype"),
+    "NaN": (lambda q: _with_nan(q, np.nan), 400, "NaN or Inf"),
+    "Inf": (lambda q: _with_nan(q, -np.inf), 400, "NaN or Inf"),
+    "reply instead of query": (lambda q: _raw({k.replace("img", "msk"): v for k, v in _arrays(q).items()}, kind="reply"), 400,
+                               "kind: expected a 'query'"),
+    "over --max-bytes": (lambda q: b"\x00" * (MAX_BYTES + 1), 413, "exceeds the limit"),
+}
+
+
+@pytest.mark.parametrize("case", BAD, ids=list(BAD))
+def test_bad_input_gets_a_4xx_naming_the_field_and_the_service_keeps_serving(http, query, case):
+    make, status, field = BAD[case]
+    r = http.post("/v1/map", content=make(query), headers=OCTET)
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"] == "application/json" and field in r.json()["error"], r.json()
+    assert_healthy(http)
+
+
+def test_streamed_body_over_the_limit_is_cut_off(world, http):
+    def chunks():
+        for _ in range(MAX_BYTES // 8192 + 2):
+            yield b"\x00" * 8192
+
+    with client_for(world) as c:  # no Content-Length: chunked transfer, counted while streaming
+        r = c.post("/v1/map", content=chunks(), headers=OCTET)
+    assert r.status_code == 413 and "more than the limit" in r.json()["error"]
+    assert_healthy(http)
+
+
+def test_wrong_content_type_method_and_path(http, query):
+    r = http.post("/v1/map", content=query, headers={"content-type": "application/json"})
+    assert r.status_code == 415 and r.json()["error"].startswith("content-type:")
+    r = http.get("/v1/map")
+    assert r.status_code == 405 and "error" in r.json()
+    r = http.get("/nowhere")
+    assert r.status_code == 404 and "error" in r.json()
+    assert_healthy(http)
+
+
+def _mutations(query: bytes):
+    (hlen,) = struct.unpack("<Q", query[:8])
+    header = query[8:8 + hlen]
+
+    def rehead(new: bytes) -> bytes:
+        return struct.pack("<Q", len(new)) + new + query[8 + hlen:]
+
+    dtypes = st.sampled_from([b"F64", b"F16", b"I32", b"U8", b"BOOL", b"BF16", b"", b"F32 "])
+    shape_text = st.lists(st.integers(-2, 2 ** 33), min_size=0, max_size=5).map(lambda s: json.dumps(s).encode())
+    return st.one_of(
+        st.binary(max_size=4096),
+        st.tuples(st.integers(0, 8 + hlen - 1), st.integers(1, 255)).map(
+            lambda t: query[:t[0]] + bytes([query[t[0]] ^ t[1]]) + query[t[0] + 1:]),
+        st.integers(0, len(query) - 1).map(lambda n: query[:n]),
+        st.tuples(dtypes, st.booleans()).map(
+            lambda t: rehead(header.replace(b'"F32"', b'"' + t[0] + b'"', 1)) if t[1]
+            else query[:8] + header.replace(b'"F32"', b'"' + t[0] + b'"', 1) + query[8 + hlen:]),
+        shape_text.map(lambda s: rehead(header.replace(b'"shape":[3,', b'"shape":' + s[:-1] + (b"," if s != b"[]" else b""), 1))),
+        st.binary(min_size=8, max_size=8).map(lambda p: p + query[8:]),
+    )
+
+
+def test_fuzzed_bodies_never_get_a_5xx(world, query):
+    seen: dict[int, int] = {}
+
+    with client_for(world) as c:
+        @settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+        @given(body=_mutations(query))
+        def post(body: bytes) -> None:
+            r = c.post("/v1/map", content=body, headers=OCTET)
+            seen[r.status_code] = seen.get(r.status_code, 0) + 1
+            assert r.status_code in (200, 400, 403, 413), (r.status_code, r.text[:300])  # 403: a flipped client id
+            if r.status_code != 200:
+                assert r.json()["error"]
+
+        post()
+        assert_healthy(c)
+    assert seen.get(400, 0) > 50, seen
+
+
+# ----------------------------------------------------------------------------- the commands around it
+
+
+def test_cli_errors_connection_refused_wrong_certificate_and_server_4xx(world, tmp_path):
+    tls, site = world["tls"], world["site"]["hospital1"]
+    images = sorted((world["data"] / "images").glob("site1_*.png"))[:1]
+
+    def predict(url, cert="hospital1", **kw) -> str:
+        return cli("predict", *images, "--site-dir", site, "--server", url, "--cert", tls / "clients" / f"{cert}.pem",
+                   "--key", tls / "clients" / f"{cert}.key", "--ca", tls / "ca.pem", "--out", tmp_path / "p", code=2, **kw
+                   ).strip().splitlines()[-1]
+
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()
+    assert "connection refused" in predict(f"https://127.0.0.1:{port}")
+    assert "--cert" in predict(world["live"].url, cert="hospital2") and "'hospital2'" in predict(world["live"].url, cert="hospital2")
+    small = LiveServer(create_app(world["model"], max_bytes=64), tls)
+    try:
+        line = predict(small.url)
+        assert "HTTP 413" in line and "exceeds the limit of 64 bytes" in line
+    finally:
+        small.stop()
+    assert "--server needs --key, --ca" in cli("predict", *images, "--site-dir", site, "--server", "https://x:1",
+                                                "--cert", "c", "--out", tmp_path / "q", code=2)
+    assert "exactly one of --model" in cli("predict", *images, "--site-dir", site, "--out", tmp_path / "q", code=2)
+
+
+def test_serve_command_runs_with_mutual_tls(world, tmp_path):
+    """`ppcmi server serve` as a process: answers /healthz to a hospital, stops on SIGTERM."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    tls = world["tls"]
+    proc = subprocess.Popen([sys.executable, "-m", "ppcmi.cli", "server", "serve", "--model", world["model"], "--cert",
+                             tls / "server.pem", "--key", tls / "server.key", "--client-ca", tls / "ca.pem", "--port", str(port),
+                             "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        ctx = tls_context(tls / "clients" / "hospital2.pem", tls / "clients" / "hospital2.key", tls / "ca.pem")
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                r = httpx.get(f"https://localhost:{port}/healthz", verify=ctx, timeout=5)
+                break
+            except httpx.ConnectError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()
+                time.sleep(0.2)
+        assert r.status_code == 200 and r.json()["clients"] == 2
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+def test_serve_refuses_a_key_that_does_not_match_the_certificate(world):
+    tls = world["tls"]
+    out = cli("server", "serve", "--model", world["model"], "--cert", tls / "server.pem", "--key", tls / "ca.key",
+              "--client-ca", tls / "ca.pem", "--port", "1", code=2)
+    assert out.strip().splitlines()[-1].startswith("error: --cert/--key/--client-ca: cannot build the TLS context")
+
+
+def test_missing_service_extra_is_one_clear_line(monkeypatch):
+    monkeypatch.setitem(sys.modules, "fastapi", None)  # an import of fastapi now fails as if it were not installed
+    with pytest.raises(PpcmiError, match=r"needs the 'service' extra \(fastapi is not installed\).*\[service\]"):
+        require_extra()
+
+
+# ----------------------------------------------------------------------------- ppcmi certs
+
+
+def test_certs_init_and_issue_client_layout_modes_and_identity(tmp_path):
+    d = tmp_path / "tls"
+    cli("certs", "init", "--out", d, "--host", "coordinator.example.org", "--host", "10.1.2.3")
+    cli("certs", "issue-client", "hospital1", "--ca-dir", d)
+    cli("certs", "issue-client", "h.2-b_c", "--ca-dir", d, "--out", tmp_path / "elsewhere")
+    keys = [d / "ca.key", d / "server.key", d / "clients" / "hospital1.key", tmp_path / "elsewhere" / "h.2-b_c.key"]
+    for k in keys:
+        assert (k.stat().st_mode & 0o777) == 0o600, k
+    for c in (d / "ca.pem", d / "server.pem", d / "clients" / "hospital1.pem"):
+        assert (c.stat().st_mode & 0o077) != 0o077 and c.read_bytes().startswith(b"-----BEGIN CERTIFICATE-----")
+    assert certs.site_id_of((d / "clients" / "hospital1.pem").read_bytes()) == "hospital1"
+    assert certs.site_id_of(certs.load_cert(tmp_path / "elsewhere" / "h.2-b_c.pem")) == "h.2-b_c"
+    from cryptography import x509
+
+    san = certs.load_cert(d / "server.pem").extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert set(san.get_values_for_type(x509.DNSName)) == {"localhost", "coordinator.example.org"}
+    assert {str(a) for a in san.get_values_for_type(x509.IPAddress)} == {"127.0.0.1", "10.1.2.3"}
+
+
+def test_certs_never_overwrite(tmp_path):
+    d = tmp_path / "tls"
+    cli("certs", "init", "--out", d)
+    cli("certs", "issue-client", "hospital1", "--ca-dir", d)
+    before = {p: p.read_bytes() for p in d.rglob("*") if p.is_file()}
+    assert "already exists; refusing to overwrite" in cli("certs", "init", "--out", d, code=2)
+    assert "hospital1.pem: already exists" in cli("certs", "issue-client", "hospital1", "--ca-dir", d, code=2)
+    (d / "clients" / "hospital1.pem").unlink()  # the key alone still blocks a reissue
+    assert "hospital1.key: already exists" in cli("certs", "issue-client", "hospital1", "--ca-dir", d, code=2)
+    after = {p: p.read_bytes() for p in d.rglob("*") if p.is_file()}
+    assert after == {p: b for p, b in before.items() if p.name != "hospital1.pem"}
+
+
+@pytest.mark.parametrize("name", ["../evil", "a b", "-lead", "x" * 65, "h1/../h2", "é"])
+def test_certs_refuse_a_bad_site_id(tmp_path, name):
+    d = tmp_path / "tls"
+    certs.init_ca(d)
+    line = cli("certs", "issue-client", "--ca-dir", d, "--", name, code=2).strip().splitlines()[-1]
+    assert line.startswith("error: NAME:") and "not a valid site id" in line
+    assert not (d / "clients").exists()
+
+
+def test_certs_refuse_bad_hosts_and_unsafe_or_foreign_ca_keys(tmp_path):
+    assert "--host: 'bad host!'" in cli("certs", "init", "--out", tmp_path / "x", "--host", "bad host!", code=2)
+    assert not (tmp_path / "x").exists()
+    a, b = tmp_path / "a", tmp_path / "b"
+    certs.init_ca(a)
+    certs.init_ca(b)
+    (a / "ca.key").chmod(0o644)
+    assert "readable by group or others" in cli("certs", "issue-client", "h1", "--ca-dir", a, code=2)
+    (a / "ca.key").chmod(0o600)
+    (a / "ca.key").unlink()
+    (a / "ca.key").write_bytes((b / "ca.key").read_bytes())
+    (a / "ca.key").chmod(0o600)
+    assert "does not belong to the certificate" in cli("certs", "issue-client", "h1", "--ca-dir", a, code=2)
+    with pytest.raises(PpcmiError, match="not an X.509 certificate"):
+        certs.site_id_of(b"garbage")
