@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import queue
+import re
 import shutil
 import signal
 import socket
@@ -327,7 +328,7 @@ def deploy(cfg: Config, data: str | Path, out: str | Path, *, sites: int, port: 
         for n, p in zip(names, node_ports):
             wait_listening(procs, n, p)
         echo(f"{len(names)} SuperNodes started; running the app (flwr run)")
-        summary = run_app(run / "app", cli_env, procs, echo, run_timeout)
+        summary = run_app(run / "app", cli_env, procs, coord / "server", echo, run_timeout)
     except KeyboardInterrupt:
         echo("interrupted: stopping every process this deployment started")
         raise
@@ -360,8 +361,12 @@ def register(pub: Path, env: dict[str, str], logfile: Path) -> str:
     return str(answer["node-id"])
 
 
-def run_app(app: Path, env: dict[str, str], procs: Processes, echo: Callable[[str], None], timeout: float) -> dict:
-    """``flwr run APP --stream``: relay the ServerApp's progress lines, watch every process, read the summary."""
+def run_app(app: Path, env: dict[str, str], procs: Processes, server: Path, echo: Callable[[str], None] = log.info,
+            timeout: float = 24 * 3600.0) -> dict:
+    """``flwr run APP --stream``: relay the ServerApp's progress lines, watch every process, read the summary.
+
+    ``server`` is the SuperLink's ``PPCMI_SERVER_DIR``, where the ServerApp writes ``run-ID/summary.json``.
+    """
     logfile = procs.logs / "flwr-run.log"
     lines: queue.Queue = queue.Queue()
     with open(logfile, "a", encoding="utf-8") as lf:
@@ -375,7 +380,7 @@ def run_app(app: Path, env: dict[str, str], procs: Processes, echo: Callable[[st
             lines.put(None)
 
         threading.Thread(target=pump, daemon=True).start()
-        deadline, last_error = time.monotonic() + timeout, None
+        deadline, last_error, run_id = time.monotonic() + timeout, None, None
         while True:
             try:
                 line = lines.get(timeout=1.0)
@@ -389,14 +394,19 @@ def run_app(app: Path, env: dict[str, str], procs: Processes, echo: Callable[[st
             lf.write(line)
             lf.flush()
             text = line.rstrip("\n")
+            started = re.search(r"Successfully started run (\d+)", text)
+            if started:
+                run_id = started.group(1)
             if text.startswith(PROGRESS_PREFIX):
                 echo(text[len(PROGRESS_PREFIX):])
                 if text[len(PROGRESS_PREFIX):].startswith("error:"):
                     last_error = text[len(PROGRESS_PREFIX):]
         p.wait()
-    server_runs = sorted((app.parent / "coordinator" / "server").glob("run-*/summary.json"), key=lambda q: q.stat().st_mtime)
-    if last_error or not server_runs:
+    result = server / f"run-{run_id}" / "summary.json"
+    if run_id is None:
+        raise DeployError(f"flwr run did not start a run (exit status {p.returncode}); the end of {logfile}:\n{tail(logfile)}")
+    if last_error or not result.exists():
         raise DeployError(f"the Flower run failed: {last_error or 'no summary was written'}; the end of {logfile}:\n{tail(logfile)}")
-    summary = json.loads(server_runs[-1].read_text())
-    summary["server_dir"] = str(server_runs[-1].parent)
+    summary = json.loads(result.read_text())
+    summary["server_dir"] = str(result.parent)
     return summary

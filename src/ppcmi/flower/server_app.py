@@ -41,7 +41,7 @@ from ..fileio import atomic_write_bytes, atomic_write_json
 from ..metrics import pool_summaries, write_summary
 from ..server.mapping import MappingServer, train_mapping
 from .wire import (METRICS, SCORE, SITE, STAGE1, TEST_LATENTS, TRAIN_LATENTS, WIRE, FlowerSettings, check_reply,
-                   read_run_config, read_wire, unflatten_summary, wire_record)
+                   read_run_config, read_wire, summary_columns, unflatten_summary, wire_record)
 
 log = logging.getLogger(__name__)
 
@@ -180,14 +180,15 @@ def run(grid: Grid, cfg: Config, settings: FlowerSettings, out: Path) -> dict:
     t0 = time.perf_counter()
     log.info("%sevaluation: each hospital sends keyed test latents, decodes the mapped reply and scores it", PROGRESS_PREFIX)
 
-    def parse_query(n: int, content: RecordDict):
-        return parse_latents("query", "query")(n, content) if WIRE in content else None
-
-    queries = co.ask(nodes, TEST_LATENTS, parse_query)
     srv = MappingServer(out / "mapping")
-    replies = {n: srv.handle(q) for n, q in queries.items() if q is not None}
+
+    def map_query(n: int, content: RecordDict):  # a query the mapping network refuses counts as an invalid reply
+        return srv.handle(parse_latents("query", "query")(n, content)) if WIRE in content else None
+
+    replies = {n: r for n, r in co.ask(nodes, TEST_LATENTS, map_query).items() if r is not None}
     scored = sorted(replies)
-    summaries = co.ask(scored, SCORE, lambda n, content: unflatten_summary(dict(content[METRICS])),
+    columns = summary_columns(cfg)
+    summaries = co.ask(scored, SCORE, lambda n, content: unflatten_summary(dict(content[METRICS]), columns),
                        content=lambda n: wire_record(replies[n])) if scored else {}
     timings["evaluation_s"] = time.perf_counter() - t0
     by_site = {co.sites[n]: summaries[n] for n in scored}

@@ -225,16 +225,33 @@ def flatten_summary(summary: dict) -> dict[str, int | float | list[float]]:
     return flat
 
 
-def unflatten_summary(flat: dict[str, Any]) -> dict:
-    """Inverse of :func:`flatten_summary`; refuses keys outside that layout."""
+def summary_columns(cfg: Config) -> tuple[set[str], set[str]]:
+    """The metric columns and structures a hospital's summary may hold under ``cfg``'s label map."""
+    from ..data import parse_labels
+    from ..metrics import METRICS as METRIC_NAMES, STATUSES, structure_names
+
+    lm = parse_labels(cfg.data.labels, cfg.data.class_names)
+    if lm is None:
+        raise ConfigError("data.labels: must be set in the run configuration so that every hospital uses the same classes")
+    structures = set(structure_names(lm.n_classes, list(lm.names)))
+    return {f"{s}_{m}" for s in structures for m in METRIC_NAMES}, {f"{s}.{st}" for s in structures for st in STATUSES}
+
+
+def unflatten_summary(flat: dict[str, Any], columns: tuple[set[str], set[str]] | None = None) -> dict:
+    """Inverse of :func:`flatten_summary`; refuses keys outside that layout.
+
+    ``columns`` (from :func:`summary_columns`) also refuses metric columns and structures that
+    the shared label map does not define, so no other name can ride along.
+    """
     out: dict[str, Any] = {"n_cases": int(flat.get("n_cases", 0)), "counts": {}}
+    cols, counts = columns if columns is not None else (None, None)
     for key, v in flat.items():
         if key == "n_cases":
             continue
         parts = key.split(".")
-        if len(parts) == 3 and parts[0] == "counts":
+        if len(parts) == 3 and parts[0] == "counts" and (counts is None or f"{parts[1]}.{parts[2]}" in counts):
             out["counts"].setdefault(parts[1], {})[parts[2]] = int(v)
-        elif len(parts) == 2 and parts[1] in ("mean", "std", "n", "n_undefined", "ci95"):
+        elif len(parts) == 2 and parts[1] in ("mean", "std", "n", "n_undefined", "ci95") and (cols is None or parts[0] in cols):
             out.setdefault(parts[0], {})[parts[1]] = [float(x) for x in v] if parts[1] == "ci95" else (
                 int(v) if parts[1] in ("n", "n_undefined") else float(v))
         else:
