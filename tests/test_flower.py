@@ -11,6 +11,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -193,6 +199,39 @@ def test_error_reply_is_retried_then_reported_by_name_without_its_text(federatio
     assert "no-such-data" in (root / "logs" / "hospital9.log").read_text()
 
 
+def test_sigterm_stops_every_process_deploy_started(tmp_path):
+    data = synth(tmp_path / "data", sites=2, patients_per_site=2, slices_per_patient=2, size=32, n_classes=2, seed=4)
+    run = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "-m", "ppcmi.cli", "deploy", "--sites", "2", "--data", str(data), "--out", str(run),
+                          *TINY], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    seen: list[str] = []
+    try:
+        reader = threading.Thread(target=lambda: seen.extend(p.stdout), daemon=True)
+        reader.start()
+        deadline = time.monotonic() + 120
+        while not any("SuperNodes started" in ln for ln in seen) and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert any("SuperNodes started" in ln for ln in seen), "".join(seen)
+        assert _processes_mentioning(str(run))  # the federation is up
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=60) == 130, "".join(seen)
+        reader.join(timeout=10)
+        assert "interrupted" in "".join(seen)
+        assert not _processes_mentioning(str(run)), "processes survived SIGTERM"
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+
+
+def test_port_in_use_is_one_line(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = CliRunner().invoke(app, ["deploy", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--port", str(port)])
+    assert r.exit_code == 2 and r.output.strip().splitlines()[-1] == f"error: port {port} on 127.0.0.1 is in use; choose another --port"
+
+
 # ----------------------------------------------------------------------------- the wire, without processes
 
 
@@ -272,3 +311,17 @@ def test_metric_summary_round_trips_through_a_metric_record():
     back = wire.unflatten_summary(dict(MetricRecord(wire.flatten_summary(summ))), columns)
     assert back["fg_dice"] == summ["fg_dice"] and back["counts"] == summ["counts"] and back["n_cases"] == 3
     assert back["fg_hd95_mm"]["n_undefined"] == 3
+
+
+def test_flower_commands_have_help_and_write_their_files(tmp_path):
+    runner = CliRunner()
+    for cmd in (["deploy"], ["flower", "certs"], ["flower", "keygen"], ["flower", "app"]):
+        r = runner.invoke(app, [*cmd, "--help"])
+        assert r.exit_code == 0 and "Usage" in r.output, (cmd, r.output)
+    assert runner.invoke(app, ["flower", "keygen", "--out", str(tmp_path / "auth")]).exit_code == 0
+    assert oct((tmp_path / "auth" / PRIVATE).stat().st_mode & 0o777) == "0o600"
+    assert (tmp_path / "auth" / PUBLIC).read_text().startswith("ecdsa-sha2-nistp384 ")
+    r = runner.invoke(app, ["flower", "keygen", "--out", str(tmp_path / "auth")])
+    assert r.exit_code == 2 and "refusing to overwrite" in r.output
+    r = runner.invoke(app, ["flower", "app", "--out", str(tmp_path / "app"), "--nodes", "2"])
+    assert r.exit_code == 2 and "data.labels" in r.output

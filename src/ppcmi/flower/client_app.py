@@ -45,6 +45,20 @@ def _handle(msg: Message, ctx: Context, step: str, fn: Callable[[NodeSite, objec
         raise RuntimeError(f"{who}: {step} failed ({type(e).__name__}); details are in this SuperNode's log") from None
 
 
+def _on(category: str, action: str, step: str):
+    """Register ``work(node, cfg, msg, ctx) -> RecordDict`` as the handler of ``category.action``."""
+
+    def register(work: Callable[[NodeSite, object, Message, Context], RecordDict]):
+        def handler(msg: Message, ctx: Context) -> Message:
+            return _handle(msg, ctx, step, work)
+
+        getattr(app, category)(action)(handler)
+        return work
+
+    return register
+
+
+@_on("train", "autoencoders", "stage 1 (autoencoder training)")
 def _stage1(node: NodeSite, cfg, msg: Message, ctx: Context) -> RecordDict:
     r = site_work.train_autoencoders(node, cfg)
     nums = MetricRecord({"image_epochs": int(r["image_epochs"]), "mask_epochs": int(r["mask_epochs"]),
@@ -52,36 +66,19 @@ def _stage1(node: NodeSite, cfg, msg: Message, ctx: Context) -> RecordDict:
     return RecordDict({SITE: site_record(node.name, r["status"]), METRICS: nums})
 
 
+@_on("query", "train_latents", "stage 2 (keyed training latents)")
 def _train_latents(node: NodeSite, cfg, msg: Message, ctx: Context) -> RecordDict:
     return wire_record(site_work.train_latents(node, cfg))
 
 
+@_on("query", "test_latents", "evaluation (keyed test latents)")
 def _test_latents(node: NodeSite, cfg, msg: Message, ctx: Context) -> RecordDict:
     q = site_work.test_latents(node, cfg)
     return RecordDict({SITE: site_record(node.name, "no-test-data")}) if q is None else wire_record(q)
 
 
+@_on("evaluate", "score", "evaluation (decode and score)")
 def _score(node: NodeSite, cfg, msg: Message, ctx: Context) -> RecordDict:
     reply, _ = read_wire(msg.content, kind="reply", client=node.name)
     summ = site_work.score(node, cfg, reply, node.site_dir / "eval" / f"run-{ctx.run_id}")
     return RecordDict({METRICS: MetricRecord(flatten_summary(summ))})
-
-
-@app.train("autoencoders")
-def stage1(msg: Message, ctx: Context) -> Message:
-    return _handle(msg, ctx, "stage 1 (autoencoder training)", _stage1)
-
-
-@app.query("train_latents")
-def train_latents(msg: Message, ctx: Context) -> Message:
-    return _handle(msg, ctx, "stage 2 (keyed training latents)", _train_latents)
-
-
-@app.query("test_latents")
-def test_latents(msg: Message, ctx: Context) -> Message:
-    return _handle(msg, ctx, "evaluation (keyed test latents)", _test_latents)
-
-
-@app.evaluate("score")
-def score(msg: Message, ctx: Context) -> Message:
-    return _handle(msg, ctx, "evaluation (decode and score)", _score)
