@@ -174,10 +174,15 @@ def federation(tmp_path_factory):
 
 def test_unregistered_supernode_is_refused(federation):
     root, procs, link_port, stranger_port = federation
-    p = procs.start("stranger", [tool("flower-supernode"), "--superlink", f"127.0.0.1:{link_port}", "--root-certificates",
-                                 str(root / "certs" / CA_CERT), "--auth-supernode-private-key", str(root / "stranger" / PRIVATE),
-                                 "--port", str(stranger_port), "--node-config", "name=\"intruder\""], flower_env(root / "stranger-home"))
-    assert p.wait(timeout=90) != 0  # it gives up: it never gets a node id, so it can pull no message
+    own = Processes(root / "logs")  # the federation's watch list must not see this one exit
+    try:
+        p = own.start("stranger", [tool("flower-supernode"), "--superlink", f"127.0.0.1:{link_port}", "--root-certificates",
+                                   str(root / "certs" / CA_CERT), "--auth-supernode-private-key", str(root / "stranger" / PRIVATE),
+                                   "--port", str(stranger_port), "--node-config", "name=\"intruder\""],
+                      flower_env(root / "stranger-home"))
+        assert p.wait(timeout=90) != 0  # it gives up: it never gets a node id, so it can pull no message
+    finally:
+        own.stop()
     log = (root / "logs" / "stranger.log").read_text()
     assert "Failed to initialize the connection to the SuperLink" in log and "SuperNode ID" not in log
     assert "No SuperNode found with the given public key" in (root / "logs" / "superlink.log").read_text()

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from ..config import Config, to_dict
@@ -88,6 +88,8 @@ class Coordinator:
 
     def _record(self, step: str, node: int, reply: Message) -> None:
         entry = {"step": step, "node": node, "site": self.sites.get(node)}
+        if entry["site"] is None and not reply.has_error() and isinstance(reply.content.get(SITE), ConfigRecord):
+            entry["site"] = reply.content[SITE].get("site")  # as announced in stage 1, before it is checked
         if reply.has_error():
             entry["error"] = {"code": reply.error.code, "reason": reply.error.reason}
         else:
@@ -120,8 +122,8 @@ class Coordinator:
                 try:
                     check_reply(reply.content, message_type)
                     got[n] = parse(n, reply.content)
-                except PpcmiError as e:
-                    failures[n] = f"invalid reply ({e})"
+                except (PpcmiError, KeyError, TypeError, ValueError) as e:  # whatever a malformed reply trips
+                    failures[n] = f"invalid reply ({e if isinstance(e, PpcmiError) else type(e).__name__ + ': ' + str(e)})"
             for n in pending:
                 if n not in answered:
                     failures[n] = f"no reply within {self.settings.timeout:.0f} s"
