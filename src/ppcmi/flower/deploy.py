@@ -294,7 +294,7 @@ def deploy(cfg: Config, data: str | Path, out: str | Path, *, sites: int, port: 
     echo(f"{len(names)} hospitals: " + ", ".join(f"{n} ({len(pl.hospitals[n])} images)" for n in names)
          + f"; {len(pl.test)} held-out test images")
 
-    link_port, *node_ports = free_ports(sites + 1)
+    link_port, *node_ports = [p for p in free_ports(sites + 2) if p != port][: sites + 1]
     link_port = port if port is not None else link_port
     cli_home = coord / "cli"
     cli_home.mkdir(parents=True, exist_ok=True)

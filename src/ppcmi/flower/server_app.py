@@ -172,7 +172,7 @@ def run(grid: Grid, cfg: Config, settings: FlowerSettings, out: Path) -> dict:
         return parse
 
     batches = co.ask(nodes, TRAIN_LATENTS, parse_latents("train", "train"))
-    log.info("%s  received %s; training the mapping network (%d epochs at most)", PROGRESS_PREFIX,
+    log.info("%s  received %s; training the mapping network (at most %d epochs)", PROGRESS_PREFIX,
              ", ".join(f"{co.sites[n]}: {b.n} pairs" for n, b in batches.items()), cfg.mapping.epochs)
     _, mres = train_mapping(list(batches.values()), cfg.mapping, out / "mapping", seed=cfg.seed, progress=False)
     log.info("%s  mapping network: best validation loss %.4f at epoch %d of %d", PROGRESS_PREFIX, mres.best_val,
