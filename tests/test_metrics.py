@@ -18,6 +18,7 @@ from ppcmi.metrics import (
     METRICS,
     case_metrics,
     evaluate_cases,
+    pool_summaries,
     pooled_hd95_px,
     structure_names,
     summarize,
@@ -274,6 +275,22 @@ def test_summarize_by_group():
     assert h2["fg_hd95_px"]["n_undefined"] == 1 and h2["counts"]["fg"]["pred_empty"] == 1
     with pytest.raises(PpcmiError, match="group_key"):
         summarize([{k: v for k, v in rows[0].items() if k != "site"}], group_key="site")
+
+
+def test_pool_summaries_equals_summarize_of_all_rows():
+    rows = _rows_for_summary()
+    whole = summarize(rows, n_boot=50)
+    pooled = pool_summaries(summarize(rows, n_boot=50, group_key="site")["by_group"])
+    assert pooled["n_cases"] == whole["n_cases"] and pooled["counts"] == whole["counts"]
+    for col in ("fg_dice", "class1_hd95_px", "fg_asd_px", "fg_hd95_mm"):
+        for k in ("n", "n_undefined"):
+            assert pooled[col][k] == whole[col][k], (col, k)
+        np.testing.assert_allclose([pooled[col]["mean"], pooled[col]["std"]], [whole[col]["mean"], whole[col]["std"]],
+                                   rtol=1e-12, atol=1e-12)
+        assert pooled[col]["ci95"] is None  # needs the rows, which never travel
+    assert list(pooled["by_group"]) == ["h1", "h2"]
+    with pytest.raises(PpcmiError, match="no summaries"):
+        pool_summaries({})
 
 
 # ----------------------------------------------------------------------------- files

@@ -23,9 +23,11 @@ client_app = typer.Typer(no_args_is_help=True, help="Hospital side: keys, local 
 server_app = typer.Typer(no_args_is_help=True, help="Coordinator side: train the mapping network and map keyed queries.")
 certs_app = typer.Typer(no_args_is_help=True, help="Certificates for mutual TLS: a project CA, the server's certificate, "
                         "one client certificate per hospital (CN = its site id).")
+flower_app = typer.Typer(no_args_is_help=True, help="Flower deployment files: SuperNode keys, the app folder (SuperLink certificates: ppcmi certs init).")
 app.add_typer(client_app, name="client")
 app.add_typer(server_app, name="server")
 app.add_typer(certs_app, name="certs")
+app.add_typer(flower_app, name="flower")
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="TOML config file ([data], [autoencoder], [mapping] sections).")
 SetOpt = typer.Option(None, "--set", help="Typed override, e.g. --set autoencoder.epochs=5 (repeatable).")
@@ -428,6 +430,80 @@ def bench(dataset: str = typer.Option(..., "--dataset", help="Preset: psfhs, acd
               overrides=set_ or [], published_epochs=published_epochs, progress=not quiet)
     typer.echo((out / "results.md").read_text())
     typer.echo(f"results: {out / 'results.json'}, {out / 'results.md'}")
+
+
+# ----------------------------------------------------------------------------- Flower (multi-site deployment)
+
+
+@app.command()
+@_guard
+def deploy(sites: int = typer.Option(3, "--sites", "-n", help="Number of hospitals, one SuperNode each."),
+           data: Optional[Path] = typer.Option(None, "--data", "-d", help="Dataset folder (default: the bundled Sunnybrook LV subset)."),
+           out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default: runs/deploy, runs/deploy-2, ...)."),
+           config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
+           port: Optional[int] = typer.Option(None, "--port", help="SuperLink port on 127.0.0.1 (default: a free one)."),
+           retries: int = typer.Option(2, help="Extra attempts for a hospital whose reply carries an error or does not come."),
+           timeout: float = typer.Option(3600.0, help="Seconds to wait for the replies of one step.")):
+    """A real Flower federation on this machine: SuperLink (TLS, SuperNode authentication), one SuperNode per hospital.
+
+    Without --config it uses the demo's settings (for the bundled data, the demo's crop and schedule);
+    --set overrides any of them, e.g. --set autoencoder.epochs=5 --set mapping.epochs=5 for a short run.
+    """
+    from .demo import bundled_data, demo_config, table
+    from .flower.deploy import deploy as run_deploy
+    from .flower.wire import FlowerSettings
+
+    if data is None:
+        data = bundled_data()
+    if out is None:
+        out, k = Path("runs") / "deploy", 1
+        while out.exists() and any(out.iterdir()):
+            k += 1
+            out = Path("runs") / f"deploy-{k}"
+    bundled = data.resolve() == bundled_data().resolve()
+    cfg = _cfg(config, set_, base=None if config is not None else demo_config(bundled=bundled))
+    try:
+        s = run_deploy(cfg, data, out, sites=sites, port=port, settings=FlowerSettings(retries=retries, timeout=timeout),
+                       echo=lambda line: typer.echo(line))
+    except KeyboardInterrupt:
+        typer.echo("interrupted: every process ppcmi deploy started has been stopped", err=True)
+        raise typer.Exit(130)
+    t = s["timings_s"]
+    typer.echo("")
+    typer.echo(table({"methods": {"PPCMI-SF (Flower)": s["ppcmi"]}}))
+    typer.echo(f"\nwall time: stage 1 {t['stage1_s']:.0f} s, stage 2 {t['stage2_s']:.0f} s, evaluation {t['evaluation_s']:.0f} s, "
+               f"total {s['deployment']['wall_s']:.0f} s (processes included)")
+    typer.echo(f"results: {out / 'summary.json'}; the server's output: {s['server_dir']}; logs: {out / 'logs'}")
+
+
+@flower_app.command("keygen")
+@_guard
+def flower_keygen(out: Path = typer.Option(..., "--out", "-o", help="Folder for supernode.key (0600) and supernode.pub."),
+                  name: str = typer.Option("ppcmi-supernode", help="Comment on the public key line (e.g. the site id).")):
+    """At a hospital: the SuperNode's authentication key pair; send only supernode.pub to the coordinator."""
+    from .flower.auth import supernode_keygen
+
+    priv, pub = supernode_keygen(out, comment=name)
+    typer.echo(f"wrote {priv} (mode 0600, stays here) and {pub} (send it to the coordinator to register)")
+
+
+@flower_app.command("app")
+@_guard
+def flower_app_dir(out: Path = typer.Option(..., "--out", "-o", help="Folder for the app's pyproject.toml."),
+                   nodes: int = typer.Option(..., "--nodes", help="SuperNodes the ServerApp waits for."),
+                   config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
+                   labels: Optional[str] = LabelsOpt, class_names: Optional[str] = NamesOpt, size: Optional[int] = SizeOpt,
+                   retries: int = typer.Option(2, help="Extra attempts for a failed or missing reply."),
+                   timeout: float = typer.Option(3600.0, help="Seconds to wait for the replies of one step.")):
+    """At the coordinator: the Flower app folder (shared settings only) for 'flwr run'."""
+    from .errors import ConfigError
+    from .flower.wire import FlowerSettings, write_app
+
+    cfg = _cfg(config, (set_ or []) + _data_sets(labels, class_names, size, None, None))
+    if not cfg.data.labels:
+        raise ConfigError("data.labels: give the label values (--labels 0,1) so that every hospital uses the same classes")
+    write_app(out, cfg, FlowerSettings(nodes=nodes, retries=retries, timeout=timeout))
+    typer.echo(f"wrote {out / 'pyproject.toml'}; run it with: flwr run {out} CONNECTION --stream")
 
 
 def main() -> None:  # pragma: no cover

@@ -67,10 +67,12 @@ __all__ = [
     "STATUSES",
     "case_metrics",
     "evaluate_cases",
+    "pool_summaries",
     "pooled_hd95_px",
     "structure_names",
     "summarize",
     "write_evaluation",
+    "write_summary",
 ]
 
 log = logging.getLogger(__name__)
@@ -489,6 +491,54 @@ def write_per_case_csv(rows: Sequence[dict], path: str | Path) -> Path:
     return atomic_write_text(path, buf.getvalue())
 
 
+def pool_summaries(groups: dict[str, dict]) -> dict:
+    """The overall summary of several groups' summaries (as ``summarize`` returns them), without their rows.
+
+    Used where only summaries travel (each hospital scores its own cases and sends its summary).
+    Per metric column: ``n`` and ``n_undefined`` add up; ``mean`` is the n-weighted mean and
+    ``std`` the pooled population standard deviation (ddof=0) of the finite values, both exactly
+    what ``summarize`` gives on the concatenated rows. ``ci95`` needs the rows, so it is None.
+    ``counts`` and ``n_cases`` add up. Returns the same layout plus ``"by_group"``.
+    """
+    if not groups:
+        raise PpcmiError("groups: no summaries to pool")
+    first = next(iter(groups.values()))
+    cols = [c for c, v in first.items() if isinstance(v, dict) and "mean" in v]
+    out: dict[str, Any] = {"n_cases": 0}
+    for g, s in groups.items():
+        missing = [c for c in cols if not isinstance(s.get(c), dict)]
+        if missing:
+            raise PpcmiError(f"groups[{g!r}]: missing metric columns {missing[:5]}")
+        out["n_cases"] += int(s["n_cases"])
+    for c in cols:
+        parts = [(int(s[c]["n"]), s[c]["mean"], s[c]["std"]) for s in groups.values()]
+        n = sum(k for k, _, _ in parts)
+        if n == 0:
+            mean = std = float("nan")
+        else:
+            mean = sum(k * m for k, m, _ in parts if k) / n
+            second = sum(k * (sd * sd + m * m) for k, m, sd in parts if k) / n
+            std = math.sqrt(max(0.0, second - mean * mean))
+        out[c] = {"mean": mean, "std": std, "n": n, "ci95": None,
+                  "n_undefined": sum(int(s[c]["n_undefined"]) for s in groups.values())}
+    counts: dict[str, dict[str, int]] = {}
+    for s in groups.values():
+        for struct, by_status in s.get("counts", {}).items():
+            acc = counts.setdefault(struct, dict.fromkeys(STATUSES, 0))
+            for st, k in by_status.items():
+                acc[st] = acc.get(st, 0) + int(k)
+    out["counts"] = counts
+    out["empty_rule"] = EMPTY_RULE
+    out["std_ddof"] = STD_DDOF
+    out["by_group"] = dict(groups)
+    return out
+
+
+def write_summary(summary: dict, path: str | Path) -> Path:
+    """Write a summary as strict JSON atomically (NaN and infinities become ``null``)."""
+    return atomic_write_json(path, _nan_to_none(summary))
+
+
 def write_evaluation(
     rows: Sequence[dict], summary: dict, out_dir: str | Path, *, prefix: str = ""
 ) -> tuple[Path, Path]:
@@ -500,6 +550,6 @@ def write_evaluation(
     """
     out_dir = Path(out_dir)
     csv_path = write_per_case_csv(rows, out_dir / f"{prefix}per_case.csv")
-    json_path = atomic_write_json(out_dir / f"{prefix}summary.json", _nan_to_none(summary))
+    json_path = write_summary(summary, out_dir / f"{prefix}summary.json")
     log.info("wrote %s and %s (%d cases)", csv_path, json_path, len(rows))
     return csv_path, json_path

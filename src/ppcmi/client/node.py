@@ -1,0 +1,154 @@
+"""A hospital's SuperNode work (hospital side), free of any framework: each request answered from local folders.
+
+A SuperNode is started with a ``node_config`` naming only local things; none of it is ever sent::
+
+    site-dir   the hospital's site folder (klt.key, site.json, autoencoders); created if missing
+    data-dir   its training data in the images/ + masks/ layout
+    test-dir   optional: held-out images/ + masks/ for the evaluation round
+    name       its site id (the protocol's ``client``); must match site.json when that exists
+    threads    optional: torch threads for this node's work
+
+What leaves is a :class:`~ppcmi.protocol.LatentBatch` of keyed latents, the numbers of stage 1
+(epochs, seconds, number of training images) and a metric summary; the key, file names, case ids
+and per-case results stay here (per-case results in ``site-dir/eval/<tag>/``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from ..config import Config
+from ..data import LabelMap, discover_cases, load_arrays, parse_labels
+from ..errors import PpcmiError
+from ..metrics import evaluate_cases, summarize, write_evaluation
+from ..protocol import CLIENT_RE, LatentBatch
+from .keys import key_path, keygen
+from .site import Hospital, train_site
+
+log = logging.getLogger(__name__)
+
+_KEYS = {"site-dir", "data-dir", "test-dir", "name", "threads"}
+
+
+@dataclass(frozen=True)
+class NodeSite:
+    """What a SuperNode's ``node_config`` names (see the module docstring)."""
+
+    site_dir: Path
+    data_dir: Path
+    name: str
+    test_dir: Path | None = None
+    threads: int | None = None
+
+    @classmethod
+    def from_node_config(cls, nc: Mapping[str, Any]) -> NodeSite:
+        unknown = sorted(set(nc) - _KEYS)
+        if unknown:
+            raise PpcmiError(f"node_config: unknown keys {unknown}; allowed {sorted(_KEYS)}")
+        for k in ("site-dir", "data-dir", "name"):
+            if not isinstance(nc.get(k), str) or not nc[k]:
+                raise PpcmiError(f"node_config: {k} must be given as a string (e.g. --node-config '{k}=\"...\"')")
+        if not CLIENT_RE.match(nc["name"]):
+            raise PpcmiError(f"node_config: name {nc['name']!r} is not a valid site id (letters, digits, '_', '.', '-'; at most 64)")
+        threads = nc.get("threads")
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise PpcmiError(f"node_config: threads must be a positive integer, got {threads!r}")
+        test = nc.get("test-dir")
+        return cls(Path(nc["site-dir"]), Path(nc["data-dir"]), nc["name"], Path(test) if test else None, threads)
+
+    def hospital(self) -> Hospital:
+        h = Hospital(self.site_dir)
+        if h.name != self.name:
+            raise PpcmiError(f"{self.site_dir / 'site.json'}: belongs to site {h.name!r}, not {self.name!r}")
+        return h
+
+
+def labels_of(cfg: Config) -> LabelMap:
+    """The shared label map: every hospital must use the same classes, so it comes from the run config."""
+    lm = parse_labels(cfg.data.labels, cfg.data.class_names)
+    if lm is None:
+        raise PpcmiError("data.labels: must be set in the run configuration (e.g. 0,1) so that every hospital uses the same classes")
+    return lm
+
+
+def site_seed(cfg: Config, name: str) -> int:
+    """A per-hospital seed (validation split, batch order, augmentation) from the shared seed and the site id."""
+    return cfg.seed + zlib.crc32(name.encode("utf-8")) % 100_003
+
+
+def _arrays(folder: Path, cfg: Config) -> dict:
+    return load_arrays(discover_cases(folder), cfg.data.preprocess(), labels_of(cfg))
+
+
+def _trained(node: NodeSite) -> bool:
+    s = node.site_dir
+    return all((s / p).exists() for p in ("site.json", "image_ae/model.safetensors", "mask_ae/model.safetensors"))
+
+
+def train_autoencoders(node: NodeSite, cfg: Config) -> dict[str, Any]:
+    """Stage 1 on this hospital's data only (or report the autoencoders it already has).
+
+    Creates the key on first use. An interrupted run continues from its last completed epoch.
+    Returns ``{"status": "trained" | "existing", "image_epochs", "mask_epochs", "seconds", "n_train"}``.
+    """
+    site = node.site_dir
+    site.mkdir(parents=True, exist_ok=True)
+    if (site / "site.json").exists():
+        owner = json.loads((site / "site.json").read_text()).get("site")
+        if owner != node.name:
+            raise PpcmiError(f"{site / 'site.json'}: belongs to site {owner!r}, not {node.name!r}")
+    if _trained(node):
+        runs = {k: json.loads((site / f"{k}_ae" / "config.json").read_text()) for k in ("image", "mask")}
+        return {"status": "existing", "image_epochs": runs["image"]["epochs_run"], "mask_epochs": runs["mask"]["epochs_run"],
+                "seconds": 0.0, "n_train": json.loads((site / "site.json").read_text())["n_train"]}
+    if not key_path(site).exists():
+        keygen(key_path(site))
+    lm = labels_of(cfg)
+    arr = _arrays(node.data_dir, cfg)
+    res = train_site(site, node.name, arr["images"], arr["masks"], n_classes=lm.n_classes,
+                     labels={"values": list(lm.values), "names": list(lm.names)}, data_cfg=cfg.data, ae_cfg=cfg.autoencoder,
+                     klt=cfg.klt, seed=site_seed(cfg, node.name), init_seed=cfg.seed, resume=True, progress=False)
+    return {"status": "trained", "image_epochs": len(res["image"].history), "mask_epochs": len(res["mask"].history),
+            "seconds": float(sum(r.seconds for r in res.values())), "n_train": int(len(arr["images"]))}
+
+
+def train_latents(node: NodeSite, cfg: Config) -> LatentBatch:
+    """Stage 2: keyed latent pairs of this hospital's training data (plus augmented copies)."""
+    arr = _arrays(node.data_dir, cfg)
+    return node.hospital().training_batch(arr["images"], arr["masks"], copies=cfg.autoencoder.send_copies,
+                                          seed=site_seed(cfg, node.name))
+
+
+def test_latents(node: NodeSite, cfg: Config) -> LatentBatch | None:
+    """Keyed latents of this hospital's test images, in a fixed order; None without a test folder."""
+    if node.test_dir is None:
+        return None
+    return node.hospital().protect(_arrays(node.test_dir, cfg)["images"])
+
+
+def score(node: NodeSite, cfg: Config, reply: LatentBatch, out: str | Path) -> dict:
+    """Decode the server's reply to :func:`test_latents` and score it against the local masks.
+
+    Writes ``per_case.csv`` and ``summary.json`` into ``out`` (at the hospital) and returns the summary.
+    """
+    if node.test_dir is None:
+        raise PpcmiError("node_config: test-dir is not set, so this site has nothing to score")
+    test = _arrays(node.test_dir, cfg)
+    if reply.n != len(test["images"]):
+        raise PpcmiError(f"reply: {reply.n} predictions for {len(test['images'])} test images")
+    lm = labels_of(cfg)
+    preds = node.hospital().unprotect(reply)
+    rows = evaluate_cases(preds, test["masks"], test["case_ids"], lm.n_classes, spacings=test["spacings"],
+                          class_names=list(lm.names), extra=[{"site": node.name}] * len(preds))
+    summ = summarize(rows)
+    write_evaluation(rows, summ, out)
+    log.info("%s: scored %d test images, merged-foreground Dice %.4f", node.name, len(rows),
+             float(np.nanmean([r["fg_dice"] for r in rows])))
+    return summ

@@ -1,0 +1,226 @@
+"""The Flower ServerApp (AT THE COORDINATOR): both training stages and the evaluation round over real SuperNodes.
+
+1. Waits for ``flower.nodes`` SuperNodes, then asks each to train its autoencoders locally
+   (``train.autoencoders``); each answers with its site id and epoch counts, never weights.
+2. Asks each for its keyed training pairs (``query.train_latents``), checks every reply with
+   ``protocol.decode`` (the message must name the site that node announced), and trains the
+   mapping network on the pool.
+3. Asks each for keyed latents of its test images (``query.test_latents``), maps them with that
+   hospital's adapters and sends the reply back (``evaluate.score``); the hospital decodes and
+   scores locally and only its metric summary returns. Writes the aggregate summary.
+
+A reply carrying an error, or none within ``flower.timeout`` seconds, is asked again up to
+``flower.retries`` times; then the run stops with an error naming the node and its site.
+
+Output folder ``$PPCMI_SERVER_DIR/run-<run id>/`` (default ``./ppcmi-server/run-<run id>/``)::
+
+    config.json        the shared run configuration
+    mapping/           the mapping network (``ppcmi server map --model`` reads it)
+    wire/              every protocol message received, exactly as received
+    received.jsonl     one line per reply: step, node, site, and the names of its records and keys
+    summary.json       per-hospital and pooled metrics, stage-1 numbers, timings
+
+This module imports no hospital code and never sees a key.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from ..config import Config, to_dict
+from ..errors import PpcmiError, ProtocolError
+from ..fileio import atomic_write_bytes, atomic_write_json
+from ..metrics import pool_summaries, write_summary
+from ..server.mapping import MappingServer, train_mapping
+from .wire import (METRICS, SCORE, SITE, STAGE1, TEST_LATENTS, TRAIN_LATENTS, WIRE, FlowerSettings, check_reply,
+                   read_run_config, read_wire, summary_columns, unflatten_summary, wire_record)
+
+log = logging.getLogger(__name__)
+
+SERVER_DIR_ENV = "PPCMI_SERVER_DIR"
+PROGRESS_PREFIX = "[ppcmi] "
+
+app = ServerApp()
+
+
+def server_dir(run_id: int) -> Path:
+    return Path(os.environ.get(SERVER_DIR_ENV) or Path.cwd() / "ppcmi-server") / f"run-{run_id}"
+
+
+def _describe(content: RecordDict) -> dict[str, Any]:
+    """Names of the records and keys in a reply (what the coordinator received, for inspection)."""
+    out = {}
+    for name, rec in content.items():
+        entry: dict[str, Any] = {"type": type(rec).__name__, "keys": sorted(rec.keys())}
+        if name == SITE:
+            entry["values"] = dict(rec)
+        out[name] = entry
+    return out
+
+
+class Coordinator:
+    """Sends one message type to a set of SuperNodes and collects checked replies, with bounded retries."""
+
+    def __init__(self, grid: Grid, settings: FlowerSettings, out: Path):
+        self.grid, self.settings, self.out = grid, settings, out
+        self.sites: dict[int, str] = {}
+
+    def who(self, node: int) -> str:
+        return f"{self.sites[node]} (node {node})" if node in self.sites else f"node {node}"
+
+    def wait_for_nodes(self) -> list[int]:
+        want, deadline = self.settings.nodes, time.monotonic() + self.settings.connect_timeout
+        while True:
+            nodes = sorted(self.grid.get_node_ids())
+            if len(nodes) >= want:
+                return nodes
+            if time.monotonic() > deadline:
+                raise PpcmiError(f"only {len(nodes)} of {want} SuperNodes connected within {self.settings.connect_timeout:.0f} s")
+            time.sleep(1.0)
+
+    def _record(self, step: str, node: int, reply: Message) -> None:
+        entry = {"step": step, "node": node, "site": self.sites.get(node)}
+        if entry["site"] is None and not reply.has_error() and isinstance(reply.content.get(SITE), ConfigRecord):
+            entry["site"] = reply.content[SITE].get("site")  # as announced in stage 1, before it is checked
+        if reply.has_error():
+            entry["error"] = {"code": reply.error.code, "reason": reply.error.reason}
+        else:
+            entry["records"] = _describe(reply.content)
+        with open(self.out / "received.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(entry) + "\n")
+
+    def ask(self, nodes: list[int], message_type: str, parse: Callable[[int, RecordDict], Any],
+            content: Callable[[int], RecordDict] = lambda n: RecordDict()) -> dict[int, Any]:
+        """Send ``message_type`` to ``nodes``; ``parse(node, content)`` checks each reply and may raise.
+
+        An error reply, a reply ``parse`` refuses, or no reply within the timeout is retried;
+        after ``retries`` extra attempts the step fails naming every node still without an answer.
+        """
+        got: dict[int, Any] = {}
+        failures: dict[int, str] = {}
+        pending = list(nodes)
+        for attempt in range(1, self.settings.retries + 2):
+            msgs = [Message(content(n), dst_node_id=n, message_type=message_type, group_id=message_type) for n in pending]
+            answered = set()
+            for reply in self.grid.send_and_receive(msgs, timeout=self.settings.timeout):
+                n = reply.metadata.src_node_id
+                if n not in pending or n in answered:
+                    continue
+                answered.add(n)
+                self._record(message_type, n, reply)
+                if reply.has_error():
+                    failures[n] = f"error reply ({reply.error.reason})"
+                    continue
+                try:
+                    check_reply(reply.content, message_type)
+                    got[n] = parse(n, reply.content)
+                except (PpcmiError, KeyError, TypeError, ValueError) as e:  # whatever a malformed reply trips
+                    failures[n] = f"invalid reply ({e if isinstance(e, PpcmiError) else type(e).__name__ + ': ' + str(e)})"
+            for n in pending:
+                if n not in answered:
+                    failures[n] = f"no reply within {self.settings.timeout:.0f} s"
+            pending = [n for n in pending if n not in got]
+            if not pending:
+                return got
+            for n in pending:
+                left = self.settings.retries + 1 - attempt
+                log.warning("%s%s: %s from %s; %s", PROGRESS_PREFIX, message_type, failures[n], self.who(n),
+                            f"asking again ({left} attempt{'s' if left != 1 else ''} left)" if left else "giving up")
+        raise PpcmiError(f"{message_type}: " + "; ".join(f"{self.who(n)}: {failures[n]}" for n in pending)
+                         + f" (after {self.settings.retries + 1} attempts)")
+
+
+def run(grid: Grid, cfg: Config, settings: FlowerSettings, out: Path) -> dict:
+    """All stages against the SuperNodes behind ``grid``; writes ``out`` and returns the summary."""
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "config.json", {**to_dict(cfg), "flower": settings.__dict__})
+    co = Coordinator(grid, settings, out)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    nodes = co.wait_for_nodes()
+    log.info("%s%d SuperNodes connected; stage 1: each trains its autoencoders on its own data", PROGRESS_PREFIX, len(nodes))
+
+    def parse_stage1(n: int, content: RecordDict) -> dict:
+        site = content[SITE]["site"]
+        if site in co.sites.values() and co.sites.get(n) != site:
+            raise ProtocolError(f"site id {site!r} is already used by another SuperNode")
+        co.sites[n] = site
+        return {"status": content[SITE]["status"], **{k: v for k, v in content[METRICS].items()}}
+
+    stage1 = co.ask(nodes, STAGE1, parse_stage1)
+    for n, r in stage1.items():
+        log.info("%s  %s: autoencoders %s (%d + %d epochs, %.0f s, %d training images)", PROGRESS_PREFIX, co.sites[n],
+                 r["status"], r["image_epochs"], r["mask_epochs"], r["seconds"], r["n_train"])
+    timings["stage1_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    log.info("%sstage 2: collecting keyed training latents", PROGRESS_PREFIX)
+
+    def parse_latents(kind: str, tag: str) -> Callable[[int, RecordDict], Any]:
+        def parse(n: int, content: RecordDict):
+            msg, blob = read_wire(content, kind=kind, client=co.sites[n])
+            atomic_write_bytes(out / "wire" / f"{co.sites[n]}.{tag}.ppcmi", blob)
+            return msg
+        return parse
+
+    batches = co.ask(nodes, TRAIN_LATENTS, parse_latents("train", "train"))
+    log.info("%s  received %s; training the mapping network (at most %d epochs)", PROGRESS_PREFIX,
+             ", ".join(f"{co.sites[n]}: {b.n} pairs" for n, b in batches.items()), cfg.mapping.epochs)
+    _, mres = train_mapping(list(batches.values()), cfg.mapping, out / "mapping", seed=cfg.seed, progress=False)
+    log.info("%s  mapping network: best validation loss %.4f at epoch %d of %d", PROGRESS_PREFIX, mres.best_val,
+             mres.best_epoch, len(mres.history))
+    timings["stage2_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    log.info("%sevaluation: each hospital sends keyed test latents, decodes the mapped reply and scores it", PROGRESS_PREFIX)
+
+    srv = MappingServer(out / "mapping")
+
+    def map_query(n: int, content: RecordDict):  # a query the mapping network refuses counts as an invalid reply
+        return srv.handle(parse_latents("query", "query")(n, content)) if WIRE in content else None
+
+    replies = {n: r for n, r in co.ask(nodes, TEST_LATENTS, map_query).items() if r is not None}
+    scored = sorted(replies)
+    columns = summary_columns(cfg)
+    summaries = co.ask(scored, SCORE, lambda n, content: unflatten_summary(dict(content[METRICS]), columns),
+                       content=lambda n: wire_record(replies[n])) if scored else {}
+    timings["evaluation_s"] = time.perf_counter() - t0
+    by_site = {co.sites[n]: summaries[n] for n in scored}
+    summary = {
+        "hospitals": {co.sites[n]: {"node": n, "stage1": stage1[n], "evaluated": co.sites[n] in by_site} for n in nodes},
+        "not_evaluated": sorted(co.sites[n] for n in nodes if co.sites[n] not in by_site),
+        "ppcmi": pool_summaries(by_site) if by_site else None,
+        "stage2": {"epochs": len(mres.history), "best_epoch": mres.best_epoch, "best_val": mres.best_val,
+                   "pairs": {co.sites[n]: b.n for n, b in batches.items()}},
+        "timings_s": timings,
+    }
+    write_summary(summary, out / "summary.json")
+    for site, s in by_site.items():
+        log.info("%s  %s: merged-foreground Dice %.4f on %d test images", PROGRESS_PREFIX, site, s["fg_dice"]["mean"], s["n_cases"])
+    log.info("%sdone: summary in %s", PROGRESS_PREFIX, out / "summary.json")
+    return summary
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    pkg = logging.getLogger("ppcmi")
+    if not pkg.handlers:  # progress lines reach `flwr run --stream` through the ServerApp's log
+        h = logging.StreamHandler()
+        h.setFormatter(logging.Formatter("%(message)s"))
+        pkg.addHandler(h)
+        pkg.setLevel(logging.INFO)
+        pkg.propagate = False
+    try:
+        cfg, settings = read_run_config(dict(context.run_config))
+        run(grid, cfg, settings, server_dir(context.run_id))
+    except PpcmiError as e:
+        log.error("%serror: %s", PROGRESS_PREFIX, e)
+        raise

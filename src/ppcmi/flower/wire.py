@@ -1,0 +1,262 @@
+"""What crosses Flower between a hospital's SuperNode and the coordinator (both sides).
+
+Four message types, each answered by the hospital with a fixed set of records:
+
+==========================  ==================================================  ==============================
+message type                asks the hospital to                                it replies with
+==========================  ==================================================  ==============================
+``train.autoencoders``      train its autoencoders on its own data (stage 1)    ``site`` + ``metrics``
+``query.train_latents``     send its keyed training pairs (stage 2)             ``ppcmi``: a ``train`` message
+``query.test_latents``      send keyed latents of its test images               ``ppcmi``: a ``query`` message,
+                                                                                or ``site`` (no test data)
+``evaluate.score``          decode the mapped reply and score it locally        ``metrics``
+==========================  ==================================================  ==============================
+
+``ppcmi`` is an ArrayRecord holding exactly one uint8 array: the bytes of one protocol message
+(:mod:`ppcmi.protocol`), which the receiver checks with ``protocol.decode`` before using any
+array. ``site`` is a ConfigRecord with only ``site`` (the pseudonymous site id, the protocol's
+``client``) and ``status``. ``metrics`` is a MetricRecord of numbers: epochs and seconds of
+stage 1, or a flattened metric summary. Any other record, key or value is refused with a
+:class:`~ppcmi.errors.ProtocolError`.
+
+The run configuration every node sees (``[tool.flwr.app.config]`` of the app's pyproject.toml)
+holds only shared, public settings: preprocessing, label values, network and training
+settings, and the orchestration settings under ``flower.``. Data locations, keys and site
+folders are each SuperNode's own ``node_config``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from .. import protocol
+from ..config import Config, load_config, to_dict
+from ..errors import ConfigError, ProtocolError
+from ..fileio import atomic_write_text
+
+STAGE1 = "train.autoencoders"
+TRAIN_LATENTS = "query.train_latents"
+TEST_LATENTS = "query.test_latents"
+SCORE = "evaluate.score"
+
+WIRE, SITE, METRICS = "ppcmi", "site", "metrics"
+_WIRE_ARRAY = "bytes"
+SITE_STATUSES = ("trained", "existing", "no-test-data")
+REPLY_RECORDS = {STAGE1: ({SITE, METRICS},), TRAIN_LATENTS: ({WIRE},), TEST_LATENTS: ({WIRE}, {SITE}), SCORE: ({METRICS},)}
+
+# Shared settings sent to every node; the rest of Config (grouping, splits, partition) is the
+# coordinator's business and may name local files.
+SHARED_DATA_KEYS = ("size", "intensity", "percentiles", "window", "offset", "color", "crop", "labels", "class_names")
+
+
+@dataclass(frozen=True)
+class FlowerSettings:
+    """Orchestration settings (run config keys ``flower.*``)."""
+
+    nodes: int = 1                  # SuperNodes the ServerApp waits for before stage 1
+    retries: int = 2                # extra attempts per node after an error reply or no reply
+    timeout: float = 3600.0         # seconds to wait for the replies of one step
+    connect_timeout: float = 300.0  # seconds to wait for the SuperNodes to connect
+
+    def __post_init__(self) -> None:
+        if self.nodes < 1 or self.retries < 0 or self.timeout <= 0 or self.connect_timeout <= 0:
+            raise ConfigError(f"flower: nodes >= 1, retries >= 0 and positive timeouts required, got {asdict(self)}")
+
+
+# ----------------------------------------------------------------------------- run configuration
+
+
+def _toml_value(v: Any) -> Any:
+    """A run-config value: TOML scalars pass, None and sequences become strings load_config parses."""
+    if v is None:
+        return "none"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(str(x) for x in v) + "]"
+    return v
+
+
+def run_config(cfg: Config, settings: FlowerSettings) -> dict[str, Any]:
+    """The nested run configuration (``[tool.flwr.app.config]``) for ``cfg``: shared settings only."""
+    if cfg.mapping.scope != "shared":
+        raise ConfigError(f"mapping.scope: the Flower app trains one shared mapping network, got {cfg.mapping.scope!r}")
+    d = to_dict(cfg)
+    return {
+        "seed": cfg.seed, "klt": cfg.klt,
+        "data": {k: _toml_value(d["data"][k]) for k in SHARED_DATA_KEYS},
+        "autoencoder": {k: _toml_value(v) for k, v in d["autoencoder"].items()},
+        "mapping": {k: _toml_value(v) for k, v in d["mapping"].items()},
+        "flower": {k.replace("_", "-"): v for k, v in asdict(settings).items()},
+    }
+
+
+def read_run_config(rc: dict[str, Any]) -> tuple[Config, FlowerSettings]:
+    """Inverse of :func:`run_config` on Flower's flattened ``context.run_config``."""
+    overrides, flower = [], {}
+    for key, value in rc.items():
+        if key.startswith("flower."):
+            name = key[len("flower."):].replace("-", "_")
+            if name not in FlowerSettings.__dataclass_fields__:
+                raise ConfigError(f"run config: unknown key {key!r}")
+            flower[name] = value
+        else:
+            overrides.append(f"{key}={str(value).lower() if isinstance(value, bool) else value}")
+    try:
+        settings = FlowerSettings(**{k: (int(v) if k in ("nodes", "retries") else float(v)) for k, v in flower.items()})
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"run config: flower.* settings: {e}") from None
+    return load_config(None, overrides), settings
+
+
+def _toml(obj: dict[str, Any], prefix: str) -> list[str]:
+    import json
+
+    lines, tables = [f"[{prefix}]"], []
+    for k, v in obj.items():
+        if isinstance(v, dict):
+            tables.append((k, v))
+        elif isinstance(v, bool):
+            lines.append(f"{k} = {'true' if v else 'false'}")
+        elif isinstance(v, (int, float)):
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"{prefix}.{k}: {v} cannot be written to TOML")
+            lines.append(f"{k} = {v!r}")
+        else:
+            lines.append(f"{k} = {json.dumps(str(v))}")
+    for k, v in tables:
+        lines += [""] + _toml(v, f"{prefix}.{k}")
+    return lines
+
+
+def write_app(out: str | Path, cfg: Config, settings: FlowerSettings) -> Path:
+    """Write the Flower app folder ``out`` (one pyproject.toml; the code is the installed ppcmi).
+
+    ``flwr run OUT CONNECTION`` bundles only this folder, so no data and no key can travel in
+    the bundle; every node imports ``ppcmi.flower.*`` from its own installation.
+    """
+    out = Path(out)
+    head = [
+        "# The ppcmi Flower app: written by ppcmi (ppcmi deploy / ppcmi flower app); shared settings only.",
+        "[project]", 'name = "ppcmi-flower"', 'version = "0.1.0"',
+        'description = "PPCMI-SF across hospitals: keyed latents only; the ServerApp trains the mapping network"',
+        'license = "Apache-2.0"', 'dependencies = ["flwr>=1.41,<1.42"]', "",
+        "[tool.flwr.app]", 'publisher = "ppcmi"', "",
+        "[tool.flwr.app.components]",
+        'serverapp = "ppcmi.flower.server_app:app"', 'clientapp = "ppcmi.flower.client_app:app"', "",
+    ]
+    text = "\n".join(head + _toml(run_config(cfg, settings), "tool.flwr.app.config")) + "\n"
+    atomic_write_text(out / "pyproject.toml", text)
+    return out
+
+
+# ----------------------------------------------------------------------------- records
+
+
+def wire_record(msg: protocol.LatentBatch) -> RecordDict:
+    """Content carrying one protocol message as a uint8 array."""
+    blob = np.frombuffer(protocol.encode(msg), dtype=np.uint8)
+    return RecordDict({WIRE: ArrayRecord(array_dict={_WIRE_ARRAY: Array(blob)})})
+
+
+def site_record(site: str, status: str) -> ConfigRecord:
+    if status not in SITE_STATUSES:
+        raise ProtocolError(f"site.status: {status!r} not one of {SITE_STATUSES}")
+    if not protocol.CLIENT_RE.match(site):
+        raise ProtocolError(f"site.site: invalid site id {site!r}")
+    return ConfigRecord({"site": site, "status": status})
+
+
+def check_reply(content: RecordDict, message_type: str) -> None:
+    """Refuse any reply whose records are not exactly one of the sets this message type allows."""
+    names = set(content.keys())
+    if names not in [set(s) for s in REPLY_RECORDS[message_type]]:
+        raise ProtocolError(f"reply to {message_type}: records {sorted(names)} not allowed "
+                            f"(expected one of {[sorted(s) for s in REPLY_RECORDS[message_type]]})")
+    kinds = {WIRE: ArrayRecord, SITE: ConfigRecord, METRICS: MetricRecord}
+    for name in names:
+        if not isinstance(content[name], kinds[name]):
+            raise ProtocolError(f"reply to {message_type}: record {name!r} must be a {kinds[name].__name__}")
+    if SITE in names:
+        rec = content[SITE]
+        if set(rec.keys()) != {"site", "status"} or not all(isinstance(v, str) for v in rec.values()):
+            raise ProtocolError(f"reply to {message_type}: record 'site' must hold exactly the strings site and status")
+        site_record(rec["site"], rec["status"])
+
+
+def read_wire(content: RecordDict, *, kind: str, client: str | None = None,
+              max_bytes: int = protocol.MAX_BYTES) -> tuple[protocol.LatentBatch, bytes]:
+    """The protocol message inside ``content``, decoded and checked; also its raw bytes."""
+    rec = content[WIRE] if WIRE in content else None
+    if not isinstance(rec, ArrayRecord) or set(rec.keys()) != {_WIRE_ARRAY}:
+        raise ProtocolError(f"record {WIRE!r}: expected an ArrayRecord with the single array {_WIRE_ARRAY!r}")
+    arr = rec[_WIRE_ARRAY].numpy()
+    if arr.dtype != np.uint8 or arr.ndim != 1:
+        raise ProtocolError(f"record {WIRE!r}: expected a 1-D uint8 array, got {arr.dtype} {arr.shape}")
+    blob = arr.tobytes()
+    msg = protocol.decode(blob, max_bytes=max_bytes)
+    if msg.kind != kind:
+        raise ProtocolError(f"kind: expected a {kind!r} message, got {msg.kind!r}")
+    if client is not None and msg.client != client:
+        raise ProtocolError(f"client: message names site {msg.client!r}, expected {client!r}")
+    return msg, blob
+
+
+# ----------------------------------------------------------------------------- metric summaries
+
+
+def flatten_summary(summary: dict) -> dict[str, int | float | list[float]]:
+    """A ``metrics.summarize`` result as MetricRecord values: numbers only, keys joined with '.'."""
+    flat: dict[str, Any] = {"n_cases": int(summary["n_cases"])}
+    for col, v in summary.items():
+        if isinstance(v, dict) and "mean" in v:
+            flat[f"{col}.mean"] = float(v["mean"])
+            flat[f"{col}.std"] = float(v["std"])
+            flat[f"{col}.n"] = int(v["n"])
+            flat[f"{col}.n_undefined"] = int(v["n_undefined"])
+            flat[f"{col}.ci95"] = [float(x) for x in v["ci95"]]
+    for struct, by_status in summary.get("counts", {}).items():
+        for status, k in by_status.items():
+            flat[f"counts.{struct}.{status}"] = int(k)
+    return flat
+
+
+def summary_columns(cfg: Config) -> tuple[set[str], set[str]]:
+    """The metric columns and structures a hospital's summary may hold under ``cfg``'s label map."""
+    from ..data import parse_labels
+    from ..metrics import METRICS as METRIC_NAMES, STATUSES, structure_names
+
+    lm = parse_labels(cfg.data.labels, cfg.data.class_names)
+    if lm is None:
+        raise ConfigError("data.labels: must be set in the run configuration so that every hospital uses the same classes")
+    structures = set(structure_names(lm.n_classes, list(lm.names)))
+    return {f"{s}_{m}" for s in structures for m in METRIC_NAMES}, {f"{s}.{st}" for s in structures for st in STATUSES}
+
+
+def unflatten_summary(flat: dict[str, Any], columns: tuple[set[str], set[str]] | None = None) -> dict:
+    """Inverse of :func:`flatten_summary`; refuses keys outside that layout.
+
+    ``columns`` (from :func:`summary_columns`) also refuses metric columns and structures that
+    the shared label map does not define, so no other name can ride along.
+    """
+    out: dict[str, Any] = {"n_cases": int(flat.get("n_cases", 0)), "counts": {}}
+    cols, counts = columns if columns is not None else (None, None)
+    for key, v in flat.items():
+        if key == "n_cases":
+            continue
+        parts = key.split(".")
+        if len(parts) == 3 and parts[0] == "counts" and (counts is None or f"{parts[1]}.{parts[2]}" in counts):
+            out["counts"].setdefault(parts[1], {})[parts[2]] = int(v)
+        elif len(parts) == 2 and parts[1] in ("mean", "std", "n", "n_undefined", "ci95") and (cols is None or parts[0] in cols):
+            out.setdefault(parts[0], {})[parts[1]] = [float(x) for x in v] if parts[1] == "ci95" else (
+                int(v) if parts[1] in ("n", "n_undefined") else float(v))
+        else:
+            raise ProtocolError(f"metrics: unexpected key {key!r}")
+    for col, v in out.items():
+        if isinstance(v, dict) and col != "counts" and set(v) != {"mean", "std", "n", "n_undefined", "ci95"}:
+            raise ProtocolError(f"metrics: column {col!r} is incomplete ({sorted(v)})")
+    return out

@@ -1,0 +1,332 @@
+"""Flower on loopback, no mocks: a real SuperLink with TLS and SuperNode authentication, real SuperNodes.
+
+One tiny end-to-end ``ppcmi deploy`` (2 hospitals, 32 x 32 synthetic data, 1 epoch per stage) and a
+second small federation for the failure paths: a SuperNode whose key is not registered is refused,
+and a hospital whose ClientApp fails is asked again, then reported by name without its error text.
+Every process is stopped in teardown and checked to be gone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("flwr")
+
+from typer.testing import CliRunner  # noqa: E402
+
+from ppcmi import protocol  # noqa: E402
+from ppcmi.certs import CA_CERT, SERVER_CERT, SERVER_KEY, init_ca  # noqa: E402
+from ppcmi.cli import app  # noqa: E402
+from ppcmi.config import Config, DataConfig  # noqa: E402
+from ppcmi.data import synth  # noqa: E402
+from ppcmi.flower import wire  # noqa: E402
+from ppcmi.flower.auth import PRIVATE, PUBLIC, supernode_keygen  # noqa: E402
+from ppcmi.flower.deploy import (CONNECTION, DeployError, Processes, flower_env, free_ports, register, run_app, tool,  # noqa: E402
+                                 wait_listening)
+from ppcmi.flower.server_app import SERVER_DIR_ENV  # noqa: E402
+
+TINY = ["--set", "data.size=32", "--set", "data.group_csv=groups.csv", "--set", "data.partition=site",
+        "--set", "data.test_frac=0.25", "--set", "autoencoder.width=0.25", "--set", "autoencoder.epochs=1",
+        "--set", "autoencoder.send_copies=1", "--set", "mapping.epochs=1", "--set", "mapping.widen=[8,8,8]",
+        "--set", "mapping.mid=[8,8]", "--set", "mapping.down=[8,8,8]"]
+STAGE1_KEYS = {"image_epochs", "mask_epochs", "n_train", "seconds"}
+METRIC_KEY = re.compile(r"^(n_cases|[A-Za-z0-9_]+\.(mean|std|n|n_undefined|ci95)|counts\.[A-Za-z0-9_]+\.[a-z_]+)$")
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    """Live processes whose command line or environment mentions ``text`` (e.g. a run folder)."""
+    found = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            state = (d / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            blob = (d / "cmdline").read_bytes() + (d / "environ").read_bytes()
+        except (OSError, IndexError):
+            continue
+        if state != "Z" and text.encode() in blob:
+            found.append(int(d.name))
+    return found
+
+
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory):
+    root = tmp_path_factory.mktemp("flower")
+    data = synth(root / "data", sites=2, patients_per_site=2, slices_per_patient=3, size=32, n_classes=2, seed=3)
+    run = root / "run"
+    r = CliRunner().invoke(app, ["deploy", "--sites", "2", "--data", str(data), "--out", str(run), "--retries", "1",
+                                 "--timeout", "1800", *TINY])
+    leftovers = _processes_mentioning(str(run))
+    assert r.exit_code == 0, f"exit {r.exit_code}\n{r.output}\n{r.exception!r}"
+    return root, data, run, r.output, leftovers
+
+
+def test_deploy_end_to_end_gives_metrics_for_both_hospitals(deployed):
+    root, data, run, output, leftovers = deployed
+    assert not leftovers, f"processes still running after deploy: {leftovers}"
+    for row in ("| PPCMI-SF (Flower) | hospital1 |", "| PPCMI-SF (Flower) | hospital2 |", "| PPCMI-SF (Flower) | overall |"):
+        assert row in output, output
+    s = json.loads((run / "summary.json").read_text())
+    assert s["deployment"]["tls"] and s["deployment"]["supernode_auth"]
+    assert s["not_evaluated"] == []
+    by = s["ppcmi"]["by_group"]
+    assert set(by) == {"hospital1", "hospital2"}
+    n_test = len(list((run / "test" / "images").iterdir()))
+    for h, summ in by.items():
+        assert summ["n_cases"] == n_test
+        assert 0.0 <= summ["fg_dice"]["mean"] <= 1.0
+        assert summ["counts"]["fg"]["ok"] + summ["counts"]["fg"]["pred_empty"] + summ["counts"]["fg"]["both_empty"] \
+            + summ["counts"]["fg"]["gt_empty"] == n_test
+        # per-case results stay at the hospital
+        local = next((run / "sites" / h / "site" / "eval").glob("run-*/per_case.csv")).read_text()
+        assert all(p.stem in local for p in (run / "test" / "images").iterdir())
+    assert s["ppcmi"]["n_cases"] == 2 * n_test
+    for h in ("hospital1", "hospital2"):
+        assert s["hospitals"][h]["stage1"]["status"] == "trained" and s["hospitals"][h]["stage1"]["image_epochs"] == 1
+    assert (Path(s["server_dir"]) / "mapping" / "mapping.safetensors").exists()
+
+
+def test_server_received_only_protocol_latents_and_metrics(deployed):
+    root, data, run, output, _ = deployed
+    server = next((run / "coordinator" / "server").glob("run-*"))
+    entries = [json.loads(ln) for ln in (server / "received.jsonl").read_text().splitlines()]
+    assert {e["step"] for e in entries} == {wire.STAGE1, wire.TRAIN_LATENTS, wire.TEST_LATENTS, wire.SCORE}
+    assert len(entries) == 8 and not any("error" in e for e in entries)
+    for e in entries:
+        recs = e["records"]
+        assert set(recs) in [set(x) for x in wire.REPLY_RECORDS[e["step"]]], e
+        if wire.SITE in recs:
+            assert recs[wire.SITE]["keys"] == ["site", "status"]
+            assert recs[wire.SITE]["values"]["site"] in ("hospital1", "hospital2")
+        if wire.WIRE in recs:
+            assert recs[wire.WIRE] == {"type": "ArrayRecord", "keys": ["bytes"]}
+        if wire.METRICS in recs:
+            keys = set(recs[wire.METRICS]["keys"])
+            assert keys == STAGE1_KEYS if e["step"] == wire.STAGE1 else all(METRIC_KEY.match(k) for k in keys), keys
+    blobs = sorted((server / "wire").iterdir())
+    assert [b.name for b in blobs] == ["hospital1.query.ppcmi", "hospital1.train.ppcmi", "hospital2.query.ppcmi",
+                                       "hospital2.train.ppcmi"]
+    for b in blobs:
+        msg = protocol.decode(b.read_bytes())
+        assert msg.client == b.name.split(".")[0] and msg.kind == b.name.split(".")[1]
+        assert all(name.startswith("zt_") for name in msg.arrays)
+    # nothing private anywhere on the coordinator's side: case ids, data and site paths, key bytes
+    secrets = [c.stem.encode() for c in (data / "images").iterdir()] + [str(data).encode(), str(run / "sites").encode()]
+    for h in ("hospital1", "hospital2"):
+        key = (run / "sites" / h / "site" / "klt.key").read_bytes()
+        secrets += [key, key.hex().encode()]
+    coordinator = [p for p in (run / "coordinator").rglob("*") if p.is_file()]
+    coordinator += [run / "logs" / "superlink.log", run / "logs" / "flwr-run.log"]
+    assert len(coordinator) > 10
+    for p in coordinator:
+        blob = p.read_bytes()
+        leaks = [s for s in secrets if s in blob]
+        assert not leaks, f"{p.relative_to(run)} holds private material {leaks[:3]}"
+
+
+# ----------------------------------------------------------------------------- failure paths
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    """A SuperLink (TLS, SuperNode authentication) with one registered SuperNode whose data folder is missing."""
+    root = tmp_path_factory.mktemp("federation")
+    certs = root / "certs"
+    init_ca(certs)
+    supernode_keygen(root / "registered")
+    supernode_keygen(root / "stranger")
+    logs = root / "logs"
+    logs.mkdir()
+    link_port, node_port, stranger_port = free_ports(3)
+    cli = root / "cli"
+    cli.mkdir()
+    (cli / "config.toml").write_text(f'[superlink]\ndefault = "{CONNECTION}"\n[superlink.{CONNECTION}]\n'
+                                     f'address = "127.0.0.1:{link_port}"\nroot-certificates = "{certs / CA_CERT}"\n')
+    procs = Processes(logs)
+    try:
+        procs.start("superlink", [tool("flower-superlink"), "--ssl-ca-certfile", str(certs / CA_CERT), "--ssl-certfile",
+                                  str(certs / SERVER_CERT), "--ssl-keyfile", str(certs / SERVER_KEY), "--enable-supernode-auth",
+                                  "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(link_port)],
+                    flower_env(root / "link-home", **{SERVER_DIR_ENV: str(root / "server")}))
+        wait_listening(procs, "superlink", link_port)
+        register(root / "registered" / PUBLIC, flower_env(cli), logs / "register.log")
+        node_config = f"site-dir='{root / 'site'}' data-dir='{root / 'no-such-data'}' name=\"hospital9\" threads=1"
+        procs.start("hospital9", [tool("flower-supernode"), "--superlink", f"127.0.0.1:{link_port}", "--root-certificates",
+                                  str(certs / CA_CERT), "--auth-supernode-private-key", str(root / "registered" / PRIVATE),
+                                  "--port", str(node_port), "--node-config", node_config], flower_env(root / "node-home"))
+        wait_listening(procs, "hospital9", node_port)
+        yield root, procs, link_port, stranger_port
+    finally:
+        procs.stop()
+        assert not _processes_mentioning(str(root)), "processes still running after teardown"
+
+
+def test_unregistered_supernode_is_refused(federation):
+    root, procs, link_port, stranger_port = federation
+    own = Processes(root / "logs")  # the federation's watch list must not see this one exit
+    try:
+        p = own.start("stranger", [tool("flower-supernode"), "--superlink", f"127.0.0.1:{link_port}", "--root-certificates",
+                                   str(root / "certs" / CA_CERT), "--auth-supernode-private-key", str(root / "stranger" / PRIVATE),
+                                   "--port", str(stranger_port), "--node-config", "name=\"intruder\""],
+                      flower_env(root / "stranger-home"))
+        assert p.wait(timeout=300) != 0  # it gives up: it never gets a node id, so it can pull no message
+    finally:
+        own.stop()
+    log = (root / "logs" / "stranger.log").read_text()
+    assert "Failed to initialize the connection to the SuperLink" in log and "SuperNode ID" not in log
+    assert "No SuperNode found with the given public key" in (root / "logs" / "superlink.log").read_text()
+    assert "SuperNode ID" in (root / "logs" / "hospital9.log").read_text()  # the registered one did connect
+
+
+def test_error_reply_is_retried_then_reported_by_name_without_its_text(federation):
+    root, procs, _, _ = federation
+    cfg = Config(data=DataConfig(size=32, labels="0,1"))
+    wire.write_app(root / "app", cfg, wire.FlowerSettings(nodes=1, retries=1, timeout=1800, connect_timeout=600))
+    with pytest.raises(DeployError) as e:
+        run_app(root / "app", flower_env(root / "cli"), procs, root / "server", timeout=3600)
+    msg = str(e.value)
+    assert "train.autoencoders: node " in msg and "(after 2 attempts)" in msg, msg
+    assert "hospital9: stage 1 (autoencoder training) failed (DataError)" in msg, msg
+    assert "no-such-data" not in msg.splitlines()[0]  # the hospital's path stayed in its own log
+    received = [json.loads(ln) for ln in next((root / "server").glob("run-*/received.jsonl")).read_text().splitlines()]
+    assert len(received) == 2 and all("error" in r and "no-such-data" not in r["error"]["reason"] for r in received)
+    assert "no-such-data" in (root / "logs" / "hospital9.log").read_text()
+
+
+def test_sigterm_stops_every_process_deploy_started(tmp_path):
+    data = synth(tmp_path / "data", sites=2, patients_per_site=2, slices_per_patient=2, size=32, n_classes=2, seed=4)
+    run = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "-m", "ppcmi.cli", "deploy", "--sites", "2", "--data", str(data), "--out", str(run),
+                          *TINY], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    seen: list[str] = []
+    try:
+        reader = threading.Thread(target=lambda: seen.extend(p.stdout), daemon=True)
+        reader.start()
+        deadline = time.monotonic() + 600  # bounded; a few seconds on an idle machine
+        while not any("SuperNodes started" in ln for ln in seen) and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert any("SuperNodes started" in ln for ln in seen), "".join(seen)
+        assert _processes_mentioning(str(run))  # the federation is up
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=180) == 130, "".join(seen)
+        reader.join(timeout=10)
+        assert "interrupted" in "".join(seen)
+        assert not _processes_mentioning(str(run)), "processes survived SIGTERM"
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+
+
+def test_port_in_use_is_one_line(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = CliRunner().invoke(app, ["deploy", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--port", str(port)])
+    assert r.exit_code == 2 and r.output.strip().splitlines()[-1] == f"error: port {port} on 127.0.0.1 is in use; choose another --port"
+
+
+# ----------------------------------------------------------------------------- the wire, without processes
+
+
+def _batch(kind: str = "train", client: str = "hospital1"):
+    import numpy as np
+
+    prefixes = protocol.KIND_PREFIXES[kind]
+    arrays = {f"{p}b": np.ones((2, 4, 1, 1), np.float32) for p in prefixes}
+    return protocol.LatentBatch(kind, client, arrays)
+
+
+def test_run_config_carries_shared_settings_only_and_round_trips():
+    from ppcmi.demo import demo_config
+    from ppcmi.flower.wire import read_run_config, run_config
+    from flwr.common.config import flatten_dict
+
+    cfg = demo_config()
+    from dataclasses import replace
+
+    cfg = replace(cfg, data=replace(cfg.data, labels="0,1", group_csv="/private/groups.csv"))
+    rc = run_config(cfg, wire.FlowerSettings(nodes=3, retries=1))
+    flat = flatten_dict(rc)
+    assert not any("group" in k or "split" in k or "partition" in k for k in flat), sorted(flat)
+    back, settings = read_run_config(flat)
+    assert settings == wire.FlowerSettings(nodes=3, retries=1)
+    assert back.autoencoder == cfg.autoencoder and back.mapping == cfg.mapping and back.seed == cfg.seed
+    for k in wire.SHARED_DATA_KEYS:
+        assert getattr(back.data, k) == getattr(cfg.data, k), k
+    assert back.data.group_csv is None  # never sent
+
+
+def test_write_app_is_a_valid_flower_app(tmp_path):
+    from flwr.cli.config_utils import load_and_validate
+
+    wire.write_app(tmp_path, Config(data=DataConfig(size=32, labels="0,1")), wire.FlowerSettings(nodes=2))
+    config, _ = load_and_validate(tmp_path / "pyproject.toml")
+    assert config["tool"]["flwr"]["app"]["components"]["clientapp"] == "ppcmi.flower.client_app:app"
+    assert config["tool"]["flwr"]["app"]["config"]["flower"]["nodes"] == 2
+
+
+def test_replies_are_checked_before_use():
+    from flwr.app import ConfigRecord, MetricRecord, RecordDict
+
+    from ppcmi.errors import ProtocolError
+
+    content = wire.wire_record(_batch())
+    wire.check_reply(content, wire.TRAIN_LATENTS)
+    msg, blob = wire.read_wire(content, kind="train", client="hospital1")
+    assert msg.n == 2 and protocol.decode(blob).client == "hospital1"
+    with pytest.raises(ProtocolError, match="expected 'hospital2'"):
+        wire.read_wire(content, kind="train", client="hospital2")
+    with pytest.raises(ProtocolError, match="expected a 'query'"):
+        wire.read_wire(content, kind="query")
+    extra = wire.wire_record(_batch())
+    extra["note"] = ConfigRecord({"file": "patient1.png"})
+    with pytest.raises(ProtocolError, match="not allowed"):
+        wire.check_reply(extra, wire.TRAIN_LATENTS)
+    bad_site = RecordDict({wire.SITE: ConfigRecord({"site": "hospital1", "status": "trained", "path": "/data"}),
+                           wire.METRICS: MetricRecord({"seconds": 1.0})})
+    with pytest.raises(ProtocolError, match="exactly the strings"):
+        wire.check_reply(bad_site, wire.STAGE1)
+    columns = wire.summary_columns(Config(data=DataConfig(labels="0,1")))
+    with pytest.raises(ProtocolError, match="unexpected key 'patient7.mean'"):
+        wire.unflatten_summary({"n_cases": 2, "patient7.mean": 0.5}, columns)
+    with pytest.raises(ProtocolError, match="unexpected key 'counts.patient7.ok'"):
+        wire.unflatten_summary({"n_cases": 2, "counts.patient7.ok": 1}, columns)
+
+
+def test_metric_summary_round_trips_through_a_metric_record():
+    from flwr.app import MetricRecord
+
+    summ = {"n_cases": 3, "fg_dice": {"mean": 0.8, "std": 0.1, "n": 3, "n_undefined": 0, "ci95": [0.7, 0.9]},
+            "fg_hd95_mm": {"mean": float("nan"), "std": float("nan"), "n": 0, "n_undefined": 3, "ci95": [float("nan")] * 2},
+            "counts": {"fg": {"ok": 3, "both_empty": 0, "pred_empty": 0, "gt_empty": 0}}, "empty_rule": "text"}
+    columns = wire.summary_columns(Config(data=DataConfig(labels="0,1", class_names="bg,fg1")))
+    summ["fg1_dice"] = summ["fg_dice"]
+    back = wire.unflatten_summary(dict(MetricRecord(wire.flatten_summary(summ))), columns)
+    assert back["fg_dice"] == summ["fg_dice"] and back["counts"] == summ["counts"] and back["n_cases"] == 3
+    assert back["fg_hd95_mm"]["n_undefined"] == 3
+
+
+def test_flower_commands_have_help_and_write_their_files(tmp_path):
+    runner = CliRunner()
+    for cmd in (["deploy"], ["flower", "certs"], ["flower", "keygen"], ["flower", "app"]):
+        r = runner.invoke(app, [*cmd, "--help"])
+        assert r.exit_code == 0 and "Usage" in r.output, (cmd, r.output)
+    assert runner.invoke(app, ["flower", "keygen", "--out", str(tmp_path / "auth")]).exit_code == 0
+    assert oct((tmp_path / "auth" / PRIVATE).stat().st_mode & 0o777) == "0o600"
+    assert (tmp_path / "auth" / PUBLIC).read_text().startswith("ecdsa-sha2-nistp384 ")
+    r = runner.invoke(app, ["flower", "keygen", "--out", str(tmp_path / "auth")])
+    assert r.exit_code == 2 and "refusing to overwrite" in r.output
+    r = runner.invoke(app, ["flower", "app", "--out", str(tmp_path / "app"), "--nodes", "2"])
+    assert r.exit_code == 2 and "data.labels" in r.output
