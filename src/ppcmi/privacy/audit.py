@@ -176,8 +176,9 @@ def train_attacker_autoencoders(rd: RunData, out: Path, progress: bool) -> dict:
         cfg = AEConfig(in_channels=int(x.shape[1]), width=site_cfg.width, skips=site_cfg.skips)
         model = seeded_init(lambda: Autoencoder(cfg), 777 + (kind == "mask"))
         fc = FitConfig(epochs=ac.epochs, batch_size=ac.batch_size, lr=ac.lr, patience=ac.epochs, seed=777, schedule=ac.lr_schedule)
-        fit(model, lambda m, b: bce_dice_loss(m(b[0]), b[0]), [x], None, fc, out / f"attacker_{kind}_ae", desc=f"attacker {kind} AE",
-            progress=progress, augment=batch_augmenter([kind]) if ac.augment else None)
+        work = out / f"attacker_{kind}_ae"
+        fit(model, lambda m, b: bce_dice_loss(m(b[0]), b[0]), [x], None, fc, work, desc=f"attacker {kind} AE",
+            progress=progress, augment=batch_augmenter([kind]) if ac.augment else None, resume=(work / "state.json").exists())
         models[kind] = model.eval()
     return models
 
@@ -483,6 +484,21 @@ def membership_records(rd: RunData) -> dict:
     return {"members": members, "nonmembers": nonmembers, "split": split, "n_val_rows": int(len(va))}
 
 
+def _train_or_load(batches: list, cfg, out: Path, seed: int, progress: bool):
+    """Train a mapping network into ``out``, or load it if an interrupted audit already trained it there."""
+    from ..server.mapping import MappingServer, train_mapping
+
+    if (out / "mapping.safetensors").exists() and (out / "config.json").exists():
+        return MappingServer(out).model.to(memory_format=torch.contiguous_format).eval()
+    resume = (out / "train" / "state.json").exists() and not cfg.dp
+    if cfg.dp and out.exists():
+        import shutil
+
+        shutil.rmtree(out)  # DP-SGD runs cannot resume: start that network again
+    model, _ = train_mapping(batches, cfg, out, seed=seed, resume=resume, progress=progress)
+    return model.eval()
+
+
 def _subset(msg, rows: np.ndarray):
     return protocol.LatentBatch("train", msg.client, {k: np.ascontiguousarray(v[rows]) for k, v in msg.arrays.items()})
 
@@ -516,8 +532,6 @@ def _mia_verdict(ev: dict) -> tuple[bool, list[str]]:
 
 def attack_membership(rd: RunData, out: Path, *, shadow_models: int, shadow_epochs: int | None, control_epochs: int,
                       progress: bool) -> dict:
-    from ..server.mapping import train_mapping
-
     recs = membership_records(rd)
     names = list(rd.hospitals)
     # the target(s): per-row losses; one shared network or one per hospital
@@ -539,8 +553,8 @@ def attack_membership(rd: RunData, out: Path, *, shadow_models: int, shadow_epoc
     ctrl_rows = {h: rng.permutation(recs["members"][h]["rows"])[: max(4, 64 // len(names))] for h in names}
     ctrl_cfg = replace(rd.cfg.mapping, dropout=0.0, val_frac=0.0, epochs=control_epochs, patience=control_epochs, dp=False,
                        lr_schedule="constant", scope="shared")
-    ctrl_model, _ = train_mapping([_subset(rd.hospitals[h]["msg"], r) for h, r in ctrl_rows.items()], ctrl_cfg, out / "control_memorising",
-                                  seed=5, progress=progress)
+    ctrl_model = _train_or_load([_subset(rd.hospitals[h]["msg"], r) for h, r in ctrl_rows.items()], ctrl_cfg, out / "control_memorising",
+                                5, progress)
     ctrl_recs = {"members": {h: {"rows": r} for h, r in ctrl_rows.items()}, "nonmembers": recs["nonmembers"]}
     cm, cn = _losses(ctrl_model.eval(), ctrl_recs, rd)
     m1_ctrl = M.evaluate_scores(M.loss_threshold_scores(cm), M.loss_threshold_scores(cn))
@@ -566,8 +580,8 @@ def attack_membership(rd: RunData, out: Path, *, shadow_models: int, shadow_epoc
                 batches.append(protocol.LatentBatch("train", h, {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}))
                 off += len(mr)
                 off_n += nm.n
-            model, _ = train_mapping(batches, ref_cfg, out / "shadow" / f"ref{r}", seed=100 + r, progress=progress)
-            a, b = _losses(model.eval(), recs, rd)
+            model = _train_or_load(batches, ref_cfg, out / "shadow" / f"ref{r}", 100 + r, progress)
+            a, b = _losses(model, recs, rd)
             c, _ = _losses(model, ctrl_recs, rd)
             ref_mem.append(a)
             ref_non.append(b)
@@ -613,6 +627,7 @@ def run_audit(run: str | Path, *, threats: str | None = None, aux_dir: str | Pat
     out = Path(out) if out is not None else run / "audit"
     if (out / "audit.json").exists():
         raise PpcmiError(f"{out}: holds an audit already; choose another --out")
+    # an interrupted audit continues: networks it finished under OUT/work are loaded, not retrained
     t0 = time.perf_counter()
     rd = RunData(run, Path(data_dir) if data_dir else None, Path(aux_dir) if aux_dir else None)
     out.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -70,6 +71,9 @@ def fit_dp(net: nn.Module, train: list[torch.Tensor], val: list[torch.Tensor] | 
     errs = ModuleValidator.validate(net, strict=False)
     if errs:
         raise ConfigError(f"mapping.dp: the network has layers DP-SGD cannot train ({str(errs[0])[:160]}); set mapping.norm = \"group\"")
+    for m in net.modules():  # Opacus' backward hooks forbid in-place activations on hooked outputs; same maths
+        if isinstance(m, (nn.LeakyReLU, nn.ReLU)):
+            m.inplace = False
     k = len(scales)
     n = int(train[0].shape[0])
     delta = 1.0 / n
@@ -77,7 +81,11 @@ def fit_dp(net: nn.Module, train: list[torch.Tensor], val: list[torch.Tensor] | 
     ds = torch.utils.data.TensorDataset(onehot, *train[1:])
     res = FitResult()
     t0 = time.perf_counter()
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(), warnings.catch_warnings():
+        # Opacus warns that secure_mode (a cryptographically secure noise RNG) is off: the noise comes from torch's
+        # seeded PRNG, fine for measuring the defence, not for a production release (see PRIVACY.md)
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
         torch.manual_seed(fc.seed)
         loader = torch.utils.data.DataLoader(ds, batch_size=fc.batch_size, shuffle=True)
         model = RoutedMapping(net)
