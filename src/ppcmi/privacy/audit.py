@@ -364,9 +364,9 @@ def attack_a6(rd: RunData, att_models: dict, pri: dict, seed: int = 0) -> dict:
         for k in K_INVERSION:
             rows = leak_rows_all[:k]
             out = {}
+            a_img = _enc(att_models["image"], h["x_all"][rows])  # the attacker encodes the leaked images with its own encoder
+            a_msk = _enc(att_models["mask"], h["y_all"][rows])
             for label, lat_img, lat_msk in (("attack", h["zt_img"], h["zt_msk"]), ("control", h["z_img"], h["z_msk"])):
-                a_img = _enc(att_models["image"], h["x_all"][rows])
-                a_msk = _enc(att_models["mask"], h["y_all"][rows])
                 rec_i, rec_m = {}, {}
                 for s in rd.scales:
                     w, c = A.fit_linear_map(lat_img[s][rows], a_img[s])
