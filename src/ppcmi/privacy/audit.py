@@ -685,7 +685,7 @@ def run_audit(run: str | Path, *, threats: str | None = None, aux_dir: str | Pat
 def _examples(rd: RunData, n: int = 3) -> dict:
     """Three slices of the first victim next to the leading component maps of its keyed and plain latents."""
     h = next(iter(rd.hospitals.values()))
-    s = rd.scales[0]
+    s = max(rd.scales, key=lambda sc: h["zt_img"][sc].shape[-1])  # the finest latent grid
     k = A.upsample(A.pca_maps(h["zt_img"][s], 3)[: h["n"]], rd.size)
     p = A.upsample(A.pca_maps(h["z_img"][s], 3)[: h["n"]], rd.size)
     idx = np.linspace(0, h["n"] - 1, num=min(n, h["n"])).astype(int)
