@@ -7,6 +7,10 @@ Variants (each a run folder OUT/<variant>/ with OUT/<variant>/audit/):
 - dp:        DP-SGD mapping network (GroupNorm; noise multiplier --dp-noise, clip --dp-clip)
 - no_skips:  only the bottleneck latent is sent and decoded
 - rotation:  hospital1 rotates its key after the baseline; the server re-fits only its adapters
+- noise_fixed: the baseline's sites, keys and mapping network, with train messages and queries re-encoded
+             with latent noise --noise: the attacks' view of the noise defence without retraining the
+             mapping network (its Dice cost is then an upper bound: a network trained on noisy latents
+             adapts to them); membership is not audited, since the network never saw these messages
 
 noise and dp reuse the baseline's autoencoders (fresh keys), so they isolate what they change. A
 finished variant or audit is skipped on a rerun, so the script can be stopped and started again.
@@ -35,14 +39,14 @@ from ppcmi.client.site import Hospital
 from ppcmi.config import load_config, to_dict
 from ppcmi.data import load_arrays
 from ppcmi.demo import demo_config
-from ppcmi.fileio import atomic_write_json, atomic_write_text
+from ppcmi.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
 from ppcmi.metrics import summarize
 from ppcmi.privacy.audit import run_audit
 from ppcmi.server.mapping import MappingServer, refit_adapters
 from ppcmi.simulate import infer_and_score, load_test, plan, public_summary, run_simulation
 
 log = logging.getLogger("privacy_audit")
-VARIANTS = ("baseline", "noise", "dp", "no_skips", "rotation")
+VARIANTS = ("baseline", "noise", "dp", "no_skips", "rotation", "noise_fixed")
 
 
 def base_config(dataset: str, data: Path):
@@ -55,7 +59,7 @@ def base_config(dataset: str, data: Path):
 
 
 def variant_config(cfg, variant: str, args):
-    sets = {"baseline": [], "rotation": [], "noise": [f"autoencoder.send_noise={args.noise}"],
+    sets = {"baseline": [], "rotation": [], "noise_fixed": [f"autoencoder.send_noise={args.noise}"], "noise": [f"autoencoder.send_noise={args.noise}"],
             "dp": ["mapping.norm=group", "mapping.dp=true", f"mapping.dp_noise={args.dp_noise}", f"mapping.dp_clip={args.dp_clip}"],
             "no_skips": ["autoencoder.skips=false"]}[variant]
     return load_config(None, sets, base=cfg)
@@ -105,6 +109,34 @@ def rotation(cfg, data: Path, base: Path, out: Path) -> dict:
     shutil.rmtree(stale)  # holds the old key: not kept
     atomic_write_json(out / "rotation.json", res)
     return res
+
+
+def noise_fixed(cfg, data: Path, base: Path, out: Path) -> dict:
+    """The baseline run re-encoded with latent noise, same keys and mapping network; Dice through it, and its audit (T0-T3)."""
+    if not (out / "summary.json").exists():
+        for sub in ("sites", "server"):
+            if (out / sub).exists():
+                shutil.rmtree(out / sub)
+            shutil.copytree(base / sub, out / sub)
+        raw = json.loads((base / "config.json").read_text())
+        atomic_write_json(out / "config.json", {**to_dict(cfg), "data_dir": raw.get("data_dir", str(data))})
+        pl = plan(cfg, data)
+        hospitals = {h: Hospital(out / "sites" / h) for h in pl.hospitals}
+        for h, cases in pl.hospitals.items():
+            arr = load_arrays(cases, pl.prep, pl.labels)
+            msg = hospitals[h].training_batch(arr["images"], arr["masks"], copies=cfg.autoencoder.send_copies, noise=cfg.autoencoder.send_noise)
+            atomic_write_bytes(out / "wire" / f"{h}.train.ppcmi", protocol.encode(msg))
+        srv = MappingServer(out / "server")
+        _, rows = infer_and_score(hospitals, {h: srv for h in hospitals}, load_test(pl, cfg), pl.labels, size=cfg.data.eval_size,
+                                  noise=cfg.autoencoder.send_noise)
+        atomic_write_json(out / "summary.json", {"ppcmi": summarize(rows, group_key="site"),
+                                                 "note": "mapping network trained on the baseline's noise-free messages"})
+    if not (out / "audit" / "audit.json").exists():
+        if (base / "audit" / "work").exists() and not (out / "audit" / "work").exists():  # the attacker's aux autoencoders
+            shutil.copytree(base / "audit" / "work", out / "audit" / "work",
+                            ignore=shutil.ignore_patterns("control_memorising", "shadow"))
+        run_audit(out, data_dir=data, threats="T0,T1,T2,T3", progress=False)
+    return json.loads((out / "summary.json").read_text())
 
 
 def headline(a: dict) -> dict:
@@ -200,14 +232,23 @@ def main(argv=None) -> int:
             rows[v] = rotation(vcfg, args.data, base, args.out / v)
             continue
         run = args.out / v
-        summ = simulate(vcfg, args.data, run, base if v in ("noise", "dp") else None)
+        if v == "noise_fixed":
+            summ = noise_fixed(vcfg, args.data, base, run)
+        else:
+            summ = simulate(vcfg, args.data, run, base if v in ("noise", "dp") else None)
         if not (run / "audit" / "audit.json").exists():
             run_audit(run, data_dir=args.data, shadow_models=args.shadow_models, shadow_epochs=args.shadow_epochs,
                       control_epochs=args.control_epochs, progress=False)
         a = json.loads((run / "audit" / "audit.json").read_text())
+        for extra in sorted(run.glob("audit-*/audit.json")):  # audits run in parts (e.g. --threats T5 --out RUN/audit-t5)
+            b = json.loads(extra.read_text())
+            a["results"].update(b["results"])
+            a["succeeded"] = sorted(set(a["succeeded"]) | set(b["succeeded"]))
+            a["void"] = sorted(set(a["void"]) | set(b["void"]))
         setting = {"baseline": "none", "noise": f"latent noise std {args.noise}", "dp": "DP-SGD "
                    + (f"ε={a['defences']['dp']['epsilon']:.2f} at δ=1/{a['defences']['dp']['n_rows']}" if a["defences"].get("dp") else ""),
-                   "no_skips": "bottleneck only"}[v]
+                   "no_skips": "bottleneck only",
+                   "noise_fixed": f"latent noise std {args.noise}, baseline mapping network (not retrained)"}[v]
         rows[v] = {"dice": summ["ppcmi"]["fg_dice"]["mean"], "setting": setting, "headline": headline(a), "succeeded": a["succeeded"],
                    "void": a["void"], "conclusion": a["conclusion"], "defences": a["defences"], "config": to_dict(vcfg)}
     old = args.results / f"privacy-{args.dataset}.json"
