@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test install clean bench-psfhs bench-acdc bench-sunnybrook bench-latency bench-plots
+.PHONY: demo test install clean bench-psfhs bench-acdc bench-sunnybrook bench-latency bench-plots audit-sunnybrook audit-psfhs audit-acdc
 
 install: $(STAMP)
 
@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt "torch==2.13.0"
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[test,service,flower]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[test,service,flower,audit]"
 	@touch $(STAMP)
 
 demo: $(STAMP)
@@ -38,6 +38,15 @@ bench-latency: $(STAMP)
 
 bench-plots: $(STAMP)
 	$(PY) benchmarks/plots.py --results benchmarks/results
+
+# Privacy audits (PRIVACY.md): a run per defence variant and `ppcmi audit` of each; results to benchmarks/results/privacy-<dataset>.*.
+# A rerun skips finished variants and audits. AUDIT_ARGS passes options, e.g. AUDIT_ARGS="--variants baseline,rotation".
+AUDIT_ARGS ?=
+audit-sunnybrook: $(STAMP)
+	$(PY) benchmarks/privacy_audit.py --dataset sunnybrook_lv --data data/sunnybrook_lv --out runs/privacy-sunnybrook $(AUDIT_ARGS)
+
+audit-psfhs audit-acdc: audit-%: $(STAMP)
+	$(PY) benchmarks/privacy_audit.py --dataset $* --data $(SHARED_DATA)/$* --out runs/privacy-$* $(AUDIT_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -65,3 +65,11 @@ def test_the_check_itself_catches_a_violation(tmp_path):
         assert any(m.startswith("ppcmi.client") for m in _closure(bad))
     finally:
         bad.unlink()
+
+
+@pytest.mark.parametrize("name", ["attacks.py", "membership.py", "dp.py", "__init__.py"])
+def test_privacy_attack_maths_never_reach_hospital_code_or_keys(name):
+    """The attacker's maths work from what an attacker holds; only the audit orchestration reads keys (for its controls)."""
+    reached = _closure(PKG / "privacy" / name)
+    bad = {m for m in reached if m.startswith(("ppcmi.client", "ppcmi.klt", "ppcmi.privacy.audit"))}
+    assert not bad, f"privacy/{name} reaches {sorted(bad)}"

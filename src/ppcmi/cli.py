@@ -176,7 +176,52 @@ def client_decode(site_dir: Path = typer.Option(..., "--site-dir", "-s"),
     typer.echo(f"wrote {len(written)} label maps to {out}")
 
 
+@client_app.command("rotate-key")
+@_guard
+def client_rotate_key(site_dir: Path = typer.Option(..., "--site-dir", "-s", help="The hospital's site folder (trained)."),
+                      data: Path = typer.Option(..., "--data", "-d", help="This hospital's training data (images/ + masks/)."),
+                      out: Path = typer.Option(..., "--out", "-o", help="The new 'train' message for the server."),
+                      copies: Optional[int] = typer.Option(None, help="Pairs plus copies-1 augmented copies (default: the site's send_copies)."),
+                      noise: Optional[float] = typer.Option(None, help="Latent noise std (default: the site's send_noise).")):
+    """Replace the key (the old one is kept as klt.key.N.bak, mode 0600) and re-encode the training pairs under the new key.
+
+    Send OUT to the server, which re-fits only this hospital's adapters ('ppcmi server refit-adapters').
+    """
+    from .client.inference import encode_folder
+    from .client.keys import rotate_key
+    from .client.site import Hospital
+
+    if out.exists():
+        raise PpcmiError(f"{out}: already exists; refusing to overwrite it")
+    meta = Hospital(site_dir).meta  # fail before touching the key if the site is not trained
+    ae = meta.get("autoencoder", {})
+    new, backup = rotate_key(site_dir)
+    n, size = encode_folder(site_dir, data, out, with_masks=True, copies=copies or ae.get("send_copies", 1),
+                            noise=ae.get("send_noise", 0.0) if noise is None else noise)
+    typer.echo(f"new key in {new}; old key kept in {backup} (mode 0600)")
+    typer.echo(f"wrote {out}: {n} keyed training rows, {size} bytes; send it to the server for 'ppcmi server refit-adapters'")
+
+
 # ----------------------------------------------------------------------------- coordinator side
+
+
+@server_app.command("refit-adapters")
+@_guard
+def server_refit_adapters(model: Path = typer.Option(..., "--model", "-m", help="The trained model folder (left untouched)."),
+                          message: Path = typer.Option(..., "--message", help="The hospital's new 'train' message after a key rotation."),
+                          out: Path = typer.Option(..., "--out", "-o", help="New model folder."),
+                          config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt, quiet: bool = QuietOpt):
+    """Re-fit one hospital's 1x1 adapters on its new message with the shared core frozen (after 'client rotate-key')."""
+    from . import protocol
+    from .server.mapping import refit_adapters
+
+    cfg = _cfg(config, set_)
+    try:
+        batch = protocol.decode(message.read_bytes())
+    except PpcmiError as e:
+        raise PpcmiError(f"{message}: {e}") from None
+    _, res = refit_adapters(model, batch, cfg.mapping, out, seed=cfg.seed, progress=not quiet)
+    typer.echo(f"adapters of {batch.client}: best val loss {res.best_val:.4f} at epoch {res.best_epoch} ({len(res.history)} epochs) -> {out}")
 
 
 @server_app.command("train")
@@ -504,6 +549,34 @@ def flower_app_dir(out: Path = typer.Option(..., "--out", "-o", help="Folder for
         raise ConfigError("data.labels: give the label values (--labels 0,1) so that every hospital uses the same classes")
     write_app(out, cfg, FlowerSettings(nodes=nodes, retries=retries, timeout=timeout))
     typer.echo(f"wrote {out / 'pyproject.toml'}; run it with: flwr run {out} CONNECTION --stream")
+
+
+@app.command()
+@_guard
+def audit(run: Path = typer.Option(..., "--run", "-r", help="A finished run folder from 'ppcmi simulate' or 'ppcmi demo'."),
+          threats: Optional[str] = typer.Option(None, "--threats", help="Comma-separated threat levels T0..T5 (default: all)."),
+          aux: Optional[Path] = typer.Option(None, "--aux", help="The attacker's public data (images/ + masks/); default: the run's "
+                                             "held-out test patients."),
+          data: Optional[Path] = typer.Option(None, "--data", "-d", help="The run's dataset folder, if not where config.json says."),
+          out: Optional[Path] = typer.Option(None, "--out", "-o", help="Audit folder (default RUN/audit)."),
+          shadow_models: int = typer.Option(4, "--shadow-models", help="Reference networks for M3 (even; 0 skips M3)."),
+          shadow_epochs: Optional[int] = typer.Option(None, "--shadow-epochs", help="Their epochs (default: the run's mapping.epochs)."),
+          control_epochs: int = typer.Option(150, "--control-epochs", help="Epochs of the memorising positive-control network."),
+          quiet: bool = QuietOpt):
+    """Privacy audit (DESIGN.md section 4): attacks A1, A5-A8, M1, M3 with positive controls and prior-only baselines.
+
+    Writes RUN/audit/report.md, audit.json, roc.png and a1_maps.png.
+    """
+    from .privacy.audit import parse_threats, run_audit
+
+    parse_threats(threats)  # a bad threat fails before any work
+    if not run.is_dir():
+        raise PpcmiError(f"{run}: run folder not found")
+    res = run_audit(run, threats=threats, aux_dir=aux, data_dir=data, out=out, shadow_models=shadow_models,
+                    shadow_epochs=shadow_epochs, control_epochs=control_epochs, progress=not quiet)
+    for a, r in res["results"].items():
+        typer.echo(f"{a}: {r['status']}")
+    typer.echo(f"{res['conclusion']}; report: {(out or run / 'audit') / 'report.md'}")
 
 
 def main() -> None:  # pragma: no cover

@@ -72,9 +72,12 @@ class AutoencoderConfig:
     val_frac: float = 0.2
     augment: bool = False              # random rotation/flip/scale/intensity of training batches (also for the U-Net baseline)
     send_copies: int = 1               # stage 2: each training pair plus send_copies-1 augmented copies (1-32)
+    send_noise: float = 0.0            # std of Gaussian noise added to plain latents before the KLT (train and query); a defence knob, no DP claim
 
     def __post_init__(self) -> None:
         _choice("autoencoder.lr_schedule", self.lr_schedule, SCHEDULES)
+        if not self.send_noise >= 0:
+            raise ConfigError(f"autoencoder.send_noise: must be a number >= 0, got {self.send_noise!r}")
 
 
 @dataclass(frozen=True)
@@ -92,10 +95,20 @@ class MappingTrainConfig:
     scope: str = "shared"              # shared (one network, per-hospital adapters) | per_hospital (no collaboration)
     patience: int = 20
     val_frac: float = 0.2
+    dp: bool = False                   # DP-SGD (Opacus): needs norm = "group"; fixed epochs, no early stopping or best-epoch pick
+    dp_noise: float = 1.0              # noise multiplier (ignored when dp_epsilon is set)
+    dp_clip: float = 1.0               # per-sample gradient norm bound
+    dp_epsilon: float | None = None    # target epsilon at delta = 1/N (N = training rows); sets the noise multiplier
 
     def __post_init__(self) -> None:
         _choice("mapping.scope", self.scope, ("shared", "per_hospital"))
         _choice("mapping.lr_schedule", self.lr_schedule, SCHEDULES)
+        _choice("mapping.norm", self.norm, ("batch", "group"))
+        if self.dp and self.norm != "group":
+            raise ConfigError('mapping.dp: DP-SGD needs mapping.norm = "group" (BatchNorm mixes samples, so per-sample gradients are undefined)')
+        if self.dp_noise < 0 or self.dp_clip <= 0 or (self.dp_epsilon is not None and self.dp_epsilon <= 0):
+            raise ConfigError(f"mapping.dp_noise/dp_clip/dp_epsilon: need noise >= 0, clip > 0, epsilon > 0; got "
+                              f"{self.dp_noise}, {self.dp_clip}, {self.dp_epsilon}")
 
 
 @dataclass(frozen=True)

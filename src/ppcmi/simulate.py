@@ -78,17 +78,19 @@ def load_test(pl: Plan, cfg: Config) -> dict:
 
 
 def infer_and_score(hospitals: dict[str, Hospital], servers: dict[str, MappingServer], test: dict, labels: LabelMap, *,
-                    size: int | None = None, dtype=np.float32, bf16: bool = False, batch: int = 16) -> tuple[dict, list[dict]]:
+                    size: int | None = None, dtype=np.float32, bf16: bool = False, batch: int = 16,
+                    noise: float = 0.0) -> tuple[dict, list[dict]]:
     """Every hospital segments every test image through protocol bytes (hospital -> server -> hospital) and
     scores its own predictions. ``dtype`` is the wire dtype; ``bf16`` runs all three networks under CPU
-    autocast to bfloat16. Returns predictions per hospital and per-case metric rows."""
+    autocast to bfloat16; ``noise`` is the std of Gaussian noise on the plain latents before the KLT
+    (``autoencoder.send_noise``). Returns predictions per hospital and per-case metric rows."""
     preds: dict[str, np.ndarray] = {}
     rows: list[dict] = []
     for name, hosp in hospitals.items():
         parts = []
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             for s in range(0, len(test["images"]), batch):
-                q = protocol.encode(hosp.protect(test["images"][s:s + batch], dtype=dtype))
+                q = protocol.encode(hosp.protect(test["images"][s:s + batch], dtype=dtype, noise=noise, seed=1000 + s))
                 r = protocol.encode(servers[name].handle(protocol.decode(q)))
                 parts.append(hosp.unprotect(protocol.decode(r), size=size))
         preds[name] = np.concatenate(parts)
@@ -172,7 +174,8 @@ def run_simulation(cfg: Config, data_dir: str | Path, out: str | Path, *, resume
             stage1[name] = {k: {"epochs": len(r.history), "best_epoch": r.best_epoch, "best_val": r.best_val, "seconds": r.seconds,
                                 "history": r.history} for k, r in res.items()}
         hosp = Hospital(site)
-        wire[name] = protocol.encode(hosp.training_batch(arr["images"], arr["masks"], copies=cfg.autoencoder.send_copies))
+        wire[name] = protocol.encode(hosp.training_batch(arr["images"], arr["masks"], copies=cfg.autoencoder.send_copies,
+                                                         noise=cfg.autoencoder.send_noise))
         atomic_write_bytes(out / "wire" / f"{name}.train.ppcmi", wire[name])
     timings["stage1_s"] = time.perf_counter() - t0
 
@@ -186,7 +189,7 @@ def run_simulation(cfg: Config, data_dir: str | Path, out: str | Path, *, resume
     for sub, group in groups.items():
         model_dir = out / "server" / sub if sub else out / "server"
         if not (model_dir / "mapping.safetensors").exists():
-            _, mres = train_mapping(group, cfg.mapping, model_dir, seed=cfg.seed, resume=resume, progress=progress)
+            _, mres = train_mapping(group, cfg.mapping, model_dir, seed=cfg.seed, resume=resume and not cfg.mapping.dp, progress=progress)
             st = {"epochs": len(mres.history), "best_epoch": mres.best_epoch, "best_val": mres.best_val, "history": mres.history}
             if sub:
                 stage2.setdefault("per_hospital", {})[sub] = st
@@ -201,7 +204,7 @@ def run_simulation(cfg: Config, data_dir: str | Path, out: str | Path, *, resume
     test = load_test(pl, cfg)
     t0 = time.perf_counter()
     hospitals = {name: Hospital(out / "sites" / name) for name in pl.hospitals}
-    preds, rows = infer_and_score(hospitals, servers, test, pl.labels, size=cfg.data.eval_size)
+    preds, rows = infer_and_score(hospitals, servers, test, pl.labels, size=cfg.data.eval_size, noise=cfg.autoencoder.send_noise)
     timings["inference_s"] = time.perf_counter() - t0
     summ = summarize(rows, group_key="site")
     write_evaluation(rows, summ, out / "eval")

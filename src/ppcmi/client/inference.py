@@ -77,8 +77,9 @@ def _load_planes(planes: list[dict], prep: Preprocess) -> np.ndarray:
 
 
 def encode_folder(site_dir: Path, data: Path, out: Path, *, with_masks: bool = False, float16: bool = False,
-                  noise: float = 0.0) -> tuple[int, int]:
-    """Write a query (images) or train (image+mask pairs) message plus the local case list; returns (N, bytes)."""
+                  noise: float = 0.0, copies: int = 1) -> tuple[int, int]:
+    """Write a query (images) or train (image+mask pairs, plus ``copies - 1`` augmented copies) message
+    plus the local case list; returns (N, bytes)."""
     h = Hospital(site_dir)
     prep = h.data_cfg.preprocess()
     dtype = np.float16 if float16 else np.float32
@@ -87,7 +88,7 @@ def encode_folder(site_dir: Path, data: Path, out: Path, *, with_masks: bool = F
     if with_masks:
         cases = discover_cases(data, group_regex=h.data_cfg.group_regex, group_csv=h.data_cfg.group_csv)
         arr = load_arrays(cases, prep, label_map_of(h))
-        msg = h.training_batch(arr["images"], arr["masks"], dtype=dtype, noise=noise)
+        msg = h.training_batch(arr["images"], arr["masks"], dtype=dtype, noise=noise, copies=copies)
         local = [{"case_id": c} for c in arr["case_ids"]]
     else:
         planes = list_inputs([data])

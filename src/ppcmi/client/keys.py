@@ -45,4 +45,29 @@ def key_path(site_dir: str | Path) -> Path:
     return Path(site_dir) / KEY_FILENAME
 
 
-__all__ = ["keygen", "load_key", "key_path", "KEY_FILENAME"]
+def rotate_key(site_dir: str | Path) -> tuple[Path, Path]:
+    """Replace a site's key with a fresh one, keeping the old key as ``klt.key.<n>.bak`` (mode 0600).
+
+    The backup is written (never over an existing file) and read back before the new key replaces
+    the old one, so no key is ever lost. Returns (new key path, backup path).
+    """
+    path = key_path(site_dir)
+    old = load_key(path)
+    n = 1
+    while path.with_name(f"{KEY_FILENAME}.{n}.bak").exists():
+        n += 1
+    backup = path.with_name(f"{KEY_FILENAME}.{n}.bak")
+    try:
+        atomic_write_bytes(backup, old, overwrite=False, mode=0o600)
+    except PpcmiError as e:
+        raise KeyFileError(str(e)) from None
+    if load_key(backup) != old:  # pragma: no cover - a failing disk
+        raise KeyFileError(f"{backup}: backup does not read back; the old key is left in place")
+    new = secrets.token_bytes(KEY_BYTES)
+    while new == old:  # pragma: no cover - probability 2^-256
+        new = secrets.token_bytes(KEY_BYTES)
+    atomic_write_bytes(path, new, overwrite=True, mode=0o600)
+    return path, backup
+
+
+__all__ = ["keygen", "load_key", "key_path", "rotate_key", "KEY_FILENAME"]

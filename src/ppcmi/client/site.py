@@ -97,6 +97,16 @@ def train_site(site_dir: str | Path, name: str, images: np.ndarray, masks: np.nd
     return results
 
 
+def training_inputs(images: np.ndarray, masks: np.ndarray, n_classes: int, *, copies: int = 1, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images and one-hot masks behind a ``train`` message, in its row order: the N originals first,
+    then ``copies - 1`` blocks of N augmented copies (row r comes from original r mod N)."""
+    x0 = torch.as_tensor(images).float()
+    y0 = one_hot(torch.as_tensor(masks), n_classes)
+    gen = torch.Generator().manual_seed(seed)
+    extra = [augment_batch([x0, y0], ["image", "mask"], gen) for _ in range(copies - 1)]
+    return torch.cat([x0] + [a for a, _ in extra]), torch.cat([y0] + [b for _, b in extra])
+
+
 class Hospital:
     """A trained site loaded for inference: encode+protect and unprotect+decode.
 
@@ -157,17 +167,37 @@ class Hospital:
         """
         if not 1 <= copies <= 32:
             raise PpcmiError(f"send_copies: must be between 1 and 32, got {copies}")
-        x0 = torch.as_tensor(images).float()
-        y0 = one_hot(torch.as_tensor(masks), self.n_classes)
-        gen = torch.Generator().manual_seed(seed)
-        extra = [augment_batch([x0, y0], ["image", "mask"], gen) for _ in range(copies - 1)]
-        x = torch.cat([x0] + [a for a, _ in extra])
-        y = torch.cat([y0] + [b for _, b in extra])
+        x, y = training_inputs(images, masks, self.n_classes, copies=copies, seed=seed)
         zt_img = self._encode(x, "image", noise, seed)
         zt_msk = self._encode(y, "mask", noise, seed + 1)
         arrays = {f"zt_img_{s}": v.astype(dtype) for s, v in zt_img.items()}
         arrays.update({f"zt_msk_{s}": v.astype(dtype) for s, v in zt_msk.items()})
         return LatentBatch("train", self.name, arrays)
+
+    # ---- for the privacy audit (auditor side): ground truth and positive controls; nothing here is ever written out
+
+    @torch.inference_mode()
+    def plain_latents(self, x: np.ndarray | torch.Tensor, kind: str) -> dict[str, np.ndarray]:
+        """Plain (un-keyed) latents ``z`` of images (kind "image") or one-hot masks (kind "mask")."""
+        return {s: v.float().numpy() for s, v in self.models[kind].encode(torch.as_tensor(x).float()).items()}
+
+    @torch.inference_mode()
+    def decode_keyed(self, zt: dict[str, np.ndarray], kind: str) -> np.ndarray:
+        """Invert this hospital's transform and decode with its own decoder: (N, C, S, S) sigmoid outputs.
+        Used by the audit for the cross-decoder attack (another hospital's keyed latents) and controls."""
+        t = {s: torch.from_numpy(np.asarray(a, np.float32)) for s, a in zt.items()}
+        z = self._klt.inverse(t, kind) if self._klt is not None else t
+        return self.models[kind].decode(z).float().numpy()
+
+    @torch.inference_mode()
+    def decode_plain(self, z: dict[str, np.ndarray], kind: str) -> np.ndarray:
+        return self.models[kind].decode({s: torch.from_numpy(np.asarray(a, np.float32)) for s, a in z.items()}).float().numpy()
+
+    def true_key(self, kind: str, scale: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """(M, b) of this hospital's transform (zt = M z + b), to score a recovered key; None without KLT."""
+        if self._klt is None:
+            return None
+        return self._klt.matrix(kind, scale).double().numpy(), self._klt.bias(kind, scale).double().numpy()
 
     @torch.inference_mode()
     def unprotect(self, reply: LatentBatch, *, size: int | None = None) -> np.ndarray:

@@ -101,35 +101,130 @@ def train_mapping(batches: list[LatentBatch], cfg: MappingTrainConfig, out_dir: 
     mcfg = mapping_config(cfg)
     model = seeded_init(lambda: MappingNet({s: img_shapes[s][0] for s in scales}, {s: mask_shapes[s][0] for s in scales}, clients, mcfg), seed)
 
-    # per-hospital seeded validation split
-    rng = np.random.default_rng(seed)
     cid = tensors[0].numpy()
-    val_idx, tr_idx = [], []
-    for c in range(len(clients)):
-        idx = np.flatnonzero(cid == c)
-        idx = idx[rng.permutation(len(idx))]
-        n_val = int(round(len(idx) * cfg.val_frac)) if len(idx) >= 4 else 0
-        val_idx.extend(idx[:n_val].tolist())
-        tr_idx.extend(idx[n_val:].tolist())
-    tr, va = torch.tensor(sorted(tr_idx)), torch.tensor(sorted(val_idx), dtype=torch.long)
-
-    def loss_fn(m: MappingNet, batch) -> torch.Tensor:
-        c, rest = batch[0], batch[1:]
-        zt_img = dict(zip(scales, rest[:k]))
-        zt_msk = dict(zip(scales, rest[k:]))
-        pred = mixed_forward(m, zt_img, c)
-        return sum(torch.nn.functional.mse_loss(pred[s], zt_msk[s]) for s in scales)
-
+    tr, va = (torch.from_numpy(i) for i in mapping_split(cid, cfg.val_frac, seed))
+    loss_fn = _loss_fn(scales)
     fc = FitConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, patience=cfg.patience, seed=seed, schedule=cfg.lr_schedule)
-    res = fit(model, loss_fn, [t[tr] for t in tensors], [t[va] for t in tensors] if len(va) else None, fc, out / "train",
-              resume=resume and (out / "train" / "state.json").exists(), desc="server mapping", progress=progress)
+    dp_report = None
+    if cfg.dp:
+        from ..privacy.dp import fit_dp
+
+        if resume:
+            raise CheckpointError(f"{out}: mapping.dp: --resume is not supported for DP-SGD training; train into a new folder")
+        res, dp_report = fit_dp(model, [t[tr] for t in tensors], [t[va] for t in tensors] if len(va) else None, scales, cfg, fc,
+                                progress=progress)
+    else:
+        res = fit(model, loss_fn, [t[tr] for t in tensors], [t[va] for t in tensors] if len(va) else None, fc, out / "train",
+                  resume=resume and (out / "train" / "state.json").exists(), desc="server mapping", progress=progress)
     save_weights(model, out / "mapping.safetensors")
     atomic_write_json(out / "config.json", {
         "mapping": asdict(mcfg), "train": asdict(cfg), "clients": clients,
         "image_shapes": img_shapes, "mask_shapes": mask_shapes, "n_pairs": {c: int((cid == i).sum()) for i, c in enumerate(clients)},
+        "n_train_rows": int(len(tr)), "n_val_rows": int(len(va)),
         "best_epoch": res.best_epoch, "best_val_loss": res.best_val, "epochs_run": len(res.history),
-        "history": res.history, "train_seconds": res.seconds, "seed": seed})
+        "history": res.history, "train_seconds": res.seconds, "seed": seed, "dp": dp_report})
     return model, res
+
+
+def mapping_split(cid: np.ndarray, val_frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The seeded per-hospital split of pooled training rows into (train rows, validation rows), sorted.
+
+    A pure function of the hospital index of each row, so the privacy audit can tell exactly which
+    rows the network was fitted on (members) and which only steered early stopping.
+    """
+    rng = np.random.default_rng(seed)
+    val_idx, tr_idx = [], []
+    for c in range(int(cid.max()) + 1 if len(cid) else 0):
+        idx = np.flatnonzero(cid == c)
+        idx = idx[rng.permutation(len(idx))]
+        n_val = int(round(len(idx) * val_frac)) if len(idx) >= 4 else 0
+        val_idx.extend(idx[:n_val].tolist())
+        tr_idx.extend(idx[n_val:].tolist())
+    return np.array(sorted(tr_idx), dtype=np.int64), np.array(sorted(val_idx), dtype=np.int64)
+
+
+def _loss_fn(scales: list[str]):
+    k = len(scales)
+
+    def loss_fn(m: MappingNet, batch) -> torch.Tensor:
+        c, rest = batch[0], batch[1:]
+        pred = mixed_forward(m, dict(zip(scales, rest[:k])), c)
+        return sum(torch.nn.functional.mse_loss(pred[s], t) for s, t in zip(scales, rest[k:]))
+
+    return loss_fn
+
+
+@torch.no_grad()
+def row_losses(model: MappingNet, batch: LatentBatch, *, batch_size: int = 64) -> np.ndarray:
+    """Per-row sum over scales of the mean squared error of the mapped image latents against the
+    sent mask latents, through the sender's adapters: the loss each training row contributes."""
+    model.eval()
+    scales = model.scales
+    img = {s: torch.from_numpy(np.asarray(a, np.float32)) for s, a in batch.latents("zt_img_").items()}
+    msk = {s: torch.from_numpy(np.asarray(a, np.float32)) for s, a in batch.latents("zt_msk_").items()}
+    out = []
+    for i in range(0, batch.n, batch_size):
+        pred = model({s: img[s][i:i + batch_size] for s in scales}, batch.client)
+        out.append(sum(((pred[s] - msk[s][i:i + batch_size]) ** 2).mean(dim=(1, 2, 3)) for s in scales).numpy())
+    return np.concatenate(out).astype(np.float64)
+
+
+class _AdaptersOnly(torch.nn.Module):
+    """Training wrapper for :func:`refit_adapters`: only one hospital's adapters learn; the shared
+    core and every other adapter stay frozen, normalisation statistics and dropout included."""
+
+    def __init__(self, net: MappingNet, client: str):
+        super().__init__()
+        self.net = net
+        for p in net.parameters():
+            p.requires_grad_(False)
+        for m in (net.in_adapters[client], net.out_adapters[client]):
+            for p in m.parameters():
+                p.requires_grad_(True)
+
+    def train(self, mode: bool = True):
+        self.training = mode
+        self.net.eval()
+        return self
+
+
+def refit_adapters(model_dir: str | Path, batch: LatentBatch, cfg: MappingTrainConfig, out_dir: str | Path, *, seed: int = 0,
+                   progress: bool = True) -> tuple[MappingNet, FitResult]:
+    """Re-fit one hospital's 1x1 adapters on its new ``train`` message (after a key rotation) with the
+    shared core frozen; writes a new model folder ``out_dir`` and never touches ``model_dir``."""
+    src, out = Path(model_dir), Path(out_dir)
+    if out.resolve() == src.resolve():
+        raise CheckpointError(f"{out}: --out must differ from the model folder; the old model is kept as it is")
+    if (out / "mapping.safetensors").exists():
+        raise CheckpointError(f"{out}: a trained mapping network already exists; choose another --out")
+    if batch.kind != "train":
+        raise ProtocolError(f"kind: expected a 'train' message for refitting adapters, got {batch.kind!r}")
+    server = MappingServer(src)
+    if batch.client not in server.clients:
+        raise ProtocolError(f"client: {batch.client!r} is not a hospital of {src} (known: {', '.join(server.clients)})")
+    validate(LatentBatch("query", batch.client, {k: v for k, v in batch.arrays.items() if k.startswith("zt_img_")}), server.image_shapes)
+    net = server.model.to(memory_format=torch.contiguous_format)
+    ch_in = {s: v[0] for s, v in server.image_shapes.items()}
+    ch_out = {s: v[0] for s, v in server.mask_shapes.items()}
+    with torch.random.fork_rng():  # identity adapters, as at the start of training
+        net.add_client(batch.client, ch_in, ch_out)
+    scales = net.scales
+    clients, _, _, tensors = pool_batches([batch])
+    tensors[0] = torch.full_like(tensors[0], net.clients.index(batch.client))
+    tr, va = (torch.from_numpy(i) for i in mapping_split(np.zeros(batch.n, np.int64), cfg.val_frac, seed))
+    wrapper = _AdaptersOnly(net, batch.client)
+    fc = FitConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, patience=cfg.patience, seed=seed, schedule=cfg.lr_schedule)
+    loss = _loss_fn(scales)
+    res = fit(wrapper, lambda m, b: loss(m.net, b), [t[tr] for t in tensors], [t[va] for t in tensors] if len(va) else None, fc,
+              out / "train", desc=f"refit adapters {batch.client}", progress=progress)
+    for p in net.parameters():
+        p.requires_grad_(True)
+    save_weights(net, out / "mapping.safetensors")
+    meta = json.loads((src / "config.json").read_text())
+    meta["refits"] = meta.get("refits", []) + [{"client": batch.client, "n_rows": batch.n, "best_epoch": res.best_epoch,
+                                                 "best_val_loss": res.best_val, "epochs_run": len(res.history), "from": src.name}]
+    atomic_write_json(out / "config.json", meta)
+    return net, res
 
 
 class MappingServer:

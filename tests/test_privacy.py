@@ -1,0 +1,300 @@
+"""The privacy audit and the defences: attack maths on hand-built latents, the membership pipeline on a
+memorising and on an independent model, the audit CLI on a tiny run, key rotation, DP-SGD, bad input."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from ppcmi import protocol
+from ppcmi.cli import app
+from ppcmi.config import AutoencoderConfig, Config, ConfigError, DataConfig, MappingTrainConfig
+from ppcmi.data import synth
+from ppcmi.errors import PpcmiError
+from ppcmi.klt import KeyedLatentTransform
+from ppcmi.privacy import attacks as A
+from ppcmi.privacy import membership as M
+
+runner = CliRunner()
+
+
+def _klt(channels: dict[str, int]) -> KeyedLatentTransform:
+    return KeyedLatentTransform(secrets.token_bytes(32), channels)  # a fresh key every run: no fixture holds one
+
+
+# ----------------------------------------------------------------------------- attack maths
+
+
+def test_procrustes_recovers_the_key_from_one_latent(rng):
+    c = 16
+    klt = _klt({"s3": c})
+    z = rng.standard_normal((1, c, 8, 8)).astype(np.float32)  # one image: 64 pixel equations for 16 channels
+    zt = klt.forward({"s3": torch.from_numpy(z)}, "image")["s3"].numpy()
+    m_hat, b_hat = A.procrustes_key(z, zt)
+    m, b = klt.matrix("image", "s3").double().numpy(), klt.bias("image", "s3").double().numpy()
+    assert A.relative_error(m_hat, m) < 1e-6
+    assert A.relative_error(b_hat, b) < 1e-6
+    # and the recovered key inverts unseen latents
+    z2 = rng.standard_normal((3, c, 8, 8)).astype(np.float32)
+    zt2 = klt.forward({"s3": torch.from_numpy(z2)}, "image")["s3"].numpy()
+    assert A.latent_error(A.invert_key(zt2, m_hat, b_hat), z2) < 1e-5
+
+
+def test_principal_component_coordinates_of_keyed_and_plain_latents_agree_up_to_sign(rng):
+    c = 12
+    klt = _klt({"s4": c})
+    scales = np.linspace(3.0, 0.3, c)[None, :, None, None]  # distinct variances, so components are well defined
+    z = (rng.standard_normal((6, c, 6, 6)) * scales).astype(np.float32)
+    zt = klt.forward({"s4": torch.from_numpy(z)}, "mask")["s4"].numpy()
+    p, k = A.pca_maps(z, 4), A.pca_maps(zt, 4)
+    for comp in range(4):
+        a, b = p[:, comp].ravel(), k[:, comp].ravel()
+        sign = np.sign(a @ b)
+        assert np.allclose(a, sign * b, atol=1e-4 * np.abs(a).max())
+
+
+def test_linear_map_and_linkage_and_scores_on_known_cases(rng):
+    src = rng.standard_normal((4, 5, 6, 6))
+    w_true = rng.standard_normal((3, 5))
+    dst = np.einsum("ij,njhw->nihw", w_true, src) + 0.5
+    w, c = A.fit_linear_map(src, dst, ridge=1e-12)
+    assert np.allclose(w, w_true, atol=1e-6) and np.allclose(c, 0.5, atol=1e-6)
+    scores = np.array([[0.9, 0.1, 0.2], [0.3, 0.2, 0.8]])
+    assert A.topk_accuracy(scores, np.array([0, 1]), 1) == 0.5 and A.topk_accuracy(scores, np.array([0, 1]), 2) == 0.5
+    img = rng.random((2, 16, 16))
+    s = A.image_scores(1 - img, img)  # a negative is perfect after the affine fit
+    assert np.allclose(s["ssim"], 1.0) and np.all(s["psnr"] >= 99)
+    fg = np.zeros((1, 4, 4), bool)
+    fg[0, :2] = True
+    assert A.dice(fg, fg)[0] == 1.0 and A.dice(~fg, fg)[0] == 0.0 and A.dice(fg & False, fg & False)[0] == 1.0
+
+
+# ----------------------------------------------------------------------------- membership
+
+
+def _tiny_mapping_data(rng, n: int, client: str = "h1") -> protocol.LatentBatch:
+    z = rng.standard_normal((n, 4, 4, 4)).astype(np.float32)
+    y = rng.standard_normal((n, 4, 4, 4)).astype(np.float32)  # targets unrelated to inputs: only memorising fits them
+    return protocol.LatentBatch("train", client, {"zt_img_b": z, "zt_msk_b": y})
+
+
+def test_membership_pipeline_detects_a_memorising_model_and_not_independent_data(tmp_path, rng):
+    from ppcmi.server.mapping import row_losses, train_mapping
+
+    members = _tiny_mapping_data(rng, 32)
+    cfg = MappingTrainConfig(widen=(16, 16, 16), mid=(16, 16), down=(8, 8, 8), dropout=0.0, val_frac=0.0, epochs=120, patience=120,
+                             batch_size=16)
+    model, _ = train_mapping([members], cfg, tmp_path / "memorise", seed=0, progress=False)
+    non_a, non_b = _tiny_mapping_data(rng, 300), _tiny_mapping_data(rng, 300)
+    ev = M.evaluate_scores(M.loss_threshold_scores(row_losses(model, members)), M.loss_threshold_scores(row_losses(model, non_a)))
+    assert ev["tpr_at_1pct_fpr"]["tpr"] >= 0.10 and ev["auc"] > 0.9
+    assert ev["tpr_at_0.1pct_fpr"] is None  # fewer than 2000 non-members
+    # two sets the model never saw, scored as if one were members: no signal
+    ind = M.evaluate_scores(M.loss_threshold_scores(row_losses(model, non_a)), M.loss_threshold_scores(row_losses(model, non_b)))
+    assert 0.43 <= ind["auc"] <= 0.57
+    assert ind["tpr_at_1pct_fpr"]["tpr_ci95"][0] <= 0.01 <= ind["tpr_at_1pct_fpr"]["tpr_ci95"][1] + 0.02
+
+
+def test_tpr_at_fpr_and_clopper_pearson_by_hand():
+    t = M.tpr_at_fpr(np.array([5.0, 4.0, 0.5, 0.1]), np.arange(100) / 100.0, 0.01)  # non-members 0.00..0.99
+    assert t["achieved_fpr"] == 0.01 and t["tp"] == 2 and t["tpr"] == 0.5  # threshold 0.98: 5 and 4 are above it
+    lo, hi = M.clopper_pearson(0, 20)
+    assert lo == 0.0 and abs(hi - (1 - 0.025 ** (1 / 20))) < 1e-9
+    lo, hi = M.clopper_pearson(10, 20)
+    assert 0.27 < lo < 0.28 and 0.72 < hi < 0.73
+
+
+def test_lira_offline_scores_prefer_records_the_target_fits_better_than_its_references():
+    ref = np.array([[1.0, 1.0, 2.0, 2.0], [1.1, 0.9, 2.1, 1.9]])
+    ref_in = np.zeros_like(ref, bool)
+    sc = M.lira_offline_scores(np.array([0.1, 1.0, 0.2, 2.0]), ref, ref_in)
+    assert sc[0] > sc[1] and sc[2] > sc[3]
+    mask = M.reference_assignment(np.array(["a", "a", "b", "c"]), 4, seed=1)
+    assert (mask.sum(0) == 2).all() and (mask[:, 0] == mask[:, 1]).all()  # a unit's rows go together
+    with pytest.raises(PpcmiError, match="even"):
+        M.reference_assignment(np.array(["a"]), 3)
+
+
+def test_members_and_nonmembers_are_patient_disjoint_by_construction():
+    s = M.make_split(["p1", "p1", "p2"], ["p3", "p4"], trained_groups=["p5"])
+    assert s.n_members == 3 and s.n_nonmembers == 2
+    with pytest.raises(PpcmiError, match="p2"):
+        M.make_split(["p1", "p2"], ["p2", "p3"])
+    with pytest.raises(PpcmiError, match="p5"):  # a validation-only patient is not a non-member either
+        M.make_split(["p1"], ["p5"], trained_groups=["p5"])
+
+
+def test_a_failed_positive_control_marks_the_attack_void():
+    from ppcmi.privacy.audit import _mia_entry, _verdict
+
+    base = {"ssim": {"mean": 0.2}, "psnr": {"mean": 12.0}, "dice": {"mean": 0.5}}
+    strong = {"ssim": {"mean": 0.6}, "psnr": {"mean": 20.0}, "dice": {"mean": 0.9}}
+    assert _verdict(strong, base, strong)["status"] == "succeeded"
+    assert _verdict(base, base, strong)["status"] == "not exceeded"
+    assert _verdict(strong, base, base)["status"] == "void"  # the control shows nothing: no verdict either way
+    ev = M.evaluate_scores(np.arange(50) + 1000.0, np.arange(200.0))
+    weak = M.evaluate_scores(np.arange(50.0), np.arange(200.0))
+    assert _mia_entry(ev, ev)["status"] == "succeeded"
+    assert _mia_entry(ev, weak)["status"] == "void"
+
+
+# ----------------------------------------------------------------------------- a tiny run: audit CLI, rotation
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from ppcmi.fileio import atomic_write_json
+    from ppcmi.simulate import public_summary, run_simulation
+
+    root = tmp_path_factory.mktemp("privacy")
+    data = synth(root / "data", sites=2, patients_per_site=3, slices_per_patient=4, size=32, n_classes=2, seed=3)
+    cfg = Config(seed=0, clients=2, data=DataConfig(size=32, group_csv=str(data / "groups.csv"), test_frac=0.3, partition="site"),
+                 autoencoder=AutoencoderConfig(width=0.25, epochs=25, patience=25, send_copies=2),
+                 mapping=MappingTrainConfig(widen=(8, 16, 16), mid=(16, 16), down=(8, 8, 8), epochs=25, patience=25, lr_schedule="cosine"))
+    res = run_simulation(cfg, data, root / "run", progress=False)
+    res.pop("_arrays")
+    atomic_write_json(root / "run" / "summary.json", public_summary(res))
+    return root, res
+
+
+def test_audit_cli_end_to_end_on_a_tiny_run(tiny_run):
+    root, _ = tiny_run
+    run = root / "run"
+    r = runner.invoke(app, ["audit", "--run", str(run), "-q", "--shadow-models", "2", "--shadow-epochs", "2", "--control-epochs", "30"])
+    assert r.exit_code == 0, r.output
+    a = json.loads((run / "audit" / "audit.json").read_text())
+    assert set(a["results"]) == {"A1", "A5", "A6", "A7", "A8", "M1", "M3"}
+    for name, res in a["results"].items():
+        assert res["status"] in ("succeeded", "not exceeded", "void"), name
+    md = (run / "audit" / "report.md").read_text()
+    assert "Conclusion" in md and "resistant" not in md.lower()
+    assert (run / "audit" / "roc.png").exists() and (run / "audit" / "a1_maps.png").exists()
+    # roles: members are training rows only, non-members come from patients no hospital holds
+    roles = a["roles"]
+    victim_patients = {p for v in roles["victims"].values() for p in v["patients"]}
+    assert not set(roles["membership"]["nonmember_patients"]) & victim_patients
+    assert not set(roles["aux"]["patients"]) & victim_patients
+    assert roles["membership"]["n_members"] + roles["membership"]["n_validation_rows_excluded"] == sum(
+        v["rows_sent"] for v in roles["victims"].values())
+    # the keyed transform is a per-pixel rotation: PCA maps of keyed and plain latents agree
+    for v in a["results"]["A1"]["per_victim"].values():
+        assert min(v["pc_agreement_min_abs_corr"].values()) > 0.999
+    # no key material in anything the audit wrote
+    keys = [p.read_bytes() for p in (run / "sites").glob("*/klt.key")]
+    for p in (run / "audit").rglob("*"):
+        if p.is_file():
+            blob = p.read_bytes()
+            for k in keys:
+                assert k not in blob and k.hex().encode() not in blob, p
+    # an existing audit is never overwritten
+    r = runner.invoke(app, ["audit", "--run", str(run), "-q", "--threats", "T1"])
+    assert r.exit_code == 2 and "holds an audit already" in r.output
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--run", "does/not/exist"], "does/not/exist: run folder not found"),
+    (["--run", ".", "--threats", "T1,T9"], "unknown threat T9"),
+])
+def test_audit_bad_input_is_one_line_and_exit_2(args, match, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = runner.invoke(app, ["audit", *args])
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert r.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0], r.output
+
+
+def test_audit_of_a_folder_that_is_not_a_run(tmp_path):
+    r = runner.invoke(app, ["audit", "--run", str(tmp_path)])
+    assert r.exit_code == 2 and "config.json: missing" in r.output
+
+
+def _dice_through(site, model_dir, images, masks) -> float:
+    from ppcmi.client.site import Hospital
+    from ppcmi.server.mapping import MappingServer
+
+    h, srv = Hospital(site), MappingServer(model_dir)
+    pred = h.unprotect(protocol.decode(protocol.encode(srv.handle(protocol.decode(protocol.encode(h.protect(images)))))))
+    return float(A.dice(pred > 0, masks > 0).mean())
+
+
+def test_rotate_key_round_trip(tiny_run, tmp_path):
+    from ppcmi.client.keys import load_key
+    from ppcmi.data import discover_cases, load_arrays
+    from ppcmi.simulate import plan
+    from ppcmi.config import from_dict
+
+    root, _ = tiny_run
+    run = root / "run"
+    raw = json.loads((run / "config.json").read_text())
+    pl = plan(from_dict({k: v for k, v in raw.items() if k != "data_dir"}), raw["data_dir"])
+    test = load_arrays(pl.test, pl.prep, pl.labels)
+    site = tmp_path / "site"
+    shutil.copytree(run / "sites" / "hospital1", site)
+    own = tmp_path / "own"  # hospital1's own training data as a dataset folder
+    for sub in ("images", "masks"):
+        (own / sub).mkdir(parents=True)
+    for c in pl.hospitals["hospital1"]:
+        shutil.copy(c.image_path, own / "images")
+        shutil.copy(c.mask_path, own / "masks")
+    before = _dice_through(site, run / "server", test["images"], test["masks"])
+    old_key = load_key(site / "klt.key")
+
+    r = runner.invoke(app, ["client", "rotate-key", "--site-dir", str(site), "--data", str(own), "--out", str(tmp_path / "new.train")])
+    assert r.exit_code == 0, r.output
+    backup = site / "klt.key.1.bak"
+    assert load_key(backup) == old_key and (backup.stat().st_mode & 0o777) == 0o600
+    assert load_key(site / "klt.key") != old_key
+    assert str(old_key.hex()) not in r.output
+    r = runner.invoke(app, ["server", "refit-adapters", "--model", str(run / "server"), "--message", str(tmp_path / "new.train"),
+                            "--out", str(tmp_path / "server2"), "-q", "--set", "mapping.epochs=40", "--set", "mapping.patience=40"])
+    assert r.exit_code == 0, r.output
+    after = _dice_through(site, tmp_path / "server2", test["images"], test["masks"])
+    assert after >= before - 0.1, (before, after)
+    # the old key's latents no longer map: the old key against the refitted adapters
+    stale = tmp_path / "stale"
+    shutil.copytree(site, stale)
+    (stale / "klt.key").unlink()
+    shutil.copy(backup, stale / "klt.key")
+    (stale / "klt.key").chmod(0o600)
+    old_through_new = _dice_through(stale, tmp_path / "server2", test["images"], test["masks"])
+    assert old_through_new < after - 0.2, (old_through_new, after)
+    # a second rotation keeps both earlier keys
+    r = runner.invoke(app, ["client", "rotate-key", "--site-dir", str(site), "--data", str(own), "--out", str(tmp_path / "newer.train")])
+    assert r.exit_code == 0 and (site / "klt.key.2.bak").exists() and load_key(backup) == old_key
+    # the model folder being refitted is never overwritten
+    r = runner.invoke(app, ["server", "refit-adapters", "--model", str(run / "server"), "--message", str(tmp_path / "new.train"),
+                            "--out", str(run / "server")])
+    assert r.exit_code == 2 and "must differ" in r.output
+
+
+# ----------------------------------------------------------------------------- DP-SGD and the noise knob
+
+
+def test_dp_sgd_trains_and_reports_epsilon(tmp_path, rng):
+    from ppcmi.server.mapping import MappingServer, train_mapping
+
+    b1, b2 = _tiny_mapping_data(rng, 24, "h1"), _tiny_mapping_data(rng, 24, "h2")
+    cfg = MappingTrainConfig(widen=(8, 8, 8), mid=(8, 8), down=(8, 8, 8), epochs=2, norm="group", dp=True, dp_noise=1.0, dp_clip=1.0)
+    train_mapping([b1, b2], cfg, tmp_path / "dp", progress=False)
+    meta = json.loads((tmp_path / "dp" / "config.json").read_text())
+    dp = meta["dp"]
+    assert np.isfinite(dp["epsilon"]) and dp["epsilon"] > 0 and dp["delta"] == 1 / meta["n_train_rows"]
+    assert len(meta["history"]) == 2 and "epsilon" in meta["history"][-1]
+    MappingServer(tmp_path / "dp")  # the DP-trained weights load as an ordinary model
+    # more noise, less epsilon
+    train_mapping([b1, b2], MappingTrainConfig(**{**cfg.__dict__, "dp_noise": 4.0}), tmp_path / "dp4", progress=False)
+    assert json.loads((tmp_path / "dp4" / "config.json").read_text())["dp"]["epsilon"] < dp["epsilon"]
+
+
+def test_dp_and_noise_settings_are_checked():
+    with pytest.raises(ConfigError, match="mapping.dp"):
+        MappingTrainConfig(dp=True)  # BatchNorm
+    with pytest.raises(ConfigError, match="send_noise"):
+        AutoencoderConfig(send_noise=-1.0)
+    with pytest.raises(ConfigError, match="mapping.norm"):
+        MappingTrainConfig(norm="layer")
