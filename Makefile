@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test install clean bench-psfhs bench-acdc bench-sunnybrook bench-latency bench-plots audit-sunnybrook audit-psfhs audit-acdc
+.PHONY: demo test install clean bench-psfhs bench-acdc bench-sunnybrook bench-latency bench-load bench-plots audit-sunnybrook audit-psfhs audit-acdc
 
 install: $(STAMP)
 
@@ -35,6 +35,9 @@ bench-sunnybrook: $(STAMP)
 bench-latency: $(STAMP)
 	$(PY) benchmarks/latency.py --out benchmarks/results --configs cpu,compact --tag cpu
 	$(PY) benchmarks/latency.py --out benchmarks/results --configs published --tag published
+
+bench-load: $(STAMP)
+	$(PY) benchmarks/load.py --out benchmarks/results
 
 bench-plots: $(STAMP)
 	$(PY) benchmarks/plots.py --results benchmarks/results
