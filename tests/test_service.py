@@ -26,11 +26,11 @@ from typer.testing import CliRunner
 
 from ppcmi import certs, protocol
 from ppcmi.cli import app as cli_app
-from ppcmi.client.remote import tls_context
+from ppcmi.client.remote import ServiceClient, tls_context
 from ppcmi.client.site import Hospital
 from ppcmi.config import AutoencoderConfig, Config, DataConfig, MappingTrainConfig
 from ppcmi.data import synth
-from ppcmi.errors import PpcmiError
+from ppcmi.errors import PpcmiError, ServiceError
 from ppcmi.server.mapping import MappingServer
 from ppcmi.simulate import run_simulation
 
@@ -370,6 +370,13 @@ def test_cli_errors_connection_refused_wrong_certificate_and_server_4xx(world, t
     try:
         line = predict(small.url)
         assert "HTTP 413" in line and "exceeds the limit of 64 bytes" in line
+        # far over the limit: answered at once and the connection closed; the client may see the
+        # reset before the 413, and then says what most likely happened
+        with ServiceClient(small.url, cert=tls / "clients" / "hospital1.pem", key=tls / "clients" / "hospital1.key",
+                           ca=tls / "ca.pem") as c:
+            with pytest.raises(ServiceError, match=r"HTTP 413|probably larger than its --max-bytes"):
+                c.map(b"\0" * (3 * 1024 * 1024))
+            assert c.health()["status"] == "ok"
     finally:
         small.stop()
     assert "--server needs --key, --ca" in cli("predict", *images, "--site-dir", site, "--server", "https://x:1",

@@ -90,6 +90,11 @@ class ServiceClient:
         try:
             r = self._http.request(method, path, **kwargs)
         except httpx.TransportError as e:
+            if method == "POST" and not isinstance(e, (httpx.ConnectError, httpx.TimeoutException)) and self._healthy():
+                # the connection was dropped mid-request, yet the certificate is accepted: a body far over the limit
+                raise ServiceError(f"{self.url}{path}: the server closed the connection without answering, although it accepts "
+                                   f"this hospital's certificate; the request ({len(kwargs.get('content') or b'')} bytes) is "
+                                   "probably larger than its --max-bytes") from None
             raise ServiceError(_explain(e, self.url)) from None
         if r.status_code >= 400:
             try:
@@ -99,6 +104,14 @@ class ServiceClient:
             what = "refused the request" if r.status_code < 500 else "failed"
             raise ServiceError(f"{self.url}{path}: the server {what} (HTTP {r.status_code}): {detail}")
         return r
+
+    def _healthy(self) -> bool:
+        import httpx
+
+        try:
+            return self._http.get("/healthz").status_code == 200
+        except httpx.TransportError:
+            return False
 
     def map(self, query: bytes) -> bytes:
         """Post protocol bytes of a query; return the reply's protocol bytes."""

@@ -13,7 +13,7 @@ query whose ``client`` differs is refused with 403. Client mistakes get a 4xx wi
 ``{"error": "<field>: <what is wrong>"}`` and never stop the service: 400 for a malformed or
 invalid message, 403 for an identity mismatch or a hospital this model does not serve, 413 for a
 body over ``max_bytes`` (checked on ``Content-Length`` before reading, and again while
-streaming), 415 for another content type. Parsing and mapping run in a worker thread (the event
+streaming; never buffered past the limit), 415 for another content type. Parsing and mapping run in a worker thread (the event
 loop keeps serving), at most ``concurrency`` at a time, on one shared model instance.
 
 FastAPI and uvicorn come with the optional ``service`` extra and are imported only when a
@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BYTES = 16 * 1024 * 1024  # 36 images of 256 x 256 at full autoencoder width, float32
 DEFAULT_PORT = 8443
+# A body at most this much over the limit is read to its end and dropped before the 413, so
+# the client surely gets the answer; a larger one is answered at once and the connection closed
+# (the client may then see the connection reset before it reads the 413: HTTP/1.1 has no better way).
+DRAIN_BYTES = 1024 * 1024
 OCTET = "application/octet-stream"
 
 
@@ -142,16 +146,24 @@ def create_app(model_dir: str | Path, *, max_bytes: int = DEFAULT_MAX_BYTES, con
             ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
             if ctype != OCTET:
                 raise _Refused(415, f"content-type: expected {OCTET}, got {ctype or 'none'!r}")
-            declared = request.headers.get("content-length")
-            if declared is not None and int(declared) > max_bytes:  # h11 has already checked it is a number
-                raise _Refused(413, f"body: Content-Length {declared} exceeds the limit of {max_bytes} bytes")
+            declared = request.headers.get("content-length")  # h11 has already checked it is a number
+            too_big = None
+            if declared is not None and int(declared) > max_bytes:
+                too_big = f"body: Content-Length {declared} exceeds the limit of {max_bytes} bytes"
+                if int(declared) > max_bytes + DRAIN_BYTES:
+                    raise _Refused(413, too_big)  # answered before reading any of it
             chunks, size = [], 0
             async for chunk in request.stream():
                 size += len(chunk)
                 if size > max_bytes:
-                    raise _Refused(413, f"body: more than the limit of {max_bytes} bytes")
-                chunks.append(chunk)
+                    too_big = too_big or f"body: more than the limit of {max_bytes} bytes"
+                    if size > max_bytes + DRAIN_BYTES:
+                        raise _Refused(413, too_big)
+                if too_big is None:
+                    chunks.append(chunk)
             body_read = True
+            if too_big is not None:  # a small excess was read and dropped: the answer arrives and the connection stays usable
+                raise _Refused(413, too_big)
             reply = await anyio.to_thread.run_sync(map_bytes, b"".join(chunks), caller, limiter=limiter)
         except _Refused as e:
             log.info("refused a request (%d): %s", e.status, e)
