@@ -195,7 +195,7 @@ def results_md(dataset: str, rows: dict) -> str:
     if "rotation" in rows:
         rr = rows["rotation"]
         L += ["", f"Key rotation ({rr['hospital']}): Dice {rr['dice_before']:.4f} before, {rr['dice_after']:.4f} after re-fitting only its "
-                  f"adapters ({rr['refit_seconds']:.0f} s), {rr['dice_old_key_new_adapters']:.4f} when the old key's latents are sent "
+                  f"adapters ({rr.get('refit_epochs', '?')} epochs, {rr['refit_seconds']:.0f} s), {rr['dice_old_key_new_adapters']:.4f} when the old key's latents are sent "
                   "to the re-fitted adapters."]
     return "\n".join(L) + "\n"
 
@@ -212,6 +212,7 @@ def main(argv=None) -> int:
     p.add_argument("--shadow-models", type=int, default=2)
     p.add_argument("--shadow-epochs", type=int, default=None)
     p.add_argument("--control-epochs", type=int, default=100)
+    p.add_argument("--refit-epochs", type=int, default=None, help="adapter re-fit epochs after rotation (default: mapping.epochs)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--results", type=Path, default=Path("benchmarks/results"))
     args = p.parse_args(argv)
@@ -229,9 +230,12 @@ def main(argv=None) -> int:
         log.info("variant %s", v)
         vcfg = variant_config(cfg, v, args)
         if v == "rotation":
-            rows[v] = rotation(vcfg, args.data, base, args.out / v)
+            if args.refit_epochs:
+                vcfg = load_config(None, [f"mapping.epochs={args.refit_epochs}", f"mapping.patience={args.refit_epochs}"], base=vcfg)
+            rows[v] = {**rotation(vcfg, args.data, base, args.out / v), "refit_epochs": vcfg.mapping.epochs}
             continue
-        run = args.out / v
+        key = f"{v}-{args.noise:g}" if v.startswith("noise") else v  # one folder and row per noise level
+        run = args.out / key
         if v == "noise_fixed":
             summ = noise_fixed(vcfg, args.data, base, run)
         else:
@@ -249,7 +253,7 @@ def main(argv=None) -> int:
                    + (f"ε={a['defences']['dp']['epsilon']:.2f} at δ=1/{a['defences']['dp']['n_rows']}" if a["defences"].get("dp") else ""),
                    "no_skips": "bottleneck only",
                    "noise_fixed": f"latent noise std {args.noise}, baseline mapping network (not retrained)"}[v]
-        rows[v] = {"dice": summ["ppcmi"]["fg_dice"]["mean"], "setting": setting, "headline": headline(a), "succeeded": a["succeeded"],
+        rows[key] = {"dice": summ["ppcmi"]["fg_dice"]["mean"], "setting": setting, "headline": headline(a), "succeeded": a["succeeded"],
                    "void": a["void"], "conclusion": a["conclusion"], "defences": a["defences"], "config": to_dict(vcfg)}
     old = args.results / f"privacy-{args.dataset}.json"
     merged = {**(json.loads(old.read_text())["variants"] if old.exists() else {}), **rows}

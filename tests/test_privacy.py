@@ -87,9 +87,9 @@ def _tiny_mapping_data(rng, n: int, client: str = "h1") -> protocol.LatentBatch:
 def test_membership_pipeline_detects_a_memorising_model_and_not_independent_data(tmp_path, rng):
     from ppcmi.server.mapping import row_losses, train_mapping
 
-    members = _tiny_mapping_data(rng, 32)
-    cfg = MappingTrainConfig(widen=(16, 16, 16), mid=(16, 16), down=(8, 8, 8), dropout=0.0, val_frac=0.0, epochs=120, patience=120,
-                             batch_size=16)
+    members = _tiny_mapping_data(rng, 16)
+    cfg = MappingTrainConfig(widen=(16, 16, 16), mid=(16, 16), down=(8, 8, 8), pyramid=False, dropout=0.0, val_frac=0.0, epochs=60,
+                             patience=60, batch_size=16)
     model, _ = train_mapping([members], cfg, tmp_path / "memorise", seed=0, progress=False)
     non_a, non_b = _tiny_mapping_data(rng, 300), _tiny_mapping_data(rng, 300)
     ev = M.evaluate_scores(M.loss_threshold_scores(row_losses(model, members)), M.loss_threshold_scores(row_losses(model, non_a)))
@@ -155,8 +155,8 @@ def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("privacy")
     data = synth(root / "data", sites=2, patients_per_site=3, slices_per_patient=4, size=32, n_classes=2, seed=3)
     cfg = Config(seed=0, clients=2, data=DataConfig(size=32, group_csv=str(data / "groups.csv"), test_frac=0.3, partition="site"),
-                 autoencoder=AutoencoderConfig(width=0.25, epochs=25, patience=25, send_copies=2),
-                 mapping=MappingTrainConfig(widen=(8, 16, 16), mid=(16, 16), down=(8, 8, 8), epochs=25, patience=25, lr_schedule="cosine"))
+                 autoencoder=AutoencoderConfig(width=0.25, epochs=20, patience=20, send_copies=2),
+                 mapping=MappingTrainConfig(widen=(8, 16, 16), mid=(16, 16), down=(8, 8, 8), epochs=20, patience=20, lr_schedule="cosine"))
     res = run_simulation(cfg, data, root / "run", progress=False)
     res.pop("_arrays")
     atomic_write_json(root / "run" / "summary.json", public_summary(res))
@@ -166,7 +166,7 @@ def tiny_run(tmp_path_factory):
 def test_audit_cli_end_to_end_on_a_tiny_run(tiny_run):
     root, _ = tiny_run
     run = root / "run"
-    r = runner.invoke(app, ["audit", "--run", str(run), "-q", "--shadow-models", "2", "--shadow-epochs", "2", "--control-epochs", "30"])
+    r = runner.invoke(app, ["audit", "--run", str(run), "-q", "--shadow-models", "2", "--shadow-epochs", "2", "--control-epochs", "20"])
     assert r.exit_code == 0, r.output
     a = json.loads((run / "audit" / "audit.json").read_text())
     assert set(a["results"]) == {"A1", "A5", "A6", "A7", "A8", "M1", "M3"}
@@ -251,7 +251,7 @@ def test_rotate_key_round_trip(tiny_run, tmp_path):
     assert load_key(site / "klt.key") != old_key
     assert str(old_key.hex()) not in r.output
     r = runner.invoke(app, ["server", "refit-adapters", "--model", str(run / "server"), "--message", str(tmp_path / "new.train"),
-                            "--out", str(tmp_path / "server2"), "-q", "--set", "mapping.epochs=40", "--set", "mapping.patience=40"])
+                            "--out", str(tmp_path / "server2"), "-q", "--set", "mapping.epochs=30", "--set", "mapping.patience=30"])
     assert r.exit_code == 0, r.output
     after = _dice_through(site, tmp_path / "server2", test["images"], test["masks"])
     assert after >= before - 0.1, (before, after)
