@@ -320,7 +320,7 @@ def test_metric_summary_round_trips_through_a_metric_record():
 
 def test_flower_commands_have_help_and_write_their_files(tmp_path):
     runner = CliRunner()
-    for cmd in (["deploy"], ["flower", "certs"], ["flower", "keygen"], ["flower", "app"]):
+    for cmd in (["deploy"], ["certs", "init"], ["flower", "keygen"], ["flower", "app"]):
         r = runner.invoke(app, [*cmd, "--help"])
         assert r.exit_code == 0 and "Usage" in r.output, (cmd, r.output)
     assert runner.invoke(app, ["flower", "keygen", "--out", str(tmp_path / "auth")]).exit_code == 0
