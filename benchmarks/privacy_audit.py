@@ -76,7 +76,7 @@ def simulate(cfg, data: Path, out: Path, baseline: Path | None) -> dict:
     return public_summary(res)
 
 
-def rotation(cfg, data: Path, base: Path, out: Path) -> dict:
+def rotation(cfg, data: Path, base: Path, out: Path, identity_init: bool = False) -> dict:
     """hospital1 rotates its key; the server re-fits its adapters; Dice before/after and with the old key."""
     if (out / "rotation.json").exists():
         return json.loads((out / "rotation.json").read_text())
@@ -97,14 +97,16 @@ def rotation(cfg, data: Path, base: Path, out: Path) -> dict:
     msg = Hospital(site).training_batch(arr["images"], arr["masks"], copies=cfg.autoencoder.send_copies, noise=cfg.autoencoder.send_noise)
     if (out / "server").exists():
         shutil.rmtree(out / "server")
-    refit_adapters(base / "server", protocol.decode(protocol.encode(msg)), cfg.mapping, out / "server", seed=cfg.seed, progress=False)
+    previous = protocol.decode((base / "wire" / f"{name}.train.ppcmi").read_bytes())  # the server kept what it received
+    refit_adapters(base / "server", protocol.decode(protocol.encode(msg)), cfg.mapping, out / "server", seed=cfg.seed,
+                   previous=None if identity_init else previous, progress=False)
     seconds = time.perf_counter() - t0
 
     def dice(site_dir: Path, model: Path) -> float:
         _, rows = infer_and_score({name: Hospital(site_dir)}, {name: MappingServer(model)}, test, pl.labels, size=cfg.data.eval_size)
         return summarize(rows)["fg_dice"]["mean"]
 
-    res = {"hospital": name, "dice_before": dice(base / "sites" / name, base / "server"), "dice_after": dice(site, out / "server"),
+    res = {"hospital": name, "adapter_init": "identity" if identity_init else "least squares from the previous message", "dice_before": dice(base / "sites" / name, base / "server"), "dice_after": dice(site, out / "server"),
            "dice_old_key_new_adapters": dice(stale, out / "server"), "refit_seconds": seconds}
     shutil.rmtree(stale)  # holds the old key: not kept
     atomic_write_json(out / "rotation.json", res)
@@ -183,7 +185,7 @@ def results_md(dataset: str, rows: dict) -> str:
          "| variant | Dice | defence setting | A1 SSIM / Dice gain | A5 k to recover | A6 SSIM / Dice gain | A7 top-1 (pool) | A8 SSIM raw | "
          "M1 AUC, TPR@1% [hi] | M3 AUC, TPR@1% [hi] | succeeded | void |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for v, r in rows.items():
-        if v == "rotation":
+        if v.startswith("rotation"):
             continue
         h = r.get("headline", {})
         L.append(f"| {v} | {_f(r.get('dice'), 4)} | {r.get('setting', '')} | {_f(h.get('A1_ssim_gain_max'))} / {_f(h.get('A1_dice_gain_max'))} | "
@@ -192,9 +194,10 @@ def results_md(dataset: str, rows: dict) -> str:
                  f"{_f(h.get('M1_auc'))}, {_f(h.get('M1_tpr1'), 4)} [{_f(h.get('M1_tpr1_hi'), 4)}] | "
                  f"{_f(h.get('M3_auc'))}, {_f(h.get('M3_tpr1'), 4)} [{_f(h.get('M3_tpr1_hi'), 4)}] | "
                  f"{', '.join(r.get('succeeded', [])) or 'none'} | {', '.join(r.get('void', [])) or 'none'} |")
-    if "rotation" in rows:
-        rr = rows["rotation"]
-        L += ["", f"Key rotation ({rr['hospital']}): Dice {rr['dice_before']:.4f} before, {rr['dice_after']:.4f} after re-fitting only its "
+    for v, rr in rows.items():
+        if not v.startswith("rotation"):
+            continue
+        L += ["", f"Key rotation ({rr['hospital']}, adapters from {rr.get('adapter_init', 'identity')}): Dice {rr['dice_before']:.4f} before, {rr['dice_after']:.4f} after re-fitting only its "
                   f"adapters ({rr.get('refit_epochs', '?')} epochs, {rr['refit_seconds']:.0f} s), {rr['dice_old_key_new_adapters']:.4f} when the old key's latents are sent "
                   "to the re-fitted adapters."]
     return "\n".join(L) + "\n"

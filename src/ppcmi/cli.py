@@ -210,18 +210,22 @@ def client_rotate_key(site_dir: Path = typer.Option(..., "--site-dir", "-s", hel
 def server_refit_adapters(model: Path = typer.Option(..., "--model", "-m", help="The trained model folder (left untouched)."),
                           message: Path = typer.Option(..., "--message", help="The hospital's new 'train' message after a key rotation."),
                           out: Path = typer.Option(..., "--out", "-o", help="New model folder."),
+                          previous: Optional[Path] = typer.Option(None, "--previous", help="The hospital's earlier 'train' message: "
+                                                                  "adapters start from the old-to-new change of frame (see PRIVACY.md)."),
                           config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt, quiet: bool = QuietOpt):
     """Re-fit one hospital's 1x1 adapters on its new message with the shared core frozen (after 'client rotate-key')."""
     from . import protocol
     from .server.mapping import refit_adapters
 
     cfg = _cfg(config, set_)
-    try:
-        batch = protocol.decode(message.read_bytes())
-    except PpcmiError as e:
-        raise PpcmiError(f"{message}: {e}") from None
-    _, res = refit_adapters(model, batch, cfg.mapping, out, seed=cfg.seed, progress=not quiet)
-    typer.echo(f"adapters of {batch.client}: best val loss {res.best_val:.4f} at epoch {res.best_epoch} ({len(res.history)} epochs) -> {out}")
+    msgs = []
+    for p in [message] + ([previous] if previous else []):
+        try:
+            msgs.append(protocol.decode(p.read_bytes()))
+        except PpcmiError as e:
+            raise PpcmiError(f"{p}: {e}") from None
+    _, res = refit_adapters(model, msgs[0], cfg.mapping, out, seed=cfg.seed, previous=msgs[1] if previous else None, progress=not quiet)
+    typer.echo(f"adapters of {msgs[0].client}: best val loss {res.best_val:.4f} at epoch {res.best_epoch} ({len(res.history)} epochs) -> {out}")
 
 
 @server_app.command("train")

@@ -188,10 +188,61 @@ class _AdaptersOnly(torch.nn.Module):
         return self
 
 
+def _centred_norms(a: np.ndarray) -> np.ndarray:
+    """Per-row signature invariant to any per-pixel orthogonal map plus bias: centred per-pixel norms, flattened."""
+    a = np.asarray(a, np.float64)
+    return np.linalg.norm(a - a.mean(axis=(0, 2, 3), keepdims=True), axis=1).reshape(len(a), -1)
+
+
+def match_rows(new: LatentBatch, old: LatentBatch, tol: float = 1e-3) -> tuple[np.ndarray, np.ndarray]:
+    """Pair the rows of two messages that carry the same inputs under different keys: mutual nearest
+    neighbours of the key-invariant signatures, kept when their distance is below ``tol`` relative."""
+    s = next(iter(new.latents("zt_img_")))
+    a, b = _centred_norms(new.latents("zt_img_")[s]), _centred_norms(old.latents("zt_img_")[s])
+    d = ((a[:, None] - b[None]) ** 2).sum(-1)
+    fwd, back = d.argmin(1), d.argmin(0)
+    scale = np.maximum((a ** 2).sum(1), 1e-12)
+    keep = np.flatnonzero((back[fwd] == np.arange(len(a))) & (d[np.arange(len(a)), fwd] <= tol ** 2 * scale))
+    return keep, fwd[keep]
+
+
+def _lsq_1x1(src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Least-squares ``dst ≈ A src + c`` per pixel over (N, C, H, W) arrays."""
+    x = np.moveaxis(np.asarray(src, np.float64), 1, -1).reshape(-1, src.shape[1])
+    y = np.moveaxis(np.asarray(dst, np.float64), 1, -1).reshape(-1, dst.shape[1])
+    mx, my = x.mean(0), y.mean(0)
+    a = np.linalg.lstsq(x - mx, y - my, rcond=None)[0].T
+    return a, my - a @ mx
+
+
+@torch.no_grad()
+def _compose(conv: torch.nn.Conv2d, pre: tuple[np.ndarray, np.ndarray] | None = None, post: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+    """Replace a 1x1 conv y = W x + b by y = W (A x + c) + b (``pre``) or by y = A (W x + b) + c (``post``)."""
+    w = conv.weight[:, :, 0, 0].double().numpy()
+    b = conv.bias.double().numpy()
+    if pre is not None:
+        a, c = pre
+        w, b = w @ a, w @ c + b
+    if post is not None:
+        a, c = post
+        w, b = a @ w, a @ b + c
+    conv.weight.copy_(torch.from_numpy(w).float()[:, :, None, None])
+    conv.bias.copy_(torch.from_numpy(b).float())
+
+
 def refit_adapters(model_dir: str | Path, batch: LatentBatch, cfg: MappingTrainConfig, out_dir: str | Path, *, seed: int = 0,
-                   progress: bool = True) -> tuple[MappingNet, FitResult]:
+                   previous: LatentBatch | None = None, progress: bool = True) -> tuple[MappingNet, FitResult]:
     """Re-fit one hospital's 1x1 adapters on its new ``train`` message (after a key rotation) with the
-    shared core frozen; writes a new model folder ``out_dir`` and never touches ``model_dir``."""
+    shared core frozen; writes a new model folder ``out_dir`` and never touches ``model_dir``.
+
+    Training adapters from the identity does not work in practice: the shared core, not the adapters,
+    absorbed each hospital's old key during stage 2 (measured in PRIVACY.md). With ``previous``, the
+    hospital's earlier ``train`` message, the adapters start from the exact old-to-new change of frame,
+    fitted by least squares on the rows both messages carry (matched by key-invariant signatures).
+    That means the server learns the relation between the old and the new key; it could link the two
+    messages anyway, so a rotation protects only against holders of the old key who do not also hold
+    the server's records.
+    """
     src, out = Path(model_dir), Path(out_dir)
     if out.resolve() == src.resolve():
         raise CheckpointError(f"{out}: --out must differ from the model folder; the old model is kept as it is")
@@ -206,9 +257,24 @@ def refit_adapters(model_dir: str | Path, batch: LatentBatch, cfg: MappingTrainC
     net = server.model.to(memory_format=torch.contiguous_format)
     ch_in = {s: v[0] for s, v in server.image_shapes.items()}
     ch_out = {s: v[0] for s, v in server.mask_shapes.items()}
-    with torch.random.fork_rng():  # identity adapters, as at the start of training
-        net.add_client(batch.client, ch_in, ch_out)
     scales = net.scales
+    init = "identity"
+    if previous is not None:
+        if previous.client != batch.client or previous.kind != "train":
+            raise ProtocolError(f"previous: expected {batch.client!r}'s earlier 'train' message, got {previous.kind!r} from {previous.client!r}")
+        new_idx, old_idx = match_rows(batch, previous)
+        if len(new_idx) < 2:
+            raise ProtocolError("previous: no rows of the new message match the previous one; re-encode the same training pairs")
+        with torch.no_grad():
+            for s in scales:  # in: new frame -> old frame, then the old adapter; out: old adapter, then old frame -> new frame
+                _compose(net.in_adapters[batch.client][s], pre=_lsq_1x1(batch.latents("zt_img_")[s][new_idx],
+                                                                        previous.latents("zt_img_")[s][old_idx]))
+                _compose(net.out_adapters[batch.client][s], post=_lsq_1x1(previous.latents("zt_msk_")[s][old_idx],
+                                                                          batch.latents("zt_msk_")[s][new_idx]))
+        init = f"least squares from {len(new_idx)} rows matched with the previous message"
+    else:
+        with torch.random.fork_rng():  # identity adapters, as at the start of training
+            net.add_client(batch.client, ch_in, ch_out)
     clients, _, _, tensors = pool_batches([batch])
     tensors[0] = torch.full_like(tensors[0], net.clients.index(batch.client))
     tr, va = (torch.from_numpy(i) for i in mapping_split(np.zeros(batch.n, np.int64), cfg.val_frac, seed))
@@ -221,7 +287,7 @@ def refit_adapters(model_dir: str | Path, batch: LatentBatch, cfg: MappingTrainC
         p.requires_grad_(True)
     save_weights(net, out / "mapping.safetensors")
     meta = json.loads((src / "config.json").read_text())
-    meta["refits"] = meta.get("refits", []) + [{"client": batch.client, "n_rows": batch.n, "best_epoch": res.best_epoch,
+    meta["refits"] = meta.get("refits", []) + [{"client": batch.client, "n_rows": batch.n, "init": init, "best_epoch": res.best_epoch,
                                                  "best_val_loss": res.best_val, "epochs_run": len(res.history), "from": src.name}]
     atomic_write_json(out / "config.json", meta)
     return net, res
