@@ -20,6 +20,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 STAGES = ("encode", "map", "decode")
 
 
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _dice(summary: dict) -> tuple[float, float, float] | None:
     d = summary.get("fg_dice") or {}
     if d.get("mean") is None:
@@ -48,11 +55,7 @@ def dice_plot(benches: dict[str, dict], out: Path) -> Path:
         ax.set_xlabel("merged-foreground Dice % (95 % CI)")
         ax.set_title(ds)
         ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
-    path = out / "dice.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "dice.png")
 
 
 def latency_plot(latency: dict[str, dict], out: Path) -> Path:
@@ -76,11 +79,7 @@ def latency_plot(latency: dict[str, dict], out: Path) -> Path:
     ax.set_xlabel("ms per 256x256 image, batch 1 (median of 50, 2-core CPU)")
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
-    path = out / "latency.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "latency.png")
 
 
 def payload_plot(benches: dict[str, dict], out: Path) -> Path:
@@ -105,11 +104,7 @@ def payload_plot(benches: dict[str, dict], out: Path) -> Path:
     ax.set_ylabel("merged-foreground Dice %")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = out / "payload_vs_dice.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "payload_vs_dice.png")
 
 
 def main() -> None:

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from monai.losses import DiceCELoss
 from monai.networks.nets import UNet
 
 from .augment import batch_augmenter
+from .models import resample_scores
 from .config import Config
 from .training import FitConfig, FitResult, fit, seeded_init
 
@@ -60,8 +60,5 @@ def predict_unet(model: UNet, images: np.ndarray, batch_size: int = 16, size: in
     model.eval()
     out = []
     for i in range(0, len(images), batch_size):
-        logits = model(torch.from_numpy(images[i:i + batch_size]).float())
-        if size is not None and size != logits.shape[-1]:
-            logits = F.interpolate(logits, size=(size, size), mode="bilinear", align_corners=False)
-        out.append(logits.argmax(1))
+        out.append(resample_scores(model(torch.from_numpy(images[i:i + batch_size]).float()), size).argmax(1))
     return torch.cat(out).numpy().astype(np.int64)

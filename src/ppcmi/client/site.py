@@ -27,7 +27,7 @@ from ..config import AutoencoderConfig, DataConfig
 from ..errors import CheckpointError, PpcmiError
 from ..fileio import atomic_write_json
 from ..klt import KeyedLatentTransform
-from ..models import AEConfig, Autoencoder
+from ..models import AEConfig, Autoencoder, resample_scores
 from ..protocol import LatentBatch
 from ..augment import augment_batch, batch_augmenter
 from ..training import FitConfig, FitResult, bce_dice_loss, fit, load_weights, save_weights, seeded_init
@@ -212,7 +212,5 @@ class Hospital:
             raise PpcmiError(f"client: reply is addressed to {reply.client!r}, this site is {self.name!r}")
         zt = {s: torch.from_numpy(np.asarray(a, dtype=np.float32)) for s, a in reply.latents("zt_msk_").items()}
         z = self._klt.inverse(zt, "mask") if self._klt is not None else zt
-        probs = self.models["mask"].decode(z).float()
-        if size is not None and size != probs.shape[-1]:
-            probs = F.interpolate(probs, size=(size, size), mode="bilinear", align_corners=False)
+        probs = resample_scores(self.models["mask"].decode(z).float(), size)
         return probs.argmax(1).numpy().astype(np.int64)
