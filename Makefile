@@ -43,13 +43,14 @@ bench-plots: $(STAMP)
 	$(PY) benchmarks/plots.py --results benchmarks/results
 
 # Privacy audits (PRIVACY.md): a run per defence variant and `ppcmi audit` of each; results to benchmarks/results/privacy-<dataset>.*.
-# A rerun skips finished variants and audits. AUDIT_ARGS passes options, e.g. AUDIT_ARGS="--variants baseline,rotation".
+# A rerun skips finished variants and audits; psfhs/acdc reuse the ppcmi_cpu and no_skips runs of `make bench-<dataset>`
+# (same settings). AUDIT_ARGS passes options, e.g. AUDIT_ARGS="--variants baseline,rotation".
 AUDIT_ARGS ?=
 audit-sunnybrook: $(STAMP)
 	$(PY) benchmarks/privacy_audit.py --dataset sunnybrook_lv --data data/sunnybrook_lv --out runs/privacy-sunnybrook $(AUDIT_ARGS)
 
 audit-psfhs audit-acdc: audit-%: $(STAMP)
-	$(PY) benchmarks/privacy_audit.py --dataset $* --data $(SHARED_DATA)/$* --out runs/privacy-$* $(AUDIT_ARGS)
+	$(PY) benchmarks/privacy_audit.py --dataset $* --data $(SHARED_DATA)/$* --out runs/privacy-$* --reuse runs/bench-$* $(AUDIT_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -14,6 +14,8 @@ Variants (each a run folder OUT/<variant>/ with OUT/<variant>/audit/):
 
 noise and dp reuse the baseline's autoencoders (fresh keys), so they isolate what they change. A
 finished variant or audit is skipped on a rerun, so the script can be stopped and started again.
+With --reuse BENCH_OUT, the baseline and no_skips variants are copies of a finished `ppcmi bench`
+run of the same settings (ppcmi_cpu and no_skips) instead of new trainings.
 
     python benchmarks/privacy_audit.py --dataset sunnybrook_lv --data data/sunnybrook_lv --out runs/privacy-sunnybrook
 """
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import sys
 import time
@@ -36,7 +39,7 @@ from ppcmi import protocol
 from ppcmi.bench import _reuse_stage1, dataset_config
 from ppcmi.client.keys import rotate_key
 from ppcmi.client.site import Hospital
-from ppcmi.config import load_config, to_dict
+from ppcmi.config import from_dict, load_config, to_dict
 from ppcmi.data import load_arrays
 from ppcmi.demo import demo_config
 from ppcmi.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
@@ -63,6 +66,43 @@ def variant_config(cfg, variant: str, args):
             "dp": ["mapping.norm=group", "mapping.dp=true", f"mapping.dp_noise={args.dp_noise}", f"mapping.dp_clip={args.dp_clip}"],
             "no_skips": ["autoencoder.skips=false"]}[variant]
     return load_config(None, sets, base=cfg)
+
+
+# the `ppcmi bench` method whose run is this variant's, when the dataset's preset is the same
+BENCH_METHOD = {"baseline": "ppcmi_cpu", "no_skips": "no_skips"}
+
+
+def _comparable(cfg: dict) -> dict:
+    """A run's settings without where its data lies (folders differ between harnesses, the data does not)."""
+    cfg = json.loads(json.dumps(cfg))  # tuples as a JSON file holds them
+    return {**{k: v for k, v in cfg.items() if k != "data_dir"}, "data": {k: v for k, v in cfg["data"].items() if k != "split_lists"}}
+
+
+def reuse_bench_run(cfg, variant: str, bench: Path, out: Path) -> bool:
+    """Copy ``bench/<method>/`` (a finished ``ppcmi bench`` run of exactly this variant's settings) to ``out``.
+
+    Returns False, copying nothing, when there is no such finished run; raises when it exists with other settings."""
+    src = bench / BENCH_METHOD.get(variant, "")
+    if variant not in BENCH_METHOD or (out / "summary.json").exists() or not (src / "summary.json").exists():
+        return False
+    raw = {k: v for k, v in json.loads((src / "config.json").read_text()).items() if k != "data_dir"}
+    have, want = _comparable(to_dict(from_dict(raw))), _comparable(to_dict(cfg))  # settings added since: their defaults
+    if have != want:
+        diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+        raise SystemExit(f"error: --reuse: {src} was run with other settings ({', '.join(diff)} differ)")
+    if out.exists():
+        shutil.rmtree(out)  # an unfinished run of this variant; the bench run replaces it
+    # hard links where the file system allows (the audit only adds files, under OUT/audit)
+    shutil.copytree(src, out, ignore=shutil.ignore_patterns("audit", "audit-*"), copy_function=_link_or_copy)
+    log.info("%s: reusing %s", variant, src)
+    return True
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def simulate(cfg, data: Path, out: Path, baseline: Path | None) -> dict:
@@ -216,6 +256,9 @@ def main(argv=None) -> int:
     p.add_argument("--shadow-epochs", type=int, default=None)
     p.add_argument("--control-epochs", type=int, default=100)
     p.add_argument("--refit-epochs", type=int, default=None, help="adapter re-fit epochs after rotation (default: mapping.epochs)")
+    p.add_argument("--reuse", type=Path, default=None, metavar="BENCH_OUT",
+                   help="a `ppcmi bench` results folder of this dataset: its finished ppcmi_cpu and no_skips runs "
+                        "become the baseline and no_skips variants (their settings must match)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--results", type=Path, default=Path("benchmarks/results"))
     args = p.parse_args(argv)
@@ -239,6 +282,8 @@ def main(argv=None) -> int:
             continue
         key = f"{v}-{args.noise:g}" if v.startswith("noise") else v  # one folder and row per noise level
         run = args.out / key
+        if args.reuse is not None:
+            reuse_bench_run(vcfg, v, args.reuse, run)
         if v == "noise_fixed":
             summ = noise_fixed(vcfg, args.data, base, run)
         else:

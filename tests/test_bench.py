@@ -52,3 +52,33 @@ def test_reserved_class_name_is_refused_early():
 
     with pytest.raises(DataError, match="reserved"):
         parse_labels("0,1", "background,fg")
+
+
+def test_privacy_audit_reuses_only_a_bench_run_with_the_same_settings(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    from ppcmi.config import load_config, to_dict
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "privacy_audit.py"
+    spec = importlib.util.spec_from_file_location("privacy_audit", path)
+    pa = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pa)
+    cfg = dataset_config("psfhs")
+    bench = tmp_path / "bench"
+    run = bench / "ppcmi_cpu"
+    (run / "audit").mkdir(parents=True)
+    raw = to_dict(cfg)
+    del raw["autoencoder"]["send_noise"]  # written before the setting existed: its default applies
+    (run / "config.json").write_text(json.dumps({**raw, "data_dir": "/elsewhere/psfhs"}))
+    (run / "summary.json").write_text("{}")
+    (run / "audit" / "audit.json").write_text("{}")
+    assert pa.reuse_bench_run(cfg, "baseline", bench, tmp_path / "p" / "baseline")
+    assert (tmp_path / "p" / "baseline" / "summary.json").exists()
+    assert not (tmp_path / "p" / "baseline" / "audit").exists()  # an audit is the audit harness's own
+    assert not pa.reuse_bench_run(cfg, "baseline", bench, tmp_path / "p" / "baseline")  # finished: left alone
+    assert not pa.reuse_bench_run(cfg, "dp", bench, tmp_path / "p" / "dp")  # no bench method is a DP run
+    other = load_config(None, ["mapping.epochs=3"], base=cfg)
+    with pytest.raises(SystemExit, match=r"ppcmi_cpu was run with other settings \(mapping differ\)"):
+        pa.reuse_bench_run(other, "baseline", bench, tmp_path / "q" / "baseline")
+    assert not (tmp_path / "q").exists()

@@ -470,7 +470,7 @@ def bench(dataset: str = typer.Option(..., "--dataset", help="Preset: psfhs, acd
           config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt, quiet: bool = QuietOpt):
     """PPCMI-SF, its ablations and U-Net baselines on one dataset with the same split and budget.
 
-    Writes OUT/<method>/ (runs, per-case CSVs) and OUT/results.json + OUT/results.md covering every
+    Writes OUT/METHOD/ (runs, per-case CSVs) and OUT/results.json + OUT/results.md covering every
     finished method. Plots: benchmarks/plots.py.
     """
     from .bench import results_md, run_bench
