@@ -522,7 +522,10 @@ def deploy(sites: int = typer.Option(3, "--sites", "-n", help="Number of hospita
     typer.echo(table({"methods": {"PPCMI-SF (Flower)": s["ppcmi"]}}))
     typer.echo(f"\nwall time: stage 1 {t['stage1_s']:.0f} s, stage 2 {t['stage2_s']:.0f} s, evaluation {t['evaluation_s']:.0f} s, "
                f"total {s['deployment']['wall_s']:.0f} s (processes included)")
-    typer.echo(f"results: {out / 'summary.json'}; the server's output: {s['server_dir']}; logs: {out / 'logs'}")
+    server_dir = Path(s["server_dir"])
+    if server_dir.is_relative_to(Path.cwd()):
+        server_dir = server_dir.relative_to(Path.cwd())
+    typer.echo(f"results: {out / 'summary.json'}; the server's output: {server_dir}; logs: {out / 'logs'}")
 
 
 @flower_app.command("keygen")
