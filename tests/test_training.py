@@ -8,7 +8,7 @@ from ppcmi.config import MappingTrainConfig
 from ppcmi.errors import CheckpointError
 from ppcmi.klt import KeyedLatentTransform
 from ppcmi.protocol import LatentBatch
-from ppcmi.server.mapping import train_mapping
+from ppcmi.server.mapping import MappingServer, canonical_frame, refit_adapters, train_mapping
 from ppcmi.training import FitConfig, fit, seeded_init
 
 TINY = dict(widen=(16, 16, 32), mid=(32, 32), down=(16, 16, 16), dropout=0.0)
@@ -94,6 +94,69 @@ def test_adapters_make_keyed_training_match_plain(tmp_path):
     first = rk.history[0]["val_loss"]
     assert rk.best_val < 0.2 * first  # it learned
     assert rk.best_val == pytest.approx(rp.best_val, rel=0.35, abs=0.01)
+
+
+def test_canonical_frame_coordinates_do_not_depend_on_the_key():
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(40, 8, 4, 4, generator=g) ** 3  # skewed, so every axis's sign is defined
+    zt = KeyedLatentTransform(bytes([7] * 32), {"s3": 8}).forward({"s3": z}, "image")["s3"]
+    (u, mu), (ut, mut) = canonical_frame(z.numpy()), canonical_frame(zt.numpy())
+    coords = lambda a, u, mu: np.einsum("cd,nchw->ndhw", u, a.numpy().astype(np.float64) - mu[None, :, None, None])  # noqa: E731
+    np.testing.assert_allclose(coords(zt, ut, mut), coords(z, u, mu), atol=1e-4)
+    np.testing.assert_allclose(u.T @ u, np.eye(8), atol=1e-10)
+
+
+def _full_rank_pairs(seed, n=48):
+    """Like _latent_pairs, but no mask-latent direction is constant (a ReLU leaves some at zero, where a
+    principal axis, and with it the decoded output, is arbitrary)."""
+    img, msk = _latent_pairs(seed, n)
+    return img, {s: torch.nn.functional.softplus(v) + 0.1 * img[s][:, : v.shape[1]] ** 2 for s, v in msk.items()}
+
+
+def _decoded(model_dir, batch, klt):
+    """The mapped mask latents of ``batch``'s image latents, back in plain coordinates."""
+    q = LatentBatch("query", batch.client, {k: v for k, v in batch.arrays.items() if k.startswith("zt_img_")})
+    out = MappingServer(model_dir).handle(q).latents("zt_msk_")
+    out = {s: torch.from_numpy(np.asarray(v)) for s, v in out.items()}
+    return {s: v.numpy() for s, v in (klt.inverse(out, "mask") if klt is not None else out).items()}
+
+
+def test_pca_adapters_make_training_independent_of_the_keys(tmp_path):
+    """With mapping.adapter_init = "pca" the core sees key-independent coordinates: training on two hospitals'
+    pairs under any keys (or none) follows the same losses and gives the same decoded predictions."""
+    ch = {"s3": 8, "s4": 16, "b": 32}
+    data = [_full_rank_pairs(20 + i) for i in range(2)]
+    cfg = MappingTrainConfig(**TINY, epochs=3, patience=3, batch_size=16, lr=1e-3, val_frac=0.25, adapter_init="pca")
+    runs = {}
+    for name, keys in (("plain", None), ("a", (1, 2)), ("b", (3, 4))):
+        klts = [None, None] if keys is None else [KeyedLatentTransform(bytes([k] * 32), ch) for k in keys]
+        batches = [_batch(f"h{i}", *data[i], klts[i]) for i in range(2)]
+        _, r = train_mapping(batches, cfg, tmp_path / name, progress=False)
+        runs[name] = (r, _decoded(tmp_path / name, batches[0], klts[0]))
+    # equal up to float32 rounding of the keyed latents (1e-6), which three epochs amplify to < 1 %
+    for name in ("a", "b"):
+        for h0, h1 in zip(runs["plain"][0].history, runs[name][0].history):
+            assert h1["train_loss"] == pytest.approx(h0["train_loss"], rel=1e-2)
+            assert h1["val_loss"] == pytest.approx(h0["val_loss"], rel=1e-2)
+        for s in ch:
+            np.testing.assert_allclose(runs[name][1][s], runs["plain"][1][s], atol=2e-2)
+
+
+def test_key_rotation_with_pca_adapters_keeps_the_predictions(tmp_path):
+    """After a key rotation the re-fitted adapters start at the new key's canonical frames, so the frozen core
+    serves the new key as it served the old one (no old-to-new relation is needed)."""
+    ch = {"s3": 8, "s4": 16, "b": 32}
+    img, msk = _full_rank_pairs(30)
+    old, new = KeyedLatentTransform(bytes([5] * 32), ch), KeyedLatentTransform(bytes([6] * 32), ch)
+    cfg = MappingTrainConfig(**TINY, epochs=3, patience=3, batch_size=16, val_frac=0.25, adapter_init="pca")
+    train_mapping([_batch("h0", img, msk, old)], cfg, tmp_path / "m", progress=False)
+    before = _decoded(tmp_path / "m", _batch("h0", img, msk, old), old)
+    refit = MappingTrainConfig(**{**cfg.__dict__, "epochs": 1, "patience": 1, "lr": 1e-12})  # the start, not the training
+    refit_adapters(tmp_path / "m", _batch("h0", img, msk, new), refit, tmp_path / "m2", progress=False)
+    after = _decoded(tmp_path / "m2", _batch("h0", img, msk, new), new)
+    assert json.loads((tmp_path / "m2" / "config.json").read_text())["refits"][0]["init"].startswith("canonical frames")
+    for s in ch:
+        np.testing.assert_allclose(after[s], before[s], atol=1e-3)
 
 
 def test_mapping_overfits_a_tiny_batch(tmp_path):

@@ -65,6 +65,7 @@ METHODS: dict[str, list[str]] = {
     "ppcmi_cpu": [],
     "ppcmi_published": _PUB_WIDTHS,
     "ppcmi_cpu_matched": [],
+    "ppcmi_cpu_pca": ["mapping.adapter_init=pca"],
     "no_klt": ["klt=false"],
     "no_skips": ["autoencoder.skips=false"],
     "no_pyramid": ["mapping.pyramid=false"],

@@ -460,7 +460,7 @@ def demo(data: Optional[Path] = typer.Option(None, "--data", "-d", help="Dataset
 def bench(dataset: str = typer.Option(..., "--dataset", help="Preset: psfhs, acdc or sunnybrook_lv (split, labels, partition, budget)."),
           data: Path = typer.Option(..., "--data", "-d", help="The dataset folder, e.g. ../shared/data/psfhs."),
           out: Path = typer.Option(..., "--out", "-o", help="Results folder; finished methods are skipped on a rerun."),
-          methods: str = typer.Option("ppcmi_cpu,no_klt,no_skips,no_pyramid,per_hospital_mapping,unet_centralized,unet_local,"
+          methods: str = typer.Option("ppcmi_cpu,ppcmi_cpu_pca,no_klt,no_skips,no_pyramid,per_hospital_mapping,unet_centralized,unet_local,"
                                       "ppcmi_cpu_matched,ppcmi_published",
                                       help="Comma-separated methods to run, in order. Variants that keep the autoencoder "
                                            "settings reuse ppcmi_cpu's autoencoders (with fresh keys), so run it first."),

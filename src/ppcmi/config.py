@@ -93,6 +93,7 @@ class MappingTrainConfig:
     lr: float = 1e-3
     lr_schedule: str = "constant"      # constant (published) | cosine
     scope: str = "shared"              # shared (one network, per-hospital adapters) | per_hospital (no collaboration)
+    adapter_init: str = "identity"     # identity | pca: each hospital's adapters start at the principal axes of its keyed latents
     patience: int = 20
     val_frac: float = 0.2
     dp: bool = False                   # DP-SGD (Opacus): needs norm = "group"; fixed epochs, no early stopping or best-epoch pick
@@ -104,6 +105,10 @@ class MappingTrainConfig:
         _choice("mapping.scope", self.scope, ("shared", "per_hospital"))
         _choice("mapping.lr_schedule", self.lr_schedule, SCHEDULES)
         _choice("mapping.norm", self.norm, ("batch", "group"))
+        _choice("mapping.adapter_init", self.adapter_init, ("identity", "pca"))
+        if self.dp and self.adapter_init == "pca":
+            raise ConfigError('mapping.adapter_init: "pca" reads each hospital\'s latent statistics without noise, which DP-SGD\'s '
+                              'accounting does not cover; use "identity" with mapping.dp')
         if self.dp and self.norm != "group":
             raise ConfigError('mapping.dp: DP-SGD needs mapping.norm = "group" (BatchNorm mixes samples, so per-sample gradients are undefined)')
         if self.dp_noise < 0 or self.dp_clip <= 0 or (self.dp_epsilon is not None and self.dp_epsilon <= 0):

@@ -209,13 +209,30 @@ class MappingBlock(nn.Module):
         return self.out(x)
 
 
+class Frame(nn.Module):
+    """A fixed per-pixel affine map of the channels, ``y = W x + b`` (buffers, never trained); the identity
+    unless the server sets it (``mapping.adapter_init = "pca"``: a hospital's canonical frame)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.register_buffer("weight", torch.eye(channels))
+        self.register_buffer("bias", torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight[:, :, None, None], self.bias)
+
+
 class MappingNet(nn.Module):
-    """Server mapping network: per scale, ``out_adapter[client] o core o in_adapter[client]``.
+    """Server mapping network: per scale,
+    ``out_frame[client] o out_adapter[client] o core o in_adapter[client] o in_frame[client]``.
 
     Adapters are linear 1x1 convolutions with bias (no activation), one input and one output
     adapter per client and per scale, so a client's orthogonal keyed transform plus bias on
-    inputs and outputs can be absorbed exactly. ``forward(zt, client)`` takes keyed image
-    latents of one client ``{scale: (B, C, H, W)}`` and returns keyed mask latents.
+    inputs and outputs can be absorbed exactly. Frames are fixed maps around them, the identity
+    unless the server sets them to a hospital's canonical frames (``mapping.adapter_init = "pca"``),
+    which take its keyed latents to coordinates that do not depend on its key; the adapters then
+    train in those coordinates. ``forward(zt, client)`` takes keyed image latents of one client
+    ``{scale: (B, C, H, W)}`` and returns keyed mask latents.
     """
 
     def __init__(self, in_channels: dict[str, int], out_channels: dict[str, int], clients: list[str],
@@ -227,6 +244,8 @@ class MappingNet(nn.Module):
         self.cores = nn.ModuleDict({s: MappingBlock(in_channels[s], out_channels[s], cfg) for s in self.scales})
         self.in_adapters = nn.ModuleDict()
         self.out_adapters = nn.ModuleDict()
+        self.in_frames = nn.ModuleDict()
+        self.out_frames = nn.ModuleDict()
         for c in self.clients:
             self.add_client(c, in_channels, out_channels)
 
@@ -237,17 +256,25 @@ class MappingNet(nn.Module):
             for conv in (self.in_adapters[client][s], self.out_adapters[client][s]):
                 nn.init.eye_(conv.weight.view(conv.weight.shape[0], -1))
                 nn.init.zeros_(conv.bias)
+        self.in_frames[client] = nn.ModuleDict({s: Frame(in_channels[s]) for s in self.scales})
+        self.out_frames[client] = nn.ModuleDict({s: Frame(out_channels[s]) for s in self.scales})
         if client not in self.clients:
             self.clients.append(client)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        # weights saved before frames existed hold none: theirs were the identity, as a new network's are
+        own = self.state_dict()
+        missing = {k: own[k] for k in own if "_frames." in k and k not in state_dict}
+        return super().load_state_dict({**state_dict, **missing}, strict=strict, assign=assign)
 
     def forward(self, zt: dict[str, torch.Tensor], client: str) -> dict[str, torch.Tensor]:
         if client not in self.in_adapters:
             raise KeyError(f"client: unknown client {client!r}; known: {sorted(self.in_adapters)}")
         out = {}
         for s in self.scales:
-            h = self.in_adapters[client][s](zt[s])
+            h = self.in_adapters[client][s](self.in_frames[client][s](zt[s]))
             h = self.cores[s](h)
-            out[s] = self.out_adapters[client][s](h)
+            out[s] = self.out_frames[client][s](self.out_adapters[client][s](h))
         return out
 
 

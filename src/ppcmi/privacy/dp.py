@@ -50,8 +50,8 @@ class RoutedMapping(nn.Module):
     def forward(self, onehot: torch.Tensor, *zt_img: torch.Tensor) -> tuple[torch.Tensor, ...]:
         outs = []
         for s, x in zip(self.net.scales, zt_img):
-            h = self.net.cores[s](self._route(self.net.in_adapters, s, x, onehot))
-            outs.append(self._route(self.net.out_adapters, s, h, onehot))
+            h = self.net.cores[s](self._route(self.net.in_adapters, s, self._route(self.net.in_frames, s, x, onehot), onehot))
+            outs.append(self._route(self.net.out_frames, s, self._route(self.net.out_adapters, s, h, onehot), onehot))
         return tuple(outs)
 
 

@@ -78,13 +78,13 @@ def mixed_forward(model: MappingNet, zt: dict[str, torch.Tensor], cid: torch.Ten
         x = zt[s]
         h = torch.zeros_like(x)
         for c in present:
-            m = cid == c
-            h = h.index_put((m,), model.in_adapters[model.clients[c]][s](x[m]))
+            m, name = cid == c, model.clients[c]
+            h = h.index_put((m,), model.in_adapters[name][s](model.in_frames[name][s](x[m])))
         y = model.cores[s](h)
         o = torch.zeros_like(y)
         for c in present:
-            m = cid == c
-            o = o.index_put((m,), model.out_adapters[model.clients[c]][s](y[m]))
+            m, name = cid == c, model.clients[c]
+            o = o.index_put((m,), model.out_frames[name][s](model.out_adapters[name][s](y[m])))
         out[s] = o
     return out
 
@@ -103,6 +103,12 @@ def train_mapping(batches: list[LatentBatch], cfg: MappingTrainConfig, out_dir: 
 
     cid = tensors[0].numpy()
     tr, va = (torch.from_numpy(i) for i in mapping_split(cid, cfg.val_frac, seed))
+    if cfg.adapter_init == "pca" and not resume:
+        # every row of the hospital's message (as a re-fit after a key rotation sees it), so both give the same frame
+        for i, c in enumerate(clients):
+            rows = torch.from_numpy(np.flatnonzero(cid == i))
+            set_canonical_frames(model, c, {s: tensors[1 + j][rows].numpy() for j, s in enumerate(scales)},
+                               {s: tensors[1 + k + j][rows].numpy() for j, s in enumerate(scales)})
     loss_fn = _loss_fn(scales)
     fc = FitConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, patience=cfg.patience, seed=seed, schedule=cfg.lr_schedule)
     dp_report = None
@@ -230,13 +236,46 @@ def _compose(conv: torch.nn.Conv2d, pre: tuple[np.ndarray, np.ndarray] | None = 
     conv.bias.copy_(torch.from_numpy(b).float())
 
 
+def canonical_frame(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Principal axes ``U`` (columns, by decreasing variance) and mean ``mu`` of the per-pixel channel
+    vectors of ``z`` (N, C, H, W); each axis's sign makes the third moment of its coordinate positive.
+
+    For ``z' = M z + b`` with ``M`` orthogonal (a keyed transform) the frame follows the key:
+    ``U' = M U``, ``mu' = M mu + b``, so ``U'ᵀ (z' - mu') = Uᵀ (z - mu)``: coordinates in the frame
+    do not depend on the key (up to ties between equal variances or a zero third moment)."""
+    x = np.moveaxis(np.asarray(z, np.float64), 1, -1).reshape(-1, z.shape[1])
+    mu = x.mean(0)
+    xc = x - mu
+    _, u = np.linalg.eigh(xc.T @ xc / len(xc))
+    u = u[:, ::-1]
+    return u * np.where(((xc @ u) ** 3).mean(0) < 0, -1.0, 1.0), mu
+
+
+@torch.no_grad()
+def set_canonical_frames(net: MappingNet, client: str, img: dict[str, np.ndarray], msk: dict[str, np.ndarray]) -> None:
+    """Set ``client``'s frames to its canonical frames (``mapping.adapter_init = "pca"``): the input frame
+    takes keyed image latents to principal coordinates, the output frame takes principal coordinates
+    of mask latents back to the hospital's keyed frame. The adapters and the shared core then see every
+    hospital in coordinates that do not depend on its key (training follows the same path under any
+    keys, optimiser included), instead of the core having to absorb each key. The server learns
+    nothing it could not compute anyway: the audit's A1 is this PCA."""
+    for s in net.scales:
+        for frame, z, inverse in ((net.in_frames[client][s], img[s], False), (net.out_frames[client][s], msk[s], True)):
+            u, mu = canonical_frame(z)
+            w, b = (u, mu) if inverse else (u.T, -u.T @ mu)
+            frame.weight.copy_(torch.from_numpy(np.ascontiguousarray(w)).float())
+            frame.bias.copy_(torch.from_numpy(np.ascontiguousarray(b)).float())
+
+
 def refit_adapters(model_dir: str | Path, batch: LatentBatch, cfg: MappingTrainConfig, out_dir: str | Path, *, seed: int = 0,
                    previous: LatentBatch | None = None, progress: bool = True) -> tuple[MappingNet, FitResult]:
     """Re-fit one hospital's 1x1 adapters on its new ``train`` message (after a key rotation) with the
     shared core frozen; writes a new model folder ``out_dir`` and never touches ``model_dir``.
 
-    Training adapters from the identity does not work in practice: the shared core, not the adapters,
-    absorbed each hospital's old key during stage 2 (measured in PRIVACY.md). With ``previous``, the
+    A network trained with ``mapping.adapter_init = "pca"`` needs nothing more: the new key's canonical
+    frames lead into the same key-independent coordinates its adapters and core were trained in.
+    Otherwise, training adapters from the identity does not work in practice: the shared core, not the
+    adapters, absorbed each hospital's old key during stage 2 (measured in PRIVACY.md). With ``previous``, the
     hospital's earlier ``train`` message, the adapters start from the exact old-to-new change of frame,
     fitted by least squares on the rows both messages carry (matched by key-invariant signatures).
     That means the server learns the relation between the old and the new key; it could link the two
@@ -272,6 +311,10 @@ def refit_adapters(model_dir: str | Path, batch: LatentBatch, cfg: MappingTrainC
                 _compose(net.out_adapters[batch.client][s], post=_lsq_1x1(previous.latents("zt_msk_")[s][old_idx],
                                                                           batch.latents("zt_msk_")[s][new_idx]))
         init = f"least squares from {len(new_idx)} rows matched with the previous message"
+    elif json.loads((src / "config.json").read_text()).get("train", {}).get("adapter_init") == "pca":
+        # the adapters and core were trained in key-independent coordinates: the new key's frames lead into them
+        set_canonical_frames(net, batch.client, batch.latents("zt_img_"), batch.latents("zt_msk_"))
+        init = "canonical frames (pca) of the new message; adapters kept"
     else:
         with torch.random.fork_rng():  # identity adapters, as at the start of training
             net.add_client(batch.client, ch_in, ch_out)
