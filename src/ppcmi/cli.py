@@ -213,7 +213,12 @@ def server_refit_adapters(model: Path = typer.Option(..., "--model", "-m", help=
                           previous: Optional[Path] = typer.Option(None, "--previous", help="The hospital's earlier 'train' message: "
                                                                   "adapters start from the old-to-new change of frame (see PRIVACY.md)."),
                           config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt, quiet: bool = QuietOpt):
-    """Re-fit one hospital's 1x1 adapters on its new message with the shared core frozen (after 'client rotate-key')."""
+    """Re-fit one hospital's 1x1 adapters on its new message with the shared core frozen (after 'client rotate-key').
+
+    A model trained with mapping.adapter_init = "pca" takes the new key's canonical frames and keeps its
+    trained adapters; otherwise the adapters restart from the identity, or with --previous from the
+    old-to-new change of frame (the identity restart fails in practice: see PRIVACY.md).
+    """
     from . import protocol
     from .server.mapping import refit_adapters
 
