@@ -131,7 +131,9 @@ def test_pca_adapters_make_training_independent_of_the_keys(tmp_path):
     for name, keys in (("plain", None), ("a", (1, 2)), ("b", (3, 4))):
         klts = [None, None] if keys is None else [KeyedLatentTransform(bytes([k] * 32), ch) for k in keys]
         batches = [_batch(f"h{i}", *data[i], klts[i]) for i in range(2)]
-        _, r = train_mapping(batches, cfg, tmp_path / name, progress=False)
+        # resume=True into a fresh folder, as `ppcmi simulate` and `ppcmi bench` call it, must set the frames too
+        model, r = train_mapping(batches, cfg, tmp_path / name, resume=name == "b", progress=False)
+        assert not torch.allclose(model.in_frames["h0"]["b"].weight, torch.eye(32))
         runs[name] = (r, _decoded(tmp_path / name, batches[0], klts[0]))
     # equal up to float32 rounding of the keyed latents (1e-6), which three epochs amplify to < 1 %
     for name in ("a", "b"):

@@ -103,7 +103,8 @@ def train_mapping(batches: list[LatentBatch], cfg: MappingTrainConfig, out_dir: 
 
     cid = tensors[0].numpy()
     tr, va = (torch.from_numpy(i) for i in mapping_split(cid, cfg.val_frac, seed))
-    if cfg.adapter_init == "pca" and not resume:
+    resuming = resume and (out / "train" / "state.json").exists()
+    if cfg.adapter_init == "pca" and not resuming:  # (a resumed run restores its frames with its weights)
         # every row of the hospital's message (as a re-fit after a key rotation sees it), so both give the same frame
         for i, c in enumerate(clients):
             rows = torch.from_numpy(np.flatnonzero(cid == i))
@@ -121,7 +122,7 @@ def train_mapping(batches: list[LatentBatch], cfg: MappingTrainConfig, out_dir: 
                                 progress=progress)
     else:
         res = fit(model, loss_fn, [t[tr] for t in tensors], [t[va] for t in tensors] if len(va) else None, fc, out / "train",
-                  resume=resume and (out / "train" / "state.json").exists(), desc="server mapping", progress=progress)
+                  resume=resuming, desc="server mapping", progress=progress)
     save_weights(model, out / "mapping.safetensors")
     atomic_write_json(out / "config.json", {
         "mapping": asdict(mcfg), "train": asdict(cfg), "clients": clients,
