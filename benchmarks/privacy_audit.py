@@ -146,7 +146,8 @@ def rotation(cfg, data: Path, base: Path, out: Path, identity_init: bool = False
         _, rows = infer_and_score({name: Hospital(site_dir)}, {name: MappingServer(model)}, test, pl.labels, size=cfg.data.eval_size)
         return summarize(rows)["fg_dice"]["mean"]
 
-    res = {"hospital": name, "adapter_init": "identity" if identity_init else "least squares from the previous message", "dice_before": dice(base / "sites" / name, base / "server"), "dice_after": dice(site, out / "server"),
+    init = json.loads((out / "server" / "config.json").read_text())["refits"][-1]["init"]  # as refit_adapters recorded it
+    res = {"hospital": name, "adapter_init": init, "dice_before": dice(base / "sites" / name, base / "server"), "dice_after": dice(site, out / "server"),
            "dice_old_key_new_adapters": dice(stale, out / "server"), "refit_seconds": seconds}
     shutil.rmtree(stale)  # holds the old key: not kept
     atomic_write_json(out / "rotation.json", res)
@@ -259,6 +260,9 @@ def main(argv=None) -> int:
     p.add_argument("--reuse", type=Path, default=None, metavar="BENCH_OUT",
                    help="a `ppcmi bench` results folder of this dataset: its finished ppcmi_cpu and no_skips runs "
                         "become the baseline and no_skips variants (their settings must match)")
+    p.add_argument("--rotation-from", type=Path, default=None, metavar="RUN",
+                   help="rotate a key in this finished run instead of OUT/baseline, with the re-fit its model calls for "
+                        "(canonical frames with mapping.adapter_init = pca, else identity adapters); no previous message")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--results", type=Path, default=Path("benchmarks/results"))
     args = p.parse_args(argv)
@@ -276,9 +280,15 @@ def main(argv=None) -> int:
         log.info("variant %s", v)
         vcfg = variant_config(cfg, v, args)
         if v == "rotation":
+            src, key = base, v
+            if args.rotation_from is not None:  # another finished run (e.g. a `ppcmi bench` run with canonical frames)
+                src, key = args.rotation_from, f"rotation-{args.rotation_from.name}"
+                raw = json.loads((src / "config.json").read_text())
+                vcfg = from_dict({k: val for k, val in raw.items() if k != "data_dir"})
             if args.refit_epochs:
                 vcfg = load_config(None, [f"mapping.epochs={args.refit_epochs}", f"mapping.patience={args.refit_epochs}"], base=vcfg)
-            rows[v] = {**rotation(vcfg, args.data, base, args.out / v), "refit_epochs": vcfg.mapping.epochs}
+            rows[key] = {**rotation(vcfg, args.data, src, args.out / key, identity_init=args.rotation_from is not None),
+                         "refit_epochs": vcfg.mapping.epochs}
             continue
         key = f"{v}-{args.noise:g}" if v.startswith("noise") else v  # one folder and row per noise level
         run = args.out / key
