@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.spatial.distance import cdist
 
 from .. import protocol
 from ..config import from_dict, to_dict
@@ -407,7 +408,7 @@ def attack_a7(rd: RunData, att_models: dict) -> dict:
         # positive control: key known and the victim's own encoder on the candidates
         z_plain = h["z_img"][s][:n]
         cand_own = h["hospital"].plain_latents(pool[:, None], "image")[s]
-        d = -((z_plain.reshape(n, -1)[:, None] - cand_own.reshape(m, -1)[None]) ** 2).sum(-1)
+        d = -cdist(z_plain.reshape(n, -1), cand_own.reshape(m, -1), "sqeuclidean")  # (n, m), never (n, m, D)
         ctrl = {"top1": A.topk_accuracy(d, truth, 1), "top5": A.topk_accuracy(d, truth, 5)}
         lim = MARGINS["linkage_top1_x_chance"] / m
         passed = ctrl["top1"] > lim
