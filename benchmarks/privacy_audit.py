@@ -311,7 +311,8 @@ def main(argv=None) -> int:
                    + (f"ε={a['defences']['dp']['epsilon']:.2f} at δ=1/{a['defences']['dp']['n_rows']}" if a["defences"].get("dp") else ""),
                    "no_skips": "bottleneck only",
                    "noise_fixed": f"latent noise std {args.noise}, baseline mapping network (not retrained)"}[v]
-        rows[key] = {"dice": summ["ppcmi"]["fg_dice"]["mean"], "setting": setting, "headline": headline(a), "succeeded": a["succeeded"],
+        scores = summ.get("ppcmi") or summ["summary"]  # a `ppcmi simulate` summary, or a reused `ppcmi bench` one
+        rows[key] = {"dice": scores["fg_dice"]["mean"], "setting": setting, "headline": headline(a), "succeeded": a["succeeded"],
                    "void": a["void"], "conclusion": a["conclusion"], "defences": a["defences"], "config": to_dict(vcfg)}
     old = args.results / f"privacy-{args.dataset}.json"
     merged = {**(json.loads(old.read_text())["variants"] if old.exists() else {}), **rows}

@@ -671,7 +671,7 @@ def run_audit(run: str | Path, *, threats: str | None = None, aux_dir: str | Pat
         "defences": {"klt": rd.cfg.klt, "skips": rd.cfg.autoencoder.skips, "send_noise": rd.cfg.autoencoder.send_noise,
                      "send_noise_relative": _noise_relative(rd), "dp": server_meta.get("dp"),
                      "send_copies": rd.cfg.autoencoder.send_copies},
-        "run_dice": (run_summary.get("ppcmi") or {}).get("fg_dice", {}).get("mean"),
+        "run_dice": (run_summary.get("ppcmi") or run_summary.get("summary") or {}).get("fg_dice", {}).get("mean"),
         "results": results, "succeeded": succeeded, "void": void,
         "conclusion": (f"attack(s) {', '.join(succeeded)} succeeded" if succeeded else
                        "no attack in this suite exceeded the margins") + (f"; {', '.join(void)} void (positive control failed)" if void else ""),
