@@ -78,6 +78,11 @@ def _comparable(cfg: dict) -> dict:
     return {**{k: v for k, v in cfg.items() if k != "data_dir"}, "data": {k: v for k, v in cfg["data"].items() if k != "split_lists"}}
 
 
+def run_config(run: Path):
+    """The settings a finished run recorded in RUN/config.json (settings added since take their defaults)."""
+    return from_dict({k: v for k, v in json.loads((run / "config.json").read_text()).items() if k != "data_dir"})
+
+
 def reuse_bench_run(cfg, variant: str, bench: Path, out: Path) -> bool:
     """Copy ``bench/<method>/`` (a finished ``ppcmi bench`` run of exactly this variant's settings) to ``out``.
 
@@ -85,8 +90,7 @@ def reuse_bench_run(cfg, variant: str, bench: Path, out: Path) -> bool:
     src = bench / BENCH_METHOD.get(variant, "")
     if variant not in BENCH_METHOD or (out / "summary.json").exists() or not (src / "summary.json").exists():
         return False
-    raw = {k: v for k, v in json.loads((src / "config.json").read_text()).items() if k != "data_dir"}
-    have, want = _comparable(to_dict(from_dict(raw))), _comparable(to_dict(cfg))  # settings added since: their defaults
+    have, want = _comparable(to_dict(run_config(src))), _comparable(to_dict(cfg))
     if have != want:
         diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
         raise SystemExit(f"error: --reuse: {src} was run with other settings ({', '.join(diff)} differ)")
@@ -283,8 +287,7 @@ def main(argv=None) -> int:
             src, key = base, v
             if args.rotation_from is not None:  # another finished run (e.g. a `ppcmi bench` run with canonical frames)
                 src, key = args.rotation_from, f"rotation-{args.rotation_from.name}"
-                raw = json.loads((src / "config.json").read_text())
-                vcfg = from_dict({k: val for k, val in raw.items() if k != "data_dir"})
+                vcfg = run_config(src)
             if args.refit_epochs:
                 vcfg = load_config(None, [f"mapping.epochs={args.refit_epochs}", f"mapping.patience={args.refit_epochs}"], base=vcfg)
             rows[key] = {**rotation(vcfg, args.data, src, args.out / key, identity_init=args.rotation_from is not None),

@@ -26,6 +26,7 @@ from ..config import MappingTrainConfig
 from ..errors import CheckpointError, ProtocolError
 from ..fileio import atomic_write_json
 from ..models import SCALES, MappingConfig, MappingNet
+from ..privacy.attacks import pixels, skew_signs
 from ..protocol import LatentBatch, validate
 from ..training import FitConfig, FitResult, fit, load_weights, save_weights, seeded_init
 
@@ -215,8 +216,7 @@ def match_rows(new: LatentBatch, old: LatentBatch, tol: float = 1e-3) -> tuple[n
 
 def _lsq_1x1(src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Least-squares ``dst ≈ A src + c`` per pixel over (N, C, H, W) arrays."""
-    x = np.moveaxis(np.asarray(src, np.float64), 1, -1).reshape(-1, src.shape[1])
-    y = np.moveaxis(np.asarray(dst, np.float64), 1, -1).reshape(-1, dst.shape[1])
+    x, y = pixels(src), pixels(dst)
     mx, my = x.mean(0), y.mean(0)
     a = np.linalg.lstsq(x - mx, y - my, rcond=None)[0].T
     return a, my - a @ mx
@@ -244,12 +244,12 @@ def canonical_frame(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     For ``z' = M z + b`` with ``M`` orthogonal (a keyed transform) the frame follows the key:
     ``U' = M U``, ``mu' = M mu + b``, so ``U'ᵀ (z' - mu') = Uᵀ (z - mu)``: coordinates in the frame
     do not depend on the key (up to ties between equal variances or a zero third moment)."""
-    x = np.moveaxis(np.asarray(z, np.float64), 1, -1).reshape(-1, z.shape[1])
+    x = pixels(z)
     mu = x.mean(0)
     xc = x - mu
     _, u = np.linalg.eigh(xc.T @ xc / len(xc))
     u = u[:, ::-1]
-    return u * np.where(((xc @ u) ** 3).mean(0) < 0, -1.0, 1.0), mu
+    return u * skew_signs((xc @ u).T[None, :, :, None]), mu  # the audit's sign rule for component maps (A1)
 
 
 @torch.no_grad()
@@ -312,7 +312,7 @@ def refit_adapters(model_dir: str | Path, batch: LatentBatch, cfg: MappingTrainC
                 _compose(net.out_adapters[batch.client][s], post=_lsq_1x1(previous.latents("zt_msk_")[s][old_idx],
                                                                           batch.latents("zt_msk_")[s][new_idx]))
         init = f"least squares from {len(new_idx)} rows matched with the previous message"
-    elif json.loads((src / "config.json").read_text()).get("train", {}).get("adapter_init") == "pca":
+    elif server.meta.get("train", {}).get("adapter_init") == "pca":
         # the adapters and core were trained in key-independent coordinates: the new key's frames lead into them
         set_canonical_frames(net, batch.client, batch.latents("zt_img_"), batch.latents("zt_msk_"))
         init = "canonical frames (pca) of the new message; adapters kept"
@@ -330,9 +330,9 @@ def refit_adapters(model_dir: str | Path, batch: LatentBatch, cfg: MappingTrainC
     for p in net.parameters():
         p.requires_grad_(True)
     save_weights(net, out / "mapping.safetensors")
-    meta = json.loads((src / "config.json").read_text())
-    meta["refits"] = meta.get("refits", []) + [{"client": batch.client, "n_rows": batch.n, "init": init, "best_epoch": res.best_epoch,
-                                                 "best_val_loss": res.best_val, "epochs_run": len(res.history), "from": src.name}]
+    refit = {"client": batch.client, "n_rows": batch.n, "init": init, "best_epoch": res.best_epoch, "best_val_loss": res.best_val,
+             "epochs_run": len(res.history), "from": src.name}
+    meta = {**server.meta, "refits": server.meta.get("refits", []) + [refit]}
     atomic_write_json(out / "config.json", meta)
     return net, res
 
@@ -345,7 +345,7 @@ class MappingServer:
         cfg_path = self.dir / "config.json"
         if not cfg_path.exists():
             raise CheckpointError(f"{cfg_path}: not a trained mapping model folder (run 'ppcmi server train' first)")
-        meta = json.loads(cfg_path.read_text())
+        self.meta = meta = json.loads(cfg_path.read_text())  # as train_mapping wrote it
         mc = meta["mapping"]
         self.cfg = MappingConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in mc.items()})
         self.image_shapes = {s: tuple(v) for s, v in meta["image_shapes"].items()}
