@@ -53,8 +53,11 @@ VARIANTS = ("baseline", "noise", "dp", "no_skips", "rotation", "noise_fixed")
 
 
 def base_config(dataset: str, data: Path):
+    """The audited baseline: the dataset's preset with the published identity adapters (as ``ppcmi bench``'s
+    ppcmi_cpu), so that DP-SGD, which cannot use canonical frames, and every other defence compare against
+    the same network. Frames live on the server: what leaves a hospital, and so A1-A8, is the same either way."""
     if dataset == "sunnybrook_lv":
-        return demo_config(bundled=True)
+        return load_config(None, ["mapping.adapter_init=identity"], base=demo_config(bundled=True))
     cfg = dataset_config(dataset)
     if cfg.data.split_lists:
         cfg = replace(cfg, data=replace(cfg.data, split_lists={k: str(data / v) for k, v in cfg.data.split_lists.items()}))
@@ -158,6 +161,14 @@ def rotation(cfg, data: Path, base: Path, out: Path, identity_init: bool = False
     return res
 
 
+def share_attacker_autoencoders(base: Path, run: Path) -> None:
+    """Start ``run``'s audit from the attacker autoencoders ``base``'s audit trained: they depend only on the
+    attacker's auxiliary data and the autoencoder settings, which a variant on the baseline's autoencoders keeps.
+    Networks fitted to the baseline's mapping network or messages (controls, reference networks) are not copied."""
+    if (base / "audit" / "work").exists() and not (run / "audit" / "work").exists():
+        shutil.copytree(base / "audit" / "work", run / "audit" / "work", ignore=shutil.ignore_patterns("control_memorising", "shadow*"))
+
+
 def noise_fixed(cfg, data: Path, base: Path, out: Path) -> dict:
     """The baseline run re-encoded with latent noise, same keys and mapping network; Dice through it, and its audit (T0-T3)."""
     if not (out / "summary.json").exists():
@@ -179,9 +190,7 @@ def noise_fixed(cfg, data: Path, base: Path, out: Path) -> dict:
         atomic_write_json(out / "summary.json", {"ppcmi": summarize(rows, group_key="site"),
                                                  "note": "mapping network trained on the baseline's noise-free messages"})
     if not (out / "audit" / "audit.json").exists():
-        if (base / "audit" / "work").exists() and not (out / "audit" / "work").exists():  # the attacker's aux autoencoders
-            shutil.copytree(base / "audit" / "work", out / "audit" / "work",
-                            ignore=shutil.ignore_patterns("control_memorising", "shadow"))
+        share_attacker_autoencoders(base, out)
         run_audit(out, data_dir=data, threats="T0,T1,T2,T3", progress=False)
     return json.loads((out / "summary.json").read_text())
 
@@ -302,6 +311,8 @@ def main(argv=None) -> int:
         else:
             summ = simulate(vcfg, args.data, run, base if v in ("noise", "dp") else None)
         if not (run / "audit" / "audit.json").exists():
+            if v in ("noise", "dp"):  # the baseline's autoencoders, so the attacker's too
+                share_attacker_autoencoders(base, run)
             run_audit(run, data_dir=args.data, shadow_models=args.shadow_models, shadow_epochs=args.shadow_epochs,
                       control_epochs=args.control_epochs, progress=False)
         a = json.loads((run / "audit" / "audit.json").read_text())

@@ -10,6 +10,17 @@ def test_defaults_and_round_trip():
     assert from_dict(to_dict(c)) == c
 
 
+def test_saved_configs_keep_the_settings_they_ran_with():
+    """A run saved before mapping.adapter_init existed ran with identity adapters; a fresh config gets the
+    canonical frames."""
+    raw = to_dict(Config())
+    assert raw["mapping"]["adapter_init"] == "pca"
+    del raw["mapping"]["adapter_init"]
+    assert from_dict(raw).mapping.adapter_init == "identity"
+    assert "adapter_init" not in raw["mapping"]  # the caller's dict is left alone
+    assert load_config().mapping.adapter_init == "pca"
+
+
 def test_toml_and_typed_overrides(tmp_path):
     p = tmp_path / "c.toml"
     p.write_text('seed = 3\n[data]\nsize = 128\nwindow = [-1000, 1000]\n[autoencoder]\nskips = false\n')

@@ -91,7 +91,7 @@ def test_membership_pipeline_detects_a_memorising_model_and_not_independent_data
     cfg = MappingTrainConfig(widen=(16, 16, 16), mid=(16, 16), down=(8, 8, 8), pyramid=False, dropout=0.0, val_frac=0.0, epochs=60,
                              patience=60, batch_size=16)
     model, _ = train_mapping([members], cfg, tmp_path / "memorise", seed=0, progress=False)
-    non_a, non_b = _tiny_mapping_data(rng, 300), _tiny_mapping_data(rng, 300)
+    non_a, non_b = _tiny_mapping_data(rng, 1000), _tiny_mapping_data(rng, 1000)  # enough for a stable 1 % FPR threshold
     ev = M.evaluate_scores(M.loss_threshold_scores(row_losses(model, members)), M.loss_threshold_scores(row_losses(model, non_a)))
     assert ev["tpr_at_1pct_fpr"]["tpr"] >= 0.10 and ev["auc"] > 0.9
     assert ev["tpr_at_0.1pct_fpr"] is None  # fewer than 2000 non-members
@@ -267,7 +267,8 @@ def test_dp_sgd_trains_and_reports_epsilon(tmp_path, rng):
     from ppcmi.server.mapping import MappingServer, train_mapping
 
     b1, b2 = _tiny_mapping_data(rng, 24, "h1"), _tiny_mapping_data(rng, 24, "h2")
-    cfg = MappingTrainConfig(widen=(8, 8, 8), mid=(8, 8), down=(8, 8, 8), epochs=2, norm="group", dp=True, dp_noise=1.0, dp_clip=1.0)
+    cfg = MappingTrainConfig(widen=(8, 8, 8), mid=(8, 8), down=(8, 8, 8), epochs=2, norm="group", dp=True, dp_noise=1.0, dp_clip=1.0,
+                             adapter_init="identity")
     train_mapping([b1, b2], cfg, tmp_path / "dp", progress=False)
     meta = json.loads((tmp_path / "dp" / "config.json").read_text())
     dp = meta["dp"]
@@ -280,8 +281,10 @@ def test_dp_sgd_trains_and_reports_epsilon(tmp_path, rng):
 
 
 def test_dp_and_noise_settings_are_checked():
-    with pytest.raises(ConfigError, match="mapping.dp"):
-        MappingTrainConfig(dp=True)  # BatchNorm
+    with pytest.raises(ConfigError, match="mapping.norm"):
+        MappingTrainConfig(dp=True, adapter_init="identity")  # BatchNorm
+    with pytest.raises(ConfigError, match='adapter_init = "identity"'):
+        MappingTrainConfig(dp=True, norm="group")  # the default canonical frames read unnoised statistics
     with pytest.raises(ConfigError, match="send_noise"):
         AutoencoderConfig(send_noise=-1.0)
     with pytest.raises(ConfigError, match="mapping.norm"):

@@ -86,7 +86,7 @@ def test_adapters_make_keyed_training_match_plain(tmp_path):
     ch = {"s3": 8, "s4": 16, "b": 32}
     keys = [bytes([i] * 32) for i in (1, 2)]
     data = [_latent_pairs(10 + i) for i in range(2)]
-    cfg = MappingTrainConfig(**TINY, epochs=40, patience=40, batch_size=24, lr=3e-3, val_frac=0.25)
+    cfg = MappingTrainConfig(**TINY, epochs=40, patience=40, batch_size=24, lr=3e-3, val_frac=0.25, adapter_init="identity")
     plain = [_batch(f"h{i}", *data[i]) for i in range(2)]
     keyed = [_batch(f"h{i}", *data[i], KeyedLatentTransform(keys[i], ch)) for i in range(2)]
     _, rp = train_mapping(plain, cfg, tmp_path / "plain", progress=False)

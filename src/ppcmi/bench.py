@@ -54,7 +54,9 @@ BUDGETS: dict[str, list[str]] = {
     "sunnybrook_lv": ["autoencoder.epochs=60", "autoencoder.patience=15", "mapping.epochs=50", "mapping.patience=50",
                       "autoencoder.send_copies=8"],
 }
-_COMMON = ["autoencoder.augment=true", "autoencoder.lr_schedule=cosine", "mapping.lr_schedule=cosine"]
+# ppcmi_cpu and its ablations keep the published identity-initialised adapters; ppcmi_cpu_pca is the
+# package default (canonical frames, mapping.adapter_init = "pca").
+_COMMON = ["autoencoder.augment=true", "autoencoder.lr_schedule=cosine", "mapping.lr_schedule=cosine", "mapping.adapter_init=identity"]
 
 _PUB = MappingConfig.published()
 _PUB_WIDTHS = [f"mapping.widen={list(_PUB.widen)}", f"mapping.mid={list(_PUB.mid)}", f"mapping.down={list(_PUB.down)}"]

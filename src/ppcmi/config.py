@@ -93,7 +93,7 @@ class MappingTrainConfig:
     lr: float = 1e-3
     lr_schedule: str = "constant"      # constant (published) | cosine
     scope: str = "shared"              # shared (one network, per-hospital adapters) | per_hospital (no collaboration)
-    adapter_init: str = "identity"     # identity | pca: each hospital's adapters start at the principal axes of its keyed latents
+    adapter_init: str = "pca"          # pca: fixed per-hospital frames (principal axes of its keyed latents) around its adapters | identity (published)
     patience: int = 20
     val_frac: float = 0.2
     dp: bool = False                   # DP-SGD (Opacus): needs norm = "group"; fixed epochs, no early stopping or best-epoch pick
@@ -107,8 +107,8 @@ class MappingTrainConfig:
         _choice("mapping.norm", self.norm, ("batch", "group"))
         _choice("mapping.adapter_init", self.adapter_init, ("identity", "pca"))
         if self.dp and self.adapter_init == "pca":
-            raise ConfigError('mapping.adapter_init: "pca" reads each hospital\'s latent statistics without noise, which DP-SGD\'s '
-                              'accounting does not cover; use "identity" with mapping.dp')
+            raise ConfigError('mapping.dp: the default mapping.adapter_init = "pca" reads each hospital\'s latent statistics without '
+                              'noise, which DP-SGD\'s accounting does not cover; set mapping.adapter_init = "identity" with mapping.dp')
         if self.dp and self.norm != "group":
             raise ConfigError('mapping.dp: DP-SGD needs mapping.norm = "group" (BatchNorm mixes samples, so per-sample gradients are undefined)')
         if self.dp_noise < 0 or self.dp_clip <= 0 or (self.dp_epsilon is not None and self.dp_epsilon <= 0):
@@ -236,5 +236,15 @@ def _merge(dst: dict, src: dict, where: str) -> None:
             dst[k] = v
 
 
+# Settings whose default changed: a saved config that predates the key ran with the old value.
+_LEGACY = {("mapping", "adapter_init"): "identity"}
+
+
 def from_dict(raw: dict) -> Config:
+    """A saved run's settings (its ``config.json``). Keys added since take their defaults, except those in
+    ``_LEGACY``, which take the value the run actually used."""
+    raw = json.loads(json.dumps(raw))
+    for (section, key), old in _LEGACY.items():
+        if isinstance(raw.get(section), dict) and key not in raw[section]:
+            raw[section][key] = old
     return _build(Config, raw, "")

@@ -25,7 +25,7 @@ import torch
 from ..config import MappingTrainConfig
 from ..errors import CheckpointError, ProtocolError
 from ..fileio import atomic_write_json
-from ..models import SCALES, MappingConfig, MappingNet
+from ..models import SCALES, Frame, MappingConfig, MappingNet
 from ..privacy.attacks import pixels, skew_signs
 from ..protocol import LatentBatch, validate
 from ..training import FitConfig, FitResult, fit, load_weights, save_weights, seeded_init
@@ -223,18 +223,18 @@ def _lsq_1x1(src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 @torch.no_grad()
-def _compose(conv: torch.nn.Conv2d, pre: tuple[np.ndarray, np.ndarray] | None = None, post: tuple[np.ndarray, np.ndarray] | None = None) -> None:
-    """Replace a 1x1 conv y = W x + b by y = W (A x + c) + b (``pre``) or by y = A (W x + b) + c (``post``)."""
-    w = conv.weight[:, :, 0, 0].double().numpy()
-    b = conv.bias.double().numpy()
+def _compose(frame: Frame, pre: tuple[np.ndarray, np.ndarray] | None = None, post: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+    """Replace a frame y = W x + b by y = W (A x + c) + b (``pre``) or by y = A (W x + b) + c (``post``)."""
+    w = frame.weight.double().numpy()
+    b = frame.bias.double().numpy()
     if pre is not None:
         a, c = pre
         w, b = w @ a, w @ c + b
     if post is not None:
         a, c = post
         w, b = a @ w, a @ b + c
-    conv.weight.copy_(torch.from_numpy(w).float()[:, :, None, None])
-    conv.bias.copy_(torch.from_numpy(b).float())
+    frame.weight.copy_(torch.from_numpy(w).float())
+    frame.bias.copy_(torch.from_numpy(b).float())
 
 
 def canonical_frame(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -274,11 +274,14 @@ def refit_adapters(model_dir: str | Path, batch: LatentBatch, cfg: MappingTrainC
     shared core frozen; writes a new model folder ``out_dir`` and never touches ``model_dir``.
 
     A network trained with ``mapping.adapter_init = "pca"`` needs nothing more: the new key's canonical
-    frames lead into the same key-independent coordinates its adapters and core were trained in.
-    Otherwise, training adapters from the identity does not work in practice: the shared core, not the
-    adapters, absorbed each hospital's old key during stage 2 (measured in PRIVACY.md). With ``previous``, the
-    hospital's earlier ``train`` message, the adapters start from the exact old-to-new change of frame,
-    fitted by least squares on the rows both messages carry (matched by key-invariant signatures).
+    frames lead into the same key-independent coordinates its adapters and core were trained in (up to
+    axes of nearly equal variance, which the re-fit epochs absorb). Otherwise, training adapters from the
+    identity does not work in practice: the shared core, not the adapters, absorbed each hospital's old
+    key during stage 2 (measured in PRIVACY.md). With ``previous``, the hospital's earlier ``train``
+    message, the network starts from the exact old-to-new change of frame,
+    fitted by least squares on the rows both messages carry (matched by key-invariant signatures) and
+    composed into its fixed frames (any model: with canonical frames too, this is exact where a new PCA
+    is not, for axes of nearly equal variance); the trained adapters are kept.
     That means the server learns the relation between the old and the new key; it could link the two
     messages anyway, so a rotation protects only against holders of the old key who do not also hold
     the server's records.
@@ -306,11 +309,11 @@ def refit_adapters(model_dir: str | Path, batch: LatentBatch, cfg: MappingTrainC
         if len(new_idx) < 2:
             raise ProtocolError("previous: no rows of the new message match the previous one; re-encode the same training pairs")
         with torch.no_grad():
-            for s in scales:  # in: new frame -> old frame, then the old adapter; out: old adapter, then old frame -> new frame
-                _compose(net.in_adapters[batch.client][s], pre=_lsq_1x1(batch.latents("zt_img_")[s][new_idx],
-                                                                        previous.latents("zt_img_")[s][old_idx]))
-                _compose(net.out_adapters[batch.client][s], post=_lsq_1x1(previous.latents("zt_msk_")[s][old_idx],
-                                                                          batch.latents("zt_msk_")[s][new_idx]))
+            for s in scales:  # in: new key's frame -> old key's, then the old frame; out: the old frame, then old -> new
+                _compose(net.in_frames[batch.client][s], pre=_lsq_1x1(batch.latents("zt_img_")[s][new_idx],
+                                                                      previous.latents("zt_img_")[s][old_idx]))
+                _compose(net.out_frames[batch.client][s], post=_lsq_1x1(previous.latents("zt_msk_")[s][old_idx],
+                                                                        batch.latents("zt_msk_")[s][new_idx]))
         init = f"least squares from {len(new_idx)} rows matched with the previous message"
     elif server.meta.get("train", {}).get("adapter_init") == "pca":
         # the adapters and core were trained in key-independent coordinates: the new key's frames lead into them
