@@ -276,6 +276,8 @@ def main(argv=None) -> int:
     p.add_argument("--rotation-from", type=Path, default=None, metavar="RUN",
                    help="rotate a key in this finished run instead of OUT/baseline, with the re-fit its model calls for "
                         "(canonical frames with mapping.adapter_init = pca, else identity adapters); no previous message")
+    p.add_argument("--threats", default=None, help="threat levels to audit for the variants run now, e.g. T0,T1,T2,T3 "
+                                                   "(default: all; membership, T5, trains reference networks)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--results", type=Path, default=Path("benchmarks/results"))
     args = p.parse_args(argv)
@@ -313,7 +315,7 @@ def main(argv=None) -> int:
         if not (run / "audit" / "audit.json").exists():
             if v in ("noise", "dp"):  # the baseline's autoencoders, so the attacker's too
                 share_attacker_autoencoders(base, run)
-            run_audit(run, data_dir=args.data, shadow_models=args.shadow_models, shadow_epochs=args.shadow_epochs,
+            run_audit(run, data_dir=args.data, threats=args.threats, shadow_models=args.shadow_models, shadow_epochs=args.shadow_epochs,
                       control_epochs=args.control_epochs, progress=False)
         a = json.loads((run / "audit" / "audit.json").read_text())
         for extra in sorted(run.glob("audit-*/audit.json")):  # audits run in parts (e.g. --threats T5 --out RUN/audit-t5)
