@@ -275,7 +275,7 @@ def refit_adapters(model_dir: str | Path, batch: LatentBatch, cfg: MappingTrainC
 
     A network trained with ``mapping.adapter_init = "pca"`` needs nothing more: the new key's canonical
     frames lead into the same key-independent coordinates its adapters and core were trained in (up to
-    axes of nearly equal variance, which the re-fit epochs absorb). Otherwise, training adapters from the
+    axes of nearly equal variance, which a new PCA does not pin down; ``previous`` avoids that). Otherwise, training adapters from the
     identity does not work in practice: the shared core, not the adapters, absorbed each hospital's old
     key during stage 2 (measured in PRIVACY.md). With ``previous``, the hospital's earlier ``train``
     message, the network starts from the exact old-to-new change of frame,
