@@ -169,6 +169,26 @@ def share_attacker_autoencoders(base: Path, run: Path) -> None:
         shutil.copytree(base / "audit" / "work", run / "audit" / "work", ignore=shutil.ignore_patterns("control_memorising", "shadow*"))
 
 
+# Only the bundled Sunnybrook LV subset is CC0: figures that show other datasets' images stay in runs/.
+REDISTRIBUTABLE = ("sunnybrook_lv",)
+
+
+def publish_audit(run: Path, dataset: str, dest: Path) -> None:
+    """Copy ``run``'s audit report, JSON and ROC plot to ``dest`` (committed with the results); the A1 figure,
+    which shows the victims' slices, only for a dataset whose license allows copying it."""
+    src = run / "audit"
+    dest.mkdir(parents=True, exist_ok=True)
+    keep_images = dataset in REDISTRIBUTABLE
+    for name in ("audit.json", "roc.png") + (("a1_maps.png",) if keep_images else ()):
+        if (src / name).exists():
+            shutil.copy2(src / name, dest / name)
+    report = (src / "report.md").read_text()
+    if not keep_images:
+        report = report.replace("![A1 maps](a1_maps.png)", f"(The A1 figure shows {dataset} slices, which stay in ../shared/data; "
+                                                          f"it is in {run.name}/audit/a1_maps.png of the run folder.)")
+    atomic_write_text(dest / "report.md", report)
+
+
 def noise_fixed(cfg, data: Path, base: Path, out: Path) -> dict:
     """The baseline run re-encoded with latent noise, same keys and mapping network; Dice through it, and its audit (T0-T3)."""
     if not (out / "summary.json").exists():
@@ -323,6 +343,7 @@ def main(argv=None) -> int:
             a["results"].update(b["results"])
             a["succeeded"] = sorted(set(a["succeeded"]) | set(b["succeeded"]))
             a["void"] = sorted(set(a["void"]) | set(b["void"]))
+        publish_audit(run, args.dataset, args.results / f"privacy-{args.dataset}" / ("" if key == "baseline" else key))
         setting = {"baseline": "none", "noise": f"latent noise std {args.noise}", "dp": "DP-SGD "
                    + (f"ε={a['defences']['dp']['epsilon']:.2f} at δ=1/{a['defences']['dp']['n_rows']}" if a["defences"].get("dp") else ""),
                    "no_skips": "bottleneck only",
