@@ -28,7 +28,7 @@ bench-psfhs bench-acdc: bench-%: $(STAMP)
 
 bench-sunnybrook: $(STAMP)
 	$(VENV)/bin/ppcmi bench --dataset sunnybrook_lv --data data/sunnybrook_lv --out runs/bench-sunnybrook_lv \
-		--methods ppcmi_cpu,unet_centralized,ppcmi_cpu_pca,no_klt,per_hospital_mapping,no_skips,no_pyramid,unet_local
+		--methods ppcmi_cpu,unet_centralized,ppcmi_cpu_pca,no_klt,per_hospital_mapping,no_skips,no_pyramid,unet_local,ppcmi_cpu_matched,ppcmi_published
 	cp runs/bench-sunnybrook_lv/results.json benchmarks/results/bench-sunnybrook_lv.json
 	cp runs/bench-sunnybrook_lv/results.md benchmarks/results/bench-sunnybrook_lv.md
 
