@@ -121,6 +121,8 @@ def fit_dp(net: nn.Module, train: list[torch.Tensor], val: list[torch.Tensor] | 
             val_loss = _val_loss(net, val, scales, fc.batch_size) if val is not None and len(val[0]) else train_loss
             res.history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
                                 "epsilon": float(engine.get_epsilon(delta))})
+            log.info("DP-SGD epoch %d/%d: train %.4f, val %.4f, epsilon %.3g (%.0f s)", epoch, fc.epochs, train_loss, val_loss,
+                     res.history[-1]["epsilon"], time.perf_counter() - t0)
     res.best_epoch = fc.epochs
     res.best_val = res.history[-1]["val_loss"]
     res.seconds = time.perf_counter() - t0
