@@ -54,22 +54,29 @@ def test_reserved_class_name_is_refused_early():
         parse_labels("0,1", "background,fg")
 
 
-def test_privacy_audit_reuses_only_a_bench_run_with_the_same_settings(tmp_path):
+def _privacy_audit_script():
     import importlib.util
     from pathlib import Path
-
-    from ppcmi.config import load_config, to_dict
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "privacy_audit.py"
     spec = importlib.util.spec_from_file_location("privacy_audit", path)
     pa = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(pa)
+    return pa
+
+
+def test_privacy_audit_reuses_only_a_bench_run_with_the_same_settings(tmp_path):
+    from ppcmi.config import load_config, to_dict
+
+    pa = _privacy_audit_script()
     cfg = dataset_config("psfhs")
+    assert cfg.mapping.adapter_init == "identity"  # ppcmi_cpu keeps the published adapters
     bench = tmp_path / "bench"
     run = bench / "ppcmi_cpu"
     (run / "audit").mkdir(parents=True)
     raw = to_dict(cfg)
     del raw["autoencoder"]["send_noise"]  # written before the setting existed: its default applies
+    del raw["mapping"]["adapter_init"]  # likewise, except that such a run used identity adapters, as the preset does
     (run / "config.json").write_text(json.dumps({**raw, "data_dir": "/elsewhere/psfhs"}))
     (run / "summary.json").write_text("{}")
     (run / "audit" / "audit.json").write_text("{}")
@@ -82,3 +89,19 @@ def test_privacy_audit_reuses_only_a_bench_run_with_the_same_settings(tmp_path):
     with pytest.raises(SystemExit, match=r"ppcmi_cpu was run with other settings \(mapping differ\)"):
         pa.reuse_bench_run(other, "baseline", bench, tmp_path / "q" / "baseline")
     assert not (tmp_path / "q").exists()
+
+
+def test_published_audits_carry_dataset_images_only_when_their_license_allows(tmp_path):
+    pa = _privacy_audit_script()
+    for dataset in ("psfhs", "sunnybrook_lv"):
+        run = tmp_path / dataset / "baseline"
+        (run / "audit").mkdir(parents=True)
+        for name in ("audit.json", "roc.png", "a1_maps.png"):
+            (run / "audit" / name).write_bytes(b"x")
+        (run / "audit" / "report.md").write_text("# report\n\n![A1 maps](a1_maps.png)\n")
+        pa.publish_audit(run, dataset, tmp_path / "results" / dataset)
+    psfhs, sb = tmp_path / "results" / "psfhs", tmp_path / "results" / "sunnybrook_lv"
+    assert sorted(p.name for p in psfhs.iterdir()) == ["audit.json", "report.md", "roc.png"]
+    text = (psfhs / "report.md").read_text()
+    assert "![A1 maps]" not in text and "stay in ../shared/data" in text
+    assert (sb / "a1_maps.png").exists() and "![A1 maps](a1_maps.png)" in (sb / "report.md").read_text()
