@@ -211,13 +211,14 @@ def server_refit_adapters(model: Path = typer.Option(..., "--model", "-m", help=
                           message: Path = typer.Option(..., "--message", help="The hospital's new 'train' message after a key rotation."),
                           out: Path = typer.Option(..., "--out", "-o", help="New model folder."),
                           previous: Optional[Path] = typer.Option(None, "--previous", help="The hospital's earlier 'train' message: "
-                                                                  "adapters start from the old-to-new change of frame (see PRIVACY.md)."),
+                                                                  "the old-to-new change of frame goes into its fixed frames (see PRIVACY.md)."),
                           config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt, quiet: bool = QuietOpt):
     """Re-fit one hospital's 1x1 adapters on its new message with the shared core frozen (after 'client rotate-key').
 
-    A model trained with mapping.adapter_init = "pca" takes the new key's canonical frames and keeps its
-    trained adapters; otherwise the adapters restart from the identity, or with --previous from the
-    old-to-new change of frame (the identity restart fails in practice: see PRIVACY.md).
+    With --previous, the least-squares old-to-new change of frame goes into the hospital's fixed frames
+    and its trained adapters are kept (any model). Without it, a model trained with canonical frames
+    (mapping.adapter_init = "pca", the default) takes the new key's frames and keeps its adapters; a
+    model with identity adapters restarts them from the identity, which fails in practice (PRIVACY.md).
     """
     from . import protocol
     from .server.mapping import refit_adapters

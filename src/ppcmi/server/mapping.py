@@ -273,16 +273,15 @@ def refit_adapters(model_dir: str | Path, batch: LatentBatch, cfg: MappingTrainC
     """Re-fit one hospital's 1x1 adapters on its new ``train`` message (after a key rotation) with the
     shared core frozen; writes a new model folder ``out_dir`` and never touches ``model_dir``.
 
-    A network trained with ``mapping.adapter_init = "pca"`` needs nothing more: the new key's canonical
-    frames lead into the same key-independent coordinates its adapters and core were trained in (up to
-    axes of nearly equal variance, which a new PCA does not pin down; ``previous`` avoids that). Otherwise, training adapters from the
-    identity does not work in practice: the shared core, not the adapters, absorbed each hospital's old
-    key during stage 2 (measured in PRIVACY.md). With ``previous``, the hospital's earlier ``train``
-    message, the network starts from the exact old-to-new change of frame,
-    fitted by least squares on the rows both messages carry (matched by key-invariant signatures) and
-    composed into its fixed frames (any model: with canonical frames too, this is exact where a new PCA
-    is not, for axes of nearly equal variance); the trained adapters are kept.
-    That means the server learns the relation between the old and the new key; it could link the two
+    With ``previous``, the hospital's earlier ``train`` message, the exact old-to-new change of frame,
+    fitted by least squares on the rows both messages carry (matched by key-invariant signatures), is
+    composed into that hospital's fixed frames and the trained adapters are kept; this works for any
+    model. Without it, a network trained with ``mapping.adapter_init = "pca"`` takes the new key's
+    canonical frames, which lead into the key-independent coordinates its adapters and core were
+    trained in (up to axes of nearly equal variance, which a new PCA does not pin down). A network with
+    identity-initialised adapters gets fresh identity adapters, which does not work in practice: the
+    shared core, not the adapters, absorbed each hospital's old key during stage 2 (PRIVACY.md).
+    With ``previous``, the server learns the relation between the old and the new key; it could link the two
     messages anyway, so a rotation protects only against holders of the old key who do not also hold
     the server's records.
     """
