@@ -82,7 +82,8 @@ def _comparable(cfg: dict) -> dict:
 
 
 def run_config(run: Path):
-    """The settings a finished run recorded in RUN/config.json (settings added since take their defaults)."""
+    """The settings a finished run recorded in RUN/config.json (read by ``ppcmi.config.from_dict``: settings
+    added since take their defaults, or the old value where the default changed)."""
     return from_dict({k: v for k, v in json.loads((run / "config.json").read_text()).items() if k != "data_dir"})
 
 
@@ -123,8 +124,9 @@ def simulate(cfg, data: Path, out: Path, baseline: Path | None) -> dict:
     return public_summary(res)
 
 
-def rotation(cfg, data: Path, base: Path, out: Path, identity_init: bool = False) -> dict:
-    """hospital1 rotates its key; the server re-fits its adapters; Dice before/after and with the old key."""
+def rotation(cfg, data: Path, base: Path, out: Path, with_previous: bool = True) -> dict:
+    """hospital1 rotates its key; the server re-fits its adapters (from its previous message unless
+    ``with_previous`` is False: then as its model calls for); Dice before/after and with the old key."""
     if (out / "rotation.json").exists():
         return json.loads((out / "rotation.json").read_text())
     pl = plan(cfg, data)
@@ -146,7 +148,7 @@ def rotation(cfg, data: Path, base: Path, out: Path, identity_init: bool = False
         shutil.rmtree(out / "server")
     previous = protocol.decode((base / "wire" / f"{name}.train.ppcmi").read_bytes())  # the server kept what it received
     refit_adapters(base / "server", protocol.decode(protocol.encode(msg)), cfg.mapping, out / "server", seed=cfg.seed,
-                   previous=None if identity_init else previous, progress=False)
+                   previous=previous if with_previous else None, progress=False)
     seconds = time.perf_counter() - t0
 
     def dice(site_dir: Path, model: Path) -> float:
@@ -321,7 +323,7 @@ def main(argv=None) -> int:
                 vcfg = run_config(src)
             if args.refit_epochs:
                 vcfg = load_config(None, [f"mapping.epochs={args.refit_epochs}", f"mapping.patience={args.refit_epochs}"], base=vcfg)
-            rows[key] = {**rotation(vcfg, args.data, src, args.out / key, identity_init=args.rotation_from is not None),
+            rows[key] = {**rotation(vcfg, args.data, src, args.out / key, with_previous=args.rotation_from is None),
                          "refit_epochs": vcfg.mapping.epochs}
             continue
         key = f"{v}-{args.noise:g}" if v.startswith("noise") else v  # one folder and row per noise level
