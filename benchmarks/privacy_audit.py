@@ -4,7 +4,8 @@ Variants (each a run folder OUT/<variant>/ with OUT/<variant>/audit/):
 
 - baseline:  the dataset's PPCMI-SF setting (sunnybrook_lv: the demo's; psfhs/acdc: the `ppcmi bench` presets)
 - noise:     Gaussian noise of std --noise on plain latents before the KLT (train messages and queries)
-- dp:        DP-SGD mapping network (GroupNorm; noise multiplier --dp-noise, clip --dp-clip)
+- dp:        DP-SGD mapping network (GroupNorm; noise multiplier --dp-noise, clip --dp-clip, batch --dp-batch);
+             settings other than the defaults get their own folder and row, e.g. dp-n1-c1-b128
 - no_skips:  only the bottleneck latent is sent and decoded
 - rotation:  hospital1 rotates its key after the baseline; the server re-fits only its adapters
 - noise_fixed: the baseline's sites, keys and mapping network, with train messages and queries re-encoded
@@ -66,9 +67,19 @@ def base_config(dataset: str, data: Path):
 
 def variant_config(cfg, variant: str, args):
     sets = {"baseline": [], "rotation": [], "noise_fixed": [f"autoencoder.send_noise={args.noise}"], "noise": [f"autoencoder.send_noise={args.noise}"],
-            "dp": ["mapping.norm=group", "mapping.dp=true", f"mapping.dp_noise={args.dp_noise}", f"mapping.dp_clip={args.dp_clip}"],
+            "dp": ["mapping.norm=group", "mapping.dp=true", f"mapping.dp_noise={args.dp_noise}", f"mapping.dp_clip={args.dp_clip}"]
+            + ([f"mapping.batch_size={args.dp_batch}"] if args.dp_batch else []),
             "no_skips": ["autoencoder.skips=false"]}[variant]
     return load_config(None, sets, base=cfg)
+
+
+def variant_key(variant: str, args) -> str:
+    """The folder and row name of a variant: one per noise level, and one per DP-SGD setting other than the default."""
+    if variant.startswith("noise"):
+        return f"{variant}-{args.noise:g}"
+    if variant == "dp" and (args.dp_noise, args.dp_clip, args.dp_batch) != (1.0, 1.0, None):
+        return f"dp-n{args.dp_noise:g}-c{args.dp_clip:g}" + (f"-b{args.dp_batch}" if args.dp_batch else "")
+    return variant
 
 
 # the `ppcmi bench` method whose run is this variant's, when the dataset's preset is the same
@@ -288,6 +299,8 @@ def main(argv=None) -> int:
     p.add_argument("--noise", type=float, default=0.5, help="latent noise std for the noise variant")
     p.add_argument("--dp-noise", type=float, default=1.0)
     p.add_argument("--dp-clip", type=float, default=1.0)
+    p.add_argument("--dp-batch", type=int, default=None, help="expected batch size of the dp variant's Poisson sampling "
+                                                             "(default: the baseline's mapping.batch_size)")
     p.add_argument("--shadow-models", type=int, default=2)
     p.add_argument("--shadow-epochs", type=int, default=None)
     p.add_argument("--control-epochs", type=int, default=100)
@@ -326,7 +339,7 @@ def main(argv=None) -> int:
             rows[key] = {**rotation(vcfg, args.data, src, args.out / key, with_previous=args.rotation_from is None),
                          "refit_epochs": vcfg.mapping.epochs}
             continue
-        key = f"{v}-{args.noise:g}" if v.startswith("noise") else v  # one folder and row per noise level
+        key = variant_key(v, args)
         run = args.out / key
         if args.reuse is not None:
             reuse_bench_run(vcfg, v, args.reuse, run)
@@ -346,8 +359,10 @@ def main(argv=None) -> int:
             a["succeeded"] = sorted(set(a["succeeded"]) | set(b["succeeded"]))
             a["void"] = sorted(set(a["void"]) | set(b["void"]))
         publish_audit(run, args.dataset, args.results / f"privacy-{args.dataset}" / ("" if key == "baseline" else key))
+        dp = a["defences"].get("dp")
         setting = {"baseline": "none", "noise": f"latent noise std {args.noise}", "dp": "DP-SGD "
-                   + (f"ε={a['defences']['dp']['epsilon']:.2f} at δ=1/{a['defences']['dp']['n_rows']}" if a["defences"].get("dp") else ""),
+                   + (f"ε={dp['epsilon']:.2f} at δ=1/{dp['n_rows']} (noise {dp['noise_multiplier']:g}, clip "
+                      f"{dp['max_grad_norm']:g}, batch {vcfg.mapping.batch_size})" if dp else ""),
                    "no_skips": "bottleneck only",
                    "noise_fixed": f"latent noise std {args.noise}, baseline mapping network (not retrained)"}[v]
         scores = summ.get("ppcmi") or summ["summary"]  # a `ppcmi simulate` summary, or a reused `ppcmi bench` one

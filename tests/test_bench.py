@@ -105,3 +105,17 @@ def test_published_audits_carry_dataset_images_only_when_their_license_allows(tm
     text = (psfhs / "report.md").read_text()
     assert "![A1 maps]" not in text and "stay in ../shared/data" in text
     assert (sb / "a1_maps.png").exists() and "![A1 maps](a1_maps.png)" in (sb / "report.md").read_text()
+
+
+def test_privacy_audit_gives_each_dp_setting_its_own_folder():
+    from types import SimpleNamespace
+
+    pa = _privacy_audit_script()
+    args = SimpleNamespace(noise=0.3, dp_noise=1.0, dp_clip=1.0, dp_batch=None)
+    assert [pa.variant_key(v, args) for v in ("baseline", "dp", "noise", "noise_fixed")] == ["baseline", "dp", "noise-0.3", "noise_fixed-0.3"]
+    cfg = dataset_config("psfhs")
+    assert pa.variant_config(cfg, "dp", args).mapping.batch_size == cfg.mapping.batch_size
+    args.dp_batch, args.dp_noise = 128, 0.8
+    assert pa.variant_key("dp", args) == "dp-n0.8-c1-b128"
+    m = pa.variant_config(cfg, "dp", args).mapping
+    assert (m.batch_size, m.dp_noise, m.dp, m.norm) == (128, 0.8, True, "group")
