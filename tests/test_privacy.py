@@ -197,6 +197,16 @@ def test_audit_cli_end_to_end_on_a_tiny_run(tiny_run):
     assert r.exit_code == 2 and "holds an audit already" in r.output
 
 
+def test_rows_per_patient_counts_every_sent_copy(tiny_run):
+    from ppcmi.privacy.audit import RunData, _rows_per_patient
+
+    root, _ = tiny_run
+    rd = RunData(root / "run", None, None)
+    patients = {g for d in rd.hospitals.values() for g in d["groups"]}
+    # 4 slices per synthetic patient, each sent as 2 copies (the original and one augmented)
+    assert _rows_per_patient(rd) == {"mean": 8.0, "max": 8, "patients": len(patients)}
+
+
 @pytest.mark.parametrize("args, match", [
     (["--run", "does/not/exist"], "does/not/exist: run folder not found"),
     (["--run", ".", "--threats", "T1,T9"], "unknown threat T9"),

@@ -669,7 +669,8 @@ def run_audit(run: str | Path, *, threats: str | None = None, aux_dir: str | Pat
         "run": run.name, "threats": chosen, "attacks_run": list(results), "margins": MARGINS,
         "roles": _roles(rd, results),
         "defences": {"klt": rd.cfg.klt, "skips": rd.cfg.autoencoder.skips, "send_noise": rd.cfg.autoencoder.send_noise,
-                     "send_noise_relative": _noise_relative(rd), "dp": server_meta.get("dp"),
+                     "send_noise_relative": _noise_relative(rd),
+                     "dp": {**server_meta["dp"], "rows_per_patient": _rows_per_patient(rd)} if server_meta.get("dp") else None,
                      "send_copies": rd.cfg.autoencoder.send_copies},
         "run_dice": (run_summary.get("ppcmi") or run_summary.get("summary") or {}).get("fg_dice", {}).get("mean"),
         "results": results, "succeeded": succeeded, "void": void,
@@ -700,6 +701,13 @@ def _noise_relative(rd: RunData) -> dict:
         return {}
     sd = {s: float(np.mean([h["z_img"][s].std() for h in rd.hospitals.values()])) for s in rd.scales}
     return {s: rd.cfg.autoencoder.send_noise / max(v, 1e-12) for s, v in sd.items()}
+
+
+def _rows_per_patient(rd: RunData) -> dict:
+    """How many sent rows each patient (the split's group) contributed: DP-SGD's epsilon is per row, so a
+    patient is protected only by group privacy over this many rows."""
+    counts = np.unique(np.concatenate([d["groups"][d["src"]] for d in rd.hospitals.values()]), return_counts=True)[1]
+    return {"mean": float(counts.mean()), "max": int(counts.max()), "patients": int(len(counts))}
 
 
 def _roles(rd: RunData, results: dict) -> dict:

@@ -8,7 +8,8 @@ rows of other hospitals contribute exactly zero) instead of the index-based rout
 Batches are Poisson-sampled (Opacus' DPDataLoader) and the privacy loss is tracked with the RDP
 accountant; epsilon is reported at delta = 1/N, N the number of training rows. The unit of
 privacy is one row: a patient who contributes many slices, or several augmented copies of a slice,
-is protected only by group privacy, which is much weaker (reported as ``rows_per_patient``).
+is protected only by group privacy, which is much weaker. The server cannot know which rows share a
+patient; ``ppcmi audit``, which reads the hospitals' case lists, reports the rows per patient.
 Training runs a fixed number of epochs and keeps the final weights: validation losses are logged
 for monitoring but never select a model, so they do not leak into the released weights.
 """
@@ -56,7 +57,7 @@ class RoutedMapping(nn.Module):
 
 
 def fit_dp(net: nn.Module, train: list[torch.Tensor], val: list[torch.Tensor] | None, scales: list[str], cfg, fc: FitConfig,
-           *, rows_per_patient: float | None = None, progress: bool = True) -> tuple[FitResult, dict]:
+           *, progress: bool = True) -> tuple[FitResult, dict]:
     """Train ``net`` (a :class:`~ppcmi.models.MappingNet` with GroupNorm) with DP-SGD.
 
     ``train``/``val``: [client_index, img_<scale>..., msk_<scale>...] tensors as built by
@@ -130,7 +131,6 @@ def fit_dp(net: nn.Module, train: list[torch.Tensor], val: list[torch.Tensor] | 
     eps = float(engine.get_epsilon(delta))
     report = {"epsilon": eps, "delta": delta, "n_rows": n, "noise_multiplier": sigma, "max_grad_norm": cfg.dp_clip,
               "sample_rate": fc.batch_size / n, "epochs": fc.epochs, "accountant": "rdp", "unit": "one training row",
-              "rows_per_patient": rows_per_patient,
               "model_selection": "none (final weights; validation loss logged only)"}
     log.info("DP-SGD: epsilon %.3g at delta %.3g (noise %.3g, clip %.3g)", eps, delta, sigma, cfg.dp_clip)
     return res, report

@@ -63,6 +63,9 @@ def report_md(a: dict) -> str:
                                   if d.get("send_noise_relative") else "") + "; DP-SGD "
           + (f"ε = {_f(d['dp']['epsilon'], 2)} at δ = {d['dp']['delta']:.2g} per training row (noise {_f(d['dp']['noise_multiplier'], 2)}, "
              f"clip {d['dp']['max_grad_norm']})" if d.get("dp") else "off")
+          + (f"; a patient (the split's group) sent {d['dp']['rows_per_patient']['mean']:.1f} rows on average, at most "
+             f"{d['dp']['rows_per_patient']['max']}, so it is protected only by group privacy over that many rows"
+             if (d.get("dp") or {}).get("rows_per_patient") else "")
           + f"; run Dice (merged foreground) {_f(a.get('run_dice'), 4)}.", ""]
 
     L += ["## Reconstruction attacks", "",
