@@ -296,7 +296,8 @@ def main(argv=None) -> int:
     p.add_argument("--data", required=True, type=Path)
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--variants", default=",".join(VARIANTS))
-    p.add_argument("--noise", type=float, default=0.5, help="latent noise std for the noise variant")
+    p.add_argument("--noise", type=float, default=0.3, help="latent noise std for the noise and noise_fixed variants "
+                                                          "(0.3: about half the latents' std in every measured preset)")
     p.add_argument("--dp-noise", type=float, default=1.0)
     p.add_argument("--dp-clip", type=float, default=1.0)
     p.add_argument("--dp-batch", type=int, default=None, help="expected batch size of the dp variant's Poisson sampling "
@@ -304,7 +305,7 @@ def main(argv=None) -> int:
     p.add_argument("--shadow-models", type=int, default=2)
     p.add_argument("--shadow-epochs", type=int, default=None)
     p.add_argument("--control-epochs", type=int, default=100)
-    p.add_argument("--refit-epochs", type=int, default=None, help="adapter re-fit epochs after rotation (default: mapping.epochs)")
+    p.add_argument("--refit-epochs", type=int, default=5, help="adapter re-fit epochs after rotation (0: mapping.epochs)")
     p.add_argument("--reuse", type=Path, default=None, metavar="BENCH_OUT",
                    help="a `ppcmi bench` results folder of this dataset: its finished ppcmi_cpu and no_skips runs "
                         "become the baseline and no_skips variants (their settings must match)")
