@@ -10,8 +10,8 @@ Variants (each a run folder OUT/<variant>/ with OUT/<variant>/audit/):
 - rotation:  hospital1 rotates its key after the baseline; the server re-fits only its adapters
 - noise_fixed: the baseline's sites, keys and mapping network, with train messages and queries re-encoded
              with latent noise --noise: the attacks' view of the noise defence without retraining the
-             mapping network (its Dice cost is then an upper bound: a network trained on noisy latents
-             adapts to them); membership is not audited, since the network never saw these messages
+             mapping network (its Dice is not the retrained network's: that one can adapt to the noise,
+             and has fresh keys); membership is not audited, since the network never saw these messages
 
 noise and dp reuse the baseline's autoencoders (fresh keys), so they isolate what they change. A
 finished variant or audit is skipped on a rerun, so the script can be stopped and started again.
