@@ -187,19 +187,22 @@ REDISTRIBUTABLE = ("sunnybrook_lv",)
 
 
 def publish_audit(run: Path, dataset: str, dest: Path) -> None:
-    """Copy ``run``'s audit report, JSON and ROC plot to ``dest`` (committed with the results); the A1 figure,
-    which shows the victims' slices, only for a dataset whose license allows copying it."""
-    src = run / "audit"
-    dest.mkdir(parents=True, exist_ok=True)
+    """Copy ``run``'s audit report, JSON and ROC plot to ``dest`` (committed with the results), and those of an
+    audit run in parts (``RUN/audit-t5``) to ``dest/t5``; the A1 figure, which shows the victims' slices, only
+    for a dataset whose license allows copying it."""
     keep_images = dataset in REDISTRIBUTABLE
-    for name in ("audit.json", "roc.png") + (("a1_maps.png",) if keep_images else ()):
-        if (src / name).exists():
-            shutil.copy2(src / name, dest / name)
-    report = (src / "report.md").read_text()
-    if not keep_images:
-        report = report.replace("![A1 maps](a1_maps.png)", f"(The A1 figure shows {dataset} slices, which stay in ../shared/data; "
-                                                          f"it is in {run.name}/audit/a1_maps.png of the run folder.)")
-    atomic_write_text(dest / "report.md", report)
+    parts = [(run / "audit", dest)] + [(d, dest / d.name.removeprefix("audit-")) for d in sorted(run.glob("audit-*"))
+                                       if (d / "report.md").exists()]
+    for src, to in parts:
+        to.mkdir(parents=True, exist_ok=True)
+        for name in ("audit.json", "roc.png") + (("a1_maps.png",) if keep_images else ()):
+            if (src / name).exists():
+                shutil.copy2(src / name, to / name)
+        report = (src / "report.md").read_text()
+        if not keep_images:
+            report = report.replace("![A1 maps](a1_maps.png)", f"(The A1 figure shows {dataset} slices, which stay in ../shared/data; "
+                                                              f"it is in {run.name}/{src.name}/a1_maps.png of the run folder.)")
+        atomic_write_text(to / "report.md", report)
 
 
 def noise_fixed(cfg, data: Path, base: Path, out: Path) -> dict:

@@ -95,13 +95,16 @@ def test_published_audits_carry_dataset_images_only_when_their_license_allows(tm
     pa = _privacy_audit_script()
     for dataset in ("psfhs", "sunnybrook_lv"):
         run = tmp_path / dataset / "baseline"
-        (run / "audit").mkdir(parents=True)
-        for name in ("audit.json", "roc.png", "a1_maps.png"):
-            (run / "audit" / name).write_bytes(b"x")
-        (run / "audit" / "report.md").write_text("# report\n\n![A1 maps](a1_maps.png)\n")
+        for part in ("audit", "audit-t5"):  # an audit run in two parts
+            (run / part).mkdir(parents=True)
+            for name in ("audit.json", "roc.png", "a1_maps.png"):
+                (run / part / name).write_bytes(b"x")
+            (run / part / "report.md").write_text("# report\n\n![A1 maps](a1_maps.png)\n")
         pa.publish_audit(run, dataset, tmp_path / "results" / dataset)
     psfhs, sb = tmp_path / "results" / "psfhs", tmp_path / "results" / "sunnybrook_lv"
-    assert sorted(p.name for p in psfhs.iterdir()) == ["audit.json", "report.md", "roc.png"]
+    assert sorted(p.name for p in psfhs.iterdir()) == ["audit.json", "report.md", "roc.png", "t5"]
+    assert sorted(p.name for p in (psfhs / "t5").iterdir()) == ["audit.json", "report.md", "roc.png"]
+    assert "baseline/audit-t5/a1_maps.png" in (psfhs / "t5" / "report.md").read_text()
     text = (psfhs / "report.md").read_text()
     assert "![A1 maps]" not in text and "stay in ../shared/data" in text
     assert (sb / "a1_maps.png").exists() and "![A1 maps](a1_maps.png)" in (sb / "report.md").read_text()
