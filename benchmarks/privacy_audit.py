@@ -73,11 +73,15 @@ def variant_config(cfg, variant: str, args):
     return load_config(None, sets, base=cfg)
 
 
+# the dp variant's settings when not given; at these its folder and row are plain "dp"
+DP_DEFAULTS = {"dp_noise": 1.0, "dp_clip": 1.0, "dp_batch": None}
+
+
 def variant_key(variant: str, args) -> str:
     """The folder and row name of a variant: one per noise level, and one per DP-SGD setting other than the default."""
     if variant.startswith("noise"):
         return f"{variant}-{args.noise:g}"
-    if variant == "dp" and (args.dp_noise, args.dp_clip, args.dp_batch) != (1.0, 1.0, None):
+    if variant == "dp" and any(getattr(args, k) != v for k, v in DP_DEFAULTS.items()):
         return f"dp-n{args.dp_noise:g}-c{args.dp_clip:g}" + (f"-b{args.dp_batch}" if args.dp_batch else "")
     return variant
 
@@ -301,9 +305,9 @@ def main(argv=None) -> int:
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--noise", type=float, default=0.3, help="latent noise std for the noise and noise_fixed variants "
                                                           "(0.3: about half the latents' std in every measured preset)")
-    p.add_argument("--dp-noise", type=float, default=1.0)
-    p.add_argument("--dp-clip", type=float, default=1.0)
-    p.add_argument("--dp-batch", type=int, default=None, help="expected batch size of the dp variant's Poisson sampling "
+    p.add_argument("--dp-noise", type=float, default=DP_DEFAULTS["dp_noise"])
+    p.add_argument("--dp-clip", type=float, default=DP_DEFAULTS["dp_clip"])
+    p.add_argument("--dp-batch", type=int, default=DP_DEFAULTS["dp_batch"], help="expected batch size of the dp variant's Poisson sampling "
                                                              "(default: the baseline's mapping.batch_size)")
     p.add_argument("--shadow-models", type=int, default=2)
     p.add_argument("--shadow-epochs", type=int, default=None)
