@@ -53,6 +53,7 @@ audit-psfhs audit-acdc: audit-%: $(STAMP)
 	$(PY) benchmarks/privacy_audit.py --dataset $* --data $(SHARED_DATA)/$* --out runs/privacy-$* --reuse runs/bench-$* $(AUDIT_ARGS)
 
 test: $(STAMP)
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 clean:

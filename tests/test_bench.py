@@ -4,7 +4,7 @@ import pytest
 
 from ppcmi.client.keys import KEY_FILENAME
 from ppcmi.bench import dataset_config, run_bench
-from ppcmi.data import synth
+from ppcmi.experiment import synth
 from ppcmi.errors import PpcmiError
 
 TINY = ["data.size=32", "data.labels=0,1", "data.class_names=background,lv", "autoencoder.width=0.25", "autoencoder.epochs=1",

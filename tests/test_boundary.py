@@ -1,75 +1,94 @@
-"""The trust boundary is in the import graph: the server never imports hospital code or key handling."""
+"""The trust boundary is in the import graph, checked by import-linter's contracts in pyproject.toml.
 
-import ast
+``make test`` runs ``lint-imports`` on the package; these tests run it too and show, on a temporary
+copy of the package (never inside ``src/``), that each contract breaks when its rule is broken.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
 from pathlib import Path
 
 import pytest
 
-PKG = Path(__file__).resolve().parents[1] / "src" / "ppcmi"
+REPO = Path(__file__).resolve().parents[1]
+PKG = REPO / "src" / "ppcmi"
+LINT = Path(sys.executable).with_name("lint-imports")
+PROBE = "ppcmi_probe"  # the copy's name: nothing installed can shadow it
+
+pytestmark = pytest.mark.skipif(not LINT.exists(), reason="import-linter is not installed (pip install -e '.[test]')")
 
 
-def _imports(path: Path) -> set[str]:
-    tree = ast.parse(path.read_text())
-    mods = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            mods |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:  # resolve relative imports against the file's package
-                pkg = path.relative_to(PKG.parent).with_suffix("").parts[:-1]
-                pkg = pkg[: len(pkg) - node.level + 1]
-                base = ".".join(pkg + ((base,) if base else ()))
-            mods.add(base)
-            mods |= {f"{base}.{a.name}" for a in node.names}
-    return mods
+def _contracts() -> list[dict]:
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
 
 
-def _closure(module_path: Path, seen: set[Path] | None = None) -> set[str]:
-    """Every ppcmi module reachable from ``module_path`` through imports."""
-    seen = seen if seen is not None else set()
-    if module_path in seen:
-        return set()
-    seen.add(module_path)
-    found = set()
-    for mod in _imports(module_path):
-        if not mod.startswith("ppcmi"):
-            continue
-        found.add(mod)
-        rel = mod.split(".")[1:]
-        for cand in (PKG.joinpath(*rel).with_suffix(".py"), PKG.joinpath(*rel, "__init__.py")):
-            if rel and cand.exists():
-                found |= _closure(cand, seen)
-    return found
+def _lint(root: Path, config: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    return subprocess.run([str(LINT), str(config), "--no-cache"], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=120)
 
 
-SERVER_FILES = sorted((PKG / "server").glob("*.py")) + [PKG / "flower" / "server_app.py"]  # the Flower ServerApp too
+def test_the_package_keeps_every_contract():
+    res = subprocess.run([str(LINT), "--no-cache"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f"Contracts: {len(_contracts())} kept, 0 broken." in res.stdout
 
 
-@pytest.mark.parametrize("path", SERVER_FILES, ids=lambda p: p.name)
-def test_server_never_reaches_client_or_keys(path):
-    reached = _closure(path)
-    bad = {m for m in reached if m.startswith(("ppcmi.client", "ppcmi.klt"))}
-    assert not bad, f"{path.name} reaches {sorted(bad)}"
+def test_every_top_level_module_has_a_layer():
+    """A new module must be placed in the layer table, or the layers contract would not see it."""
+    layers = next(c for c in _contracts() if c["id"] == "layers")["layers"]
+    placed = {m.strip() for layer in layers for m in re.split(r"[|:]", layer)}
+    present = {f"ppcmi.{p.stem}" for p in PKG.glob("*.py") if p.stem != "__init__"}
+    present |= {f"ppcmi.{p.parent.name}" for p in PKG.glob("*/__init__.py")}
+    assert present == placed, f"not in the layer table: {sorted(present - placed)}; gone: {sorted(placed - present)}"
 
 
-def test_protocol_imports_nothing_of_the_package_but_errors():
-    reached = {m for m in _imports(PKG / "protocol.py") if m.startswith("ppcmi")}
-    assert reached <= {"ppcmi.errors", "ppcmi.errors.ProtocolError"}, reached
+@pytest.fixture(scope="module")
+def probe(tmp_path_factory) -> tuple[Path, Path]:
+    """A copy of the package named ``ppcmi_probe`` and the contracts rewritten for it."""
+    root = tmp_path_factory.mktemp("lint")
+    shutil.copytree(PKG, root / PROBE, ignore=shutil.ignore_patterns("__pycache__"))
+    text = (REPO / "pyproject.toml").read_text()
+    section = text[text.index("[tool.importlinter]"):]
+    config = root / "contracts.toml"
+    config.write_text(re.sub(r"\bppcmi\b", PROBE, section))
+    return root, config
 
 
-def test_the_check_itself_catches_a_violation(tmp_path):
-    bad = PKG / "server" / "_probe_violation.py"
-    bad.write_text("from ..client.keys import load_key\n")
+VIOLATIONS = [
+    # (file in the package, line appended, contract that must break)
+    ("server/mapping.py", "from ..client.keys import load_key", "coordinator"),
+    ("server/service.py", "from ..privacy import attacks", "coordinator"),
+    ("flower/server_app.py", "from ..data import discover_cases", "coordinator"),
+    ("client/inference.py", "from ..server.mapping import MappingServer", "hospital"),
+    ("privacy/attacks.py", "from ..klt import KEY_BYTES", "attacks"),
+    ("protocol.py", "from .config import Config", "layers"),
+    ("config.py", "from .data import Preprocess", "layers"),
+    ("data/readers.py", "from .discovery import Case", "acyclic"),
+]
+
+
+@pytest.mark.parametrize("where,line,contract", VIOLATIONS, ids=[f"{c}:{w}" for w, _, c in VIOLATIONS])
+def test_each_contract_catches_its_violation(probe, where, line, contract):
+    root, config = probe
+    path = root / PROBE / where
+    original = path.read_text()
     try:
-        assert any(m.startswith("ppcmi.client") for m in _closure(bad))
+        path.write_text(original + f"\n{line}\n")
+        res = _lint(root, config)
     finally:
-        bad.unlink()
+        path.write_text(original)
+    name = next(c["name"] for c in _contracts() if c["id"] == contract)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert f"{name} BROKEN" in " ".join(res.stdout.split()), res.stdout  # (lint-imports wraps long names)
 
 
-@pytest.mark.parametrize("name", ["attacks.py", "membership.py", "dp.py", "__init__.py"])
-def test_privacy_attack_maths_never_reach_hospital_code_or_keys(name):
-    """The attacker's maths work from what an attacker holds; only the audit orchestration reads keys (for its controls)."""
-    reached = _closure(PKG / "privacy" / name)
-    bad = {m for m in reached if m.startswith(("ppcmi.client", "ppcmi.klt", "ppcmi.privacy.audit"))}
-    assert not bad, f"privacy/{name} reaches {sorted(bad)}"
+def test_the_untouched_copy_keeps_every_contract(probe):
+    res = _lint(*probe)
+    assert res.returncode == 0, res.stdout + res.stderr

@@ -261,3 +261,17 @@ def test_predict_writes_nifti_for_a_volume_and_png_for_slices(run, tmp_path):
     for z, p in enumerate(pngs):
         assert np.array_equal(lab[:, :, z].T, np.asarray(Image.open(tmp_path / "png" / p.name))), p.name
     fails("predict", tmp_path / "vol.nii.gz", "--site-dir", site, "--model", model, "--out", tmp_path / "nii", match="exists")
+
+
+def test_server_train_honours_per_hospital_scope(run, tmp_path):
+    """mapping.scope=per_hospital trains one network per hospital, each on its own pairs only (it used to be
+    ignored: one shared network, silently)."""
+    out = tmp_path / "per"
+    printed = ok("server", "train", run / "wire" / "h1.train", run / "wire" / "h2.train", "--out", out, "-q", *TINY[:-2],
+                 "--set", "mapping.scope=per_hospital")
+    assert not (out / "mapping.safetensors").exists()
+    for name in ("h1", "h2"):
+        saved = json.loads((out / name / "config.json").read_text())
+        assert saved["clients"] == [name] and saved["train"]["scope"] == "per_hospital"
+        assert f"mapping network for {name}" in printed and str(out / name) in printed
+    ok("server", "map", "--model", out / "h1", "--query", run / "wire" / "q", "--out", tmp_path / "r")

@@ -23,7 +23,6 @@ from ppcmi.data import (
     load_sample,
     n_slices,
     parse_labels,
-    partition,
     prepare_image,
     read_image,
     read_mask,
@@ -31,9 +30,9 @@ from ppcmi.data import (
     scale_intensity,
     split_cases,
     split_from_lists,
-    synth,
     to_color,
 )
+from ppcmi.experiment import partition, synth
 from ppcmi.errors import DataError
 
 BUNDLED = Path(__file__).resolve().parents[1] / "data" / "sunnybrook_lv"

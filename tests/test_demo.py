@@ -9,7 +9,7 @@ import json
 import pytest
 
 from ppcmi.config import AutoencoderConfig, Config, DataConfig, MappingTrainConfig
-from ppcmi.data import synth
+from ppcmi.experiment import synth
 from ppcmi.demo import run_demo
 from ppcmi.errors import PpcmiError
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from ppcmi.config import AutoencoderConfig, Config, DataConfig, MappingTrainConfig
-from ppcmi.data import synth
+from ppcmi.experiment import synth
 from ppcmi.simulate import run_simulation
 
 

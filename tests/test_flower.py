@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -29,7 +30,7 @@ from ppcmi import protocol  # noqa: E402
 from ppcmi.certs import CA_CERT, SERVER_CERT, SERVER_KEY, init_ca  # noqa: E402
 from ppcmi.cli import app  # noqa: E402
 from ppcmi.config import Config, DataConfig  # noqa: E402
-from ppcmi.data import synth  # noqa: E402
+from ppcmi.experiment import synth  # noqa: E402
 from ppcmi.flower import wire  # noqa: E402
 from ppcmi.flower.auth import PRIVATE, PUBLIC, supernode_keygen  # noqa: E402
 from ppcmi.flower.deploy import (CONNECTION, DeployError, Processes, flower_env, free_ports, register, run_app, tool,  # noqa: E402
@@ -133,6 +134,59 @@ def test_server_received_only_protocol_latents_and_metrics(deployed):
         blob = p.read_bytes()
         leaks = [s for s in secrets if s in blob]
         assert not leaks, f"{p.relative_to(run)} holds private material {leaks[:3]}"
+
+
+def _tensors(path: Path) -> dict:
+    from safetensors.numpy import load_file
+
+    return load_file(str(path))
+
+
+def test_simulate_trains_what_deploy_trains(deployed):
+    """One configuration, two runners: ``simulate`` in one process and ``deploy`` on real Flower train the same
+    autoencoders bit for bit, send the same keyed pairs, and the coordinator's stage trains the same mapping
+    network from them (the stages and seeds are defined once, in the stage API).
+
+    The mapping network is compared by training it from simulate's messages at the thread count the ServerApp
+    had (all cores), because CPU float sums depend on the thread count: deploy runs each SuperNode with
+    cores / sites threads and the ServerApp with all cores, while simulate runs every role under one setting."""
+    import torch
+
+    from ppcmi.config import from_dict
+    from ppcmi.server.mapping import train_mapping
+    from ppcmi.simulate import run_simulation
+
+    root, data, run, _, _ = deployed
+    sim = root / "sim"
+    raw = json.loads((run / "config.json").read_text())  # the configuration deploy resolved and ran
+    cfg = from_dict({k: v for k, v in raw.items() if k != "data_dir"})
+    for h in ("hospital1", "hospital2"):  # the same secret keys, so the same keyed latents can be compared
+        (sim / "sites" / h).mkdir(parents=True)
+        shutil.copy2(run / "sites" / h / "site" / "klt.key", sim / "sites" / h / "klt.key")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))  # as deploy gives each of its 2 SuperNodes
+        run_simulation(cfg, data, sim, resume=True, progress=False)  # (resume: the folder already holds the keys)
+        torch.set_num_threads(os.cpu_count() or 1)  # as the ServerApp runs
+        sent = [protocol.decode((sim / "wire" / f"{h}.train.ppcmi").read_bytes()) for h in ("hospital2", "hospital1")]
+        train_mapping(sent, cfg.mapping, root / "sim-mapping", seed=cfg.seed, progress=False)  # (any arrival order)
+    finally:
+        torch.set_num_threads(threads)
+    server = next((run / "coordinator" / "server").glob("run-*"))
+    for h in ("hospital1", "hospital2"):
+        for ae in ("image_ae", "mask_ae"):
+            a, b = _tensors(sim / "sites" / h / ae / "model.safetensors"), _tensors(run / "sites" / h / "site" / ae / "model.safetensors")
+            assert a.keys() == b.keys()
+            differ = [k for k in a if a[k].shape != b[k].shape or (a[k] != b[k]).any()]
+            assert not differ, f"{h} {ae}: {len(differ)} of {len(a)} tensors differ, e.g. {differ[:3]}"
+        mine = protocol.decode((sim / "wire" / f"{h}.train.ppcmi").read_bytes())
+        got = protocol.decode((server / "wire" / f"{h}.train.ppcmi").read_bytes())
+        assert mine.arrays.keys() == got.arrays.keys() and mine.n == got.n
+        assert all((mine.arrays[k] == got.arrays[k]).all() for k in mine.arrays), f"{h}: the keyed training pairs differ"
+    a, b = _tensors(root / "sim-mapping" / "mapping.safetensors"), _tensors(server / "mapping" / "mapping.safetensors")
+    assert a.keys() == b.keys()
+    differ = [k for k in a if (a[k] != b[k]).any()]
+    assert not differ, f"the mapping networks differ in {len(differ)} of {len(a)} tensors, e.g. {differ[:3]}"
 
 
 # ----------------------------------------------------------------------------- failure paths

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from ppcmi import protocol
 from ppcmi.cli import app
 from ppcmi.config import AutoencoderConfig, Config, ConfigError, DataConfig, MappingTrainConfig
-from ppcmi.data import synth
+from ppcmi.experiment import synth
 from ppcmi.errors import PpcmiError
 from ppcmi.klt import KeyedLatentTransform
 from ppcmi.privacy import attacks as A

@@ -29,7 +29,7 @@ from ppcmi.cli import app as cli_app
 from ppcmi.client.remote import ServiceClient, tls_context
 from ppcmi.client.site import Hospital
 from ppcmi.config import AutoencoderConfig, Config, DataConfig, MappingTrainConfig
-from ppcmi.data import synth
+from ppcmi.experiment import synth
 from ppcmi.errors import PpcmiError, ServiceError
 from ppcmi.server.mapping import MappingServer
 from ppcmi.simulate import run_simulation

@@ -8,7 +8,8 @@ from ppcmi.config import MappingTrainConfig
 from ppcmi.errors import CheckpointError
 from ppcmi.klt import KeyedLatentTransform
 from ppcmi.protocol import LatentBatch
-from ppcmi.server.mapping import MappingServer, canonical_frame, refit_adapters, train_mapping
+from ppcmi.latent import principal_frame
+from ppcmi.server.mapping import MappingServer, refit_adapters, train_mapping
 from ppcmi.training import FitConfig, fit, seeded_init
 
 TINY = dict(widen=(16, 16, 32), mid=(32, 32), down=(16, 16, 16), dropout=0.0)
@@ -100,7 +101,7 @@ def test_canonical_frame_coordinates_do_not_depend_on_the_key():
     g = torch.Generator().manual_seed(5)
     z = torch.randn(40, 8, 4, 4, generator=g) ** 3  # skewed, so every axis's sign is defined
     zt = KeyedLatentTransform(bytes([7] * 32), {"s3": 8}).forward({"s3": z}, "image")["s3"]
-    (u, mu), (ut, mut) = canonical_frame(z.numpy()), canonical_frame(zt.numpy())
+    (u, mu), (ut, mut) = principal_frame(z.numpy()), principal_frame(zt.numpy())
     coords = lambda a, u, mu: np.einsum("cd,nchw->ndhw", u, a.numpy().astype(np.float64) - mu[None, :, None, None])  # noqa: E731
     np.testing.assert_allclose(coords(zt, ut, mut), coords(z, u, mu), atol=1e-4)
     np.testing.assert_allclose(u.T @ u, np.eye(8), atol=1e-10)

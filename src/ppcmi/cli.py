@@ -7,7 +7,6 @@ and ``demo`` play every role in one process. Errors print one line (``error: ...
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import sys
 from pathlib import Path
@@ -98,7 +97,7 @@ def synth(out: Path = typer.Argument(..., help="Output folder (images/, masks/, 
           seed: int = typer.Option(0, help="Random seed."),
           overwrite: bool = typer.Option(False, help="Replace existing synthetic data in OUT.")):
     """Write synthetic multi-site, multi-class phantom data in the images/ + masks/ layout."""
-    from .data import synth as _synth
+    from .experiment import synth as _synth
 
     p = _synth(out, sites=sites, patients_per_site=patients, slices_per_patient=slices, size=size, n_classes=classes,
                seed=seed, overwrite=overwrite)
@@ -128,21 +127,22 @@ def client_train(site_dir: Path = typer.Option(..., "--site-dir", "-s", help="Si
                  labels: Optional[str] = LabelsOpt, class_names: Optional[str] = NamesOpt, size: Optional[int] = SizeOpt,
                  window: Optional[str] = WindowOpt, offset: Optional[float] = OffsetOpt,
                  resume: bool = typer.Option(False, help="Continue an interrupted run from its last completed epoch."),
+                 seed: Optional[int] = typer.Option(None, min=0, help="This hospital's site seed (validation split, batch "
+                                                    "order); default: derived from the shared seed and --name."),
                  quiet: bool = QuietOpt):
     """Stage 1: train the image and mask autoencoders on this hospital's data only."""
-    from .client.site import train_site
+    from .client import stages
     from .config import to_dict
-    from .data import discover_cases, discover_labels, load_arrays, parse_labels
+    from .data import discover_cases, discover_labels
     from .fileio import atomic_write_json
+    from .labels import parse_labels
 
     cfg = _cfg(config, (set_ or []) + _data_sets(labels, class_names, size, window, offset))
     cases = discover_cases(data, group_regex=cfg.data.group_regex, group_csv=cfg.data.group_csv)
     labels = parse_labels(cfg.data.labels, cfg.data.class_names) or discover_labels(cases)
-    arr = load_arrays(cases, cfg.data.preprocess(), labels, progress=not quiet)
-    site_dir.mkdir(parents=True, exist_ok=True)
-    res = train_site(site_dir, name, arr["images"], arr["masks"], n_classes=labels.n_classes,
-                     labels={"values": list(labels.values), "names": list(labels.names)}, data_cfg=cfg.data,
-                     ae_cfg=cfg.autoencoder, klt=cfg.klt, seed=cfg.seed, resume=resume, progress=not quiet)
+    arr = stages.prepare(cases, cfg, labels, progress=not quiet)
+    res = stages.train_autoencoders(site_dir, name, arr, cfg, labels, seed=stages.default_site_seed(cfg.seed, name) if seed is None else seed,
+                                    resume=resume, progress=not quiet, create_key=False)
     atomic_write_json(site_dir / "config.json", to_dict(cfg))
     for kind, r in res.items():
         typer.echo(f"{kind} autoencoder: best val loss {r.best_val:.4f} at epoch {r.best_epoch} ({len(r.history)} epochs, {r.seconds:.0f} s)")
@@ -240,11 +240,12 @@ def server_train(messages: List[Path] = typer.Argument(..., help="'train' messag
                  out: Path = typer.Option(..., "--out", "-o", help="Model folder."),
                  config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
                  resume: bool = typer.Option(False, help="Continue an interrupted run."), quiet: bool = QuietOpt):
-    """Stage 2: train the mapping network on the hospitals' keyed latent pairs."""
+    """Stage 2: train the mapping network on the hospitals' keyed latent pairs (with mapping.scope=per_hospital,
+    one network per hospital in OUT/<hospital>/, each served with --model OUT/<hospital>)."""
     from . import protocol
     from .config import to_dict
     from .fileio import atomic_write_json
-    from .server.mapping import train_mapping
+    from .server.stages import train_mappings
 
     cfg = _cfg(config, set_)
     batches = []
@@ -253,9 +254,12 @@ def server_train(messages: List[Path] = typer.Argument(..., help="'train' messag
             batches.append(protocol.decode(m.read_bytes()))
         except PpcmiError as e:
             raise PpcmiError(f"{m}: {e}") from None
-    _, res = train_mapping(batches, cfg.mapping, out, seed=cfg.seed, resume=resume, progress=not quiet)
+    trained = train_mappings(batches, cfg.mapping, out, seed=cfg.seed, resume=resume, progress=not quiet)
     atomic_write_json(out / "run_config.json", to_dict(cfg))
-    typer.echo(f"mapping network: best val loss {res.best_val:.4f} at epoch {res.best_epoch} ({len(res.history)} epochs, {res.seconds:.0f} s) -> {out}")
+    for sub, res in trained.fits.items():
+        where = out / sub if sub else out
+        typer.echo(f"mapping network{' for ' + sub if sub else ''}: best val loss {res.best_val:.4f} at epoch {res.best_epoch} "
+                   f"({len(res.history)} epochs, {res.seconds:.0f} s) -> {where}")
 
 
 @server_app.command("map")
@@ -381,7 +385,11 @@ def predict(images: List[Path] = typer.Argument(..., help="Image files (PNG, JPE
             raise PpcmiError(f"--server needs {', '.join(missing)} (mutual TLS)")
         written = predict_remote(site_dir, server, images, out, cert=cert, key=key, ca=ca)
     else:
-        written = predict_files(site_dir, model, images, out)
+        from . import protocol
+        from .server.mapping import MappingServer
+
+        mapper = MappingServer(model)
+        written = predict_files(site_dir, lambda q: protocol.encode(mapper.handle(protocol.decode(q))), images, out)
     for p in written:
         typer.echo(str(p))
 
@@ -479,7 +487,7 @@ def bench(dataset: str = typer.Option(..., "--dataset", help="Preset: psfhs, acd
     Writes OUT/METHOD/ (runs, per-case CSVs) and OUT/results.json + OUT/results.md covering every
     finished method. Plots: benchmarks/plots.py.
     """
-    from .bench import results_md, run_bench
+    from .bench import run_bench
 
     run_bench(dataset, data, out, [m.strip() for m in methods.split(",") if m.strip()], config=config,
               overrides=set_ or [], published_epochs=published_epochs, progress=not quiet)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 
 
 SCHEDULES = ("constant", "cosine")
@@ -25,6 +25,42 @@ SCHEDULES = ("constant", "cosine")
 def _choice(where: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(f"{where}: must be one of {', '.join(allowed)}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How a raw plane becomes a network input: intensity scaling, colour, resize to size x size."""
+
+    size: int = 256
+    intensity: str = "minmax"  # minmax | percentile | window
+    percentiles: tuple[float, float] = (0.5, 99.5)
+    window: tuple[float, float] | None = None  # (low, high) after subtracting offset, e.g. (-1000, 1000)
+    offset: float = 0.0  # subtracted from raw values first (CT stored as HU+1024 -> 1024)
+    color: str = "gray"  # gray (luminance) | rgb (3 channels; gray repeated)
+    crop: float = 1.0  # keep the central fraction of each side before resizing (1.0: whole plane)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.size, int) or self.size < 1:
+            raise DataError(f"data.size: must be a positive integer, got {self.size!r}")
+        if self.intensity not in ("minmax", "percentile", "window"):
+            raise DataError(f"data.intensity: must be minmax, percentile or window, got {self.intensity!r}")
+        if self.color not in ("gray", "rgb"):
+            raise DataError(f"data.color: must be gray or rgb, got {self.color!r}")
+        lo, hi = (float(v) for v in self.percentiles)
+        if not 0 <= lo < hi <= 100:
+            raise DataError(f"data.percentiles: need 0 <= low < high <= 100, got {self.percentiles!r}")
+        object.__setattr__(self, "percentiles", (lo, hi))
+        if self.window is not None:
+            wl, wh = (float(v) for v in self.window)
+            if not wl < wh:
+                raise DataError(f"data.window: need low < high, got {self.window!r}")
+            object.__setattr__(self, "window", (wl, wh))
+        elif self.intensity == "window":
+            raise DataError("data.window: intensity 'window' needs a window (low, high)")
+        object.__setattr__(self, "offset", float(self.offset))
+        if not 0.0 < float(self.crop) <= 1.0:
+            raise DataError(f"data.crop: must be in (0, 1], got {self.crop!r}")
+        object.__setattr__(self, "crop", float(self.crop))
 
 
 @dataclass(frozen=True)
@@ -53,9 +89,7 @@ class DataConfig:
             raise ConfigError(f"data.eval_size: must be an integer of at least 8, got {self.eval_size!r}")
 
     def preprocess(self):
-        """The :class:`ppcmi.data.Preprocess` these settings describe."""
-        from .data import Preprocess
-
+        """The :class:`Preprocess` these settings describe."""
         return Preprocess(size=self.size, intensity=self.intensity, percentiles=tuple(self.percentiles),
                           window=self.window, offset=self.offset, color=self.color, crop=self.crop)
 

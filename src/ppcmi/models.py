@@ -278,6 +278,26 @@ class MappingNet(nn.Module):
         return out
 
 
+def mixed_forward(model: MappingNet, zt: dict[str, torch.Tensor], cid: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Forward a batch mixing hospitals: each sample goes through its own hospital's adapters,
+    and the shared core sees the whole batch (so normalisation statistics pool all hospitals)."""
+    out = {}
+    present = cid.unique().tolist()
+    for s in model.scales:
+        x = zt[s]
+        h = torch.zeros_like(x)
+        for c in present:
+            m, name = cid == c, model.clients[c]
+            h = h.index_put((m,), model.in_adapters[name][s](model.in_frames[name][s](x[m])))
+        y = model.cores[s](h)
+        o = torch.zeros_like(y)
+        for c in present:
+            m, name = cid == c, model.clients[c]
+            o = o.index_put((m,), model.out_frames[name][s](model.out_adapters[name][s](y[m])))
+        out[s] = o
+    return out
+
+
 def resample_scores(scores: torch.Tensor, size: int | None) -> torch.Tensor:
     """Class scores (B, K, H, W) resampled bilinearly to ``size`` x ``size`` (unchanged when ``size`` is None or
     already the size): how every method is scored on a finer grid than it works at."""

@@ -28,14 +28,17 @@ import numpy as np
 import torch
 
 from . import protocol
-from .client.keys import key_path, keygen
-from .client.site import Hospital, train_site
-from .config import Config, to_dict
-from .data import Case, LabelMap, Preprocess, discover_cases, discover_labels, load_arrays, parse_labels, partition, split_cases, split_from_lists
+from .client import stages
+from .client.site import Hospital
+from .config import Config, Preprocess, to_dict
+from .data import Case, discover_cases, discover_labels, load_arrays, split_cases, split_from_lists
+from .experiment import partition
+from .labels import LabelMap, parse_labels
 from .errors import PpcmiError
 from .fileio import atomic_write_bytes, atomic_write_json
 from .metrics import evaluate_cases, summarize, write_evaluation
-from .server.mapping import MappingServer, train_mapping
+from .server import stages as server_stages
+from .server.mapping import MappingServer
 
 log = logging.getLogger(__name__)
 
@@ -161,43 +164,25 @@ def run_simulation(cfg: Config, data_dir: str | Path, out: str | Path, *, resume
     stage1: dict[str, dict] = {}
     for i, (name, cases) in enumerate(pl.hospitals.items()):
         site = out / "sites" / name
-        site.mkdir(parents=True, exist_ok=True)
-        if not key_path(site).exists():
-            keygen(key_path(site))
-        arr = load_arrays(cases, pl.prep, pl.labels, progress=False)
+        stages.ensure_key(site)  # (a run that reuses another's autoencoders still draws its own keys)
+        arr = stages.prepare(cases, cfg, pl.labels)
         done = (site / "mask_ae" / "model.safetensors").exists() and (site / "image_ae" / "model.safetensors").exists()
         if not done:
-            res = train_site(site, name, arr["images"], arr["masks"], n_classes=pl.labels.n_classes,
-                             labels={"values": list(pl.labels.values), "names": list(pl.labels.names)},
-                             data_cfg=cfg.data, ae_cfg=cfg.autoencoder, klt=cfg.klt, seed=cfg.seed + 17 * i, init_seed=cfg.seed,
-                             resume=resume, progress=progress)
+            res = stages.train_autoencoders(site, name, arr, cfg, pl.labels, seed=stages.site_seed(cfg.seed, i), resume=resume,
+                                            progress=progress)
             stage1[name] = {k: {"epochs": len(r.history), "best_epoch": r.best_epoch, "best_val": r.best_val, "seconds": r.seconds,
                                 "history": r.history} for k, r in res.items()}
-        hosp = Hospital(site)
-        wire[name] = protocol.encode(hosp.training_batch(arr["images"], arr["masks"], copies=cfg.autoencoder.send_copies,
-                                                         noise=cfg.autoencoder.send_noise))
+        wire[name] = protocol.encode(stages.training_batch(Hospital(site), arr, cfg))
         atomic_write_bytes(out / "wire" / f"{name}.train.ppcmi", wire[name])
     timings["stage1_s"] = time.perf_counter() - t0
 
     # ---- stage 2: at the server, from bytes only
     t0 = time.perf_counter()
     batches = [protocol.decode(b) for b in wire.values()]
-    # "per_hospital" (the no-collaboration baseline): one mapping network per hospital, on its own pairs only
-    groups = {"": batches} if cfg.mapping.scope == "shared" else {b.client: [b] for b in batches}
-    stage2: dict = {}
-    servers: dict[str, MappingServer] = {}
-    for sub, group in groups.items():
-        model_dir = out / "server" / sub if sub else out / "server"
-        if not (model_dir / "mapping.safetensors").exists():
-            _, mres = train_mapping(group, cfg.mapping, model_dir, seed=cfg.seed, resume=resume and not cfg.mapping.dp, progress=progress)
-            st = {"epochs": len(mres.history), "best_epoch": mres.best_epoch, "best_val": mres.best_val, "history": mres.history}
-            if sub:
-                stage2.setdefault("per_hospital", {})[sub] = st
-            else:
-                stage2 = st
-        srv = MappingServer(model_dir)
-        for b in group:
-            servers[b.client] = srv
+    trained = server_stages.train_mappings(batches, cfg.mapping, out / "server", seed=cfg.seed, resume=resume and not cfg.mapping.dp,
+                                           reuse=True, progress=progress)
+    stage2 = trained.summary()
+    servers = trained.servers()
     timings["stage2_s"] = time.perf_counter() - t0
 
     # ---- inference on held-out test patients, through every hospital's own keys and decoders

@@ -183,13 +183,13 @@ def _predict(h: Hospital, images: Sequence[Path], out: Path, send: Callable[[byt
     return _write_label_maps(planes, np.concatenate(labels), label_map_of(h), out, h.data_cfg.crop)
 
 
-def predict_files(site_dir: Path, model_dir: Path, images: Sequence[Path], out: Path) -> list[Path]:
-    """Hospital -> (in-process) server -> hospital for image files, through protocol bytes."""
-    from ..server.mapping import MappingServer
+def predict_files(site_dir: Path, send: Callable[[bytes], bytes], images: Sequence[Path], out: Path) -> list[Path]:
+    """Hospital -> mapping -> hospital for image files, through protocol bytes.
 
-    h = Hospital(site_dir)
-    server = MappingServer(model_dir)
-    return _predict(h, images, out, lambda q: protocol.encode(server.handle(protocol.decode(q))))
+    ``send`` takes a query message and returns the reply message: the caller chooses who maps it
+    (``ppcmi predict --model`` passes an in-process coordinator), so hospital code never loads the
+    coordinator's."""
+    return _predict(Hospital(site_dir), images, out, send)
 
 
 def predict_remote(site_dir: Path, server_url: str, images: Sequence[Path], out: Path, *, cert: Path, key: Path,

@@ -7,6 +7,7 @@ A SuperNode is started with a ``node_config`` naming only local things; none of 
     test-dir   optional: held-out images/ + masks/ for the evaluation round
     name       its site id (the protocol's ``client``); must match site.json when that exists
     threads    optional: torch threads for this node's work
+    seed       optional: this hospital's site seed (split and batch order; :mod:`ppcmi.client.stages`)
 
 What leaves is a :class:`~ppcmi.protocol.LatentBatch` of keyed latents, the numbers of stage 1
 (epochs, seconds, number of training images) and a metric summary; the key, file names, case ids
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -25,16 +25,18 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..config import Config
-from ..data import LabelMap, discover_cases, load_arrays, parse_labels
+from ..data import discover_cases
+from ..labels import LabelMap, parse_labels
 from ..errors import PpcmiError
 from ..metrics import evaluate_cases, summarize, write_evaluation
 from ..protocol import CLIENT_RE, LatentBatch
-from .keys import key_path, keygen
-from .site import Hospital, train_site
+from . import stages
+from .site import Hospital
+from .stages import default_site_seed
 
 log = logging.getLogger(__name__)
 
-_KEYS = {"site-dir", "data-dir", "test-dir", "name", "threads"}
+_KEYS = {"site-dir", "data-dir", "test-dir", "name", "threads", "seed"}
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,7 @@ class NodeSite:
     name: str
     test_dir: Path | None = None
     threads: int | None = None
+    seed: int | None = None
 
     @classmethod
     def from_node_config(cls, nc: Mapping[str, Any]) -> NodeSite:
@@ -60,8 +63,14 @@ class NodeSite:
         threads = nc.get("threads")
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise PpcmiError(f"node_config: threads must be a positive integer, got {threads!r}")
+        seed = nc.get("seed")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            raise PpcmiError(f"node_config: seed must be a non-negative integer, got {seed!r}")
         test = nc.get("test-dir")
-        return cls(Path(nc["site-dir"]), Path(nc["data-dir"]), nc["name"], Path(test) if test else None, threads)
+        return cls(Path(nc["site-dir"]), Path(nc["data-dir"]), nc["name"], Path(test) if test else None, threads, seed)
+
+    def site_seed(self, cfg: Config) -> int:
+        return self.seed if self.seed is not None else default_site_seed(cfg.seed, self.name)
 
     def hospital(self) -> Hospital:
         h = Hospital(self.site_dir)
@@ -78,13 +87,8 @@ def labels_of(cfg: Config) -> LabelMap:
     return lm
 
 
-def site_seed(cfg: Config, name: str) -> int:
-    """A per-hospital seed (validation split, batch order, augmentation) from the shared seed and the site id."""
-    return cfg.seed + zlib.crc32(name.encode("utf-8")) % 100_003
-
-
 def _arrays(folder: Path, cfg: Config) -> dict:
-    return load_arrays(discover_cases(folder), cfg.data.preprocess(), labels_of(cfg))
+    return stages.prepare(discover_cases(folder), cfg, labels_of(cfg))
 
 
 def _trained(node: NodeSite) -> bool:
@@ -108,22 +112,15 @@ def train_autoencoders(node: NodeSite, cfg: Config) -> dict[str, Any]:
         runs = {k: json.loads((site / f"{k}_ae" / "config.json").read_text()) for k in ("image", "mask")}
         return {"status": "existing", "image_epochs": runs["image"]["epochs_run"], "mask_epochs": runs["mask"]["epochs_run"],
                 "seconds": 0.0, "n_train": json.loads((site / "site.json").read_text())["n_train"]}
-    if not key_path(site).exists():
-        keygen(key_path(site))
-    lm = labels_of(cfg)
     arr = _arrays(node.data_dir, cfg)
-    res = train_site(site, node.name, arr["images"], arr["masks"], n_classes=lm.n_classes,
-                     labels={"values": list(lm.values), "names": list(lm.names)}, data_cfg=cfg.data, ae_cfg=cfg.autoencoder,
-                     klt=cfg.klt, seed=site_seed(cfg, node.name), init_seed=cfg.seed, resume=True, progress=False)
+    res = stages.train_autoencoders(site, node.name, arr, cfg, labels_of(cfg), seed=node.site_seed(cfg), resume=True, progress=False)
     return {"status": "trained", "image_epochs": len(res["image"].history), "mask_epochs": len(res["mask"].history),
             "seconds": float(sum(r.seconds for r in res.values())), "n_train": int(len(arr["images"]))}
 
 
 def train_latents(node: NodeSite, cfg: Config) -> LatentBatch:
     """Stage 2: keyed latent pairs of this hospital's training data (plus augmented copies)."""
-    arr = _arrays(node.data_dir, cfg)
-    return node.hospital().training_batch(arr["images"], arr["masks"], copies=cfg.autoencoder.send_copies,
-                                          seed=site_seed(cfg, node.name))
+    return stages.training_batch(node.hospital(), _arrays(node.data_dir, cfg), cfg)
 
 
 def test_latents(node: NodeSite, cfg: Config) -> LatentBatch | None:

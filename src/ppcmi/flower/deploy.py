@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..certs import CA_CERT, SERVER_CERT, SERVER_KEY, init_ca
+from ..client.stages import site_seed
 from ..config import Config, to_dict
 from ..data import Case
 from ..errors import PpcmiError
@@ -245,12 +246,12 @@ def link_cases(assignments: dict[str, list[Case]], run: Path) -> None:
                     link.symlink_to(src, target_is_directory=src.is_dir())
 
 
-def _node_config(site: Path, name: str, threads: int) -> str:
+def _node_config(site: Path, name: str, threads: int, seed: int) -> str:
     values = {"site-dir": site / "site", "data-dir": site / "data", "test-dir": site / "test"}
     for k, v in values.items():
         if "'" in str(v):
             raise DeployError(f"{v}: a path with a single quote cannot be passed in a Flower node_config")
-    return " ".join(f"{k}='{v}'" for k, v in values.items()) + f' name="{name}" threads={threads}'
+    return " ".join(f"{k}='{v}'" for k, v in values.items()) + f' name="{name}" threads={threads} seed={seed}'
 
 
 # ----------------------------------------------------------------------------- the deployment
@@ -283,6 +284,7 @@ def deploy(cfg: Config, data: str | Path, out: str | Path, *, sites: int, port: 
     init_ca(certs)
     write_app(run / "app", cfg, settings)
     names = list(pl.hospitals)
+    seeds = {n: site_seed(cfg.seed, i) for i, n in enumerate(names)}  # as simulate numbers the same hospitals
     link_cases({f"sites/{n}/data": pl.hospitals[n] for n in names} | {"test": pl.test}, run)
     for n in names:
         site = run / "sites" / n
@@ -323,7 +325,7 @@ def deploy(cfg: Config, data: str | Path, out: str | Path, *, sites: int, port: 
             site = run / "sites" / n
             procs.start(n, [tool("flower-supernode"), "--superlink", f"{HOST}:{link_port}",
                             "--root-certificates", str(site / CA_CERT), "--auth-supernode-private-key", str(site / "auth" / PRIVATE),
-                            "--host", HOST, "--port", str(p), "--node-config", _node_config(site, n, threads)],
+                            "--host", HOST, "--port", str(p), "--node-config", _node_config(site, n, threads, seeds[n])],
                         flower_env(site / "flwr"), cwd=site)
         for n, p in zip(names, node_ports):
             wait_listening(procs, n, p)

@@ -15,7 +15,7 @@ A reply carrying an error, or none within ``flower.timeout`` seconds, is asked a
 Output folder ``$PPCMI_SERVER_DIR/run-<run id>/`` (default ``./ppcmi-server/run-<run id>/``)::
 
     config.json        the shared run configuration
-    mapping/           the mapping network (``ppcmi server map --model`` reads it)
+    mapping/           the mapping network (``ppcmi server map --model`` reads it; mapping/<hospital>/ each with mapping.scope = per_hospital)
     wire/              every protocol message received, exactly as received
     received.jsonl     one line per reply: step, node, site, and the names of its records and keys
     summary.json       per-hospital and pooled metrics, stage-1 numbers, timings
@@ -39,7 +39,7 @@ from ..config import Config, to_dict
 from ..errors import PpcmiError, ProtocolError
 from ..fileio import atomic_write_bytes, atomic_write_json
 from ..metrics import pool_summaries, write_summary
-from ..server.mapping import MappingServer, train_mapping
+from ..server.stages import train_mappings
 from .wire import (METRICS, SCORE, SITE, STAGE1, TEST_LATENTS, TRAIN_LATENTS, WIRE, FlowerSettings, check_reply,
                    read_run_config, read_wire, summary_columns, unflatten_summary, wire_record)
 
@@ -174,18 +174,19 @@ def run(grid: Grid, cfg: Config, settings: FlowerSettings, out: Path) -> dict:
     batches = co.ask(nodes, TRAIN_LATENTS, parse_latents("train", "train"))
     log.info("%s  received %s; training the mapping network (at most %d epochs)", PROGRESS_PREFIX,
              ", ".join(f"{co.sites[n]}: {b.n} pairs" for n, b in batches.items()), cfg.mapping.epochs)
-    _, mres = train_mapping(list(batches.values()), cfg.mapping, out / "mapping", seed=cfg.seed, progress=False)
-    log.info("%s  mapping network: best validation loss %.4f at epoch %d of %d", PROGRESS_PREFIX, mres.best_val,
-             mres.best_epoch, len(mres.history))
+    trained = train_mappings(list(batches.values()), cfg.mapping, out / "mapping", seed=cfg.seed, progress=False)
+    for sub, mres in trained.fits.items():
+        log.info("%s  mapping network%s: best validation loss %.4f at epoch %d of %d", PROGRESS_PREFIX,
+                 f" for {sub}" if sub else "", mres.best_val, mres.best_epoch, len(mres.history))
     timings["stage2_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     log.info("%sevaluation: each hospital sends keyed test latents, decodes the mapped reply and scores it", PROGRESS_PREFIX)
 
-    srv = MappingServer(out / "mapping")
+    servers = trained.servers()
 
     def map_query(n: int, content: RecordDict):  # a query the mapping network refuses counts as an invalid reply
-        return srv.handle(parse_latents("query", "query")(n, content)) if WIRE in content else None
+        return servers[co.sites[n]].handle(parse_latents("query", "query")(n, content)) if WIRE in content else None
 
     replies = {n: r for n, r in co.ask(nodes, TEST_LATENTS, map_query).items() if r is not None}
     scored = sorted(replies)
@@ -198,7 +199,7 @@ def run(grid: Grid, cfg: Config, settings: FlowerSettings, out: Path) -> dict:
         "hospitals": {co.sites[n]: {"node": n, "stage1": stage1[n], "evaluated": co.sites[n] in by_site} for n in nodes},
         "not_evaluated": sorted(co.sites[n] for n in nodes if co.sites[n] not in by_site),
         "ppcmi": pool_summaries(by_site) if by_site else None,
-        "stage2": {"epochs": len(mres.history), "best_epoch": mres.best_epoch, "best_val": mres.best_val,
+        "stage2": {**{k: v for k, v in trained.summary().items() if k != "history"},
                    "pairs": {co.sites[n]: b.n for n, b in batches.items()}},
         "timings_s": timings,
     }

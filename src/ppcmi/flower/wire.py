@@ -83,8 +83,6 @@ def _toml_value(v: Any) -> Any:
 
 def run_config(cfg: Config, settings: FlowerSettings) -> dict[str, Any]:
     """The nested run configuration (``[tool.flwr.app.config]``) for ``cfg``: shared settings only."""
-    if cfg.mapping.scope != "shared":
-        raise ConfigError(f"mapping.scope: the Flower app trains one shared mapping network, got {cfg.mapping.scope!r}")
     d = to_dict(cfg)
     return {
         "seed": cfg.seed, "klt": cfg.klt,
@@ -227,7 +225,7 @@ def flatten_summary(summary: dict) -> dict[str, int | float | list[float]]:
 
 def summary_columns(cfg: Config) -> tuple[set[str], set[str]]:
     """The metric columns and structures a hospital's summary may hold under ``cfg``'s label map."""
-    from ..data import parse_labels
+    from ..labels import parse_labels
     from ..metrics import METRICS as METRIC_NAMES, STATUSES, structure_names
 
     lm = parse_labels(cfg.data.labels, cfg.data.class_names)

@@ -1,8 +1,8 @@
-"""The adversary and the defences (auditor side): attacks on keyed latents, membership inference, DP-SGD.
+"""The adversary (auditor side): attacks on keyed latents, membership inference, the audit and its report.
 
 ``attacks`` and ``membership`` are pure maths over arrays and import no hospital code or key
-handling (a test checks); ``dp`` trains the mapping network with DP-SGD for the server; ``audit``
-plays attacker and referee on a finished run folder and may read every site's key to build its
-positive controls. Nothing is imported here, so the server can use ``dp`` without pulling in
-the audit.
+handling (the import contract in ``pyproject.toml`` checks); ``audit`` plays attacker and referee on
+a finished run folder and may read every site's key to build its positive controls. The defences
+that change how the coordinator trains (DP-SGD) live with the coordinator, in :mod:`ppcmi.server.dp`;
+nothing of the coordinator imports this package.
 """

@@ -10,19 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-# ----------------------------------------------------------------------------- latents as pixel samples
-
-
-def pixels(z: np.ndarray) -> np.ndarray:
-    """(N, C, H, W) -> (N·H·W, C): every pixel's channel vector is one sample."""
-    n, c, h, w = z.shape
-    return np.ascontiguousarray(np.moveaxis(np.asarray(z, np.float64), 1, -1).reshape(n * h * w, c))
-
-
-def unpixels(x: np.ndarray, n: int, h: int, w: int) -> np.ndarray:
-    """Inverse of :func:`pixels`: (N·H·W, C) -> (N, C, H, W)."""
-    return np.moveaxis(x.reshape(n, h, w, -1), -1, 1)
-
+from ..latent import pixels, skew_signs, unpixels
 
 # ----------------------------------------------------------------------------- A1: principal-component maps
 
@@ -58,16 +46,6 @@ def upsample(maps: np.ndarray, size: int) -> np.ndarray:
         t = t[:, None]
     out = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False).numpy()
     return out[:, 0] if squeeze else out
-
-
-def skew_signs(maps: np.ndarray) -> np.ndarray:
-    """Per component (axis 1 of (N, K, H, W)), +1 or -1 so that the pooled pixel distribution has
-    non-negative skewness: a key-independent rule (a foreground that covers a minority of pixels
-    sits in the long tail)."""
-    x = np.moveaxis(maps, 1, 0).reshape(maps.shape[1], -1)
-    x = x - x.mean(1, keepdims=True)
-    skew = (x ** 3).mean(1) / np.maximum((x ** 2).mean(1) ** 1.5, 1e-12)
-    return np.where(skew >= 0, 1.0, -1.0)
 
 
 def standardise(maps: np.ndarray) -> np.ndarray:

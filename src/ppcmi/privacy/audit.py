@@ -38,7 +38,7 @@ from scipy.spatial.distance import cdist
 from .. import protocol
 from ..config import from_dict, to_dict
 from ..errors import PpcmiError
-from ..fileio import atomic_write_json, atomic_write_text
+from ..fileio import atomic_write_json
 from . import attacks as A
 from . import membership as M
 
@@ -85,8 +85,9 @@ class RunData:
     """Everything the auditor reads from a run folder, and the roles derived from its split."""
 
     def __init__(self, run: Path, data_dir: Path | None = None, aux_dir: Path | None = None):
+        from ..client import stages
         from ..client.site import Hospital, training_inputs
-        from ..data import discover_cases, load_arrays
+        from ..data import discover_cases
         from ..simulate import plan
 
         self.run = run
@@ -106,7 +107,7 @@ class RunData:
             if not (run / sub).is_dir():
                 raise PpcmiError(f"{run / sub}: missing; the run has not finished stage 2")
         self.plan = plan(self.cfg, data)
-        prep, labels = self.plan.prep, self.plan.labels
+        labels = self.plan.labels
         copies = self.cfg.autoencoder.send_copies
         self.hospitals: dict[str, dict] = {}
         for name, cases in self.plan.hospitals.items():
@@ -115,12 +116,12 @@ class RunData:
                 raise PpcmiError(f"{wire_path}: missing train message")
             msg = protocol.decode(wire_path.read_bytes())
             hosp = Hospital(run / "sites" / name)
-            arr = load_arrays(cases, prep, labels)
+            arr = stages.prepare(cases, self.cfg, labels)
             n = len(cases)
             if msg.n != n * copies:
                 raise PpcmiError(f"{wire_path}: {msg.n} rows, expected {n} cases x {copies} copies")
-            x_all, y_all = training_inputs(arr["images"], arr["masks"], labels.n_classes, copies=copies)
-            again = hosp.training_batch(arr["images"], arr["masks"], copies=copies, noise=self.cfg.autoencoder.send_noise)
+            x_all, y_all = training_inputs(arr["images"], arr["masks"], labels.n_classes, copies=copies, seed=self.cfg.seed)
+            again = stages.training_batch(hosp, arr, self.cfg)
             for k, a in msg.arrays.items():
                 b = again.arrays[k]
                 if np.abs(a.astype(np.float64) - b).max() > 1e-3 * max(np.abs(b).max(), 1.0):
@@ -137,7 +138,7 @@ class RunData:
         # ---- aux (T2)
         victim_groups = {g for h in self.hospitals.values() for g in h["groups"]}
         if aux_dir is None:
-            test = load_arrays(self.plan.test, prep, labels)
+            test = stages.prepare(self.plan.test, self.cfg, labels)
             groups = [c.group for c in self.plan.test]
             overlap = sorted(set(groups) & victim_groups)
             if overlap:
@@ -145,7 +146,7 @@ class RunData:
             self.aux_source = "the run's held-out test patients"
         else:
             aux_cases = discover_cases(aux_dir, group_regex=self.cfg.data.group_regex)
-            test = load_arrays(aux_cases, prep, labels)
+            test = stages.prepare(aux_cases, self.cfg, labels)
             groups = [f"aux:{c.group}" for c in aux_cases]
             victim_hashes = {hashlib.sha256(im.tobytes()).hexdigest() for h in self.hospitals.values() for im in h["images"]}
             dup = [c for c, im in zip(test["case_ids"], test["images"][:, 0]) if hashlib.sha256(im.tobytes()).hexdigest() in victim_hashes]
@@ -155,7 +156,7 @@ class RunData:
         self.aux = {"images": test["images"][:, 0], "fg": test["masks"] > 0, "masks": test["masks"], "groups": np.array(groups),
                     "images4": test["images"], "case_ids": list(test["case_ids"])}
         self.test_from_plan = aux_dir is None
-        self.test_arrays = test if aux_dir is None else load_arrays(self.plan.test, prep, labels)
+        self.test_arrays = test if aux_dir is None else stages.prepare(self.plan.test, self.cfg, labels)
         self.test_groups = np.array([c.group for c in self.plan.test])
 
 

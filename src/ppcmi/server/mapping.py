@@ -25,8 +25,8 @@ import torch
 from ..config import MappingTrainConfig
 from ..errors import CheckpointError, ProtocolError
 from ..fileio import atomic_write_json
-from ..models import SCALES, Frame, MappingConfig, MappingNet
-from ..privacy.attacks import pixels, skew_signs
+from ..models import SCALES, Frame, MappingConfig, MappingNet, mixed_forward
+from ..latent import lstsq_1x1, principal_frame
 from ..protocol import LatentBatch, validate
 from ..training import FitConfig, FitResult, fit, load_weights, save_weights, seeded_init
 
@@ -70,33 +70,16 @@ def pool_batches(batches: list[LatentBatch]) -> tuple[list[str], dict[str, tuple
     return clients, img_shapes, mask_shapes, tensors
 
 
-def mixed_forward(model: MappingNet, zt: dict[str, torch.Tensor], cid: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Forward a batch mixing hospitals: each sample goes through its own hospital's adapters,
-    and the shared core sees the whole batch (so normalisation statistics pool all hospitals)."""
-    out = {}
-    present = cid.unique().tolist()
-    for s in model.scales:
-        x = zt[s]
-        h = torch.zeros_like(x)
-        for c in present:
-            m, name = cid == c, model.clients[c]
-            h = h.index_put((m,), model.in_adapters[name][s](model.in_frames[name][s](x[m])))
-        y = model.cores[s](h)
-        o = torch.zeros_like(y)
-        for c in present:
-            m, name = cid == c, model.clients[c]
-            o = o.index_put((m,), model.out_frames[name][s](model.out_adapters[name][s](y[m])))
-        out[s] = o
-    return out
-
-
 def train_mapping(batches: list[LatentBatch], cfg: MappingTrainConfig, out_dir: str | Path, *, seed: int = 0,
                   resume: bool = False, progress: bool = True) -> tuple[MappingNet, FitResult]:
-    """Stage 2: train the mapping network on pooled keyed pairs from every hospital."""
+    """Stage 2: train the mapping network on pooled keyed pairs from every hospital.
+
+    The rows are pooled in the order of the hospitals' site ids (each hospital's in the order it sent
+    them), whatever order the messages arrived in, so every runner trains the same network."""
     out = Path(out_dir)
     if (out / "mapping.safetensors").exists() and not resume:
         raise CheckpointError(f"{out}: a trained mapping network already exists; pass --resume or choose another --out")
-    clients, img_shapes, mask_shapes, tensors = pool_batches(batches)
+    clients, img_shapes, mask_shapes, tensors = pool_batches(sorted(batches, key=lambda b: b.client))
     scales = [s for s in SCALES if s in img_shapes]
     k = len(scales)
     mcfg = mapping_config(cfg)
@@ -115,7 +98,7 @@ def train_mapping(batches: list[LatentBatch], cfg: MappingTrainConfig, out_dir: 
     fc = FitConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, patience=cfg.patience, seed=seed, schedule=cfg.lr_schedule)
     dp_report = None
     if cfg.dp:
-        from ..privacy.dp import fit_dp
+        from .dp import fit_dp
 
         if resume:
             raise CheckpointError(f"{out}: mapping.dp: --resume is not supported for DP-SGD training; train into a new folder")
@@ -214,14 +197,6 @@ def match_rows(new: LatentBatch, old: LatentBatch, tol: float = 1e-3) -> tuple[n
     return keep, fwd[keep]
 
 
-def _lsq_1x1(src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Least-squares ``dst ≈ A src + c`` per pixel over (N, C, H, W) arrays."""
-    x, y = pixels(src), pixels(dst)
-    mx, my = x.mean(0), y.mean(0)
-    a = np.linalg.lstsq(x - mx, y - my, rcond=None)[0].T
-    return a, my - a @ mx
-
-
 @torch.no_grad()
 def _compose(frame: Frame, pre: tuple[np.ndarray, np.ndarray] | None = None, post: tuple[np.ndarray, np.ndarray] | None = None) -> None:
     """Replace a frame y = W x + b by y = W (A x + c) + b (``pre``) or by y = A (W x + b) + c (``post``)."""
@@ -237,21 +212,6 @@ def _compose(frame: Frame, pre: tuple[np.ndarray, np.ndarray] | None = None, pos
     frame.bias.copy_(torch.from_numpy(b).float())
 
 
-def canonical_frame(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Principal axes ``U`` (columns, by decreasing variance) and mean ``mu`` of the per-pixel channel
-    vectors of ``z`` (N, C, H, W); each axis's sign makes the third moment of its coordinate positive.
-
-    For ``z' = M z + b`` with ``M`` orthogonal (a keyed transform) the frame follows the key:
-    ``U' = M U``, ``mu' = M mu + b``, so ``U'ᵀ (z' - mu') = Uᵀ (z - mu)``: coordinates in the frame
-    do not depend on the key (up to ties between equal variances or a zero third moment)."""
-    x = pixels(z)
-    mu = x.mean(0)
-    xc = x - mu
-    _, u = np.linalg.eigh(xc.T @ xc / len(xc))
-    u = u[:, ::-1]
-    return u * skew_signs((xc @ u).T[None, :, :, None]), mu  # the audit's sign rule for component maps (A1)
-
-
 @torch.no_grad()
 def set_canonical_frames(net: MappingNet, client: str, img: dict[str, np.ndarray], msk: dict[str, np.ndarray]) -> None:
     """Set ``client``'s frames to its canonical frames (``mapping.adapter_init = "pca"``): the input frame
@@ -262,7 +222,7 @@ def set_canonical_frames(net: MappingNet, client: str, img: dict[str, np.ndarray
     nothing it could not compute anyway: the audit's A1 is this PCA."""
     for s in net.scales:
         for frame, z, inverse in ((net.in_frames[client][s], img[s], False), (net.out_frames[client][s], msk[s], True)):
-            u, mu = canonical_frame(z)
+            u, mu = principal_frame(z)
             w, b = (u, mu) if inverse else (u.T, -u.T @ mu)
             frame.weight.copy_(torch.from_numpy(np.ascontiguousarray(w)).float())
             frame.bias.copy_(torch.from_numpy(np.ascontiguousarray(b)).float())
@@ -309,9 +269,9 @@ def refit_adapters(model_dir: str | Path, batch: LatentBatch, cfg: MappingTrainC
             raise ProtocolError("previous: no rows of the new message match the previous one; re-encode the same training pairs")
         with torch.no_grad():
             for s in scales:  # in: new key's frame -> old key's, then the old frame; out: the old frame, then old -> new
-                _compose(net.in_frames[batch.client][s], pre=_lsq_1x1(batch.latents("zt_img_")[s][new_idx],
+                _compose(net.in_frames[batch.client][s], pre=lstsq_1x1(batch.latents("zt_img_")[s][new_idx],
                                                                       previous.latents("zt_img_")[s][old_idx]))
-                _compose(net.out_frames[batch.client][s], post=_lsq_1x1(previous.latents("zt_msk_")[s][old_idx],
+                _compose(net.out_frames[batch.client][s], post=lstsq_1x1(previous.latents("zt_msk_")[s][old_idx],
                                                                         batch.latents("zt_msk_")[s][new_idx]))
         init = f"least squares from {len(new_idx)} rows matched with the previous message"
     elif server.meta.get("train", {}).get("adapter_init") == "pca":

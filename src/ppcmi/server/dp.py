@@ -3,7 +3,7 @@
 Per-sample gradients need every layer to see every sample of the batch on its own, so this path
 routes hospitals through their adapters with one-hot masks (every adapter sees the whole batch;
 rows of other hospitals contribute exactly zero) instead of the index-based routing of
-:func:`ppcmi.server.mapping.mixed_forward`, and it needs GroupNorm (``mapping.norm = "group"``).
+:func:`ppcmi.models.mixed_forward`, and it needs GroupNorm (``mapping.norm = "group"``).
 
 Batches are Poisson-sampled (Opacus' DPDataLoader) and the privacy loss is tracked with the RDP
 accountant; epsilon is reported at delta = 1/N, N the number of training rows. The unit of
@@ -20,11 +20,11 @@ import logging
 import time
 import warnings
 
-import numpy as np
 import torch
 from torch import nn
 
 from ..errors import ConfigError, PpcmiError
+from ..models import mixed_forward
 from ..training import FitConfig, FitResult
 
 log = logging.getLogger(__name__)
@@ -138,8 +138,6 @@ def fit_dp(net: nn.Module, train: list[torch.Tensor], val: list[torch.Tensor] | 
 
 @torch.no_grad()
 def _val_loss(net: nn.Module, val: list[torch.Tensor], scales: list[str], batch_size: int) -> float:
-    from ..server.mapping import mixed_forward
-
     net.eval()
     k = len(scales)
     tot = 0.0

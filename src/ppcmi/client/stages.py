@@ -1,0 +1,71 @@
+"""A hospital's stages, defined once (hospital side): prepare its data, train its autoencoders, send its keyed
+training pairs. ``ppcmi client train``, ``simulate`` (and so ``demo`` and ``bench``), the Flower SuperNode and
+the audit's reference runs all call these, so one configuration and one seed train one model whatever runs it.
+
+Seeds. The shared ``seed`` of the run configuration sets the initial weights at every hospital (a public
+seed; hospitals that start alike keep their latent spaces close) and the draws of augmented copies and
+latent noise for stage 2. The split and the batch order of a hospital's own training come from its *site
+seed*, a hospital setting: a real hospital may choose it (``ppcmi client train --seed``, ``seed`` in a
+SuperNode's ``node_config``); by default it is :func:`default_site_seed` of the site id. An experiment that
+deals one dataset to hospitals numbers them and gives hospital ``i`` the seed :func:`site_seed` ``(seed, i)``;
+``simulate`` and ``deploy`` both do, so they train the same autoencoders.
+"""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+from typing import Sequence
+
+from ..config import Config
+from ..data import Case, load_arrays
+from ..labels import LabelMap
+from ..protocol import LatentBatch
+from ..training import FitResult
+from .keys import key_path, keygen
+from .site import Hospital, train_site
+
+
+def site_seed(seed: int, index: int) -> int:
+    """The site seed of the ``index``-th (from 0) hospital of an experiment run with the shared ``seed``."""
+    return seed + 17 * index
+
+
+def default_site_seed(seed: int, name: str) -> int:
+    """The site seed of a hospital that chose none: from the shared seed and its site id."""
+    return seed + zlib.crc32(name.encode("utf-8")) % 100_003
+
+
+def ensure_key(site_dir: str | Path) -> Path:
+    """The hospital's key file, created (32 random bytes, mode 0600) if the site has none yet."""
+    site = Path(site_dir)
+    site.mkdir(parents=True, exist_ok=True)
+    return key_path(site) if key_path(site).exists() else keygen(key_path(site))
+
+
+def prepare(cases: Sequence[Case], cfg: Config, labels: LabelMap, *, progress: bool = False) -> dict:
+    """A hospital's cases as network inputs under the shared preprocessing (see :func:`ppcmi.data.load_arrays`)."""
+    return load_arrays(cases, cfg.data.preprocess(), labels, progress=progress)
+
+
+def train_autoencoders(site_dir: str | Path, name: str, arrays: dict, cfg: Config, labels: LabelMap, *, seed: int,
+                       resume: bool = False, progress: bool = True, create_key: bool = True) -> dict[str, FitResult]:
+    """Stage 1 on this hospital's data only: its image and mask autoencoders (and, with ``create_key``, a
+    key on first use; without it a missing key is an error, as ``ppcmi client train`` wants ``keygen`` first).
+
+    ``seed`` is the hospital's site seed (split and batch order); the initial weights come from the
+    shared ``cfg.seed``."""
+    site = Path(site_dir)
+    site.mkdir(parents=True, exist_ok=True)
+    if create_key:
+        ensure_key(site)
+    return train_site(site, name, arrays["images"], arrays["masks"], n_classes=labels.n_classes,
+                      labels={"values": list(labels.values), "names": list(labels.names)}, data_cfg=cfg.data,
+                      ae_cfg=cfg.autoencoder, klt=cfg.klt, seed=seed, init_seed=cfg.seed, resume=resume, progress=progress)
+
+
+def training_batch(hospital: Hospital, arrays: dict, cfg: Config) -> LatentBatch:
+    """Stage 2's message from this hospital: keyed image/mask latent pairs, each pair plus
+    ``autoencoder.send_copies - 1`` augmented copies, with ``autoencoder.send_noise`` on the plain latents."""
+    return hospital.training_batch(arrays["images"], arrays["masks"], copies=cfg.autoencoder.send_copies,
+                                   noise=cfg.autoencoder.send_noise, seed=cfg.seed)

@@ -1,0 +1,327 @@
+"""Image and mask readers (hospital side): PNG/JPEG/TIFF, NIfTI, MHA/MHD, DICOM files and series,
+returning one 2D plane (H, W) and its spacing; and the label values a dataset's masks hold.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import DataError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".nii", ".nii.gz", ".mha", ".mhd", ".dcm")
+_PIL_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+_NIFTI_EXTS = (".nii", ".nii.gz")
+_ITK_EXTS = (".mha", ".mhd")
+_EXTS_LONGEST_FIRST = tuple(sorted(IMAGE_EXTS, key=len, reverse=True))
+
+Spacing = tuple[float, float] | None
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    """``"a.nii.gz"`` -> ``("a", ".nii.gz")``; the extension is lower-cased; unknown ones pass through."""
+    low = name.lower()
+    for ext in _EXTS_LONGEST_FIRST:
+        if low.endswith(ext) and len(name) > len(ext):
+            return name[: -len(ext)], ext
+    p = Path(name)
+    return p.stem, p.suffix.lower()
+
+def _format(path: Path) -> str:
+    if path.is_dir():
+        return "dicom-series"
+    ext = _split_name(path.name)[1]
+    if ext in _PIL_EXTS:
+        return "pil"
+    if ext in _NIFTI_EXTS:
+        return "nifti"
+    if ext in _ITK_EXTS:
+        return "itk"
+    if ext == ".dcm":
+        return "dicom"
+    raise DataError(f"{path}: unrecognised file type {ext!r} (expected one of {', '.join(IMAGE_EXTS)})")
+
+
+def _one_line(e: BaseException, limit: int = 200) -> str:
+    msg = " ".join(str(e).split())
+    if len(msg) > limit:
+        msg = msg[: limit - 3] + "..."
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+
+def _guarded(path: Path, kind: str, fn: Any, *args: Any) -> Any:
+    """Run a library call; turn any failure into a one-line DataError naming the file."""
+    if not path.exists():
+        raise DataError(f"{path}: {kind} file does not exist")
+    try:
+        return fn(*args)
+    except DataError:
+        raise
+    except Exception as e:  # every library has its own exception types
+        raise DataError(f"{path}: cannot read {kind} ({_one_line(e)})") from e
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_mtime_ns, st.st_size
+
+
+def _nifti_shape(shape: tuple[int, ...], path: Path) -> tuple[int, ...]:
+    shape = tuple(int(s) for s in shape)
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) not in (2, 3):
+        raise DataError(f"{path}: NIfTI data shaped {shape} is not supported (2D or 3D only)")
+    return shape
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_volume(path_str: str, stamp: tuple[int, int]) -> tuple[np.ndarray, Spacing]:
+    """A whole NIfTI/MHA volume as (Z, H, W) or (Z, H, W, C) in its stored dtype, read-only."""
+    path = Path(path_str)
+    if _format(path) == "nifti":
+        import nibabel as nib
+
+        img = nib.load(path_str)
+        shape = _nifti_shape(img.shape, path)
+        data = np.asanyarray(img.dataobj).reshape(shape)
+        if data.ndim == 2:
+            data = data[:, :, None]
+        vol = np.ascontiguousarray(data.transpose(2, 1, 0))  # (i, j, k) -> (k, j, i) = (Z, H, W)
+        zooms = img.header.get_zooms()
+        spacing = (float(zooms[1]), float(zooms[0])) if len(zooms) >= 2 else None
+    else:
+        import SimpleITK as sitk
+
+        img = sitk.ReadImage(path_str)
+        vol = sitk.GetArrayFromImage(img)  # (z, y, x[, c]) or (y, x[, c])
+        dim = img.GetDimension()
+        if dim == 2:
+            vol = vol[None]
+        elif dim != 3:
+            raise DataError(f"{path}: {dim}-D image is not supported (2D or 3D only)")
+        sp = img.GetSpacing()
+        spacing = (float(sp[1]), float(sp[0]))
+    vol.setflags(write=False)
+    return vol, spacing
+
+
+def _dicom_header(path: Path) -> Any:
+    import pydicom
+
+    return pydicom.dcmread(path, stop_before_pixels=True)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_series(folder_str: str, stamp: tuple[int, int]) -> tuple[tuple[Path, ...], Spacing]:
+    """The DICOM files of a series folder, sorted along the slice axis, and the in-plane spacing."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    folder = Path(folder_str)
+    entries: list[tuple[Path, Any]] = []
+    for p in sorted(folder.iterdir()):
+        if not p.is_file() or p.name.startswith("."):
+            continue
+        try:
+            ds = pydicom.dcmread(p, stop_before_pixels=True)
+        except (InvalidDicomError, EOFError, OSError) as e:
+            if p.suffix.lower() == ".dcm":
+                raise DataError(f"{p}: cannot read image ({_one_line(e)})") from e
+            log.debug("%s: not a DICOM file, ignored", p)
+            continue
+        if "Rows" not in ds or "Columns" not in ds:
+            log.debug("%s: DICOM file without an image (e.g. DICOMDIR), ignored", p)
+            continue
+        entries.append((p, ds))
+    if not entries:
+        raise DataError(f"{folder}: no DICOM image files in this series folder")
+    uids = {str(ds.SeriesInstanceUID) for _, ds in entries if "SeriesInstanceUID" in ds}
+    if len(uids) > 1:
+        raise DataError(f"{folder}: holds {len(uids)} DICOM series; put one series per folder")
+    shapes = {(int(ds.Rows), int(ds.Columns)) for _, ds in entries}
+    if len(shapes) > 1:
+        raise DataError(f"{folder}: slices have different sizes {sorted(shapes)}")
+    if any(int(ds.get("NumberOfFrames", 1) or 1) > 1 for _, ds in entries) and len(entries) > 1:
+        raise DataError(f"{folder}: a series folder with several multi-frame files is not supported")
+
+    def key(item: tuple[Path, Any]) -> float:
+        ds = item[1]
+        pos = np.asarray([float(v) for v in ds.ImagePositionPatient])
+        if all("ImageOrientationPatient" in d for _, d in entries):
+            o = np.asarray([float(v) for v in ds.ImageOrientationPatient])
+            return float(pos @ np.cross(o[:3], o[3:]))
+        return float(pos[2])
+
+    if all("ImagePositionPatient" in ds for _, ds in entries):
+        entries.sort(key=key)
+    elif all("InstanceNumber" in ds for _, ds in entries):
+        entries.sort(key=lambda it: int(it[1].InstanceNumber))
+    ds0 = entries[0][1]
+    spacing = (float(ds0.PixelSpacing[0]), float(ds0.PixelSpacing[1])) if "PixelSpacing" in ds0 else None
+    return tuple(p for p, _ in entries), spacing
+
+
+def _series(folder: Path) -> tuple[tuple[Path, ...], Spacing]:
+    return _cached_series(str(folder), _stamp(folder))
+
+
+def _n_slices(path: Path, kind: str) -> int | None:
+    """Number of axial slices of a 3D volume, or None for a 2D image (a 3D volume of depth 1 is 2D)."""
+    fmt = _format(path)
+
+    def count() -> int | None:
+        if fmt == "pil":
+            return None
+        if fmt == "nifti":
+            import nibabel as nib
+
+            shape = _nifti_shape(nib.load(path).shape, path)
+            return shape[2] if len(shape) == 3 and shape[2] > 1 else None
+        if fmt == "itk":
+            import SimpleITK as sitk
+
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(path))
+            reader.ReadImageInformation()
+            size = reader.GetSize()
+            if len(size) not in (2, 3):
+                raise DataError(f"{path}: {len(size)}-D image is not supported (2D or 3D only)")
+            return size[2] if len(size) == 3 and size[2] > 1 else None
+        if fmt == "dicom":
+            frames = int(_dicom_header(path).get("NumberOfFrames", 1) or 1)
+            return frames if frames > 1 else None
+        files = _series(path)[0]
+        if len(files) == 1:  # one (possibly multi-frame) file
+            frames = int(_dicom_header(files[0]).get("NumberOfFrames", 1) or 1)
+            return frames if frames > 1 else None
+        return len(files)
+
+    return _guarded(path, kind, count)
+
+
+def n_slices(path: str | Path) -> int | None:
+    """Number of axial slices of a 3D volume (header only where cheap), or None for a 2D image.
+
+    A 3D volume of depth 1 counts as 2D. Unreadable files are a DataError naming the file.
+    """
+    return _n_slices(Path(path), "image")
+
+
+def _pick(n: int, slice_index: int | None, path: Path) -> int:
+    if slice_index is None:
+        if n == 1:
+            return 0
+        raise DataError(f"{path}: is a 3D volume with {n} slices; a slice index is needed")
+    if not 0 <= slice_index < n:
+        raise DataError(f"{path}: slice index {slice_index} is out of range (the volume has {n} slices)")
+    return int(slice_index)
+
+
+def _read_pil(path: Path, kind: str) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        if getattr(im, "n_frames", 1) > 1:
+            log.warning("%s: has %d frames; only the first is used", path, im.n_frames)
+        im.load()
+        mode = im.mode
+        if mode in ("P", "PA"):
+            if kind == "mask":  # palette index = label value
+                arr = np.asarray(im)
+                return arr[..., 0] if arr.ndim == 3 else arr
+            im = im.convert("RGBA")
+        elif mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+            im = im.convert("RGB")
+        arr = np.array(im)
+    if arr.ndim == 3 and arr.shape[2] in (2, 4):  # LA, RGBA: drop alpha
+        arr = arr[..., :-1]
+    return arr
+
+
+def _read_dicom_pixels(path: Path, kind: str, frame: int | None) -> np.ndarray:
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    arr = ds.pixel_array
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames > 1:
+        arr = arr[_pick(frames, frame, path)]
+    elif frame not in (None, 0):
+        raise DataError(f"{path}: is a 2D image; slice index {frame} is out of range")
+    if kind == "image":
+        slope, intercept = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
+        if slope != 1 or intercept != 0:
+            arr = arr.astype(np.float64) * slope + intercept
+    return arr
+
+
+def _read_plane(path: Path, slice_index: int | None, kind: str) -> tuple[np.ndarray, Spacing]:
+    """One plane as (H, W) or (H, W, C) in its stored dtype, and its (row, col) spacing."""
+    path = Path(path)
+    fmt = _format(path)
+
+    def read() -> tuple[np.ndarray, Spacing]:
+        if fmt == "pil":
+            if slice_index not in (None, 0):
+                raise DataError(f"{path}: is a 2D image; slice index {slice_index} is out of range")
+            return _read_pil(path, kind), None
+        if fmt in ("nifti", "itk"):
+            vol, spacing = _cached_volume(str(path), _stamp(path))
+            return vol[_pick(vol.shape[0], slice_index, path)], spacing
+        if fmt == "dicom":
+            ds = _dicom_header(path)
+            spacing = (float(ds.PixelSpacing[0]), float(ds.PixelSpacing[1])) if "PixelSpacing" in ds else None
+            return _read_dicom_pixels(path, kind, slice_index), spacing
+        files, spacing = _series(path)
+        if len(files) == 1:  # one (possibly multi-frame) file
+            return _guarded(files[0], kind, _read_dicom_pixels, files[0], kind, slice_index), spacing
+        f = files[_pick(len(files), slice_index, path)]
+        return _guarded(f, kind, _read_dicom_pixels, f, kind, None), spacing
+
+    arr, spacing = _guarded(path, kind, read)
+    if arr.ndim not in (2, 3) or min(arr.shape[:2]) < 1:
+        raise DataError(f"{path}: {kind} plane has an unsupported shape {arr.shape}")
+    return arr, spacing
+
+
+def read_image(path: Path, slice_index: int | None = None) -> tuple[np.ndarray, tuple[float, float] | None]:
+    """Read one image plane: float32 (C, H, W) raw intensities, C = 1 or 3, and (row_mm, col_mm) or None.
+
+    RGBA drops alpha; palette images are converted to RGB; DICOM applies RescaleSlope/Intercept.
+    ``slice_index`` selects the axial slice of a 3D volume (None for 2D files).
+    """
+    path = Path(path)
+    arr, spacing = _read_plane(path, slice_index, "image")
+    if arr.ndim == 2:
+        arr = arr[None]
+    elif arr.shape[2] in (1, 3):
+        arr = arr.transpose(2, 0, 1)
+    else:
+        raise DataError(f"{path}: image has {arr.shape[2]} channels; only 1 (gray) or 3 (RGB) are supported")
+    return np.ascontiguousarray(arr, dtype=np.float32), spacing
+
+
+def read_mask(path: Path, slice_index: int | None = None) -> tuple[np.ndarray, tuple[float, float] | None]:
+    """Read one mask plane: int64 (H, W) of raw label values, and (row_mm, col_mm) or None.
+
+    Palette PNGs keep their palette indices. A colour mask whose channels are all equal is read
+    as gray; other colour masks and non-integer values are a DataError.
+    """
+    path = Path(path)
+    arr, spacing = _read_plane(path, slice_index, "mask")
+    if arr.ndim == 3:
+        if arr.shape[2] > 1 and not all(np.array_equal(arr[..., 0], arr[..., c]) for c in range(1, arr.shape[2])):
+            raise DataError(f"{path}: colour mask is not supported; save the label values as a gray or palette image")
+        arr = arr[..., 0]
+    if arr.dtype.kind == "f":
+        bad = ~np.isfinite(arr) | (arr != np.round(arr))
+        if bad.any():
+            raise DataError(f"{path}: mask has {int(bad.sum())} non-integer values (e.g. {arr[bad].flat[0].item()!r})")
+    return np.ascontiguousarray(arr, dtype=np.int64), spacing

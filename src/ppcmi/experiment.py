@@ -1,0 +1,172 @@
+"""Experiment-only helpers (simulation and benchmarks; never part of a hospital's deployment): dealing
+one dataset's cases to simulated hospitals, and writing synthetic sites.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import re
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .data.discovery import Case
+from .errors import DataError
+from .fileio import atomic_write_bytes, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+def partition(cases: Sequence[Case], n_sites: int, *, mode: str = "group", seed: int = 0) -> list[list[Case]]:
+    """Deal cases to ``n_sites`` simulated hospitals; each site's list is sorted by case_id.
+
+    "iid": shuffle cases, deal round-robin. "group": shuffle groups, then greedily give the
+    largest remaining group to the site with the fewest cases (whole patients per site).
+    "site": the sorted unique ``Case.site`` labels are the sites (their count must be n_sites).
+    """
+    if n_sites < 1:
+        raise DataError(f"partition: n_sites must be at least 1, got {n_sites}")
+    cases = list(cases)
+    rng = np.random.default_rng(seed)
+    parts: list[list[Case]] = [[] for _ in range(n_sites)]
+    if mode == "iid":
+        if len(cases) < n_sites:
+            raise DataError(f"partition: {len(cases)} cases cannot fill {n_sites} sites")
+        for rank, i in enumerate(rng.permutation(len(cases))):
+            parts[rank % n_sites].append(cases[i])
+    elif mode == "group":
+        by_group: dict[str, list[Case]] = {}
+        for c in cases:
+            by_group.setdefault(c.group, []).append(c)
+        groups = sorted(by_group)
+        if len(groups) < n_sites:
+            raise DataError(f"partition: {len(groups)} groups cannot fill {n_sites} sites (mode 'group')")
+        shuffled = [groups[i] for i in rng.permutation(len(groups))]
+        shuffled.sort(key=lambda g: -len(by_group[g]))  # stable: ties keep the shuffled order
+        for g in shuffled:
+            target = min(range(n_sites), key=lambda k: (len(parts[k]), k))
+            parts[target].extend(by_group[g])
+    elif mode == "site":
+        missing = [c for c in cases if c.site is None]
+        if missing:
+            raise DataError(f"{missing[0].image_path}: case {missing[0].case_id!r} has no site label "
+                            "(mode 'site' needs a group CSV with a 'site' column)")
+        labels = sorted({c.site for c in cases if c.site is not None})
+        if len(labels) != n_sites:
+            raise DataError(f"partition: {len(labels)} site labels {labels} but {n_sites} sites requested")
+        index = {s: k for k, s in enumerate(labels)}
+        for c in cases:
+            parts[index[c.site]].append(c)  # type: ignore[index]
+    else:
+        raise DataError(f"data.partition: must be iid, group or site, got {mode!r}")
+    for p in parts:
+        p.sort(key=lambda c: c.case_id)
+    log.info("partition (%s, seed %d): %s cases per site", mode, seed, [len(p) for p in parts])
+    return parts
+
+
+# ----------------------------------------------------------------------------- synthetic sites
+
+_SYNTH_RE = re.compile(r"^site\d+_p\d+_s\d+\.png$")
+
+
+def _ellipse(xx: np.ndarray, yy: np.ndarray, cx: float, cy: float, a: float, b: float, theta: float) -> np.ndarray:
+    ct, st = math.cos(theta), math.sin(theta)
+    u = (xx - cx) * ct + (yy - cy) * st
+    v = -(xx - cx) * st + (yy - cy) * ct
+    return (u / a) ** 2 + (v / b) ** 2 <= 1.0
+
+
+def _png(arr: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(arr, dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def synth(out: str | Path, *, sites: int = 3, patients_per_site: int = 4, slices_per_patient: int = 8, size: int = 128,
+          n_classes: int = 3, seed: int = 0, overwrite: bool = False) -> Path:
+    """Write synthetic multi-site, multi-class phantoms in the images/ + masks/ layout and return ``out``.
+
+    Stems are ``site{k}_p{patient:02d}_s{slice:02d}``; ``groups.csv`` maps each to its patient
+    group and site. Per slice: a smooth background texture, an ellipse (class 1, semi-axes
+    18-32 % of the size) and, for more classes, discs inside it (class 2, 3, ...). Every class has
+    its own mean intensity; every site its own gain, offset and noise level. Shapes vary smoothly
+    along a patient's slices. Everything is drawn from ``np.random.default_rng(seed)``.
+    """
+    for name, v, lo in (("sites", sites, 1), ("patients_per_site", patients_per_site, 1),
+                        ("slices_per_patient", slices_per_patient, 1), ("size", size, 16)):
+        if not isinstance(v, int) or v < lo:
+            raise DataError(f"synth: {name} must be an integer >= {lo}, got {v!r}")
+    if not 2 <= n_classes <= 8:
+        raise DataError(f"synth: n_classes must be between 2 and 8, got {n_classes}")
+    out = Path(out)
+    img_dir, mask_dir = out / "images", out / "masks"
+    existing = [p for d in (img_dir, mask_dir) if d.is_dir() for p in d.iterdir() if not p.name.startswith(".")]
+    if existing and not overwrite:
+        raise DataError(f"{out}: already holds {len(existing)} image/mask files; refusing to overwrite (use overwrite)")
+    for p in existing:
+        if p.is_file() and _SYNTH_RE.match(p.name):
+            p.unlink()
+        else:
+            log.warning("%s: not a synthetic file, left in place", p)
+
+    rng = np.random.default_rng(seed)
+    levels = np.linspace(30.0, 200.0, n_classes)
+    gap = float(levels[1] - levels[0])
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5
+    rows = ["case,group,site"]
+    n_inner = n_classes - 2
+    for k in range(1, sites + 1):
+        gain, offset = rng.uniform(0.8, 1.2), rng.uniform(-15.0, 15.0)
+        sigma = gap * rng.uniform(0.05, 0.12)
+        for p in range(1, patients_per_site + 1):
+            cx0, cy0 = rng.uniform(0.4, 0.6, 2) * size
+            a0, b0 = rng.uniform(0.18, 0.32, 2) * size
+            theta0, dtheta = rng.uniform(0.0, math.pi), rng.uniform(-0.4, 0.4)
+            drift = rng.uniform(-0.05, 0.05, 2) * size
+            phi0 = rng.uniform(0.0, 2 * math.pi)
+            freqs = rng.uniform(0.5, 2.5, (3, 2)) * rng.choice([-1.0, 1.0], (3, 2))
+            phases, dphases = rng.uniform(0.0, 2 * math.pi, 3), rng.uniform(-0.5, 0.5, 3)
+            for s in range(slices_per_patient):
+                t = 2.0 * s / (slices_per_patient - 1) - 1.0 if slices_per_patient > 1 else 0.0
+                scale = 1.0 - 0.25 * t * t
+                cx, cy = cx0 + drift[0] * t, cy0 + drift[1] * t
+                a, b, theta = a0 * scale, b0 * scale, theta0 + dtheta * t
+                label = np.zeros((size, size), np.uint8)
+                inside = _ellipse(xx, yy, cx, cy, a, b, theta)
+                label[inside] = 1
+                ct, st = math.cos(theta), math.sin(theta)
+                frac = 0.25 if n_inner == 1 else 0.5
+                spread = 0.45 if n_inner == 1 else min(0.4, 0.45 * math.sin(math.pi / max(n_inner, 1)))
+                radius = spread * min(a, b)
+                for j in range(n_inner):
+                    phi = phi0 + 2 * math.pi * j / n_inner
+                    u, v = frac * a * math.cos(phi), frac * b * math.sin(phi)
+                    dcx, dcy = cx + u * ct - v * st, cy + u * st + v * ct
+                    label[inside & ((xx - dcx) ** 2 + (yy - dcy) ** 2 <= radius ** 2)] = 2 + j
+                texture = sum(0.08 * gap * np.cos(2 * math.pi * (f[0] * xx + f[1] * yy) / size + ph + dph * t)
+                              for f, ph, dph in zip(freqs, phases, dphases))
+                noise = rng.normal(0.0, sigma, (size, size))
+                image = np.clip(np.round(offset + gain * (levels[label] + texture) + noise), 0, 255).astype(np.uint8)
+                stem = f"site{k}_p{p:02d}_s{s:02d}"
+                atomic_write_bytes(img_dir / f"{stem}.png", _png(image))
+                atomic_write_bytes(mask_dir / f"{stem}.png", _png(label))
+                rows.append(f"{stem},site{k}_p{p:02d},site{k}")
+    atomic_write_text(out / "groups.csv", "\n".join(rows) + "\n")
+    n = sites * patients_per_site * slices_per_patient
+    atomic_write_text(out / "README.md", (
+        "# Synthetic multi-site phantoms (ppcmi synth)\n\n"
+        f"{n} 2D slices: {sites} sites x {patients_per_site} patients x {slices_per_patient} slices, "
+        f"{size}x{size} pixels, {n_classes} classes (0 = background), seed {seed}.\n\n"
+        "- `images/<stem>.png`: 8-bit gray; `masks/<stem>.png`: uint8 labels 0..n_classes-1.\n"
+        "- Stems are `site{k}_p{patient:02d}_s{slice:02d}`; `groups.csv` gives each case's patient group and site.\n"
+        "- Class 1 is an ellipse, classes 2+ are discs inside it, on a smooth textured background.\n"
+        "- Each class has its own mean intensity; each site its own gain, offset and noise level.\n"
+        "- Made by `ppcmi.experiment.synth`; no real patient data.\n"
+    ))
+    log.info("%s: wrote %d synthetic cases (%d sites)", out, n, sites)
+    return out

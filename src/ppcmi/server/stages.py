@@ -1,0 +1,61 @@
+"""The coordinator's stages, defined once (coordinator side): train the mapping network(s) under
+``mapping.scope`` from the hospitals' keyed training messages, and load what answers their queries.
+``ppcmi server train``, ``simulate`` (and so ``demo`` and ``bench``) and the Flower ServerApp call these.
+
+``mapping.scope = "shared"``: one network for every hospital in ``OUT/``. ``"per_hospital"`` (the
+no-collaboration baseline): one network per hospital, each on its own pairs only, in ``OUT/<hospital>/``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..config import MappingTrainConfig
+from ..errors import ProtocolError
+from ..protocol import LatentBatch
+from ..training import FitResult
+from .mapping import MappingServer, train_mapping
+
+
+@dataclass(frozen=True)
+class TrainedMapping:
+    """Where each hospital's mapping network is, and the fit of every network trained in this call."""
+
+    model_dirs: dict[str, Path]
+    fits: dict[str, FitResult] = field(default_factory=dict)  # "" (shared) or the hospital -> its fit
+
+    def servers(self) -> dict[str, MappingServer]:
+        """One loaded :class:`MappingServer` per hospital (hospitals sharing a network share the object)."""
+        loaded: dict[Path, MappingServer] = {}
+        for d in self.model_dirs.values():
+            if d not in loaded:
+                loaded[d] = MappingServer(d)
+        return {c: loaded[d] for c, d in self.model_dirs.items()}
+
+    def summary(self) -> dict:
+        """Epochs and validation losses: of the shared network, or ``{"per_hospital": {hospital: ...}}``."""
+        rows = {sub: {"epochs": len(r.history), "best_epoch": r.best_epoch, "best_val": r.best_val, "history": r.history}
+                for sub, r in self.fits.items()}
+        return rows.get("", {}) if "" in rows or not rows else {"per_hospital": rows}
+
+
+def train_mappings(batches: list[LatentBatch], cfg: MappingTrainConfig, out_dir: str | Path, *, seed: int,
+                   resume: bool = False, reuse: bool = False, progress: bool = True) -> TrainedMapping:
+    """Stage 2 under ``cfg.scope``. ``reuse`` keeps a network already trained in its folder (a re-run of
+    a finished stage); ``resume`` continues an interrupted one."""
+    out = Path(out_dir)
+    if not batches:
+        raise ProtocolError("inbox: no training messages received")
+    groups: dict[str, list[LatentBatch]] = {"": batches} if cfg.scope == "shared" else {}
+    for b in batches if cfg.scope == "per_hospital" else []:
+        groups.setdefault(b.client, []).append(b)
+    model_dirs: dict[str, Path] = {}
+    fits: dict[str, FitResult] = {}
+    for sub, group in groups.items():
+        model_dir = out / sub if sub else out
+        if not (reuse and (model_dir / "mapping.safetensors").exists()):
+            _, fits[sub] = train_mapping(group, cfg, model_dir, seed=seed, resume=resume, progress=progress)
+        for b in group:
+            model_dirs[b.client] = model_dir
+    return TrainedMapping(model_dirs, fits)
