@@ -275,3 +275,14 @@ def test_server_train_honours_per_hospital_scope(run, tmp_path):
         assert saved["clients"] == [name] and saved["train"]["scope"] == "per_hospital"
         assert f"mapping network for {name}" in printed and str(out / name) in printed
     ok("server", "map", "--model", out / "h1", "--query", run / "wire" / "q", "--out", tmp_path / "r")
+
+
+def test_a_setting_the_command_does_not_read_is_refused(run, tmp_path):
+    """--set of a hospital's or an experiment's setting where nothing reads it is an error, not silently ignored."""
+    fails("server", "train", run / "wire" / "h1.train", "--out", tmp_path / "s", "--set", "autoencoder.send_noise=0.3",
+          match="autoencoder.send_noise: a hospital setting")
+    fails("server", "train", run / "wire" / "h1.train", "--out", tmp_path / "s", "--set", "data.group_regex=^(p)_",
+          match="data.group_regex")
+    fails("client", "train", "--site-dir", run / "sites" / "h1", "--data", run / "data" / "h1", "--name", "h1",
+          "--set", "data.partition=iid", match="data.partition: an experiment setting")
+    assert not (tmp_path / "s").exists()

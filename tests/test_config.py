@@ -1,6 +1,8 @@
 import pytest
 
-from ppcmi.config import Config, load_config, to_dict, from_dict
+from dataclasses import replace
+
+from ppcmi.config import CONFIG_VERSION, Config, from_dict, load_config, to_dict
 from ppcmi.errors import ConfigError
 
 
@@ -11,14 +13,33 @@ def test_defaults_and_round_trip():
 
 
 def test_saved_configs_keep_the_settings_they_ran_with():
-    """A run saved before mapping.adapter_init existed ran with identity adapters; a fresh config gets the
-    canonical frames."""
+    """A run saved before versions (version 1) had no mapping.adapter_init and ran with identity adapters, and
+    carried data.val_frac, which nothing read; a fresh config gets the canonical frames and its version."""
     raw = to_dict(Config())
-    assert raw["mapping"]["adapter_init"] == "pca"
-    del raw["mapping"]["adapter_init"]
-    assert from_dict(raw).mapping.adapter_init == "identity"
-    assert "adapter_init" not in raw["mapping"]  # the caller's dict is left alone
+    assert raw["version"] == CONFIG_VERSION and raw["mapping"]["adapter_init"] == "pca"
+    old = {k: v for k, v in raw.items() if k != "version"}
+    old["mapping"] = {k: v for k, v in raw["mapping"].items() if k != "adapter_init"}
+    old["data"] = {**raw["data"], "val_frac": 0.3}
+    assert from_dict(old).mapping.adapter_init == "identity"
+    assert from_dict(old) == Config(mapping=replace(Config().mapping, adapter_init="identity"))
+    assert "adapter_init" not in old["mapping"] and old["data"]["val_frac"] == 0.3  # the caller's dict is left alone
     assert load_config().mapping.adapter_init == "pca"
+    with pytest.raises(ConfigError, match="version"):
+        from_dict({**raw, "version": CONFIG_VERSION + 1})
+    with pytest.raises(ConfigError, match="val_frac"):  # version 2 has no data.val_frac
+        from_dict({**raw, "data": {**raw["data"], "val_frac": 0.3}})
+
+
+def test_every_setting_has_one_reader_and_hospital_settings_never_cross():
+    from ppcmi.config import EXPERIMENT, HOSPITAL, reader, setting_names, shared_settings
+
+    names = setting_names()
+    assert set(HOSPITAL) <= set(names) and set(EXPERIMENT) <= set(names) and not set(HOSPITAL) & set(EXPERIMENT)
+    assert reader("data.group_csv") == "hospital" and reader("clients") == "experiment" and reader("mapping.lr") == "shared"
+    shared = shared_settings(Config())
+    flat = {f"{s}.{k}" if isinstance(v, dict) else s for s, v in shared.items() for k in (v if isinstance(v, dict) else [s])}
+    assert flat == {n for n in names if reader(n) == "shared"}
+    assert "send_noise" not in shared["autoencoder"] and "group_regex" not in shared["data"] and "clients" not in shared
 
 
 def test_toml_and_typed_overrides(tmp_path):

@@ -302,24 +302,32 @@ def _batch(kind: str = "train", client: str = "hospital1"):
     return protocol.LatentBatch(kind, client, arrays)
 
 
-def test_run_config_carries_shared_settings_only_and_round_trips():
-    from ppcmi.demo import demo_config
-    from ppcmi.flower.wire import read_run_config, run_config
-    from flwr.common.config import flatten_dict
-
-    cfg = demo_config()
+def test_run_config_carries_shared_settings_only_and_round_trips(tmp_path):
+    """No hospital or experiment setting enters the run configuration every node and the coordinator see."""
     from dataclasses import replace
 
-    cfg = replace(cfg, data=replace(cfg.data, labels="0,1", group_csv="/private/groups.csv"))
+    from flwr.common.config import flatten_dict
+
+    from ppcmi.config import EXPERIMENT, HOSPITAL, reader, setting_names, shared_settings
+    from ppcmi.demo import demo_config
+    from ppcmi.flower.wire import read_run_config, run_config
+
+    cfg = demo_config()
+    cfg = replace(cfg, clients=7, data=replace(cfg.data, labels="0,1", group_csv="/private/groups.csv", group_regex="^(pt_secret)_",
+                                               partition="site", test_frac=0.3, eval_size=200),
+                  autoencoder=replace(cfg.autoencoder, send_noise=0.123457))
     rc = run_config(cfg, wire.FlowerSettings(nodes=3, retries=1))
     flat = flatten_dict(rc)
-    assert not any("group" in k or "split" in k or "partition" in k for k in flat), sorted(flat)
+    assert set(HOSPITAL) | set(EXPERIMENT) <= set(setting_names(cfg))  # the reader table names real settings
+    assert {k for k in flat if not k.startswith("flower.")} == {n for n in setting_names(cfg) if reader(n) == "shared"}
+    wire.write_app(tmp_path, cfg, wire.FlowerSettings(nodes=3))
+    written = (tmp_path / "pyproject.toml").read_text()
+    for private in ("/private/groups.csv", "pt_secret", "0.123457", "send_noise", "eval_size", "partition"):
+        assert private not in written and private not in str(flat), private
     back, settings = read_run_config(flat)
     assert settings == wire.FlowerSettings(nodes=3, retries=1)
-    assert back.autoencoder == cfg.autoencoder and back.mapping == cfg.mapping and back.seed == cfg.seed
-    for k in wire.SHARED_DATA_KEYS:
-        assert getattr(back.data, k) == getattr(cfg.data, k), k
-    assert back.data.group_csv is None  # never sent
+    assert shared_settings(back) == shared_settings(cfg)
+    assert back.data.group_csv is None and back.autoencoder.send_noise == 0.0 and back.clients == 3  # never sent
 
 
 def test_write_app_is_a_valid_flower_app(tmp_path):

@@ -77,9 +77,21 @@ def _guard(fn):
     return wrapper
 
 
-def _cfg(config: Optional[Path], sets: Optional[List[str]], base=None):
-    from .config import load_config
+# Whose settings each side's commands read: shared settings are for everyone (one settings file serves
+# every party); a hospital's own settings and an experiment's are refused where nothing reads them.
+COORDINATOR_READS = ("shared",)
+HOSPITAL_READS = ("shared", "hospital")
 
+
+def _cfg(config: Optional[Path], sets: Optional[List[str]], base=None, *, command: str | None = None,
+         reads: tuple[str, ...] | None = None):
+    from .config import load_config, reader
+
+    for ov in (sets or []) if reads is not None else []:
+        key = ov.split("=", 1)[0].strip()
+        if reader(key) not in reads:
+            raise PpcmiError(f"--set {key}: {'an' if reader(key) == 'experiment' else 'a'} {reader(key)} setting, which "
+                             f"'ppcmi {command}' does not read; leave it out here")
     return load_config(config, sets or [], base=base)
 
 
@@ -137,7 +149,8 @@ def client_train(site_dir: Path = typer.Option(..., "--site-dir", "-s", help="Si
     from .fileio import atomic_write_json
     from .labels import parse_labels
 
-    cfg = _cfg(config, (set_ or []) + _data_sets(labels, class_names, size, window, offset))
+    cfg = _cfg(config, (set_ or []) + _data_sets(labels, class_names, size, window, offset), command="client train",
+               reads=HOSPITAL_READS)
     cases = discover_cases(data, group_regex=cfg.data.group_regex, group_csv=cfg.data.group_csv)
     labels = parse_labels(cfg.data.labels, cfg.data.class_names) or discover_labels(cases)
     arr = stages.prepare(cases, cfg, labels, progress=not quiet)
@@ -223,7 +236,7 @@ def server_refit_adapters(model: Path = typer.Option(..., "--model", "-m", help=
     from . import protocol
     from .server.mapping import refit_adapters
 
-    cfg = _cfg(config, set_)
+    cfg = _cfg(config, set_, command="server refit-adapters", reads=COORDINATOR_READS)
     msgs = []
     for p in [message] + ([previous] if previous else []):
         try:
@@ -247,7 +260,7 @@ def server_train(messages: List[Path] = typer.Argument(..., help="'train' messag
     from .fileio import atomic_write_json
     from .server.stages import train_mappings
 
-    cfg = _cfg(config, set_)
+    cfg = _cfg(config, set_, command="server train", reads=COORDINATOR_READS)
     batches = []
     for m in messages:
         try:

@@ -3,7 +3,16 @@
 A TOML file has the sections ``[data]``, ``[autoencoder]``, ``[mapping]`` and top-level keys;
 unknown sections or keys are rejected. Overrides are ``section.key=value`` strings parsed to the
 field's type (``--set autoencoder.epochs=5 --set data.size=128``). The resolved configuration is
-saved as ``config.json`` next to every output. No secret ever belongs here: keys live in key files.
+saved as ``config.json`` next to every output, with its ``version``; :func:`migrate` reads older ones.
+No secret ever belongs here: keys live in key files.
+
+Who reads a setting (:func:`reader`): *shared* settings (preprocessing, labels, network and
+training settings, the seed) cross to the coordinator in the run configuration and every hospital
+applies them; *hospital* settings (:data:`HOSPITAL`: how it groups its own files, the noise it adds
+before sending) stay at a hospital, in a SuperNode's ``node_config``; *experiment* settings
+(:data:`EXPERIMENT`: how many hospitals, how one dataset is dealt and split, the scoring size) are
+read only by ``simulate``, ``demo``, ``bench`` and ``deploy``. :func:`shared_settings` is all that
+may cross.
 """
 
 from __future__ import annotations
@@ -77,7 +86,6 @@ class DataConfig:
     group_regex: str | None = None     # patient id from the file stem, e.g. "^(patient\\d+)_"
     group_csv: str | None = None
     split_lists: dict[str, str] | None = None  # {"train": "...", "val": "...", "test": "..."}
-    val_frac: float = 0.2
     test_frac: float = 0.2
     partition: str = "group"           # iid | group | site
     eval_size: int | None = None       # score test cases at this size (predictions resampled from probabilities); None: size
@@ -160,6 +168,77 @@ class Config:
     mapping: MappingTrainConfig = field(default_factory=MappingTrainConfig)
 
 
+CONFIG_VERSION = 2  # 2: data.val_frac removed (nothing read it); mapping.adapter_init recorded
+
+HOSPITAL = ("data.group_regex", "data.group_csv", "autoencoder.send_noise")
+EXPERIMENT = ("clients", "data.split_lists", "data.test_frac", "data.partition", "data.eval_size")
+
+
+def reader(key: str) -> str:
+    """``"shared"``, ``"hospital"`` or ``"experiment"`` for a setting named ``section.key`` (or a top-level key)."""
+    return "hospital" if key in HOSPITAL else "experiment" if key in EXPERIMENT else "shared"
+
+
+def _settings(raw: dict, prefix: str = "") -> list[str]:
+    return [n for k, v in raw.items() for n in (_settings(v, f"{prefix}{k}.") if isinstance(v, dict) and k != "split_lists"
+                                               else [f"{prefix}{k}"])]
+
+
+def setting_names(cfg: Config | None = None) -> list[str]:
+    """Every setting, as ``section.key``."""
+    return _settings(dataclasses.asdict(cfg or Config()))
+
+
+def shared_settings(cfg: Config) -> dict:
+    """The nested settings that cross to the coordinator and every hospital: no hospital or experiment setting."""
+    out: dict = {}
+    for name in setting_names(cfg):
+        if reader(name) != "shared":
+            continue
+        *path, key = name.split(".")
+        node, src = out, dataclasses.asdict(cfg)
+        for part in path:
+            node, src = node.setdefault(part, {}), src[part]
+        node[key] = json.loads(json.dumps(src[key]))
+    return out
+
+
+def check_reads(cfg: Config, command: str, reads: set[str]) -> None:
+    """Refuse a setting ``command`` does not read when it differs from its default: a runner never ignores one.
+
+    ``reads`` holds ``section.key`` names, ``section.*`` for a whole section, or a reader (``"shared"``,
+    ``"hospital"``, ``"experiment"``)."""
+    default, given = dataclasses.asdict(Config()), dataclasses.asdict(cfg)
+
+    def value(d: dict, name: str) -> Any:
+        for part in name.split("."):
+            d = d[part]
+        return d
+
+    for name in setting_names(cfg):
+        if name in reads or f"{name.split('.')[0]}.*" in reads or reader(name) in reads:
+            continue
+        if value(given, name) != value(default, name):
+            raise ConfigError(f"{name}: {command} does not read this setting ({reader(name)}); leave it out here")
+
+
+def migrate(raw: dict) -> dict:
+    """A saved configuration of any version -> the current layout (without ``version``).
+
+    Version 1 (no ``version`` key): ``mapping.adapter_init`` did not exist and its runs used
+    ``"identity"``; ``data.val_frac`` existed but nothing read it (dropped)."""
+    raw = json.loads(json.dumps(raw))
+    version = raw.pop("version", 1)
+    if not isinstance(version, int) or not 1 <= version <= CONFIG_VERSION:
+        raise ConfigError(f"version: config version {version!r} is not one this ppcmi reads (1 to {CONFIG_VERSION})")
+    if version < 2:
+        if isinstance(raw.get("mapping"), dict):
+            raw["mapping"].setdefault("adapter_init", "identity")
+        if isinstance(raw.get("data"), dict):
+            raw["data"].pop("val_frac", None)
+    return raw
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
@@ -229,12 +308,15 @@ def _build(cls: type, raw: dict, where: str) -> Any:
 
 
 def to_dict(cfg: Any) -> dict:
-    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+    """Plain JSON values; a whole :class:`Config` also carries its ``version`` (what :func:`from_dict` reads back)."""
+    d = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    return {"version": CONFIG_VERSION, **d} if isinstance(cfg, Config) else d
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, base: Config | None = None) -> Config:
     """Load ``path`` (TOML) on top of ``base`` (defaults), then apply ``section.key=value`` overrides."""
     raw = to_dict(base or Config())
+    raw.pop("version")
     if path is not None:
         p = Path(path)
         try:
@@ -270,15 +352,7 @@ def _merge(dst: dict, src: dict, where: str) -> None:
             dst[k] = v
 
 
-# Settings whose default changed: a saved config that predates the key ran with the old value.
-_LEGACY = {("mapping", "adapter_init"): "identity"}
-
-
 def from_dict(raw: dict) -> Config:
-    """A saved run's settings (its ``config.json``). Keys added since take their defaults, except those in
-    ``_LEGACY``, which take the value the run actually used."""
-    raw = json.loads(json.dumps(raw))
-    for (section, key), old in _LEGACY.items():
-        if isinstance(raw.get(section), dict) and key not in raw[section]:
-            raw[section][key] = old
-    return _build(Config, raw, "")
+    """A saved run's settings (its ``config.json``), of any version (:func:`migrate`); keys added since take
+    their defaults."""
+    return _build(Config, migrate(raw), "")

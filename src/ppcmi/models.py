@@ -261,12 +261,6 @@ class MappingNet(nn.Module):
         if client not in self.clients:
             self.clients.append(client)
 
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        # weights saved before frames existed hold none: theirs were the identity, as a new network's are
-        own = self.state_dict()
-        missing = {k: own[k] for k in own if "_frames." in k and k not in state_dict}
-        return super().load_state_dict({**state_dict, **missing}, strict=strict, assign=assign)
-
     def forward(self, zt: dict[str, torch.Tensor], client: str) -> dict[str, torch.Tensor]:
         if client not in self.in_adapters:
             raise KeyError(f"client: unknown client {client!r}; known: {sorted(self.in_adapters)}")

@@ -93,7 +93,7 @@ def infer_and_score(hospitals: dict[str, Hospital], servers: dict[str, MappingSe
         parts = []
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             for s in range(0, len(test["images"]), batch):
-                q = protocol.encode(hosp.protect(test["images"][s:s + batch], dtype=dtype, noise=noise, seed=1000 + s))
+                q = protocol.encode(stages.query(hosp, test["images"][s:s + batch], noise=noise, start=s, dtype=dtype))
                 r = protocol.encode(servers[name].handle(protocol.decode(q)))
                 parts.append(hosp.unprotect(protocol.decode(r), size=size))
         preds[name] = np.concatenate(parts)

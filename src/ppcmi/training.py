@@ -65,7 +65,8 @@ def save_weights(module: nn.Module, path: str | Path, *, metadata: dict | None =
     return atomic_write_bytes(path, save(sd, metadata=metadata))
 
 
-def load_weights(module: nn.Module, path: str | Path) -> None:
+def load_weights(module: nn.Module, path: str | Path, *, migrate: Callable[[dict], dict] | None = None) -> None:
+    """Load safetensors weights into ``module``; ``migrate`` first brings an older checkpoint's tensors up to date."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: checkpoint not found")
@@ -73,6 +74,8 @@ def load_weights(module: nn.Module, path: str | Path) -> None:
         sd = load_file(str(path))
     except Exception as e:
         raise CheckpointError(f"{path}: unreadable checkpoint ({type(e).__name__})") from None
+    if migrate is not None:
+        sd = migrate(sd)
     try:
         module.load_state_dict(sd)
     except RuntimeError as e:

@@ -8,6 +8,8 @@ A SuperNode is started with a ``node_config`` naming only local things; none of 
     name       its site id (the protocol's ``client``); must match site.json when that exists
     threads    optional: torch threads for this node's work
     seed       optional: this hospital's site seed (split and batch order; :mod:`ppcmi.client.stages`)
+    send-noise optional: ``autoencoder.send_noise``, the noise it adds to its latents before they leave
+               (a hospital setting: :func:`ppcmi.config.reader`)
 
 What leaves is a :class:`~ppcmi.protocol.LatentBatch` of keyed latents, the numbers of stage 1
 (epochs, seconds, number of training images) and a metric summary; the key, file names, case ids
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -36,7 +38,7 @@ from .stages import default_site_seed
 
 log = logging.getLogger(__name__)
 
-_KEYS = {"site-dir", "data-dir", "test-dir", "name", "threads", "seed"}
+_KEYS = {"site-dir", "data-dir", "test-dir", "name", "threads", "seed", "send-noise"}
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,7 @@ class NodeSite:
     test_dir: Path | None = None
     threads: int | None = None
     seed: int | None = None
+    send_noise: float = 0.0
 
     @classmethod
     def from_node_config(cls, nc: Mapping[str, Any]) -> NodeSite:
@@ -66,8 +69,15 @@ class NodeSite:
         seed = nc.get("seed")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
             raise PpcmiError(f"node_config: seed must be a non-negative integer, got {seed!r}")
+        noise = nc.get("send-noise", 0.0)
+        if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not noise >= 0:
+            raise PpcmiError(f"node_config: send-noise must be a number >= 0, got {noise!r}")
         test = nc.get("test-dir")
-        return cls(Path(nc["site-dir"]), Path(nc["data-dir"]), nc["name"], Path(test) if test else None, threads, seed)
+        return cls(Path(nc["site-dir"]), Path(nc["data-dir"]), nc["name"], Path(test) if test else None, threads, seed, float(noise))
+
+    def settings(self, cfg: Config) -> Config:
+        """The run configuration (shared settings) with this hospital's own settings applied."""
+        return replace(cfg, autoencoder=replace(cfg.autoencoder, send_noise=self.send_noise))
 
     def site_seed(self, cfg: Config) -> int:
         return self.seed if self.seed is not None else default_site_seed(cfg.seed, self.name)
@@ -120,14 +130,14 @@ def train_autoencoders(node: NodeSite, cfg: Config) -> dict[str, Any]:
 
 def train_latents(node: NodeSite, cfg: Config) -> LatentBatch:
     """Stage 2: keyed latent pairs of this hospital's training data (plus augmented copies)."""
-    return stages.training_batch(node.hospital(), _arrays(node.data_dir, cfg), cfg)
+    return stages.training_batch(node.hospital(), _arrays(node.data_dir, cfg), node.settings(cfg))
 
 
 def test_latents(node: NodeSite, cfg: Config) -> LatentBatch | None:
     """Keyed latents of this hospital's test images, in a fixed order; None without a test folder."""
     if node.test_dir is None:
         return None
-    return node.hospital().protect(_arrays(node.test_dir, cfg)["images"])
+    return stages.query(node.hospital(), _arrays(node.test_dir, cfg)["images"], noise=node.send_noise)
 
 
 def score(node: NodeSite, cfg: Config, reply: LatentBatch, out: str | Path) -> dict:

@@ -17,6 +17,8 @@ import zlib
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
+
 from ..config import Config
 from ..data import Case, load_arrays
 from ..labels import LabelMap
@@ -69,3 +71,9 @@ def training_batch(hospital: Hospital, arrays: dict, cfg: Config) -> LatentBatch
     ``autoencoder.send_copies - 1`` augmented copies, with ``autoencoder.send_noise`` on the plain latents."""
     return hospital.training_batch(arrays["images"], arrays["masks"], copies=cfg.autoencoder.send_copies,
                                    noise=cfg.autoencoder.send_noise, seed=cfg.seed)
+
+
+def query(hospital: Hospital, images: np.ndarray, *, noise: float, start: int = 0, dtype=np.float32) -> LatentBatch:
+    """A query message for ``images``, rows ``start``, ``start + 1``, ... of the hospital's list, with
+    ``noise`` (its ``autoencoder.send_noise``) on the plain latents, drawn from seed ``1000 + start``."""
+    return hospital.protect(images, dtype=dtype, noise=noise, seed=1000 + start)

@@ -246,12 +246,12 @@ def link_cases(assignments: dict[str, list[Case]], run: Path) -> None:
                     link.symlink_to(src, target_is_directory=src.is_dir())
 
 
-def _node_config(site: Path, name: str, threads: int, seed: int) -> str:
+def _node_config(site: Path, name: str, threads: int, seed: int, send_noise: float) -> str:
     values = {"site-dir": site / "site", "data-dir": site / "data", "test-dir": site / "test"}
     for k, v in values.items():
         if "'" in str(v):
             raise DeployError(f"{v}: a path with a single quote cannot be passed in a Flower node_config")
-    return " ".join(f"{k}='{v}'" for k, v in values.items()) + f' name="{name}" threads={threads} seed={seed}'
+    return " ".join(f"{k}='{v}'" for k, v in values.items()) + f' name="{name}" threads={threads} seed={seed} send-noise={float(send_noise)!r}'
 
 
 # ----------------------------------------------------------------------------- the deployment
@@ -325,7 +325,7 @@ def deploy(cfg: Config, data: str | Path, out: str | Path, *, sites: int, port: 
             site = run / "sites" / n
             procs.start(n, [tool("flower-supernode"), "--superlink", f"{HOST}:{link_port}",
                             "--root-certificates", str(site / CA_CERT), "--auth-supernode-private-key", str(site / "auth" / PRIVATE),
-                            "--host", HOST, "--port", str(p), "--node-config", _node_config(site, n, threads, seeds[n])],
+                            "--host", HOST, "--port", str(p), "--node-config", _node_config(site, n, threads, seeds[n], cfg.autoencoder.send_noise)],
                         flower_env(site / "flwr"), cwd=site)
         for n, p in zip(names, node_ports):
             wait_listening(procs, n, p)

@@ -36,7 +36,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from .. import protocol
-from ..config import Config, load_config, to_dict
+from ..config import Config, load_config, shared_settings
 from ..errors import ConfigError, ProtocolError
 from ..fileio import atomic_write_text
 
@@ -49,11 +49,6 @@ WIRE, SITE, METRICS = "ppcmi", "site", "metrics"
 _WIRE_ARRAY = "bytes"
 SITE_STATUSES = ("trained", "existing", "no-test-data")
 REPLY_RECORDS = {STAGE1: ({SITE, METRICS},), TRAIN_LATENTS: ({WIRE},), TEST_LATENTS: ({WIRE}, {SITE}), SCORE: ({METRICS},)}
-
-# Shared settings sent to every node; the rest of Config (grouping, splits, partition) is the
-# coordinator's business and may name local files.
-SHARED_DATA_KEYS = ("size", "intensity", "percentiles", "window", "offset", "color", "crop", "labels", "class_names")
-
 
 @dataclass(frozen=True)
 class FlowerSettings:
@@ -82,13 +77,12 @@ def _toml_value(v: Any) -> Any:
 
 
 def run_config(cfg: Config, settings: FlowerSettings) -> dict[str, Any]:
-    """The nested run configuration (``[tool.flwr.app.config]``) for ``cfg``: shared settings only."""
-    d = to_dict(cfg)
+    """The nested run configuration (``[tool.flwr.app.config]``) for ``cfg``: its shared settings only
+    (:func:`ppcmi.config.shared_settings`); hospital settings go to each SuperNode's ``node_config``."""
+    shared = shared_settings(cfg)
     return {
-        "seed": cfg.seed, "klt": cfg.klt,
-        "data": {k: _toml_value(d["data"][k]) for k in SHARED_DATA_KEYS},
-        "autoencoder": {k: _toml_value(v) for k, v in d["autoencoder"].items()},
-        "mapping": {k: _toml_value(v) for k, v in d["mapping"].items()},
+        **{k: _toml_value(v) for k, v in shared.items() if not isinstance(v, dict)},
+        **{section: {k: _toml_value(v) for k, v in values.items()} for section, values in shared.items() if isinstance(values, dict)},
         "flower": {k.replace("_", "-"): v for k, v in asdict(settings).items()},
     }
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import MappingTrainConfig
+from ..config import CONFIG_VERSION, MappingTrainConfig
 from ..errors import CheckpointError, ProtocolError
 from ..fileio import atomic_write_json
 from ..models import SCALES, Frame, MappingConfig, MappingNet, mixed_forward
@@ -109,7 +109,7 @@ def train_mapping(batches: list[LatentBatch], cfg: MappingTrainConfig, out_dir: 
                   resume=resuming, desc="server mapping", progress=progress)
     save_weights(model, out / "mapping.safetensors")
     atomic_write_json(out / "config.json", {
-        "mapping": asdict(mcfg), "train": asdict(cfg), "clients": clients,
+        "version": CONFIG_VERSION, "mapping": asdict(mcfg), "train": asdict(cfg), "clients": clients,
         "image_shapes": img_shapes, "mask_shapes": mask_shapes, "n_pairs": {c: int((cid == i).sum()) for i, c in enumerate(clients)},
         "n_train_rows": int(len(tr)), "n_val_rows": int(len(va)),
         "best_epoch": res.best_epoch, "best_val_loss": res.best_val, "epochs_run": len(res.history),
@@ -299,6 +299,18 @@ def refit_adapters(model_dir: str | Path, batch: LatentBatch, cfg: MappingTrainC
     return net, res
 
 
+def migrate_state(model: MappingNet, meta: dict):
+    """How to read the weights of a mapping folder saved by an older ppcmi (its ``config.json`` ``version``), or None.
+
+    Version 1 (no ``version``): weights saved before the per-hospital frames existed hold none; those
+    frames were the identity, as a new network's are, so they are taken from ``model``. Version 1 runs
+    also predate ``mapping.adapter_init``, which :func:`ppcmi.config.migrate` reads as ``"identity"``."""
+    if meta.get("version", 1) >= 2:
+        return None
+    own = model.state_dict()
+    return lambda sd: {**{k: v for k, v in own.items() if "_frames." in k}, **sd}
+
+
 class MappingServer:
     """A trained mapping network loaded for inference. ``handle(query) -> reply``."""
 
@@ -315,7 +327,7 @@ class MappingServer:
         self.clients = list(meta["clients"])
         self.model = MappingNet({s: v[0] for s, v in self.image_shapes.items()}, {s: v[0] for s, v in self.mask_shapes.items()},
                                 self.clients, self.cfg)
-        load_weights(self.model, self.dir / "mapping.safetensors")
+        load_weights(self.model, self.dir / "mapping.safetensors", migrate=migrate_state(self.model, meta))
         self.model.eval().to(memory_format=torch.channels_last)  # faster convolutions on CPU (benchmarks/latency.py)
 
     @torch.inference_mode()
