@@ -41,7 +41,6 @@ TINY = ["--set", "data.size=32", "--set", "data.group_csv=groups.csv", "--set", 
         "--set", "data.test_frac=0.25", "--set", "autoencoder.width=0.25", "--set", "autoencoder.epochs=1",
         "--set", "autoencoder.send_copies=1", "--set", "mapping.epochs=1", "--set", "mapping.widen=[8,8,8]",
         "--set", "mapping.mid=[8,8]", "--set", "mapping.down=[8,8,8]"]
-STAGE1_KEYS = {"image_epochs", "mask_epochs", "n_train", "seconds"}
 METRIC_KEY = re.compile(r"^(n_cases|[A-Za-z0-9_]+\.(mean|std|n|n_undefined|ci95)|counts\.[A-Za-z0-9_]+\.[a-z_]+)$")
 
 
@@ -102,19 +101,19 @@ def test_server_received_only_protocol_latents_and_metrics(deployed):
     root, data, run, output, _ = deployed
     server = next((run / "coordinator" / "server").glob("run-*"))
     entries = [json.loads(ln) for ln in (server / "received.jsonl").read_text().splitlines()]
-    assert {e["step"] for e in entries} == {wire.STAGE1, wire.TRAIN_LATENTS, wire.TEST_LATENTS, wire.SCORE}
+    assert {e["step"] for e in entries} == {protocol.STAGE1, protocol.TRAIN_LATENTS, protocol.TEST_LATENTS, protocol.SCORE}
     assert len(entries) == 8 and not any("error" in e for e in entries)
     for e in entries:
         recs = e["records"]
-        assert set(recs) in [set(x) for x in wire.REPLY_RECORDS[e["step"]]], e
-        if wire.SITE in recs:
-            assert recs[wire.SITE]["keys"] == ["site", "status"]
-            assert recs[wire.SITE]["values"]["site"] in ("hospital1", "hospital2")
-        if wire.WIRE in recs:
-            assert recs[wire.WIRE] == {"type": "ArrayRecord", "keys": ["bytes"]}
-        if wire.METRICS in recs:
-            keys = set(recs[wire.METRICS]["keys"])
-            assert keys == STAGE1_KEYS if e["step"] == wire.STAGE1 else all(METRIC_KEY.match(k) for k in keys), keys
+        assert set(recs) in [set(x) for x in protocol.REPLY_RECORDS[e["step"]]], e
+        if protocol.SITE in recs:
+            assert recs[protocol.SITE]["keys"] == ["site", "status"]
+            assert recs[protocol.SITE]["values"]["site"] in ("hospital1", "hospital2")
+        if protocol.WIRE in recs:
+            assert recs[protocol.WIRE] == {"type": "ArrayRecord", "keys": ["bytes"]}
+        if protocol.METRICS in recs:
+            keys = set(recs[protocol.METRICS]["keys"])
+            assert keys == set(protocol.STAGE1_METRICS) if e["step"] == protocol.STAGE1 else all(METRIC_KEY.match(k) for k in keys), keys
     blobs = sorted((server / "wire").iterdir())
     assert [b.name for b in blobs] == ["hospital1.query.ppcmi", "hospital1.train.ppcmi", "hospital2.query.ppcmi",
                                        "hospital2.train.ppcmi"]
@@ -345,7 +344,7 @@ def test_replies_are_checked_before_use():
     from ppcmi.errors import ProtocolError
 
     content = wire.wire_record(_batch())
-    wire.check_reply(content, wire.TRAIN_LATENTS)
+    wire.check_reply(content, protocol.TRAIN_LATENTS)
     msg, blob = wire.read_wire(content, kind="train", client="hospital1")
     assert msg.n == 2 and protocol.decode(blob).client == "hospital1"
     with pytest.raises(ProtocolError, match="expected 'hospital2'"):
@@ -355,16 +354,16 @@ def test_replies_are_checked_before_use():
     extra = wire.wire_record(_batch())
     extra["note"] = ConfigRecord({"file": "patient1.png"})
     with pytest.raises(ProtocolError, match="not allowed"):
-        wire.check_reply(extra, wire.TRAIN_LATENTS)
-    bad_site = RecordDict({wire.SITE: ConfigRecord({"site": "hospital1", "status": "trained", "path": "/data"}),
-                           wire.METRICS: MetricRecord({"seconds": 1.0})})
+        wire.check_reply(extra, protocol.TRAIN_LATENTS)
+    bad_site = RecordDict({protocol.SITE: ConfigRecord({"site": "hospital1", "status": "trained", "path": "/data"}),
+                           protocol.METRICS: MetricRecord({"seconds": 1.0})})
     with pytest.raises(ProtocolError, match="exactly the strings"):
-        wire.check_reply(bad_site, wire.STAGE1)
-    columns = wire.summary_columns(Config(data=DataConfig(labels="0,1")))
+        wire.check_reply(bad_site, protocol.STAGE1)
+    columns = wire.summary_structures(Config(data=DataConfig(labels="0,1")))
     with pytest.raises(ProtocolError, match="unexpected key 'patient7.mean'"):
-        wire.unflatten_summary({"n_cases": 2, "patient7.mean": 0.5}, columns)
+        protocol.unflatten_summary({"n_cases": 2, "patient7.mean": 0.5}, columns)
     with pytest.raises(ProtocolError, match="unexpected key 'counts.patient7.ok'"):
-        wire.unflatten_summary({"n_cases": 2, "counts.patient7.ok": 1}, columns)
+        protocol.unflatten_summary({"n_cases": 2, "counts.patient7.ok": 1}, columns)
 
 
 def test_metric_summary_round_trips_through_a_metric_record():
@@ -373,9 +372,9 @@ def test_metric_summary_round_trips_through_a_metric_record():
     summ = {"n_cases": 3, "fg_dice": {"mean": 0.8, "std": 0.1, "n": 3, "n_undefined": 0, "ci95": [0.7, 0.9]},
             "fg_hd95_mm": {"mean": float("nan"), "std": float("nan"), "n": 0, "n_undefined": 3, "ci95": [float("nan")] * 2},
             "counts": {"fg": {"ok": 3, "both_empty": 0, "pred_empty": 0, "gt_empty": 0}}, "empty_rule": "text"}
-    columns = wire.summary_columns(Config(data=DataConfig(labels="0,1", class_names="bg,fg1")))
+    columns = wire.summary_structures(Config(data=DataConfig(labels="0,1", class_names="bg,fg1")))
     summ["fg1_dice"] = summ["fg_dice"]
-    back = wire.unflatten_summary(dict(MetricRecord(wire.flatten_summary(summ))), columns)
+    back = protocol.unflatten_summary(dict(MetricRecord(protocol.flatten_summary(summ))), columns)
     assert back["fg_dice"] == summ["fg_dice"] and back["counts"] == summ["counts"] and back["n_cases"] == 3
     assert back["fg_hd95_mm"]["n_undefined"] == 3
 

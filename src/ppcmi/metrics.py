@@ -60,6 +60,7 @@ from scipy import ndimage
 
 from .errors import PpcmiError
 from .fileio import atomic_write_json, atomic_write_text
+from .protocol import CASE_STATUSES, METRIC_COLUMNS
 
 __all__ = [
     "EMPTY_RULE",
@@ -82,8 +83,8 @@ EMPTY_RULE = (
     "spacing is unknown), status both_empty; exactly one empty -> dice 0.0, distances NaN "
     "(undefined, counted in n_undefined), status pred_empty or gt_empty; otherwise status ok"
 )
-METRICS = ("dice", "hd95_px", "asd_px", "hd95_mm", "asd_mm", "hd95_pooled_px")
-STATUSES = ("ok", "both_empty", "pred_empty", "gt_empty")
+METRICS = METRIC_COLUMNS  # the names a summary carries across (ppcmi.protocol)
+STATUSES = CASE_STATUSES
 STD_DDOF = 0
 _CHUNK = 64  # cases scored together: bounds the (B, S, H, W) masks and MONAI's batched Dice
 

@@ -13,6 +13,10 @@ Kinds and the arrays they carry (``zt_`` = keyed latents; scale set {s3, s4, b} 
 - ``train``: ``zt_img_<scale>`` and ``zt_msk_<scale>`` (a hospital's keyed training pairs)
 - ``query``: ``zt_img_<scale>`` (keyed image latents to map)
 - ``reply``: ``zt_msk_<scale>`` (the server's keyed mask latents)
+
+A federation's steps (:data:`STAGE1` ...), the records a hospital may answer each with, the site
+record and the metric summary (numbers only, under fixed names) are defined here too: the Flower
+adapters in :mod:`ppcmi.flower` carry this vocabulary and refuse anything outside it.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import json
 import re
 import struct
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -166,3 +171,69 @@ def decode(data: bytes, *, max_bytes: int = MAX_BYTES, expected: dict[str, tuple
     if expected is not None:
         validate(msg, expected)
     return msg
+
+
+# ----------------------------------------------------------------------------- a federation's vocabulary
+
+STAGE1 = "train.autoencoders"          # train your autoencoders on your own data (stage 1)
+TRAIN_LATENTS = "query.train_latents"  # send your keyed training pairs (stage 2)
+TEST_LATENTS = "query.test_latents"    # send keyed latents of your test images
+SCORE = "evaluate.score"               # decode the mapped reply and score it locally
+
+WIRE, SITE, METRICS = "ppcmi", "site", "metrics"  # a protocol message; the site record; numbers
+SITE_STATUSES = ("trained", "existing", "no-test-data")
+REPLY_RECORDS = {STAGE1: ({SITE, METRICS},), TRAIN_LATENTS: ({WIRE},), TEST_LATENTS: ({WIRE}, {SITE}), SCORE: ({METRICS},)}
+STAGE1_METRICS = ("image_epochs", "mask_epochs", "n_train", "seconds")  # the numbers of a stage-1 reply
+
+# a metric summary: per structure (a class name or "fg") these columns, each with these statistics,
+# and per structure the number of cases in each scoring status
+METRIC_COLUMNS = ("dice", "hd95_px", "asd_px", "hd95_mm", "asd_mm", "hd95_pooled_px")
+SUMMARY_STATS = ("mean", "std", "n", "n_undefined", "ci95")
+CASE_STATUSES = ("ok", "both_empty", "pred_empty", "gt_empty")
+
+
+def check_site(site: str, status: str) -> None:
+    """A site record holds a valid site id and one of :data:`SITE_STATUSES`."""
+    if status not in SITE_STATUSES:
+        raise ProtocolError(f"site.status: {status!r} not one of {SITE_STATUSES}")
+    if not isinstance(site, str) or not CLIENT_RE.match(site):
+        raise ProtocolError(f"site.site: invalid site id {site!r}")
+
+
+def flatten_summary(summary: dict) -> dict[str, int | float | list[float]]:
+    """A ``metrics.summarize`` result as numbers only, keys joined with '.' (what a Flower MetricRecord holds)."""
+    flat: dict[str, Any] = {"n_cases": int(summary["n_cases"])}
+    for col, v in summary.items():
+        if isinstance(v, dict) and "mean" in v:
+            flat[f"{col}.mean"] = float(v["mean"])
+            flat[f"{col}.std"] = float(v["std"])
+            flat[f"{col}.n"] = int(v["n"])
+            flat[f"{col}.n_undefined"] = int(v["n_undefined"])
+            flat[f"{col}.ci95"] = [float(x) for x in v["ci95"]]
+    for structure, by_status in summary.get("counts", {}).items():
+        for status, k in by_status.items():
+            flat[f"counts.{structure}.{status}"] = int(k)
+    return flat
+
+
+def unflatten_summary(flat: dict[str, Any], structures: set[str] | None = None) -> dict:
+    """Inverse of :func:`flatten_summary`; refuses keys outside that layout, and with ``structures`` (the
+    structures the shared label map defines) any other structure, so no other name can ride along."""
+    out: dict[str, Any] = {"n_cases": int(flat.get("n_cases", 0)), "counts": {}}
+    cols = None if structures is None else {f"{s}_{m}" for s in structures for m in METRIC_COLUMNS}
+    counts = None if structures is None else {f"{s}.{st}" for s in structures for st in CASE_STATUSES}
+    for key, v in flat.items():
+        if key == "n_cases":
+            continue
+        parts = key.split(".")
+        if len(parts) == 3 and parts[0] == "counts" and (counts is None or f"{parts[1]}.{parts[2]}" in counts):
+            out["counts"].setdefault(parts[1], {})[parts[2]] = int(v)
+        elif len(parts) == 2 and parts[1] in SUMMARY_STATS and (cols is None or parts[0] in cols):
+            out.setdefault(parts[0], {})[parts[1]] = [float(x) for x in v] if parts[1] == "ci95" else (
+                int(v) if parts[1] in ("n", "n_undefined") else float(v))
+        else:
+            raise ProtocolError(f"metrics: unexpected key {key!r}")
+    for col, v in out.items():
+        if isinstance(v, dict) and col != "counts" and set(v) != set(SUMMARY_STATS):
+            raise ProtocolError(f"metrics: column {col!r} is incomplete ({sorted(v)})")
+    return out

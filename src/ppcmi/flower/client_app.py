@@ -16,7 +16,8 @@ from flwr.clientapp import ClientApp
 
 from ..client import node as site_work
 from ..client.node import NodeSite
-from .wire import METRICS, SITE, flatten_summary, read_run_config, read_wire, site_record, wire_record
+from ..protocol import METRICS, SCORE, SITE, STAGE1, STAGE1_METRICS, TEST_LATENTS, TRAIN_LATENTS, flatten_summary
+from .wire import read_run_config, read_wire, site_record, wire_record
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +46,9 @@ def _handle(msg: Message, ctx: Context, step: str, fn: Callable[[NodeSite, objec
         raise RuntimeError(f"{who}: {step} failed ({type(e).__name__}); details are in this SuperNode's log") from None
 
 
-def _on(category: str, action: str, step: str):
-    """Register ``work(node, cfg, msg, ctx) -> RecordDict`` as the handler of ``category.action``."""
+def _on(message_type: str, step: str):
+    """Register ``work(node, cfg, msg, ctx) -> RecordDict`` as the handler of ``message_type`` (``category.action``)."""
+    category, action = message_type.split(".")
 
     def register(work: Callable[[NodeSite, object, Message, Context], RecordDict]):
         def handler(msg: Message, ctx: Context) -> Message:
@@ -58,26 +60,25 @@ def _on(category: str, action: str, step: str):
     return register
 
 
-@_on("train", "autoencoders", "stage 1 (autoencoder training)")
+@_on(STAGE1, "stage 1 (autoencoder training)")
 def _stage1(node: NodeSite, cfg, msg: Message, ctx: Context) -> RecordDict:
     r = site_work.train_autoencoders(node, cfg)
-    nums = MetricRecord({"image_epochs": int(r["image_epochs"]), "mask_epochs": int(r["mask_epochs"]),
-                         "seconds": float(r["seconds"]), "n_train": int(r["n_train"])})
+    nums = MetricRecord({k: float(r[k]) if k == "seconds" else int(r[k]) for k in STAGE1_METRICS})
     return RecordDict({SITE: site_record(node.name, r["status"]), METRICS: nums})
 
 
-@_on("query", "train_latents", "stage 2 (keyed training latents)")
+@_on(TRAIN_LATENTS, "stage 2 (keyed training latents)")
 def _train_latents(node: NodeSite, cfg, msg: Message, ctx: Context) -> RecordDict:
     return wire_record(site_work.train_latents(node, cfg))
 
 
-@_on("query", "test_latents", "evaluation (keyed test latents)")
+@_on(TEST_LATENTS, "evaluation (keyed test latents)")
 def _test_latents(node: NodeSite, cfg, msg: Message, ctx: Context) -> RecordDict:
     q = site_work.test_latents(node, cfg)
     return RecordDict({SITE: site_record(node.name, "no-test-data")}) if q is None else wire_record(q)
 
 
-@_on("evaluate", "score", "evaluation (decode and score)")
+@_on(SCORE, "evaluation (decode and score)")
 def _score(node: NodeSite, cfg, msg: Message, ctx: Context) -> RecordDict:
     reply, _ = read_wire(msg.content, kind="reply", client=node.name)
     summ = site_work.score(node, cfg, reply, node.site_dir / "eval" / f"run-{ctx.run_id}")

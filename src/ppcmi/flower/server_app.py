@@ -40,8 +40,8 @@ from ..errors import PpcmiError, ProtocolError
 from ..fileio import atomic_write_bytes, atomic_write_json
 from ..metrics import pool_summaries, write_summary
 from ..server.stages import train_mappings
-from .wire import (METRICS, SCORE, SITE, STAGE1, TEST_LATENTS, TRAIN_LATENTS, WIRE, FlowerSettings, check_reply,
-                   read_run_config, read_wire, summary_columns, unflatten_summary, wire_record)
+from ..protocol import METRICS, SCORE, SITE, STAGE1, TEST_LATENTS, TRAIN_LATENTS, WIRE, unflatten_summary
+from .wire import FlowerSettings, check_reply, read_run_config, read_wire, summary_structures, wire_record
 
 log = logging.getLogger(__name__)
 
@@ -190,8 +190,8 @@ def run(grid: Grid, cfg: Config, settings: FlowerSettings, out: Path) -> dict:
 
     replies = {n: r for n, r in co.ask(nodes, TEST_LATENTS, map_query).items() if r is not None}
     scored = sorted(replies)
-    columns = summary_columns(cfg)
-    summaries = co.ask(scored, SCORE, lambda n, content: unflatten_summary(dict(content[METRICS]), columns),
+    structures = summary_structures(cfg)
+    summaries = co.ask(scored, SCORE, lambda n, content: unflatten_summary(dict(content[METRICS]), structures),
                        content=lambda n: wire_record(replies[n])) if scored else {}
     timings["evaluation_s"] = time.perf_counter() - t0
     by_site = {co.sites[n]: summaries[n] for n in scored}

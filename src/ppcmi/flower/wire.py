@@ -1,6 +1,8 @@
-"""What crosses Flower between a hospital's SuperNode and the coordinator (both sides).
+"""Flower's records for what crosses between a hospital's SuperNode and the coordinator (both sides).
 
-Four message types, each answered by the hospital with a fixed set of records:
+The vocabulary (message types, record names, site statuses, the metric summary) is
+:mod:`ppcmi.protocol`'s; this module only carries it in Flower's records and builds the app's run
+configuration. Four message types, each answered by the hospital with a fixed set of records:
 
 ==========================  ==================================================  ==============================
 message type                asks the hospital to                                it replies with
@@ -36,19 +38,13 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from .. import protocol
+from ..protocol import METRICS, REPLY_RECORDS, SITE, WIRE
 from ..config import Config, load_config, shared_settings
 from ..errors import ConfigError, ProtocolError
 from ..fileio import atomic_write_text
 
-STAGE1 = "train.autoencoders"
-TRAIN_LATENTS = "query.train_latents"
-TEST_LATENTS = "query.test_latents"
-SCORE = "evaluate.score"
-
-WIRE, SITE, METRICS = "ppcmi", "site", "metrics"
 _WIRE_ARRAY = "bytes"
-SITE_STATUSES = ("trained", "existing", "no-test-data")
-REPLY_RECORDS = {STAGE1: ({SITE, METRICS},), TRAIN_LATENTS: ({WIRE},), TEST_LATENTS: ({WIRE}, {SITE}), SCORE: ({METRICS},)}
+
 
 @dataclass(frozen=True)
 class FlowerSettings:
@@ -156,10 +152,7 @@ def wire_record(msg: protocol.LatentBatch) -> RecordDict:
 
 
 def site_record(site: str, status: str) -> ConfigRecord:
-    if status not in SITE_STATUSES:
-        raise ProtocolError(f"site.status: {status!r} not one of {SITE_STATUSES}")
-    if not protocol.CLIENT_RE.match(site):
-        raise ProtocolError(f"site.site: invalid site id {site!r}")
+    protocol.check_site(site, status)
     return ConfigRecord({"site": site, "status": status})
 
 
@@ -201,54 +194,12 @@ def read_wire(content: RecordDict, *, kind: str, client: str | None = None,
 # ----------------------------------------------------------------------------- metric summaries
 
 
-def flatten_summary(summary: dict) -> dict[str, int | float | list[float]]:
-    """A ``metrics.summarize`` result as MetricRecord values: numbers only, keys joined with '.'."""
-    flat: dict[str, Any] = {"n_cases": int(summary["n_cases"])}
-    for col, v in summary.items():
-        if isinstance(v, dict) and "mean" in v:
-            flat[f"{col}.mean"] = float(v["mean"])
-            flat[f"{col}.std"] = float(v["std"])
-            flat[f"{col}.n"] = int(v["n"])
-            flat[f"{col}.n_undefined"] = int(v["n_undefined"])
-            flat[f"{col}.ci95"] = [float(x) for x in v["ci95"]]
-    for struct, by_status in summary.get("counts", {}).items():
-        for status, k in by_status.items():
-            flat[f"counts.{struct}.{status}"] = int(k)
-    return flat
-
-
-def summary_columns(cfg: Config) -> tuple[set[str], set[str]]:
-    """The metric columns and structures a hospital's summary may hold under ``cfg``'s label map."""
+def summary_structures(cfg: Config) -> set[str]:
+    """The structures a hospital's metric summary may name under the shared label map of ``cfg``."""
     from ..labels import parse_labels
-    from ..metrics import METRICS as METRIC_NAMES, STATUSES, structure_names
+    from ..metrics import structure_names
 
     lm = parse_labels(cfg.data.labels, cfg.data.class_names)
     if lm is None:
         raise ConfigError("data.labels: must be set in the run configuration so that every hospital uses the same classes")
-    structures = set(structure_names(lm.n_classes, list(lm.names)))
-    return {f"{s}_{m}" for s in structures for m in METRIC_NAMES}, {f"{s}.{st}" for s in structures for st in STATUSES}
-
-
-def unflatten_summary(flat: dict[str, Any], columns: tuple[set[str], set[str]] | None = None) -> dict:
-    """Inverse of :func:`flatten_summary`; refuses keys outside that layout.
-
-    ``columns`` (from :func:`summary_columns`) also refuses metric columns and structures that
-    the shared label map does not define, so no other name can ride along.
-    """
-    out: dict[str, Any] = {"n_cases": int(flat.get("n_cases", 0)), "counts": {}}
-    cols, counts = columns if columns is not None else (None, None)
-    for key, v in flat.items():
-        if key == "n_cases":
-            continue
-        parts = key.split(".")
-        if len(parts) == 3 and parts[0] == "counts" and (counts is None or f"{parts[1]}.{parts[2]}" in counts):
-            out["counts"].setdefault(parts[1], {})[parts[2]] = int(v)
-        elif len(parts) == 2 and parts[1] in ("mean", "std", "n", "n_undefined", "ci95") and (cols is None or parts[0] in cols):
-            out.setdefault(parts[0], {})[parts[1]] = [float(x) for x in v] if parts[1] == "ci95" else (
-                int(v) if parts[1] in ("n", "n_undefined") else float(v))
-        else:
-            raise ProtocolError(f"metrics: unexpected key {key!r}")
-    for col, v in out.items():
-        if isinstance(v, dict) and col != "counts" and set(v) != {"mean", "std", "n", "n_undefined", "ci95"}:
-            raise ProtocolError(f"metrics: column {col!r} is incomplete ({sorted(v)})")
-    return out
+    return set(structure_names(lm.n_classes, list(lm.names)))
