@@ -36,7 +36,7 @@ from ppcmi.config import DataConfig
 from ppcmi.fileio import atomic_write_json, atomic_write_text
 from ppcmi.models import AEConfig, Autoencoder, MappingConfig, MappingNet, count_parameters
 from ppcmi.server.mapping import MappingServer
-from ppcmi.simulate import measure_latency
+from ppcmi.experiment import measure_latency
 from ppcmi.training import save_weights, seeded_init
 
 CONFIGS = {

@@ -37,7 +37,8 @@ import numpy as np
 import torch
 
 from ppcmi import protocol
-from ppcmi.bench import _reuse_stage1, dataset_config
+from ppcmi.bench import _reuse_stage1
+from ppcmi.experiment import dataset_config
 from ppcmi.client.keys import rotate_key
 from ppcmi.client.site import Hospital
 from ppcmi.config import from_dict, load_config, to_dict

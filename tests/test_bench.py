@@ -3,7 +3,8 @@ import json
 import pytest
 
 from ppcmi.client.keys import KEY_FILENAME
-from ppcmi.bench import dataset_config, run_bench
+from ppcmi.bench import run_bench
+from ppcmi.experiment import dataset_config
 from ppcmi.experiment import synth
 from ppcmi.errors import PpcmiError
 

@@ -17,74 +17,20 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .baselines import predict_unet, train_reference_unet
-from .config import Config, DataConfig, load_config, to_dict
+from .config import Config, load_config, to_dict
 from .data import load_arrays
 from .errors import PpcmiError
 from .fileio import atomic_write_json, atomic_write_text
 from .metrics import evaluate_cases, summarize, write_evaluation
-from .models import MappingConfig
 from .client.site import Hospital
 from .server.mapping import MappingServer
+from .experiment import DATASETS, MATCHED, METHODS, PUBLISHED_EPOCHS, dataset_config
 from .simulate import infer_and_score, load_test, plan, run_simulation
 
 log = logging.getLogger(__name__)
-
-# Working size 128 (every method, so the comparison is fair and a full PSFHS run fits the CPU budget);
-# scores at 256x256, the paper's grid, from bilinearly resampled class probabilities.
-_FAST = dict(size=128, eval_size=256)
-DATASETS: dict[str, DataConfig] = {
-    # seeded 80/20 split of cases, training part spread over the hospitals at random
-    "psfhs": DataConfig(**_FAST, intensity="minmax", labels="0,1,2", class_names="background,ps,fh", test_frac=0.2,
-                        partition="iid"),
-    # the provided patient lists; training and validation patients partitioned into hospitals by patient
-    "acdc": DataConfig(**_FAST, intensity="minmax", labels="0,1,2,3", class_names="background,rv,myo,lv",
-                       group_regex=r"^(patient\d+)_", split_lists={"train": "train.list", "val": "val.list", "test": "test.list"},
-                       partition="group"),
-    # the LV sits in the middle of the field of view: the central 37.5 % (as in the demo), by patient;
-    # scored at the crop's native 96x96 pixels
-    "sunnybrook_lv": DataConfig(size=128, eval_size=96, intensity="percentile", crop=0.375, group_regex=r"^(SCD\d+)_",
-                                test_frac=0.2, partition="group"),
-}
-# the epoch budget shared by every method of a dataset (the U-Nets get mapping.epochs x send_copies epochs)
-BUDGETS: dict[str, list[str]] = {
-    "psfhs": ["autoencoder.epochs=25", "autoencoder.patience=8", "mapping.epochs=30", "mapping.patience=30"],
-    "acdc": ["autoencoder.epochs=25", "autoencoder.patience=8", "mapping.epochs=30", "mapping.patience=30"],
-    "sunnybrook_lv": ["autoencoder.epochs=60", "autoencoder.patience=15", "mapping.epochs=50", "mapping.patience=50",
-                      "autoencoder.send_copies=8"],
-}
-# ppcmi_cpu and its ablations keep the published identity-initialised adapters; ppcmi_cpu_pca is the
-# package default (canonical frames, mapping.adapter_init = "pca").
-_COMMON = ["autoencoder.augment=true", "autoencoder.lr_schedule=cosine", "mapping.lr_schedule=cosine", "mapping.adapter_init=identity"]
-
-_PUB = MappingConfig.published()
-_PUB_WIDTHS = [f"mapping.widen={list(_PUB.widen)}", f"mapping.mid={list(_PUB.mid)}", f"mapping.down={list(_PUB.down)}"]
-# The published mapping network costs ~10x the CPU one per step, so it gets a shorter epoch budget
-# (``published_epochs``), and ``ppcmi_cpu_matched`` repeats the CPU widths at that same budget: the
-# fair FLOPs-versus-Dice pair.
-METHODS: dict[str, list[str]] = {
-    "ppcmi_cpu": [],
-    "ppcmi_published": _PUB_WIDTHS,
-    "ppcmi_cpu_matched": [],
-    "ppcmi_cpu_pca": ["mapping.adapter_init=pca"],
-    "no_klt": ["klt=false"],
-    "no_skips": ["autoencoder.skips=false"],
-    "no_pyramid": ["mapping.pyramid=false"],
-    "per_hospital_mapping": ["mapping.scope=per_hospital"],
-    "unet_centralized": [],
-    "unet_local": [],
-}
-MATCHED = ("ppcmi_published", "ppcmi_cpu_matched")
-PUBLISHED_EPOCHS = {"psfhs": 6, "acdc": 6, "sunnybrook_lv": 15}  # what the committed results ran
-
-
-def dataset_config(dataset: str, config: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    if dataset not in DATASETS:
-        raise PpcmiError(f"--dataset: unknown dataset {dataset!r}; known: {', '.join(DATASETS)}")
-    base = load_config(None, _COMMON + BUDGETS[dataset], base=replace(Config(), data=DATASETS[dataset]))
-    return load_config(config, overrides or [], base=base)
-
 
 def _unet(cfg: Config, data: Path, out: Path, local: bool, progress: bool) -> tuple[list[dict], dict]:
     """Centralized (pooled hospitals) or local (one U-Net per hospital) reference, evaluated on the test cases."""
@@ -129,8 +75,9 @@ def _inference_variants(cfg: Config, data: Path, run: Path) -> dict:
     srv = MappingServer(run / "server")
     servers = {h: srv for h in hospitals}
     out = {}
-    for name, kw in (("float16_wire", {"dtype": np.float16}), ("bf16_autocast", {"bf16": True})):
-        _, rows = infer_and_score(hospitals, servers, test, pl.labels, size=cfg.data.eval_size, **kw)
+    for name, dtype, bf16 in (("float16_wire", np.float16, False), ("bf16_autocast", np.float32, True)):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # every network of the round trip
+            _, rows = infer_and_score(hospitals, servers, test, pl.labels, size=cfg.data.eval_size, dtype=dtype)
         out[name] = summarize(rows, group_key="site")
     return out
 
@@ -158,7 +105,7 @@ def run_method(method: str, cfg: Config, data: Path, out: Path, *, published_epo
         if method != "ppcmi_cpu" and mcfg.autoencoder == cfg.autoencoder and (source / "summary.json").exists():
             if _reuse_stage1(source, out, mcfg.klt):
                 result["stage1_from"] = "ppcmi_cpu"
-        res = run_simulation(mcfg, data, out, resume=True, progress=progress, latency_reps=0)
+        res = run_simulation(mcfg, data, out, resume=True, progress=progress)
         res.pop("_arrays", None)
         if "stage1_from" in result:  # the autoencoders were trained once, by ppcmi_cpu
             res["timings_s"]["stage1_s"] = json.loads((source / "summary.json").read_text())["timings_s"]["stage1_s"]

@@ -25,7 +25,8 @@ from .data import load_arrays
 from .fileio import atomic_write_json, atomic_write_text
 from .metrics import EMPTY_RULE, evaluate_cases, summarize, write_evaluation, write_per_case_csv
 from .server.mapping import MappingServer
-from .simulate import measure_latency, plan, prepare_run_dir, public_summary, run_simulation
+from .experiment import measure_latency
+from .simulate import plan, prepare_run_dir, public_summary, run_simulation
 
 log = logging.getLogger(__name__)
 

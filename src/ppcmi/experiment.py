@@ -1,5 +1,9 @@
-"""Experiment-only helpers (simulation and benchmarks; never part of a hospital's deployment): dealing
-one dataset's cases to simulated hospitals, and writing synthetic sites.
+"""Experiment-only helpers (simulation, demo and benchmarks; never part of a hospital's deployment): dealing
+one dataset's cases to simulated hospitals, synthetic sites, the benchmark presets (datasets, budgets,
+methods) and the latency and payload measurements.
+
+``measure_latency`` and ``payload`` take a hospital (:class:`ppcmi.client.site.Hospital`) and a mapping
+server (:class:`ppcmi.server.mapping.MappingServer`) from their caller: this module imports neither side.
 """
 
 from __future__ import annotations
@@ -8,14 +12,21 @@ import io
 import logging
 import math
 import re
+import statistics
+import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import torch
 
+from . import protocol
+from .config import Config, DataConfig, load_config
 from .data.discovery import Case
-from .errors import DataError
+from .errors import DataError, PpcmiError
 from .fileio import atomic_write_bytes, atomic_write_text
+from .models import MappingConfig
 
 log = logging.getLogger(__name__)
 
@@ -170,3 +181,99 @@ def synth(out: str | Path, *, sites: int = 3, patients_per_site: int = 4, slices
     ))
     log.info("%s: wrote %d synthetic cases (%d sites)", out, n, sites)
     return out
+
+
+# ----------------------------------------------------------------------------- benchmark presets (ppcmi bench)
+
+# Working size 128 (every method, so the comparison is fair and a full PSFHS run fits the CPU budget);
+# scores at 256x256, the paper's grid, from bilinearly resampled class probabilities.
+_FAST = dict(size=128, eval_size=256)
+DATASETS: dict[str, DataConfig] = {
+    # seeded 80/20 split of cases, training part spread over the hospitals at random
+    "psfhs": DataConfig(**_FAST, intensity="minmax", labels="0,1,2", class_names="background,ps,fh", test_frac=0.2,
+                        partition="iid"),
+    # the provided patient lists; training and validation patients partitioned into hospitals by patient
+    "acdc": DataConfig(**_FAST, intensity="minmax", labels="0,1,2,3", class_names="background,rv,myo,lv",
+                       group_regex=r"^(patient\d+)_", split_lists={"train": "train.list", "val": "val.list", "test": "test.list"},
+                       partition="group"),
+    # the LV sits in the middle of the field of view: the central 37.5 % (as in the demo), by patient;
+    # scored at the crop's native 96x96 pixels
+    "sunnybrook_lv": DataConfig(size=128, eval_size=96, intensity="percentile", crop=0.375, group_regex=r"^(SCD\d+)_",
+                                test_frac=0.2, partition="group"),
+}
+# the epoch budget shared by every method of a dataset (the U-Nets get mapping.epochs x send_copies epochs)
+BUDGETS: dict[str, list[str]] = {
+    "psfhs": ["autoencoder.epochs=25", "autoencoder.patience=8", "mapping.epochs=30", "mapping.patience=30"],
+    "acdc": ["autoencoder.epochs=25", "autoencoder.patience=8", "mapping.epochs=30", "mapping.patience=30"],
+    "sunnybrook_lv": ["autoencoder.epochs=60", "autoencoder.patience=15", "mapping.epochs=50", "mapping.patience=50",
+                      "autoencoder.send_copies=8"],
+}
+# ppcmi_cpu and its ablations keep the published identity-initialised adapters; ppcmi_cpu_pca is the
+# package default (canonical frames, mapping.adapter_init = "pca").
+_COMMON = ["autoencoder.augment=true", "autoencoder.lr_schedule=cosine", "mapping.lr_schedule=cosine", "mapping.adapter_init=identity"]
+
+_PUB = MappingConfig.published()
+_PUB_WIDTHS = [f"mapping.widen={list(_PUB.widen)}", f"mapping.mid={list(_PUB.mid)}", f"mapping.down={list(_PUB.down)}"]
+# The published mapping network costs ~10x the CPU one per step, so it gets a shorter epoch budget
+# (``published_epochs``), and ``ppcmi_cpu_matched`` repeats the CPU widths at that same budget: the
+# fair FLOPs-versus-Dice pair.
+METHODS: dict[str, list[str]] = {
+    "ppcmi_cpu": [],
+    "ppcmi_published": _PUB_WIDTHS,
+    "ppcmi_cpu_matched": [],
+    "ppcmi_cpu_pca": ["mapping.adapter_init=pca"],
+    "no_klt": ["klt=false"],
+    "no_skips": ["autoencoder.skips=false"],
+    "no_pyramid": ["mapping.pyramid=false"],
+    "per_hospital_mapping": ["mapping.scope=per_hospital"],
+    "unet_centralized": [],
+    "unet_local": [],
+}
+MATCHED = ("ppcmi_published", "ppcmi_cpu_matched")
+PUBLISHED_EPOCHS = {"psfhs": 6, "acdc": 6, "sunnybrook_lv": 15}  # what the committed results ran
+
+
+def dataset_config(dataset: str, config: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    if dataset not in DATASETS:
+        raise PpcmiError(f"--dataset: unknown dataset {dataset!r}; known: {', '.join(DATASETS)}")
+    base = load_config(None, _COMMON + BUDGETS[dataset], base=replace(Config(), data=DATASETS[dataset]))
+    return load_config(config, overrides or [], base=base)
+
+
+# ----------------------------------------------------------------------------- latency and payload (demo, benchmarks)
+
+
+def _median_ms(fn, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1000)
+    return statistics.median(times)
+
+
+def measure_latency(hospital, server, images: np.ndarray, reps: int = 20, batch: int = 1) -> dict:
+    """Median per-stage latency in ms per call at ``batch`` images (protocol bytes included), after one warm-up.
+
+    encode: hospital encode + KLT + serialise; map: server parse + map + serialise; decode: hospital
+    parse + inverse KLT + decode + argmax.
+    """
+    x = np.resize(images, (batch,) + images.shape[1:]).astype(np.float32)
+    q = hospital.protect(x)
+    wire_q = protocol.encode(q)
+    reply = server.handle(protocol.decode(wire_q))
+    wire_r = protocol.encode(reply)
+    hospital.unprotect(protocol.decode(wire_r))
+    enc = _median_ms(lambda: protocol.encode(hospital.protect(x)), reps)
+    mp = _median_ms(lambda: protocol.encode(server.handle(protocol.decode(wire_q))), reps)
+    dec = _median_ms(lambda: hospital.unprotect(protocol.decode(wire_r)), reps)
+    return {"encode": enc, "map": mp, "decode": dec, "total": enc + mp + dec, "batch": batch, "reps": reps,
+            "threads": torch.get_num_threads()}
+
+
+def payload(hospital, images: np.ndarray) -> dict:
+    q = hospital.protect(images[:1])
+    q16 = hospital.protect(images[:1], dtype=np.float16)
+    values = sum(a.size for a in q.arrays.values())
+    return {"values_per_image": int(values), "float32_bytes": int(values * 4), "float16_bytes": int(values * 2),
+            "wire_bytes_query": len(protocol.encode(q)), "wire_bytes_query_f16": len(protocol.encode(q16))}

@@ -19,20 +19,18 @@ Output folder::
 from __future__ import annotations
 
 import logging
-import statistics
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from . import protocol
 from .client import stages
 from .client.site import Hospital
 from .config import Config, Preprocess, to_dict
 from .data import Case, discover_cases, discover_labels, load_arrays, split_cases, split_from_lists
-from .experiment import partition
+from .experiment import partition, payload
 from .labels import LabelMap, parse_labels
 from .errors import PpcmiError
 from .fileio import atomic_write_bytes, atomic_write_json
@@ -81,61 +79,23 @@ def load_test(pl: Plan, cfg: Config) -> dict:
 
 
 def infer_and_score(hospitals: dict[str, Hospital], servers: dict[str, MappingServer], test: dict, labels: LabelMap, *,
-                    size: int | None = None, dtype=np.float32, bf16: bool = False, batch: int = 16,
+                    size: int | None = None, dtype=np.float32, batch: int = 16,
                     noise: float = 0.0) -> tuple[dict, list[dict]]:
     """Every hospital segments every test image through protocol bytes (hospital -> server -> hospital) and
-    scores its own predictions. ``dtype`` is the wire dtype; ``bf16`` runs all three networks under CPU
-    autocast to bfloat16; ``noise`` is the std of Gaussian noise on the plain latents before the KLT
-    (``autoencoder.send_noise``). Returns predictions per hospital and per-case metric rows."""
+    scores its own predictions. ``dtype`` is the wire dtype; ``noise`` is the std of Gaussian noise on the plain
+    latents before the KLT (``autoencoder.send_noise``). Returns predictions per hospital and per-case metric rows."""
     preds: dict[str, np.ndarray] = {}
     rows: list[dict] = []
     for name, hosp in hospitals.items():
         parts = []
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            for s in range(0, len(test["images"]), batch):
-                q = protocol.encode(stages.query(hosp, test["images"][s:s + batch], noise=noise, start=s, dtype=dtype))
-                r = protocol.encode(servers[name].handle(protocol.decode(q)))
-                parts.append(hosp.unprotect(protocol.decode(r), size=size))
+        for s in range(0, len(test["images"]), batch):
+            q = protocol.encode(stages.query(hosp, test["images"][s:s + batch], noise=noise, start=s, dtype=dtype))
+            r = protocol.encode(servers[name].handle(protocol.decode(q)))
+            parts.append(hosp.unprotect(protocol.decode(r), size=size))
         preds[name] = np.concatenate(parts)
         rows += evaluate_cases(preds[name], test["eval_masks"], test["case_ids"], labels.n_classes, spacings=test["eval_spacings"],
                                class_names=list(labels.names), extra=[{"site": name, "method": "ppcmi"}] * len(preds[name]))
     return preds, rows
-
-
-def _median_ms(fn, reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1000)
-    return statistics.median(times)
-
-
-def measure_latency(hospital: Hospital, server: MappingServer, images: np.ndarray, reps: int = 20, batch: int = 1) -> dict:
-    """Median per-stage latency in ms per call at ``batch`` images (protocol bytes included), after one warm-up.
-
-    encode: hospital encode + KLT + serialise; map: server parse + map + serialise; decode: hospital
-    parse + inverse KLT + decode + argmax.
-    """
-    x = np.resize(images, (batch,) + images.shape[1:]).astype(np.float32)
-    q = hospital.protect(x)
-    wire_q = protocol.encode(q)
-    reply = server.handle(protocol.decode(wire_q))
-    wire_r = protocol.encode(reply)
-    hospital.unprotect(protocol.decode(wire_r))
-    enc = _median_ms(lambda: protocol.encode(hospital.protect(x)), reps)
-    mp = _median_ms(lambda: protocol.encode(server.handle(protocol.decode(wire_q))), reps)
-    dec = _median_ms(lambda: hospital.unprotect(protocol.decode(wire_r)), reps)
-    return {"encode": enc, "map": mp, "decode": dec, "total": enc + mp + dec, "batch": batch, "reps": reps,
-            "threads": torch.get_num_threads()}
-
-
-def payload(hospital: Hospital, images: np.ndarray) -> dict:
-    q = hospital.protect(images[:1])
-    q16 = hospital.protect(images[:1], dtype=np.float16)
-    values = sum(a.size for a in q.arrays.values())
-    return {"values_per_image": int(values), "float32_bytes": int(values * 4), "float16_bytes": int(values * 2),
-            "wire_bytes_query": len(protocol.encode(q)), "wire_bytes_query_f16": len(protocol.encode(q16))}
 
 
 def prepare_run_dir(cfg: Config, data_dir: str | Path, out: str | Path, *, resume: bool = False) -> Path:
@@ -150,8 +110,7 @@ def prepare_run_dir(cfg: Config, data_dir: str | Path, out: str | Path, *, resum
     return out
 
 
-def run_simulation(cfg: Config, data_dir: str | Path, out: str | Path, *, resume: bool = False, progress: bool = True,
-                   latency_reps: int = 0) -> dict:
+def run_simulation(cfg: Config, data_dir: str | Path, out: str | Path, *, resume: bool = False, progress: bool = True) -> dict:
     """Stage 1 at every hospital, stage 2 at the server, inference and per-hospital evaluation."""
     out = prepare_run_dir(cfg, data_dir, out, resume=resume)
     pl = plan(cfg, data_dir)
@@ -200,8 +159,6 @@ def run_simulation(cfg: Config, data_dir: str | Path, out: str | Path, *, resume
         "ppcmi": summ, "payload": payload(first, test["images"]), "timings_s": timings,
         "stage1": stage1, "stage2": stage2,
     }
-    if latency_reps:
-        result["latency_ms"] = measure_latency(first, servers[first.name], test["images"], reps=latency_reps)
     result["_arrays"] = {"test": test, "preds": preds, "plan": pl, "rows": rows}
     return result
 
@@ -210,4 +167,4 @@ def public_summary(result: dict) -> dict:
     return {k: v for k, v in result.items() if not k.startswith("_")}
 
 
-__all__ = ["Plan", "plan", "load_test", "infer_and_score", "prepare_run_dir", "run_simulation", "measure_latency", "payload", "public_summary"]
+__all__ = ["Plan", "plan", "load_test", "infer_and_score", "prepare_run_dir", "run_simulation", "public_summary"]
