@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, DataError
+from .models import AEShape, MappingConfig
 
 
 SCHEDULES = ("constant", "cosine")
@@ -73,14 +74,9 @@ class Preprocess:
 
 
 @dataclass(frozen=True)
-class DataConfig:
-    size: int = 256
-    intensity: str = "minmax"          # minmax | percentile | window
-    percentiles: tuple[float, float] = (0.5, 99.5)
-    window: tuple[float, float] | None = None
-    offset: float = 0.0
-    color: str = "gray"                # gray | rgb
-    crop: float = 1.0                  # central fraction of each side kept before resizing
+class DataConfig(Preprocess):
+    """The ``[data]`` settings: the shared preprocessing (:class:`Preprocess`), labels, grouping and splits."""
+
     labels: str | None = None          # "0,1,2" (raw mask values in class order); None: discover
     class_names: str | None = None     # "background,ps,fh"
     group_regex: str | None = None     # patient id from the file stem, e.g. "^(patient\\d+)_"
@@ -91,21 +87,21 @@ class DataConfig:
     eval_size: int | None = None       # score test cases at this size (predictions resampled from probabilities); None: size
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not isinstance(self.size, int) or self.size < 32 or self.size % 32:
             raise ConfigError(f"data.size: must be a multiple of 32 (the autoencoder halves it five times), got {self.size!r}")
         if self.eval_size is not None and (not isinstance(self.eval_size, int) or self.eval_size < 8):
             raise ConfigError(f"data.eval_size: must be an integer of at least 8, got {self.eval_size!r}")
 
-    def preprocess(self):
-        """The :class:`Preprocess` these settings describe."""
-        return Preprocess(size=self.size, intensity=self.intensity, percentiles=tuple(self.percentiles),
-                          window=self.window, offset=self.offset, color=self.color, crop=self.crop)
+    def preprocess(self) -> Preprocess:
+        """The preprocessing part of these settings."""
+        return Preprocess(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Preprocess)})
 
 
 @dataclass(frozen=True)
-class AutoencoderConfig:
-    width: float = 1.0
-    skips: bool = True
+class AutoencoderConfig(AEShape):
+    """The ``[autoencoder]`` settings: its topology (:class:`ppcmi.models.AEShape`), training and what it sends."""
+
     epochs: int = 100
     batch_size: int = 16
     lr: float = 1e-3
@@ -123,13 +119,9 @@ class AutoencoderConfig:
 
 
 @dataclass(frozen=True)
-class MappingTrainConfig:
-    widen: tuple[int, int, int] = (32, 64, 128)
-    mid: tuple[int, int] = (128, 256)
-    down: tuple[int, int, int] = (64, 32, 16)
-    pyramid: bool = True
-    dropout: float = 0.2
-    norm: str = "batch"
+class MappingTrainConfig(MappingConfig):
+    """The ``[mapping]`` settings: the network (:class:`ppcmi.models.MappingConfig`), its training, scope and DP."""
+
     epochs: int = 150
     batch_size: int = 16
     lr: float = 1e-3
@@ -144,6 +136,8 @@ class MappingTrainConfig:
     dp_epsilon: float | None = None    # target epsilon at delta = 1/N (N = training rows); sets the noise multiplier
 
     def __post_init__(self) -> None:
+        if not all(isinstance(b, int) and b >= 1 for b in self.bins):
+            raise ConfigError(f"mapping.bins: pyramid pooling bins must be positive integers, got {self.bins!r}")
         _choice("mapping.scope", self.scope, ("shared", "per_hospital"))
         _choice("mapping.lr_schedule", self.lr_schedule, SCHEDULES)
         _choice("mapping.norm", self.norm, ("batch", "group"))
@@ -258,6 +252,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if origin is tuple:
         if isinstance(value, str):  # "8,16,32" or TOML-style "[8, 16, 32]"
             value = [v for v in value.strip().strip("[]()").split(",") if v.strip()]
+        if len(args) == 2 and args[1] is Ellipsis:  # tuple[int, ...]: any number, at least one
+            if not isinstance(value, (list, tuple)) or not value:
+                raise ConfigError(f"{where}: expected one or more comma-separated values, got {value!r}")
+            return tuple(_coerce(v, args[0], where) for v in value)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{where}: expected {len(args)} comma-separated values, got {value!r}")
         return tuple(_coerce(v, a, where) for v, a in zip(value, args))

@@ -29,12 +29,19 @@ def _conv_bn_relu(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
 
 
 @dataclass(frozen=True)
-class AEConfig:
-    """Autoencoder topology. ``width`` scales the published channels (16, 32, 64, 128, 256)."""
+class AEShape:
+    """The autoencoder settings of its topology (``autoencoder.width``, ``autoencoder.skips``): ``width`` scales
+    the published channels (16, 32, 64, 128, 256); ``skips = False`` sends and decodes the bottleneck only."""
 
-    in_channels: int = 1
     width: float = 1.0
     skips: bool = True  # False: bottleneck only (the Privacy-SF-like baseline)
+
+
+@dataclass(frozen=True)
+class AEConfig(AEShape):
+    """Autoencoder topology: its settings plus the input's channel count (from the data, not a setting)."""
+
+    in_channels: int = 1
 
     @property
     def channels(self) -> tuple[int, ...]:

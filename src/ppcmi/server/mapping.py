@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +34,8 @@ log = logging.getLogger(__name__)
 
 
 def mapping_config(cfg: MappingTrainConfig) -> MappingConfig:
-    return MappingConfig(widen=tuple(cfg.widen), mid=tuple(cfg.mid), down=tuple(cfg.down), pyramid=cfg.pyramid,
-                         dropout=cfg.dropout, norm=cfg.norm)
+    """The network part of the ``[mapping]`` settings."""
+    return MappingConfig(**{f.name: getattr(cfg, f.name) for f in fields(MappingConfig)})
 
 
 def _shapes(msg: LatentBatch, prefix: str) -> dict[str, tuple[int, int, int]]:
