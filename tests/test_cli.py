@@ -286,3 +286,17 @@ def test_a_setting_the_command_does_not_read_is_refused(run, tmp_path):
     fails("client", "train", "--site-dir", run / "sites" / "h1", "--data", run / "data" / "h1", "--name", "h1",
           "--set", "data.partition=iid", match="data.partition: an experiment setting")
     assert not (tmp_path / "s").exists()
+
+
+def test_encode_with_masks_sends_the_sites_copies(run, tmp_path):
+    """client encode --with-masks sends what simulate sends for the same settings: each pair plus
+    autoencoder.send_copies - 1 augmented copies (it used to ignore send_copies)."""
+    from ppcmi import protocol
+
+    site = tmp_path / "site"
+    ok("client", "keygen", "--site-dir", site)
+    ok("client", "train", "--site-dir", site, "--data", run / "data" / "h1", "--name", "h1", "-q",
+       *[a.replace("groups.csv", str(run / "data" / "h1" / "groups.csv")) for a in TINY], "--set", "autoencoder.send_copies=3")
+    ok("client", "encode", "--site-dir", site, "--data", run / "data" / "h1", "--out", tmp_path / "t", "--with-masks")
+    n = len(list((run / "data" / "h1" / "images").iterdir()))
+    assert protocol.decode((tmp_path / "t").read_bytes()).n == 3 * n

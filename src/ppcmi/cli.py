@@ -168,7 +168,8 @@ def client_encode(site_dir: Path = typer.Option(..., "--site-dir", "-s"),
                   out: Path = typer.Option(..., "--out", "-o", help="Message file to send to the server."),
                   with_masks: bool = typer.Option(False, "--with-masks", help="Send keyed image+mask pairs for stage 2 (a 'train' message)."),
                   float16: bool = typer.Option(False, "--float16", help="Send float16 latents (half the payload)."),
-                  noise: float = typer.Option(0.0, help="Gaussian noise std added to latents before they leave (a privacy knob).")):
+                  noise: Optional[float] = typer.Option(None, min=0.0, help="Gaussian noise std added to latents before they "
+                                                        "leave (a privacy knob; default: the site's autoencoder.send_noise).")):
     """Encode and protect: write keyed latents as one protocol message (and a local case list beside it)."""
     from .client.inference import encode_folder
 
@@ -206,11 +207,9 @@ def client_rotate_key(site_dir: Path = typer.Option(..., "--site-dir", "-s", hel
 
     if out.exists():
         raise PpcmiError(f"{out}: already exists; refusing to overwrite it")
-    meta = Hospital(site_dir).meta  # fail before touching the key if the site is not trained
-    ae = meta.get("autoencoder", {})
+    Hospital(site_dir)  # fail before touching the key if the site is not trained
     new, backup = rotate_key(site_dir)
-    n, size = encode_folder(site_dir, data, out, with_masks=True, copies=copies or ae.get("send_copies", 1),
-                            noise=ae.get("send_noise", 0.0) if noise is None else noise)
+    n, size = encode_folder(site_dir, data, out, with_masks=True, copies=copies, noise=noise)
     typer.echo(f"new key in {new}; old key kept in {backup} (mode 0600)")
     typer.echo(f"wrote {out}: {n} keyed training rows, {size} bytes; send it to the server for 'ppcmi server refit-adapters'")
 

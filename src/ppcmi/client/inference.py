@@ -9,6 +9,7 @@ format: PNG for 2D images, NIfTI for volumes (NIfTI, MetaImage or DICOM series i
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import logging
 from pathlib import Path
 from typing import Callable, Sequence
@@ -16,10 +17,11 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .. import protocol
-from ..data import (IMAGE_EXTS, LabelMap, Preprocess, discover_cases, load_arrays, n_slices, prepare_image, read_image,
+from ..data import (IMAGE_EXTS, LabelMap, Preprocess, discover_cases, n_slices, prepare_image, read_image,
                     read_mask, restore_mask)
 from ..errors import DataError, PpcmiError
 from ..fileio import atomic_write_bytes, atomic_write_json
+from . import stages
 from .site import Hospital
 
 log = logging.getLogger(__name__)
@@ -77,22 +79,27 @@ def _load_planes(planes: list[dict], prep: Preprocess) -> np.ndarray:
 
 
 def encode_folder(site_dir: Path, data: Path, out: Path, *, with_masks: bool = False, float16: bool = False,
-                  noise: float = 0.0, copies: int = 1) -> tuple[int, int]:
+                  noise: float | None = None, copies: int | None = None) -> tuple[int, int]:
     """Write a query (images) or train (image+mask pairs, plus ``copies - 1`` augmented copies) message
-    plus the local case list; returns (N, bytes)."""
+    plus the local case list; returns (N, bytes). ``copies`` and ``noise`` default to the site's own
+    ``autoencoder.send_copies`` and ``autoencoder.send_noise`` (the settings it was trained with), so the
+    message is the one ``simulate`` sends for the same configuration (:mod:`ppcmi.client.stages`)."""
     h = Hospital(site_dir)
     prep = h.data_cfg.preprocess()
     dtype = np.float16 if float16 else np.float32
+    ae = h.settings.autoencoder
+    cfg = replace(h.settings, autoencoder=replace(ae, send_copies=ae.send_copies if copies is None else copies,
+                                                  send_noise=ae.send_noise if noise is None else noise))
     if out.exists():
         raise PpcmiError(f"{out}: already exists; refusing to overwrite it")
     if with_masks:
         cases = discover_cases(data, group_regex=h.data_cfg.group_regex, group_csv=h.data_cfg.group_csv)
-        arr = load_arrays(cases, prep, label_map_of(h))
-        msg = h.training_batch(arr["images"], arr["masks"], dtype=dtype, noise=noise, copies=copies)
+        arr = stages.prepare(cases, cfg, label_map_of(h))
+        msg = stages.training_batch(h, arr, cfg, dtype=dtype)
         local = [{"case_id": c} for c in arr["case_ids"]]
     else:
         planes = list_inputs([data])
-        msg = h.protect(_load_planes(planes, prep), dtype=dtype, noise=noise)
+        msg = stages.query(h, _load_planes(planes, prep), noise=cfg.autoencoder.send_noise, dtype=dtype)
         local = planes
     blob = protocol.encode(msg)
     atomic_write_json(Path(str(out) + ".cases.json"), local)

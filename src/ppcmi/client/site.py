@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..config import AutoencoderConfig, DataConfig
+from ..config import CONFIG_VERSION, AutoencoderConfig, Config, DataConfig, from_dict
 from ..errors import CheckpointError, PpcmiError
 from ..fileio import atomic_write_json
 from ..klt import KeyedLatentTransform
@@ -66,7 +66,8 @@ def train_site(site_dir: str | Path, name: str, images: np.ndarray, masks: np.nd
     order = rng.permutation(n)
     n_val = max(1, int(round(n * ae_cfg.val_frac))) if ae_cfg.val_frac > 0 and n >= 4 else 0
     val_idx, tr_idx = order[:n_val], order[n_val:]
-    meta = {"site": name, "n_classes": n_classes, "labels": labels, "data": asdict(data_cfg),
+    meta = {"version": CONFIG_VERSION, "site": name, "seed": init_seed if init_seed is not None else seed, "n_classes": n_classes,
+            "labels": labels, "data": asdict(data_cfg),
             "autoencoder": asdict(ae_cfg), "klt": klt, "in_channels": int(images.shape[1]), "n_train": int(len(tr_idx)), "n_val": int(n_val)}
     site_json = site / "site.json"
     if site_json.exists() and not resume:
@@ -123,7 +124,13 @@ class Hospital:
         self.name: str = self.meta["site"]
         self.n_classes: int = self.meta["n_classes"]
         self.klt_enabled: bool = self.meta.get("klt", True)
-        self.data_cfg = DataConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in self.meta["data"].items()})
+        try:  # the shared settings it was trained with, read like any saved configuration (any version)
+            self.settings: Config = from_dict({"version": self.meta.get("version", 1), "seed": self.meta.get("seed", 0),
+                                               "klt": self.klt_enabled, "data": self.meta["data"],
+                                               "autoencoder": self.meta.get("autoencoder", {})})
+        except (KeyError, PpcmiError) as e:
+            raise CheckpointError(f"{meta_path}: not a readable site record ({e})") from None
+        self.data_cfg = self.settings.data
         self.models: dict[str, Autoencoder] = {}
         for kind in ("image", "mask"):
             d = self.dir / f"{kind}_ae"

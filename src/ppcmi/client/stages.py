@@ -66,10 +66,11 @@ def train_autoencoders(site_dir: str | Path, name: str, arrays: dict, cfg: Confi
                       ae_cfg=cfg.autoencoder, klt=cfg.klt, seed=seed, init_seed=cfg.seed, resume=resume, progress=progress)
 
 
-def training_batch(hospital: Hospital, arrays: dict, cfg: Config) -> LatentBatch:
+def training_batch(hospital: Hospital, arrays: dict, cfg: Config, *, dtype=np.float32) -> LatentBatch:
     """Stage 2's message from this hospital: keyed image/mask latent pairs, each pair plus
-    ``autoencoder.send_copies - 1`` augmented copies, with ``autoencoder.send_noise`` on the plain latents."""
-    return hospital.training_batch(arrays["images"], arrays["masks"], copies=cfg.autoencoder.send_copies,
+    ``autoencoder.send_copies - 1`` augmented copies, with ``autoencoder.send_noise`` on the plain latents
+    (copies and noise drawn from the shared ``seed``)."""
+    return hospital.training_batch(arrays["images"], arrays["masks"], dtype=dtype, copies=cfg.autoencoder.send_copies,
                                    noise=cfg.autoencoder.send_noise, seed=cfg.seed)
 
 
