@@ -131,7 +131,7 @@ def test_members_and_nonmembers_are_patient_disjoint_by_construction():
 
 
 def test_a_failed_positive_control_marks_the_attack_void():
-    from ppcmi.privacy.audit import _mia_entry, _verdict
+    from ppcmi.privacy.verdicts import mia_entry as _mia_entry, verdict as _verdict
 
     base = {"ssim": {"mean": 0.2}, "psnr": {"mean": 12.0}, "dice": {"mean": 0.5}}
     strong = {"ssim": {"mean": 0.6}, "psnr": {"mean": 20.0}, "dice": {"mean": 0.9}}
@@ -142,6 +142,119 @@ def test_a_failed_positive_control_marks_the_attack_void():
     weak = M.evaluate_scores(np.arange(50.0), np.arange(200.0))
     assert _mia_entry(ev, ev)["status"] == "succeeded"
     assert _mia_entry(ev, weak)["status"] == "void"
+
+
+# ----------------------------------------------------------------------------- attacks declare their views
+
+EXPECTED = {  # attack -> (the views its procedure takes, the threat label that follows from them), by hand
+    "A1": (("ServerView", "PublicData"), "T2"),
+    "A5": (("ServerView", "LeakedPairs", "VictimDecoder"), "T3 + the victim's decoder"),
+    "A6": (("ServerView", "PublicData", "LeakedPairs"), "T3"),
+    "A7": (("ServerView", "PublicData", "CandidatePool"), "T2 + candidate images that include the victims' own slices"),
+    "A8": (("ServerView", "OtherHospital"), "T1 + another hospital's key and decoder (collusion)"),
+    "M1": (("TargetModel", "MembershipChallenge"), "T5"),
+    "M3": (("TargetModel", "MembershipChallenge"), "T5"),
+}
+
+
+def test_each_attacks_threat_label_follows_from_the_views_it_declares():
+    from ppcmi.privacy.suite import SUITE
+
+    assert [a.name for a in SUITE] == list(EXPECTED)  # every attack, each registered once
+    assert {a.name: (tuple(v.__name__ for v in a.needs), a.threat.label) for a in SUITE} == EXPECTED
+
+
+def test_threat_levels_are_derived_from_views_and_the_referees_views_are_no_attackers():
+    from ppcmi.privacy import views as V
+
+    assert V.threat_of((V.ServerView,)).levels == ("T0", "T1")  # an eavesdropper without TLS sees the messages too
+    assert V.threat_of((V.ServerView, V.PublicData)).levels == ("T2",)
+    assert V.threat_of((V.ServerView, V.PublicData, V.LeakedPairs)).label == "T3"
+    assert V.threat_of((V.ServerView, V.StolenKey)).label == "T4"
+    assert V.threat_of((V.ServerView, V.LeakedPairs, V.OtherHospital)).label == "T3 + another hospital's key and decoder (collusion)"
+    for referee_only in (V.GroundTruth, V.MembershipTruth):
+        with pytest.raises(PpcmiError, match=referee_only.__name__):
+            V.threat_of((V.ServerView, referee_only))
+    with pytest.raises(PpcmiError, match="no.*level|none of them"):
+        V.threat_of((V.VictimDecoder,))
+
+
+def test_each_attack_procedure_takes_exactly_its_declared_views_positionally():
+    import inspect
+    import typing
+
+    from ppcmi.privacy import views as V
+    from ppcmi.privacy.suite import SUITE
+
+    for a in SUITE:
+        params = list(inspect.signature(a.run).parameters.values())
+        hints = typing.get_type_hints(a.run)
+        positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        assert tuple(hints[p.name] for p in positional) == a.needs, a.name
+        for p in params[len(positional):]:  # the rest say how hard it tries, never what it holds
+            assert p.kind is p.KEYWORD_ONLY and hints.get(p.name) not in (*V.GRANTS, V.GroundTruth, V.MembershipTruth), (a.name, p)
+
+
+def test_the_audit_builds_only_an_attacks_declared_views_and_passes_them_in_order(tmp_path):
+    """A stub run records which views the audit builds; a spy procedure records what it is called with."""
+    from dataclasses import replace
+
+    from ppcmi.privacy import audit, referee, views as V
+    from ppcmi.privacy.suite import SUITE
+
+    kinds = {"server_view": V.ServerView, "public_data": V.PublicData, "candidate_pool": V.CandidatePool,
+             "leaked_pairs": V.LeakedPairs, "victim_decoder": V.VictimDecoder, "stolen_key": V.StolenKey,
+             "other_hospital": V.OtherHospital, "target_model": V.TargetModel}
+
+    class StubRun:
+        names = ["h1", "h2"]
+
+        def __init__(self):
+            self.built = []
+
+        def __getattr__(self, name):
+            def build(*args):
+                self.built.append((name, args))
+                if name == "membership":
+                    return object.__new__(V.MembershipChallenge), object.__new__(V.MembershipTruth)
+                return object.__new__(kinds[name])
+            return build
+
+    settings = referee.AuditSettings(work=tmp_path)
+    for attack in SUITE:
+        calls = []
+        spy = replace(attack, run=lambda *views, **kw: calls.append(tuple(type(v) for v in views)) or len(calls),
+                      score=lambda ref, runs: {"scopes": list(runs)})
+        run = StubRun()
+        res = audit.run_attack(spy, run, None, settings)
+        assert calls and all(c == attack.needs for c in calls), (attack.name, calls)
+        built = {name for name, _ in run.built}
+        assert built == {n for n, k in kinds.items() if k in attack.needs} | ({"membership"} if V.MembershipChallenge in attack.needs else set()), (attack.name, built)
+        assert not {"truth", "stolen_key"} & built or V.StolenKey in attack.needs
+        assert res["threat"] == EXPECTED[attack.name][1] and res["views"] == list(EXPECTED[attack.name][0])
+        expected_scopes = {"A5": ["h1", "h2"], "A6": ["h1", "h2"], "A8": [("h1", "h2"), ("h2", "h1")]}.get(attack.name, [None])
+        assert res["scopes"] == expected_scopes, attack.name
+    # A5's leaked pairs are drawn by the referee's draw for A5, for the victim of the call
+    a5 = next(a for a in SUITE if a.name == "A5")
+    run = StubRun()
+    audit.build_views(a5, run, "h2", settings)
+    assert ("leaked_pairs", ("h2", referee.a5_leaks)) in run.built and ("victim_decoder", ("h2",)) in run.built
+
+
+def test_threat_levels_select_the_attacks():
+    from ppcmi.privacy.audit import select
+
+    assert [a.name for a in select(["T1"], shadow_models=4)] == ["A8"]
+    assert [a.name for a in select(["T2", "T3"], shadow_models=4)] == ["A1", "A5", "A6", "A7"]
+    assert [a.name for a in select(["T5"], shadow_models=0)] == ["M1"]  # --shadow-models 0 skips M3
+    with pytest.raises(PpcmiError, match="no attack in this suite"):
+        select(["T4"], shadow_models=4)
+
+
+def test_a_hospital_carries_no_audit_only_methods():
+    from ppcmi.client.site import Hospital
+
+    assert not [m for m in ("true_key", "decode_plain", "decode_keyed", "plain_latents") if hasattr(Hospital, m)]
 
 
 # ----------------------------------------------------------------------------- a tiny run: audit CLI, rotation
@@ -198,13 +311,27 @@ def test_audit_cli_end_to_end_on_a_tiny_run(tiny_run):
 
 
 def test_rows_per_patient_counts_every_sent_copy(tiny_run):
-    from ppcmi.privacy.audit import RunData, _rows_per_patient
+    from ppcmi.privacy.audit import _rows_per_patient
+    from ppcmi.privacy.run import Run
 
     root, _ = tiny_run
-    rd = RunData(root / "run", None, None)
-    patients = {g for d in rd.hospitals.values() for g in d["groups"]}
+    rd = Run(root / "run", None, None)
+    patients = {g for h in rd.names for g in rd.truth(h).groups}
     # 4 slices per synthetic patient, each sent as 2 copies (the original and one augmented)
     assert _rows_per_patient(rd) == {"mean": 8.0, "max": 8, "patients": len(patients)}
+
+
+def test_the_audit_records_each_attacks_views_and_derived_label(tiny_run, tmp_path):
+    from ppcmi.privacy.audit import run_audit
+
+    root, _ = tiny_run
+    a = run_audit(root / "run", threats="T1", out=tmp_path / "audit", progress=False)  # T1: only A8, the cheapest
+    assert a["attacks_run"] == ["A8"]
+    e = a["results"]["A8"]
+    assert (e["views"], e["threat"], e["threats"]) == (["ServerView", "OtherHospital"], EXPECTED["A8"][1], ["T1"])
+    assert set(e["per_pair"]) == {"hospital1<-hospital2", "hospital2<-hospital1"}
+    md = (tmp_path / "audit" / "report.md").read_text()
+    assert "| A8 | T1 + another hospital's key and decoder (collusion) | ServerView, OtherHospital |" in md
 
 
 @pytest.mark.parametrize("args, match", [

@@ -181,31 +181,6 @@ class Hospital:
         arrays.update({f"zt_msk_{s}": v.astype(dtype) for s, v in zt_msk.items()})
         return LatentBatch("train", self.name, arrays)
 
-    # ---- for the privacy audit (auditor side): ground truth and positive controls; nothing here is ever written out
-
-    @torch.inference_mode()
-    def plain_latents(self, x: np.ndarray | torch.Tensor, kind: str) -> dict[str, np.ndarray]:
-        """Plain (un-keyed) latents ``z`` of images (kind "image") or one-hot masks (kind "mask")."""
-        return {s: v.float().numpy() for s, v in self.models[kind].encode(torch.as_tensor(x).float()).items()}
-
-    @torch.inference_mode()
-    def decode_keyed(self, zt: dict[str, np.ndarray], kind: str) -> np.ndarray:
-        """Invert this hospital's transform and decode with its own decoder: (N, C, S, S) sigmoid outputs.
-        Used by the audit for the cross-decoder attack (another hospital's keyed latents) and controls."""
-        t = {s: torch.from_numpy(np.asarray(a, np.float32)) for s, a in zt.items()}
-        z = self._klt.inverse(t, kind) if self._klt is not None else t
-        return self.models[kind].decode(z).float().numpy()
-
-    @torch.inference_mode()
-    def decode_plain(self, z: dict[str, np.ndarray], kind: str) -> np.ndarray:
-        return self.models[kind].decode({s: torch.from_numpy(np.asarray(a, np.float32)) for s, a in z.items()}).float().numpy()
-
-    def true_key(self, kind: str, scale: str) -> tuple[np.ndarray, np.ndarray] | None:
-        """(M, b) of this hospital's transform (zt = M z + b), to score a recovered key; None without KLT."""
-        if self._klt is None:
-            return None
-        return self._klt.matrix(kind, scale).double().numpy(), self._klt.bias(kind, scale).double().numpy()
-
     @torch.inference_mode()
     def unprotect(self, reply: LatentBatch, *, size: int | None = None) -> np.ndarray:
         """Invert the keyed transform of the server's reply, decode with the mask decoder, argmax.

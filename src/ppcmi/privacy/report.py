@@ -56,6 +56,14 @@ def report_md(a: dict) -> str:
                  f"(patients {', '.join(mem['member_patients'])}); {mem['n_validation_rows_excluded']} validation rows are in neither set")
         L.append(f"- non-members: {mem['n_nonmembers']} rows of patients {', '.join(mem['nonmember_patients'])} (each hospital's "
                  "keying of the test slices and augmented copies), never in training or validation; the split refuses any shared patient")
+    L += ["", "## What each attacker holds", "",
+          "Each attack's procedure takes only the views listed; its threat level is derived from them (DESIGN.md "
+          "section 4). The victims' images, masks and plain latents, and their keys for the positive controls, are the "
+          "referee's alone.", "",
+          "| attack | threat | views | what it is |", "|---|---|---|---|"]
+    for name, e in r.items():
+        if "views" in e:
+            L.append(f"| {name} | {e['threat']} | {', '.join(e['views'])} | {e['description']} |")
     d = a["defences"]
     L += ["", "## Defences in this run", "",
           f"KLT {'on' if d['klt'] else 'off'}; skips {'sent' if d['skips'] else 'not sent (bottleneck only)'}; latent noise std "
