@@ -143,8 +143,9 @@ def _tensors(path: Path) -> dict:
 
 def test_simulate_trains_what_deploy_trains(deployed):
     """One configuration, two runners: ``simulate`` in one process and ``deploy`` on real Flower train the same
-    autoencoders bit for bit, send the same keyed pairs, and the coordinator's stage trains the same mapping
-    network from them (the stages and seeds are defined once, in the stage API).
+    autoencoders bit for bit, send the same keyed pairs, the coordinator's stage trains the same mapping
+    network from them, and the hospitals' predictions score identically case by case (the stages and seeds
+    are defined once, in the stage API).
 
     The mapping network is compared by training it from simulate's messages at the thread count the ServerApp
     had (all cores), because CPU float sums depend on the thread count: deploy runs each SuperNode with
@@ -186,6 +187,22 @@ def test_simulate_trains_what_deploy_trains(deployed):
     assert a.keys() == b.keys()
     differ = [k for k in a if (a[k] != b[k]).any()]
     assert not differ, f"the mapping networks differ in {len(differ)} of {len(a)} tensors, e.g. {differ[:3]}"
+    # the same label maps: simulate's sites send the same query bytes, and scoring the coordinator stage's
+    # replies with the SuperNode's own scoring stage gives deploy's per-case results exactly
+    from ppcmi.client.node import NodeSite, score, test_latents
+    from ppcmi.server.mapping import MappingServer
+
+    mapper = MappingServer(root / "sim-mapping")
+    for h in ("hospital1", "hospital2"):
+        node = NodeSite.from_node_config({"site-dir": str(sim / "sites" / h), "data-dir": str(run / "sites" / h / "data"),
+                                          "test-dir": str(run / "test"), "name": h})
+        sent = protocol.decode((server / "wire" / f"{h}.query.ppcmi").read_bytes())
+        again = test_latents(node, cfg)  # simulate's site, encoding deploy's test folder
+        assert all((sent.arrays[k] == again.arrays[k]).all() for k in sent.arrays), f"{h}: the queries differ"
+        score(node, cfg, mapper.handle(sent), root / "sim-eval" / h)
+        mine = (root / "sim-eval" / h / "per_case.csv").read_text()
+        theirs = next((run / "sites" / h / "site" / "eval").glob("run-*/per_case.csv")).read_text()
+        assert mine == theirs, f"{h}: per-case results differ"
 
 
 # ----------------------------------------------------------------------------- failure paths
