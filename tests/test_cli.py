@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
-import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -44,10 +44,18 @@ def snapshot(root: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
-    """Two hospitals with their own synthetic data, one server, one query round trip."""
+def run(tmp_path_factory) -> Iterator[Path]:
+    """Two hospitals with their own synthetic data, one server, one query round trip.
+
+    The module's tests run inside the run folder; the previous working directory is restored at
+    module teardown, so later test modules are not affected."""
     root = tmp_path_factory.mktemp("cli")
-    os.chdir(root)  # data.group_csv=groups.csv is resolved per data folder below
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)  # data.group_csv=groups.csv is resolved per data folder below
+        yield _round_trip(root)
+
+
+def _round_trip(root: Path) -> Path:
     for i, name in enumerate(("h1", "h2", "test")):
         ok("synth", root / "data" / name, "--sites", 1, "--patients", 2, "--slices", 4, "--size", 32, "--seed", i + 1)
     for name in ("h1", "h2"):
