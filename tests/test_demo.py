@@ -14,6 +14,7 @@ from ppcmi.demo import run_demo
 from ppcmi.errors import PpcmiError
 
 
+@pytest.mark.slow
 def test_demo_writes_summary_report_csv_and_plots(tmp_path):
     data = synth(tmp_path / "data", sites=3, patients_per_site=2, slices_per_patient=3, size=32, n_classes=2, seed=2)
     cfg = Config(seed=0, clients=3,

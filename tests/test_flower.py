@@ -72,6 +72,7 @@ def deployed(tmp_path_factory):
     return root, data, run, r.output, leftovers
 
 
+@pytest.mark.slow
 def test_deploy_end_to_end_gives_metrics_for_both_hospitals(deployed):
     root, data, run, output, leftovers = deployed
     assert not leftovers, f"processes still running after deploy: {leftovers}"
@@ -97,6 +98,7 @@ def test_deploy_end_to_end_gives_metrics_for_both_hospitals(deployed):
     assert (Path(s["server_dir"]) / "mapping" / "mapping.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_server_received_only_protocol_latents_and_metrics(deployed):
     root, data, run, output, _ = deployed
     server = next((run / "coordinator" / "server").glob("run-*"))
@@ -172,6 +174,7 @@ def federation(tmp_path_factory):
         assert not _processes_mentioning(str(root)), "processes still running after teardown"
 
 
+@pytest.mark.slow
 def test_unregistered_supernode_is_refused(federation):
     root, procs, link_port, stranger_port = federation
     own = Processes(root / "logs")  # the federation's watch list must not see this one exit
@@ -189,6 +192,7 @@ def test_unregistered_supernode_is_refused(federation):
     assert "SuperNode ID" in (root / "logs" / "hospital9.log").read_text()  # the registered one did connect
 
 
+@pytest.mark.slow
 def test_error_reply_is_retried_then_reported_by_name_without_its_text(federation):
     root, procs, _, _ = federation
     cfg = Config(data=DataConfig(size=32, labels="0,1"))
@@ -204,6 +208,7 @@ def test_error_reply_is_retried_then_reported_by_name_without_its_text(federatio
     assert "no-such-data" in (root / "logs" / "hospital9.log").read_text()
 
 
+@pytest.mark.slow
 def test_sigterm_stops_every_process_deploy_started(tmp_path):
     data = synth(tmp_path / "data", sites=2, patients_per_site=2, slices_per_patient=2, size=32, n_classes=2, seed=4)
     run = tmp_path / "run"

@@ -84,6 +84,7 @@ def _tiny_mapping_data(rng, n: int, client: str = "h1") -> protocol.LatentBatch:
     return protocol.LatentBatch("train", client, {"zt_img_b": z, "zt_msk_b": y})
 
 
+@pytest.mark.slow
 def test_membership_pipeline_detects_a_memorising_model_and_not_independent_data(tmp_path, rng):
     from ppcmi.server.mapping import row_losses, train_mapping
 
@@ -163,6 +164,7 @@ def tiny_run(tmp_path_factory):
     return root, res
 
 
+@pytest.mark.slow
 def test_audit_cli_end_to_end_on_a_tiny_run(tiny_run):
     root, _ = tiny_run
     run = root / "run"
@@ -197,6 +199,7 @@ def test_audit_cli_end_to_end_on_a_tiny_run(tiny_run):
     assert r.exit_code == 2 and "holds an audit already" in r.output
 
 
+@pytest.mark.slow
 def test_rows_per_patient_counts_every_sent_copy(tiny_run):
     from ppcmi.privacy.audit import RunData, _rows_per_patient
 
@@ -223,6 +226,7 @@ def test_audit_of_a_folder_that_is_not_a_run(tmp_path):
     assert r.exit_code == 2 and "config.json: missing" in r.output
 
 
+@pytest.mark.slow
 def test_rotate_key_round_trip(tiny_run, tmp_path):
     from ppcmi.client.keys import load_key
     from ppcmi.simulate import plan

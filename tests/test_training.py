@@ -80,6 +80,7 @@ def _batch(client, img, msk, klt=None):
     return LatentBatch("train", client, arrays)
 
 
+@pytest.mark.slow
 def test_adapters_make_keyed_training_match_plain(tmp_path):
     """DESIGN.md §3.1: an orthogonal map plus bias is what a 1x1 adapter absorbs, so training on keyed
     latents reaches the loss of training on plain latents (MSE is invariant under the keyed map)."""
@@ -161,6 +162,7 @@ def test_key_rotation_with_pca_adapters_keeps_the_predictions(tmp_path):
         np.testing.assert_allclose(after[s], before[s], atol=1e-3)
 
 
+@pytest.mark.slow
 def test_mapping_overfits_a_tiny_batch(tmp_path):
     img, msk = _latent_pairs(0, n=8)
     cfg = MappingTrainConfig(**TINY, epochs=80, patience=80, batch_size=8, lr=5e-3, val_frac=0.0)
