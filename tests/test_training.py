@@ -122,6 +122,7 @@ def _decoded(model_dir, batch, klt):
     return {s: v.numpy() for s, v in (klt.inverse(out, "mask") if klt is not None else out).items()}
 
 
+@pytest.mark.slow
 def test_pca_adapters_make_training_independent_of_the_keys(tmp_path):
     """With mapping.adapter_init = "pca" the core sees key-independent coordinates: training on two hospitals'
     pairs under any keys (or none) follows the same losses and gives the same decoded predictions."""
