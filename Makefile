@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test install clean bench-psfhs bench-acdc bench-sunnybrook bench-latency bench-load bench-plots audit-sunnybrook audit-psfhs audit-acdc
+.PHONY: demo test test-fast install clean bench-psfhs bench-acdc bench-sunnybrook bench-latency bench-load bench-plots audit-sunnybrook audit-psfhs audit-acdc
 
 install: $(STAMP)
 
@@ -55,6 +55,11 @@ audit-psfhs audit-acdc: audit-%: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
+
+# The suite without the tests marked slow (pytest -m slow lists them): under 2 minutes on 2 cores.
+test-fast: $(STAMP)
+	$(VENV)/bin/lint-imports
+	$(PY) -m pytest -q -m "not slow"
 
 clean:
 	rm -rf $(VENV) runs build src/*.egg-info

@@ -13,6 +13,7 @@ TINY = ["data.size=32", "data.labels=0,1", "data.class_names=background,lv", "au
         "data.crop=1.0", "autoencoder.send_copies=1"]
 
 
+@pytest.mark.slow
 def test_bench_runs_methods_with_one_split_and_skips_finished_ones(tmp_path):
     data = synth(tmp_path / "data", sites=2, patients_per_site=2, slices_per_patient=3, size=32, n_classes=2, seed=4)
     res = run_bench("sunnybrook_lv", data, tmp_path / "b", ["ppcmi_cpu", "no_klt", "unet_centralized", "unet_local"],

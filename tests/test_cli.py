@@ -4,8 +4,9 @@ the secrecy of keys in everything a run writes, and one-line errors on bad input
 from __future__ import annotations
 
 import base64
+import csv
 import json
-import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -44,10 +45,18 @@ def snapshot(root: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
-    """Two hospitals with their own synthetic data, one server, one query round trip."""
+def run(tmp_path_factory) -> Iterator[Path]:
+    """Two hospitals with their own synthetic data, one server, one query round trip.
+
+    The module's tests run inside the run folder; the previous working directory is restored at
+    module teardown, so later test modules are not affected."""
     root = tmp_path_factory.mktemp("cli")
-    os.chdir(root)  # data.group_csv=groups.csv is resolved per data folder below
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)  # data.group_csv=groups.csv is resolved per data folder below
+        yield _round_trip(root)
+
+
+def _round_trip(root: Path) -> Path:
     for i, name in enumerate(("h1", "h2", "test")):
         ok("synth", root / "data" / name, "--sites", 1, "--patients", 2, "--slices", 4, "--size", 32, "--seed", i + 1)
     for name in ("h1", "h2"):
@@ -73,10 +82,19 @@ def test_round_trip_writes_every_artefact(run):
     for p in preds:
         lab = np.asarray(Image.open(p))
         assert lab.shape == (32, 32) and set(np.unique(lab)) <= {0, 1, 2}
-    rows = (run / "eval" / "per_case.csv").read_text().splitlines()
-    assert len(rows) == 1 + 8
+    with open(run / "eval" / "per_case.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["case_id"] for r in rows) == [p.stem for p in preds]
+    # every reported Dice, recomputed with numpy from the written label maps and the ground-truth masks
+    for r in rows:
+        pred = np.asarray(Image.open(run / "pred" / f"{r['case_id']}.png"))
+        gt = np.asarray(Image.open(run / "data" / "test" / "masks" / f"{r['case_id']}.png"))
+        for name, p, g in (("class1", pred == 1, gt == 1), ("class2", pred == 2, gt == 2), ("fg", pred > 0, gt > 0)):
+            expect = 1.0 if not (p.any() or g.any()) else 2 * (p & g).sum() / (p.sum() + g.sum())
+            assert float(r[f"{name}_dice"]) == pytest.approx(expect, abs=1e-6), (r["case_id"], name)
     summ = json.loads((run / "eval" / "summary.json").read_text())
-    assert summ["n_cases"] == 8 and 0.0 <= summ["fg_dice"]["mean"] <= 1.0
+    assert summ["n_cases"] == 8
+    assert summ["fg_dice"]["mean"] == pytest.approx(np.mean([float(r["fg_dice"]) for r in rows]), abs=1e-12)
     for folder in (run / "sites" / "h1" / "image_ae", run / "sites" / "h1" / "mask_ae", run / "server"):
         assert (folder / "config.json").exists()
     assert json.loads((run / "sites" / "h1" / "config.json").read_text())["data"]["size"] == 32

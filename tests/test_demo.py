@@ -1,11 +1,13 @@
 """The demo's outputs on a tiny synthetic dataset (the numbers are meaningless at this budget; the
-artefacts and their schema are what is checked). The bundled-data demo itself is `make demo`."""
+artefacts, their schema and the summary's agreement with its per-case values are what is checked).
+The bundled-data demo itself is `make demo`."""
 
 from __future__ import annotations
 
 import csv
 import json
 
+import numpy as np
 import pytest
 
 from ppcmi.config import AutoencoderConfig, Config, DataConfig, MappingTrainConfig
@@ -14,6 +16,7 @@ from ppcmi.demo import run_demo
 from ppcmi.errors import PpcmiError
 
 
+@pytest.mark.slow
 def test_demo_writes_summary_report_csv_and_plots(tmp_path):
     data = synth(tmp_path / "data", sites=3, patients_per_site=2, slices_per_patient=3, size=32, n_classes=2, seed=2)
     cfg = Config(seed=0, clients=3,
@@ -26,15 +29,27 @@ def test_demo_writes_summary_report_csv_and_plots(tmp_path):
     for m in ("ppcmi", "unet_centralized"):
         for k in ("dice", "hd95_px", "asd_px"):
             assert k in on_disk["methods"][m]
-        assert 0.0 <= on_disk["methods"][m]["dice"] <= 1.0
     assert set(on_disk["latency_ms"]) >= {"encode", "map", "decode"}
     assert on_disk["payload_bytes_per_direction"] == s["payload"]["values_per_image"] * 4
     assert on_disk["timings_s"]["unet_s"] > 0
     # the U-Net saw as many (augmented) pairs as the mapping network: epochs x copies
     assert len(json.loads((out / "unet" / "state.json").read_text())["history"]) == 4
     with open(out / "per_case.csv") as f:
-        methods = {r["method"] for r in csv.DictReader(f)}
-    assert methods == {"ppcmi", "unet_centralized"}
+        rows = list(csv.DictReader(f))
+    assert {r["method"] for r in rows} == {"ppcmi", "unet_centralized"}
+    # the summary's Dice is the mean of the per-case values written beside it: overall, per hospital, and their gap
+    def fg(**match: str) -> list[float]:
+        return [float(r["fg_dice"]) for r in rows if all(r[k] == v for k, v in match.items())]
+
+    ppcmi, unet = fg(method="ppcmi"), fg(method="unet_centralized")
+    assert len(ppcmi) == 3 * on_disk["n_test"] and len(unet) == on_disk["n_test"]  # every hospital segments every test case
+    assert on_disk["methods"]["ppcmi"]["dice"] == pytest.approx(np.mean(ppcmi), abs=1e-12)
+    assert on_disk["methods"]["unet_centralized"]["dice"] == pytest.approx(np.mean(unet), abs=1e-12)
+    by_hospital = on_disk["methods"]["ppcmi"]["by_hospital"]
+    assert set(by_hospital) == {"hospital1", "hospital2", "hospital3"}
+    for h, v in by_hospital.items():
+        assert v["dice"] == pytest.approx(np.mean(fg(method="ppcmi", site=h)), abs=1e-12), h
+    assert on_disk["dice_gap_points"] == pytest.approx(100 * (np.mean(unet) - np.mean(ppcmi)), abs=1e-9)
     report = (out / "report.md").read_text()
     assert "| PPCMI-SF | overall |" in report and "centralized U-Net" in report
     for png in ("loss_curves.png", "overlays.png"):

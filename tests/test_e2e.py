@@ -28,6 +28,7 @@ def result(tmp_path_factory):
     return root / "run", res
 
 
+@pytest.mark.slow
 def test_end_to_end_dice_at_least_0_8(result):
     run, res = result
     s = res["ppcmi"]
@@ -39,6 +40,7 @@ def test_end_to_end_dice_at_least_0_8(result):
     assert all(set(np.unique(p)) <= {0, 1, 2} for p in preds.values())
 
 
+@pytest.mark.slow
 def test_run_folder_layout_and_saved_config(result):
     run, res = result
     cfg = json.loads((run / "config.json").read_text())

@@ -1,8 +1,12 @@
+import stat
+
 import numpy as np
 import pytest
 import torch
 
-from ppcmi.klt import KEY_BYTES, KeyedLatentTransform, haar_orthogonal
+from ppcmi.client.keys import keygen, load_key
+from ppcmi.errors import KeyFileError
+from ppcmi.klt import KeyedLatentTransform, haar_orthogonal
 
 CH = {"s3": 16, "s4": 32, "b": 64}
 
@@ -64,8 +68,24 @@ def test_haar_is_orthogonal_with_sign_fix():
     assert np.allclose(np.tril(r, -1), 0, atol=1e-10) and (np.diag(r) > 0).all()
 
 
-@pytest.mark.parametrize("bad", [b"", b"x" * 31, b"x" * 33, "a" * 32])
-def test_rejects_bad_key(bad):
-    with pytest.raises(ValueError, match="key"):
+@pytest.mark.parametrize("bad, got", [(b"", "got 0"), (b"x" * 31, "got 31"), (b"x" * 33, "got 33"), ("a" * 32, "got str")])
+def test_rejects_bad_key(bad, got):
+    # the documented key is 32 bytes; the error names the expected and the actual length (or type)
+    with pytest.raises(ValueError, match=f"key: expected 32 bytes, {got}$"):
         KeyedLatentTransform(bad, CH)
-    assert KEY_BYTES == 32
+
+
+def test_keygen_writes_32_random_bytes_mode_0600_that_load_and_build_a_transform(tmp_path):
+    a, b = keygen(tmp_path / "a.key"), keygen(tmp_path / "b.key")
+    for p in (a, b):
+        assert p.stat().st_size == 32 and stat.S_IMODE(p.stat().st_mode) == 0o600
+    assert a.read_bytes() != b.read_bytes()  # fresh randomness per key (equal with probability 2^-256)
+    key = load_key(a)
+    assert key == a.read_bytes()
+    KeyedLatentTransform(key, CH)
+    # a key file of the wrong length is refused by name, with both lengths
+    short = tmp_path / "short.key"
+    short.write_bytes(key[:31])
+    short.chmod(0o600)
+    with pytest.raises(KeyFileError, match="short.key: key file holds 31 bytes, expected 32"):
+        load_key(short)

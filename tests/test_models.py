@@ -51,6 +51,7 @@ def test_adapters_start_as_identity_and_unknown_client_fails():
         m({"b": torch.zeros(1, 8, 4, 4)}, "zz")
 
 
+@pytest.mark.slow
 def test_autoencoder_overfits_a_tiny_batch():
     yy, xx = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
     centres = [(20, 20, 9), (40, 30, 14), (30, 44, 7), (44, 44, 11)]

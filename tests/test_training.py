@@ -81,6 +81,7 @@ def _batch(client, img, msk, klt=None):
     return LatentBatch("train", client, arrays)
 
 
+@pytest.mark.slow
 def test_adapters_make_keyed_training_match_plain(tmp_path):
     """DESIGN.md §3.1: an orthogonal map plus bias is what a 1x1 adapter absorbs, so training on keyed
     latents reaches the loss of training on plain latents (MSE is invariant under the keyed map)."""
@@ -122,6 +123,7 @@ def _decoded(model_dir, batch, klt):
     return {s: v.numpy() for s, v in (klt.inverse(out, "mask") if klt is not None else out).items()}
 
 
+@pytest.mark.slow
 def test_pca_adapters_make_training_independent_of_the_keys(tmp_path):
     """With mapping.adapter_init = "pca" the core sees key-independent coordinates: training on two hospitals'
     pairs under any keys (or none) follows the same losses and gives the same decoded predictions."""
@@ -162,6 +164,7 @@ def test_key_rotation_with_pca_adapters_keeps_the_predictions(tmp_path):
         np.testing.assert_allclose(after[s], before[s], atol=1e-3)
 
 
+@pytest.mark.slow
 def test_mapping_overfits_a_tiny_batch(tmp_path):
     img, msk = _latent_pairs(0, n=8)
     cfg = MappingTrainConfig(**TINY, epochs=80, patience=80, batch_size=8, lr=5e-3, val_frac=0.0)
