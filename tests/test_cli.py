@@ -318,3 +318,46 @@ def test_encode_with_masks_sends_the_sites_copies(run, tmp_path):
     ok("client", "encode", "--site-dir", site, "--data", run / "data" / "h1", "--out", tmp_path / "t", "--with-masks")
     n = len(list((run / "data" / "h1" / "images").iterdir()))
     assert protocol.decode((tmp_path / "t").read_bytes()).n == 3 * n
+
+
+def test_a_reply_lands_only_on_its_own_patients(run, tmp_path):
+    """A reply is bound to its query (a random id it echoes) and the query's case list to the key it was encoded
+    under: a reply decoded with another query's case list, or after the key changed, is refused by name."""
+    import shutil
+
+    site = tmp_path / "site"
+    shutil.copytree(run / "sites" / "h1", site)
+    w = tmp_path / "w"
+    w.mkdir()
+    ok("client", "encode", "--site-dir", site, "--data", run / "data" / "test" / "images", "--out", w / "q")
+    ok("server", "map", "--model", run / "server", "--query", w / "q", "--out", w / "r")
+    first = json.loads((w / "q.cases.json").read_text())
+    assert set(first) == {"kind", "site", "query", "key", "cases"} and len(first["query"]) == 32
+    assert first["key"] not in (key_path(site).read_bytes().hex(), base64.b64encode(key_path(site).read_bytes()).decode())
+    # the first query moved away; other images encoded under the same name: its case list is another query's
+    (w / "q").rename(tmp_path / "q.first")
+    fails("client", "encode", "--site-dir", site, "--data", run / "data" / "h2" / "images", "--out", w / "q", match="q.cases.json")
+    assert json.loads((w / "q.cases.json").read_text()) == first and not (w / "q").exists()  # nothing half-written
+    (w / "q.cases.json").rename(tmp_path / "q.first.cases.json")
+    ok("client", "encode", "--site-dir", site, "--data", run / "data" / "h2" / "images", "--out", w / "q")
+    fails("client", "decode", "--site-dir", site, "--reply", w / "r", "--cases", w / "q.cases.json", "--out", tmp_path / "p1",
+          match=f"answers query {first['query']}")
+    assert not (tmp_path / "p1").exists()
+    # its own case list, found beside the reply by the query id, decodes it
+    (tmp_path / "q.first.cases.json").rename(w / "q.first.cases.json")
+    ok("client", "decode", "--site-dir", site, "--reply", w / "r", "--out", tmp_path / "p2")
+    assert sorted(p.name for p in (tmp_path / "p2").iterdir()) == sorted(p.name for p in (run / "pred").iterdir())
+    # after a key rotation the old reply cannot be decoded with the new key
+    ok("client", "rotate-key", "--site-dir", site, "--data", run / "data" / "h1", "--out", tmp_path / "rot.train")
+    fails("client", "decode", "--site-dir", site, "--reply", w / "r", "--cases", w / "q.first.cases.json", "--out",
+          tmp_path / "p3", match="another key")
+    assert not (tmp_path / "p3").exists()
+
+
+def test_case_names_cannot_leave_the_output_folder(run, tmp_path):
+    rec = json.loads((run / "wire" / "q.cases.json").read_text())
+    rec["cases"][0]["stem"] = "../escaped"
+    (tmp_path / "bad.cases.json").write_text(json.dumps(rec))
+    fails("client", "decode", "--site-dir", run / "sites" / "h1", "--reply", run / "wire" / "r", "--cases", tmp_path / "bad.cases.json",
+          "--out", tmp_path / "out", match="'../escaped' is not a plain file name")
+    assert not (tmp_path / "escaped.png").exists() and not (tmp_path / "out").exists()

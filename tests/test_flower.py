@@ -196,7 +196,7 @@ def test_simulate_trains_what_deploy_trains(deployed):
     assert a.keys() == b.keys()
     differ = [k for k in a if (a[k] != b[k]).any()]
     assert not differ, f"the mapping networks differ in {len(differ)} of {len(a)} tensors, e.g. {differ[:3]}"
-    # the same label maps: simulate's sites send the same query bytes, and scoring the coordinator stage's
+    # the same label maps: simulate's sites send the same query latents, and scoring the coordinator stage's
     # replies with the SuperNode's own scoring stage gives deploy's per-case results exactly
     from ppcmi.client.node import NodeSite, score, test_latents
     from ppcmi.server.mapping import MappingServer
@@ -208,7 +208,7 @@ def test_simulate_trains_what_deploy_trains(deployed):
         sent = protocol.decode((server / "wire" / f"{h}.query.ppcmi").read_bytes())
         again = test_latents(node, cfg)  # simulate's site, encoding deploy's test folder
         assert all((sent.arrays[k] == again.arrays[k]).all() for k in sent.arrays), f"{h}: the queries differ"
-        score(node, cfg, mapper.handle(sent), root / "sim-eval" / h)
+        score(node, cfg, mapper.handle(again), root / "sim-eval" / h)  # (the same arrays as deploy's query)
         mine = (root / "sim-eval" / h / "per_case.csv").read_text()
         theirs = next((run / "sites" / h / "site" / "eval").glob("run-*/per_case.csv")).read_text()
         assert mine == theirs, f"{h}: per-case results differ"

@@ -3,7 +3,8 @@
 A message is a :class:`LatentBatch`: a kind, the sending hospital's pseudonymous site id, and
 named float arrays from a fixed allow-list, each (N, C, H, W). On the wire it is a safetensors
 blob (no pickle): an 8-byte little-endian header length, a JSON header, raw array bytes. Its
-metadata holds exactly ``ppcmi.version``, ``kind`` and ``client``; any other metadata key, array
+metadata holds exactly ``ppcmi.version``, ``kind`` and ``client``, and for a query or reply its
+``query`` id (a reply echoes its query's, so a hospital can bind it to its case list); any other metadata key, array
 name, dtype, rank, inconsistent batch size, non-finite value or oversized payload is refused
 with a :class:`~ppcmi.errors.ProtocolError` naming the field. There is no room for file names or
 patient ids: the header is checked before any array is read.
@@ -38,7 +39,9 @@ KIND_PREFIXES = {"train": ("zt_img_", "zt_msk_"), "query": ("zt_img_",), "reply"
 ALLOWED_NAMES = frozenset(p + s for p in ("zt_img_", "zt_msk_") for s in ("s3", "s4", "b"))
 _DTYPES = {"F32": np.float32, "F16": np.float16}
 _META_KEYS = {"ppcmi.version", "kind", "client"}
+_OPTIONAL_META = {"query"}
 CLIENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+QUERY_RE = re.compile(r"^[0-9a-f]{32}$")  # a query's random id (128 bits, hex); a reply echoes it
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,7 @@ class LatentBatch:
     kind: str
     client: str
     arrays: dict[str, np.ndarray] = field(repr=False)
+    query: str = ""  # a query's random id, echoed by its reply ("" for train messages and unbound queries)
     version: int = PROTOCOL_VERSION
 
     def __post_init__(self) -> None:
@@ -78,6 +82,10 @@ def validate(msg: LatentBatch, expected: dict[str, tuple[int, int, int]] | None 
         raise ProtocolError(f"kind: unknown message kind {msg.kind!r}; allowed {sorted(KIND_PREFIXES)}")
     if not isinstance(msg.client, str) or not CLIENT_RE.match(msg.client):
         raise ProtocolError(f"client: invalid site id {msg.client!r} (letters, digits, '_', '.', '-'; at most 64)")
+    if not isinstance(msg.query, str) or (msg.query and not QUERY_RE.match(msg.query)):
+        raise ProtocolError(f"query: invalid query id {msg.query!r} (32 lowercase hex digits)")
+    if msg.query and msg.kind == "train":
+        raise ProtocolError("query: a 'train' message carries no query id")
     if not msg.arrays:
         raise ProtocolError("arrays: message carries no arrays")
     prefixes = KIND_PREFIXES[msg.kind]
@@ -117,7 +125,7 @@ def encode(msg: LatentBatch) -> bytes:
     from safetensors.numpy import save
 
     validate(msg)
-    meta = {"ppcmi.version": str(msg.version), "kind": msg.kind, "client": msg.client}
+    meta = {"ppcmi.version": str(msg.version), "kind": msg.kind, "client": msg.client, **({"query": msg.query} if msg.query else {})}
     return save({k: np.ascontiguousarray(v) for k, v in msg.arrays.items()}, metadata=meta)
 
 
@@ -144,7 +152,7 @@ def decode(data: bytes, *, max_bytes: int = MAX_BYTES, expected: dict[str, tuple
         raise ProtocolError("header.__metadata__: missing")
     if not all(isinstance(v, str) for v in meta.values()):
         raise ProtocolError("header.__metadata__: every value must be a string")
-    extra = set(meta) - _META_KEYS
+    extra = set(meta) - _META_KEYS - _OPTIONAL_META
     if extra:
         raise ProtocolError(f"header.__metadata__: unexpected keys {sorted(extra)}")
     missing = _META_KEYS - set(meta)
@@ -167,7 +175,7 @@ def decode(data: bytes, *, max_bytes: int = MAX_BYTES, expected: dict[str, tuple
         arrays = load(data)
     except Exception as e:  # malformed offsets, truncated data
         raise ProtocolError(f"body: malformed safetensors payload ({str(e).splitlines()[0][:120]})") from None
-    msg = LatentBatch(kind=meta["kind"], client=meta["client"], arrays=arrays, version=version)
+    msg = LatentBatch(kind=meta["kind"], client=meta["client"], arrays=arrays, query=meta.get("query", ""), version=version)
     if expected is not None:
         validate(msg, expected)
     return msg

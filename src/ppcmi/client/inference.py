@@ -2,7 +2,9 @@
 
 Everything that names a file or a patient stays here: a query message carries only keyed
 latents, and the list of which case each row belongs to is kept beside it in a local
-``<message>.cases.json`` that never leaves the hospital. Label maps are written in the input's
+``<message>.cases.json`` that never leaves the hospital. The case list records the query's random
+id and the fingerprint of the key it was encoded under; a reply echoes the id, and decoding refuses a
+reply, case list or key that do not belong together, so a result can only land on its own patients. Label maps are written in the input's
 format: PNG for 2D images, NIfTI for volumes (NIfTI, MetaImage or DICOM series inputs).
 """
 
@@ -102,9 +104,51 @@ def encode_folder(site_dir: Path, data: Path, out: Path, *, with_masks: bool = F
         msg = stages.query(h, _load_planes(planes, prep), noise=cfg.autoencoder.send_noise, dtype=dtype)
         local = planes
     blob = protocol.encode(msg)
-    atomic_write_json(Path(str(out) + ".cases.json"), local)
-    atomic_write_bytes(out, blob, overwrite=False)
+    record = Path(str(out) + ".cases.json")
+    if record.exists():
+        raise PpcmiError(f"{record}: already exists; refusing to overwrite it (it binds an earlier query to its patients)")
+    local = {"kind": msg.kind, "site": h.name, "query": msg.query, "key": h.key_fingerprint, "cases": local}
+    atomic_write_json(record, local, overwrite=False)
+    try:
+        atomic_write_bytes(out, blob, overwrite=False)
+    except BaseException:
+        record.unlink(missing_ok=True)  # the message was not written: neither is its case list
+        raise
     return msg.n, len(blob)
+
+
+def _case_list(path: Path) -> dict:
+    try:
+        rec = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise PpcmiError(f"{path}: not a readable case list ({type(e).__name__})") from None
+    if isinstance(rec, list):
+        raise PpcmiError(f"{path}: a case list from before replies were bound to their query; encode the query again")
+    if not isinstance(rec, dict) or rec.get("kind") != "query" or not isinstance(rec.get("cases"), list) or \
+            not all(isinstance(rec.get(k), str) for k in ("site", "query", "key")):
+        raise PpcmiError(f"{path}: not a query case list written by 'ppcmi client encode'")
+    if not all(isinstance(c, dict) and {"source", "original_shape", "stem", "format"} <= set(c) for c in rec["cases"]):
+        raise PpcmiError(f"{path}: a case entry lacks source, original_shape, stem or format")
+    bad = [c["stem"] for c in rec["cases"] if not isinstance(c["stem"], str) or c["stem"] in ("", ".", "..")
+           or Path(c["stem"]).name != c["stem"] or "\\" in c["stem"]]
+    if bad:
+        raise PpcmiError(f"{path}: case name {bad[0]!r} is not a plain file name; label maps are written only inside --out")
+    return rec
+
+
+def _find_case_list(reply: Path, query: str) -> Path:
+    """The case list beside ``reply`` that belongs to its query (``--cases`` not given)."""
+    found = []
+    for p in sorted(Path(reply).parent.glob("*.cases.json")):
+        try:
+            if json.loads(p.read_text()).get("query") == query:
+                found.append(p)
+        except (OSError, ValueError, AttributeError):
+            continue
+    if len(found) != 1:
+        raise PpcmiError(f"--cases: {'no' if not found else len(found)} case lists for query {query or '(none)'} beside {reply}; "
+                         "give the one 'ppcmi client encode' wrote (QUERY.cases.json)")
+    return found[0]
 
 
 def _write_label_maps(planes: list[dict], labels_idx: np.ndarray, lmap: LabelMap, out: Path, crop: float = 1.0) -> list[Path]:
@@ -166,11 +210,21 @@ def decode_reply(site_dir: Path, reply: Path, cases: Path | None, out: Path) -> 
         msg = protocol.decode(Path(reply).read_bytes(), expected=_mask_shapes(h))
     except PpcmiError as e:
         raise PpcmiError(f"{reply}: {e}") from None
-    if cases is None:
-        raise PpcmiError("--cases: give the case list written by 'ppcmi client encode' (QUERY.cases.json)")
-    planes = json.loads(Path(cases).read_text())
-    if len(planes) != msg.n or any("source" not in p for p in planes):
-        raise PpcmiError(f"{cases}: lists {len(planes)} images but the reply holds {msg.n}, or it is not a query case list")
+    if msg.kind != "reply":
+        raise PpcmiError(f"{reply}: a {msg.kind!r} message, not a reply")
+    cases = Path(cases) if cases is not None else _find_case_list(Path(reply), msg.query)
+    rec = _case_list(cases)
+    if not msg.query or msg.query != rec["query"]:
+        raise PpcmiError(f"{reply}: answers query {msg.query or '(no id)'}, but {cases} belongs to query {rec['query']}; "
+                         "refusing to put its results on that case list's patients")
+    if msg.client != h.name or rec["site"] != h.name:
+        raise PpcmiError(f"{reply}: for site {msg.client!r}, case list for {rec['site']!r}, this site is {h.name!r}")
+    if rec["key"] != h.key_fingerprint:
+        raise PpcmiError(f"{cases}: the query was encoded under another key than this site's current one "
+                         f"(rotated since?); its reply cannot be decoded with this key")
+    planes = rec["cases"]
+    if len(planes) != msg.n:
+        raise PpcmiError(f"{cases}: lists {len(planes)} images but the reply holds {msg.n}")
     return _write_label_maps(planes, h.unprotect(msg), label_map_of(h), out, h.data_cfg.crop)
 
 
@@ -185,8 +239,12 @@ def _predict(h: Hospital, images: Sequence[Path], out: Path, send: Callable[[byt
     x = _load_planes(planes, h.data_cfg.preprocess())
     labels = []
     for s in range(0, len(x), batch):
-        reply = send(protocol.encode(h.protect(x[s:s + batch])))
-        labels.append(h.unprotect(protocol.decode(reply, expected=_mask_shapes(h))))
+        query = h.protect(x[s:s + batch])
+        reply = protocol.decode(send(protocol.encode(query)), expected=_mask_shapes(h))
+        if reply.kind != "reply" or reply.query != query.query or reply.client != h.name or reply.n != query.n:
+            raise PpcmiError(f"reply: does not answer the query just sent (query {query.query}, reply to "
+                             f"{reply.query or '(no id)'} for {reply.client!r}, {reply.n} of {query.n} rows)")
+        labels.append(h.unprotect(reply))
     return _write_label_maps(planes, np.concatenate(labels), label_map_of(h), out, h.data_cfg.crop)
 
 

@@ -30,6 +30,7 @@ from ..config import Config
 from ..data import discover_cases
 from ..labels import LabelMap, parse_labels
 from ..errors import PpcmiError
+from ..fileio import atomic_write_json
 from ..metrics import evaluate_cases, summarize, write_evaluation
 from ..protocol import CLIENT_RE, LatentBatch
 from . import stages
@@ -38,6 +39,7 @@ from .stages import default_site_seed
 
 log = logging.getLogger(__name__)
 
+PENDING = "eval/query.json"  # the query id and key fingerprint of the test query this site last sent
 _KEYS = {"site-dir", "data-dir", "test-dir", "name", "threads", "seed", "send-noise"}
 
 
@@ -137,7 +139,11 @@ def test_latents(node: NodeSite, cfg: Config) -> LatentBatch | None:
     """Keyed latents of this hospital's test images, in a fixed order; None without a test folder."""
     if node.test_dir is None:
         return None
-    return stages.query(node.hospital(), _arrays(node.test_dir, cfg)["images"], noise=node.send_noise)
+    h = node.hospital()
+    q = stages.query(h, _arrays(node.test_dir, cfg)["images"], noise=node.send_noise)
+    # the hospital's record of the query it sent, so that only its own reply is scored
+    atomic_write_json(node.site_dir / PENDING, {"query": q.query, "key": h.key_fingerprint, "n": q.n})
+    return q
 
 
 def score(node: NodeSite, cfg: Config, reply: LatentBatch, out: str | Path) -> dict:
@@ -147,11 +153,21 @@ def score(node: NodeSite, cfg: Config, reply: LatentBatch, out: str | Path) -> d
     """
     if node.test_dir is None:
         raise PpcmiError("node_config: test-dir is not set, so this site has nothing to score")
+    h = node.hospital()
+    pending = node.site_dir / PENDING
+    try:
+        sent = json.loads(pending.read_text())
+    except (OSError, ValueError):
+        raise PpcmiError(f"{pending}: no record of a query sent by this site; nothing to score") from None
+    if reply.query != sent.get("query") or reply.client != node.name:
+        raise PpcmiError(f"reply: answers query {reply.query or '(no id)'} for {reply.client!r}, not this site's query {sent.get('query')}")
+    if sent.get("key") != h.key_fingerprint:
+        raise PpcmiError(f"{pending}: the query was encoded under another key than this site's current one")
     test = _arrays(node.test_dir, cfg)
-    if reply.n != len(test["images"]):
+    if reply.n != len(test["images"]) or reply.n != sent.get("n"):
         raise PpcmiError(f"reply: {reply.n} predictions for {len(test['images'])} test images")
     lm = labels_of(cfg)
-    preds = node.hospital().unprotect(reply)
+    preds = h.unprotect(reply)
     rows = evaluate_cases(preds, test["masks"], test["case_ids"], lm.n_classes, spacings=test["spacings"],
                           class_names=list(lm.names), extra=[{"site": node.name}] * len(preds))
     summ = summarize(rows)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 from dataclasses import asdict
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from ..models import AEConfig, Autoencoder, resample_scores
 from ..protocol import LatentBatch
 from ..augment import augment_batch, batch_augmenter
 from ..training import FitConfig, FitResult, bce_dice_loss, fit, load_weights, save_weights, seeded_init
-from .keys import key_path, load_key
+from .keys import key_fingerprint, key_path, load_key
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +145,7 @@ class Hospital:
         self.ae_cfg = self.models["image"].cfg
         key = load_key(key_path(self.dir))
         self._klt = KeyedLatentTransform(key, self.ae_cfg.latent_channels()) if self.klt_enabled else None
+        self.key_fingerprint = key_fingerprint(key)
         del key
 
     def latent_shapes(self, size: int | None = None) -> dict[str, tuple[int, int, int]]:
@@ -162,7 +164,7 @@ class Hospital:
         """Encode images (N, C, S, S) in [0, 1] and apply this hospital's keyed transform."""
         x = torch.as_tensor(images).float()
         zt = self._encode(x, "image", noise, seed)
-        return LatentBatch("query", self.name, {f"zt_img_{s}": v.astype(dtype) for s, v in zt.items()})
+        return LatentBatch("query", self.name, {f"zt_img_{s}": v.astype(dtype) for s, v in zt.items()}, query=secrets.token_hex(16))
 
     def training_batch(self, images: np.ndarray, masks: np.ndarray, *, dtype=np.float32, noise: float = 0.0, seed: int = 0,
                        copies: int = 1) -> LatentBatch:

@@ -343,4 +343,5 @@ class MappingServer:
         dtype = next(iter(query.arrays.values())).dtype
         zt = {s: torch.from_numpy(np.asarray(a, dtype=np.float32)) for s, a in query.latents("zt_img_").items()}
         out = self.model(zt, query.client)
-        return LatentBatch("reply", query.client, {f"zt_msk_{s}": v.float().numpy().astype(dtype) for s, v in out.items()})
+        return LatentBatch("reply", query.client, {f"zt_msk_{s}": v.float().numpy().astype(dtype) for s, v in out.items()},
+                           query=query.query)
