@@ -6,7 +6,9 @@ module; certificates and keys are generated here, in temporary folders, never st
 
 from __future__ import annotations
 
+import itertools
 import json
+import logging
 import socket
 import ssl
 import struct
@@ -19,7 +21,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from typer.testing import CliRunner
@@ -51,13 +53,14 @@ def cli(*args, code: int = 0) -> str:
 class LiveServer:
     """uvicorn with the service's mutual-TLS configuration, in a thread, on a free loopback port."""
 
-    def __init__(self, app, tls: Path):
+    def __init__(self, app, tls: Path, **timeouts):
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.bind(("127.0.0.1", 0))
         self.port = sock.getsockname()[1]
         self.url = f"https://127.0.0.1:{self.port}"
+        self.app = app
         config = uvicorn_config(app, cert=tls / "server.pem", key=tls / "server.key", client_ca=tls / "ca.pem",
-                                port=self.port, log_level="warning")
+                                port=self.port, log_level="warning", **timeouts)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
         self.thread.start()
@@ -346,6 +349,236 @@ def test_fuzzed_bodies_never_get_a_5xx(world, query):
         post()
         assert_healthy(c)
     assert seen.get(400, 0) > 50, seen
+
+
+# ----------------------------------------------------------------------------- scale sets the model serves
+
+
+def _scale_query(query: bytes, scales, kind: str = "query", prefix: str = "zt_img_", change=None) -> bytes:
+    """hospital1's query carrying only ``scales`` (under ``prefix``), as a ``kind`` message; ``change``
+    maps (name, array) to a replacement array (a wrong shape, say)."""
+    base = protocol.decode(query).latents("zt_img_")
+    arrays = {prefix + sc: base[sc] for sc in scales}
+    if change is not None:
+        arrays = {k: change(k, a) for k, a in arrays.items()}
+    return _raw(arrays, kind=kind)
+
+
+@pytest.mark.parametrize("scales", [set(c) for r in range(4) for c in itertools.combinations(("s3", "s4", "b"), r)],
+                         ids=lambda c: "+".join(sorted(c)) or "none")
+def test_every_scale_subset_is_mapped_only_when_complete(http, query, scales):
+    """The model serves s3, s4, b; a query with fewer (even the protocol's allowed {b}) is a 400 naming what is missing."""
+    r = http.post("/v1/map", content=_scale_query(query, scales), headers=OCTET)
+    if scales == {"s3", "s4", "b"}:
+        assert r.status_code == 200, r.text
+        return
+    assert r.status_code == 400 and r.headers["content-type"] == "application/json", (r.status_code, r.text)
+    error = r.json()["error"]
+    if scales == {"b"}:  # valid protocol, but not this model's layout: the check at the service
+        assert error.startswith("arrays: missing zt_img_s3, zt_img_s4;"), error
+    else:
+        assert error.startswith("arrays"), error
+    assert_healthy(http)
+
+
+_SHAPE_CHANGES = {
+    "none": lambda k, a: a,
+    "batch": lambda k, a: a[:1] if k.endswith("_b") else a,  # one array's N differs
+    "channels": lambda k, a: np.concatenate([a, a], axis=1),
+    "height": lambda k, a: a[:, :, :-1],
+    "3d": lambda k, a: a[0],
+    "float64": lambda k, a: a.astype(np.float64),
+    "float16": lambda k, a: a.astype(np.float16),  # allowed: mapped, answered in float16
+}
+
+
+def test_scale_subsets_kinds_and_shapes_never_get_a_5xx(world, query):
+    seen: dict[int, int] = {}
+
+    with client_for(world) as c:
+        @settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+        @given(scales=st.sets(st.sampled_from(("s3", "s4", "b"))), kind=st.sampled_from(("query", "reply", "train", "nope", "")),
+               prefix=st.sampled_from(("zt_img_", "zt_msk_", "zt_")), change=st.sampled_from(sorted(_SHAPE_CHANGES)))
+        @example(scales={"s3", "s4", "b"}, kind="query", prefix="zt_img_", change="none")
+        @example(scales={"s3", "s4", "b"}, kind="query", prefix="zt_img_", change="float16")
+        @example(scales={"b"}, kind="query", prefix="zt_img_", change="none")  # valid protocol, not this model's
+        def post(scales, kind, prefix, change) -> None:
+            r = c.post("/v1/map", content=_scale_query(query, scales, kind, prefix, _SHAPE_CHANGES[change]), headers=OCTET)
+            seen[r.status_code] = seen.get(r.status_code, 0) + 1
+            ok = scales == {"s3", "s4", "b"} and kind == "query" and prefix == "zt_img_" and change in ("none", "float16")
+            assert r.status_code == (200 if ok else 400), (scales, kind, prefix, change, r.status_code, r.text[:300])
+            if not ok:
+                assert r.json()["error"]
+
+        post()
+        assert_healthy(c)
+    assert seen.get(400, 0) > 30 and seen.get(200, 0) >= 2, seen
+
+
+# ----------------------------------------------------------------------------- failures inside a request
+
+
+def _tls(w, port: int | None = None, name: str = "hospital1") -> ssl.SSLSocket:
+    """A raw TLS connection presenting ``name``'s certificate (to the module's service, or to ``port``)."""
+    ctx = tls_context(w["tls"] / "clients" / f"{name}.pem", w["tls"] / "clients" / f"{name}.key", w["tls"] / "ca.pem")
+    sock = socket.create_connection(("127.0.0.1", port or w["live"].port), timeout=10)
+    return ctx.wrap_socket(sock, server_hostname="localhost")
+
+
+def _read_response(sock) -> tuple[int, dict, bytes]:
+    """One HTTP/1.1 response with a Content-Length from a raw socket: (status, headers, body)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed before a full response head: {data!r}"
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, v in (h.split(":", 1) for h in lines[1:])}
+    while len(body) < int(headers["content-length"]):
+        chunk = sock.recv(65536)
+        assert chunk, "connection closed mid-body"
+        body += chunk
+    return int(lines[0].split()[1]), headers, body
+
+
+def _closed_after(sock, limit: float) -> float:
+    """Seconds until the server closes ``sock`` (EOF or reset), reading and dropping anything it sends first."""
+    start = time.monotonic()
+    sock.settimeout(limit)
+    try:
+        while sock.recv(65536):
+            pass
+    except (ConnectionResetError, BrokenPipeError, ssl.SSLError):
+        pass
+    except TimeoutError:
+        pytest.fail(f"the server kept the connection open for more than {limit} s")
+    return time.monotonic() - start
+
+
+def _request(method: str, path: str, body: bytes = b"", content_type: str = "application/octet-stream") -> bytes:
+    return (f"{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+def test_unexpected_exception_is_a_logged_json_500_and_the_connection_stays(world, query, monkeypatch, caplog):
+    server = world["live"].app.state.mapping
+
+    def boom(*a, **k):
+        raise RuntimeError("secret detail of the failure")
+
+    monkeypatch.setattr(server, "handle", boom)
+    caplog.set_level(logging.INFO, logger="ppcmi.server.service")
+    with _tls(world) as sock:
+        sock.sendall(_request("POST", "/v1/map", query))
+        status, headers, body = _read_response(sock)
+        assert status == 500 and headers["content-type"] == "application/json", (status, headers)
+        assert json.loads(body) == {"error": "internal error"}
+        assert headers.get("connection") != "close"
+        monkeypatch.undo()
+        sock.sendall(_request("POST", "/v1/map", query))  # the same connection serves the next request
+        status, _, body = _read_response(sock)
+        assert status == 200 and protocol.decode(body).kind == "reply"
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].name == "ppcmi.server.service" and errors[0].exc_info is not None, errors
+    assert "secret detail of the failure" in caplog.text  # logged on the server only
+
+
+def test_client_hanging_up_mid_body_is_one_info_line(world, http, query, caplog):
+    caplog.set_level(logging.INFO)
+    with _tls(world) as sock:
+        sock.sendall(_request("POST", "/v1/map", query)[:-len(query) // 2])  # headers and half the body
+        time.sleep(0.2)
+    deadline = time.monotonic() + 10
+    while not any("hung up" in r.getMessage() for r in caplog.records):
+        assert time.monotonic() < deadline, caplog.text
+        time.sleep(0.05)
+    time.sleep(0.2)
+    hung = [r for r in caplog.records if "hung up" in r.getMessage()]
+    assert len(hung) == 1 and hung[0].levelno == logging.INFO and hung[0].exc_info is None, hung
+    assert "\n" not in hung[0].getMessage()
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    assert_healthy(http)
+
+
+# ----------------------------------------------------------------------------- timeouts
+
+QUICK = 0.5  # seconds: the header and body timeouts of the `quick` service
+MARGIN = 2.0  # seconds a close may take beyond its timeout on a loaded machine
+
+
+@pytest.fixture(scope="module")
+def quick(world):
+    """A second service on the same model with sub-second header and body timeouts."""
+    live = LiveServer(create_app(world["model"], max_bytes=MAX_BYTES, body_timeout=QUICK), world["tls"],
+                      header_timeout=QUICK, keep_alive_timeout=QUICK)
+    yield live
+    live.stop()
+
+
+@pytest.mark.parametrize("sent", [b"", b"POST /v1/map HTTP/1.1\r\nHost: localhost\r\nContent-Ty"], ids=["nothing", "half headers"])
+def test_incomplete_request_headers_are_cut_off_after_the_header_timeout(world, quick, sent):
+    with _tls(world, quick.port) as sock:
+        sock.sendall(sent)
+        assert QUICK * 0.8 <= _closed_after(sock, QUICK + MARGIN) <= QUICK + MARGIN
+
+
+def test_trickled_headers_do_not_extend_the_header_timeout(world, quick):
+    line = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Slow: " + b"a" * 200
+    with _tls(world, quick.port) as sock:
+        start = time.monotonic()
+        sock.settimeout(0.02)
+        for byte in line:  # one byte every 20 ms or so: 4 s in all, far past the timeout
+            try:
+                sock.sendall(bytes([byte]))
+                if sock.recv(1) == b"":
+                    break
+            except TimeoutError:  # nothing from the server yet
+                continue
+            except (ConnectionResetError, BrokenPipeError, ssl.SSLError):
+                break
+        else:
+            pytest.fail("the trickled request was not cut off")
+        assert QUICK * 0.8 <= time.monotonic() - start <= QUICK + MARGIN
+
+
+def test_header_timeout_applies_to_the_next_request_on_a_kept_alive_connection(world, quick):
+    with _tls(world, quick.port) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        status, _, _ = _read_response(sock)
+        assert status == 200
+        sock.sendall(b"GET /heal")  # keeps the connection past the keep-alive timer, not past the header timer
+        assert _closed_after(sock, QUICK + MARGIN) <= QUICK + MARGIN
+
+
+def test_idle_keep_alive_connection_is_closed(world, quick):
+    with _tls(world, quick.port) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        assert _read_response(sock)[0] == 200
+        assert _closed_after(sock, QUICK + MARGIN) <= QUICK + MARGIN
+
+
+def test_slow_body_is_a_408_and_the_connection_closed_after_the_body_timeout(world, quick, query, caplog):
+    caplog.set_level(logging.INFO, logger="ppcmi.server.service")
+    with _tls(world, quick.port) as sock:
+        start = time.monotonic()
+        sock.sendall(_request("POST", "/v1/map", query)[:-len(query) + 100])  # headers and 100 bytes, then silence
+        status, headers, body = _read_response(sock)
+        took = time.monotonic() - start
+        assert status == 408 and headers["connection"] == "close", (status, headers)
+        assert json.loads(body)["error"].startswith("body: not received within the body timeout of 0.5 s (100 bytes arrived)")
+        assert QUICK * 0.8 <= took <= QUICK + MARGIN
+        assert _closed_after(sock, MARGIN) <= MARGIN
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+
+
+def test_timeouts_must_be_positive(world):
+    with pytest.raises(PpcmiError, match=r"--body-timeout: must be a positive number"):
+        create_app(world["model"], body_timeout=0)
+    tls = world["tls"]
+    for bad in (-1, float("inf"), "5"):
+        with pytest.raises(PpcmiError, match=r"--header-timeout: must be a positive number"):
+            uvicorn_config(None, cert=tls / "server.pem", key=tls / "server.key", client_ca=tls / "ca.pem", header_timeout=bad)
 
 
 # ----------------------------------------------------------------------------- the commands around it

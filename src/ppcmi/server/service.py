@@ -14,7 +14,20 @@ query whose ``client`` differs is refused with 403. Client mistakes get a 4xx wi
 invalid message, 403 for an identity mismatch or a hospital this model does not serve, 413 for a
 body over ``max_bytes`` (checked on ``Content-Length`` before reading, and again while
 streaming; never buffered past the limit), 415 for another content type. Parsing and mapping run in a worker thread (the event
-loop keeps serving), at most ``concurrency`` at a time, on one shared model instance.
+loop keeps serving), at most ``concurrency`` at a time, on one shared model instance. A query
+must carry exactly the scales the loaded model serves (``zt_img_<scale>`` for each); a missing
+one is a 400 naming the missing arrays.
+
+Timeouts (all configurable, in seconds): a connection must deliver a request's complete headers
+within ``header_timeout`` (default :data:`DEFAULT_HEADER_TIMEOUT`) of its first byte (of the
+connection's opening, for the first request), or it is closed without an answer; a request's body
+must arrive completely within ``body_timeout`` (default :data:`DEFAULT_BODY_TIMEOUT`) of the
+handler starting to read it, or the answer is a 408 and the connection is closed; an idle
+keep-alive connection is closed after ``keep_alive_timeout`` (default
+:data:`DEFAULT_KEEP_ALIVE_TIMEOUT`, uvicorn's ``timeout_keep_alive``). A client that hangs up
+mid-body is logged as one INFO line. Any other exception in a request is logged at ERROR with its
+traceback on the server and answered ``500 {"error": "internal error"}`` (its text never leaves
+the server); the connection stays usable when the request's body had been read.
 
 FastAPI and uvicorn come with the optional ``service`` extra and are imported only when a
 service is built.
@@ -40,6 +53,9 @@ DEFAULT_PORT = 8443
 # (the client may then see the connection reset before it reads the 413: HTTP/1.1 has no better way).
 DRAIN_BYTES = 1024 * 1024
 OCTET = "application/octet-stream"
+DEFAULT_HEADER_TIMEOUT = 10.0  # seconds from a request's first byte to the end of its headers
+DEFAULT_BODY_TIMEOUT = 60.0  # seconds to read a whole body (16 MiB at >= 280 kB/s)
+DEFAULT_KEEP_ALIVE_TIMEOUT = 5.0  # seconds an idle keep-alive connection stays open (uvicorn's default)
 
 
 def require_extra() -> None:
@@ -49,6 +65,12 @@ def require_extra() -> None:
         import uvicorn  # noqa: F401
     except ImportError as e:
         raise PpcmiError(f"the inference service needs the 'service' extra ({e.name} is not installed): {SERVICE_EXTRA_HINT}") from None
+
+
+def _check_timeout(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value == float("inf"):
+        raise PpcmiError(f"{name}: must be a positive number of seconds, got {value!r}")
+    return float(value)
 
 
 class _Refused(Exception):
@@ -71,7 +93,52 @@ def _identity(scope: dict) -> str:
         raise _Refused(403, str(e)) from None
 
 
-def create_app(model_dir: str | Path, *, max_bytes: int = DEFAULT_MAX_BYTES, concurrency: int = 1):
+class _CatchAll:
+    """ASGI middleware: an exception escaping the application becomes a logged JSON 500 (or, for a
+    client that hung up, one INFO line) instead of uvicorn's plain-text 500 and a dropped connection."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        from starlette.requests import ClientDisconnect
+
+        started = body_done = False
+
+        async def receive_tracked():
+            nonlocal body_done
+            message = await receive()
+            if message["type"] == "http.request" and not message.get("more_body", False):
+                body_done = True
+            return message
+
+        async def send_tracked(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive_tracked, send_tracked)
+        except ClientDisconnect:
+            log.info("%s %s: the client hung up before the end of its request", scope.get("method"), scope.get("path"))
+        except Exception:
+            log.exception("%s %s: internal error", scope.get("method"), scope.get("path"))
+            if started:  # nothing clean can follow a half-sent answer: uvicorn closes the connection
+                raise
+            headers = [(b"content-type", b"application/json")]
+            if not body_done:  # the rest of an unread body would stall this connection
+                headers.append((b"connection", b"close"))
+            body = b'{"error":"internal error"}'
+            headers.append((b"content-length", str(len(body)).encode()))
+            await send({"type": "http.response.start", "status": 500, "headers": headers})
+            await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def create_app(model_dir: str | Path, *, max_bytes: int = DEFAULT_MAX_BYTES, concurrency: int = 1,
+               body_timeout: float = DEFAULT_BODY_TIMEOUT):
     """The FastAPI application serving one mapping model folder (loaded once, shared by all requests)."""
     require_extra()
     import anyio
@@ -79,12 +146,15 @@ def create_app(model_dir: str | Path, *, max_bytes: int = DEFAULT_MAX_BYTES, con
     from fastapi.responses import JSONResponse, Response
     from pydantic import BaseModel
     from starlette.exceptions import HTTPException as StarletteHTTPException
+    from starlette.requests import ClientDisconnect
 
     if not isinstance(max_bytes, int) or max_bytes < 64:
         raise PpcmiError(f"--max-bytes: must be an integer of at least 64, got {max_bytes!r}")
     if not isinstance(concurrency, int) or concurrency < 1:
         raise PpcmiError(f"--concurrency: must be a positive integer, got {concurrency!r}")
+    body_timeout = _check_timeout("--body-timeout", body_timeout)
     server = MappingServer(model_dir)
+    served = sorted(server.image_shapes)
     limiter = anyio.CapacityLimiter(concurrency)
 
     class ErrorBody(BaseModel):
@@ -121,6 +191,10 @@ def create_app(model_dir: str | Path, *, max_bytes: int = DEFAULT_MAX_BYTES, con
             raise _Refused(403, f"client: the message is for {query.client!r} but the certificate is for {caller!r}")
         if query.kind != "query":
             raise _Refused(400, f"kind: expected a 'query' message, got {query.kind!r}")
+        missing = [f"zt_img_{s}" for s in served if f"zt_img_{s}" not in query.arrays]
+        if missing:  # (decode() with expected= already refuses a scale the model does not serve)
+            raise _Refused(400, f"arrays: missing {', '.join(missing)}; this model maps scales {', '.join(served)}, "
+                                f"so a query must carry exactly {', '.join('zt_img_' + s for s in served)}")
         try:
             return protocol.encode(server.handle(query, client=caller))
         except ProtocolError as e:
@@ -130,8 +204,10 @@ def create_app(model_dir: str | Path, *, max_bytes: int = DEFAULT_MAX_BYTES, con
         200: {"description": "Protocol bytes of the 'reply' message (keyed mask latents).", "content": {OCTET: binary}},
         400: {"model": ErrorBody, "description": "Malformed or invalid message (the error names the field)."},
         403: {"model": ErrorBody, "description": "The message's client is not the certificate's, or this model does not serve it."},
+        408: {"model": ErrorBody, "description": "The body did not arrive within the server's body timeout."},
         413: {"model": ErrorBody, "description": "Body larger than the server's limit."},
         415: {"model": ErrorBody, "description": "Content type other than application/octet-stream."},
+        500: {"model": ErrorBody, "description": "Internal error (logged on the server; the body says only 'internal error')."},
     }
 
     @app.post("/v1/map", response_class=Response, responses=responses, summary="Map a keyed query to a keyed reply",
@@ -153,14 +229,22 @@ def create_app(model_dir: str | Path, *, max_bytes: int = DEFAULT_MAX_BYTES, con
                 if int(declared) > max_bytes + DRAIN_BYTES:
                     raise _Refused(413, too_big)  # answered before reading any of it
             chunks, size = [], 0
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > max_bytes:
-                    too_big = too_big or f"body: more than the limit of {max_bytes} bytes"
-                    if size > max_bytes + DRAIN_BYTES:
-                        raise _Refused(413, too_big)
-                if too_big is None:
-                    chunks.append(chunk)
+            try:
+                with anyio.fail_after(body_timeout):
+                    async for chunk in request.stream():
+                        size += len(chunk)
+                        if size > max_bytes:
+                            too_big = too_big or f"body: more than the limit of {max_bytes} bytes"
+                            if size > max_bytes + DRAIN_BYTES:
+                                raise _Refused(413, too_big)
+                        if too_big is None:
+                            chunks.append(chunk)
+            except TimeoutError:
+                raise _Refused(408, f"body: not received within the body timeout of {body_timeout:g} s "
+                                    f"({size} bytes arrived)") from None
+            except ClientDisconnect:
+                log.info("client %r hung up after %d bytes of its body; nothing mapped", caller, size)
+                return Response(status_code=400)  # never sent: the connection is gone
             body_read = True
             if too_big is not None:  # a small excess was read and dropped: the answer arrives and the connection stays usable
                 raise _Refused(413, too_big)
@@ -171,24 +255,71 @@ def create_app(model_dir: str | Path, *, max_bytes: int = DEFAULT_MAX_BYTES, con
             return error(e.status, str(e), close=not body_read)
         return Response(reply, media_type=OCTET)
 
+    app.add_middleware(_CatchAll)  # innermost user middleware, inside Starlette's ServerErrorMiddleware
     app.state.mapping = server
     return app
 
 
 @functools.cache
-def _peer_certificate_protocol():
-    """uvicorn's h11 protocol, plus the verified peer certificate in ``scope["extensions"]["tls"]``.
+def _peer_certificate_protocol(header_timeout: float = DEFAULT_HEADER_TIMEOUT):
+    """uvicorn's h11 protocol, plus the verified peer certificate in ``scope["extensions"]["tls"]``
+    and a request-header timeout.
 
     uvicorn 0.49 does not fill the ASGI TLS extension. The TLS handshake (and client
     certificate verification) is complete when ``connection_made`` runs, so the certificate is
     read once per connection and added to every request's scope under the extension's key names
     (``client_cert_chain``: PEM list, leaf first; ``client_cert_name``: RFC 4514 subject).
+
+    uvicorn 0.49 has no header timeout either: its only timer, ``timeout_keep_alive``, starts after
+    a response and is cancelled by any byte received, so a client that connects and sends half a
+    request line, or trickles header bytes, holds the connection forever. Here a deadline of
+    ``header_timeout`` seconds starts when the connection opens and again at the first byte after a
+    response; if no complete request head has arrived by then, the connection is closed.
     """
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class PeerCertH11Protocol(H11Protocol):
+        header_timer = None
+
+        def _start_header_timer(self) -> None:
+            if self.header_timer is None:
+                self.header_timer = self.loop.call_later(header_timeout, self._header_timed_out)
+
+        def _stop_header_timer(self) -> None:
+            if self.header_timer is not None:
+                self.header_timer.cancel()
+                self.header_timer = None
+
+        def _waiting_for_head(self) -> bool:
+            return self.cycle is None or self.cycle.response_complete
+
+        def _header_timed_out(self) -> None:
+            self.header_timer = None
+            if self._waiting_for_head() and not self.transport.is_closing():
+                prefix = "%s:%d - " % self.client if self.client else ""
+                log.info("%sno complete request headers within the header timeout of %g s; closing the connection",
+                         prefix, header_timeout)
+                self.transport.close()
+
+        def data_received(self, data: bytes) -> None:
+            if self._waiting_for_head():
+                self._start_header_timer()  # a deadline from the first byte: trickling bytes does not extend it
+            super().data_received(data)
+            if not self._waiting_for_head():  # a request head arrived
+                self._stop_header_timer()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()  # starts uvicorn's keep-alive timer; may start a pipelined request
+            if not self._waiting_for_head():
+                self._stop_header_timer()
+
+        def connection_lost(self, exc) -> None:
+            self._stop_header_timer()
+            super().connection_lost(exc)
+
         def connection_made(self, transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
+            self._start_header_timer()  # a connection that sends nothing is closed too
             ssl_object = transport.get_extra_info("ssl_object")
             der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
             if not der:
@@ -217,27 +348,36 @@ def _subject(der: bytes) -> str:
 
 
 def uvicorn_config(app, *, cert: str | Path, key: str | Path, client_ca: str | Path, host: str = "127.0.0.1",
-                   port: int = DEFAULT_PORT, log_level: str = "info"):
-    """A uvicorn configuration that requires and verifies a client certificate on every connection."""
+                   port: int = DEFAULT_PORT, log_level: str = "info", header_timeout: float = DEFAULT_HEADER_TIMEOUT,
+                   keep_alive_timeout: float = DEFAULT_KEEP_ALIVE_TIMEOUT):
+    """A uvicorn configuration that requires and verifies a client certificate on every connection,
+    with the header and keep-alive timeouts (seconds; the body timeout is :func:`create_app`'s)."""
     require_extra()
     import uvicorn
+
+    header_timeout = _check_timeout("--header-timeout", header_timeout)
+    keep_alive_timeout = _check_timeout("--keep-alive-timeout", keep_alive_timeout)
 
     for what, p in (("--cert", cert), ("--key", key), ("--client-ca", client_ca)):
         if not Path(p).is_file():
             raise CertError(f"{what}: {p}: no such file")
     return uvicorn.Config(app, host=host, port=port, ssl_certfile=str(cert), ssl_keyfile=str(key), ssl_ca_certs=str(client_ca),
-                          ssl_cert_reqs=ssl.CERT_REQUIRED, http=_peer_certificate_protocol(), ws="none", lifespan="off",
-                          log_level=log_level, access_log=log_level in ("debug", "trace"), server_header=False)
+                          ssl_cert_reqs=ssl.CERT_REQUIRED, http=_peer_certificate_protocol(header_timeout), ws="none", lifespan="off",
+                          log_level=log_level, access_log=log_level in ("debug", "trace"), server_header=False,
+                          timeout_keep_alive=keep_alive_timeout)
 
 
 def serve(model_dir: str | Path, *, cert: str | Path, key: str | Path, client_ca: str | Path, host: str = "127.0.0.1",
-          port: int = DEFAULT_PORT, max_bytes: int = DEFAULT_MAX_BYTES, concurrency: int = 1, log_level: str = "info") -> None:
+          port: int = DEFAULT_PORT, max_bytes: int = DEFAULT_MAX_BYTES, concurrency: int = 1, log_level: str = "info",
+          header_timeout: float = DEFAULT_HEADER_TIMEOUT, body_timeout: float = DEFAULT_BODY_TIMEOUT,
+          keep_alive_timeout: float = DEFAULT_KEEP_ALIVE_TIMEOUT) -> None:
     """Run the service with mutual TLS until interrupted."""
     require_extra()
     import uvicorn
 
-    app = create_app(model_dir, max_bytes=max_bytes, concurrency=concurrency)
-    config = uvicorn_config(app, cert=cert, key=key, client_ca=client_ca, host=host, port=port, log_level=log_level)
+    app = create_app(model_dir, max_bytes=max_bytes, concurrency=concurrency, body_timeout=body_timeout)
+    config = uvicorn_config(app, cert=cert, key=key, client_ca=client_ca, host=host, port=port, log_level=log_level,
+                            header_timeout=header_timeout, keep_alive_timeout=keep_alive_timeout)
     try:
         config.load()  # builds the SSL context now, so a bad certificate or key is one line, not a traceback
     except ssl.SSLError as e:
