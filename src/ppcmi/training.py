@@ -262,6 +262,8 @@ def fit(model: nn.Module, loss_fn: LossFn, train: Sequence[torch.Tensor], val: S
         except (RuntimeError, ValueError, KeyError) as e:
             raise CheckpointError(f"{last_path}: weights do not match the configured network "
                                   f"({str(e).splitlines()[0][:160] if str(e) else type(e).__name__})") from None
+        if "sha256" in files["last"]:  # finish a clean-up a kill cut short (never for the old format: its files are live)
+            _remove_unnamed(work, {e["name"] for e in files.values() if e is not None})
         res.history, res.best_epoch, res.best_val, bad = st["history"], st["best_epoch"], st["best_val"], st["bad_epochs"]
         res.seconds = st.get("seconds", 0.0)
         start_epoch = st["epoch"] + 1
