@@ -164,7 +164,7 @@ def _read_manifest(state_path: Path) -> dict:
             or [h.get("epoch") for h in history] != list(range(1, epoch + 1)):
         raise bad(f"history does not list epochs 1..{epoch}")
     if not 0 <= st["best_epoch"] <= epoch:
-        raise bad(f"best_epoch {st['best_epoch']} outside 1..{epoch}")
+        raise bad(f"best_epoch {st['best_epoch']} outside 0..{epoch}")
     fmt = st.get("format")
     if fmt is None:  # written before per-epoch commits: fixed file names, no checksums
         log.warning("%s: written by an older ppcmi (no per-epoch commit); resuming from last.safetensors and best.safetensors",
