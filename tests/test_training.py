@@ -1,4 +1,5 @@
 import json
+import os
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from ppcmi.protocol import LatentBatch
 from ppcmi.latent import principal_frame
 from ppcmi.server.mapping import MappingServer, refit_adapters, train_mapping
 from ppcmi.training import FitConfig, fit, seeded_init
+from safetensors.torch import load_file
 
 TINY = dict(widen=(16, 16, 32), mid=(32, 32), down=(16, 16, 16), dropout=0.0)
 
@@ -51,6 +53,166 @@ def test_resume_after_interrupt_equals_uninterrupted(tmp_path):
     assert [h["val_loss"] for h in r.history] == [h["val_loss"] for h in r_ref.history]
     for a, b in zip(ref.state_dict().values(), m2.state_dict().values()):
         assert torch.equal(a, b)
+
+
+class _Killed(BaseException):
+    """A kill of the training process (not an Exception, so no ``except Exception`` in the code swallows it)."""
+
+
+class _KillSwitch:
+    """Counts the file-system steps that change a checkpoint folder (``os.replace``: an atomic write lands;
+    ``os.unlink``: a file goes) and kills the process just before the ``at``-th. After the kill every
+    further step fails too, as nothing runs after a SIGKILL (temporaries stay behind)."""
+
+    def __init__(self, monkeypatch, at=None):
+        self.at, self.calls, self.dead = at, 0, False
+        self._replace, self._unlink = os.replace, os.unlink
+        monkeypatch.setattr(os, "replace", self._wrap(self._replace))
+        monkeypatch.setattr(os, "unlink", self._wrap(self._unlink))
+
+    def _wrap(self, real):
+        def step(*args, **kwargs):
+            if self.dead:
+                raise _Killed
+            self.calls += 1
+            if self.calls == self.at:
+                self.dead = True
+                raise _Killed
+            return real(*args, **kwargs)
+        return step
+
+    def disarm(self):
+        self.at, self.dead = None, False
+
+
+def _outcome(work, model, res):
+    """Everything an interrupted run must reproduce: final (best) weights, the last epoch's model and
+    optimiser tensors, the best checkpoint, the history and counters (not the wall-clock seconds)."""
+    st = json.loads((work / "state.json").read_text())
+    return {"model": {k: v.clone() for k, v in model.state_dict().items()},
+            "last": load_file(str(work / st["files"]["last"]["name"])),
+            "best": load_file(str(work / st["files"]["best"]["name"])),
+            "history": res.history, "best_epoch": res.best_epoch, "best_val": res.best_val,
+            "state": {k: v for k, v in st.items() if k != "seconds"},
+            "folder": sorted(p.name for p in work.iterdir())}
+
+
+def _assert_same(a, b):
+    for k in ("model", "last", "best"):
+        assert a[k].keys() == b[k].keys(), k
+        for name in a[k]:
+            assert torch.equal(a[k][name], b[k][name]), f"{k}: {name}"
+    assert any(n.startswith("optim.") for n in a["last"])  # the optimiser state is compared too
+    for k in ("history", "best_epoch", "best_val", "state", "folder"):
+        assert a[k] == b[k], k
+
+
+@pytest.mark.parametrize("lr, seed", [(0.1, 0), (0.3, 1)], ids=["best-improves-each-epoch", "best-stays-at-epoch-1"])
+def test_kill_at_every_checkpoint_step_then_resume_is_bit_identical(tmp_path, monkeypatch, lr, seed):
+    x, y = _regression_data()
+    data = ([x[:24], y[:24]], [x[24:], y[24:]])
+    cfg = FitConfig(epochs=3, batch_size=8, lr=lr, patience=100, seed=seed)
+    ref = seeded_init(_net, 0)
+    r_ref = fit(ref, _mse, *data, cfg, tmp_path / "ref", progress=False)
+    want = _outcome(tmp_path / "ref", ref, r_ref)
+    assert want["folder"] == sorted(["state.json", "last-3.safetensors", f"best-{r_ref.best_epoch}.safetensors"])
+
+    epochs_seen = []
+    count = _KillSwitch(monkeypatch)  # count the steps of an uninterrupted run, per epoch
+    fit(seeded_init(_net, 0), _mse, *data, cfg, tmp_path / "count", progress=False,
+        on_epoch=lambda e, rec: epochs_seen.append((e, count.calls)))
+    steps = count.calls
+    per_epoch = [b - a for (_, a), (_, b) in zip([(0, 0)] + epochs_seen, epochs_seen)]
+    assert per_epoch[1] >= 3 and steps == sum(per_epoch)  # epoch 2: last, (best,) state.json, removals
+
+    for at in range(1, steps + 1):  # every step of every epoch, epoch 2's included
+        work = tmp_path / f"kill{at}"
+        switch = _KillSwitch(monkeypatch, at)
+        with pytest.raises(_Killed):
+            fit(seeded_init(_net, 0), _mse, *data, cfg, work, progress=False)
+        switch.disarm()
+        if (work / "state.json").exists():  # the old or the new epoch, complete
+            st = json.loads((work / "state.json").read_text())
+            killed_in = next(e for e, c in epochs_seen if c >= at)
+            assert st["epoch"] in (killed_in - 1, killed_in), at
+        resuming = (work / "state.json").exists()  # as the callers decide it
+        assert resuming or at <= per_epoch[0], at  # only a kill in epoch 1 leaves nothing to resume
+        m = seeded_init(_net, 99 if resuming else 0)  # resuming: other weights until the checkpoint is loaded
+        r = fit(m, _mse, *data, cfg, work, progress=False, resume=resuming)
+        _assert_same(_outcome(work, m, r), want)
+
+
+def _two_epochs(tmp_path):
+    x, y = _regression_data()
+    data = ([x[:24], y[:24]], [x[24:], y[24:]])
+    cfg = FitConfig(epochs=4, batch_size=8, lr=1e-2, patience=100, seed=0)
+
+    def stop(epoch, rec):
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(seeded_init(_net, 0), _mse, *data, cfg, tmp_path, progress=False, on_epoch=stop)
+    return lambda: fit(seeded_init(_net, 0), _mse, *data, cfg, tmp_path, progress=False, resume=True)
+
+
+def _one_line_error(resume, match):
+    with pytest.raises(CheckpointError, match=match) as e:
+        resume()
+    assert "\n" not in str(e.value)
+    assert e.value.__cause__ is None and (e.value.__context__ is None or e.value.__suppress_context__)  # no chained traceback
+    return str(e.value)
+
+
+def test_truncated_state_json_is_a_checkpoint_error_naming_it(tmp_path):
+    resume = _two_epochs(tmp_path)
+    p = tmp_path / "state.json"
+    p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2])
+    _one_line_error(resume, r"state\.json: truncated or unreadable training state")
+
+
+@pytest.mark.parametrize("role", ["last", "best"])
+def test_truncated_weights_file_is_a_checkpoint_error_naming_it(tmp_path, role):
+    resume = _two_epochs(tmp_path)
+    p = tmp_path / f"{role}-2.safetensors"
+    p.write_bytes(p.read_bytes()[:-7])
+    _one_line_error(resume, rf"{role}-2\.safetensors: truncated or altered checkpoint")
+
+
+def test_missing_or_inconsistent_checkpoint_is_a_checkpoint_error(tmp_path):
+    resume = _two_epochs(tmp_path)
+    (tmp_path / "last-2.safetensors").unlink()
+    _one_line_error(resume, r"last-2\.safetensors: checkpoint not found \(named by state\.json\)")
+    st = json.loads((tmp_path / "state.json").read_text())
+    for bad, match in (({**st, "epoch": 3}, "history does not list epochs 1..3"),
+                       ({**st, "files": {**st["files"], "last": {"name": "../x.safetensors", "sha256": "0"}}}, "files.last is"),
+                       ({**st, "format": 9}, "format 9"), ([1, 2], "not a JSON object")):
+        (tmp_path / "state.json").write_text(json.dumps(bad))
+        _one_line_error(resume, r"state\.json: inconsistent training state \(" + match)
+
+
+def test_resume_from_the_old_two_file_format(tmp_path):
+    """A folder written before per-epoch commits (last.safetensors, best.safetensors, state.json without
+    file names) still resumes, and ends in the new format, equal to an uninterrupted run."""
+    x, y = _regression_data()
+    data = ([x[:24], y[:24]], [x[24:], y[24:]])
+    cfg = FitConfig(epochs=3, batch_size=8, lr=0.3, patience=100, seed=1)
+    ref = seeded_init(_net, 0)
+    want = _outcome(tmp_path / "ref", ref, fit(ref, _mse, *data, cfg, tmp_path / "ref", progress=False))
+
+    def stop(epoch, rec):
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    work = tmp_path / "old"
+    with pytest.raises(KeyboardInterrupt):
+        fit(seeded_init(_net, 0), _mse, *data, cfg, work, progress=False, on_epoch=stop)
+    st = json.loads((work / "state.json").read_text())
+    (work / st["files"]["last"]["name"]).rename(work / "last.safetensors")
+    (work / st["files"]["best"]["name"]).rename(work / "best.safetensors")
+    (work / "state.json").write_text(json.dumps({k: v for k, v in st.items() if k not in ("format", "files")}))
+    m = seeded_init(_net, 99)
+    _assert_same(_outcome(work, m, fit(m, _mse, *data, cfg, work, progress=False, resume=True)), want)
 
 
 def test_early_stopping_restores_best_weights(tmp_path):

@@ -64,3 +64,21 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Flush a folder's entries (the renames into it) to disk, where the platform allows it.
+
+    A rename is visible to other processes at once, but only a synced folder keeps the order of
+    renames across a power loss; callers that commit several files sync between the steps.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. Windows: folders cannot be opened
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,29 +1,36 @@
 """Training loop and checkpoints (neutral code, used by hospitals for the autoencoders and by the server for mapping).
 
-``fit`` trains with Adam, early stopping on a validation loss and best-weights restoration. After
-every epoch it writes, atomically, ``last.safetensors`` (model, optimiser tensors) and
-``state.json`` (epoch, history, patience counter) into ``work_dir``; the best weights go to
-``best.safetensors``. ``fit(..., resume=True)`` continues from the last completed epoch. Each
-epoch's shuffling and dropout are seeded from ``(seed, epoch)`` inside ``torch.random.fork_rng``,
-so an interrupted-and-resumed run equals an uninterrupted one.
+``fit`` trains with Adam, early stopping on a validation loss and best-weights restoration. Every
+epoch is one atomic commit into ``work_dir``: the epoch's files are written under new names
+(``last-<epoch>.safetensors`` with the model and optimiser tensors, and ``best-<epoch>.safetensors``
+when the validation loss improved), then the manifest ``state.json`` (epoch, history, patience
+counter, and the names and SHA-256 of the files of that epoch) replaces the old one by a rename,
+and only then are the files it no longer names removed. A kill at any point leaves either the
+complete old epoch or the complete new one. ``fit(..., resume=True)`` continues from the epoch the
+manifest records and reads only the files it names. Each epoch's shuffling and dropout are seeded
+from ``(seed, epoch)`` inside ``torch.random.fork_rng``, so an interrupted-and-resumed run equals an
+uninterrupted one bit for bit.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import load, load_file, save
 from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import CheckpointError, PpcmiError
-from .fileio import atomic_write_bytes, atomic_write_json
+from .fileio import atomic_write_bytes, atomic_write_json, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +113,114 @@ def _batches(n: int, batch_size: int, gen: torch.Generator | None) -> list[torch
     return [idx[i:i + batch_size] for i in range(0, n, batch_size)]
 
 
+MANIFEST_FORMAT = 2
+_EPOCH_FILE = re.compile(r"(last|best)-([0-9]+)\.safetensors")
+# leftovers of a kill: epoch files no manifest names, the old format's fixed names, atomic_write_* temporaries
+_OURS = re.compile(r"(?:(?:last|best)-[0-9]+\.safetensors|last\.safetensors|best\.safetensors"
+                   r"|\.(?:(?:last|best)-[0-9]+\.safetensors|last\.safetensors|best\.safetensors|state\.json)\..+\.tmp)")
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _read_named(work: Path, entry: dict, state_path: Path) -> tuple[Path, bytes, dict[str, torch.Tensor]]:
+    """The tensors of a file the manifest names, after checking that it is there and is the file it recorded."""
+    path = work / entry["name"]
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: checkpoint not found (named by {state_path.name})") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: unreadable checkpoint ({e.strerror or type(e).__name__})") from None
+    if entry.get("sha256") is not None and _sha256(data) != entry["sha256"]:
+        raise CheckpointError(f"{path}: truncated or altered checkpoint (its SHA-256 differs from the one {state_path.name} records)")
+    try:
+        return path, data, load(data)
+    except Exception as e:
+        raise CheckpointError(f"{path}: unreadable checkpoint ({type(e).__name__})") from None
+
+
+def _read_manifest(state_path: Path) -> dict:
+    """``state.json``, checked for the keys and the consistency resuming relies on (one-line CheckpointError otherwise)."""
+    try:
+        st = json.loads(state_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{state_path}: truncated or unreadable training state ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:120]})") from None
+    except OSError as e:
+        raise CheckpointError(f"{state_path}: unreadable training state ({e.strerror or type(e).__name__})") from None
+
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(f"{state_path}: inconsistent training state ({why}); train into a new folder")
+
+    if not isinstance(st, dict):
+        raise bad("not a JSON object")
+    for k, types in (("epoch", int), ("history", list), ("best_epoch", int), ("best_val", (int, float)), ("bad_epochs", int)):
+        if not isinstance(st.get(k), types) or isinstance(st.get(k), bool):
+            raise bad(f"{k!r} missing or of the wrong type")
+    epoch, history = st["epoch"], st["history"]
+    if epoch < 1 or len(history) != epoch or not all(isinstance(h, dict) for h in history) \
+            or [h.get("epoch") for h in history] != list(range(1, epoch + 1)):
+        raise bad(f"history does not list epochs 1..{epoch}")
+    if not 0 <= st["best_epoch"] <= epoch:
+        raise bad(f"best_epoch {st['best_epoch']} outside 0..{epoch}")
+    fmt = st.get("format")
+    if fmt is None:  # written before per-epoch commits: fixed file names, no checksums
+        log.warning("%s: written by an older ppcmi (no per-epoch commit); resuming from last.safetensors and best.safetensors",
+                    state_path)
+        st["files"] = {"last": {"name": "last.safetensors"},
+                       "best": {"name": "best.safetensors"} if st["best_epoch"] else None}
+        return st
+    if fmt != MANIFEST_FORMAT:
+        raise bad(f"format {fmt!r}, expected {MANIFEST_FORMAT}")
+    files = st.get("files")
+    if not isinstance(files, dict):
+        raise bad("'files' missing")
+    for role, want in (("last", epoch), ("best", st["best_epoch"])):
+        entry = files.get(role)
+        if role == "best" and want == 0 and entry is None:
+            continue
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not isinstance(entry.get("sha256"), str):
+            raise bad(f"files.{role} missing")
+        m = _EPOCH_FILE.fullmatch(entry["name"])
+        if m is None or m.group(1) != role or int(m.group(2)) != want:
+            raise bad(f"files.{role} is {entry['name']!r}, expected {role}-{want}.safetensors")
+    return st
+
+
+def _remove_unnamed(work: Path, keep: set[str]) -> None:
+    """Delete the checkpoint files (and temporaries) of ``work`` that the committed manifest does not name."""
+    for p in sorted(work.iterdir()):
+        if p.name not in keep and _OURS.fullmatch(p.name) and p.is_file():
+            try:
+                os.unlink(p)
+            except FileNotFoundError:
+                pass
+
+
+def _commit_epoch(work: Path, state: dict, last: bytes, best: tuple[int, bytes] | None, files: dict) -> dict:
+    """Write one epoch: its new files first, the manifest that names them last (the commit), then the clean-up.
+
+    ``best`` is ``(epoch, safetensors bytes)`` when the best weights changed; ``files`` is the previous
+    manifest's ``files``, and the returned one replaces it.
+    """
+    epoch = state["epoch"]
+    files = dict(files)
+    name = f"last-{epoch}.safetensors"
+    atomic_write_bytes(work / name, last)
+    files["last"] = {"name": name, "sha256": _sha256(last)}
+    if best is not None:
+        name = f"best-{best[0]}.safetensors"
+        atomic_write_bytes(work / name, best[1])
+        files["best"] = {"name": name, "sha256": _sha256(best[1])}
+    fsync_dir(work)  # the files reach the disk before the manifest that names them
+    atomic_write_json(work / "state.json", {"format": MANIFEST_FORMAT, **state, "files": files})
+    fsync_dir(work)
+    _remove_unnamed(work, {e["name"] for e in files.values() if e is not None})
+    return files
+
+
 def fit(model: nn.Module, loss_fn: LossFn, train: Sequence[torch.Tensor], val: Sequence[torch.Tensor] | None,
         cfg: FitConfig, work_dir: str | Path, *, resume: bool = False, desc: str = "train",
         progress: bool = True, on_epoch: Callable[[int, dict], None] | None = None,
@@ -128,19 +243,32 @@ def fit(model: nn.Module, loss_fn: LossFn, train: Sequence[torch.Tensor], val: S
     res = FitResult()
     start_epoch = 1
     bad = 0
-    state_path, last_path, best_path = work / "state.json", work / "last.safetensors", work / "best.safetensors"
+    state_path = work / "state.json"
+    files: dict = {"last": None, "best": None}
+    pending_best: tuple[int, bytes] | None = None  # a best file of the old format, committed under its new name
     if resume:
         if not state_path.exists():
             raise CheckpointError(f"{state_path}: nothing to resume (no completed epoch recorded)")
-        st = json.loads(state_path.read_text())
-        tensors = load_file(str(last_path))
-        model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
-        _load_optim(opt, {k: v for k, v in tensors.items() if k.startswith("optim.")})
+        st = _read_manifest(state_path)
+        files = st["files"]
+        last_path, _, tensors = _read_named(work, files["last"], state_path)
+        if files["best"] is not None:
+            _, best_bytes, _ = _read_named(work, files["best"], state_path)  # checked now, not after hours of training
+            if "sha256" not in files["best"]:
+                pending_best = (st["best_epoch"], best_bytes)
+        try:
+            model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+            _load_optim(opt, {k: v for k, v in tensors.items() if k.startswith("optim.")})
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{last_path}: weights do not match the configured network "
+                                  f"({str(e).splitlines()[0][:160] if str(e) else type(e).__name__})") from None
+        if "sha256" in files["last"]:  # finish a clean-up a kill cut short (never for the old format: its files are live)
+            _remove_unnamed(work, {e["name"] for e in files.values() if e is not None})
         res.history, res.best_epoch, res.best_val, bad = st["history"], st["best_epoch"], st["best_val"], st["bad_epochs"]
         res.seconds = st.get("seconds", 0.0)
         start_epoch = st["epoch"] + 1
         if st.get("done"):
-            load_weights(model, best_path)
+            _load_best(model, work, files, state_path)
             res.stopped_early = st.get("stopped_early", False)
             log.info("%s: already finished at epoch %d", desc, st["epoch"])
             return res
@@ -176,9 +304,10 @@ def fit(model: nn.Module, loss_fn: LossFn, train: Sequence[torch.Tensor], val: S
             val_loss = evaluate_loss(model, loss_fn, val, cfg.batch_size) if val is not None and val[0].shape[0] else train_loss
         rec = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss}
         res.history.append(rec)
+        best, pending_best = pending_best, None
         if val_loss < res.best_val - 1e-7:
             res.best_val, res.best_epoch, bad = val_loss, epoch, 0
-            save_weights(model, best_path)
+            best = (epoch, save({k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}))
         else:
             bad += 1
         done = bad >= cfg.patience or epoch == cfg.epochs
@@ -186,9 +315,9 @@ def fit(model: nn.Module, loss_fn: LossFn, train: Sequence[torch.Tensor], val: S
         elapsed = res.seconds + time.perf_counter() - t0
         last = {f"model.{k}": v.detach().contiguous().clone() for k, v in model.state_dict().items()}
         last.update(_optim_tensors(opt))
-        atomic_write_bytes(last_path, save(last))
-        atomic_write_json(state_path, {"epoch": epoch, "history": res.history, "best_epoch": res.best_epoch, "best_val": res.best_val,
-                                       "bad_epochs": bad, "done": done, "stopped_early": res.stopped_early, "seconds": elapsed})
+        files = _commit_epoch(work, {"epoch": epoch, "history": res.history, "best_epoch": res.best_epoch, "best_val": res.best_val,
+                                     "bad_epochs": bad, "done": done, "stopped_early": res.stopped_early, "seconds": elapsed},
+                              save(last), best, files)
         bar.set_postfix(train=f"{train_loss:.4f}", val=f"{val_loss:.4f}")
         if on_epoch is not None:
             on_epoch(epoch, rec)
@@ -196,9 +325,19 @@ def fit(model: nn.Module, loss_fn: LossFn, train: Sequence[torch.Tensor], val: S
             break
     bar.close()
     res.seconds += time.perf_counter() - t0
-    load_weights(model, best_path)
+    _load_best(model, work, files, state_path)
     model.eval()
     return res
+
+
+def _load_best(model: nn.Module, work: Path, files: dict, state_path: Path) -> None:
+    if files.get("best") is None:
+        raise CheckpointError(f"{state_path}: no best epoch recorded (the validation loss was never finite)")
+    path, _, sd = _read_named(work, files["best"], state_path)
+    try:
+        model.load_state_dict(sd)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not match the configured network ({str(e).splitlines()[0][:160]})") from None
 
 
 @torch.no_grad()
