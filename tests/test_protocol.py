@@ -102,3 +102,15 @@ def test_header_has_no_room_for_identifiers(rng):
     header = json.loads(data[8:8 + hlen])
     assert header.pop("__metadata__") == {"ppcmi.version": "1", "kind": "train", "client": "hospital2"}
     assert set(header) <= protocol.ALLOWED_NAMES
+
+
+def test_a_message_must_carry_exactly_the_scales_the_receiver_serves():
+    """A query holding only zt_img_b for a model serving s3, s4 and b (and a reply holding only zt_msk_b for a
+    decoder expecting all three) is refused by name, not a KeyError further on."""
+    expected = {"s3": (4, 4, 4), "s4": (4, 2, 2), "b": (4, 1, 1)}
+    only_b = {"zt_img_b": np.zeros((2, 4, 1, 1), np.float32)}
+    with pytest.raises(ProtocolError, match="missing zt_img_s3, zt_img_s4;"):
+        protocol.validate(LatentBatch("query", "h1", only_b), expected)
+    with pytest.raises(ProtocolError, match="missing zt_msk_s3, zt_msk_s4;"):
+        protocol.decode(protocol.encode(LatentBatch("reply", "h1", {"zt_msk_b": np.zeros((2, 4, 1, 1), np.float32)})), expected=expected)
+    protocol.validate(LatentBatch("query", "h1", only_b), {"b": (4, 1, 1)})  # a bottleneck-only model takes it

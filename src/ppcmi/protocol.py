@@ -98,6 +98,14 @@ def validate(msg: LatentBatch, expected: dict[str, tuple[int, int, int]] | None 
             raise ProtocolError(f"arrays: {p}* must cover scales {{s3,s4,b}} or {{b}} only, got {sorted(ss)}")
     if len(scale_sets) == 2 and scale_sets[0] != scale_sets[1]:
         raise ProtocolError(f"arrays: image scales {sorted(scale_sets[0])} differ from mask scales {sorted(scale_sets[1])}")
+    if expected is not None:
+        for p, ss in zip(prefixes, scale_sets):
+            if ss != set(expected):  # (an array of a scale not served is refused below, by name)
+                missing = [p + s for s in ("s3", "s4", "b") if s in expected and s not in ss]
+                if missing:
+                    raise ProtocolError(f"arrays: missing {', '.join(missing)}; the receiver serves scales "
+                                        f"{', '.join(s for s in ('s3', 's4', 'b') if s in expected)}, so a message must carry "
+                                        f"exactly {', '.join(p + s for s in ('s3', 's4', 'b') if s in expected)}")
     n = None
     for name, a in msg.arrays.items():
         if not isinstance(a, np.ndarray):

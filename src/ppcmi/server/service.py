@@ -15,8 +15,8 @@ invalid message, 403 for an identity mismatch or a hospital this model does not 
 body over ``max_bytes`` (checked on ``Content-Length`` before reading, and again while
 streaming; never buffered past the limit), 415 for another content type. Parsing and mapping run in a worker thread (the event
 loop keeps serving), at most ``concurrency`` at a time, on one shared model instance. A query
-must carry exactly the scales the loaded model serves (``zt_img_<scale>`` for each); a missing
-one is a 400 naming the missing arrays.
+must carry exactly the scales the loaded model serves (``zt_img_<scale>`` for each; checked by
+``protocol.decode``); a missing one is a 400 naming the missing arrays.
 
 Timeouts (all configurable, in seconds): a connection must deliver a request's complete headers
 within ``header_timeout`` (default :data:`DEFAULT_HEADER_TIMEOUT`) of its first byte (of the
@@ -154,7 +154,6 @@ def create_app(model_dir: str | Path, *, max_bytes: int = DEFAULT_MAX_BYTES, con
         raise PpcmiError(f"--concurrency: must be a positive integer, got {concurrency!r}")
     body_timeout = _check_timeout("--body-timeout", body_timeout)
     server = MappingServer(model_dir)
-    served = sorted(server.image_shapes)
     limiter = anyio.CapacityLimiter(concurrency)
 
     class ErrorBody(BaseModel):
@@ -191,10 +190,6 @@ def create_app(model_dir: str | Path, *, max_bytes: int = DEFAULT_MAX_BYTES, con
             raise _Refused(403, f"client: the message is for {query.client!r} but the certificate is for {caller!r}")
         if query.kind != "query":
             raise _Refused(400, f"kind: expected a 'query' message, got {query.kind!r}")
-        missing = [f"zt_img_{s}" for s in served if f"zt_img_{s}" not in query.arrays]
-        if missing:  # (decode() with expected= already refuses a scale the model does not serve)
-            raise _Refused(400, f"arrays: missing {', '.join(missing)}; this model maps scales {', '.join(served)}, "
-                                f"so a query must carry exactly {', '.join('zt_img_' + s for s in served)}")
         try:
             return protocol.encode(server.handle(query, client=caller))
         except ProtocolError as e:
