@@ -183,37 +183,19 @@ def setting_names(cfg: Config | None = None) -> list[str]:
     return _settings(dataclasses.asdict(cfg or Config()))
 
 
-def shared_settings(cfg: Config) -> dict:
-    """The nested settings that cross to the coordinator and every hospital: no hospital or experiment setting."""
-    out: dict = {}
-    for name in setting_names(cfg):
-        if reader(name) != "shared":
-            continue
-        *path, key = name.split(".")
-        node, src = out, dataclasses.asdict(cfg)
-        for part in path:
-            node, src = node.setdefault(part, {}), src[part]
-        node[key] = json.loads(json.dumps(src[key]))
+def _shared(raw: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in raw.items():
+        if isinstance(v, dict) and k != "split_lists":  # a section
+            out[k] = _shared(v, f"{prefix}{k}.")
+        elif reader(f"{prefix}{k}") == "shared":
+            out[k] = v
     return out
 
 
-def check_reads(cfg: Config, command: str, reads: set[str]) -> None:
-    """Refuse a setting ``command`` does not read when it differs from its default: a runner never ignores one.
-
-    ``reads`` holds ``section.key`` names, ``section.*`` for a whole section, or a reader (``"shared"``,
-    ``"hospital"``, ``"experiment"``)."""
-    default, given = dataclasses.asdict(Config()), dataclasses.asdict(cfg)
-
-    def value(d: dict, name: str) -> Any:
-        for part in name.split("."):
-            d = d[part]
-        return d
-
-    for name in setting_names(cfg):
-        if name in reads or f"{name.split('.')[0]}.*" in reads or reader(name) in reads:
-            continue
-        if value(given, name) != value(default, name):
-            raise ConfigError(f"{name}: {command} does not read this setting ({reader(name)}); leave it out here")
+def shared_settings(cfg: Config) -> dict:
+    """The nested settings that cross to the coordinator and every hospital: no hospital or experiment setting."""
+    return _shared(json.loads(json.dumps(dataclasses.asdict(cfg))))
 
 
 def migrate(raw: dict) -> dict:

@@ -66,10 +66,14 @@ class FitResult:
     seconds: float = 0.0
 
 
+def _weights_bytes(module: nn.Module, metadata: dict | None = None) -> bytes:
+    """A module's state dict as safetensors bytes."""
+    return save({k: v.detach().contiguous().clone() for k, v in module.state_dict().items()}, metadata=metadata)
+
+
 def save_weights(module: nn.Module, path: str | Path, *, metadata: dict | None = None) -> Path:
     """Atomically write a module's state dict as safetensors."""
-    sd = {k: v.detach().contiguous().clone() for k, v in module.state_dict().items()}
-    return atomic_write_bytes(path, save(sd, metadata=metadata))
+    return atomic_write_bytes(path, _weights_bytes(module, metadata))
 
 
 def load_weights(module: nn.Module, path: str | Path, *, migrate: Callable[[dict], dict] | None = None) -> None:
@@ -307,7 +311,7 @@ def fit(model: nn.Module, loss_fn: LossFn, train: Sequence[torch.Tensor], val: S
         best, pending_best = pending_best, None
         if val_loss < res.best_val - 1e-7:
             res.best_val, res.best_epoch, bad = val_loss, epoch, 0
-            best = (epoch, save({k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}))
+            best = (epoch, _weights_bytes(model))
         else:
             bad += 1
         done = bad >= cfg.patience or epoch == cfg.epochs

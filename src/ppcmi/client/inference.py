@@ -11,8 +11,8 @@ format: PNG for 2D images, NIfTI for volumes (NIfTI, MetaImage or DICOM series i
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -92,8 +92,11 @@ def encode_folder(site_dir: Path, data: Path, out: Path, *, with_masks: bool = F
     ae = h.settings.autoencoder
     cfg = replace(h.settings, autoencoder=replace(ae, send_copies=ae.send_copies if copies is None else copies,
                                                   send_noise=ae.send_noise if noise is None else noise))
+    record = Path(str(out) + ".cases.json")
     if out.exists():
         raise PpcmiError(f"{out}: already exists; refusing to overwrite it")
+    if record.exists():
+        raise PpcmiError(f"{record}: already exists; refusing to overwrite it (it binds an earlier query to its patients)")
     if with_masks:
         cases = discover_cases(data, group_regex=h.data_cfg.group_regex, group_csv=h.data_cfg.group_csv)
         arr = stages.prepare(cases, cfg, label_map_of(h))
@@ -104,9 +107,6 @@ def encode_folder(site_dir: Path, data: Path, out: Path, *, with_masks: bool = F
         msg = stages.query(h, _load_planes(planes, prep), noise=cfg.autoencoder.send_noise, dtype=dtype)
         local = planes
     blob = protocol.encode(msg)
-    record = Path(str(out) + ".cases.json")
-    if record.exists():
-        raise PpcmiError(f"{record}: already exists; refusing to overwrite it (it binds an earlier query to its patients)")
     local = {"kind": msg.kind, "site": h.name, "query": msg.query, "key": h.key_fingerprint, "cases": local}
     atomic_write_json(record, local, overwrite=False)
     try:

@@ -70,9 +70,6 @@ def rotate_key(site_dir: str | Path) -> tuple[Path, Path]:
     return path, backup
 
 
-__all__ = ["keygen", "load_key", "key_path", "rotate_key", "KEY_FILENAME"]
-
-
 def key_fingerprint(key: bytes) -> str:
     """A public name for a key (hex): HKDF-SHA256 of the key under its own label, so it reveals nothing of the
     key or of the transform derived from it. A case list records it to refuse a reply decoded under another key."""
@@ -80,3 +77,6 @@ def key_fingerprint(key: bytes) -> str:
     from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
     return HKDF(algorithm=hashes.SHA256(), length=16, salt=None, info=b"ppcmi key fingerprint v1").derive(key).hex()
+
+
+__all__ = ["keygen", "load_key", "key_path", "rotate_key", "KEY_FILENAME", "key_fingerprint"]

@@ -37,7 +37,9 @@ class TrainedMapping:
         """Epochs and validation losses: of the shared network, or ``{"per_hospital": {hospital: ...}}``."""
         rows = {sub: {"epochs": len(r.history), "best_epoch": r.best_epoch, "best_val": r.best_val, "history": r.history}
                 for sub, r in self.fits.items()}
-        return rows.get("", {}) if "" in rows or not rows else {"per_hospital": rows}
+        if not rows or "" in rows:
+            return rows.get("", {})
+        return {"per_hospital": rows}
 
 
 def train_mappings(batches: list[LatentBatch], cfg: MappingTrainConfig, out_dir: str | Path, *, seed: int,
@@ -47,9 +49,12 @@ def train_mappings(batches: list[LatentBatch], cfg: MappingTrainConfig, out_dir:
     out = Path(out_dir)
     if not batches:
         raise ProtocolError("inbox: no training messages received")
-    groups: dict[str, list[LatentBatch]] = {"": batches} if cfg.scope == "shared" else {}
-    for b in batches if cfg.scope == "per_hospital" else []:
-        groups.setdefault(b.client, []).append(b)
+    groups: dict[str, list[LatentBatch]] = {}
+    if cfg.scope == "shared":
+        groups[""] = batches
+    else:
+        for b in batches:
+            groups.setdefault(b.client, []).append(b)
     model_dirs: dict[str, Path] = {}
     fits: dict[str, FitResult] = {}
     for sub, group in groups.items():
