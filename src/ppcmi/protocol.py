@@ -253,3 +253,190 @@ def unflatten_summary(flat: dict[str, Any], structures: set[str] | None = None) 
         if isinstance(v, dict) and col != "counts" and set(v) != set(SUMMARY_STATS):
             raise ProtocolError(f"metrics: column {col!r} is incomplete ({sorted(v)})")
     return out
+
+
+# ----------------------------------------------------------------------------- a hospital's fingerprint
+
+FINGERPRINT_VERSION = 1
+FINGERPRINT_MAX_BYTES = 1024 * 1024
+MODALITIES = ("CT", "MR", "US", "XR", "PET", "OTHER", "UNKNOWN")
+QUANTILES = (0.0, 0.05, 0.5, 0.95, 1.0)  # the levels of every quantile list in a fingerprint
+HIST_PER_UNIT = 256                      # intensity histogram bins per unit of asinh(value)
+HIST_LIMIT = 1e12                        # |value| beyond this falls into the outermost bins
+HIST_MAX_INDEX = int(np.ceil(np.arcsinh(HIST_LIMIT) * HIST_PER_UNIT))
+MAX_CLASSES = 256
+
+
+def hist_index(values: np.ndarray) -> np.ndarray:
+    """The fixed intensity bins both sides share: bin ``i`` holds values ``v`` with
+    ``sinh(i / HIST_PER_UNIT) <= v < sinh((i + 1) / HIST_PER_UNIT)``.
+
+    About 1/256 wide near 0 and 0.4 % of ``|v|`` above 1 (4 HU at 1000 HU), over +-1e12; one histogram
+    fits 8-bit, 16-bit, HU and float images alike, so hospitals never agree on a range first."""
+    v = np.clip(np.asarray(values, dtype=np.float64), -HIST_LIMIT, HIST_LIMIT)
+    return np.floor(np.arcsinh(v) * HIST_PER_UNIT).astype(np.int64)
+
+
+def hist_edges(index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(low, high) value edges of bins ``index``."""
+    i = np.asarray(index, dtype=np.float64)
+    return np.sinh(i / HIST_PER_UNIT), np.sinh((i + 1) / HIST_PER_UNIT)
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """What a hospital tells the coordinator about its training data: aggregates only, never a value of one case.
+
+    Counts: ``n_cases`` source files (a volume is one case), ``n_planes`` 2D planes, ``channels`` per plane,
+    ``n_classes`` label classes (background included). Every quantile list holds the values at
+    :data:`QUANTILES` (0, 5, 50, 95, 100 %) over the planes: ``rows``/``cols`` (native plane size in pixels),
+    ``spacing_rows``/``spacing_cols`` (mm per pixel, over the ``n_spacing`` planes whose files record it;
+    empty when none do), and the foreground bounding box as fractions of the field (``extent_top`` ...
+    ``extent_right``, over the ``n_fg_planes`` planes with any foreground). Intensities are counted inside
+    the foreground (mask > 0) after ``data.offset``: ``fg_pixels``, ``fg_mean``, ``fg_std`` and a histogram in
+    the shared bins of :func:`hist_index` as ``(bin, count)`` pairs (``hist``), from which the coordinator
+    reads pooled percentiles. ``class_fraction[k]`` is the share of all pixels in class ``k`` (sums to 1);
+    ``class_planes[k]`` / ``class_cases[k]`` the planes / cases where it is present. ``constant_planes``
+    counts planes whose raw image is one value. No file name, patient id or per-case list."""
+
+    client: str
+    modality: str
+    n_cases: int
+    n_planes: int
+    channels: int
+    n_classes: int
+    rows: tuple[float, ...]
+    cols: tuple[float, ...]
+    n_spacing: int
+    spacing_rows: tuple[float, ...]
+    spacing_cols: tuple[float, ...]
+    fg_pixels: int
+    fg_mean: float
+    fg_std: float
+    hist: tuple[tuple[int, int], ...]
+    class_fraction: tuple[float, ...]
+    class_planes: tuple[int, ...]
+    class_cases: tuple[int, ...]
+    n_fg_planes: int
+    extent_top: tuple[float, ...]
+    extent_bottom: tuple[float, ...]
+    extent_left: tuple[float, ...]
+    extent_right: tuple[float, ...]
+    constant_planes: int
+    version: int = FINGERPRINT_VERSION
+
+    def __post_init__(self) -> None:
+        validate_fingerprint(self)
+
+
+_FP_INTS = ("n_cases", "n_planes", "channels", "n_classes", "n_spacing", "fg_pixels", "n_fg_planes", "constant_planes", "version")
+_FP_FLOATS = ("fg_mean", "fg_std")
+_FP_QUANTILES = ("rows", "cols", "spacing_rows", "spacing_cols", "extent_top", "extent_bottom", "extent_left", "extent_right")
+_FP_PER_CLASS = ("class_fraction", "class_planes", "class_cases")
+
+
+def _fp_int(name: str, v: Any, lo: int, hi: int) -> None:
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        raise ProtocolError(f"fingerprint.{name}: expected an integer in [{lo}, {hi}], got {v!r}")
+
+
+def _fp_numbers(name: str, v: Any, n: int | None, lo: float, hi: float, kind: type = float) -> None:
+    if not isinstance(v, tuple) or (n is not None and len(v) != n):
+        raise ProtocolError(f"fingerprint.{name}: expected {n if n is not None else 'a list of'} numbers, got {v!r}"[:200])
+    for x in v:
+        ok = isinstance(x, int) if kind is int else isinstance(x, (int, float))
+        if isinstance(x, bool) or not ok or not np.isfinite(x) or not lo <= x <= hi:
+            raise ProtocolError(f"fingerprint.{name}: value {x!r} is not a finite {kind.__name__} in [{lo}, {hi}]")
+
+
+def validate_fingerprint(fp: Fingerprint) -> None:
+    """Types, ranges, sizes and consistency of a :class:`Fingerprint`; a ProtocolError names the field."""
+    if fp.version != FINGERPRINT_VERSION:
+        raise ProtocolError(f"fingerprint.version: unsupported fingerprint version {fp.version!r} (this side speaks "
+                            f"{FINGERPRINT_VERSION})")
+    if not isinstance(fp.client, str) or not CLIENT_RE.match(fp.client):
+        raise ProtocolError(f"fingerprint.client: invalid site id {fp.client!r}")
+    if fp.modality not in MODALITIES:
+        raise ProtocolError(f"fingerprint.modality: {fp.modality!r} is not one of {', '.join(MODALITIES)}")
+    big = 2**53
+    for name in _FP_INTS:
+        _fp_int(name, getattr(fp, name), 0, big)
+    if fp.n_planes < 1 or fp.n_cases < 1 or fp.n_cases > fp.n_planes:
+        raise ProtocolError(f"fingerprint.n_planes: need 1 <= n_cases <= n_planes, got {fp.n_cases} cases, {fp.n_planes} planes")
+    _fp_int("channels", fp.channels, 1, 16)
+    _fp_int("n_classes", fp.n_classes, 2, MAX_CLASSES)
+    for name in ("n_spacing", "n_fg_planes", "constant_planes"):
+        if getattr(fp, name) > fp.n_planes:
+            raise ProtocolError(f"fingerprint.{name}: {getattr(fp, name)} exceeds n_planes {fp.n_planes}")
+    for name in _FP_FLOATS:
+        v = getattr(fp, name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) or abs(v) > HIST_LIMIT:
+            raise ProtocolError(f"fingerprint.{name}: expected a finite number, got {v!r}")
+    if fp.fg_std < 0:
+        raise ProtocolError(f"fingerprint.fg_std: must be >= 0, got {fp.fg_std!r}")
+    nq = len(QUANTILES)
+    limits = {"rows": (1, 1 << 20), "cols": (1, 1 << 20), "spacing_rows": (1e-6, 1e4), "spacing_cols": (1e-6, 1e4)}
+    for name in _FP_QUANTILES:
+        v = getattr(fp, name)
+        lo, hi = limits.get(name, (0.0, 1.0))
+        empty = (name.startswith("spacing") and fp.n_spacing == 0) or (name.startswith("extent") and fp.n_fg_planes == 0)
+        _fp_numbers(name, v, 0 if empty else nq, lo, hi)
+        if any(b < a for a, b in zip(v, v[1:])):
+            raise ProtocolError(f"fingerprint.{name}: quantiles must not decrease, got {v!r}")
+    k = fp.n_classes
+    _fp_numbers("class_fraction", fp.class_fraction, k, 0.0, 1.0)
+    if abs(sum(fp.class_fraction) - 1.0) > 1e-6:
+        raise ProtocolError(f"fingerprint.class_fraction: must sum to 1, got {sum(fp.class_fraction)!r}")
+    _fp_numbers("class_planes", fp.class_planes, k, 0, fp.n_planes, int)
+    _fp_numbers("class_cases", fp.class_cases, k, 0, fp.n_cases, int)
+    if not isinstance(fp.hist, tuple) or len(fp.hist) > 2 * HIST_MAX_INDEX + 2:
+        raise ProtocolError(f"fingerprint.hist: expected at most {2 * HIST_MAX_INDEX + 2} (bin, count) pairs")
+    prev = None
+    total = 0
+    for pair in fp.hist:
+        if not (isinstance(pair, tuple) and len(pair) == 2):
+            raise ProtocolError(f"fingerprint.hist: expected (bin, count) pairs, got {pair!r}"[:200])
+        b, c = pair
+        _fp_int("hist bin", b, -HIST_MAX_INDEX - 1, HIST_MAX_INDEX)
+        _fp_int("hist count", c, 1, big)
+        if prev is not None and b <= prev:
+            raise ProtocolError("fingerprint.hist: bins must be strictly increasing")
+        prev, total = b, total + c
+    if total != fp.fg_pixels:
+        raise ProtocolError(f"fingerprint.hist: counts sum to {total}, but fg_pixels is {fp.fg_pixels}")
+
+
+def encode_fingerprint(fp: Fingerprint) -> bytes:
+    """UTF-8 JSON with sorted keys (what crosses); validated first."""
+    validate_fingerprint(fp)
+    raw = {f: getattr(fp, f) for f in fp.__dataclass_fields__}
+    raw["hist"] = [list(p) for p in fp.hist]
+    return json.dumps(raw, sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+
+def _tuples(v: Any) -> Any:
+    return tuple(_tuples(x) for x in v) if isinstance(v, list) else v
+
+
+def decode_fingerprint(data: bytes, *, max_bytes: int = FINGERPRINT_MAX_BYTES) -> Fingerprint:
+    """Parse and validate fingerprint bytes: size, JSON, exactly the known fields, then :func:`validate_fingerprint`."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ProtocolError(f"fingerprint: expected bytes, got {type(data).__name__}")
+    if len(data) > max_bytes:
+        raise ProtocolError(f"fingerprint: {len(data)} bytes exceeds the limit of {max_bytes}")
+    try:
+        raw = json.loads(bytes(data).decode("utf-8"))
+    except (ValueError, RecursionError) as e:
+        raise ProtocolError(f"fingerprint: not valid JSON ({e.__class__.__name__})") from None
+    if not isinstance(raw, dict):
+        raise ProtocolError("fingerprint: expected a JSON object")
+    known = set(Fingerprint.__dataclass_fields__)
+    unknown, missing = set(raw) - known, known - set(raw)
+    if unknown:
+        raise ProtocolError(f"fingerprint: unknown field(s) {sorted(unknown)}")
+    if missing:
+        raise ProtocolError(f"fingerprint: missing field(s) {sorted(missing)}")
+    if raw["version"] != FINGERPRINT_VERSION:
+        raise ProtocolError(f"fingerprint.version: unsupported fingerprint version {raw['version']!r} (this side speaks "
+                            f"{FINGERPRINT_VERSION})")
+    return Fingerprint(**{k: _tuples(v) for k, v in raw.items()})
