@@ -7,6 +7,7 @@ and ``demo`` play every role in one process. Errors print one line (``error: ...
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import sys
 from pathlib import Path
@@ -37,6 +38,10 @@ NamesOpt = typer.Option(None, "--class-names", help="Class names in the same ord
 SizeOpt = typer.Option(None, "--size", help="Network input size in pixels (square).")
 WindowOpt = typer.Option(None, "--window", help="Fixed intensity window LOW,HIGH after --offset (e.g. -1000,1000 for CT).")
 OffsetOpt = typer.Option(None, "--offset", help="Subtracted from raw values first (1024 for CT stored as HU+1024).")
+BudgetOpt = typer.Option(None, "--budget", help="Minutes both training stages may take on this machine (the plan sizes "
+                         "resolution, batches and epochs to it; default 20, for a 2-core CPU).")
+ModalityOpt = typer.Option(None, "--modality", help="CT, MR, US, XR, PET or OTHER, where dataset.json or a DICOM header does "
+                           "not tell (it picks the intensity normalisation).")
 
 
 def _data_sets(labels: Optional[str], names: Optional[str], size: Optional[int], window: Optional[str],
@@ -54,6 +59,35 @@ def _data_sets(labels: Optional[str], names: Optional[str], size: Optional[int],
     if offset is not None:
         out.append(f"data.offset={offset}")
     return out
+
+
+def _explicit(config: Optional[Path], sets: Optional[List[str]]) -> list[str]:
+    """The settings the user chose (``--config`` file keys and ``--set`` keys): a plan never replaces them."""
+    import tomllib
+
+    keys = [ov.split("=", 1)[0].strip() for ov in sets or []]
+    if config is not None and Path(config).is_file():
+        def flat(raw: dict, prefix: str = "") -> list[str]:
+            return [n for k, v in raw.items()
+                    for n in (flat(v, f"{prefix}{k}.") if isinstance(v, dict) and k != "split_lists" else [f"{prefix}{k}"])]
+        try:
+            keys += flat(tomllib.loads(Path(config).read_text()))
+        except tomllib.TOMLDecodeError:
+            pass  # load_config reports it
+    return keys
+
+
+def _planned(cfg, config: Optional[Path], sets: list[str], data: Path, budget: Optional[float], modality: Optional[str]):
+    """(run configuration, (plan, fingerprint bytes)) of a planned simulated run (:func:`ppcmi.simulate.plan_run`)."""
+    if budget is not None and not budget > 0:
+        raise PpcmiError(f"--budget: must be a positive number of minutes, got {budget:g}")
+    from .server.plan import DEFAULT_BUDGET_MIN, describe
+    from .simulate import plan_run
+
+    run_cfg, planned, wire = plan_run(cfg, data, explicit=_explicit(config, sets),
+                                      budget_min=DEFAULT_BUDGET_MIN if budget is None else budget, modality=modality)
+    typer.echo(describe(planned), err=True)
+    return run_cfg, (planned, wire)
 
 
 def _guard(fn):
@@ -422,6 +456,35 @@ def evaluate(pred: Path = typer.Option(..., "--pred", "-p", help="Folder of pred
                f"(95% bootstrap CI {lo:.4f} to {hi:.4f}) -> {out / 'summary.json'}")
 
 
+@app.command("plan")
+@_guard
+def plan_cmd(data: Path = typer.Option(..., "--data", "-d", help="Dataset folder (images/ + masks/)."),
+             clients: int = typer.Option(3, "--clients", "-n", help="Number of simulated hospitals the data are dealt to."),
+             budget: Optional[float] = BudgetOpt, modality: Optional[str] = ModalityOpt,
+             out: Path = typer.Option(Path("plan.json"), "--out", "-o", help="Where to write the plan (never overwritten)."),
+             config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
+             labels: Optional[str] = LabelsOpt, class_names: Optional[str] = NamesOpt, offset: Optional[float] = OffsetOpt):
+    """The federated plan for a dataset dealt to --clients hospitals, as `simulate` makes it.
+
+    Each hospital fingerprints its own training cases (aggregates only); the coordinator combines the
+    fingerprints into settings with reasons, the time it expects the run to take and warnings. `--set`
+    and `--config` values win over the plan and are listed as overrides."""
+    from .fileio import atomic_write_json
+
+    if out.exists():
+        raise PpcmiError(f"{out}: already exists; choose another --out")
+    sets = (set_ or []) + _data_sets(labels, class_names, None, None, offset) + [f"clients={clients}"]
+    cfg = _cfg(config, sets)
+    from .server.plan import DEFAULT_BUDGET_MIN, describe
+    from .simulate import plan_run
+
+    _, planned, _ = plan_run(cfg, data, explicit=_explicit(config, sets), budget_min=DEFAULT_BUDGET_MIN if budget is None else budget,
+                             modality=modality)
+    atomic_write_json(out, planned)
+    typer.echo(describe(planned))
+    typer.echo(f"plan written to {out}")
+
+
 @app.command()
 @_guard
 def simulate(data: Path = typer.Option(..., "--data", "-d", help="Dataset folder (images/ + masks/)."),
@@ -430,14 +493,27 @@ def simulate(data: Path = typer.Option(..., "--data", "-d", help="Dataset folder
              config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
              labels: Optional[str] = LabelsOpt, class_names: Optional[str] = NamesOpt, size: Optional[int] = SizeOpt,
              window: Optional[str] = WindowOpt, offset: Optional[float] = OffsetOpt,
+             plan: bool = typer.Option(True, "--plan/--no-plan", help="Plan the run from the hospitals' fingerprints "
+                                       "(default); --no-plan runs the configuration as given."),
+             budget: Optional[float] = BudgetOpt, modality: Optional[str] = ModalityOpt,
              resume: bool = typer.Option(False, help="Reuse finished stages and continue interrupted ones."),
              quiet: bool = QuietOpt):
-    """All roles in one process, through the same protocol bytes: stage 1, stage 2, inference, evaluation."""
+    """All roles in one process, through the same protocol bytes: plan, stage 1, stage 2, inference, evaluation."""
     from .simulate import public_summary, run_simulation
     from .fileio import atomic_write_json
 
-    cfg = _cfg(config, (set_ or []) + _data_sets(labels, class_names, size, window, offset) + [f"clients={clients}"])
-    res = run_simulation(cfg, data, out, resume=resume, progress=not quiet)
+    sets = (set_ or []) + _data_sets(labels, class_names, size, window, offset) + [f"clients={clients}"]
+    cfg = _cfg(config, sets)
+    planned = None
+    if not plan and (budget is not None or modality is not None):
+        raise PpcmiError("--budget/--modality: they steer the plan; leave them out with --no-plan")
+    if plan and resume and (out / "plan.json").exists():  # the run was planned before: keep its configuration
+        from .config import from_dict
+
+        cfg = from_dict({k: v for k, v in json.loads((out / "config.json").read_text()).items() if k != "data_dir"})
+    elif plan:
+        cfg, planned = _planned(cfg, config, sets, data, budget, modality)
+    res = run_simulation(cfg, data, out, resume=resume, progress=not quiet, planned=planned)
     res.pop("_arrays", None)
     atomic_write_json(out / "summary.json", public_summary(res))
     from .demo import table
@@ -453,12 +529,17 @@ def demo(data: Optional[Path] = typer.Option(None, "--data", "-d", help="Dataset
          out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (overrides --name)."),
          config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
          labels: Optional[str] = LabelsOpt, class_names: Optional[str] = NamesOpt, size: Optional[int] = SizeOpt,
-         window: Optional[str] = WindowOpt, offset: Optional[float] = OffsetOpt, quiet: bool = QuietOpt):
+         window: Optional[str] = WindowOpt, offset: Optional[float] = OffsetOpt,
+         plan: Optional[bool] = typer.Option(None, "--plan/--no-plan", help="Plan the run from the hospitals' fingerprints "
+                                             "(the default with --data; the bundled demo keeps its documented settings "
+                                             "unless --plan)."),
+         budget: Optional[float] = BudgetOpt, modality: Optional[str] = ModalityOpt, quiet: bool = QuietOpt):
     """The whole pipeline next to a centralized MONAI U-Net; prints a table, payload and latency.
 
-    Without --data it runs on the bundled Sunnybrook LV subset (a few minutes on 2 cores). With
-    --data it uses whole planes at 128 x 128 and a random case split; pass --config or --set for a
-    patient grouping (data.group_regex) and longer schedules.
+    Without --data it runs on the bundled Sunnybrook LV subset with its documented settings (a few
+    minutes on 2 cores; --plan plans it instead). With --data the hospitals' fingerprints plan the
+    run (see `ppcmi plan`; --no-plan: whole planes at 128 x 128) and cases are split at random; pass
+    --config or --set for a patient grouping (data.group_regex); --set values win over the plan.
     """
     from .demo import demo_config, run_demo
 
@@ -467,8 +548,17 @@ def demo(data: Optional[Path] = typer.Option(None, "--data", "-d", help="Dataset
         while out.exists() and any(out.iterdir()):
             k += 1
             out = Path("runs") / f"{name}-{k}"
-    cfg = _cfg(config, (set_ or []) + _data_sets(labels, class_names, size, window, offset), base=demo_config(bundled=data is None))
-    s = run_demo(data, out, cfg, progress=not quiet)
+    sets = (set_ or []) + _data_sets(labels, class_names, size, window, offset)
+    cfg = _cfg(config, sets, base=demo_config(bundled=data is None))
+    planned = None
+    planning = plan if plan is not None else data is not None
+    if not planning and (budget is not None or modality is not None):
+        raise PpcmiError("--budget/--modality: they steer the plan; add --plan (the bundled demo does not plan by default)")
+    if planning:
+        from .demo import bundled_data
+
+        cfg, planned = _planned(cfg, config, sets, data if data is not None else bundled_data(), budget, modality)
+    s = run_demo(data, out, cfg, progress=not quiet, planned=planned)
     lat, t = s["latency_ms"], s["timings_s"]
     typer.echo("")
     typer.echo(s["table_md"])

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from .models import AEShape, MappingConfig
 
 
 SCHEDULES = ("constant", "cosine")
+INTENSITY_MODES = ("minmax", "percentile", "window", "zscore", "ct")
 
 
 def _choice(where: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -42,18 +44,21 @@ class Preprocess:
     """How a raw plane becomes a network input: intensity scaling, colour, resize to size x size."""
 
     size: int = 256
-    intensity: str = "minmax"  # minmax | percentile | window
+    intensity: str = "minmax"  # minmax | percentile | window | zscore (per image) | ct (pooled statistics, from a plan)
     percentiles: tuple[float, float] = (0.5, 99.5)
     window: tuple[float, float] | None = None  # (low, high) after subtracting offset, e.g. (-1000, 1000)
     offset: float = 0.0  # subtracted from raw values first (CT stored as HU+1024 -> 1024)
     color: str = "gray"  # gray (luminance) | rgb (3 channels; gray repeated)
     crop: float = 1.0  # keep the central fraction of each side before resizing (1.0: whole plane)
+    stats: tuple[float, float] | None = None  # ct: the pooled foreground (mean, std) after offset (a plan writes it)
+    zrange: float = 4.0  # zscore, ct: z-scores in [-zrange, zrange] map linearly onto [0, 1] (beyond: clipped)
+    max_clipped: float = 0.5  # a training plane with more of its foreground clipped than this share is an error
 
     def __post_init__(self) -> None:
         if not isinstance(self.size, int) or self.size < 1:
             raise DataError(f"data.size: must be a positive integer, got {self.size!r}")
-        if self.intensity not in ("minmax", "percentile", "window"):
-            raise DataError(f"data.intensity: must be minmax, percentile or window, got {self.intensity!r}")
+        if self.intensity not in INTENSITY_MODES:
+            raise DataError(f"data.intensity: must be one of {', '.join(INTENSITY_MODES)}, got {self.intensity!r}")
         if self.color not in ("gray", "rgb"):
             raise DataError(f"data.color: must be gray or rgb, got {self.color!r}")
         lo, hi = (float(v) for v in self.percentiles)
@@ -65,8 +70,21 @@ class Preprocess:
             if not wl < wh:
                 raise DataError(f"data.window: need low < high, got {self.window!r}")
             object.__setattr__(self, "window", (wl, wh))
-        elif self.intensity == "window":
-            raise DataError("data.window: intensity 'window' needs a window (low, high)")
+        elif self.intensity in ("window", "ct"):
+            raise DataError(f"data.window: intensity {self.intensity!r} needs a window (low, high)")
+        if self.stats is not None:
+            mean, std = (float(v) for v in self.stats)
+            if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
+                raise DataError(f"data.stats: need a finite mean and a std > 0, got {self.stats!r}")
+            object.__setattr__(self, "stats", (mean, std))
+        elif self.intensity == "ct":
+            raise DataError("data.stats: intensity 'ct' needs the pooled foreground (mean, std) (ppcmi plan writes both)")
+        if not float(self.zrange) > 0:
+            raise DataError(f"data.zrange: must be > 0, got {self.zrange!r}")
+        object.__setattr__(self, "zrange", float(self.zrange))
+        if not 0.0 < float(self.max_clipped) <= 1.0:
+            raise DataError(f"data.max_clipped: must be in (0, 1], got {self.max_clipped!r}")
+        object.__setattr__(self, "max_clipped", float(self.max_clipped))
         object.__setattr__(self, "offset", float(self.offset))
         if not 0.0 < float(self.crop) <= 1.0:
             raise DataError(f"data.crop: must be in (0, 1], got {self.crop!r}")

@@ -146,7 +146,7 @@ def _centralized_unet(cfg_raw: dict, data: str, work_dir: str, threads: int) -> 
 
 
 def run_demo(data: str | Path | None = None, out: str | Path = "runs/demo", cfg: Config | None = None, *,
-             progress: bool = True, latency_reps: int = 30) -> dict:
+             progress: bool = True, latency_reps: int = 30, planned: tuple[dict, dict[str, bytes]] | None = None) -> dict:
     """PPCMI-SF (all roles, through protocol bytes) and, in a parallel process, the centralized U-Net.
 
     The two trainings share the machine's cores (half each, as separate sites would); latency is
@@ -163,7 +163,7 @@ def run_demo(data: str | Path | None = None, out: str | Path = "runs/demo", cfg:
         log.info("centralized U-Net training in a parallel process (%d thread(s))", half)
         torch.set_num_threads(half)
         try:
-            result = run_simulation(cfg, data, out, progress=progress)
+            result = run_simulation(cfg, data, out, progress=progress, planned=planned)
             if progress:
                 print("waiting for the centralized U-Net ...", file=sys.stderr)
             u = unet_job.result()

@@ -271,7 +271,7 @@ def hist_index(values: np.ndarray) -> np.ndarray:
     """The fixed intensity bins both sides share: bin ``i`` holds values ``v`` with
     ``sinh(i / HIST_PER_UNIT) <= v < sinh((i + 1) / HIST_PER_UNIT)``.
 
-    About 1/256 wide near 0 and 0.4 % of ``|v|`` above 1 (4 HU at 1000 HU), over +-1e12; one histogram
+    ``sqrt(1 + v**2) / 256`` wide: 1/256 near 0, 0.4 % of ``|v|`` further out (4 HU at 1000 HU), over +-1e12; one histogram
     fits 8-bit, 16-bit, HU and float images alike, so hospitals never agree on a range first."""
     v = np.clip(np.asarray(values, dtype=np.float64), -HIST_LIMIT, HIST_LIMIT)
     return np.floor(np.arcsinh(v) * HIST_PER_UNIT).astype(np.int64)

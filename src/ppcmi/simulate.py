@@ -9,8 +9,9 @@ its replies and scores its own predictions on the held-out test patients.
 Output folder::
 
     OUT/config.json            resolved configuration
+    OUT/plan.json              the federated plan the configuration came from (when the run was planned)
     OUT/sites/<hospital>/      site folders (in a real deployment each stays at its hospital)
-    OUT/wire/                  every message that crossed, exactly as sent
+    OUT/wire/                  every message that crossed, exactly as sent (fingerprints included)
     OUT/server/                the mapping network (OUT/server/<hospital>/ with mapping.scope = per_hospital)
     OUT/eval/                  per_case.csv and summary.json (per hospital and overall)
     OUT/summary.json           the run's headline numbers
@@ -37,6 +38,7 @@ from .fileio import atomic_write_bytes, atomic_write_json
 from .metrics import evaluate_cases, summarize, write_evaluation
 from .server import stages as server_stages
 from .server.mapping import MappingServer
+from .server.plan import DEFAULT_BUDGET_MIN, apply_plan, make_plan
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +68,33 @@ def plan(cfg: Config, data_dir: str | Path) -> Plan:
         raise PpcmiError(f"{data_dir}: no test cases after splitting (data.test_frac={d.test_frac})")
     parts = partition(dev, cfg.clients, mode=d.partition, seed=cfg.seed)
     return Plan(labels, cfg.data.preprocess(), {f"hospital{i + 1}": p for i, p in enumerate(parts)}, test)
+
+
+def plan_run(cfg: Config, data_dir: str | Path, *, explicit: tuple[str, ...] | list[str] = (),
+             budget_min: float = DEFAULT_BUDGET_MIN, modality: str | None = None) -> tuple[Config, dict, dict[str, bytes]]:
+    """The federated plan of a simulated run: every hospital fingerprints its own training partition
+    (:func:`ppcmi.client.stages.fingerprint`), the fingerprints cross as protocol bytes, and the coordinator
+    combines them (:func:`ppcmi.server.plan.make_plan`). Returns the run's configuration (the plan's settings
+    under ``cfg``'s values for the ``explicit`` keys, which are recorded as overrides), the plan, and the
+    fingerprint bytes per hospital."""
+    pl = plan(cfg, data_dir)
+    wire = {name: protocol.encode_fingerprint(stages.fingerprint(cases, cfg, pl.labels, client=name, modality=modality,
+                                                                 data_dir=data_dir))
+            for name, cases in pl.hospitals.items()}
+    fingerprints = [protocol.decode_fingerprint(b) for b in wire.values()]
+    planned = make_plan(fingerprints, cfg, budget_min=budget_min, class_names=pl.labels.names, sequential=True)
+    run_cfg, planned = apply_plan(cfg, planned, explicit)
+    for w in planned["warnings"]:
+        log.warning("plan: %s", w)
+    return run_cfg, planned, wire
+
+
+def write_plan(out: str | Path, planned: dict, wire: dict[str, bytes]) -> None:
+    """``OUT/plan.json`` and every hospital's fingerprint as it crossed (``OUT/wire/<hospital>.fingerprint.json``)."""
+    out = Path(out)
+    atomic_write_json(out / "plan.json", planned)
+    for name, b in wire.items():
+        atomic_write_bytes(out / "wire" / f"{name}.fingerprint.json", b)
 
 
 def load_test(pl: Plan, cfg: Config) -> dict:
@@ -110,9 +139,14 @@ def prepare_run_dir(cfg: Config, data_dir: str | Path, out: str | Path, *, resum
     return out
 
 
-def run_simulation(cfg: Config, data_dir: str | Path, out: str | Path, *, resume: bool = False, progress: bool = True) -> dict:
-    """Stage 1 at every hospital, stage 2 at the server, inference and per-hospital evaluation."""
+def run_simulation(cfg: Config, data_dir: str | Path, out: str | Path, *, resume: bool = False, progress: bool = True,
+                   planned: tuple[dict, dict[str, bytes]] | None = None) -> dict:
+    """Stage 1 at every hospital, stage 2 at the server, inference and per-hospital evaluation.
+
+    ``planned``: the plan ``cfg`` came from and its fingerprint bytes (:func:`plan_run`), saved in the run folder."""
     out = prepare_run_dir(cfg, data_dir, out, resume=resume)
+    if planned is not None:
+        write_plan(out, *planned)
     pl = plan(cfg, data_dir)
     timings: dict[str, float] = {}
     log.info("plan: %s; test %d cases", {h: len(c) for h, c in pl.hospitals.items()}, len(pl.test))
@@ -167,4 +201,4 @@ def public_summary(result: dict) -> dict:
     return {k: v for k, v in result.items() if not k.startswith("_")}
 
 
-__all__ = ["Plan", "plan", "load_test", "infer_and_score", "prepare_run_dir", "run_simulation", "public_summary"]
+__all__ = ["Plan", "plan", "plan_run", "write_plan", "load_test", "infer_and_score", "prepare_run_dir", "run_simulation", "public_summary"]

@@ -1,5 +1,5 @@
-"""A hospital's stages, defined once (hospital side): prepare its data, train its autoencoders, send its keyed
-training pairs. ``ppcmi client train``, ``simulate`` (and so ``demo`` and ``bench``), the Flower SuperNode and
+"""A hospital's stages, defined once (hospital side): fingerprint its training data, prepare it, train its
+autoencoders, send its keyed training pairs. ``ppcmi client train``, ``simulate`` (and so ``demo`` and ``bench``), the Flower SuperNode and
 the audit's reference runs all call these, so one configuration and one seed train one model whatever runs it.
 
 Seeds. The shared ``seed`` of the run configuration sets the initial weights at every hospital (a public
@@ -21,8 +21,10 @@ import numpy as np
 
 from ..config import Config
 from ..data import Case, load_arrays
+from ..data.fingerprint import compute_fingerprint, dataset_modality, normalise_modality
+from ..errors import DataError
 from ..labels import LabelMap
-from ..protocol import LatentBatch
+from ..protocol import Fingerprint, LatentBatch
 from ..training import FitResult
 from .keys import key_path, keygen
 from .site import Hospital, train_site
@@ -43,6 +45,22 @@ def ensure_key(site_dir: str | Path) -> Path:
     site = Path(site_dir)
     site.mkdir(parents=True, exist_ok=True)
     return key_path(site) if key_path(site).exists() else keygen(key_path(site))
+
+
+def fingerprint(cases: Sequence[Case], cfg: Config, labels: LabelMap, *, client: str, modality: str | None = None,
+                data_dir: str | Path | None = None) -> Fingerprint:
+    """The hospital's fingerprint of its training ``cases`` (aggregates only; see :class:`ppcmi.protocol.Fingerprint`).
+
+    ``modality`` (``--modality CT|MR|US|...``) wins; otherwise the data's own record (``data_dir/dataset.json``,
+    a DICOM header), else "UNKNOWN". Intensities are counted after ``data.offset``. A hospital whose masks are
+    all background is an error naming its masks' folder: it has nothing to teach a mask autoencoder."""
+    found = normalise_modality(modality) if modality else dataset_modality(data_dir, cases)
+    fp = compute_fingerprint(cases, labels, client=client, modality=found, offset=cfg.data.offset)
+    if fp.n_fg_planes == 0:
+        folders = sorted({str(c.mask_path.parent) for c in cases})
+        raise DataError(f"{', '.join(folders)}: all {fp.n_planes} training masks of {client} are empty (background only under "
+                        f"data.labels={','.join(str(v) for v in labels.values)}); check the masks or data.labels")
+    return fp
 
 
 def prepare(cases: Sequence[Case], cfg: Config, labels: LabelMap, *, progress: bool = False) -> dict:

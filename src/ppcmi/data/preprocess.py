@@ -55,23 +55,71 @@ def to_color(image: np.ndarray, color: str) -> np.ndarray:
     return image
 
 
-def scale_intensity(image: np.ndarray, prep: Preprocess) -> np.ndarray:
-    """Per-image scaling to float32 in [0, 1] over all channels together.
+def intensity_map(x: np.ndarray, prep: Preprocess) -> tuple[float, float, float, float]:
+    """``(clip_low, clip_high, zero, one)`` for values ``x`` (offset already subtracted): values are clipped
+    to ``[clip_low, clip_high]``, then ``zero`` maps to 0 and ``one`` to 1 (and the result is clipped to [0, 1]).
 
-    minmax: (x - min) / (max - min); percentile: clip to the percentiles, then the same;
-    window: (x - offset) clipped to the window, then (v - low) / (high - low).
-    A constant image gives zeros.
-    """
-    x = image.astype(np.float64) - prep.offset
+    minmax: the image's range; percentile: its ``data.percentiles``; window: ``data.window``;
+    zscore: the image's mean +- ``data.zrange`` standard deviations (a per-image z-score, its range
+    ``[-zrange, zrange]`` laid onto [0, 1]); ct: clip to ``data.window`` (the pooled foreground percentiles
+    of a plan), then the same z-score map with the pooled foreground ``data.stats`` (mean, std)."""
     if prep.intensity == "window":
         lo, hi = prep.window  # type: ignore[misc]
-    elif prep.intensity == "percentile":
+        return lo, hi, lo, hi
+    if prep.intensity == "percentile":
         lo, hi = (float(v) for v in np.percentile(x, prep.percentiles))
-    else:
-        lo, hi = float(x.min()), float(x.max())
-    if not hi > lo:
+        return lo, hi, lo, hi
+    if prep.intensity == "zscore":
+        mean, std = float(x.mean()), float(x.std())
+        return mean - prep.zrange * std, mean + prep.zrange * std, mean - prep.zrange * std, mean + prep.zrange * std
+    if prep.intensity == "ct":
+        (lo, hi), (mean, std) = prep.window, prep.stats  # type: ignore[misc]
+        return lo, hi, mean - prep.zrange * std, mean + prep.zrange * std
+    lo, hi = float(x.min()), float(x.max())
+    return lo, hi, lo, hi
+
+
+def scale_intensity(image: np.ndarray, prep: Preprocess) -> np.ndarray:
+    """Per-image scaling to float32 in [0, 1] over all channels together (see :func:`intensity_map`).
+
+    minmax: (x - min) / (max - min); percentile: clip to the percentiles, then the same;
+    window: (x - offset) clipped to the window, then (v - low) / (high - low); zscore and ct:
+    z-scores (per image, or pooled over the federation's foreground after clipping to the pooled
+    percentiles) laid onto [0, 1]. A constant image gives zeros.
+    """
+    x = image.astype(np.float64) - prep.offset
+    lo, hi, zero, one = intensity_map(x, prep)
+    if not (hi > lo and one > zero):
         return np.zeros(image.shape, dtype=np.float32)
-    return ((np.clip(x, lo, hi) - lo) / (hi - lo)).astype(np.float32)
+    return np.clip((np.clip(x, lo, hi) - zero) / (one - zero), 0.0, 1.0).astype(np.float32)
+
+
+def check_intensity(image: np.ndarray, foreground: np.ndarray, prep: Preprocess, where: str) -> None:
+    """Refuse a plane the intensity normalisation destroys, in one line naming ``where`` and the settings.
+
+    ``image`` is the raw (C, H, W) plane and ``foreground`` an (H, W) bool mask (before the crop). An image
+    that is not constant but becomes constant is an error; so is one where more than ``data.max_clipped``
+    of the foreground pixels lie beyond the values that map to 0 and 1 (strictly: the pixels of a
+    minmax image's extremes are not clipped)."""
+    x = to_color(center_crop(image, prep.crop), prep.color).astype(np.float64) - prep.offset
+    fg = center_crop(foreground, prep.crop)
+    settings = (f"data.intensity={prep.intensity}, data.window={prep.window}, data.offset={prep.offset:g}"
+                + (f", data.stats={prep.stats}, data.zrange={prep.zrange:g}" if prep.intensity in ("zscore", "ct") else ""))
+    if not x.max() > x.min():
+        return  # blank before any normalisation: counted in the fingerprint, not this setting's doing
+    lo, hi, zero, one = intensity_map(x, prep)
+    low, high = max(lo, zero), min(hi, one)
+    if not (high > low and (x > low).any() and (x < high).any()):
+        raise DataError(f"{where}: the image (values {x.min():g} to {x.max():g} after data.offset) becomes constant after "
+                        f"intensity normalisation ({settings}); check data.offset and data.window")
+    n_fg = int(fg.sum())
+    if n_fg and prep.intensity != "minmax":
+        v = x[:, fg]
+        share = float(((v < low) | (v > high)).any(axis=0).mean())
+        if share > prep.max_clipped:
+            raise DataError(f"{where}: {share:.0%} of the foreground pixels are clipped by the intensity normalisation "
+                            f"({settings}), more than data.max_clipped={prep.max_clipped:g}; check data.offset and data.window"
+                            + (" or raise data.zrange" if prep.intensity in ("zscore", "ct") else ""))
 
 
 def resize_image(image: np.ndarray, size: int) -> np.ndarray:
@@ -127,6 +175,7 @@ def load_sample(case: Case, prep: Preprocess, labels: LabelMap) -> Sample:
     if not finite.all():
         raise DataError(f"{case.image_path}{where}: image has {int((~finite).sum())} NaN/Inf values")
     index = labels.to_index(mask, f"{case.mask_path}{where}")
+    check_intensity(image, index > 0, prep, f"{case.image_path}{where}")
     spacing = sp_img or sp_mask
     _, _, rows, cols = crop_box(h, w, prep.crop)
     if spacing is not None:

@@ -1,0 +1,98 @@
+"""Seconds per training step of each network at a few working sizes: the table the planner's cost model uses.
+
+For the default widths (``Config()``: autoencoder width 1.0, the default mapping widths), batch 16, it times
+``--reps`` training steps (forward, loss, backward, Adam) after two warm-up steps (their median), on random inputs (the
+time does not depend on the values), and counts each step's FLOPs with ``ppcmi.server.plan.training_gflop``.
+It writes ``plan_costs.json`` and ``plan_costs.md`` into ``--out``; copy the seconds and GFLOP into
+``ppcmi.server.plan.COST_TABLE`` with the CPU they were measured on.
+
+    .venv/bin/python benchmarks/plan_costs.py --out benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from ppcmi.config import Config
+from ppcmi.fileio import atomic_write_json, atomic_write_text
+from ppcmi.models import AEConfig, Autoencoder, MappingConfig, MappingNet
+from ppcmi.server.plan import training_gflop
+from ppcmi.training import bce_dice_loss
+
+
+def _time(step, reps: int) -> tuple[float, float]:
+    """The fastest of ``reps`` steps after two warm-up steps: on a machine shared with other work, the step least
+    disturbed by it estimates an idle machine (the median is reported too)."""
+    for _ in range(2):
+        step()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return float(min(times)), float(sorted(times)[len(times) // 2])
+
+
+def measure(size: int, reps: int, n_classes: int = 2, batch: int = 16) -> dict[str, tuple[float, float]]:
+    cfg = Config()
+    gen = torch.Generator().manual_seed(0)
+    out = {}
+    for name, cin in (("image_ae", 1), ("mask_ae", n_classes)):
+        model = Autoencoder(AEConfig(in_channels=cin, width=cfg.autoencoder.width)).train()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        x = torch.rand(batch, cin, size, size, generator=gen)
+
+        def step(model=model, opt=opt, x=x):
+            opt.zero_grad(set_to_none=True)
+            bce_dice_loss(model(x), x).backward()
+            opt.step()
+
+        out[name] = _time(step, reps)
+    shapes = AEConfig(width=cfg.autoencoder.width).latent_shapes(size)
+    ch = {s: c for s, (c, _, _) in shapes.items()}
+    net = MappingNet(ch, ch, ["h"], MappingConfig()).train()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    z = {s: torch.randn(batch, *shp, generator=gen) for s, shp in shapes.items()}
+
+    def map_step():
+        opt.zero_grad(set_to_none=True)
+        pred = net(z, "h")
+        sum(torch.nn.functional.mse_loss(pred[s], z[s]) for s in z).backward()
+        opt.step()
+
+    out["mapping"] = _time(map_step, reps)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    ap.add_argument("--sizes", default="64,128,256")
+    ap.add_argument("--reps", type=int, default=9)
+    args = ap.parse_args()
+    rows = {}
+    for size in (int(s) for s in args.sizes.split(",")):
+        sec = measure(size, args.reps)
+        g = training_gflop(size, Config(), 2)
+        rows[size] = {k: {"seconds": round(sec[k][0], 4), "median_s": round(sec[k][1], 4), "gflop": round(g[k], 3)} for k in sec}
+        print(size, rows[size], flush=True)
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    meta = {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__, "batch": 16, "reps": args.reps}
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(args.out / "plan_costs.json", {"meta": meta, "sizes": rows})
+    md = [f"Seconds per training step, batch 16, default widths ({cpu}, {meta['threads']} threads, torch {meta['torch']})", "",
+          "| size | image AE s | mask AE s | mapping s | image AE GFLOP | mask AE GFLOP | mapping GFLOP |", "|---|---|---|---|---|---|---|"]
+    for size, r in rows.items():
+        md.append(f"| {size} | {r['image_ae']['seconds']:.3f} | {r['mask_ae']['seconds']:.3f} | {r['mapping']['seconds']:.3f} | "
+                  f"{r['image_ae']['gflop']:.2f} | {r['mask_ae']['gflop']:.2f} | {r['mapping']['gflop']:.2f} |")
+    atomic_write_text(args.out / "plan_costs.md", "\n".join(md) + "\n")
+
+
+if __name__ == "__main__":
+    main()

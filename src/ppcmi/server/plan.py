@@ -1,0 +1,417 @@
+"""The federated plan (coordinator side): hospitals' fingerprints in, one set of shared settings out, with reasons.
+
+The coordinator never sees an image: it combines the :class:`ppcmi.protocol.Fingerprint` of every hospital
+(counts, sums, quantiles and a histogram in shared bins) into pooled statistics, and :func:`make_plan` turns
+them into settings every hospital applies, each with the reason it was chosen, plus the time the run is
+expected to take and warnings about the data. :func:`apply_plan` lays the settings under what the user set
+explicitly (``--set``, ``--config``): a user value always wins and is recorded as an override.
+
+What the plan decides (``plan.json``'s ``settings``):
+
+- ``data.intensity`` (and ``data.window``, ``data.stats``): by modality. CT: clip to the pooled foreground
+  0.5 / 99.5 percentiles, then z-score with the pooled foreground mean and std (nnU-Net's CT scheme);
+  MR, ultrasound and the rest: a z-score per image. Either z-score is laid onto [0, 1] (``data.zrange``),
+  which the sigmoid autoencoders need.
+- ``data.crop``: the central fraction that holds every training foreground box of every hospital, with a
+  margin, when that is clearly smaller than the field; else the whole plane.
+- ``data.size``: the median native plane side inside the crop, rounded to a multiple of 32, capped at 256 and
+  lowered until the time budget affords enough epochs.
+- batch sizes, epochs, patience, augmented copies, augmentation and the mapping network's schedule, from the
+  number of training planes and the time budget (``--budget MINUTES``), through a per-step cost model whose
+  table was measured on a 2-core CPU (:data:`COST_TABLE`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from ..config import Config, load_config, to_dict
+from ..errors import ConfigError, PpcmiError
+from ..models import AEConfig, Autoencoder, MappingConfig, MappingNet
+from ..protocol import HIST_MAX_INDEX, QUANTILES, Fingerprint, hist_edges
+
+PLAN_VERSION = 1
+DEFAULT_BUDGET_MIN = 20.0       # minutes for both stages on one 2-core CPU playing every role
+SIZE_CAP = 256                  # the published working size; cost grows with its square
+SIZE_FLOOR = 64
+CT_PERCENTILES = (0.5, 99.5)
+CROP_MARGIN = 0.05              # of the field, on every side of the pooled foreground box
+CROP_MAX = 0.8                  # a crop keeping more than this fraction of each side is not worth it
+SPACING_RATIO = 2.0             # hospitals' median spacings further apart than this: a warning
+MIN_ROWS = 2000                 # stage 2 aims for at least this many training rows (augmented copies)
+MAX_COPIES = 8
+MIN_STEPS_PER_EPOCH = 8
+MIN_BATCH = 8                   # BatchNorm statistics need a few samples per batch
+AE_EPOCHS = (20, 100)           # (fewest the plan accepts before lowering the size, the published most)
+MAP_EPOCHS = (20, 150)
+STAGE1_SHARE = 0.4              # of the budget, before the stage that needs less hands its rest to the other
+
+# Seconds per training step (forward, backward, Adam) at batch 16 on a 2-core AMD EPYC (torch 2.13, 2 threads),
+# measured by benchmarks/plan_costs.py for the default widths (autoencoder.width 1.0; mapping widen 32-64-128,
+# mid 128-256, down 64-32-16), with the training FLOPs of the same step. The planner divides a configuration's
+# FLOPs by the throughput at the nearest measured size, so other widths are costed through their FLOPs.
+COST_TABLE = {
+    # size: {network: (seconds per step, GFLOP per step)}
+    64: {"image_ae": (0.060, 1.98), "mask_ae": (0.061, 2.05), "mapping": (0.060, 1.06)},
+    128: {"image_ae": (0.23, 7.9), "mask_ae": (0.24, 8.2), "mapping": (0.20, 4.2)},
+    256: {"image_ae": (0.95, 31.7), "mask_ae": (0.97, 32.8), "mapping": (0.80, 16.9)},
+}
+OVERHEAD = 1.15                 # validation passes, data augmentation and encoding, on top of the training steps
+
+
+# ----------------------------------------------------------------------------- pooling fingerprints
+
+
+@dataclass(frozen=True)
+class Pooled:
+    """What the coordinator knows once every fingerprint is in: federation-wide aggregates."""
+
+    hospitals: tuple[str, ...]
+    modality: str
+    n_planes: tuple[int, ...]            # per hospital
+    n_classes: int
+    channels: int
+    rows: float                          # median native plane size (the planes' weighted median of hospital medians)
+    cols: float
+    spacing: tuple[float, float] | None  # the same for spacing (mm), over the hospitals that record it
+    spacings: dict[str, tuple[float, float]]
+    fg_pixels: int
+    fg_mean: float
+    fg_std: float
+    percentiles: tuple[float, float]     # pooled foreground percentiles CT_PERCENTILES, from the histograms
+    extent: tuple[float, float, float, float]  # union of every foreground box: top, bottom, left, right (fractions)
+    class_planes: tuple[tuple[int, ...], ...]  # per hospital, per class
+    constant_planes: int
+
+
+def _weighted_median(values: Sequence[float], weights: Sequence[float]) -> float:
+    order = np.argsort(values)
+    v, w = np.asarray(values, dtype=np.float64)[order], np.asarray(weights, dtype=np.float64)[order]
+    cum = np.cumsum(w)
+    return float(v[np.searchsorted(cum, cum[-1] / 2.0)])
+
+
+def hist_percentiles(hist: dict[int, int], qs: Sequence[float]) -> list[float]:
+    """Percentiles ``qs`` (0-100) of the values a ``{bin: count}`` histogram in the shared bins counts, by
+    linear interpolation inside the bin where the cumulative count crosses ``q`` % of the total."""
+    bins = np.asarray(sorted(hist), dtype=np.int64)
+    counts = np.asarray([hist[b] for b in bins], dtype=np.float64)
+    cum = np.cumsum(counts)
+    lo, hi = hist_edges(bins)
+    out = []
+    for q in qs:
+        target = q / 100.0 * cum[-1]
+        i = int(min(np.searchsorted(cum, target), len(bins) - 1))
+        before = cum[i] - counts[i]
+        frac = 0.0 if counts[i] == 0 else min(1.0, max(0.0, (target - before) / counts[i]))
+        out.append(float(lo[i] + frac * (hi[i] - lo[i])))
+    return out
+
+
+def pool(fingerprints: Sequence[Fingerprint]) -> tuple[Pooled, list[str]]:
+    """Combine fingerprints (one per hospital, distinct sites); returns the aggregates and the warnings.
+
+    Errors: no fingerprints, a site twice, different class counts, modalities that disagree, no foreground."""
+    if not fingerprints:
+        raise PpcmiError("plan: no fingerprints to combine")
+    names = [fp.client for fp in fingerprints]
+    if len(set(names)) != len(names):
+        raise PpcmiError(f"plan: a hospital sent two fingerprints ({', '.join(sorted({n for n in names if names.count(n) > 1}))})")
+    warnings: list[str] = []
+    ks = {fp.n_classes for fp in fingerprints}
+    if len(ks) > 1:
+        raise PpcmiError(f"plan: hospitals count different classes ({', '.join(f'{fp.client}: {fp.n_classes}' for fp in fingerprints)}); "
+                         "every hospital must use the same data.labels")
+    known = {fp.modality for fp in fingerprints if fp.modality != "UNKNOWN"}
+    if len(known) > 1:
+        raise PpcmiError(f"plan: hospitals report different modalities ({', '.join(f'{fp.client}: {fp.modality}' for fp in fingerprints)}); "
+                         "one plan normalises one modality (set --modality at the hospital that is wrong)")
+    modality = known.pop() if known else "UNKNOWN"
+    unknown = [fp.client for fp in fingerprints if fp.modality == "UNKNOWN"]
+    if unknown and modality != "UNKNOWN":
+        warnings.append(f"{', '.join(unknown)}: modality unknown; planned as {modality}, which the other hospitals report")
+    mid = QUANTILES.index(0.5)
+    weights = [fp.n_planes for fp in fingerprints]
+    with_sp = [fp for fp in fingerprints if fp.n_spacing]
+    spacings = {fp.client: (fp.spacing_rows[mid], fp.spacing_cols[mid]) for fp in with_sp}
+    spacing = None
+    if with_sp:
+        spacing = (_weighted_median([fp.spacing_rows[mid] for fp in with_sp], [fp.n_spacing for fp in with_sp]),
+                   _weighted_median([fp.spacing_cols[mid] for fp in with_sp], [fp.n_spacing for fp in with_sp]))
+    n = sum(fp.fg_pixels for fp in fingerprints)
+    if n == 0:
+        raise PpcmiError("plan: no hospital has any foreground in its training masks")
+    mean = sum(fp.fg_pixels * fp.fg_mean for fp in fingerprints) / n
+    var = sum(fp.fg_pixels * (fp.fg_std ** 2 + (fp.fg_mean - mean) ** 2) for fp in fingerprints) / n
+    hist: dict[int, int] = {}
+    for fp in fingerprints:
+        for b, c in fp.hist:
+            hist[b] = hist.get(b, 0) + c
+    fg = [fp for fp in fingerprints if fp.n_fg_planes]
+    extent = (min(fp.extent_top[0] for fp in fg), max(fp.extent_bottom[-1] for fp in fg),
+              min(fp.extent_left[0] for fp in fg), max(fp.extent_right[-1] for fp in fg))
+    pooled = Pooled(
+        hospitals=tuple(names), modality=modality, n_planes=tuple(weights), n_classes=ks.pop(),
+        channels=max(fp.channels for fp in fingerprints),
+        rows=_weighted_median([fp.rows[mid] for fp in fingerprints], weights),
+        cols=_weighted_median([fp.cols[mid] for fp in fingerprints], weights), spacing=spacing, spacings=spacings,
+        fg_pixels=n, fg_mean=float(mean), fg_std=float(math.sqrt(max(var, 0.0))),
+        percentiles=tuple(hist_percentiles(hist, CT_PERCENTILES)),  # type: ignore[arg-type]
+        extent=extent, class_planes=tuple(fp.class_planes for fp in fingerprints),
+        constant_planes=sum(fp.constant_planes for fp in fingerprints))
+    return pooled, warnings
+
+
+def data_warnings(pooled: Pooled, class_names: Sequence[str] | None = None) -> list[str]:
+    """Warnings about the federation's data: a class missing at a hospital, spacings far apart, constant planes."""
+    out = []
+    names = list(class_names or []) or [f"class{k}" for k in range(pooled.n_classes)]
+    for h, planes in zip(pooled.hospitals, pooled.class_planes):
+        missing = [names[k] for k in range(1, pooled.n_classes) if planes[k] == 0]
+        if missing:
+            out.append(f"{h}: no training plane holds {', '.join(missing)} (data.labels); its mask autoencoder never learns "
+                       f"{'that class' if len(missing) == 1 else 'those classes'} and its predictions will lack it")
+    if len(pooled.spacings) > 1:
+        sizes = {h: math.sqrt(r * c) for h, (r, c) in pooled.spacings.items()}
+        lo, hi = min(sizes, key=sizes.get), max(sizes, key=sizes.get)  # type: ignore[arg-type]
+        if sizes[hi] > SPACING_RATIO * sizes[lo]:
+            out.append(f"{lo} and {hi}: median pixel spacings {sizes[lo]:.3g} mm and {sizes[hi]:.3g} mm differ by more than "
+                       f"{SPACING_RATIO:g}x; planes are resized to one size, not to one spacing, so the same anatomy appears at "
+                       "different scales at these hospitals (check their spacings, or resample their data first)")
+    if pooled.constant_planes:
+        out.append(f"{pooled.constant_planes} training plane(s) hold one value only (blank slices); they train on zeros")
+    if pooled.modality == "CT" and not (-1200.0 <= pooled.percentiles[0] and pooled.percentiles[1] <= 4000.0):
+        out.append(f"CT foreground percentiles {pooled.percentiles[0]:.0f} to {pooled.percentiles[1]:.0f} are not in the "
+                   "Hounsfield range (-1024 to 3071): if the data store HU shifted, set data.offset (e.g. 1024)")
+    return out
+
+
+# ----------------------------------------------------------------------------- the cost model
+
+
+def training_gflop(size: int, cfg: Config, n_classes: int, channels: int = 1, batch: int = 16) -> dict[str, float]:
+    """GFLOP of one training step (forward + backward, counted as 3x the forward) of each network at ``size``,
+    counted by torch's FLOP counter on the meta device (no arithmetic is done)."""
+    key = (size, cfg.autoencoder.width, cfg.autoencoder.skips,
+           tuple((f.name, getattr(cfg.mapping, f.name)) for f in dataclasses.fields(MappingConfig)), n_classes, channels, batch)
+    if key not in _GFLOP:
+        _GFLOP[key] = _count_gflop(size, cfg, n_classes, channels, batch)
+    return dict(_GFLOP[key])
+
+
+_GFLOP: dict[tuple, dict[str, float]] = {}
+
+
+def _count_gflop(size: int, cfg: Config, n_classes: int, channels: int, batch: int) -> dict[str, float]:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def flops(model: torch.nn.Module, *args) -> float:
+        model.eval()
+        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+            model(*args)
+        return 3.0 * fc.get_total_flops() * batch / 1e9
+
+    shapes = AEConfig(width=cfg.autoencoder.width, skips=cfg.autoencoder.skips).latent_shapes(size)
+    mc = MappingConfig(**{f.name: getattr(cfg.mapping, f.name) for f in dataclasses.fields(MappingConfig)})
+    with torch.device("meta"):
+        ae = lambda cin: Autoencoder(AEConfig(in_channels=cin, width=cfg.autoencoder.width, skips=cfg.autoencoder.skips))  # noqa: E731
+        net = MappingNet({s: c for s, (c, _, _) in shapes.items()}, {s: c for s, (c, _, _) in shapes.items()}, ["h"], mc)
+        z = {s: torch.zeros(1, *shp) for s, shp in shapes.items()}
+        return {"image_ae": flops(ae(channels), torch.zeros(1, channels, size, size)),
+                "mask_ae": flops(ae(n_classes), torch.zeros(1, n_classes, size, size)),
+                "mapping": flops(net, z, "h")}
+
+
+def step_seconds(size: int, gflop: dict[str, float]) -> dict[str, float]:
+    """Seconds per training step: ``gflop`` at the throughput :data:`COST_TABLE` measured at the nearest size."""
+    ref = min(COST_TABLE, key=lambda s: abs(math.log(s / size)))
+    return {k: g * COST_TABLE[ref][k][0] / COST_TABLE[ref][k][1] for k, g in gflop.items()}
+
+
+def _batch(n: int, cap: int = 16) -> int:
+    """The largest power of two up to ``cap`` giving at least MIN_STEPS_PER_EPOCH steps per epoch over ``n`` rows,
+    but at least MIN_BATCH (or ``cap`` when that is smaller)."""
+    b = cap
+    while b // 2 >= MIN_BATCH and n / b < MIN_STEPS_PER_EPOCH:
+        b //= 2
+    return b
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+def _round32(x: float) -> int:
+    return max(32, int(math.floor(x / 32.0 + 0.5)) * 32)
+
+
+def make_plan(fingerprints: Sequence[Fingerprint], cfg: Config, *, budget_min: float = DEFAULT_BUDGET_MIN,
+              class_names: Sequence[str] | None = None, sequential: bool = True) -> dict:
+    """The plan for these hospitals: ``{"version", "settings", "reasons", "expected", "warnings", "pooled"}``.
+
+    ``cfg`` supplies what the plan does not choose (network widths, validation shares, ``data.offset``);
+    ``sequential``: one machine plays every hospital in turn (``simulate``), so stage 1 takes the sum of the
+    hospitals' times; otherwise (a federation) the largest hospital's."""
+    if not budget_min > 0:
+        raise ConfigError(f"--budget: must be a positive number of minutes, got {budget_min!r}")
+    pooled, warnings = pool(fingerprints)
+    warnings += data_warnings(pooled, class_names)
+    settings: dict[str, object] = {}
+    reasons: dict[str, str] = {}
+
+    # intensity normalisation, by modality
+    if pooled.modality == "CT":
+        lo, hi = pooled.percentiles
+        if not hi > lo:
+            raise PpcmiError(f"plan: the pooled CT foreground is one value ({lo:g}); check data.labels and the images")
+        settings.update({"data.intensity": "ct", "data.window": [round(lo, 2), round(hi, 2)],
+                         "data.stats": [round(pooled.fg_mean, 3), round(max(pooled.fg_std, 1e-3), 3)]})
+        reasons["data.intensity"] = (f"CT: intensities are physical (HU), so one normalisation fits every hospital: clip to the "
+                                     f"pooled foreground {CT_PERCENTILES[0]} / {CT_PERCENTILES[1]} percentiles ({lo:.1f}, {hi:.1f}) "
+                                     f"and z-score with the pooled foreground mean {pooled.fg_mean:.1f} and std {pooled.fg_std:.1f} "
+                                     f"({pooled.fg_pixels} foreground pixels at {len(pooled.hospitals)} hospitals)")
+    else:
+        settings["data.intensity"] = "zscore"
+        what = {"MR": "MR intensities have no physical unit", "US": "ultrasound gain and depth vary by machine and patient",
+                "UNKNOWN": "the modality is unknown (dataset.json, a DICOM header or --modality would tell)"}.get(
+                    pooled.modality, f"{pooled.modality} intensities are not calibrated across scanners")
+        reasons["data.intensity"] = f"{pooled.modality}: {what}, so each image is z-scored on its own"
+    reasons["data.intensity"] += f"; z-scores in [-{cfg.data.zrange:g}, {cfg.data.zrange:g}] map onto [0, 1] (data.zrange)"
+
+    # region of interest
+    top, bottom, left, right = pooled.extent
+    half = max(0.5 - top, bottom - 0.5, 0.5 - left, right - 0.5) + CROP_MARGIN
+    crop = min(1.0, math.ceil(2 * half * 16) / 16)
+    if crop <= CROP_MAX:
+        settings["data.crop"] = crop
+        reasons["data.crop"] = (f"every training foreground box of every hospital lies within rows {top:.2f}-{bottom:.2f} and "
+                                f"columns {left:.2f}-{right:.2f} of the field: the central {crop:g} of each side holds them with a "
+                                f"margin of {CROP_MARGIN:g}")
+    else:
+        settings["data.crop"] = 1.0
+        reasons["data.crop"] = (f"the training foreground spans rows {top:.2f}-{bottom:.2f} and columns {left:.2f}-{right:.2f} of "
+                                f"the field: a central crop would keep more than {CROP_MAX:g} of each side, so the whole plane is used")
+
+    # working resolution and schedule, from the cost model and the budget
+    native = max(pooled.rows, pooled.cols) * float(settings["data.crop"])  # type: ignore[arg-type]
+    size = min(SIZE_CAP, _round32(native))
+    val_ae, val_map = cfg.autoencoder.val_frac, cfg.mapping.val_frac
+    n_train = [max(1, int(n * (1 - val_ae))) for n in pooled.n_planes]
+    pairs = sum(pooled.n_planes)
+    copies = int(min(MAX_COPIES, max(1, math.ceil(MIN_ROWS / pairs))))
+    rows = pairs * copies
+    b_ae = _batch(min(n_train), cfg.autoencoder.batch_size if cfg.autoencoder.batch_size >= 2 else 16)
+    b_map = _batch(int(rows * (1 - val_map)), cfg.mapping.batch_size if cfg.mapping.batch_size >= 2 else 16)
+    budget_s = budget_min * 60.0
+    chosen = None
+    for s in range(size, min(size, SIZE_FLOOR) - 1, -32):
+        g = training_gflop(s, cfg, pooled.n_classes, 3 if cfg.data.color == "rgb" else 1)
+        t = step_seconds(s, g)
+        steps1 = [math.ceil(n / b_ae) for n in n_train]
+        epoch1 = OVERHEAD * (t["image_ae"] + t["mask_ae"]) * (b_ae / 16) * (sum(steps1) if sequential else max(steps1))
+        epoch2 = OVERHEAD * t["mapping"] * (b_map / 16) * math.ceil(rows * (1 - val_map) / b_map)
+        e1 = min(AE_EPOCHS[1], int(budget_s * STAGE1_SHARE / epoch1))
+        e2 = min(MAP_EPOCHS[1], int((budget_s - e1 * epoch1) / epoch2))
+        e1 = min(AE_EPOCHS[1], int((budget_s - e2 * epoch2) / epoch1))  # what stage 2 left over goes back to stage 1
+        chosen = (s, e1, e2, epoch1, epoch2)
+        if e1 >= AE_EPOCHS[0] and e2 >= MAP_EPOCHS[0]:
+            break
+    s, e1, e2, epoch1, epoch2 = chosen  # type: ignore[misc]
+    if e1 < AE_EPOCHS[0] or e2 < MAP_EPOCHS[0]:
+        warnings.append(f"--budget {budget_min:g} minutes affords only {e1} autoencoder and {e2} mapping epochs even at "
+                        f"{SIZE_FLOOR} x {SIZE_FLOOR}; expect a poor model (raise --budget)")
+        e1, e2 = max(e1, 1), max(e2, 1)
+    settings["data.size"] = s
+    reasons["data.size"] = (f"the median native plane is {pooled.rows:.0f} x {pooled.cols:.0f} pixels, {native:.0f} on its longer side "
+                            f"inside the crop: {_round32(native)} as a multiple of 32" + (
+                                f", capped at {SIZE_CAP}" if _round32(native) > SIZE_CAP else "")
+                            + (f", lowered to {s} so that the budget affords at least {AE_EPOCHS[0]} autoencoder and "
+                               f"{MAP_EPOCHS[0]} mapping epochs" if s < min(SIZE_CAP, _round32(native)) else ""))
+    settings.update({"autoencoder.batch_size": b_ae, "autoencoder.epochs": e1, "autoencoder.patience": max(5, e1 // 6),
+                     "autoencoder.augment": True, "autoencoder.send_copies": copies,
+                     "mapping.batch_size": b_map, "mapping.epochs": e2, "mapping.patience": e2, "mapping.lr_schedule": "cosine"})
+    reasons["autoencoder.batch_size"] = (f"the smallest hospital trains on {min(n_train)} planes: batch {b_ae} gives it "
+                                         f"{min(n_train) // b_ae or 1} or more steps per epoch (batches of at least {MIN_BATCH})"
+                                         if b_ae < 16 else f"the published batch of 16 (the smallest hospital trains on {min(n_train)} planes)")
+    reasons["autoencoder.epochs"] = (f"{e1} epochs at about {epoch1:.1f} s each ({'all hospitals in turn' if sequential else 'the largest hospital'}) "
+                                     f"fit the budget (at most the published {AE_EPOCHS[1]}); patience about a sixth of them")
+    reasons["autoencoder.patience"] = reasons["autoencoder.epochs"]
+    reasons["autoencoder.augment"] = "random rotation, flip, scale and intensity: every hospital's own data are few"
+    reasons["autoencoder.send_copies"] = (f"{pairs} training pairs in all: {copies} cop{'y' if copies == 1 else 'ies'} each "
+                                          f"(augmented, at most {MAX_COPIES}) give the mapping network at least "
+                                          f"{min(MIN_ROWS, pairs * MAX_COPIES)} rows to train on")
+    reasons["mapping.batch_size"] = (f"{rows} rows at the coordinator: batch {b_map}" + (
+        f" gives {int(rows * (1 - val_map)) // b_map or 1} or more steps per epoch" if b_map < 16 else " (the published batch)"))
+    reasons["mapping.epochs"] = (f"{e2} epochs at about {epoch2:.1f} s each fit the budget (at most the published {MAP_EPOCHS[1]}); "
+                                 "the budget fixes the schedule, so a cosine decay ends it and every epoch runs (patience = epochs)")
+    reasons["mapping.patience"] = reasons["mapping.lr_schedule"] = reasons["mapping.epochs"]
+    stage1, stage2 = e1 * epoch1, e2 * epoch2
+    expected = {"stage1_s": round(stage1), "stage2_s": round(stage2), "total_s": round(stage1 + stage2),
+                "budget_s": round(budget_s), "runner": "one machine plays every hospital in turn" if sequential
+                else "hospitals train stage 1 in parallel",
+                "note": "on a 2-core CPU like the one COST_TABLE was measured on (ppcmi.server.plan); early stopping may end "
+                        "stage 1 sooner; the centralized U-Net of demo and bench is not included"}
+    return {"version": PLAN_VERSION, "settings": settings, "reasons": reasons, "expected": expected, "warnings": warnings,
+            "pooled": _pooled_json(pooled), "budget_min": budget_min}
+
+
+def _pooled_json(p: Pooled) -> dict:
+    d = json.loads(json.dumps(dataclasses.asdict(p)))
+    d["extent"] = dict(zip(("top", "bottom", "left", "right"), d["extent"]))
+    return d
+
+
+def _flat(raw: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for k, v in raw.items():
+        if isinstance(v, dict) and k != "split_lists":
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def apply_plan(cfg: Config, plan: dict, explicit: Sequence[str] = ()) -> tuple[Config, dict]:
+    """``cfg`` with the plan's settings, except those named in ``explicit`` (the user's ``--set`` / ``--config``
+    keys), which keep ``cfg``'s value. Returns the configuration and the plan with its ``overrides``
+    (``{key: {"plan": value, "used": value}}``)."""
+    current = _flat(to_dict(cfg))
+    explicit = set(explicit)
+    sets, overrides = [], {}
+    for key, value in plan["settings"].items():
+        if key in explicit:
+            if json.loads(json.dumps(current[key])) != value:
+                overrides[key] = {"plan": value, "used": current[key]}
+            continue
+        sets.append(f"{key}={','.join(str(v) for v in value) if isinstance(value, (list, tuple)) else value}")
+    return load_config(None, sets, base=cfg), {**plan, "overrides": overrides}
+
+
+def describe(plan: dict) -> str:
+    """The plan's choices and reasons as lines of text (what ``ppcmi plan`` prints)."""
+    lines = []
+    p = plan.get("pooled", {})
+    lines.append(f"{len(p.get('hospitals', []))} hospital(s), {sum(p.get('n_planes', []))} training planes, modality "
+                 f"{p.get('modality')}, {p.get('n_classes')} classes")
+    for key, value in plan["settings"].items():
+        over = plan.get("overrides", {}).get(key)
+        shown = f"{over['used']} (set by you; the plan chose {value})" if over else value
+        lines.append(f"  {key} = {shown}")
+        if key in plan["reasons"] and not key.endswith(("patience", "lr_schedule")):
+            lines.append(f"      because {plan['reasons'][key]}")
+    e = plan["expected"]
+    lines.append(f"expected: stage 1 about {e['stage1_s'] / 60:.1f} min, stage 2 about {e['stage2_s'] / 60:.1f} min, in all "
+                 f"{e['total_s'] / 60:.1f} of the {e['budget_s'] / 60:.0f} min budget ({e['runner']})")
+    for w in plan.get("warnings", []):
+        lines.append(f"warning: {w}")
+    return "\n".join(lines)
+
+
+__all__ = ["PLAN_VERSION", "DEFAULT_BUDGET_MIN", "COST_TABLE", "Pooled", "pool", "hist_percentiles", "data_warnings",
+           "training_gflop", "step_seconds", "make_plan", "apply_plan", "describe"]

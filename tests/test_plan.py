@@ -1,0 +1,366 @@
+"""The federated plan: a hospital's fingerprint (aggregates only, validated), the coordinator's pooling and plan,
+the intensity modes the plan chooses, the degenerate inputs it names, and `ppcmi plan` / planned `simulate`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ppcmi import protocol
+from ppcmi.client import stages
+from ppcmi.config import Config, DataConfig, Preprocess, load_config
+from ppcmi.data import check_intensity, discover_cases, discover_labels, scale_intensity
+from ppcmi.data.fingerprint import compute_fingerprint, dataset_modality, normalise_modality
+from ppcmi.errors import DataError, PpcmiError, ProtocolError
+from ppcmi.labels import LabelMap
+from ppcmi.server.plan import apply_plan, hist_percentiles, make_plan, pool
+
+from conftest import shared_dataset
+
+
+def _write(root: Path, name: str, image: np.ndarray, mask: np.ndarray) -> None:
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "masks").mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image.astype(np.uint8)).save(root / "images" / f"{name}.png")
+    Image.fromarray(mask.astype(np.uint8)).save(root / "masks" / f"{name}.png")
+
+
+@pytest.fixture
+def tiny(tmp_path) -> Path:
+    """Two planes of 8 x 10 with a hand-placed foreground: a 2 x 3 box of class 1 (values 10) in the first,
+    a 2 x 2 box of class 1 (values 40) and one pixel of class 2 (value 100) in the second."""
+    a = np.full((8, 10), 5)
+    ma = np.zeros((8, 10))
+    a[2:4, 3:6], ma[2:4, 3:6] = 10, 1
+    b = np.full((8, 10), 7)
+    mb = np.zeros((8, 10))
+    b[4:6, 0:2], mb[4:6, 0:2] = 40, 1
+    b[7, 9], mb[7, 9] = 100, 2
+    _write(tmp_path / "d", "p1", a, ma)
+    _write(tmp_path / "d", "p2", b, mb)
+    return tmp_path / "d"
+
+
+def _fp(root: Path, client: str = "h1", modality: str = "MR", **kw) -> protocol.Fingerprint:
+    cases = discover_cases(root)
+    return compute_fingerprint(cases, LabelMap((0, 1, 2)), client=client, modality=modality, **kw)
+
+
+def test_fingerprint_holds_hand_derived_aggregates(tiny):
+    fp = _fp(tiny)
+    assert (fp.n_cases, fp.n_planes, fp.channels, fp.n_classes) == (2, 2, 1, 3)
+    assert fp.rows == (8,) * 5 and fp.cols == (10,) * 5 and fp.n_spacing == 0 and fp.spacing_rows == ()
+    fg = np.array([10] * 6 + [40] * 4 + [100])
+    assert fp.fg_pixels == 11
+    assert fp.fg_mean == pytest.approx(fg.mean()) and fp.fg_std == pytest.approx(fg.std())
+    assert sum(c for _, c in fp.hist) == 11
+    # class fractions: per plane, then averaged over planes
+    assert fp.class_fraction == pytest.approx(((74 / 80 + 75 / 80) / 2, (6 / 80 + 4 / 80) / 2, (1 / 80) / 2))
+    assert fp.class_planes == (2, 2, 1) and fp.class_cases == (2, 2, 1) and fp.n_fg_planes == 2
+    # foreground boxes: rows 2-4 of 8 and 4-8 of 8; columns 3-6 of 10 and 0-10 of 10
+    assert (fp.extent_top[0], fp.extent_top[-1]) == (2 / 8, 4 / 8)
+    assert (fp.extent_bottom[0], fp.extent_bottom[-1]) == (4 / 8, 8 / 8)
+    assert (fp.extent_left[0], fp.extent_right[-1]) == (0.0, 1.0)
+    assert fp.extent_top[2] == pytest.approx(3 / 8)  # the median of two planes
+    assert fp.constant_planes == 0
+
+
+def test_fingerprint_offset_shifts_intensities_only(tiny):
+    a, b = _fp(tiny), _fp(tiny, offset=1024.0)
+    assert b.fg_mean == pytest.approx(a.fg_mean - 1024) and b.fg_std == pytest.approx(a.fg_std)
+    assert b.class_fraction == a.class_fraction and b.extent_top == a.extent_top
+
+
+def test_fingerprint_bytes_round_trip_and_carry_no_file_names(tiny):
+    fp = _fp(tiny, client="hospital1")
+    data = protocol.encode_fingerprint(fp)
+    assert protocol.decode_fingerprint(data) == fp
+    raw = json.loads(data)
+    assert set(raw) == {f.name for f in dataclasses.fields(protocol.Fingerprint)}
+    text = data.decode()
+    assert "p1" not in text and "p2" not in text and "png" not in text and str(tiny) not in text
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"extra": 1}, "unknown field"),
+    ({"version": 2}, "fingerprint.version"),
+    ({"modality": "SPECT-ish"}, "fingerprint.modality"),
+    ({"n_planes": -1}, "fingerprint.n_planes"),
+    ({"n_planes": 1.5}, "fingerprint.n_planes"),
+    ({"client": "../etc"}, "fingerprint.client"),
+    ({"class_fraction": [0.5, 0.5, 0.5]}, "fingerprint.class_fraction"),
+    ({"class_planes": [2, 3, 1]}, "fingerprint.class_planes"),
+    ({"extent_top": [0.5, 0.4, 0.3, 0.2, 0.1]}, "fingerprint.extent_top"),
+    ({"extent_top": [0, 0, 0, 0, 2.0]}, "fingerprint.extent_top"),
+    ({"rows": [8, 8]}, "fingerprint.rows"),
+    ({"fg_mean": float("nan")}, "fingerprint.fg_mean"),
+    ({"hist": [[3, 5]]}, "fingerprint.hist"),
+    ({"hist": [[5, 1], [3, 10]]}, "fingerprint.hist"),
+])
+def test_fingerprint_validator_refuses_by_name(tiny, change, field):
+    raw = json.loads(protocol.encode_fingerprint(_fp(tiny)))
+    raw.update(change)
+    with pytest.raises(ProtocolError, match=field):
+        protocol.decode_fingerprint(json.dumps(raw).encode())
+
+
+def test_fingerprint_decode_refuses_oversized_and_non_json():
+    with pytest.raises(ProtocolError, match="exceeds the limit"):
+        protocol.decode_fingerprint(b" " * (protocol.FINGERPRINT_MAX_BYTES + 1))
+    with pytest.raises(ProtocolError, match="not valid JSON"):
+        protocol.decode_fingerprint(b"\xff{")
+    with pytest.raises(ProtocolError, match="expected a JSON object"):
+        protocol.decode_fingerprint(b"[1, 2]")
+
+
+def test_histogram_bins_are_fine_where_intensities_live():
+    v = np.array([-1024.0, -1.0, 0.0, 0.3, 1.0, 40.0, 1000.0, 3071.0, 65535.0])
+    lo, hi = protocol.hist_edges(protocol.hist_index(v))
+    assert np.all(lo <= v) and np.all(v < hi)
+    assert np.all(hi - lo <= np.sqrt(1 + v * v) / 256 * 1.01)  # 1/256 near 0, 0.4 % of |v| further out (4 HU at 1000 HU)
+
+
+def _fake(client, *, modality="MR", n=100, mean=0.0, std=1.0, values=None, extent=(0.4, 0.6, 0.4, 0.6), spacing=None,
+          class_planes=None, size=256):
+    """A hand-made fingerprint: ``values`` are its foreground intensities."""
+    values = np.asarray(values if values is not None else [mean], dtype=np.float64)
+    idx, counts = np.unique(protocol.hist_index(values), return_counts=True)
+    t, b, left, r = extent
+    q = lambda lo, hi: (lo, lo, (lo + hi) / 2 if False else lo, hi, hi)  # noqa: E731
+    return protocol.Fingerprint(
+        client=client, modality=modality, n_cases=n, n_planes=n, channels=1, n_classes=2, rows=(size,) * 5, cols=(size,) * 5,
+        n_spacing=n if spacing else 0, spacing_rows=(spacing,) * 5 if spacing else (), spacing_cols=(spacing,) * 5 if spacing else (),
+        fg_pixels=int(values.size), fg_mean=float(values.mean()), fg_std=float(values.std()),
+        hist=tuple((int(i), int(c)) for i, c in zip(idx, counts)), class_fraction=(0.9, 0.1),
+        class_planes=class_planes or (n, n), class_cases=class_planes or (n, n), n_fg_planes=n,
+        extent_top=(t,) * 5, extent_bottom=(b,) * 5, extent_left=(left,) * 5, extent_right=(r,) * 5, constant_planes=0)
+
+
+def test_pooled_statistics_equal_those_of_all_foreground_pixels():
+    a, b = [1.0, 3.0], [5.0, 7.0, 9.0]
+    pooled, warnings = pool([_fake("h1", values=a), _fake("h2", values=b)])
+    allv = np.array(a + b)
+    assert pooled.fg_pixels == 5
+    assert pooled.fg_mean == pytest.approx(5.0) and pooled.fg_std == pytest.approx(allv.std())  # sqrt(8)
+    assert warnings == []
+
+
+def test_pooled_percentiles_from_histograms_match_the_pooled_values(rng):
+    a, b = rng.normal(40, 30, 20000), rng.normal(300, 200, 5000)
+    pooled, _ = pool([_fake("h1", modality="CT", values=a), _fake("h2", modality="CT", values=b)])
+    v = np.sort(np.concatenate([a, b]))
+    for q, got in zip((0.005, 0.995), pooled.percentiles):  # within a bin of the order statistics around q * n
+        k = q * v.size
+        lo, hi = v[int(k) - 2], v[int(math.ceil(k)) + 1]
+        width = np.sqrt(1 + got * got) / protocol.HIST_PER_UNIT
+        assert lo - width <= got <= hi + width, (q, got, lo, hi)
+    assert hist_percentiles({0: 10}, [0, 50, 100]) == pytest.approx([0.0, 0.5 / 256, 1 / 256], rel=1e-3)  # one bin, linear inside
+
+
+def test_ct_plan_clips_to_pooled_percentiles_and_zscores_with_pooled_statistics(rng):
+    vals = rng.normal(60, 20, 10000)
+    plan = make_plan([_fake("h1", modality="CT", values=vals[:6000]), _fake("h2", modality="UNKNOWN", values=vals[6000:])],
+                     Config(), budget_min=20)
+    s = plan["settings"]
+    assert s["data.intensity"] == "ct"
+    assert s["data.window"] == pytest.approx(np.percentile(vals, [0.5, 99.5]), abs=1.0)
+    assert s["data.stats"] == pytest.approx([vals.mean(), vals.std()], abs=0.01)
+    assert "pooled foreground" in plan["reasons"]["data.intensity"]
+    assert any("h2: modality unknown; planned as CT" in w for w in plan["warnings"])
+    cfg, _ = apply_plan(Config(), plan)
+    assert cfg.data.intensity == "ct" and cfg.data.stats == pytest.approx(tuple(s["data.stats"]))
+
+
+@pytest.mark.parametrize("modality", ["MR", "US", "UNKNOWN", "OTHER"])
+def test_other_modalities_get_a_per_image_zscore(modality):
+    plan = make_plan([_fake("h1", modality=modality)], Config())
+    assert plan["settings"]["data.intensity"] == "zscore" and modality in plan["reasons"]["data.intensity"]
+
+
+def test_crop_holds_every_foreground_box_with_a_margin_or_is_the_whole_plane():
+    narrow = make_plan([_fake("h1", extent=(0.40, 0.55, 0.45, 0.6)), _fake("h2", extent=(0.35, 0.5, 0.42, 0.58))], Config())
+    # the farthest edge from the centre is 0.15 (top 0.35); (0.15 + 0.05) * 2 = 0.4 -> a multiple of 1/16: 0.4375
+    assert narrow["settings"]["data.crop"] == 0.4375
+    wide = make_plan([_fake("h1", extent=(0.1, 0.9, 0.2, 0.8))], Config())
+    assert wide["settings"]["data.crop"] == 1.0
+
+
+def test_size_is_a_multiple_of_32_from_the_native_size_and_the_budget_bounds_the_run():
+    small = make_plan([_fake("h1", size=100, extent=(0.0, 1.0, 0.0, 1.0))], Config(), budget_min=60)
+    assert small["settings"]["data.size"] == 96  # 100 rounds to 96
+    big = make_plan([_fake("h1", n=2000, size=512, extent=(0, 1, 0, 1))], Config(), budget_min=60)
+    assert big["settings"]["data.size"] <= 256 and big["settings"]["data.size"] % 32 == 0
+    tight = make_plan([_fake("h1", n=2000, size=512, extent=(0, 1, 0, 1))], Config(), budget_min=5)
+    assert tight["settings"]["data.size"] <= big["settings"]["data.size"]
+    for p in (small, big, tight):
+        assert p["expected"]["total_s"] <= p["expected"]["budget_s"] * 1.01 or p["warnings"]
+        assert p["settings"]["autoencoder.epochs"] <= 100 and p["settings"]["mapping.epochs"] <= 150
+    assert tight["settings"]["autoencoder.epochs"] * 1.0 <= big["settings"]["autoencoder.epochs"] or \
+        tight["settings"]["data.size"] < big["settings"]["data.size"]
+
+
+def test_batch_size_shrinks_for_small_hospitals_but_not_below_eight():
+    plan = make_plan([_fake("h1", n=20), _fake("h2", n=400)], Config())
+    assert plan["settings"]["autoencoder.batch_size"] == 8
+    assert make_plan([_fake("h1", n=1000)], Config())["settings"]["autoencoder.batch_size"] == 16
+    assert plan["settings"]["autoencoder.send_copies"] == 5  # ceil(2000 / 420 pairs)
+
+
+def test_explicit_settings_win_and_are_recorded_as_overrides():
+    cfg = load_config(None, ["data.size=160", "mapping.epochs=3"])
+    plan = make_plan([_fake("h1")], cfg)
+    out, plan = apply_plan(cfg, plan, explicit=["data.size", "mapping.epochs"])
+    assert out.data.size == 160 and out.mapping.epochs == 3
+    assert plan["overrides"]["data.size"] == {"plan": plan["settings"]["data.size"], "used": 160}
+    assert out.data.intensity == "zscore"  # everything else from the plan
+
+
+def test_degenerate_federations_are_named():
+    with pytest.raises(PpcmiError, match="different modalities.*h1: CT, h2: MR"):
+        pool([_fake("h1", modality="CT"), _fake("h2", modality="MR")])
+    with pytest.raises(PpcmiError, match="two fingerprints"):
+        pool([_fake("h1"), _fake("h1")])
+    plan = make_plan([_fake("h1", spacing=0.7), _fake("h2", spacing=2.5), _fake("h3", class_planes=(100, 0))], Config(),
+                     class_names=["background", "lv"])
+    assert any(w.startswith("h3: no training plane holds lv") for w in plan["warnings"])
+    assert any(w.startswith("h1 and h2: median pixel spacings 0.7 mm and 2.5 mm") for w in plan["warnings"])
+
+
+def test_hospital_whose_masks_are_all_empty_is_an_error_naming_its_masks(tmp_path):
+    for i in range(2):
+        _write(tmp_path / "d", f"p{i}", np.arange(80).reshape(8, 10), np.zeros((8, 10)))
+    cases = discover_cases(tmp_path / "d")
+    with pytest.raises(DataError, match=r"masks: all 2 training masks of h1 are empty .*data\.labels=0,1"):
+        stages.fingerprint(cases, Config(), LabelMap((0, 1)), client="h1")
+
+
+def test_zscore_and_ct_modes_by_hand():
+    x = np.array([[[0.0, 2.0]]])  # mean 1, std 1: z = -1, 1 -> (z + 4) / 8
+    assert scale_intensity(x, Preprocess(intensity="zscore")) == pytest.approx(np.array([[[0.375, 0.625]]]))
+    # ct: clip to (-100, 100), z-score with (0, 50), [-4, 4] onto [0, 1]: -1000 -> -100 -> z -2 -> 0.25; 50 -> z 1 -> 0.625
+    ct = Preprocess(intensity="ct", window=(-100, 100), stats=(0, 50))
+    assert scale_intensity(np.array([[[-1000.0, 50.0, 3000.0]]]), ct) == pytest.approx(np.array([[[0.25, 0.625, 0.75]]]))
+    shifted = Preprocess(intensity="ct", window=(-100, 100), stats=(0, 50), offset=1024)  # HU stored as HU + 1024
+    assert scale_intensity(np.array([[[-1000.0 + 1024, 50.0 + 1024]]]), shifted) == pytest.approx(np.array([[[0.25, 0.625]]]))
+    assert not scale_intensity(np.full((1, 2, 2), 3.0), Preprocess(intensity="zscore")).any()  # constant -> zeros
+
+
+def test_old_intensity_modes_are_unchanged():
+    x = np.array([[[0.0, 5.0, 10.0]]])
+    assert scale_intensity(x, Preprocess()) == pytest.approx(np.array([[[0.0, 0.5, 1.0]]]))
+    assert scale_intensity(x, Preprocess(intensity="window", window=(0, 5))) == pytest.approx(np.array([[[0.0, 1.0, 1.0]]]))
+
+
+def test_settings_of_the_new_modes_are_checked():
+    with pytest.raises(DataError, match="data.stats"):
+        Preprocess(intensity="ct", window=(0, 1))
+    with pytest.raises(DataError, match="data.window"):
+        Preprocess(intensity="ct", stats=(0, 1))
+    with pytest.raises(DataError, match="data.stats"):
+        Preprocess(intensity="ct", window=(0, 1), stats=(0, 0))
+    with pytest.raises(DataError, match="data.zrange"):
+        Preprocess(intensity="zscore", zrange=0)
+    with pytest.raises(DataError, match="data.max_clipped"):
+        Preprocess(max_clipped=0)
+
+
+def test_an_image_made_constant_by_the_normalisation_is_an_error_naming_file_and_setting():
+    image = np.linspace(-100, 100, 64).reshape(1, 8, 8) + 1024  # HU + 1024, but data.offset given with the wrong sign
+    fg = np.ones((8, 8), bool)
+    wrong = Preprocess(intensity="window", window=(-200, 200), offset=-1024)
+    with pytest.raises(DataError, match=r"^case7\.png: the image .* becomes constant .*data\.offset=-1024"):
+        check_intensity(image, fg, wrong, "case7.png")
+    check_intensity(image, fg, Preprocess(intensity="window", window=(-200, 200), offset=1024), "case7.png")
+    check_intensity(np.zeros((1, 8, 8)), fg, wrong, "blank.png")  # constant before: not the normalisation's doing
+
+
+def test_a_foreground_mostly_clipped_is_an_error_naming_the_share():
+    image = np.zeros((1, 8, 8))
+    image[0, :4] = 500.0  # the foreground, far above the window
+    fg = np.zeros((8, 8), bool)
+    fg[:4] = True
+    prep = Preprocess(intensity="window", window=(-100, 100))
+    with pytest.raises(DataError, match=r"x\.png: 100% of the foreground pixels are clipped .*data\.max_clipped=0\.5"):
+        check_intensity(image, fg, prep, "x.png")
+    check_intensity(image, fg, Preprocess(intensity="window", window=(-100, 100), max_clipped=1.0), "x.png")
+
+
+def test_modality_names_and_dataset_json(tmp_path):
+    assert [normalise_modality(n) for n in ("CT", "MRI", "T2", "FLAIR", "ultrasound", "US", "cine-MR", "histology")] == \
+        ["CT", "MR", "MR", "MR", "US", "US", "MR", "OTHER"]
+    (tmp_path / "dataset.json").write_text(json.dumps({"channel_names": {"0": "MRI"}}))
+    assert dataset_modality(tmp_path, []) == "MR"
+    (tmp_path / "dataset.json").write_text(json.dumps({"modality": {"0": "CT"}}))
+    assert dataset_modality(tmp_path, []) == "CT"
+    assert dataset_modality(tmp_path / "nothing", []) == "UNKNOWN"
+
+
+def test_msd_dataset_json_names_mr():
+    root = shared_dataset("msd_hippocampus") if (Path(__file__).parents[2] / "shared/data/msd_hippocampus/images").is_dir() \
+        else None
+    if root is None:
+        p = Path(__file__).resolve().parents[2] / "shared" / "data" / "msd_hippocampus"
+        if not (p / "dataset.json").is_file():
+            pytest.skip("shared dataset msd_hippocampus not available")
+        root = p
+    assert dataset_modality(root, []) == "MR"
+
+
+def test_plan_cli_writes_plan_and_never_overwrites(tmp_path):
+    from typer.testing import CliRunner
+
+    from ppcmi.cli import app
+    from ppcmi.experiment import synth
+
+    data = synth(tmp_path / "data", sites=2, patients_per_site=2, slices_per_patient=3, size=64, n_classes=2, seed=1)
+    out = tmp_path / "plan.json"
+    args = ["plan", "--data", str(data), "--clients", "2", "--modality", "CT", "--budget", "10", "--out", str(out),
+            "--set", f"data.group_csv={data / 'groups.csv'}", "--set", "data.partition=site", "--set", "mapping.epochs=7"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    plan = json.loads(out.read_text())
+    assert plan["settings"]["data.intensity"] == "ct" and plan["pooled"]["modality"] == "CT"
+    assert plan["overrides"]["mapping.epochs"]["used"] == 7
+    assert "data.intensity = ct" in r.output and "because CT" in r.output and "expected: stage 1" in r.output
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 2 and "already exists" in r.output
+
+
+def test_planned_simulation_records_plan_fingerprints_and_overrides(tmp_path):
+    from ppcmi.experiment import synth
+    from ppcmi.simulate import plan_run, run_simulation
+
+    data = synth(tmp_path / "data", sites=2, patients_per_site=2, slices_per_patient=3, size=32, n_classes=2, seed=1)
+    sets = [f"data.group_csv={data / 'groups.csv'}", "data.partition=site", "clients=2", "data.test_frac=0.25",
+            "autoencoder.width=0.25", "autoencoder.epochs=1", "mapping.epochs=1", "mapping.widen=8,8,8", "mapping.mid=8,8",
+            "mapping.down=8,8,8"]
+    cfg = load_config(None, sets)
+    run_cfg, planned, wire = plan_run(cfg, data, explicit=[s.split("=")[0] for s in sets], modality="MR")
+    assert set(wire) == {"hospital1", "hospital2"}
+    assert run_cfg.data.intensity == "zscore" and run_cfg.autoencoder.epochs == 1 and run_cfg.data.size == 32
+    assert planned["overrides"]["autoencoder.epochs"]["used"] == 1
+    res = run_simulation(run_cfg, data, tmp_path / "run", progress=False, planned=(planned, wire))
+    assert json.loads((tmp_path / "run" / "plan.json").read_text())["settings"] == planned["settings"]
+    for h, b in wire.items():
+        assert (tmp_path / "run" / "wire" / f"{h}.fingerprint.json").read_bytes() == b
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["data"]["intensity"] == "zscore"
+    assert res["ppcmi"]["n_cases"] > 0
+
+
+def test_sunnybrook_plan_crops_to_the_heart():
+    from conftest import BUNDLED
+
+    cfg = load_config(None, [r"data.group_regex=^(SCD\d+)_", "data.partition=group"])
+    from ppcmi.simulate import plan_run
+
+    run_cfg, planned, _ = plan_run(cfg, BUNDLED, modality="MR")
+    assert run_cfg.data.intensity == "zscore"
+    assert 0.3 <= run_cfg.data.crop <= 0.6  # the left ventricle sits in the middle of every slice
+    assert run_cfg.data.size % 32 == 0 and run_cfg.data.size <= 160
+    assert planned["expected"]["total_s"] <= planned["expected"]["budget_s"] * 1.01
