@@ -28,7 +28,8 @@ from .metrics import evaluate_cases, summarize, write_evaluation
 from .client.site import Hospital
 from .server.mapping import MappingServer
 from .experiment import DATASETS, MATCHED, METHODS, PUBLISHED_EPOCHS, dataset_config
-from .simulate import infer_and_score, load_test, plan, run_simulation
+from .server.plan import apply_plan
+from .simulate import infer_and_score, load_test, plan, plan_run, run_simulation, write_plan
 
 log = logging.getLogger(__name__)
 
@@ -153,13 +154,28 @@ def results_md(dataset: str, results: dict[str, dict]) -> str:
 
 
 def run_bench(dataset: str, data: str | Path, out: str | Path, methods: list[str], *, config: str | Path | None = None,
-              overrides: list[str] | None = None, published_epochs: int | None = None, progress: bool = True) -> dict:
+              overrides: list[str] | None = None, published_epochs: int | None = None, progress: bool = True,
+              plan: bool = False, explicit: list[str] | None = None, budget_min: float | None = None,
+              modality: str | None = None) -> dict:
     """Run ``methods`` in order (finished ones are skipped) and rewrite ``OUT/results.{json,md}`` with every
-    finished method after each one."""
+    finished method after each one.
+
+    A preset is a fixed configuration, so by default nothing is planned. With ``plan`` the hospitals'
+    fingerprints plan the run (:func:`ppcmi.simulate.plan_run`): the plan's settings replace the preset's,
+    except the ``explicit`` keys (``--set``, ``--config``); labels, split and partition stay the preset's, and
+    every method's own settings apply on top. ``OUT/plan.json`` records it, and a rerun applies that plan again."""
     data, out = Path(data), Path(out)
     cfg = dataset_config(dataset, config, overrides)
     if cfg.data.split_lists:  # list files live in the dataset folder
         cfg = replace(cfg, data=replace(cfg.data, split_lists={k: str(data / v) for k, v in cfg.data.split_lists.items()}))
+    if plan:
+        if (out / "plan.json").exists():  # a rerun: the same plan, so finished methods stay comparable
+            cfg, _ = apply_plan(cfg, json.loads((out / "plan.json").read_text()), explicit or [])
+        else:
+            cfg, planned, wire = plan_run(cfg, data, explicit=explicit or [], modality=modality,
+                                          **({} if budget_min is None else {"budget_min": budget_min}))
+            out.mkdir(parents=True, exist_ok=True)
+            write_plan(out, planned, wire)
     epochs = published_epochs or PUBLISHED_EPOCHS[dataset]
     for m in methods:
         log.info("bench %s: %s", dataset, m)

@@ -583,7 +583,11 @@ def bench(dataset: str = typer.Option(..., "--dataset", help="Preset: psfhs, acd
           published_epochs: Optional[int] = typer.Option(None, "--published-epochs", min=1,
                                                          help="Mapping epochs for ppcmi_published and ppcmi_cpu_matched "
                                                               "(default: the preset's; the published network is ~10x slower)."),
-          config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt, quiet: bool = QuietOpt):
+          config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
+          plan: bool = typer.Option(False, "--plan/--no-plan", help="Let the hospitals' fingerprints plan the run: the "
+                                    "plan replaces the preset's settings (not labels, split or partition; --set wins); "
+                                    "OUT/plan.json records it. Default: the preset as it is, reproducible."),
+          budget: Optional[float] = BudgetOpt, modality: Optional[str] = ModalityOpt, quiet: bool = QuietOpt):
     """PPCMI-SF, its ablations and U-Net baselines on one dataset with the same split and budget.
 
     Writes OUT/METHOD/ (runs, per-case CSVs) and OUT/results.json + OUT/results.md covering every
@@ -591,8 +595,11 @@ def bench(dataset: str = typer.Option(..., "--dataset", help="Preset: psfhs, acd
     """
     from .bench import run_bench
 
+    if not plan and (budget is not None or modality is not None):
+        raise PpcmiError("--budget/--modality: they steer the plan; add --plan (bench presets are not planned by default)")
     run_bench(dataset, data, out, [m.strip() for m in methods.split(",") if m.strip()], config=config,
-              overrides=set_ or [], published_epochs=published_epochs, progress=not quiet)
+              overrides=set_ or [], published_epochs=published_epochs, progress=not quiet, plan=plan,
+              explicit=_explicit(config, set_ or []), budget_min=budget, modality=modality)
     typer.echo((out / "results.md").read_text())
     typer.echo(f"results: {out / 'results.json'}, {out / 'results.md'}")
 
