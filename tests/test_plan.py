@@ -364,3 +364,84 @@ def test_sunnybrook_plan_crops_to_the_heart():
     assert 0.3 <= run_cfg.data.crop <= 0.6  # the left ventricle sits in the middle of every slice
     assert run_cfg.data.size % 32 == 0 and run_cfg.data.size <= 160
     assert planned["expected"]["total_s"] <= planned["expected"]["budget_s"] * 1.01
+
+
+# ----------------------------------------------------------------------------- the Flower fingerprint round
+
+
+def test_fingerprint_and_plan_records_round_trip_and_refuse_what_is_not_theirs(tiny):
+    pytest.importorskip("flwr")
+    from flwr.app import ConfigRecord, RecordDict
+
+    from ppcmi.flower import wire
+
+    fp = _fp(tiny, client="hospital1")
+    content = wire.fingerprint_record(fp)
+    wire.check_reply(content, protocol.FINGERPRINT_STEP)
+    got, blob = wire.read_fingerprint(content)
+    assert got == fp and blob == protocol.encode_fingerprint(fp)
+    extra = wire.fingerprint_record(fp)
+    extra["note"] = ConfigRecord({"file": "p1.png"})
+    with pytest.raises(ProtocolError, match="not allowed"):
+        wire.check_reply(extra, protocol.FINGERPRINT_STEP)
+    with pytest.raises(ProtocolError, match="'data.group_regex' is not a shared setting"):
+        wire.plan_record({"data.group_regex": "^(x)"})
+    with pytest.raises(ProtocolError, match="'data.nothing' is not a shared setting"):
+        wire.apply_plan_record(Config(), RecordDict({protocol.PLAN: ConfigRecord({"data.nothing": "1"})}))
+    settings = {"data.size": 96, "data.intensity": "ct", "data.window": [-100.5, 200.0], "data.stats": [40.0, 30.0],
+                "autoencoder.augment": True, "mapping.lr_schedule": "cosine"}
+    cfg = wire.apply_plan_record(Config(), wire.with_plan(RecordDict(), settings))
+    assert (cfg.data.size, cfg.data.intensity, cfg.data.window, cfg.data.stats) == (96, "ct", (-100.5, 200.0), (40.0, 30.0))
+    assert cfg.autoencoder.augment and cfg.mapping.lr_schedule == "cosine"
+    assert wire.apply_plan_record(Config(), RecordDict()) == Config()
+
+
+def test_flower_settings_carry_the_plan_switch_through_the_run_config():
+    pytest.importorskip("flwr")
+    from flwr.common.config import flatten_dict
+
+    from ppcmi.flower import wire
+
+    s = wire.FlowerSettings(nodes=2, plan=True, budget=7.5, keep="data.size,mapping.epochs")
+    _, back = wire.read_run_config(flatten_dict(wire.run_config(Config(data=DataConfig(labels="0,1")), s)))
+    assert back == s
+
+
+def test_server_app_plans_from_the_nodes_fingerprints_and_sends_the_settings(tmp_path):
+    """The ServerApp's fingerprint round with a coordinator whose nodes answer as two ClientApps would
+    (Flower's messages need a running SuperLink: test_flower covers the transport)."""
+    pytest.importorskip("flwr")
+    from ppcmi.client.node import NodeSite, fingerprint
+    from ppcmi.experiment import synth
+    from ppcmi.flower import wire
+    from ppcmi.flower.server_app import Coordinator, plan_round
+
+    data = synth(tmp_path / "data", sites=2, patients_per_site=2, slices_per_patient=3, size=64, n_classes=2, seed=1)
+    cfg = load_config(None, ["data.labels=0,1", "mapping.epochs=9"])
+    nodes = {11: NodeSite(tmp_path / "s1", data, "hospital1", modality="MR"), 12: NodeSite(tmp_path / "s2", data, "hospital2")}
+
+    class Nodes(Coordinator):  # each node answers as the ClientApp does: fingerprint(node, cfg) as a record
+        def ask(self, ids, message_type, parse, content=None):
+            assert message_type == protocol.FINGERPRINT_STEP
+            replies = {n: wire.fingerprint_record(fingerprint(nodes[n], cfg)) for n in ids}
+            for r in replies.values():
+                wire.check_reply(r, message_type)
+            return {n: parse(n, r) for n, r in replies.items()}
+
+    out = tmp_path / "server"
+    out.mkdir()
+    settings = wire.FlowerSettings(nodes=2, plan=True, budget=10, keep="mapping.epochs")
+    co = Nodes(None, settings, out)
+    planned_cfg, planned = plan_round(co, [11, 12], cfg, settings, out)
+    assert co.sites == {11: "hospital1", 12: "hospital2"}
+    assert json.loads((out / "plan.json").read_text())["settings"] == planned["settings"]
+    assert (out / "wire" / "hospital1.fingerprint.json").exists()
+    assert planned["pooled"]["modality"] == "MR"  # hospital2 did not know; warned
+    assert any("hospital2: modality unknown" in w for w in planned["warnings"])
+    assert planned_cfg.mapping.epochs == 9 and planned["overrides"]["mapping.epochs"]["used"] == 9
+    assert planned["expected"]["runner"] == "hospitals train stage 1 in parallel"
+    # what a hospital rebuilds from the message equals what the coordinator runs
+    sent = {k: v for k, v in planned["settings"].items() if k not in planned["overrides"]}
+    from flwr.app import RecordDict
+
+    assert wire.apply_plan_record(cfg, wire.with_plan(RecordDict(), sent)) == planned_cfg

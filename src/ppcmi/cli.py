@@ -615,7 +615,11 @@ def deploy(sites: int = typer.Option(3, "--sites", "-n", help="Number of hospita
            config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
            port: Optional[int] = typer.Option(None, "--port", help="SuperLink port on 127.0.0.1 (default: a free one)."),
            retries: int = typer.Option(2, help="Extra attempts for a hospital whose reply carries an error or does not come."),
-           timeout: float = typer.Option(3600.0, help="Seconds to wait for the replies of one step.")):
+           timeout: float = typer.Option(3600.0, help="Seconds to wait for the replies of one step."),
+           plan: bool = typer.Option(False, "--plan/--no-plan", help="A fingerprint round first: the ServerApp plans the run "
+                                     "from the hospitals' fingerprints and sends the plan's settings with every step "
+                                     "(--set values win)."),
+           budget: Optional[float] = BudgetOpt):
     """A real Flower federation on this machine: SuperLink (TLS, SuperNode authentication), one SuperNode per hospital.
 
     Without --config it uses the demo's settings (for the bundled data, the demo's crop and schedule);
@@ -634,8 +638,12 @@ def deploy(sites: int = typer.Option(3, "--sites", "-n", help="Number of hospita
             out = Path("runs") / f"deploy-{k}"
     bundled = data.resolve() == bundled_data().resolve()
     cfg = _cfg(config, set_, base=None if config is not None else demo_config(bundled=bundled))
+    if budget is not None and not plan:
+        raise PpcmiError("--budget: it steers the plan; add --plan")
+    settings = FlowerSettings(retries=retries, timeout=timeout, plan=plan, keep=",".join(_explicit(config, set_)),
+                              **({} if budget is None else {"budget": budget}))
     try:
-        s = run_deploy(cfg, data, out, sites=sites, port=port, settings=FlowerSettings(retries=retries, timeout=timeout),
+        s = run_deploy(cfg, data, out, sites=sites, port=port, settings=settings,
                        echo=lambda line: typer.echo(line))
     except KeyboardInterrupt:
         typer.echo("interrupted: every process ppcmi deploy started has been stopped", err=True)

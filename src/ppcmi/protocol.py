@@ -440,3 +440,9 @@ def decode_fingerprint(data: bytes, *, max_bytes: int = FINGERPRINT_MAX_BYTES) -
         raise ProtocolError(f"fingerprint.version: unsupported fingerprint version {raw['version']!r} (this side speaks "
                             f"{FINGERPRINT_VERSION})")
     return Fingerprint(**{k: _tuples(v) for k, v in raw.items()})
+
+
+# a federation's fingerprint round (before stage 1) and the plan that travels with every later step
+FINGERPRINT_STEP = "query.fingerprint"  # send the fingerprint of your training data
+FPRINT, PLAN = "fingerprint", "plan"    # a fingerprint's bytes; the plan's settings (section.key -> JSON value)
+REPLY_RECORDS[FINGERPRINT_STEP] = ({FPRINT},)

@@ -10,8 +10,10 @@ A SuperNode is started with a ``node_config`` naming only local things; none of 
     seed       optional: this hospital's site seed (split and batch order; :mod:`ppcmi.client.stages`)
     send-noise optional: ``autoencoder.send_noise``, the noise it adds to its latents before they leave
                (a hospital setting: :func:`ppcmi.config.reader`)
+    modality   optional: CT, MR, US, ... where the data (dataset.json, DICOM headers) do not say it
 
-What leaves is a :class:`~ppcmi.protocol.LatentBatch` of keyed latents, the numbers of stage 1
+What leaves is the :class:`~ppcmi.protocol.Fingerprint` of its training data (aggregates only), a
+:class:`~ppcmi.protocol.LatentBatch` of keyed latents, the numbers of stage 1
 (epochs, seconds, number of training images) and a metric summary; the key, file names, case ids
 and per-case results stay here (per-case results in ``site-dir/eval/<tag>/``).
 """
@@ -32,7 +34,7 @@ from ..labels import LabelMap, parse_labels
 from ..errors import PpcmiError
 from ..fileio import atomic_write_json
 from ..metrics import evaluate_cases, summarize, write_evaluation
-from ..protocol import CLIENT_RE, LatentBatch
+from ..protocol import CLIENT_RE, Fingerprint, LatentBatch
 from . import stages
 from .site import Hospital
 from .stages import default_site_seed
@@ -40,7 +42,7 @@ from .stages import default_site_seed
 log = logging.getLogger(__name__)
 
 PENDING = "eval/query.json"  # the query id and key fingerprint of the test query this site last sent
-_KEYS = {"site-dir", "data-dir", "test-dir", "name", "threads", "seed", "send-noise"}
+_KEYS = {"site-dir", "data-dir", "test-dir", "name", "threads", "seed", "send-noise", "modality"}
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,7 @@ class NodeSite:
     threads: int | None = None
     seed: int | None = None
     send_noise: float = 0.0
+    modality: str | None = None
 
     @classmethod
     def from_node_config(cls, nc: Mapping[str, Any]) -> NodeSite:
@@ -74,8 +77,12 @@ class NodeSite:
         noise = nc.get("send-noise", 0.0)
         if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not noise >= 0:
             raise PpcmiError(f"node_config: send-noise must be a number >= 0, got {noise!r}")
+        modality = nc.get("modality")
+        if modality is not None and (not isinstance(modality, str) or not modality):
+            raise PpcmiError(f"node_config: modality must be a name such as CT, MR or US, got {modality!r}")
         test = nc.get("test-dir")
-        return cls(Path(nc["site-dir"]), Path(nc["data-dir"]), nc["name"], Path(test) if test else None, threads, seed, float(noise))
+        return cls(Path(nc["site-dir"]), Path(nc["data-dir"]), nc["name"], Path(test) if test else None, threads, seed, float(noise),
+                   modality)
 
     def settings(self, cfg: Config) -> Config:
         """The run configuration (shared settings) with this hospital's own settings applied."""
@@ -106,6 +113,12 @@ def _arrays(folder: Path, cfg: Config) -> dict:
 def _trained(node: NodeSite) -> bool:
     s = node.site_dir
     return all((s / p).exists() for p in ("site.json", "image_ae/model.safetensors", "mask_ae/model.safetensors"))
+
+
+def fingerprint(node: NodeSite, cfg: Config) -> Fingerprint:
+    """The fingerprint of this hospital's training data (:func:`ppcmi.client.stages.fingerprint`)."""
+    return stages.fingerprint(discover_cases(node.data_dir), cfg, labels_of(cfg), client=node.name, modality=node.modality,
+                              data_dir=node.data_dir)
 
 
 def train_autoencoders(node: NodeSite, cfg: Config) -> dict[str, Any]:

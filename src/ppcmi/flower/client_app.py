@@ -16,8 +16,9 @@ from flwr.clientapp import ClientApp
 
 from ..client import node as site_work
 from ..client.node import NodeSite
-from ..protocol import METRICS, SCORE, SITE, STAGE1, STAGE1_METRICS, TEST_LATENTS, TRAIN_LATENTS, flatten_summary
-from .wire import read_run_config, read_wire, site_record, wire_record
+from ..protocol import (FINGERPRINT_STEP, METRICS, SCORE, SITE, STAGE1, STAGE1_METRICS, TEST_LATENTS, TRAIN_LATENTS,
+                        flatten_summary)
+from .wire import apply_plan_record, fingerprint_record, read_run_config, read_wire, site_record, wire_record
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ def _handle(msg: Message, ctx: Context, step: str, fn: Callable[[NodeSite, objec
     try:
         node = NodeSite.from_node_config(ctx.node_config)
         cfg, _ = read_run_config(ctx.run_config)
+        cfg = apply_plan_record(cfg, msg.content)  # the federation's plan, when the coordinator made one
         if node.threads:
             import torch
 
@@ -58,6 +60,11 @@ def _on(message_type: str, step: str):
         return work
 
     return register
+
+
+@_on(FINGERPRINT_STEP, "fingerprint")
+def _fingerprint(node: NodeSite, cfg, msg: Message, ctx: Context) -> RecordDict:
+    return fingerprint_record(site_work.fingerprint(node, cfg))
 
 
 @_on(STAGE1, "stage 1 (autoencoder training)")

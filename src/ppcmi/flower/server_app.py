@@ -1,5 +1,8 @@
 """The Flower ServerApp (AT THE COORDINATOR): both training stages and the evaluation round over real SuperNodes.
 
+0. With ``flower.plan``: asks each for the fingerprint of its training data (``query.fingerprint``;
+   aggregates only), combines them into the plan (:mod:`ppcmi.server.plan`; ``flower.keep`` names the
+   settings it must leave alone) and sends the plan's settings with every later message.
 1. Waits for ``flower.nodes`` SuperNodes, then asks each to train its autoencoders locally
    (``train.autoencoders``); each answers with its site id and epoch counts, never weights.
 2. Asks each for its keyed training pairs (``query.train_latents``), checks every reply with
@@ -14,9 +17,10 @@ A reply carrying an error, or none within ``flower.timeout`` seconds, is asked a
 
 Output folder ``$PPCMI_SERVER_DIR/run-<run id>/`` (default ``./ppcmi-server/run-<run id>/``)::
 
-    config.json        the shared run configuration
+    config.json        the shared run configuration (the plan's settings applied, with flower.plan)
+    plan.json          the plan, its reasons and overrides (with flower.plan)
     mapping/           the mapping network (``ppcmi server map --model`` reads it; mapping/<hospital>/ each with mapping.scope = per_hospital)
-    wire/              every protocol message received, exactly as received
+    wire/              every protocol message received, exactly as received (fingerprints included)
     received.jsonl     one line per reply: step, node, site, and the names of its records and keys
     summary.json       per-hospital and pooled metrics, stage-1 numbers, timings
 
@@ -39,9 +43,12 @@ from ..config import Config, to_dict
 from ..errors import PpcmiError, ProtocolError
 from ..fileio import atomic_write_bytes, atomic_write_json
 from ..metrics import pool_summaries, write_summary
+from ..labels import parse_labels
+from ..server.plan import apply_plan, describe, make_plan
 from ..server.stages import train_mappings
-from ..protocol import METRICS, SCORE, SITE, STAGE1, TEST_LATENTS, TRAIN_LATENTS, WIRE, unflatten_summary
-from .wire import FlowerSettings, check_reply, read_run_config, read_wire, summary_structures, wire_record
+from ..protocol import FINGERPRINT_STEP, METRICS, SCORE, SITE, STAGE1, TEST_LATENTS, TRAIN_LATENTS, WIRE, unflatten_summary
+from .wire import (FlowerSettings, check_reply, read_fingerprint, read_run_config, read_wire, summary_structures, wire_record,
+                   with_plan)
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +145,30 @@ class Coordinator:
                          + f" (after {self.settings.retries + 1} attempts)")
 
 
+def plan_round(co: Coordinator, nodes: list[int], cfg: Config, settings: FlowerSettings, out: Path) -> tuple[Config, dict]:
+    """The fingerprint round: every node's fingerprint, checked, combined into the plan; returns the planned
+    configuration and the plan (also in ``out/plan.json``; the fingerprints in ``out/wire/``)."""
+    log.info("%sfingerprints: each hospital summarises its training data (aggregates only)", PROGRESS_PREFIX)
+
+    def parse(n: int, content: RecordDict):
+        fp, blob = read_fingerprint(content)
+        if fp.client in co.sites.values() and co.sites.get(n) != fp.client:
+            raise ProtocolError(f"site id {fp.client!r} is already used by another SuperNode")
+        co.sites[n] = fp.client
+        atomic_write_bytes(out / "wire" / f"{fp.client}.fingerprint.json", blob)
+        return fp
+
+    fps = co.ask(nodes, FINGERPRINT_STEP, parse)
+    labels = parse_labels(cfg.data.labels, cfg.data.class_names)
+    planned = make_plan([fps[n] for n in nodes], cfg, budget_min=settings.budget, sequential=False,
+                        class_names=list(labels.names) if labels else None)
+    cfg, planned = apply_plan(cfg, planned, [k.strip() for k in settings.keep.split(",") if k.strip()])
+    atomic_write_json(out / "plan.json", planned)
+    for line in describe(planned).splitlines():
+        log.info("%s  %s", PROGRESS_PREFIX, line)
+    return cfg, planned
+
+
 def run(grid: Grid, cfg: Config, settings: FlowerSettings, out: Path) -> dict:
     """All stages against the SuperNodes behind ``grid``; writes ``out`` and returns the summary."""
     out.mkdir(parents=True, exist_ok=True)
@@ -146,16 +177,26 @@ def run(grid: Grid, cfg: Config, settings: FlowerSettings, out: Path) -> dict:
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     nodes = co.wait_for_nodes()
+    plan_settings = None
+    if settings.plan:
+        cfg, planned = plan_round(co, nodes, cfg, settings, out)
+        plan_settings = {k: v for k, v in planned["settings"].items() if k not in planned["overrides"]}
+        atomic_write_json(out / "config.json", {**to_dict(cfg), "flower": settings.__dict__})
+        timings["plan_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+    planned_content = lambda n: with_plan(RecordDict(), plan_settings)  # noqa: E731
     log.info("%s%d SuperNodes connected; stage 1: each trains its autoencoders on its own data", PROGRESS_PREFIX, len(nodes))
 
     def parse_stage1(n: int, content: RecordDict) -> dict:
         site = content[SITE]["site"]
         if site in co.sites.values() and co.sites.get(n) != site:
             raise ProtocolError(f"site id {site!r} is already used by another SuperNode")
+        if n in co.sites and co.sites[n] != site:
+            raise ProtocolError(f"site id {site!r} differs from {co.sites[n]!r}, which this node's fingerprint named")
         co.sites[n] = site
         return {"status": content[SITE]["status"], **{k: v for k, v in content[METRICS].items()}}
 
-    stage1 = co.ask(nodes, STAGE1, parse_stage1)
+    stage1 = co.ask(nodes, STAGE1, parse_stage1, content=planned_content)
     for n, r in stage1.items():
         log.info("%s  %s: autoencoders %s (%d + %d epochs, %.0f s, %d training images)", PROGRESS_PREFIX, co.sites[n],
                  r["status"], r["image_epochs"], r["mask_epochs"], r["seconds"], r["n_train"])
@@ -171,7 +212,7 @@ def run(grid: Grid, cfg: Config, settings: FlowerSettings, out: Path) -> dict:
             return msg
         return parse
 
-    batches = co.ask(nodes, TRAIN_LATENTS, parse_latents("train", "train"))
+    batches = co.ask(nodes, TRAIN_LATENTS, parse_latents("train", "train"), content=planned_content)
     log.info("%s  received %s; training the mapping network (at most %d epochs)", PROGRESS_PREFIX,
              ", ".join(f"{co.sites[n]}: {b.n} pairs" for n, b in batches.items()), cfg.mapping.epochs)
     trained = train_mappings(list(batches.values()), cfg.mapping, out / "mapping", seed=cfg.seed, progress=False)
@@ -188,11 +229,11 @@ def run(grid: Grid, cfg: Config, settings: FlowerSettings, out: Path) -> dict:
     def map_query(n: int, content: RecordDict):  # a query the mapping network refuses counts as an invalid reply
         return servers[co.sites[n]].handle(parse_latents("query", "query")(n, content)) if WIRE in content else None
 
-    replies = {n: r for n, r in co.ask(nodes, TEST_LATENTS, map_query).items() if r is not None}
+    replies = {n: r for n, r in co.ask(nodes, TEST_LATENTS, map_query, content=planned_content).items() if r is not None}
     scored = sorted(replies)
     structures = summary_structures(cfg)
     summaries = co.ask(scored, SCORE, lambda n, content: unflatten_summary(dict(content[METRICS]), structures),
-                       content=lambda n: wire_record(replies[n])) if scored else {}
+                       content=lambda n: with_plan(wire_record(replies[n]), plan_settings)) if scored else {}
     timings["evaluation_s"] = time.perf_counter() - t0
     by_site = {co.sites[n]: summaries[n] for n in scored}
     summary = {

@@ -38,8 +38,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from .. import protocol
-from ..protocol import METRICS, REPLY_RECORDS, SITE, WIRE
-from ..config import Config, load_config, shared_settings
+from ..protocol import FPRINT, METRICS, PLAN, REPLY_RECORDS, SITE, WIRE
+from ..config import Config, load_config, reader, setting_names, shared_settings
 from ..errors import ConfigError, ProtocolError
 from ..fileio import atomic_write_text
 
@@ -54,10 +54,13 @@ class FlowerSettings:
     retries: int = 2                # extra attempts per node after an error reply or no reply
     timeout: float = 3600.0         # seconds to wait for the replies of one step
     connect_timeout: float = 300.0  # seconds to wait for the SuperNodes to connect
+    plan: bool = False              # a fingerprint round first; the plan's settings travel with every later step
+    budget: float = 20.0            # the plan's time budget in minutes (hospitals train stage 1 in parallel)
+    keep: str = ""                  # comma-separated settings the plan must not change (what the user set)
 
     def __post_init__(self) -> None:
-        if self.nodes < 1 or self.retries < 0 or self.timeout <= 0 or self.connect_timeout <= 0:
-            raise ConfigError(f"flower: nodes >= 1, retries >= 0 and positive timeouts required, got {asdict(self)}")
+        if self.nodes < 1 or self.retries < 0 or self.timeout <= 0 or self.connect_timeout <= 0 or not self.budget > 0:
+            raise ConfigError(f"flower: nodes >= 1, retries >= 0, positive timeouts and budget required, got {asdict(self)}")
 
 
 # ----------------------------------------------------------------------------- run configuration
@@ -95,10 +98,19 @@ def read_run_config(rc: dict[str, Any]) -> tuple[Config, FlowerSettings]:
         else:
             overrides.append(f"{key}={str(value).lower() if isinstance(value, bool) else value}")
     try:
-        settings = FlowerSettings(**{k: (int(v) if k in ("nodes", "retries") else float(v)) for k, v in flower.items()})
+        settings = FlowerSettings(**{k: (int(v) if k in ("nodes", "retries") else _bool(v) if k == "plan" else
+                                         str(v) if k == "keep" else float(v)) for k, v in flower.items()})
     except (TypeError, ValueError) as e:
         raise ConfigError(f"run config: flower.* settings: {e}") from None
     return load_config(None, overrides), settings
+
+
+def _bool(v: Any) -> bool:
+    if isinstance(v, bool):
+        return v
+    if str(v).lower() in ("true", "false"):
+        return str(v).lower() == "true"
+    raise ValueError(f"flower.plan: expected true or false, got {v!r}")
 
 
 def _toml(obj: dict[str, Any], prefix: str) -> list[str]:
@@ -162,7 +174,7 @@ def check_reply(content: RecordDict, message_type: str) -> None:
     if names not in [set(s) for s in REPLY_RECORDS[message_type]]:
         raise ProtocolError(f"reply to {message_type}: records {sorted(names)} not allowed "
                             f"(expected one of {[sorted(s) for s in REPLY_RECORDS[message_type]]})")
-    kinds = {WIRE: ArrayRecord, SITE: ConfigRecord, METRICS: MetricRecord}
+    kinds = {WIRE: ArrayRecord, SITE: ConfigRecord, METRICS: MetricRecord, FPRINT: ArrayRecord}
     for name in names:
         if not isinstance(content[name], kinds[name]):
             raise ProtocolError(f"reply to {message_type}: record {name!r} must be a {kinds[name].__name__}")
@@ -189,6 +201,70 @@ def read_wire(content: RecordDict, *, kind: str, client: str | None = None,
     if client is not None and msg.client != client:
         raise ProtocolError(f"client: message names site {msg.client!r}, expected {client!r}")
     return msg, blob
+
+
+def fingerprint_record(fp: protocol.Fingerprint) -> RecordDict:
+    """Content carrying one fingerprint's bytes as a uint8 array."""
+    blob = np.frombuffer(protocol.encode_fingerprint(fp), dtype=np.uint8)
+    return RecordDict({FPRINT: ArrayRecord(array_dict={_WIRE_ARRAY: Array(blob)})})
+
+
+def read_fingerprint(content: RecordDict) -> tuple[protocol.Fingerprint, bytes]:
+    """The fingerprint inside ``content``, decoded and validated; also its bytes."""
+    rec = content[FPRINT] if FPRINT in content else None
+    if not isinstance(rec, ArrayRecord) or set(rec.keys()) != {_WIRE_ARRAY}:
+        raise ProtocolError(f"record {FPRINT!r}: expected an ArrayRecord with the single array {_WIRE_ARRAY!r}")
+    arr = rec[_WIRE_ARRAY].numpy()
+    if arr.dtype != np.uint8 or arr.ndim != 1:
+        raise ProtocolError(f"record {FPRINT!r}: expected a 1-D uint8 array, got {arr.dtype} {arr.shape}")
+    blob = arr.tobytes()
+    return protocol.decode_fingerprint(blob), blob
+
+
+def plan_record(settings: dict[str, Any]) -> ConfigRecord:
+    """The plan's settings as a record: ``section.key`` -> the value as JSON text (shared settings only)."""
+    import json
+
+    _check_plan_keys(settings)
+    return ConfigRecord({k: json.dumps(v) for k, v in settings.items()})
+
+
+def _check_plan_keys(keys: Any) -> None:
+    known = set(setting_names())
+    for k in keys:
+        if k not in known or reader(k) != "shared":
+            raise ProtocolError(f"record {PLAN!r}: {k!r} is not a shared setting a plan may set")
+
+
+def with_plan(content: RecordDict, settings: dict[str, Any] | None) -> RecordDict:
+    """``content`` plus the plan's record (unchanged without a plan)."""
+    if settings:
+        content[PLAN] = plan_record(settings)
+    return content
+
+
+def apply_plan_record(cfg: Config, content: RecordDict) -> Config:
+    """``cfg`` with the plan a coordinator's message carries (the run configuration as it is without one).
+
+    Only shared settings are accepted, each parsed and checked as ``--set`` would be."""
+    import json
+
+    rec = content[PLAN] if PLAN in content else None
+    if rec is None:
+        return cfg
+    if not isinstance(rec, ConfigRecord):
+        raise ProtocolError(f"record {PLAN!r}: must be a ConfigRecord")
+    _check_plan_keys(rec.keys())
+    sets = []
+    for k, v in rec.items():
+        try:
+            value = json.loads(v) if isinstance(v, str) else None
+        except ValueError:
+            value = None
+        if value is None or isinstance(value, dict):
+            raise ProtocolError(f"record {PLAN!r}: {k!r} must carry a JSON number, string, boolean or list")
+        sets.append(f"{k}={','.join(str(x) for x in value) if isinstance(value, list) else value}")
+    return load_config(None, sets, base=cfg)
 
 
 # ----------------------------------------------------------------------------- metric summaries
