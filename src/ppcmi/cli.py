@@ -677,15 +677,23 @@ def flower_app_dir(out: Path = typer.Option(..., "--out", "-o", help="Folder for
                    config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
                    labels: Optional[str] = LabelsOpt, class_names: Optional[str] = NamesOpt, size: Optional[int] = SizeOpt,
                    retries: int = typer.Option(2, help="Extra attempts for a failed or missing reply."),
-                   timeout: float = typer.Option(3600.0, help="Seconds to wait for the replies of one step.")):
+                   timeout: float = typer.Option(3600.0, help="Seconds to wait for the replies of one step."),
+                   plan: bool = typer.Option(False, "--plan/--no-plan", help="A fingerprint round first: the ServerApp plans "
+                                             "the run from the hospitals' fingerprints (--set and --config values win)."),
+                   budget: Optional[float] = BudgetOpt):
     """At the coordinator: the Flower app folder (shared settings only) for 'flwr run'."""
     from .errors import ConfigError
     from .flower.wire import FlowerSettings, write_app
 
-    cfg = _cfg(config, (set_ or []) + _data_sets(labels, class_names, size, None, None))
+    sets = (set_ or []) + _data_sets(labels, class_names, size, None, None)
+    cfg = _cfg(config, sets)
     if not cfg.data.labels:
         raise ConfigError("data.labels: give the label values (--labels 0,1) so that every hospital uses the same classes")
-    write_app(out, cfg, FlowerSettings(nodes=nodes, retries=retries, timeout=timeout))
+    if budget is not None and not plan:
+        raise PpcmiError("--budget: it steers the plan; add --plan")
+    write_app(out, cfg, FlowerSettings(nodes=nodes, retries=retries, timeout=timeout, plan=plan,
+                                       keep=",".join(k for k in _explicit(config, sets) if k not in ("data.labels", "data.class_names")),
+                                       **({} if budget is None else {"budget": budget})))
     typer.echo(f"wrote {out / 'pyproject.toml'}; run it with: flwr run {out} CONNECTION --stream")
 
 
