@@ -52,17 +52,21 @@ AE_EPOCHS = (20, 100)           # (fewest the plan accepts before lowering the s
 MAP_EPOCHS = (20, 150)
 STAGE1_SHARE = 0.4              # of the budget, before the stage that needs less hands its rest to the other
 
-# Seconds per training step (forward, backward, Adam) at batch 16 on a 2-core AMD EPYC (torch 2.13, 2 threads),
-# measured by benchmarks/plan_costs.py for the default widths (autoencoder.width 1.0; mapping widen 32-64-128,
-# mid 128-256, down 64-32-16), with the training FLOPs of the same step. The planner divides a configuration's
-# FLOPs by the throughput at the nearest measured size, so other widths are costed through their FLOPs.
+# Seconds per bare training step (forward, loss, backward, Adam) at batch 16 on a 2-core AMD EPYC (torch 2.13, 2 threads),
+# measured by benchmarks/plan_costs.py for the default widths (autoencoder.width 1.0; mapping widen 32-64-128, mid 128-256,
+# down 64-32-16), with the training FLOPs of the same step: per size the fastest cell over the runs of that script
+# (benchmarks/results/plan_costs.json), taken while other work shared the machine. The planner divides a
+# configuration's FLOPs by the throughput at the nearest measured size, so other widths are costed through their FLOPs.
 COST_TABLE = {
     # size: {network: (seconds per step, GFLOP per step)}
-    64: {"image_ae": (0.060, 1.98), "mask_ae": (0.061, 2.05), "mapping": (0.060, 1.06)},
-    128: {"image_ae": (0.23, 7.9), "mask_ae": (0.24, 8.2), "mapping": (0.20, 4.2)},
-    256: {"image_ae": (0.95, 31.7), "mask_ae": (0.97, 32.8), "mapping": (0.80, 16.9)},
+    64: {"image_ae": (0.049, 4.15), "mask_ae": (0.054, 4.22), "mapping": (0.080, 8.94)},
+    128: {"image_ae": (0.18, 16.6), "mask_ae": (0.18, 16.9), "mapping": (0.16, 35.5)},
+    256: {"image_ae": (0.86, 66.4), "mask_ae": (0.86, 67.5), "mapping": (0.56, 141.4)},
 }
-OVERHEAD = 1.15                 # validation passes, data augmentation and encoding, on top of the training steps
+# The training loop around a bare step (augmentation, validation passes, per-epoch checkpoints, the stage-2 encoding):
+# in the PSFHS benchmark (benchmarks/results/bench-psfhs.json, default widths at 128, an Intel Xeon) 24 more mapping
+# epochs of 55 steps took 540 s, 0.41 s a step, 2.5x the bare step above; stage 1 came out alike (at least 0.43 s).
+OVERHEAD = 2.5
 
 
 # ----------------------------------------------------------------------------- pooling fingerprints
@@ -355,8 +359,9 @@ def make_plan(fingerprints: Sequence[Fingerprint], cfg: Config, *, budget_min: f
     expected = {"stage1_s": round(stage1), "stage2_s": round(stage2), "total_s": round(stage1 + stage2),
                 "budget_s": round(budget_s), "runner": "one machine plays every hospital in turn" if sequential
                 else "hospitals train stage 1 in parallel",
-                "note": "on a 2-core CPU like the one COST_TABLE was measured on (ppcmi.server.plan); early stopping may end "
-                        "stage 1 sooner; the centralized U-Net of demo and bench is not included"}
+                "note": "an estimate for a 2-core CPU like the ones COST_TABLE and OVERHEAD were measured on "
+                        "(ppcmi.server.plan; these differed up to 2.4x between sessions), for an otherwise idle machine; "
+                        "early stopping may end stage 1 sooner; the centralized U-Net of demo and bench is not included"}
     return {"version": PLAN_VERSION, "settings": settings, "reasons": reasons, "expected": expected, "warnings": warnings,
             "pooled": _pooled_json(pooled), "budget_min": budget_min}
 
