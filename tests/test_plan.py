@@ -127,7 +127,7 @@ def test_histogram_bins_are_fine_where_intensities_live():
 
 
 def _fake(client, *, modality="MR", n=100, mean=0.0, std=1.0, values=None, extent=(0.4, 0.6, 0.4, 0.6), spacing=None,
-          class_planes=None, size=256):
+          class_planes=None, size=256, fraction=(0.9, 0.1)):
     """A hand-made fingerprint: ``values`` are its foreground intensities."""
     values = np.asarray(values if values is not None else [mean], dtype=np.float64)
     idx, counts = np.unique(protocol.hist_index(values), return_counts=True)
@@ -137,7 +137,7 @@ def _fake(client, *, modality="MR", n=100, mean=0.0, std=1.0, values=None, exten
         client=client, modality=modality, n_cases=n, n_planes=n, channels=1, n_classes=2, rows=(size,) * 5, cols=(size,) * 5,
         n_spacing=n if spacing else 0, spacing_rows=(spacing,) * 5 if spacing else (), spacing_cols=(spacing,) * 5 if spacing else (),
         fg_pixels=int(values.size), fg_mean=float(values.mean()), fg_std=float(values.std()),
-        hist=tuple((int(i), int(c)) for i, c in zip(idx, counts)), class_fraction=(0.9, 0.1),
+        hist=tuple((int(i), int(c)) for i, c in zip(idx, counts)), class_fraction=fraction,
         class_planes=class_planes or (n, n), class_cases=class_planes or (n, n), n_fg_planes=n,
         extent_top=(t,) * 5, extent_bottom=(b,) * 5, extent_left=(left,) * 5, extent_right=(r,) * 5, constant_planes=0)
 
@@ -203,6 +203,16 @@ def test_size_is_a_multiple_of_32_from_the_native_size_and_the_budget_bounds_the
         assert p["settings"]["autoencoder.epochs"] <= 100 and p["settings"]["mapping.epochs"] <= 150
     assert tight["settings"]["autoencoder.epochs"] * 1.0 <= big["settings"]["autoencoder.epochs"] or \
         tight["settings"]["data.size"] < big["settings"]["data.size"]
+
+
+def test_the_budget_never_shrinks_the_smallest_class_below_16_pixels_a_side():
+    # a class of 0.5 % of the field: 16 / sqrt(0.005) = 226 pixels a side, so 256 stays however tight the budget
+    tiny_class = [_fake("h1", n=2000, size=256, extent=(0, 1, 0, 1), fraction=(0.995, 0.005))]
+    plan = make_plan(tiny_class, Config(), budget_min=5)
+    assert plan["settings"]["data.size"] == 256
+    assert any("smallest class" in w and "raise --budget" in w for w in plan["warnings"])
+    roomy = make_plan([_fake("h1", n=2000, size=256, extent=(0, 1, 0, 1), fraction=(0.7, 0.3))], Config(), budget_min=5)
+    assert roomy["settings"]["data.size"] < 256  # a large structure lets the budget lower the resolution
 
 
 def test_batch_size_shrinks_for_small_hospitals_but_not_below_eight():

@@ -40,6 +40,7 @@ PLAN_VERSION = 1
 DEFAULT_BUDGET_MIN = 20.0       # minutes for both stages on one 2-core CPU playing every role
 SIZE_CAP = 256                  # the published working size; cost grows with its square
 SIZE_FLOOR = 64
+MIN_CLASS_SIDE = 16             # the budget never shrinks the smallest class below about 16 x 16 pixels where it is present
 CT_PERCENTILES = (0.5, 99.5)
 CROP_MARGIN = 0.05              # of the field, on every side of the pooled foreground box
 CROP_MAX = 0.8                  # a crop keeping more than this fraction of each side is not worth it
@@ -91,6 +92,7 @@ class Pooled:
     percentiles: tuple[float, float]     # pooled foreground percentiles CT_PERCENTILES, from the histograms
     extent: tuple[float, float, float, float]  # union of every foreground box: top, bottom, left, right (fractions)
     class_planes: tuple[tuple[int, ...], ...]  # per hospital, per class
+    class_share: tuple[float, ...]       # per class: its mean share of a plane's pixels, over the planes that hold it
     constant_planes: int
 
 
@@ -129,6 +131,7 @@ def pool(fingerprints: Sequence[Fingerprint]) -> tuple[Pooled, list[str]]:
         raise PpcmiError(f"plan: a hospital sent two fingerprints ({', '.join(sorted({n for n in names if names.count(n) > 1}))})")
     warnings: list[str] = []
     ks = {fp.n_classes for fp in fingerprints}
+    ks_n = fingerprints[0].n_classes
     if len(ks) > 1:
         raise PpcmiError(f"plan: hospitals count different classes ({', '.join(f'{fp.client}: {fp.n_classes}' for fp in fingerprints)}); "
                          "every hospital must use the same data.labels")
@@ -168,6 +171,8 @@ def pool(fingerprints: Sequence[Fingerprint]) -> tuple[Pooled, list[str]]:
         fg_pixels=n, fg_mean=float(mean), fg_std=float(math.sqrt(max(var, 0.0))),
         percentiles=tuple(hist_percentiles(hist, CT_PERCENTILES)),  # type: ignore[arg-type]
         extent=extent, class_planes=tuple(fp.class_planes for fp in fingerprints),
+        class_share=tuple(sum(fp.class_fraction[k] * fp.n_planes for fp in fingerprints)
+                          / max(1, sum(fp.class_planes[k] for fp in fingerprints)) for k in range(ks_n)),
         constant_planes=sum(fp.constant_planes for fp in fingerprints))
     return pooled, warnings
 
@@ -313,8 +318,12 @@ def make_plan(fingerprints: Sequence[Fingerprint], cfg: Config, *, budget_min: f
     b_ae = _batch(min(n_train), cfg.autoencoder.batch_size if cfg.autoencoder.batch_size >= 2 else 16)
     b_map = _batch(int(rows * (1 - val_map)), cfg.mapping.batch_size if cfg.mapping.batch_size >= 2 else 16)
     budget_s = budget_min * 60.0
+    crop_f = float(settings["data.crop"])  # type: ignore[arg-type]
+    k_small = 1 + int(np.argmin(pooled.class_share[1:]))
+    share = pooled.class_share[k_small] / (crop_f * crop_f)  # of the cropped field
+    floor = min(size, max(SIZE_FLOOR, 32 * math.ceil(MIN_CLASS_SIDE / math.sqrt(max(share, 1e-12)) / 32)))
     chosen = None
-    for s in range(size, min(size, SIZE_FLOOR) - 1, -32):
+    for s in range(size, floor - 1, -32):
         g = training_gflop(s, cfg, pooled.n_classes, 3 if cfg.data.color == "rgb" else 1)
         t = step_seconds(s, g)
         steps1 = [math.ceil(n / b_ae) for n in n_train]
@@ -328,15 +337,21 @@ def make_plan(fingerprints: Sequence[Fingerprint], cfg: Config, *, budget_min: f
             break
     s, e1, e2, epoch1, epoch2 = chosen  # type: ignore[misc]
     if e1 < AE_EPOCHS[0] or e2 < MAP_EPOCHS[0]:
-        warnings.append(f"--budget {budget_min:g} minutes affords only {e1} autoencoder and {e2} mapping epochs even at "
-                        f"{SIZE_FLOOR} x {SIZE_FLOOR}; expect a poor model (raise --budget)")
+        need = (AE_EPOCHS[0] * epoch1 + MAP_EPOCHS[0] * epoch2) / 60.0
+        why = (f"the smallest class ({(list(class_names or [])[k_small:k_small + 1] or [f'class {k_small}'])[0]}, "
+               f"{100 * share:.1f} % of the field where present) needs {s} x {s} to keep about {MIN_CLASS_SIDE} x "
+               f"{MIN_CLASS_SIDE} pixels" if s > SIZE_FLOOR else f"{SIZE_FLOOR} x {SIZE_FLOOR}, the smallest size the plan uses")
+        warnings.append(f"--budget {budget_min:g} minutes affords only {e1} autoencoder and {e2} mapping epochs at {s} x {s} "
+                        f"({why}); {AE_EPOCHS[0]} and {MAP_EPOCHS[0]} epochs would take about {need:.0f} minutes: raise --budget")
         e1, e2 = max(e1, 1), max(e2, 1)
     settings["data.size"] = s
     reasons["data.size"] = (f"the median native plane is {pooled.rows:.0f} x {pooled.cols:.0f} pixels, {native:.0f} on its longer side "
                             f"inside the crop: {_round32(native)} as a multiple of 32" + (
                                 f", capped at {SIZE_CAP}" if _round32(native) > SIZE_CAP else "")
                             + (f", lowered to {s} so that the budget affords at least {AE_EPOCHS[0]} autoencoder and "
-                               f"{MAP_EPOCHS[0]} mapping epochs" if s < min(SIZE_CAP, _round32(native)) else ""))
+                               f"{MAP_EPOCHS[0]} mapping epochs" if s < min(SIZE_CAP, _round32(native)) else "")
+                            + (f"; not below {floor}, where the smallest class keeps about {MIN_CLASS_SIDE} x {MIN_CLASS_SIDE} "
+                               f"pixels" if floor > SIZE_FLOOR and s == floor else ""))
     settings.update({"autoencoder.batch_size": b_ae, "autoencoder.epochs": e1, "autoencoder.patience": max(5, e1 // 6),
                      "autoencoder.augment": True, "autoencoder.send_copies": copies,
                      "mapping.batch_size": b_map, "mapping.epochs": e2, "mapping.patience": e2, "mapping.lr_schedule": "cosine"})
