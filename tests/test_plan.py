@@ -455,3 +455,16 @@ def test_server_app_plans_from_the_nodes_fingerprints_and_sends_the_settings(tmp
     from flwr.app import RecordDict
 
     assert wire.apply_plan_record(cfg, wire.with_plan(RecordDict(), sent)) == planned_cfg
+
+
+def test_plan_options_without_a_plan_are_refused_in_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from ppcmi.cli import app
+
+    r = CliRunner().invoke(app, ["simulate", "--data", str(tmp_path), "--no-plan", "--budget", "5", "--out", str(tmp_path / "run")])
+    assert r.exit_code == 2 and "--budget/--modality: they steer the plan" in r.output
+    r = CliRunner().invoke(app, ["demo", "--modality", "MR", "--out", str(tmp_path / "demo")])  # the bundled demo: no plan
+    assert r.exit_code == 2 and "add --plan" in r.output
+    r = CliRunner().invoke(app, ["bench", "--dataset", "psfhs", "--data", str(tmp_path), "--out", str(tmp_path / "b"), "--budget", "5"])
+    assert r.exit_code == 2 and "add --plan" in r.output
