@@ -15,13 +15,12 @@ from PIL import Image
 from ppcmi import protocol
 from ppcmi.client import stages
 from ppcmi.config import Config, DataConfig, Preprocess, load_config
-from ppcmi.data import check_intensity, discover_cases, discover_labels, scale_intensity
-from ppcmi.data.fingerprint import compute_fingerprint, dataset_modality, normalise_modality
+from ppcmi.data import check_intensity, discover_cases, scale_intensity
+from ppcmi.data.fingerprint import compute_fingerprint, dataset_modality, dicom_modality, normalise_modality
 from ppcmi.errors import DataError, PpcmiError, ProtocolError
 from ppcmi.labels import LabelMap
 from ppcmi.server.plan import apply_plan, hist_percentiles, make_plan, pool
 
-from conftest import shared_dataset
 
 
 def _write(root: Path, name: str, image: np.ndarray, mask: np.ndarray) -> None:
@@ -311,15 +310,14 @@ def test_modality_names_and_dataset_json(tmp_path):
     assert dataset_modality(tmp_path / "nothing", []) == "UNKNOWN"
 
 
-def test_msd_dataset_json_names_mr():
-    root = shared_dataset("msd_hippocampus") if (Path(__file__).parents[2] / "shared/data/msd_hippocampus/images").is_dir() \
-        else None
-    if root is None:
-        p = Path(__file__).resolve().parents[2] / "shared" / "data" / "msd_hippocampus"
-        if not (p / "dataset.json").is_file():
-            pytest.skip("shared dataset msd_hippocampus not available")
-        root = p
-    assert dataset_modality(root, []) == "MR"
+def test_modality_of_the_shared_datasets_from_dataset_json_and_dicom_headers():
+    from conftest import SHARED_DATA
+
+    msd, ct = SHARED_DATA / "msd_hippocampus", SHARED_DATA / "dicom_ct_lung1" / "CT"
+    if not (msd / "dataset.json").is_file() or not ct.is_dir():
+        pytest.skip(f"shared datasets msd_hippocampus and dicom_ct_lung1 not available at {SHARED_DATA}")
+    assert dataset_modality(msd, []) == "MR"  # MSD's "modality": {"0": "MRI"}
+    assert dicom_modality(ct) == "CT"  # the series folder's Modality attribute
 
 
 def test_plan_cli_writes_plan_and_never_overwrites(tmp_path):
@@ -468,3 +466,14 @@ def test_plan_options_without_a_plan_are_refused_in_one_line(tmp_path):
     assert r.exit_code == 2 and "add --plan" in r.output
     r = CliRunner().invoke(app, ["bench", "--dataset", "psfhs", "--data", str(tmp_path), "--out", str(tmp_path / "b"), "--budget", "5"])
     assert r.exit_code == 2 and "add --plan" in r.output
+
+
+def test_psfhs_fingerprint_sees_both_structures_in_every_mask():
+    from conftest import shared_dataset
+
+    cases = discover_cases(shared_dataset("psfhs"))[:30]
+    fp = compute_fingerprint(cases, LabelMap((0, 1, 2)), client="h1", modality="US")
+    assert fp.class_planes == (30, 30, 30) and fp.class_cases == (30, 30, 30)  # SOURCE.md: every mask holds PS and FH
+    assert fp.rows == (256,) * 5 and fp.channels == 1
+    assert 0.005 < fp.class_fraction[1] < fp.class_fraction[2] < 0.5  # the symphysis is the smaller structure
+    assert 0 <= fp.fg_mean <= 255 and sum(c for _, c in fp.hist) == fp.fg_pixels

@@ -34,7 +34,7 @@ import numpy as np
 from ..config import Config, load_config, to_dict
 from ..errors import ConfigError, PpcmiError
 from ..models import AEConfig, Autoencoder, MappingConfig, MappingNet
-from ..protocol import HIST_MAX_INDEX, QUANTILES, Fingerprint, hist_edges
+from ..protocol import QUANTILES, Fingerprint, hist_edges
 
 PLAN_VERSION = 1
 DEFAULT_BUDGET_MIN = 20.0       # minutes for both stages on one 2-core CPU playing every role
