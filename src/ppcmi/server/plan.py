@@ -51,7 +51,7 @@ MIN_STEPS_PER_EPOCH = 8
 MIN_BATCH = 8                   # BatchNorm statistics need a few samples per batch
 AE_EPOCHS = (20, 100)           # (fewest the plan accepts before lowering the size, the published most)
 MAP_EPOCHS = (20, 150)
-STAGE1_SHARE = 0.4              # of the budget, before the stage that needs less hands its rest to the other
+STAGE1_SHARE = 0.4              # of the budget beyond both minimums, before a stage that needs less hands its rest on
 
 # Seconds per bare training step (forward, loss, backward, Adam) at batch 16 on a 2-core AMD EPYC (torch 2.13, 2 threads),
 # measured by benchmarks/plan_costs.py for the default widths (autoencoder.width 1.0; mapping widen 32-64-128, mid 128-256,
@@ -253,6 +253,21 @@ def _batch(n: int, cap: int = 16) -> int:
     return b
 
 
+def _epochs(budget_s: float, epoch1: float, epoch2: float) -> tuple[int, int]:
+    """Epochs of stage 1 and stage 2 within ``budget_s`` seconds: the minimum of each first, then STAGE1_SHARE of
+    what is left to stage 1 and the rest to stage 2, each capped at the published epochs, and what one stage
+    cannot use to the other; when even the minimums do not fit, both shrink in proportion."""
+    (m1, c1), (m2, c2) = AE_EPOCHS, MAP_EPOCHS
+    base = m1 * epoch1 + m2 * epoch2
+    if base > budget_s:
+        f = budget_s / base
+        return int(m1 * f), int(m2 * f)
+    e1 = min(c1, m1 + int((budget_s - base) * STAGE1_SHARE / epoch1))
+    e2 = min(c2, int((budget_s - e1 * epoch1) / epoch2))
+    e1 = min(c1, int((budget_s - e2 * epoch2) / epoch1))
+    return e1, e2
+
+
 # ----------------------------------------------------------------------------- the plan
 
 
@@ -329,9 +344,7 @@ def make_plan(fingerprints: Sequence[Fingerprint], cfg: Config, *, budget_min: f
         steps1 = [math.ceil(n / b_ae) for n in n_train]
         epoch1 = OVERHEAD * (t["image_ae"] + t["mask_ae"]) * (b_ae / 16) * (sum(steps1) if sequential else max(steps1))
         epoch2 = OVERHEAD * t["mapping"] * (b_map / 16) * math.ceil(rows * (1 - val_map) / b_map)
-        e1 = min(AE_EPOCHS[1], int(budget_s * STAGE1_SHARE / epoch1))
-        e2 = min(MAP_EPOCHS[1], int((budget_s - e1 * epoch1) / epoch2))
-        e1 = min(AE_EPOCHS[1], int((budget_s - e2 * epoch2) / epoch1))  # what stage 2 left over goes back to stage 1
+        e1, e2 = _epochs(budget_s, epoch1, epoch2)
         chosen = (s, e1, e2, epoch1, epoch2)
         if e1 >= AE_EPOCHS[0] and e2 >= MAP_EPOCHS[0]:
             break
