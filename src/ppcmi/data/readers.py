@@ -1,5 +1,5 @@
-"""Image and mask readers (hospital side): PNG/JPEG/TIFF, NIfTI, MHA/MHD, DICOM files and series,
-returning one 2D plane (H, W) and its spacing; and the label values a dataset's masks hold.
+"""Image and mask readers (hospital side): PNG/JPEG/TIFF, NIfTI, MHA/MHD, NRRD, DICOM files and series,
+returning one 2D plane (H, W) and its spacing; an image may be several files, one per channel.
 """
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 import functools
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -15,10 +15,11 @@ from ..errors import DataError
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".nii", ".nii.gz", ".mha", ".mhd", ".dcm")
+IMAGE_EXTS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".nii", ".nii.gz", ".mha", ".mhd", ".nrrd",
+                                ".nhdr", ".dcm")
 _PIL_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 _NIFTI_EXTS = (".nii", ".nii.gz")
-_ITK_EXTS = (".mha", ".mhd")
+_ITK_EXTS = (".mha", ".mhd", ".nrrd", ".nhdr")
 _EXTS_LONGEST_FIRST = tuple(sorted(IMAGE_EXTS, key=len, reverse=True))
 
 Spacing = tuple[float, float] | None
@@ -73,11 +74,13 @@ def _stamp(path: Path) -> tuple[int, int]:
 
 
 def _nifti_shape(shape: tuple[int, ...], path: Path) -> tuple[int, ...]:
+    """(i, j[, k[, c]]) with trailing singleton axes dropped; a 4th axis holds channels (MSD multi-modal)."""
     shape = tuple(int(s) for s in shape)
     while len(shape) > 3 and shape[-1] == 1:
         shape = shape[:-1]
-    if len(shape) not in (2, 3):
-        raise DataError(f"{path}: NIfTI data shaped {shape} is not supported (2D or 3D only)")
+    if len(shape) not in (2, 3, 4):
+        raise DataError(f"{path}: NIfTI data shaped {shape} is not supported (2D, 3D, or 3D with channels on the "
+                        f"4th axis)")
     return shape
 
 
@@ -93,7 +96,8 @@ def _cached_volume(path_str: str, stamp: tuple[int, int]) -> tuple[np.ndarray, S
         data = np.asanyarray(img.dataobj).reshape(shape)
         if data.ndim == 2:
             data = data[:, :, None]
-        vol = np.ascontiguousarray(data.transpose(2, 1, 0))  # (i, j, k) -> (k, j, i) = (Z, H, W)
+        # (i, j, k[, c]) -> (k, j, i[, c]) = (Z, H, W[, C])
+        vol = np.ascontiguousarray(data.transpose((2, 1, 0) + tuple(range(3, data.ndim))))
         zooms = img.header.get_zooms()
         spacing = (float(zooms[1]), float(zooms[0])) if len(zooms) >= 2 else None
     else:
@@ -183,7 +187,7 @@ def _n_slices(path: Path, kind: str) -> int | None:
             import nibabel as nib
 
             shape = _nifti_shape(nib.load(path).shape, path)
-            return shape[2] if len(shape) == 3 and shape[2] > 1 else None
+            return shape[2] if len(shape) >= 3 and shape[2] > 1 else None
         if fmt == "itk":
             import SimpleITK as sitk
 
@@ -291,20 +295,28 @@ def _read_plane(path: Path, slice_index: int | None, kind: str) -> tuple[np.ndar
     return arr, spacing
 
 
-def read_image(path: Path, slice_index: int | None = None) -> tuple[np.ndarray, tuple[float, float] | None]:
-    """Read one image plane: float32 (C, H, W) raw intensities, C = 1 or 3, and (row_mm, col_mm) or None.
+def read_image(path: Path | Sequence[Path], slice_index: int | None = None) -> tuple[np.ndarray, tuple[float, float] | None]:
+    """Read one image plane: float32 (C, H, W) raw intensities and (row_mm, col_mm) or None.
 
-    RGBA drops alpha; palette images are converted to RGB; DICOM applies RescaleSlope/Intercept.
-    ``slice_index`` selects the axial slice of a 3D volume (None for 2D files).
+    C is 1 (gray), 3 (RGB), or the channels of a multi-channel volume (a 4D NIfTI's 4th axis, a
+    vector MHA/NRRD). ``path`` may also be a sequence of files, one per channel (nnU-Net's
+    ``CASE_0000``, ``CASE_0001``, ...): their planes are stacked in that order and must agree in size.
+    RGBA drops alpha; palette images are converted to RGB; DICOM applies RescaleSlope/Intercept, so
+    CT comes in HU. ``slice_index`` selects the axial slice of a 3D volume (None for 2D files).
     """
+    if not isinstance(path, (str, Path)):
+        paths = [Path(p) for p in path]
+        if not paths:
+            raise DataError("read_image: an empty list of channel files")
+        planes = [read_image(p, slice_index) for p in paths]
+        for p, (a, _) in zip(paths[1:], planes[1:]):
+            if a.shape[1:] != planes[0][0].shape[1:]:
+                raise DataError(f"{p}: channel plane is {a.shape[1]}x{a.shape[2]} but {paths[0].name} is "
+                                f"{planes[0][0].shape[1]}x{planes[0][0].shape[2]}")
+        return np.concatenate([a for a, _ in planes]), planes[0][1]
     path = Path(path)
     arr, spacing = _read_plane(path, slice_index, "image")
-    if arr.ndim == 2:
-        arr = arr[None]
-    elif arr.shape[2] in (1, 3):
-        arr = arr.transpose(2, 0, 1)
-    else:
-        raise DataError(f"{path}: image has {arr.shape[2]} channels; only 1 (gray) or 3 (RGB) are supported")
+    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
     return np.ascontiguousarray(arr, dtype=np.float32), spacing
 
 

@@ -1,0 +1,318 @@
+"""Predictions that overlay: write_prediction keeps each input format's geometry (world-space checks).
+
+Every source is built synthetically with an oblique direction, an origin offset and anisotropic
+spacing. The "prediction" is a threshold of the planes the readers return, so it lands right only
+if the writer inverts the readers' plane convention and keeps the geometry; the truth is the same
+threshold of the source read by SimpleITK, in world coordinates. The written file is resampled by
+SimpleITK (nearest neighbour) onto the source grid and compared by Dice: arrays are never compared
+directly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from ppcmi.data import LabelMap, n_slices, read_image
+from ppcmi.data.writers import output_format, write_prediction
+from ppcmi.errors import DataError
+
+from conftest import SHARED_DATA
+
+SIZE_XYZ = (23, 17, 9)  # odd, unequal sizes: a transposed or flipped axis cannot line up by chance
+SPACING = (0.7, 1.3, 3.5)
+ORIGIN = (-123.4, 56.7, 89.0)
+LABELS = LabelMap((0, 1, 2), ("background", "lesion", "organ"))
+
+
+def _direction() -> tuple[float, ...]:
+    """A proper rotation about an oblique axis (about 25 degrees), row-major 3x3 as SimpleITK wants."""
+    rot = sitk.VersorTransform((0.3, -0.5, 0.8), np.deg2rad(25.0))
+    return tuple(float(v) for v in rot.GetMatrix())
+
+
+def _phantom(size_xyz=SIZE_XYZ, seed: int = 3) -> sitk.Image:
+    """int16 intensities: two off-centre blobs of different brightness over noise, oblique geometry."""
+    x, y, z = (*size_xyz, 1)[:3]
+    zz, yy, xx = np.meshgrid(np.arange(z), np.arange(y), np.arange(x), indexing="ij")
+    arr = np.random.default_rng(seed).integers(0, 40, (z, y, x)).astype(np.int16)
+    arr[((xx - 0.25 * x) / 4.0) ** 2 + ((yy - 0.3 * y) / 3.0) ** 2 + ((zz - 0.3 * z) / 2.0) ** 2 < 1] += 500
+    arr[((xx - 0.7 * x) / 3.0) ** 2 + ((yy - 0.65 * y) / 5.0) ** 2 + ((zz - 0.7 * z) / 2.5) ** 2 < 1] += 1000
+    img = sitk.GetImageFromArray(arr if len(size_xyz) == 3 else arr[0])
+    img.SetSpacing(SPACING[: len(size_xyz)])
+    img.SetOrigin(ORIGIN[: len(size_xyz)])
+    img.SetDirection(_direction() if len(size_xyz) == 3 else (0.8, -0.6, 0.6, 0.8))
+    return img
+
+
+def _labels_of(values: np.ndarray) -> np.ndarray:
+    """The 'segmentation': 2 where bright, 1 where medium, else 0."""
+    return np.where(values > 900, 2, np.where(values > 400, 1, 0)).astype(np.int64)
+
+
+def _truth(source_image: sitk.Image) -> sitk.Image:
+    arr = sitk.GetArrayFromImage(source_image)
+    lab = sitk.GetImageFromArray(_labels_of(arr).astype(np.uint8))
+    lab.CopyInformation(source_image)
+    return lab
+
+
+def _predicted_planes(source: Path) -> list[np.ndarray]:
+    n = n_slices(source)
+    return [_labels_of(read_image(source, k)[0][0]) for k in ([None] if n is None else range(n))]
+
+
+def _dice_in_world(written: Path, truth: sitk.Image) -> dict[int, float]:
+    """Resample the written label map onto the truth's grid (nearest neighbour) and score each class."""
+    pred = sitk.ReadImage(str(written))
+    if pred.GetDimension() == 3 and truth.GetDimension() == 2:
+        pred = pred[:, :, 0]
+    on_grid = sitk.Resample(pred, truth, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    p, t = sitk.GetArrayFromImage(on_grid), sitk.GetArrayFromImage(truth)
+    out = {}
+    for c in (1, 2):
+        inter, total = np.sum((p == c) & (t == c)), np.sum(p == c) + np.sum(t == c)
+        assert total > 0, f"class {c} is empty in both"
+        out[c] = 2.0 * inter / total
+    return out
+
+
+def _assert_same_geometry(written: Path, reference: sitk.Image) -> None:
+    w = sitk.ReadImage(str(written))
+    assert w.GetSize() == reference.GetSize()
+    np.testing.assert_allclose(w.GetSpacing(), reference.GetSpacing(), atol=1e-5)
+    np.testing.assert_allclose(w.GetOrigin(), reference.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(w.GetDirection(), reference.GetDirection(), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- DICOM fixtures
+
+
+def _ct_series(folder: Path, image: sitk.Image, *, intercept: float = -1024.0, frame_uid: str | None = None,
+               names: list[str] | None = None) -> list[str]:
+    """Write ``image`` as a CT series with pydicom: one file per slice, random-looking names, InstanceNumber
+    decreasing along the slice normal (as in real exports); pixels stored as ``value - intercept``.
+    Returns the SOPInstanceUIDs in slice order (index k = SimpleITK's z index)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    arr = sitk.GetArrayFromImage(image)
+    d = np.asarray(image.GetDirection()).reshape(3, 3)
+    sx, sy, sz = image.GetSpacing()
+    study, series = generate_uid(entropy_srcs=["study", str(folder)]), generate_uid(entropy_srcs=["series", str(folder)])
+    frame_uid = frame_uid or generate_uid(entropy_srcs=["frame", str(folder)])
+    nz = arr.shape[0]
+    order = np.random.default_rng(7).permutation(nz)
+    uids = []
+    for k in range(nz):
+        uid = generate_uid(entropy_srcs=["sop", str(folder), str(k)])
+        uids.append(uid)
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CTImageStorage, uid
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, uid
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame_uid
+        ds.Modality, ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "CT", "Phantom^Test", "P1", "", "O"
+        ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber, ds.ReferringPhysicianName = "20260101", "120000", "1", "", ""
+        ds.SeriesNumber, ds.InstanceNumber = 3, nz - k
+        ds.Manufacturer, ds.PositionReferenceIndicator = "synthetic", ""
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.Rows, ds.Columns = arr.shape[1], arr.shape[2]
+        ds.PixelSpacing = [f"{sy:.6g}", f"{sx:.6g}"]  # row spacing (y), column spacing (x)
+        ds.SliceThickness = f"{sz:.6g}"
+        ds.ImageOrientationPatient = [f"{v:.10f}" for v in (*d[:, 0], *d[:, 1])]
+        ds.ImagePositionPatient = [f"{v:.6f}" for v in image.TransformIndexToPhysicalPoint((0, 0, k))]
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = 1, intercept, "HU"
+        ds.PixelData = (arr[k].astype(np.int32) - int(intercept)).astype("<u2").tobytes()
+        name = names[k] if names else f"{order[k]:04x}-slice.dcm"
+        ds.save_as(folder / name, enforce_file_format=True)
+    return uids
+
+
+def _written_seg(paths: list[Path]) -> Path:
+    (seg,) = [p for p in paths if p.name.endswith(".seg.dcm")]
+    return seg
+
+
+def _check_seg(seg_path: Path, uids: list[str], frame_uid: str, planes: list[np.ndarray]) -> None:
+    """The SEG references every source instance and the frame of reference, names its segments, and
+    each source instance's frame holds that plane's prediction."""
+    import highdicom as hd
+
+    seg = hd.seg.segread(seg_path)
+    assert seg.FrameOfReferenceUID == frame_uid
+    refs = {str(i.ReferencedSOPInstanceUID) for s in seg.ReferencedSeriesSequence for i in s.ReferencedInstanceSequence}
+    assert refs == set(uids)
+    assert [(int(s.SegmentNumber), str(s.SegmentLabel)) for s in seg.SegmentSequence] == [(1, "lesion"), (2, "organ")]
+    with_fg = [k for k, p in enumerate(planes) if p.any()]
+    got = seg.get_pixels_by_source_instance(source_sop_instance_uids=[uids[k] for k in with_fg], combine_segments=True)
+    for k, frame in zip(with_fg, got):
+        np.testing.assert_array_equal(frame, planes[k])
+
+
+# ----------------------------------------------------------------------------- per format
+
+
+@pytest.mark.parametrize("ext", [".nii.gz", ".nii", ".mha", ".mhd", ".nrrd"])
+def test_volume_formats_overlay_in_world_coordinates(tmp_path, ext):
+    source_img = _phantom()
+    src = tmp_path / f"vol{ext}"
+    sitk.WriteImage(source_img, str(src))
+    planes = _predicted_planes(src)
+    written = write_prediction(src, planes, tmp_path / "pred", "vol")
+    want = {".nii.gz": "vol.nii.gz", ".nii": "vol.nii.gz", ".mha": "vol.mha", ".mhd": "vol.mha", ".nrrd": "vol.nrrd"}
+    assert [p.name for p in written] == [want[ext]]
+    reference = sitk.ReadImage(str(src))
+    _assert_same_geometry(written[0], reference)
+    assert _dice_in_world(written[0], _truth(reference)) == {1: 1.0, 2: 1.0}
+    assert sitk.ReadImage(str(written[0])).GetPixelID() == sitk.sitkUInt8
+
+
+def test_nifti_keeps_the_source_header_affines(tmp_path):
+    import nibabel as nib
+
+    src = tmp_path / "v.nii.gz"
+    sitk.WriteImage(_phantom(), str(src))
+    (out,) = write_prediction(src, _predicted_planes(src), tmp_path / "pred", "v")
+    a, b = nib.load(str(src)), nib.load(str(out))
+    assert b.shape == a.shape and b.get_data_dtype() == np.uint8
+    np.testing.assert_allclose(b.get_qform(), a.get_qform(), atol=1e-6)
+    np.testing.assert_allclose(b.get_sform(), a.get_sform(), atol=1e-6)
+    assert int(b.header["qform_code"]) == int(a.header["qform_code"])
+    assert int(b.header["sform_code"]) == int(a.header["sform_code"])
+
+
+def test_2d_mha_and_png_and_tiff(tmp_path):
+    img2d = _phantom((23, 17))
+    src = tmp_path / "slice.mha"
+    sitk.WriteImage(img2d, str(src))
+    (out,) = write_prediction(src, _predicted_planes(src), tmp_path / "pred", "slice")
+    _assert_same_geometry(out, sitk.ReadImage(str(src)))
+    assert _dice_in_world(out, _truth(sitk.ReadImage(str(src)))) == {1: 1.0, 2: 1.0}
+
+    arr = sitk.GetArrayFromImage(img2d).astype(np.uint16)
+    for name in ("plane.png", "plane.tif"):
+        p = tmp_path / name
+        sitk.WriteImage(sitk.GetImageFromArray(arr), str(p))
+        (out,) = write_prediction(p, _predicted_planes(p), tmp_path / "pred", Path(name).stem + "_" + name[-3:])
+        assert out.suffix == ".png" and output_format(p) == "png"
+        assert _dice_in_world(out, _truth(sitk.ReadImage(str(p)))) == {1: 1.0, 2: 1.0}
+
+
+def test_dicom_series_gives_a_nifti_on_the_series_geometry_and_a_seg(tmp_path):
+    source_img = _phantom()
+    folder = tmp_path / "series"
+    uids = _ct_series(folder, source_img, frame_uid="1.2.826.0.1.3680043.8.498.1")
+    (folder / "notes.txt").write_text("not dicom")
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder)))
+    reference = reader.Execute()
+    np.testing.assert_allclose(reference.GetDirection(), source_img.GetDirection(), atol=1e-6)  # the fixture is oblique
+
+    planes = _predicted_planes(folder)
+    written = write_prediction(folder, planes, tmp_path / "pred", "series", labels=LABELS)
+    assert [p.name for p in written] == ["series.nii.gz", "series.seg.dcm"]
+    _assert_same_geometry(written[0], reference)
+    assert _dice_in_world(written[0], _truth(reference)) == {1: 1.0, 2: 1.0}
+    _check_seg(written[1], uids, "1.2.826.0.1.3680043.8.498.1", planes)
+
+
+def test_single_dicom_file_gives_a_nifti_and_a_seg(tmp_path):
+    source_img = _phantom()[:, :, 4:5]  # one oblique slice, as a 3D image of depth 1
+    folder = tmp_path / "one"
+    uids = _ct_series(folder, source_img, frame_uid="1.2.826.0.1.3680043.8.498.2", names=["slice.dcm"])
+    src = folder / "slice.dcm"
+    assert n_slices(src) is None
+    planes = _predicted_planes(src)
+    written = write_prediction(src, planes, tmp_path / "pred", "slice", labels=LABELS)
+    assert [p.name for p in written] == ["slice.nii.gz", "slice.seg.dcm"]
+    reference = sitk.ReadImage(str(src))
+    _assert_same_geometry(written[0], reference)
+    np.testing.assert_allclose(reference.GetOrigin(), source_img.GetOrigin(), atol=1e-4)
+    assert _dice_in_world(written[0], _truth(reference)) == {1: 1.0, 2: 1.0}
+    _check_seg(written[1], uids, "1.2.826.0.1.3680043.8.498.2", planes)
+
+
+def test_seg_without_label_names_uses_the_values_present(tmp_path):
+    import highdicom as hd
+
+    folder = tmp_path / "series"
+    _ct_series(folder, _phantom())
+    planes = _predicted_planes(folder)
+    (_, seg_path) = write_prediction(folder, [np.where(p == 2, 7, p) for p in planes], tmp_path / "pred", "s")
+    seg = hd.seg.segread(seg_path)
+    assert [str(s.SegmentLabel) for s in seg.SegmentSequence] == ["label 1", "label 7"]
+
+
+# ----------------------------------------------------------------------------- refusals
+
+
+def test_refuses_existing_files_wrong_counts_and_shapes(tmp_path):
+    src = tmp_path / "v.mha"
+    sitk.WriteImage(_phantom(), str(src))
+    planes = _predicted_planes(src)
+    write_prediction(src, planes, tmp_path / "pred", "v")
+    before = (tmp_path / "pred" / "v.mha").read_bytes()
+    with pytest.raises(DataError, match="already exists"):
+        write_prediction(src, planes, tmp_path / "pred", "v")
+    assert (tmp_path / "pred" / "v.mha").read_bytes() == before
+    with pytest.raises(DataError, match=r"v\.mha: 8 prediction planes for an image of 9 planes"):
+        write_prediction(src, planes[:-1], tmp_path / "pred", "w")
+    with pytest.raises(DataError, match="17x22 but the image is 9 planes of 17x23"):
+        write_prediction(src, [p[:, :-1] for p in planes], tmp_path / "pred", "w")
+    with pytest.raises(DataError, match="not an integer label map"):
+        write_prediction(src, [p.astype(np.float32) for p in planes], tmp_path / "pred", "w")
+    with pytest.raises(DataError, match="not a plain file name"):
+        write_prediction(src, planes, tmp_path / "pred", "../w")
+    assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == ["v.mha"]
+
+
+def test_dicom_series_refuses_an_existing_seg_before_writing_anything(tmp_path):
+    folder = tmp_path / "series"
+    _ct_series(folder, _phantom())
+    (tmp_path / "pred").mkdir()
+    (tmp_path / "pred" / "s.seg.dcm").write_bytes(b"x")
+    with pytest.raises(DataError, match=r"s\.seg\.dcm: already exists"):
+        write_prediction(folder, _predicted_planes(folder), tmp_path / "pred", "s")
+    assert not (tmp_path / "pred" / "s.nii.gz").exists()
+
+
+# ----------------------------------------------------------------------------- real data
+
+
+def test_real_ct_series_prediction_overlays_and_references_the_series(tmp_path):
+    import highdicom as hd
+    import pydicom
+
+    ct = SHARED_DATA / "dicom_ct_lung1" / "CT"
+    if not ct.is_dir():
+        pytest.skip(f"shared dataset dicom_ct_lung1 not available at {ct}")
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(ct)))
+    reference = reader.Execute()
+    assert reference.GetSize() == (512, 512, 134)
+    hu = sitk.GetArrayFromImage(reference)
+
+    def segment(values: np.ndarray) -> np.ndarray:  # bone (> 300 HU) and lung-like air (< -500 HU), in HU
+        return np.where(values > 300, 2, np.where(values < -500, 1, 0)).astype(np.int64)
+
+    planes = [segment(read_image(ct, k)[0][0]) for k in range(134)]
+    truth = sitk.GetImageFromArray(segment(hu).astype(np.uint8))
+    truth.CopyInformation(reference)
+    labels = LabelMap((0, 1, 2), ("background", "air", "bone"))
+    written = write_prediction(ct, planes, tmp_path, "lung1", labels=labels)
+    _assert_same_geometry(written[0], reference)
+    assert _dice_in_world(written[0], truth) == {1: 1.0, 2: 1.0}
+    seg = hd.seg.segread(written[1])
+    first = pydicom.dcmread(next(ct.iterdir()), stop_before_pixels=True)
+    assert seg.FrameOfReferenceUID == first.FrameOfReferenceUID
+    refs = {str(i.ReferencedSOPInstanceUID) for s in seg.ReferencedSeriesSequence for i in s.ReferencedInstanceSequence}
+    assert refs == {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in ct.iterdir()}
