@@ -4,8 +4,9 @@ Everything that names a file or a patient stays here: a query message carries on
 latents, and the list of which case each row belongs to is kept beside it in a local
 ``<message>.cases.json`` that never leaves the hospital. The case list records the query's random
 id and the fingerprint of the key it was encoded under; a reply echoes the id, and decoding refuses a
-reply, case list or key that do not belong together, so a result can only land on its own patients. Label maps are written in the input's
-format: PNG for 2D images, NIfTI for volumes (NIfTI, MetaImage or DICOM series inputs).
+reply, case list or key that do not belong together, so a result can only land on its own patients. Label maps keep
+the input's geometry (:mod:`ppcmi.data.writers`): PNG for 2D images, NIfTI for NIfTI, MHA for MetaImage, NRRD for
+NRRD, and for DICOM a NIfTI on the series geometry plus a DICOM SEG that references the source instances.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .. import protocol
-from ..data import (IMAGE_EXTS, LabelMap, Preprocess, discover_cases, n_slices, prepare_image, read_image,
-                    read_mask, restore_mask)
+from ..data import (IMAGE_EXTS, LabelMap, Preprocess, discover_cases, n_slices, output_format, prepare_image,
+                    read_image, read_mask, restore_mask, write_prediction)
 from ..errors import DataError, PpcmiError
 from ..fileio import atomic_write_bytes, atomic_write_json
 from . import stages
@@ -63,7 +64,7 @@ def list_inputs(paths: Sequence[Path]) -> list[dict]:
     planes = []
     for f in files:
         n = n_slices(f)
-        fmt = "png" if n is None and not f.is_dir() and not f.name.lower().endswith((".nii", ".nii.gz", ".mha", ".mhd")) else "nifti"
+        fmt = output_format(f)  # what write_prediction will write: png, nifti, mha, nrrd or dicom (NIfTI + SEG)
         for k in ([None] if n is None else range(n)):
             planes.append({"source": str(f), "slice_index": k, "stem": _stem(f), "format": fmt})
     return planes
@@ -152,7 +153,8 @@ def _find_case_list(reply: Path, query: str) -> Path:
 
 
 def _write_label_maps(planes: list[dict], labels_idx: np.ndarray, lmap: LabelMap, out: Path, crop: float = 1.0) -> list[Path]:
-    """Resize each plane back to its source size, map class indices to raw label values, write per source."""
+    """Resize each plane back to its source size, map class indices to raw label values, and write one
+    label map per source with the source's geometry (:func:`ppcmi.data.write_prediction`)."""
     out.mkdir(parents=True, exist_ok=True)
     values = np.asarray(lmap.values)
     by_source: dict[str, list[tuple[dict, np.ndarray]]] = {}
@@ -161,46 +163,9 @@ def _write_label_maps(planes: list[dict], labels_idx: np.ndarray, lmap: LabelMap
         by_source.setdefault(pl["source"], []).append((pl, values[restore_mask(lab, (h, w), crop)]))
     written = []
     for source, items in by_source.items():
-        pl0 = items[0][0]
-        if pl0["format"] == "png":
-            from PIL import Image
-            import io
-
-            arr = items[0][1]
-            arr = arr.astype(np.uint8) if arr.max() < 256 and arr.min() >= 0 else arr.astype(np.uint16)
-            buf = io.BytesIO()
-            Image.fromarray(arr).save(buf, format="PNG")
-            written.append(atomic_write_bytes(out / f"{pl0['stem']}.png", buf.getvalue(), overwrite=False))
-        else:
-            written.append(_write_nifti(source, [a for _, a in sorted(items, key=lambda t: t[0]["slice_index"] or 0)], out / f"{pl0['stem']}.nii.gz"))
+        items.sort(key=lambda t: t[0]["slice_index"] or 0)
+        written += write_prediction(Path(source), [a for _, a in items], out, items[0][0]["stem"], labels=lmap)
     return written
-
-
-def _write_nifti(source: str, planes: list[np.ndarray], path: Path) -> Path:
-    """Stack (H, W) planes into a volume in the source's voxel order (the inverse of the readers' transpose)."""
-    import nibabel as nib
-
-    if path.exists():
-        raise PpcmiError(f"{path}: already exists; refusing to overwrite it")
-    vol = np.stack(planes).transpose(2, 1, 0).astype(np.int16)  # (Z, H, W) -> (i, j, k)
-    src = Path(source)
-    if src.name.lower().endswith((".nii", ".nii.gz")):
-        ref = nib.load(str(src))
-        affine = ref.affine
-        if len(ref.shape) == 2 or (len(ref.shape) >= 3 and ref.shape[2] == 1):
-            vol = vol.reshape(ref.shape[:2] + (1,) * (len(ref.shape) - 2)) if len(ref.shape) > 2 else vol[:, :, 0]
-    else:
-        _, sp = read_image(src, 0 if len(planes) > 1 else None)
-        affine = np.diag([sp[1] if sp else 1.0, sp[0] if sp else 1.0, 1.0, 1.0])
-    img = nib.Nifti1Image(vol, affine)
-    atomic_write_bytes(path, img.to_bytes() if not str(path).endswith(".gz") else _gz(img.to_bytes()), overwrite=False)
-    return path
-
-
-def _gz(b: bytes) -> bytes:
-    import gzip
-
-    return gzip.compress(b, mtime=0)
 
 
 def decode_reply(site_dir: Path, reply: Path, cases: Path | None, out: Path) -> list[Path]:

@@ -3,8 +3,8 @@
 Everything here runs at a hospital, on its own images and masks; nothing in this module talks to
 the server. A dataset is a folder in the layout
 
-    root/images/<id>.<ext>     (.png .jpg .jpeg .tif .tiff .nii .nii.gz .mha .mhd .dcm, or a folder
-                                of DICOM files holding one series)
+    root/images/<id>.<ext>     (.png .jpg .jpeg .tif .tiff .nii .nii.gz .mha .mhd .nrrd .nhdr .dcm, or a
+                                folder of DICOM files holding one series)
     root/masks/<id>.<ext>      (same stem; the extension may differ)
 
 Orientation. Every reader returns a 2D plane as (H, W) = (rows, columns):
@@ -12,7 +12,7 @@ Orientation. Every reader returns a 2D plane as (H, W) = (rows, columns):
 - 2D files (PIL, single-frame DICOM): the stored row order, unchanged.
 - NIfTI: the axial slice is the last voxel axis; ``data[:, :, k].T``, so rows follow the second
   voxel axis (j) and columns the first (i). Spacing is ``(zooms[1], zooms[0])``.
-- MHA/MHD (SimpleITK): ``GetArrayFromImage(img)[k]``, shaped (y, x): the same convention as NIfTI
+- MHA/MHD/NRRD (SimpleITK): ``GetArrayFromImage(img)[k]``, shaped (y, x): the same convention as NIfTI
   (rows = second index axis, columns = first). Spacing is ``GetSpacing()[1], GetSpacing()[0]``.
 - DICOM: ``pixel_array`` is (Rows, Columns); spacing is ``PixelSpacing`` (row, column); slices of a
   series are sorted along the slice normal (ImagePositionPatient and ImageOrientationPatient),
@@ -34,9 +34,11 @@ from .preprocess import (Sample, center_crop, crop_box, load_arrays, load_sample
                          restore_mask, scale_intensity, to_color)
 from .readers import IMAGE_EXTS, n_slices, read_image, read_mask
 from .splits import split_cases, split_from_lists
+from .writers import output_format, write_prediction
 
 __all__ = [
     "IMAGE_EXTS", "Case", "discover_cases", "n_slices", "read_image", "read_mask", "Preprocess", "LabelMap", "discover_labels",
     "parse_labels", "Sample", "scale_intensity", "to_color", "resize_image", "resize_mask", "prepare_image", "crop_box",
-    "center_crop", "restore_mask", "load_sample", "load_arrays", "split_cases", "split_from_lists",
+    "center_crop", "restore_mask", "load_sample", "load_arrays", "split_cases", "split_from_lists", "output_format",
+    "write_prediction",
 ]
