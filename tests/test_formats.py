@@ -316,3 +316,27 @@ def test_real_ct_series_prediction_overlays_and_references_the_series(tmp_path):
     assert seg.FrameOfReferenceUID == first.FrameOfReferenceUID
     refs = {str(i.ReferencedSOPInstanceUID) for s in seg.ReferencedSeriesSequence for i in s.ReferencedInstanceSequence}
     assert refs == {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in ct.iterdir()}
+
+
+def test_real_msd_hippocampus_discovered_and_a_prediction_overlays_its_label(tmp_path):
+    from ppcmi.data import dataset_info, discover_cases, discover_labels, read_mask
+
+    root = SHARED_DATA / "msd_hippocampus"
+    if not (root / "dataset.json").is_file():
+        pytest.skip(f"shared dataset msd_hippocampus not available at {root}")
+    cases = discover_cases(root)
+    assert len({c.group for c in cases}) == 260
+    assert {c.mask_path.name for c in cases} == {p.name for p in (root / "labelsTr").iterdir() if not p.name.startswith(".")}
+    info = dataset_info(root)
+    assert (info["layout"], info["version"], info["modalities"], info["num_training"], info["num_test"]) == \
+        ("nnunet", 1, ["MRI"], 260, 130)
+    assert discover_labels(cases, max_cases=40) == LabelMap((0, 1, 2), ("background", "Anterior", "Posterior"))
+    # hippocampus_003's label is float32 (SOURCE.md): read as integers, written back onto its image's grid
+    image = root / "imagesTr" / "hippocampus_003.nii.gz"
+    label = root / "labelsTr" / "hippocampus_003.nii.gz"
+    planes = [read_mask(label, c.slice_index)[0] for c in cases if c.image_path == image]
+    assert len(planes) == n_slices(image)
+    (out,) = write_prediction(image, planes, tmp_path, "hippocampus_003", labels=discover_labels(cases, max_cases=4))
+    truth = sitk.Cast(sitk.ReadImage(str(label)), sitk.sitkUInt8)
+    _assert_same_geometry(out, sitk.ReadImage(str(image)))
+    assert _dice_in_world(out, truth) == {1: 1.0, 2: 1.0}

@@ -20,8 +20,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .. import protocol
-from ..data import (IMAGE_EXTS, LabelMap, Preprocess, discover_cases, n_slices, output_format, prepare_image,
-                    read_image, read_mask, restore_mask, write_prediction)
+from ..data import (IMAGE_EXTS, LabelMap, Preprocess, discover_cases, n_slices, nnunet_test_images, output_format,
+                    prepare_image, read_image, read_mask, restore_mask, write_prediction)
 from ..errors import DataError, PpcmiError
 from ..fileio import atomic_write_bytes, atomic_write_json
 from . import stages
@@ -48,32 +48,43 @@ def _is_image(p: Path) -> bool:
 
 
 def list_inputs(paths: Sequence[Path]) -> list[dict]:
-    """Expand image files, DICOM series folders and dataset folders (``images/``) into planes to segment."""
-    files: list[Path] = []
+    """Expand image files, DICOM series folders and dataset folders (``images/``, or an nnU-Net raw
+    dataset's ``imagesTs/`` with its ``CASE_0000``, ``CASE_0001``, ... channels as one image) into planes
+    to segment. A plane is ``{"source", "slice_index", "stem", "format"}`` plus ``"channels"`` (every
+    channel file, ``source`` first) for an image stored one file per channel."""
+    items: list[tuple[Path, tuple[Path, ...], str]] = []  # (source, channel files or (), stem)
     for p in map(Path, paths):
         if not p.exists():
             raise DataError(f"{p}: no such file or folder")
+        if p.is_dir() and not (p / "images").is_dir() and (p / "imagesTs").is_dir():
+            items += [(ch[0], ch if len(ch) > 1 else (), case) for case, ch in nnunet_test_images(p)]
+            continue
         if p.is_dir() and (p / "images").is_dir():
-            files += sorted(q for q in (p / "images").iterdir() if _is_image(q) and not q.name.startswith("."))
+            found = sorted(q for q in (p / "images").iterdir() if _is_image(q) and not q.name.startswith("."))
         elif p.is_dir() and not any(q.suffix.lower() in (".dcm", "") and q.is_file() for q in p.iterdir()):
-            files += sorted(q for q in p.iterdir() if q.is_file() and _is_image(q) and not q.name.startswith("."))
+            found = sorted(q for q in p.iterdir() if q.is_file() and _is_image(q) and not q.name.startswith("."))
         else:
-            files.append(p)
-    if not files:
+            found = [p]
+        items += [(f, (), _stem(f)) for f in found]
+    if not items:
         raise DataError(f"{', '.join(map(str, paths))}: no images found")
     planes = []
-    for f in files:
+    for f, channels, stem in items:
         n = n_slices(f)
         fmt = output_format(f)  # what write_prediction will write: png, nifti, mha, nrrd or dicom (NIfTI + SEG)
         for k in ([None] if n is None else range(n)):
-            planes.append({"source": str(f), "slice_index": k, "stem": _stem(f), "format": fmt})
+            plane = {"source": str(f), "slice_index": k, "stem": stem, "format": fmt}
+            if channels:
+                plane["channels"] = [str(c) for c in channels]
+            planes.append(plane)
     return planes
 
 
 def _load_planes(planes: list[dict], prep: Preprocess) -> np.ndarray:
     out = np.empty((len(planes), 3 if prep.color == "rgb" else 1, prep.size, prep.size), np.float32)
     for i, pl in enumerate(planes):
-        img, _ = read_image(Path(pl["source"]), pl["slice_index"])
+        img, _ = read_image([Path(c) for c in pl["channels"]] if pl.get("channels") else Path(pl["source"]),
+                            pl["slice_index"])
         if not np.isfinite(img).all():
             raise DataError(f"{pl['source']}: image has NaN/Inf values")
         pl["original_shape"] = list(img.shape[1:])

@@ -116,7 +116,7 @@ class Sample:
 
 def load_sample(case: Case, prep: Preprocess, labels: LabelMap) -> Sample:
     """Read, check, scale and resize one case; masks are mapped to class indices, then resized (nearest)."""
-    image, sp_img = read_image(case.image_path, case.slice_index)
+    image, sp_img = read_image(case.image_source, case.slice_index)
     mask, sp_mask = read_mask(case.mask_path, case.slice_index)
     where = "" if case.slice_index is None else f" (slice {case.slice_index})"
     h, w = image.shape[1:]
