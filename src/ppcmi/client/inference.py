@@ -20,8 +20,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .. import protocol
-from ..data import (IMAGE_EXTS, LabelMap, Preprocess, discover_cases, n_slices, nnunet_test_images, output_format,
-                    prepare_image, read_image, read_mask, restore_mask, write_prediction)
+from ..data import (IMAGE_EXTS, LabelMap, Preprocess, dicom_rt_series, discover_cases, n_slices, nnunet_test_images, output_format,
+                    prepare_image, read_case_mask, read_image, read_mask, restore_mask, write_prediction)
 from ..errors import DataError, PpcmiError
 from ..fileio import atomic_write_bytes, atomic_write_json
 from . import stages
@@ -48,8 +48,9 @@ def _is_image(p: Path) -> bool:
 
 
 def list_inputs(paths: Sequence[Path]) -> list[dict]:
-    """Expand image files, DICOM series folders and dataset folders (``images/``, or an nnU-Net raw
-    dataset's ``imagesTs/`` with its ``CASE_0000``, ``CASE_0001``, ... channels as one image) into planes
+    """Expand image files, DICOM series folders and dataset folders (``images/``, an nnU-Net raw
+    dataset's ``imagesTs/`` with its ``CASE_0000``, ``CASE_0001``, ... channels as one image, or a
+    DICOM-RT export's series named after their patient folders) into planes
     to segment. A plane is ``{"source", "slice_index", "stem", "format"}`` plus ``"channels"`` (every
     channel file, ``source`` first) for an image stored one file per channel."""
     items: list[tuple[Path, tuple[Path, ...], str]] = []  # (source, channel files or (), stem)
@@ -58,6 +59,10 @@ def list_inputs(paths: Sequence[Path]) -> list[dict]:
             raise DataError(f"{p}: no such file or folder")
         if p.is_dir() and not (p / "images").is_dir() and (p / "imagesTs").is_dir():
             items += [(ch[0], ch if len(ch) > 1 else (), case) for case, ch in nnunet_test_images(p)]
+            continue
+        rt = dicom_rt_series(p) if p.is_dir() and not (p / "images").is_dir() else []
+        if rt:  # a DICOM-RT export: each patient's image series, named after the patient folder
+            items += [(series, (), patient) for patient, series in rt]
             continue
         if p.is_dir() and (p / "images").is_dir():
             found = sorted(q for q in (p / "images").iterdir() if _is_image(q) and not q.name.startswith("."))
@@ -267,7 +272,7 @@ def evaluate_folder(pred: Path, data: Path, out: Path, labels: str | None = None
         stem = c.case_id if c.slice_index is None else c.case_id.rsplit("_z", 1)[0]
         if stem not in pred_files:
             continue
-        gt, sp = read_mask(c.mask_path, c.slice_index)
+        gt, sp = read_case_mask(c)
         pr, _ = read_mask(pred_files[stem], c.slice_index)
         if pr.shape != gt.shape:
             raise DataError(f"{pred_files[stem]}: prediction is {pr.shape} but the ground truth {c.mask_path} is {gt.shape}")

@@ -29,15 +29,16 @@ from __future__ import annotations
 
 from ..config import Preprocess
 from ..labels import LabelMap, parse_labels
-from .discovery import Case, dataset_info, discover_cases, discover_labels, nnunet_test_images
+from .discovery import Case, dataset_info, dicom_rt_series, discover_cases, discover_labels, nnunet_test_images, read_case_mask
 from .preprocess import (Sample, center_crop, crop_box, load_arrays, load_sample, prepare_image, resize_image, resize_mask,
                          restore_mask, scale_intensity, to_color)
-from .readers import IMAGE_EXTS, n_slices, read_image, read_mask
+from .readers import IMAGE_EXTS, is_rtstruct, n_slices, read_image, read_mask, rtstruct_roi_names, rtstruct_volume
 from .splits import split_cases, split_from_lists
 from .writers import output_format, write_prediction
 
 __all__ = [
-    "IMAGE_EXTS", "Case", "dataset_info", "nnunet_test_images", "discover_cases", "n_slices", "read_image", "read_mask", "Preprocess", "LabelMap", "discover_labels",
+    "IMAGE_EXTS", "Case", "dataset_info", "dicom_rt_series", "nnunet_test_images", "read_case_mask", "is_rtstruct", "rtstruct_roi_names",
+    "rtstruct_volume", "discover_cases", "n_slices", "read_image", "read_mask", "Preprocess", "LabelMap", "discover_labels",
     "parse_labels", "Sample", "scale_intensity", "to_color", "resize_image", "resize_mask", "prepare_image", "crop_box",
     "center_crop", "restore_mask", "load_sample", "load_arrays", "split_cases", "split_from_lists", "output_format",
     "write_prediction",

@@ -32,7 +32,8 @@ import numpy as np
 
 from ..errors import DataError
 from ..labels import LabelMap
-from .readers import IMAGE_EXTS, _cached_volume, _format, _n_slices, _split_name, read_image, read_mask
+from .readers import (IMAGE_EXTS, _cached_volume, _format, _n_slices, _series, _split_name, is_rtstruct, read_image, read_mask,
+                      rtstruct_roi_names, rtstruct_series_uid)
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,9 @@ class Case:
     patient id (defaults to the stem); ``site`` comes from the group CSV's ``site`` column.
     ``image_paths`` lists every channel file of an image stored one file per channel (nnU-Net's
     ``CASE_0000``, ``CASE_0001``, ...; ``image_path`` is the first), empty for one file.
-    ``labels`` is the label map a ``dataset.json`` declares, None where the masks must tell.
+    ``labels`` is the label map a ``dataset.json`` declares (or an RTSTRUCT's chosen ROIs), None
+    where the masks must tell. ``rois`` are the RTSTRUCT ROI names that are classes 1, 2, ... when
+    ``mask_path`` is a DICOM RTSTRUCT (rasterised on the ``image_path`` series), else empty.
     """
 
     case_id: str
@@ -59,11 +62,19 @@ class Case:
     site: str | None = None
     image_paths: tuple[Path, ...] = ()
     labels: LabelMap | None = None
+    rois: tuple[str, ...] = ()
 
     @property
     def image_source(self) -> Path | tuple[Path, ...]:
         """What :func:`ppcmi.data.read_image` reads: the channel files, or the one image file/folder."""
         return self.image_paths or self.image_path
+
+
+def read_case_mask(case: Case) -> tuple[np.ndarray, tuple[float, float] | None]:
+    """The case's mask plane (:func:`ppcmi.data.read_mask`); an RTSTRUCT is rasterised on the case's series."""
+    if case.rois:
+        return read_mask(case.mask_path, case.slice_index, reference=case.image_path, rois=case.rois)
+    return read_mask(case.mask_path, case.slice_index)
 
 
 def _index_folder(folder: Path, what: str) -> dict[str, Path]:
@@ -301,8 +312,85 @@ def _index_pairs(root: Path) -> list[tuple[str, tuple[Path, ...], Path]]:
     return pairs
 
 
+def _series_folders(patient: Path) -> dict[str, Path]:
+    """SeriesInstanceUID -> folder for the subfolders of ``patient`` that hold one DICOM image series."""
+    out: dict[str, Path] = {}
+    for d in sorted(q for q in patient.iterdir() if q.is_dir() and not q.name.startswith(".")):
+        try:
+            files = _series(d)[0]
+        except DataError:
+            continue
+        import pydicom
+
+        uid = str(pydicom.dcmread(files[0], stop_before_pixels=True, specific_tags=["SeriesInstanceUID"]).SeriesInstanceUID)
+        out[uid] = d
+    return out
+
+
+def _rtstructs_in(folder: Path) -> list[Path]:
+    """RTSTRUCT files directly in ``folder`` or one level below it."""
+    found = []
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith("."):
+            continue
+        if p.is_dir():
+            found += [q for q in sorted(p.iterdir()) if q.is_file() and not q.name.startswith(".") and is_rtstruct(q)]
+        elif is_rtstruct(p):
+            found.append(p)
+    return found
+
+
+def _is_dicom_rt(root: Path) -> bool:
+    if (root / "images").is_dir() or _is_nnunet(root):
+        return False
+    return bool(_rtstructs_in(root)) or any(d.is_dir() and _rtstructs_in(d) for d in root.iterdir())
+
+
+def _rt_pairs(root: Path) -> list[tuple[str, tuple[Path, ...], Path]]:
+    """(patient, (series folder,), RTSTRUCT) for a DICOM-RT export: ``root`` is one patient folder
+    (``CT/`` series + ``RTSTRUCT/`` file, as a planning system exports them) or holds one per patient."""
+    patients = [root] if _rtstructs_in(root) else sorted(d for d in root.iterdir() if d.is_dir() and _rtstructs_in(d))
+    pairs = []
+    for patient in patients:
+        structs = _rtstructs_in(patient)
+        if len(structs) != 1:
+            raise DataError(f"{patient}: holds {len(structs)} RTSTRUCT files ({', '.join(p.name for p in structs)}); "
+                            f"keep one per patient folder")
+        uid = rtstruct_series_uid(structs[0])
+        series = _series_folders(patient)
+        if uid not in series:
+            raise DataError(f"{structs[0]}: its image series {uid} is not among the series folders of {patient}")
+        pairs.append((patient.name, (series[uid],), structs[0]))
+    return pairs
+
+
+def dicom_rt_series(root: str | Path) -> list[tuple[str, Path]]:
+    """(patient, image series folder) of a DICOM-RT export (:func:`discover_cases`), or [] when ``root`` is not one."""
+    root = Path(root)
+    if not root.is_dir() or not _is_dicom_rt(root):
+        return []
+    return [(patient, channels[0]) for patient, channels, _ in _rt_pairs(root)]
+
+
+def _choose_rois(pairs: list[tuple[str, tuple[Path, ...], Path]], rois: Sequence[str] | None) -> tuple[str, ...]:
+    """The ROI names that are classes 1, 2, ...: ``rois`` as given, else the first RTSTRUCT's names sorted."""
+    first = pairs[0][2]
+    chosen = tuple(rois) if rois is not None else tuple(sorted(rtstruct_roi_names(first)))
+    if not chosen:
+        raise DataError(f"{first}: RTSTRUCT holds no ROI")
+    if len(set(chosen)) != len(chosen):
+        raise DataError(f"rois: names must be distinct, got {list(chosen)}")
+    for _, _, rt in pairs:
+        names = rtstruct_roi_names(rt)
+        missing = [r for r in chosen if r not in names]
+        if missing:
+            raise DataError(f"{rt}: no ROI named {missing[0]!r} (the RTSTRUCT holds {', '.join(map(repr, names))}); "
+                            f"choose the classes with rois=")
+    return chosen
+
+
 def discover_cases(root: str | Path, *, group_regex: str | None = None,
-                   group_csv: str | Path | None = None) -> list[Case]:
+                   group_csv: str | Path | None = None, rois: Sequence[str] | None = None) -> list[Case]:
     """Pair images with masks and return the cases sorted by case_id.
 
     Layouts: ``root/images/<id>.*`` + ``root/masks/<id>.*``, or nnU-Net's raw dataset
@@ -314,6 +402,13 @@ def discover_cases(root: str | Path, *, group_regex: str | None = None,
     exist is also looked up in ``root``), or the stem. Unknown extensions are skipped (debug log); a
     mask without an image is a warning; an image without a mask, a stem missing from the CSV or not
     matching the regex is a DataError.
+
+    DICOM RTSTRUCT masks: ``masks/<id>.dcm`` may be an RTSTRUCT drawn on the series folder
+    ``images/<id>/``, and ``root`` may be a DICOM-RT export (a patient folder with a series folder
+    and an RTSTRUCT, such as ``CT/`` + ``RTSTRUCT/``, or a folder of such patient folders; the case
+    is the patient folder's name). ``rois`` chooses the ROIs that become classes 1, 2, ... in that
+    order (default: the first RTSTRUCT's ROI names, sorted); overlaps follow
+    :func:`ppcmi.data.readers.rtstruct_volume` (the smaller ROI wins).
     """
     root = Path(root)
     if not root.is_dir():
@@ -338,15 +433,36 @@ def discover_cases(root: str | Path, *, group_regex: str | None = None,
     labels: LabelMap | None = None
     if _is_nnunet(root):
         pairs, labels = _nnunet_pairs(root, _read_dataset_json(root))
+    elif _is_dicom_rt(root):
+        pairs = _rt_pairs(root)
     else:
         pairs = _index_pairs(root)
+    chosen: tuple[str, ...] = ()
+    rt_pairs = [pr for pr in pairs if is_rtstruct(pr[2])]
+    if rt_pairs:
+        if len(rt_pairs) != len(pairs):
+            raise DataError(f"{rt_pairs[0][2]}: some masks are RTSTRUCTs and some are not; use one kind per dataset")
+        chosen = _choose_rois(rt_pairs, rois)
+        labels = LabelMap(tuple(range(len(chosen) + 1)), ("background", *chosen))
+    elif rois is not None:
+        raise DataError(f"rois: given ({list(rois)}) but {root} has no RTSTRUCT masks")
 
     cases: list[Case] = []
     for stem, channels, mpath in pairs:
         ipath = channels[0]
         extra = channels if len(channels) > 1 else ()
         group, site = _group_of(stem, ipath, pattern, table, csv_path)
-        n_img, n_mask = _n_slices(ipath, "image"), _n_slices(mpath, "mask")
+        n_img = _n_slices(ipath, "image")
+        if chosen:
+            if _format(ipath) != "dicom-series":
+                raise DataError(f"{mpath}: an RTSTRUCT mask needs a DICOM series folder as its image, not {ipath.name}")
+            import pydicom
+
+            uid = str(pydicom.dcmread(_series(ipath)[0][0], stop_before_pixels=True,
+                                      specific_tags=["SeriesInstanceUID"]).SeriesInstanceUID)
+            if uid != rtstruct_series_uid(mpath):
+                raise DataError(f"{mpath}: RTSTRUCT is drawn on series {rtstruct_series_uid(mpath)}, not on {ipath} ({uid})")
+        n_mask = n_img if chosen else _n_slices(mpath, "mask")
         for other in extra[1:]:
             if _n_slices(other, "image") != n_img:
                 raise DataError(f"{other}: channel has a different slice count from {ipath.name}")
@@ -355,11 +471,11 @@ def discover_cases(root: str | Path, *, group_regex: str | None = None,
                 return "2D" if n is None else f"{n} slices"
             raise DataError(f"{ipath} and {mpath}: image is {desc(n_img)} but mask is {desc(n_mask)}")
         if n_img is None:
-            cases.append(Case(stem, ipath, mpath, None, group, site, extra, labels))
+            cases.append(Case(stem, ipath, mpath, None, group, site, extra, labels, chosen))
         else:
-            if _format(ipath) != _format(mpath):
+            if not chosen and _format(ipath) != _format(mpath):
                 log.warning("%s: image and mask are different 3D formats; they are paired in stored voxel order", ipath)
-            cases.extend(Case(f"{stem}_z{k:03d}", ipath, mpath, k, group, site, extra, labels) for k in range(n_img))
+            cases.extend(Case(f"{stem}_z{k:03d}", ipath, mpath, k, group, site, extra, labels, chosen) for k in range(n_img))
     cases.sort(key=lambda c: c.case_id)
     for a, b in zip(cases, cases[1:]):
         if a.case_id == b.case_id:
@@ -385,15 +501,26 @@ def nnunet_test_images(root: str | Path) -> list[tuple[str, tuple[Path, ...]]]:
     return sorted(_group_channels(files, len(names) if names else None, folder).items())
 
 
+def _dicom_modality(image: Path) -> list[str] | None:
+    """[Modality] of a DICOM file or series folder (e.g. ["CT"]), None when the header does not say."""
+    import pydicom
+
+    first = image if image.is_file() else _series(image)[0][0]
+    modality = str(pydicom.dcmread(first, stop_before_pixels=True, specific_tags=["Modality"]).get("Modality", "") or "")
+    return [modality] if modality else None
+
+
 def dataset_info(root: str | Path) -> dict:
     """What a dataset says about itself, for planning (nothing per case beyond counts).
 
-    ``{"layout": "nnunet" | "images-masks", "version": 2 | 1 | None (nnU-Net dataset.json flavour),
+    ``{"layout": "nnunet" | "dicom-rt" | "images-masks", "version": 2 | 1 | None (nnU-Net dataset.json flavour),
     "name", "modalities": [per channel, e.g. "CT", "MRI"] or None, "channels": int or None,
     "labels": {"values": [...], "names": [...]} or None, "file_ending": ".nii.gz" or None,
-    "num_training": int, "num_test": int}``. For ``images/`` + ``masks/`` the modality and labels are
-    unknown (None): the masks tell the values (:func:`discover_labels`); channels come from the
-    first image, and ``file_ending`` is the images' extension when they share one.
+    "num_training": int, "num_test": int}``. nnU-Net: from ``dataset.json``. DICOM-RT: the series'
+    DICOM Modality and the RTSTRUCT's ROIs (sorted by name). ``images/`` + ``masks/``: the modality
+    from the DICOM header where the images are DICOM, else None; labels None (the masks tell the
+    values, :func:`discover_labels`); channels from the first image; ``file_ending`` the images'
+    extension when they share one.
     """
     root = Path(root)
     if not root.is_dir():
@@ -407,6 +534,11 @@ def dataset_info(root: str | Path) -> dict:
         channels = len(names) if names else None
         ending = _file_ending(meta, root / "labelsTr")
         layout = "nnunet"
+    elif _is_dicom_rt(root):
+        pairs, version, n_test, meta, channels, layout = _rt_pairs(root), None, 0, {}, 1, "dicom-rt"
+        chosen = _choose_rois(pairs, None)
+        labels = LabelMap(tuple(range(len(chosen) + 1)), ("background", *chosen))
+        names, ending = _dicom_modality(pairs[0][1][0]), None
     else:
         pairs, labels, names, version = _index_pairs(root), None, None, None
         n_test, meta = 0, {}
@@ -414,6 +546,8 @@ def dataset_info(root: str | Path) -> dict:
         ending = exts.pop() if len(exts) == 1 else None
         channels = None
         layout = "images-masks"
+        if _format(pairs[0][1][0]) in ("dicom", "dicom-series"):
+            names = _dicom_modality(pairs[0][1][0])
     if channels is None and pairs:
         first = pairs[0][1]
         n = _n_slices(first[0], "image")
@@ -438,7 +572,7 @@ def discover_labels(cases: Sequence[Case], *, max_cases: int | None = None) -> L
     seen: set[int] = set()
     try:
         for c in chosen:
-            seen.update(np.unique(read_mask(c.mask_path, c.slice_index)[0]).tolist())
+            seen.update(np.unique(read_case_mask(c)[0]).tolist())
     finally:
         _cached_volume.cache_clear()
     where = chosen[0].mask_path.parent

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from ..config import Preprocess
 from ..errors import DataError
 from ..labels import LabelMap
-from .discovery import Case
-from .readers import _cached_volume, read_image, read_mask
+from .discovery import Case, read_case_mask
+from .readers import _cached_volume, read_image
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ class Sample:
 def load_sample(case: Case, prep: Preprocess, labels: LabelMap) -> Sample:
     """Read, check, scale and resize one case; masks are mapped to class indices, then resized (nearest)."""
     image, sp_img = read_image(case.image_source, case.slice_index)
-    mask, sp_mask = read_mask(case.mask_path, case.slice_index)
+    mask, sp_mask = read_case_mask(case)
     where = "" if case.slice_index is None else f" (slice {case.slice_index})"
     h, w = image.shape[1:]
     if (h, w) != mask.shape:

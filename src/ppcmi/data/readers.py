@@ -320,13 +320,128 @@ def read_image(path: Path | Sequence[Path], slice_index: int | None = None) -> t
     return np.ascontiguousarray(arr, dtype=np.float32), spacing
 
 
-def read_mask(path: Path, slice_index: int | None = None) -> tuple[np.ndarray, tuple[float, float] | None]:
+# ----------------------------------------------------------------------------- DICOM RTSTRUCT masks
+
+
+@functools.lru_cache(maxsize=64)
+def _modality(path_str: str, stamp: tuple[int, int]) -> str:
+    import pydicom
+
+    try:
+        return str(pydicom.dcmread(path_str, stop_before_pixels=True, specific_tags=["Modality"]).get("Modality", ""))
+    except Exception:  # not DICOM: the format's own reader reports it
+        return ""
+
+
+def is_rtstruct(path: str | Path) -> bool:
+    """Whether ``path`` is a DICOM RT Structure Set file (Modality RTSTRUCT)."""
+    path = Path(path)
+    return path.is_file() and _split_name(path.name)[1] in (".dcm", "") and _modality(str(path), _stamp(path)) == "RTSTRUCT"
+
+
+def rtstruct_series_uid(path: Path) -> str:
+    """The SeriesInstanceUID of the image series an RTSTRUCT's contours are drawn on."""
+    import pydicom
+
+    def read() -> str:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        uids = {str(se.SeriesInstanceUID) for fr in ds.get("ReferencedFrameOfReferenceSequence", [])
+                for st in fr.get("RTReferencedStudySequence", []) for se in st.get("RTReferencedSeriesSequence", [])}
+        if len(uids) != 1:
+            raise DataError(f"{path}: RTSTRUCT references {len(uids)} image series; exactly one is supported")
+        return uids.pop()
+
+    return _guarded(path, "mask", read)
+
+
+def rtstruct_roi_names(path: Path) -> list[str]:
+    """The ROI names of an RTSTRUCT, in its StructureSetROISequence order."""
+    import pydicom
+
+    ds = _guarded(path, "mask", pydicom.dcmread, path, True)
+    return [str(r.ROIName) for r in ds.get("StructureSetROISequence", [])]
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_rtstruct(rt_str: str, series_str: str, rois: tuple[str, ...],
+                     stamps: tuple[tuple[int, int], tuple[int, int]]) -> np.ndarray:
+    """The RTSTRUCT's ROIs rasterised by rt-utils on the series, as uint16 (Z, H, W) in the readers'
+    slice order: ROI ``rois[i]`` is value i + 1; where ROIs overlap, the one with fewer voxels wins."""
+    import pydicom
+    from rt_utils import RTStructBuilder
+
+    rt, folder = Path(rt_str), Path(series_str)
+    files = _series(folder)[0]
+    heads = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    h0 = heads[0]
+    # rt-utils 1.2.7 allocates each slice mask as (Columns, Rows) and scales the row direction by the
+    # row spacing: it is right only for square images with square pixels, so refuse the others.
+    if int(h0.Rows) != int(h0.Columns) or abs(float(h0.PixelSpacing[0]) - float(h0.PixelSpacing[1])) > 1e-6:
+        raise DataError(f"{rt}: RTSTRUCT rasterisation (rt-utils 1.2.7) needs square slices with square pixels; "
+                        f"the series is {h0.Rows}x{h0.Columns} at {list(h0.PixelSpacing)} mm")
+    struct = RTStructBuilder.create_from(dicom_series_path=str(folder), rt_struct_path=str(rt))
+    ours = {str(h.SOPInstanceUID): k for k, h in enumerate(heads)}
+    theirs = [str(ds.SOPInstanceUID) for ds in struct.series_data]
+    if sorted(theirs) != sorted(ours):
+        raise DataError(f"{rt}: rt-utils found {len(theirs)} slices in {folder}, the readers {len(ours)}")
+    order = np.asarray([ours[u] for u in theirs])  # rt-utils slice i is our slice order[i]
+    masks = []
+    for name in rois:
+        mask = np.asarray(struct.get_roi_mask_by_name(name), bool)  # (rows, cols, slices) in rt-utils' order
+        if not mask.any():
+            log.warning("%s: ROI %r has no contour on the series; its class is empty", rt, name)
+        masks.append(mask)
+    out = np.zeros((len(files), int(h0.Rows), int(h0.Columns)), np.uint16)
+    for value in sorted(range(1, len(rois) + 1), key=lambda v: -int(masks[v - 1].sum())):  # largest first: smaller wins
+        mask = masks[value - 1]
+        for i in np.nonzero(mask.any(axis=(0, 1)))[0]:
+            out[order[i]][mask[:, :, i]] = value
+    out.setflags(write=False)
+    return out
+
+
+def rtstruct_volume(path: Path, series: Path, rois: Sequence[str] | None = None) -> np.ndarray:
+    """An RTSTRUCT rasterised on its image series (rt-utils): uint16 (Z, H, W) in the readers' slice order.
+
+    Classes: ``rois`` in the given order are values 1, 2, ...; by default every ROI of the file,
+    sorted by name (so hospitals whose exports list the same ROIs in another order agree). Where
+    ROIs overlap, the smaller ROI (fewer voxels on this series) wins, so a tumour drawn inside a
+    lung stays a tumour; the polygons are filled by rt-utils (OpenCV ``fillPoly``: holes, several
+    contours per slice). A name the file does not hold is a DataError listing the ones it does.
+    """
+    path, series = Path(path), Path(series)
+    names = rtstruct_roi_names(path)
+    chosen = tuple(sorted(names) if rois is None else rois)
+    missing = [r for r in chosen if r not in names]
+    if missing:
+        raise DataError(f"{path}: no ROI named {missing[0]!r} (the RTSTRUCT holds {', '.join(map(repr, names))})")
+    if not chosen:
+        raise DataError(f"{path}: RTSTRUCT holds no ROI")
+    uid = rtstruct_series_uid(path)
+    files = _series(series)[0]
+    import pydicom
+
+    got = str(pydicom.dcmread(files[0], stop_before_pixels=True, specific_tags=["SeriesInstanceUID"]).SeriesInstanceUID)
+    if got != uid:
+        raise DataError(f"{path}: RTSTRUCT is drawn on series {uid}, but {series} holds series {got}")
+    return _guarded(path, "mask", _cached_rtstruct, str(path), str(series), chosen, (_stamp(path), _stamp(series)))
+
+
+def read_mask(path: Path, slice_index: int | None = None, *, reference: Path | None = None,
+              rois: Sequence[str] | None = None) -> tuple[np.ndarray, tuple[float, float] | None]:
     """Read one mask plane: int64 (H, W) of raw label values, and (row_mm, col_mm) or None.
 
     Palette PNGs keep their palette indices. A colour mask whose channels are all equal is read
-    as gray; other colour masks and non-integer values are a DataError.
+    as gray; other colour masks and non-integer values are a DataError. A DICOM RTSTRUCT is
+    rasterised on ``reference``, its image series folder (:func:`rtstruct_volume`; ``rois`` chooses
+    and orders the classes).
     """
     path = Path(path)
+    if is_rtstruct(path):
+        if reference is None:
+            raise DataError(f"{path}: an RTSTRUCT mask needs its image series (reference=) to be rasterised on")
+        vol = rtstruct_volume(path, Path(reference), rois)
+        return vol[_pick(vol.shape[0], slice_index, path)].astype(np.int64), _series(Path(reference))[1]
     arr, spacing = _read_plane(path, slice_index, "mask")
     if arr.ndim == 3:
         if arr.shape[2] > 1 and not all(np.array_equal(arr[..., 0], arr[..., c]) for c in range(1, arr.shape[2])):
