@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from ppcmi.data import LabelMap, n_slices, read_image
+from ppcmi.data import LabelMap, n_slices, read_image, read_mask
 from ppcmi.data.writers import output_format, write_prediction
 from ppcmi.errors import DataError
 
@@ -340,3 +340,181 @@ def test_real_msd_hippocampus_discovered_and_a_prediction_overlays_its_label(tmp
     truth = sitk.Cast(sitk.ReadImage(str(label)), sitk.sitkUInt8)
     _assert_same_geometry(out, sitk.ReadImage(str(image)))
     assert _dice_in_world(out, truth) == {1: 1.0, 2: 1.0}
+
+
+# ----------------------------------------------------------------------------- DICOM RTSTRUCT masks
+
+# name -> (first row, last row, first col, last col, slices): pixel rectangles (inclusive) on a 32x32x6 series
+RECTS = {"Body": (4, 27, 3, 25, range(1, 5)), "Tumour": (10, 14, 15, 20, range(2, 4)), "Cord": (20, 22, 5, 7, range(0, 6))}
+
+
+def _rt_image(rows: int = 32, cols: int = 32) -> sitk.Image:
+    img = sitk.GetImageFromArray(np.random.default_rng(1).integers(-100, 100, (6, rows, cols)).astype(np.int16))
+    img.SetSpacing((0.8, 0.8, 2.5))
+    img.SetOrigin(ORIGIN)
+    img.SetDirection(_direction())
+    return img
+
+
+def _rtstruct(path: Path, series: Path, image: sitk.Image, rects=RECTS) -> None:
+    """An RT Structure Set (pydicom) whose ROIs are ``rects``, as closed planar polygons through the corner
+    pixel centres in patient coordinates (the world points of SimpleITK's index (col, row, slice))."""
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.sequence import Sequence as Seq
+    from pydicom.uid import ExplicitVRLittleEndian, RTStructureSetStorage, generate_uid
+
+    heads = {int(round(float(np.dot(np.asarray(d.ImagePositionPatient, float) - ORIGIN,
+                                    np.asarray(image.GetDirection()).reshape(3, 3)[:, 2])) / 2.5)): d
+             for d in (pydicom.dcmread(f, stop_before_pixels=True) for f in series.iterdir())}
+    ref = heads[0]
+
+    def image_ref(k: int) -> Dataset:
+        r = Dataset()
+        r.ReferencedSOPClassUID, r.ReferencedSOPInstanceUID = heads[k].SOPClassUID, heads[k].SOPInstanceUID
+        return r
+
+    ds = Dataset()
+    meta = FileMetaDataset()
+    uid = generate_uid()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = RTStructureSetStorage, uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = RTStructureSetStorage, uid, "RTSTRUCT"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = ref.StudyInstanceUID, generate_uid()
+    ds.PatientName, ds.PatientID, ds.StructureSetLabel = ref.PatientName, ref.PatientID, "test"
+    series_ref = Dataset()
+    series_ref.SeriesInstanceUID = ref.SeriesInstanceUID
+    series_ref.ContourImageSequence = Seq([image_ref(k) for k in sorted(heads)])
+    study_ref = Dataset()
+    study_ref.ReferencedSOPClassUID, study_ref.ReferencedSOPInstanceUID = "1.2.840.10008.3.1.2.3.1", ref.StudyInstanceUID
+    study_ref.RTReferencedSeriesSequence = Seq([series_ref])
+    frame = Dataset()
+    frame.FrameOfReferenceUID = ref.FrameOfReferenceUID
+    frame.RTReferencedStudySequence = Seq([study_ref])
+    ds.ReferencedFrameOfReferenceSequence = Seq([frame])
+    rois, contours, observations = [], [], []
+    for number, (name, (r0, r1, c0, c1, slices)) in enumerate(rects.items(), start=1):
+        roi = Dataset()
+        roi.ROINumber, roi.ReferencedFrameOfReferenceUID, roi.ROIName = number, ref.FrameOfReferenceUID, name
+        roi.ROIGenerationAlgorithm = "MANUAL"
+        rois.append(roi)
+        seq = []
+        for k in slices:
+            c = Dataset()
+            c.ContourImageSequence = Seq([image_ref(k)])
+            c.ContourGeometricType = "CLOSED_PLANAR"
+            pts = [image.TransformContinuousIndexToPhysicalPoint((float(x), float(y), float(k)))
+                   for x, y in ((c0, r0), (c1, r0), (c1, r1), (c0, r1))]
+            c.NumberOfContourPoints = 4
+            c.ContourData = [f"{v:.6f}" for p in pts for v in p]
+            seq.append(c)
+        rc = Dataset()
+        rc.ReferencedROINumber, rc.ROIDisplayColor, rc.ContourSequence = number, [255, 0, 0], Seq(seq)
+        contours.append(rc)
+        obs = Dataset()
+        obs.ObservationNumber, obs.ReferencedROINumber, obs.RTROIInterpretedType, obs.ROIInterpreter = number, number, "ORGAN", ""
+        observations.append(obs)
+    ds.StructureSetROISequence, ds.ROIContourSequence = Seq(rois), Seq(contours)
+    ds.RTROIObservationsSequence = Seq(observations)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+
+
+def _expected(image: sitk.Image, order: list[str]) -> sitk.Image:
+    """The rectangles as a label image on ``image``'s grid: value i + 1 for ``order[i]``, the smaller ROI on top."""
+    arr = np.zeros(sitk.GetArrayFromImage(image).shape, np.uint8)
+    for name in sorted(order, key=lambda n: -(RECTS[n][1] - RECTS[n][0] + 1) * (RECTS[n][3] - RECTS[n][2] + 1) * len(RECTS[n][4])):
+        r0, r1, c0, c1, slices = RECTS[name]
+        for k in slices:
+            arr[k, r0:r1 + 1, c0:c1 + 1] = order.index(name) + 1
+    lab = sitk.GetImageFromArray(arr)
+    lab.CopyInformation(image)
+    return lab
+
+
+def test_rtstruct_export_layout_overlays_in_world_coordinates(tmp_path):
+    from ppcmi.data import dataset_info, discover_cases, discover_labels, read_case_mask
+
+    image = _rt_image()
+    patient = tmp_path / "export" / "patient7"
+    _ct_series(patient / "CT", image)
+    _rtstruct(patient / "RTSTRUCT" / "rs.dcm", patient / "CT", image)
+    for root in (patient, tmp_path / "export"):  # one patient folder, or a folder of them
+        cases = discover_cases(root)
+        assert [c.case_id for c in cases] == [f"patient7_z{k:03d}" for k in range(6)]
+        assert cases[0].image_path == patient / "CT" and cases[0].rois == ("Body", "Cord", "Tumour")
+    assert discover_labels(cases) == LabelMap((0, 1, 2, 3), ("background", "Body", "Cord", "Tumour"))
+    info = dataset_info(patient)
+    assert (info["layout"], info["modalities"], info["labels"]["names"]) == ("dicom-rt", ["CT"], ["background", "Body", "Cord", "Tumour"])
+    planes = [read_case_mask(c)[0] for c in cases]
+    (out, _) = write_prediction(patient / "CT", planes, tmp_path / "pred", "patient7", labels=discover_labels(cases))
+    reference = sitk.ReadImage(str(out))
+    expected = _expected(image, ["Body", "Cord", "Tumour"])
+    p = sitk.GetArrayFromImage(sitk.Resample(reference, expected, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8))
+    t = sitk.GetArrayFromImage(expected)
+    for v in (1, 2, 3):
+        assert 2 * np.sum((p == v) & (t == v)) / (np.sum(p == v) + np.sum(t == v)) == 1.0, v
+
+    # choosing and ordering the ROIs; a missing name is refused with the names the file holds
+    chosen = discover_cases(patient, rois=["Tumour", "Body"])
+    assert discover_labels(chosen) == LabelMap((0, 1, 2), ("background", "Tumour", "Body"))
+    vol = np.stack([read_case_mask(c)[0] for c in chosen])
+    np.testing.assert_array_equal(vol, sitk.GetArrayFromImage(_expected(image, ["Tumour", "Body"])) * (vol >= 0))
+    with pytest.raises(DataError, match=r"rs\.dcm: no ROI named 'Lung' \(the RTSTRUCT holds 'Body', 'Tumour', 'Cord'\)"):
+        discover_cases(patient, rois=["Lung"])
+
+
+def test_rtstruct_in_images_masks_layout_and_refusals(tmp_path):
+    from ppcmi.data import discover_cases, read_case_mask
+
+    image = _rt_image()
+    root = tmp_path / "ds"
+    _ct_series(root / "images" / "p1", image)
+    _rtstruct(root / "masks" / "p1.dcm", root / "images" / "p1", image)
+    cases = discover_cases(root)
+    assert len(cases) == 6 and cases[3].rois == ("Body", "Cord", "Tumour")
+    np.testing.assert_array_equal(read_case_mask(cases[3])[0], sitk.GetArrayFromImage(_expected(image, ["Body", "Cord", "Tumour"]))[3])
+    with pytest.raises(DataError, match="needs its image series"):
+        read_mask(root / "masks" / "p1.dcm", 3)
+    plain = tmp_path / "plain"
+    _ct_series(plain / "images" / "p1", image)
+    (plain / "masks").mkdir()
+    sitk.WriteImage(_expected(image, ["Cord"]), str(plain / "masks" / "p1.nii.gz"))
+    with pytest.raises(DataError, match="has no RTSTRUCT masks"):
+        discover_cases(plain, rois=["Body"])
+
+    wide = _rt_image(rows=32, cols=30)  # rt-utils 1.2.7 rasterises only square slices correctly
+    other = tmp_path / "wide"
+    _ct_series(other / "CT", wide)
+    _rtstruct(other / "RTSTRUCT" / "rs.dcm", other / "CT", wide, {"Cord": RECTS["Cord"]})
+    (case, *_) = discover_cases(other)
+    with pytest.raises(DataError, match=r"rs\.dcm: RTSTRUCT rasterisation \(rt-utils 1.2.7\) needs square slices"):
+        read_case_mask(case)
+
+
+def test_real_rtstruct_rasterises_as_source_md_says(tmp_path):
+    """dicom_ct_lung1/SOURCE.md: slice ranges (0-based, sorted by z), volumes and mean HU per ROI."""
+    from ppcmi.data import discover_cases, read_case_mask, rtstruct_volume
+
+    root = SHARED_DATA / "dicom_ct_lung1"
+    if not (root / "RTSTRUCT").is_dir():
+        pytest.skip(f"shared dataset dicom_ct_lung1 not available at {root}")
+    table = {"GTV-1": (65, 85, 160.7, -68), "Spinal-Cord": (27, 110, 51.1, 28), "Lung-Left": (24, 111, 2343, -746),
+             "Lung-Right": (23, 108, 3035, -795)}
+    cases = discover_cases(root)
+    assert len(cases) == 134 and cases[0].labels.names == ("background", "GTV-1", "Lung-Left", "Lung-Right", "Spinal-Cord")
+    hu = np.stack([read_image(root / "CT", k)[0][0] for k in range(134)])
+    assert hu.min() == -1024  # HU through RescaleIntercept -1024
+    voxel_ml = 0.9765625 * 0.9765625 * 3.0 / 1000
+    rt = cases[0].mask_path
+    for name, (first, last, ml, mean_hu) in table.items():
+        vol = rtstruct_volume(rt, root / "CT", [name]) > 0  # each ROI alone, as the table counts it
+        z = np.nonzero(vol.any(axis=(1, 2)))[0]
+        assert (z.min(), z.max()) == (first, last), name
+        assert vol.sum() * voxel_ml == pytest.approx(ml, rel=0.02), name  # rt-utils rounds polygon vertices to pixels
+        assert float(hu[vol].mean()) == pytest.approx(mean_hu, abs=10), name
+    # all four together through the case API: the GTV (smallest) keeps the voxels it shares with a lung
+    together = np.stack([read_case_mask(c)[0] for c in cases])
+    gtv = rtstruct_volume(rt, root / "CT", ["GTV-1"]) > 0
+    assert np.array_equal(together == 1, gtv)

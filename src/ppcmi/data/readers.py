@@ -339,34 +339,43 @@ def is_rtstruct(path: str | Path) -> bool:
     return path.is_file() and _split_name(path.name)[1] in (".dcm", "") and _modality(str(path), _stamp(path)) == "RTSTRUCT"
 
 
-def rtstruct_series_uid(path: Path) -> str:
-    """The SeriesInstanceUID of the image series an RTSTRUCT's contours are drawn on."""
+@functools.lru_cache(maxsize=8)
+def _rt_header(path_str: str, stamp: tuple[int, int]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(ROI names in StructureSetROISequence order, referenced SeriesInstanceUIDs) of an RTSTRUCT."""
     import pydicom
 
-    def read() -> str:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        uids = {str(se.SeriesInstanceUID) for fr in ds.get("ReferencedFrameOfReferenceSequence", [])
-                for st in fr.get("RTReferencedStudySequence", []) for se in st.get("RTReferencedSeriesSequence", [])}
-        if len(uids) != 1:
-            raise DataError(f"{path}: RTSTRUCT references {len(uids)} image series; exactly one is supported")
-        return uids.pop()
+    ds = pydicom.dcmread(path_str, stop_before_pixels=True)
+    uids = {str(se.SeriesInstanceUID) for fr in ds.get("ReferencedFrameOfReferenceSequence", [])
+            for st in fr.get("RTReferencedStudySequence", []) for se in st.get("RTReferencedSeriesSequence", [])}
+    return tuple(str(r.ROIName) for r in ds.get("StructureSetROISequence", [])), tuple(sorted(uids))
 
-    return _guarded(path, "mask", read)
+
+@functools.lru_cache(maxsize=8)
+def _series_uid(folder_str: str, stamp: tuple[int, int]) -> str:
+    import pydicom
+
+    first = _series(Path(folder_str))[0][0]
+    return str(pydicom.dcmread(first, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"]).SeriesInstanceUID)
+
+
+def rtstruct_series_uid(path: Path) -> str:
+    """The SeriesInstanceUID of the image series an RTSTRUCT's contours are drawn on."""
+    path = Path(path)
+    uids = _guarded(path, "mask", lambda: _rt_header(str(path), _stamp(path)))[1]
+    if len(uids) != 1:
+        raise DataError(f"{path}: RTSTRUCT references {len(uids)} image series; exactly one is supported")
+    return uids[0]
 
 
 def rtstruct_roi_names(path: Path) -> list[str]:
     """The ROI names of an RTSTRUCT, in its StructureSetROISequence order."""
-    import pydicom
-
-    ds = _guarded(path, "mask", pydicom.dcmread, path, True)
-    return [str(r.ROIName) for r in ds.get("StructureSetROISequence", [])]
+    path = Path(path)
+    return list(_guarded(path, "mask", lambda: _rt_header(str(path), _stamp(path)))[0])
 
 
-@functools.lru_cache(maxsize=2)
-def _cached_rtstruct(rt_str: str, series_str: str, rois: tuple[str, ...],
-                     stamps: tuple[tuple[int, int], tuple[int, int]]) -> np.ndarray:
-    """The RTSTRUCT's ROIs rasterised by rt-utils on the series, as uint16 (Z, H, W) in the readers'
-    slice order: ROI ``rois[i]`` is value i + 1; where ROIs overlap, the one with fewer voxels wins."""
+@functools.lru_cache(maxsize=1)
+def _loaded_rtstruct(rt_str: str, series_str: str, stamps: tuple[tuple[int, int], tuple[int, int]]) -> tuple[Any, np.ndarray]:
+    """rt-utils' RTStruct on the series (it loads every slice), and where its slices sit in the readers' order."""
     import pydicom
     from rt_utils import RTStructBuilder
 
@@ -384,18 +393,31 @@ def _cached_rtstruct(rt_str: str, series_str: str, rois: tuple[str, ...],
     theirs = [str(ds.SOPInstanceUID) for ds in struct.series_data]
     if sorted(theirs) != sorted(ours):
         raise DataError(f"{rt}: rt-utils found {len(theirs)} slices in {folder}, the readers {len(ours)}")
-    order = np.asarray([ours[u] for u in theirs])  # rt-utils slice i is our slice order[i]
-    masks = []
-    for name in rois:
-        mask = np.asarray(struct.get_roi_mask_by_name(name), bool)  # (rows, cols, slices) in rt-utils' order
-        if not mask.any():
-            log.warning("%s: ROI %r has no contour on the series; its class is empty", rt, name)
-        masks.append(mask)
-    out = np.zeros((len(files), int(h0.Rows), int(h0.Columns)), np.uint16)
+    return struct, np.asarray([ours[u] for u in theirs])  # rt-utils slice i is our slice order[i]
+
+
+@functools.lru_cache(maxsize=16)
+def _roi_mask(rt_str: str, series_str: str, name: str, stamps: tuple[tuple[int, int], tuple[int, int]]) -> np.ndarray:
+    """One ROI as bool (Z, H, W) in the readers' slice order, read-only."""
+    struct, order = _loaded_rtstruct(rt_str, series_str, stamps)
+    mask = np.asarray(struct.get_roi_mask_by_name(name), bool)  # (rows, cols, slices) in rt-utils' order
+    if not mask.any():
+        log.warning("%s: ROI %r has no contour on the series; its class is empty", rt_str, name)
+    out = np.zeros((mask.shape[2], mask.shape[0], mask.shape[1]), bool)
+    out[order] = mask.transpose(2, 0, 1)
+    out.setflags(write=False)
+    return out
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_rtstruct(rt_str: str, series_str: str, rois: tuple[str, ...],
+                     stamps: tuple[tuple[int, int], tuple[int, int]]) -> np.ndarray:
+    """The RTSTRUCT's ROIs rasterised by rt-utils on the series, as uint16 (Z, H, W) in the readers'
+    slice order: ROI ``rois[i]`` is value i + 1; where ROIs overlap, the one with fewer voxels wins."""
+    masks = [_roi_mask(rt_str, series_str, name, stamps) for name in rois]
+    out = np.zeros(masks[0].shape, np.uint16)
     for value in sorted(range(1, len(rois) + 1), key=lambda v: -int(masks[v - 1].sum())):  # largest first: smaller wins
-        mask = masks[value - 1]
-        for i in np.nonzero(mask.any(axis=(0, 1)))[0]:
-            out[order[i]][mask[:, :, i]] = value
+        out[masks[value - 1]] = value
     out.setflags(write=False)
     return out
 
@@ -418,10 +440,7 @@ def rtstruct_volume(path: Path, series: Path, rois: Sequence[str] | None = None)
     if not chosen:
         raise DataError(f"{path}: RTSTRUCT holds no ROI")
     uid = rtstruct_series_uid(path)
-    files = _series(series)[0]
-    import pydicom
-
-    got = str(pydicom.dcmread(files[0], stop_before_pixels=True, specific_tags=["SeriesInstanceUID"]).SeriesInstanceUID)
+    got = _guarded(series, "image", lambda: _series_uid(str(series), _stamp(series)))
     if got != uid:
         raise DataError(f"{path}: RTSTRUCT is drawn on series {uid}, but {series} holds series {got}")
     return _guarded(path, "mask", _cached_rtstruct, str(path), str(series), chosen, (_stamp(path), _stamp(series)))
