@@ -518,3 +518,30 @@ def test_real_rtstruct_rasterises_as_source_md_says(tmp_path):
     together = np.stack([read_case_mask(c)[0] for c in cases])
     gtv = rtstruct_volume(rt, root / "CT", ["GTV-1"]) > 0
     assert np.array_equal(together == 1, gtv)
+
+
+def test_nifti_4d_channels_and_2d_sources_give_labels_on_the_spatial_grid(tmp_path):
+    import nibabel as nib
+
+    from scipy.spatial.transform import Rotation
+
+    affine = np.eye(4)
+    affine[:3, :3] = Rotation.from_euler("xyz", [20, -10, 35], degrees=True).as_matrix() @ np.diag([0.7, 1.3, 3.5])
+    affine[:3, 3] = ORIGIN
+    ch0 = np.transpose(sitk.GetArrayFromImage(_phantom()), (2, 1, 0))  # (i, j, k)
+    src = tmp_path / "mc.nii.gz"
+    nib.save(nib.Nifti1Image(np.stack([ch0, -ch0], axis=-1).astype(np.float32), affine), str(src))
+    ref3d = tmp_path / "ch0.nii.gz"
+    nib.save(nib.Nifti1Image(ch0.astype(np.float32), affine), str(ref3d))
+    assert read_image(src, 0)[0].shape == (2, 17, 23)
+    (out,) = write_prediction(src, _predicted_planes(src), tmp_path / "pred", "mc")
+    written = nib.load(str(out))
+    assert written.shape == ch0.shape and np.allclose(written.affine, affine, atol=1e-5)
+    assert _dice_in_world(out, _truth(sitk.ReadImage(str(ref3d)))) == {1: 1.0, 2: 1.0}
+
+    flat = tmp_path / "flat.nii"
+    nib.save(nib.Nifti1Image(ch0[:, :, 4:5].astype(np.int16), affine), str(flat))
+    assert n_slices(flat) is None
+    (out2,) = write_prediction(flat, _predicted_planes(flat), tmp_path / "pred", "flat")
+    assert nib.load(str(out2)).shape == (23, 17, 1)
+    assert _dice_in_world(out2, _truth(sitk.ReadImage(str(flat)))) == {1: 1.0, 2: 1.0}
