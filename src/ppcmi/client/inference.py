@@ -92,6 +92,8 @@ def _load_planes(planes: list[dict], prep: Preprocess) -> np.ndarray:
                             pl["slice_index"])
         if not np.isfinite(img).all():
             raise DataError(f"{pl['source']}: image has NaN/Inf values")
+        if img.shape[0] not in (1, 3):
+            raise DataError(f"{pl['source']}: image has {img.shape[0]} channels; the networks take 1 (gray) or 3 (rgb)")
         pl["original_shape"] = list(img.shape[1:])
         out[i] = prepare_image(img, prep)
     return out

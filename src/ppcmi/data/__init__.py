@@ -1,11 +1,22 @@
-"""Hospital-side data handling: dataset discovery, readers, preprocessing and splits.
+"""Hospital-side data handling: dataset discovery, readers, prediction writers, preprocessing and splits.
 
 Everything here runs at a hospital, on its own images and masks; nothing in this module talks to
-the server. A dataset is a folder in the layout
+the server. A dataset is a folder in one of the layouts
 
     root/images/<id>.<ext>     (.png .jpg .jpeg .tif .tiff .nii .nii.gz .mha .mhd .nrrd .nhdr .dcm, or a
                                 folder of DICOM files holding one series)
-    root/masks/<id>.<ext>      (same stem; the extension may differ)
+    root/masks/<id>.<ext>      (same stem; the extension may differ; a DICOM RTSTRUCT drawn on the
+                                series images/<id>/ is rasterised)
+
+    root/dataset.json + imagesTr/ + labelsTr/ [+ imagesTs/]
+                               nnU-Net's raw dataset (v2, or MSD / v1 without _0000 suffixes; several
+                               channel files per case or a 4D NIfTI; :mod:`.discovery`)
+
+    root/<series folder>/ + root/<folder>/<rtstruct>.dcm, or root/<patient>/... per patient
+                               a DICOM-RT export such as CT/ + RTSTRUCT/ (ROIs become classes)
+
+Predictions are written back with the source's exact geometry by :func:`write_prediction`
+(:mod:`.writers`: NIfTI, MHA, NRRD, PNG; DICOM gets a NIfTI on the series grid and a DICOM SEG).
 
 Orientation. Every reader returns a 2D plane as (H, W) = (rows, columns):
 
@@ -16,7 +27,13 @@ Orientation. Every reader returns a 2D plane as (H, W) = (rows, columns):
   (rows = second index axis, columns = first). Spacing is ``GetSpacing()[1], GetSpacing()[0]``.
 - DICOM: ``pixel_array`` is (Rows, Columns); spacing is ``PixelSpacing`` (row, column); slices of a
   series are sorted along the slice normal (ImagePositionPatient and ImageOrientationPatient),
-  else by ImagePositionPatient[2], else by InstanceNumber, else by file name.
+  else by ImagePositionPatient[2], else by InstanceNumber, else by file name. Images are rescaled
+  (RescaleSlope/Intercept: CT in HU).
+
+Stacked in slice order, these planes are exactly SimpleITK's ``GetArrayFromImage`` of the same file
+(for a DICOM series: of ``ImageSeriesReader`` on GDCM's sorted file names, which the writer checks),
+so a label volume built from them takes the source's geometry with ``CopyInformation``
+(tests/test_formats.py checks it in world coordinates for every format).
 
 Images and masks are paired in stored voxel order, without reorientation: an image and mask in
 different 3D formats (say a DICOM series and a NIfTI mask) must have been written in the same

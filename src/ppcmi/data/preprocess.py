@@ -126,6 +126,9 @@ def load_sample(case: Case, prep: Preprocess, labels: LabelMap) -> Sample:
     finite = np.isfinite(image)
     if not finite.all():
         raise DataError(f"{case.image_path}{where}: image has {int((~finite).sum())} NaN/Inf values")
+    if image.shape[0] not in (1, 3):
+        raise DataError(f"{case.image_path}{where}: image has {image.shape[0]} channels; the networks take 1 (gray) or "
+                        f"3 (rgb) channels, multi-channel inputs are read but not yet modelled")
     index = labels.to_index(mask, f"{case.mask_path}{where}")
     spacing = sp_img or sp_mask
     _, _, rows, cols = crop_box(h, w, prep.crop)
