@@ -545,3 +545,29 @@ def test_nifti_4d_channels_and_2d_sources_give_labels_on_the_spatial_grid(tmp_pa
     (out2,) = write_prediction(flat, _predicted_planes(flat), tmp_path / "pred", "flat")
     assert nib.load(str(out2)).shape == (23, 17, 1)
     assert _dice_in_world(out2, _truth(sitk.ReadImage(str(flat)))) == {1: 1.0, 2: 1.0}
+
+
+def test_client_label_maps_of_a_dicom_series_go_through_the_writer(tmp_path):
+    """inference._write_label_maps groups planes by source, restores slice order and writes NIfTI + SEG."""
+    import highdicom as hd
+
+    from ppcmi.client.inference import _write_label_maps, list_inputs
+
+    source_img = _phantom()
+    folder = tmp_path / "series"
+    _ct_series(folder, source_img)
+    png = tmp_path / "plane.png"
+    sitk.WriteImage(sitk.GetImageFromArray(sitk.GetArrayFromImage(source_img)[4].astype(np.uint16)), str(png))
+    planes = list_inputs([folder]) + list_inputs([png])
+    assert [p["format"] for p in planes] == ["dicom"] * 9 + ["png"]
+    for pl in planes:
+        pl["original_shape"] = [17, 23]
+    idx = np.stack([_predicted_planes(Path(pl["source"]))[pl["slice_index"] or 0] for pl in planes])
+    order = np.random.default_rng(0).permutation(len(planes))  # rows arrive in any order
+    written = _write_label_maps([planes[i] for i in order], idx[order], LABELS, tmp_path / "out")
+    assert sorted(p.name for p in written) == ["plane.png", "series.nii.gz", "series.seg.dcm"]
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder)))
+    assert _dice_in_world(tmp_path / "out" / "series.nii.gz", _truth(reader.Execute())) == {1: 1.0, 2: 1.0}
+    assert [str(s.SegmentLabel) for s in hd.seg.segread(tmp_path / "out" / "series.seg.dcm").SegmentSequence] == \
+        ["lesion", "organ"]
