@@ -571,3 +571,30 @@ def test_client_label_maps_of_a_dicom_series_go_through_the_writer(tmp_path):
     assert _dice_in_world(tmp_path / "out" / "series.nii.gz", _truth(reader.Execute())) == {1: 1.0, 2: 1.0}
     assert [str(s.SegmentLabel) for s in hd.seg.segread(tmp_path / "out" / "series.seg.dcm").SegmentSequence] == \
         ["lesion", "organ"]
+
+
+def test_enhanced_multiframe_ct_is_rescaled_and_its_prediction_overlays(tmp_path):
+    """A multi-frame CT (highdicom's legacy converted enhanced CT of a series, frames stored against the
+    slice normal): frames are rescaled to HU from the functional groups as SimpleITK reads them, and the
+    prediction lands on the original series' voxels in world coordinates."""
+    import highdicom as hd
+    import pydicom
+
+    source_img = _phantom()
+    _ct_series(tmp_path / "series", source_img)
+    frames = [pydicom.dcmread(f) for f in sorted((tmp_path / "series").iterdir())]
+    mf = hd.legacy.LegacyConvertedEnhancedCTImage(frames, series_instance_uid=hd.UID(), series_number=5,
+                                                  sop_instance_uid=hd.UID(), instance_number=1)
+    src = tmp_path / "mf.dcm"
+    mf.save_as(src)
+    assert "RescaleIntercept" not in pydicom.dcmread(src, stop_before_pixels=True)  # only in the functional groups
+    assert n_slices(src) == 9
+    hu = sitk.GetArrayFromImage(sitk.ReadImage(str(src)))
+    assert all(np.array_equal(read_image(src, k)[0][0], hu[k]) for k in range(9))
+    planes = _predicted_planes(src)
+    written = write_prediction(src, planes, tmp_path / "pred", "mf", labels=LABELS)
+    assert [p.name for p in written] == ["mf.nii.gz", "mf.seg.dcm"]
+    assert _dice_in_world(written[0], _truth(source_img)) == {1: 1.0, 2: 1.0}
+    seg = hd.seg.segread(written[1])
+    refs = {str(i.ReferencedSOPInstanceUID) for s in seg.ReferencedSeriesSequence for i in s.ReferencedInstanceSequence}
+    assert refs == {str(mf.SOPInstanceUID)} and seg.FrameOfReferenceUID == mf.FrameOfReferenceUID

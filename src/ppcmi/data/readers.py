@@ -249,18 +249,39 @@ def _read_pil(path: Path, kind: str) -> np.ndarray:
     return arr
 
 
+def _rescale(ds: Any, frame: int) -> tuple[float, float]:
+    """(slope, intercept) of the modality rescale: top level, or for an enhanced multi-frame image the
+    frame's own or the shared PixelValueTransformationSequence (where SimpleITK/GDCM read it too)."""
+    if "RescaleSlope" in ds or "RescaleIntercept" in ds:
+        return float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
+    groups = []
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if per_frame is not None and frame < len(per_frame):
+        groups.append(per_frame[frame])
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    if shared:
+        groups.append(shared[0])
+    for g in groups:
+        seq = g.get("PixelValueTransformationSequence")
+        if seq:
+            return float(seq[0].get("RescaleSlope", 1) or 1), float(seq[0].get("RescaleIntercept", 0) or 0)
+    return 1.0, 0.0
+
+
 def _read_dicom_pixels(path: Path, kind: str, frame: int | None) -> np.ndarray:
     import pydicom
 
     ds = pydicom.dcmread(path)
     arr = ds.pixel_array
     frames = int(ds.get("NumberOfFrames", 1) or 1)
+    k = 0
     if frames > 1:
-        arr = arr[_pick(frames, frame, path)]
+        k = _pick(frames, frame, path)
+        arr = arr[k]
     elif frame not in (None, 0):
         raise DataError(f"{path}: is a 2D image; slice index {frame} is out of range")
     if kind == "image":
-        slope, intercept = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
+        slope, intercept = _rescale(ds, k)
         if slope != 1 or intercept != 0:
             arr = arr.astype(np.float64) * slope + intercept
     return arr
