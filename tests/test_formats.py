@@ -223,6 +223,8 @@ def test_dicom_series_gives_a_nifti_on_the_series_geometry_and_a_seg(tmp_path):
     _assert_same_geometry(written[0], reference)
     assert _dice_in_world(written[0], _truth(reference)) == {1: 1.0, 2: 1.0}
     _check_seg(written[1], uids, "1.2.826.0.1.3680043.8.498.1", planes)
+    # ppcmi evaluate reads the label volume back with the readers, plane by plane
+    assert all(np.array_equal(read_mask(written[0], k)[0], planes[k]) for k in range(len(planes)))
 
 
 def test_single_dicom_file_gives_a_nifti_and_a_seg(tmp_path):
@@ -455,6 +457,14 @@ def test_rtstruct_export_layout_overlays_in_world_coordinates(tmp_path):
     t = sitk.GetArrayFromImage(expected)
     for v in (1, 2, 3):
         assert 2 * np.sum((p == v) & (t == v)) / (np.sum(p == v) + np.sum(t == v)) == 1.0, v
+
+    # a flat export: the series and the RTSTRUCT in one folder
+    flat = tmp_path / "flat"
+    _ct_series(flat, image)
+    _rtstruct(flat / "rs.dcm", flat, image)
+    flat_cases = discover_cases(flat)
+    assert flat_cases[0].image_path == flat and len(flat_cases) == 6
+    assert all(np.array_equal(read_case_mask(a)[0], pl) for a, pl in zip(flat_cases, planes))
 
     # choosing and ordering the ROIs; a missing name is refused with the names the file holds
     chosen = discover_cases(patient, rois=["Tumour", "Body"])

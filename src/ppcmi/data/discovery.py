@@ -313,9 +313,10 @@ def _index_pairs(root: Path) -> list[tuple[str, tuple[Path, ...], Path]]:
 
 
 def _series_folders(patient: Path) -> dict[str, Path]:
-    """SeriesInstanceUID -> folder for the subfolders of ``patient`` that hold one DICOM image series."""
+    """SeriesInstanceUID -> folder for ``patient`` itself (a flat export) and its subfolders that hold one
+    DICOM image series."""
     out: dict[str, Path] = {}
-    for d in sorted(q for q in patient.iterdir() if q.is_dir() and not q.name.startswith(".")):
+    for d in [patient] + sorted(q for q in patient.iterdir() if q.is_dir() and not q.name.startswith(".")):
         try:
             files = _series(d)[0]
         except DataError:
