@@ -20,7 +20,7 @@ from ppcmi.data import LabelMap, n_slices, read_image, read_mask
 from ppcmi.data.writers import output_format, write_prediction
 from ppcmi.errors import DataError
 
-from conftest import SHARED_DATA
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"  # as tests/conftest.py; read, never copied
 
 SIZE_XYZ = (23, 17, 9)  # odd, unequal sizes: a transposed or flipped axis cannot line up by chance
 SPACING = (0.7, 1.3, 3.5)
