@@ -608,3 +608,25 @@ def test_enhanced_multiframe_ct_is_rescaled_and_its_prediction_overlays(tmp_path
     seg = hd.seg.segread(written[1])
     refs = {str(i.ReferencedSOPInstanceUID) for s in seg.ReferencedSeriesSequence for i in s.ReferencedInstanceSequence}
     assert refs == {str(mf.SOPInstanceUID)} and seg.FrameOfReferenceUID == mf.FrameOfReferenceUID
+
+
+
+def test_dicom_series_without_positions_follows_the_readers_order(tmp_path, caplog):
+    """No ImagePositionPatient (e.g. a secondary capture stack): no geometry to keep; the label volume
+    takes the readers' order (InstanceNumber) and the in-plane spacing, with a warning."""
+    import logging
+
+    import pydicom
+
+    folder = tmp_path / "series"
+    _ct_series(folder, _phantom())
+    for f in folder.iterdir():
+        ds = pydicom.dcmread(f)
+        del ds.ImagePositionPatient
+        ds.save_as(f)
+    planes = _predicted_planes(folder)
+    with caplog.at_level(logging.WARNING):
+        (nii, *_) = write_prediction(folder, planes, tmp_path / "pred", "s", labels=LABELS)
+    assert "without ImagePositionPatient" in caplog.text
+    assert all(np.array_equal(read_mask(nii, k)[0], planes[k]) for k in range(9))
+    np.testing.assert_allclose(sitk.ReadImage(str(nii)).GetSpacing()[:2], SPACING[:2], atol=1e-5)

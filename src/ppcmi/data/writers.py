@@ -174,11 +174,18 @@ def _dicom_reference(source: Path, files: list[Path]) -> Any:
         return sitk.ReadImage(str(files[0]))
     import pydicom
 
-    uid = str(pydicom.dcmread(files[0], stop_before_pixels=True, specific_tags=["SeriesInstanceUID"]).SeriesInstanceUID)
-    names = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(source), uid)
-    if [Path(n).resolve() for n in names] != [f.resolve() for f in files]:
-        raise DataError(f"{source}: GDCM orders the {len(names)} slices of this series differently from the readers "
-                        f"({len(files)} slices); the slice positions are ambiguous, refusing to write geometry")
+    heads = [pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["SeriesInstanceUID", "ImagePositionPatient"])
+             for f in files]
+    if not all("ImagePositionPatient" in h for h in heads):
+        # no slice positions: the series has no geometry to keep beyond spacing; keep the readers' order
+        log.warning("%s: slices without ImagePositionPatient; the label volume follows the readers' slice order "
+                    "with no position in space", source)
+    else:
+        names = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(source), str(heads[0].SeriesInstanceUID))
+        if [Path(n).resolve() for n in names] != [f.resolve() for f in files]:
+            raise DataError(f"{source}: GDCM orders the {len(names)} slices of this series differently from the "
+                            f"readers ({len(files)} slices); the slice positions are ambiguous, refusing to write "
+                            f"geometry")
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames([str(f) for f in files])
     return reader.Execute()
