@@ -308,6 +308,14 @@ def server_serve(model: Path = typer.Option(..., "--model", "-m", help="Model fo
                                                help="Largest query body accepted (bytes); larger ones get HTTP 413 before being read. "
                                                     "The default holds 36 images of 256x256 at full autoencoder width in float32."),
                  concurrency: int = typer.Option(1, help="Queries mapped at the same time (each uses all of torch's threads)."),
+                 header_timeout: float = typer.Option(10.0, "--header-timeout",
+                                                      help="Seconds a connection has, from its first byte (or its opening), to "
+                                                           "send a request's complete headers; then it is closed unanswered."),
+                 body_timeout: float = typer.Option(60.0, "--body-timeout",
+                                                    help="Seconds a request's whole body has to arrive (16 MiB at >= 280 kB/s); "
+                                                         "then the answer is HTTP 408 and the connection is closed."),
+                 keep_alive_timeout: float = typer.Option(5.0, "--keep-alive-timeout",
+                                                          help="Seconds an idle keep-alive connection stays open between requests."),
                  log_level: str = typer.Option("info", "--log-level", help="uvicorn log level: critical, error, warning, info, debug.")):
     """Serve the mapping network over HTTPS with mutual TLS: POST /v1/map, GET /healthz, /openapi.json.
 
@@ -320,7 +328,7 @@ def server_serve(model: Path = typer.Option(..., "--model", "-m", help="Model fo
 
     typer.echo(f"serving {model} on https://{host}:{port} (mutual TLS; client CA {client_ca}); Ctrl-C to stop", err=True)
     serve(model, cert=cert, key=key, client_ca=client_ca, host=host, port=port, max_bytes=max_bytes, concurrency=concurrency,
-          log_level=log_level)
+          log_level=log_level, header_timeout=header_timeout, body_timeout=body_timeout, keep_alive_timeout=keep_alive_timeout)
 
 
 # ----------------------------------------------------------------------------- certificates
@@ -411,11 +419,16 @@ def predict(images: List[Path] = typer.Argument(..., help="Image files (PNG, JPE
 def evaluate(pred: Path = typer.Option(..., "--pred", "-p", help="Folder of predicted label maps."),
              data: Path = typer.Option(..., "--data", "-d", help="Dataset folder with the ground truth (masks/)."),
              out: Path = typer.Option(..., "--out", "-o", help="Folder for per_case.csv and summary.json."),
-             labels: Optional[str] = typer.Option(None, help="Raw label values in class order, e.g. 0,1,2 (default: discovered).")):
-    """Score label maps against ground truth: Dice, HD95, ASD per class and merged foreground."""
+             labels: Optional[str] = typer.Option(None, help="Raw label values in class order, e.g. 0,1,2 (default: discovered)."),
+             overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier per_case.csv and summary.json in OUT "
+                                            "(each atomically). Without it an existing one is refused before any scoring.")):
+    """Score label maps against ground truth: Dice, HD95, ASD per class and merged foreground.
+
+    Never replaces an earlier evaluation in OUT unless --overwrite is given.
+    """
     from .client.inference import evaluate_folder
 
-    summ = evaluate_folder(pred, data, out, labels)
+    summ = evaluate_folder(pred, data, out, labels, overwrite=overwrite)
     fg = summ.get("fg_dice", {})
     lo, hi = (fg.get("ci95") or [float("nan")] * 2)[:2]
     typer.echo(f"{summ['n_cases']} cases: merged-foreground Dice {fg.get('mean', float('nan')):.4f} "

@@ -276,11 +276,18 @@ def predict_remote(site_dir: Path, server_url: str, images: Sequence[Path], out:
         return _predict(h, images, out, client.map)
 
 
-def evaluate_folder(pred: Path, data: Path, out: Path, labels: str | None = None) -> dict:
-    """Score predicted label maps (matched by stem) against ``data/masks`` at native resolution."""
-    from ..data import discover_labels, parse_labels
-    from ..metrics import evaluate_cases, summarize, write_evaluation
+def evaluate_folder(pred: Path, data: Path, out: Path, labels: str | None = None, *, overwrite: bool = False) -> dict:
+    """Score predicted label maps (matched by stem) against ``data/masks`` at native resolution.
 
+    ``out/per_case.csv`` and ``out/summary.json`` are refused, before any scoring, if either exists,
+    unless ``overwrite``; then both are replaced, each atomically."""
+    from ..data import discover_labels, parse_labels
+    from ..fileio import refuse_existing
+    from ..metrics import evaluate_cases, evaluation_paths, summarize, write_evaluation
+
+    hint = " (pass --overwrite to replace an earlier evaluation)"
+    if not overwrite:
+        refuse_existing(evaluation_paths(out), hint)
     cases = discover_cases(data)
     lmap = parse_labels(labels) or discover_labels(cases)
     pred_files = {_stem(p): p for p in Path(pred).iterdir() if p.is_file() and _is_image(p)} if Path(pred).is_dir() else {}
@@ -301,5 +308,5 @@ def evaluate_folder(pred: Path, data: Path, out: Path, labels: str | None = None
     if not rows:
         raise DataError(f"{pred}: none of the predictions matches a case in {data}")
     summ = summarize(rows)
-    write_evaluation(rows, summ, out)
+    write_evaluation(rows, summ, out, overwrite=overwrite, hint=hint)
     return summ
