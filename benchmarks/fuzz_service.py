@@ -223,7 +223,7 @@ def byte_cases(query: bytes, rng: np.random.Generator, n_flips: int, n_truncatio
     bad_headers = {
         "not JSON": b"{not json" + b" " * 7,
         "bad UTF-8": b'{"\xff\xfe":1}   ',
-        "deep nesting": b"[" * 100_000 + b"]" * 100_000,
+        "deep nesting": b"[" * 20_000 + b"]" * 20_000,
         "empty object": b"{}      ",
         "null": b"null    ",
         "a string": b'"query" ',
@@ -356,8 +356,9 @@ def http_cases(query: bytes, rng: np.random.Generator, n_garbage_lines: int) -> 
         Case("http", "200 extra headers", raw=_exchange(_head(length=len(q), extra="".join(f"X-F{i}: {i}\r\n" for i in range(200))) + q),
              expect=(200,)),
         Case("http", "one 8 KiB header", raw=_exchange(_head(length=len(q), extra=f"X-Big: {'a' * 8192}\r\n") + q), expect=(200,)),
+        # h11 limits only a header block still incomplete after a read (16 KiB): one that arrives in a single read may pass
         Case("http", "one 64 KiB header", raw=_exchange(_head(length=len(q), extra=f"X-Big: {'a' * 65536}\r\n") + q),
-             expect=(400, 431, "closed")),
+             expect=(200, 400, 431, "closed")),
         Case("http", "1 MiB of headers", raw=_exchange(_head(length=len(q), extra="".join(f"X-{i}: {'b' * 1000}\r\n" for i in range(1024))) + q),
              expect=(400, 431, "closed")),
         Case("http", "header with NUL", raw=_exchange(_head(length=len(q), extra="X-Bad: a\0b\r\n") + q), expect=(400,)),
@@ -524,13 +525,16 @@ def all_cases(shapes: dict, query: bytes, *, max_bytes: int, drain: int, timeout
 
 def tally(outcomes: list[Outcome]) -> dict:
     by_family: dict[str, Counter] = {}
+    seconds: Counter = Counter()
     for o in outcomes:
         by_family.setdefault(o.family, Counter())[str(o.outcome)] += 1
+        seconds[o.family] += o.seconds
     statuses = Counter(str(o.outcome) for o in outcomes)
     five = [o for o in outcomes if str(o.outcome).startswith("5")]
     unexpected = [o for o in outcomes if not o.expected]
     return {"requests": len(outcomes), "by_outcome": dict(sorted(statuses.items())),
             "by_family": {f: dict(sorted(c.items())) for f, c in by_family.items()},
+            "seconds_by_family": {f: round(seconds[f], 2) for f in by_family},
             "n_5xx": len(five), "n_unexpected": len(unexpected),
             "unexpected": [asdict(o) for o in unexpected[:50]],
             "slow": [asdict(o) for o in outcomes if o.family == "slow"]}
@@ -573,7 +577,8 @@ def start_server(model: Path, tls: Path, port: int, max_bytes: int, timeouts: di
            "--key", str(tls / "server.key"), "--client-ca", str(tls / "ca.pem"), "--port", str(port), "--max-bytes", str(max_bytes),
            "--header-timeout", str(timeouts["header"]), "--body-timeout", str(timeouts["body"]),
            "--keep-alive-timeout", str(timeouts["keep_alive"]), "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log.open("wb"))
+    # one torch thread: the model is tiny, and the fuzzer shares the machine
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log.open("wb"), env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.monotonic() + 120
     while True:
         try:
@@ -593,17 +598,20 @@ def markdown(res: dict) -> str:
     lines = [f"Machine: {m['cpu']} ({m['logical_cores']} logical cores), Python {m['python']}. The real `ppcmi server serve` "
              f"in its own process on loopback with mutual TLS; model input {c['size']}x{c['size']}, seeded untrained weights; "
              f"--max-bytes {c['max_bytes']}, --header-timeout {c['timeouts']['header']:g} s, --body-timeout {c['timeouts']['body']:g} s, "
-             f"--keep-alive-timeout {c['timeouts']['keep_alive']:g} s; seed {c['seed']}.", "",
+             f"--keep-alive-timeout {c['timeouts']['keep_alive']:g} s; one torch thread in the server; seed {c['seed']}; "
+             f"load average {c['load_average_at_start']:.1f} when it started (the machine was shared).", "",
              f"{t['requests']} requests in {res['wall_s']:.1f} s: **{t['n_5xx']} answered 5xx**, {t['n_unexpected']} with an outcome "
              f"their family did not expect; server log: {res['server_log']['error_lines']} ERROR lines, "
              f"{res['server_log']['tracebacks']} tracebacks; /healthz at the end: {res['healthy_after']}.", "",
-             "| family | requests | " + " | ".join(outcomes) + " |", "|---|---|" + "---|" * len(outcomes)]
+             "| family | requests | " + " | ".join(outcomes) + " | seconds |", "|---|---|" + "---|" * len(outcomes) + "---|"]
     for fam, counts in t["by_family"].items():
-        lines.append(f"| {fam} | {sum(counts.values())} | " + " | ".join(str(counts.get(o, "")) for o in outcomes) + " |")
+        lines.append(f"| {fam} | {sum(counts.values())} | " + " | ".join(str(counts.get(o, "")) for o in outcomes)
+                     + f" | {t['seconds_by_family'][fam]:.1f} |")
     total = t["by_outcome"]
-    lines.append(f"| all | {t['requests']} | " + " | ".join(str(total.get(o, "")) for o in outcomes) + " |")
+    lines.append(f"| all | {t['requests']} | " + " | ".join(str(total.get(o, "")) for o in outcomes) + " | |")
     lines += ["", "`closed`: the server closed the connection without an answer (expected only for the header and keep-alive "
-                  "timeouts and for header blocks over h11's limit); `hung-up`: the client hung up on purpose.", "",
+                  "timeouts and for header blocks over h11's limit); `hung-up`: the client hung up on purpose; "
+                  "seconds: the family's requests one after another (the slow ones ran in parallel).", "",
               "| slow request | outcome | seconds |", "|---|---|---|"]
     lines += [f"| {o['name']} | {o['outcome']} | {o['seconds']:.1f} |" for o in t["slow"]]
     if t["unexpected"]:
@@ -657,7 +665,8 @@ def run(out: Path, *, seed: int, n_flips: int, n_truncations: int, n_garbage: in
     server_log = {"error_lines": sum(1 for line in text.splitlines() if line.startswith(("ERROR", "CRITICAL"))),
                   "tracebacks": text.count("Traceback (most recent call last)"), "tail": text[-2000:] if "Traceback" in text else ""}
     res = {"machine": machine(), "config": {"size": size, "autoencoder_width": width, "max_bytes": max_bytes, "timeouts": timeouts,
-                                            "seed": seed, "transport": "HTTPS/1.1, mutual TLS, loopback", "weights": "seeded, untrained"},
+                                            "seed": seed, "transport": "HTTPS/1.1, mutual TLS, loopback", "weights": "seeded, untrained",
+                                            "server_torch_threads": 1, "load_average_at_start": os.getloadavg()[0]},
            "wall_s": wall, "tally": tally(outcomes), "server_log": server_log, "healthy_after": healthy and alive}
     res["requirement_met"] = bool(res["tally"]["n_5xx"] == 0 and res["tally"]["n_unexpected"] == 0 and server_log["error_lines"] == 0
                                   and server_log["tracebacks"] == 0 and res["healthy_after"])
