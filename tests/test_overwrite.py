@@ -150,13 +150,6 @@ def test_a_resume_with_other_settings_is_refused_by_field_before_training(run, t
     assert snapshot(site) == before
 
 
-def test_resume_without_a_site_record_is_refused_and_writes_nothing(run, tmp_path):
-    site = tmp_path / "fresh"
-    ok("client", "keygen", "--site-dir", site)
-    fails(*train_args(site, run / "data"), "--resume", match="no interrupted run here to resume")
-    assert sorted(p.name for p in site.iterdir()) == ["klt.key"]
-
-
 def test_train_refuses_a_trained_site_and_overwrite_retrains_it_keeping_the_key(run, tmp_path):
     site = _site_copy(run, tmp_path)
     before = snapshot(site)

@@ -119,7 +119,10 @@ def synth(out: str | Path, *, sites: int = 3, patients_per_site: int = 4, slices
     existing = [p for d in (img_dir, mask_dir) if d.is_dir() for p in sorted(d.iterdir()) if not p.name.startswith(".")]
     hint = " (pass --overwrite to replace an earlier 'ppcmi synth' output)"
     if not overwrite:  # nothing is written into a folder that holds any of it
-        refuse_existing([*existing[:1], out / "groups.csv", out / "README.md"], hint)
+        try:
+            refuse_existing([*existing[:1], out / "groups.csv", out / "README.md"], hint)
+        except PpcmiError as e:
+            raise DataError(str(e)) from None
     foreign = [p for p in existing if not (p.is_file() and _SYNTH_RE.match(p.name))]
     if foreign:
         raise DataError(f"{foreign[0]}: not a file 'ppcmi synth' wrote; refusing to mix synthetic cases into this folder "

@@ -119,10 +119,8 @@ def train_site(site_dir: str | Path, name: str, images: np.ndarray, masks: np.nd
         if changed:
             raise PpcmiError(f"{site_json}: {changed[0]} differs from the interrupted run's ({len(changed)} setting(s)); "
                              "--resume continues the same training: give its settings, or --overwrite to start over")
-    elif resume:
-        raise CheckpointError(f"{site_json}: not found, so there is no interrupted run here to resume; train without --resume")
-    else:
-        atomic_write_json(site_json, meta, overwrite=False)  # a new site: its record first, so that a resume can check it
+    else:  # a new site (``resume`` then simply trains from the start): its record first, so that a resume can check it
+        atomic_write_json(site_json, meta, overwrite=False)
     x_img = torch.from_numpy(images).float()
     x_msk = one_hot(torch.from_numpy(masks), n_classes)
     results = {}
