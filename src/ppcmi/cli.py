@@ -159,8 +159,9 @@ def client_train(site_dir: Path = typer.Option(..., "--site-dir", "-s", help="Si
                  quiet: bool = QuietOpt):
     """Stage 1: train the image and mask autoencoders on this hospital's data only.
 
-    A site that already has trained autoencoders is refused unless --resume or --overwrite is given;
-    a failed or refused run leaves site.json and the autoencoders as they were.
+    A site that already has trained autoencoders is refused unless --resume or --overwrite is given.
+    A refused or failed run leaves site.json as it was (a failed --resume keeps the epochs it completed
+    for the next --resume; a failed --overwrite leaves the old autoencoders in place).
     """
     from .client import stages
     from .config import to_dict
