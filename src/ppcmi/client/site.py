@@ -51,11 +51,12 @@ RETRAIN_DIR = ".retrain"  # where ``overwrite`` trains the new autoencoders unti
 
 
 def _same_model(old: dict, meta: dict) -> list[str]:
-    """The fields of a site record that make its autoencoders what they are and that differ between ``old`` and ``meta``."""
-    keys = [k for k in ("site", "n_classes", "labels", "in_channels", "klt") if old.get(k) != meta.get(k)]
-    keys += [f"data.{f.name}" for f in fields(Preprocess) if (old.get("data") or {}).get(f.name) != meta["data"].get(f.name)]
-    keys += [f"autoencoder.{f.name}" for f in fields(AEShape)
-             if (old.get("autoencoder") or {}).get(f.name) != meta["autoencoder"].get(f.name)]
+    """The fields of a site record that make its autoencoders what they are and that differ between ``old`` and ``meta``
+    (a field an older record lacks is not compared)."""
+    keys = [k for k in ("site", "n_classes", "labels", "in_channels", "klt") if k in old and old[k] != meta.get(k)]
+    for section, names in (("data", [f.name for f in fields(Preprocess)]), ("autoencoder", [f.name for f in fields(AEShape)])):
+        was = old.get(section) if isinstance(old.get(section), dict) else {}
+        keys += [f"{section}.{n}" for n in names if n in was and was[n] != meta[section].get(n)]
     return keys
 
 
