@@ -18,7 +18,7 @@ import SimpleITK as sitk
 
 from ppcmi.data import LabelMap, n_slices, read_image, read_mask
 from ppcmi.data.writers import output_format, write_prediction
-from ppcmi.errors import DataError
+from ppcmi.errors import DataError, PpcmiError
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"  # as tests/conftest.py; read, never copied
 
@@ -263,9 +263,12 @@ def test_refuses_existing_files_wrong_counts_and_shapes(tmp_path):
     planes = _predicted_planes(src)
     write_prediction(src, planes, tmp_path / "pred", "v")
     before = (tmp_path / "pred" / "v.mha").read_bytes()
-    with pytest.raises(DataError, match="already exists"):
+    with pytest.raises(PpcmiError, match="already exists"):
         write_prediction(src, planes, tmp_path / "pred", "v")
     assert (tmp_path / "pred" / "v.mha").read_bytes() == before
+    flipped = [np.where(p == 1, 2, np.where(p == 2, 1, p)) for p in planes]
+    write_prediction(src, flipped, tmp_path / "pred", "v", overwrite=True)  # replaced atomically when asked
+    assert (tmp_path / "pred" / "v.mha").read_bytes() != before
     with pytest.raises(DataError, match=r"v\.mha: 8 prediction planes for an image of 9 planes"):
         write_prediction(src, planes[:-1], tmp_path / "pred", "w")
     with pytest.raises(DataError, match="17x22 but the image is 9 planes of 17x23"):
@@ -282,7 +285,7 @@ def test_dicom_series_refuses_an_existing_seg_before_writing_anything(tmp_path):
     _ct_series(folder, _phantom())
     (tmp_path / "pred").mkdir()
     (tmp_path / "pred" / "s.seg.dcm").write_bytes(b"x")
-    with pytest.raises(DataError, match=r"s\.seg\.dcm: already exists"):
+    with pytest.raises(PpcmiError, match=r"s\.seg\.dcm: already exists"):
         write_prediction(folder, _predicted_planes(folder), tmp_path / "pred", "s")
     assert not (tmp_path / "pred" / "s.nii.gz").exists()
 

@@ -51,12 +51,12 @@ from .preprocess import (Sample, center_crop, crop_box, load_arrays, load_sample
                          restore_mask, scale_intensity, to_color)
 from .readers import IMAGE_EXTS, is_rtstruct, n_slices, read_image, read_mask, rtstruct_roi_names, rtstruct_volume
 from .splits import split_cases, split_from_lists
-from .writers import output_format, write_prediction
+from .writers import output_format, output_names, render_prediction, write_prediction
 
 __all__ = [
     "IMAGE_EXTS", "Case", "dataset_info", "dicom_rt_series", "nnunet_test_images", "read_case_mask", "is_rtstruct", "rtstruct_roi_names",
     "rtstruct_volume", "discover_cases", "n_slices", "read_image", "read_mask", "Preprocess", "LabelMap", "discover_labels",
     "parse_labels", "Sample", "scale_intensity", "to_color", "resize_image", "resize_mask", "prepare_image", "crop_box",
     "center_crop", "restore_mask", "load_sample", "load_arrays", "split_cases", "split_from_lists", "output_format",
-    "write_prediction",
+    "output_names", "render_prediction", "write_prediction",
 ]

@@ -16,8 +16,8 @@ already. The writer stacks them and lets the imaging libraries put the geometry 
   name) that references the source instances and their FrameOfReferenceUID.
 - PNG, JPEG, TIFF -> ``STEM.png`` (8-bit, or 16-bit when a value exceeds 255).
 
-Nothing is overwritten: every target is checked before any is written, and each file is written
-through :func:`ppcmi.fileio.atomic_write_bytes` with ``overwrite=False``.
+Nothing is overwritten unless asked: every target is checked before any is written, and the files
+are written as one step (:func:`ppcmi.fileio.write_files`: atomic, a refusal leaves none behind).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import DataError
-from ..fileio import atomic_write_bytes
+from ..fileio import refuse_existing, write_files
 from ..labels import LabelMap
 from .readers import _format, _guarded, _n_slices, _nifti_shape, _one_line, _series, _split_name
 
@@ -260,26 +260,20 @@ def _png_bytes(vol: np.ndarray, source: Path) -> bytes:
 # ----------------------------------------------------------------------------- entry point
 
 
-def write_prediction(source: str | Path, planes: Sequence[np.ndarray], out_dir: str | Path, stem: str, *,
-                     labels: LabelMap | None = None) -> list[Path]:
-    """Write a predicted label map beside nothing but itself, with ``source``'s exact geometry.
-
-    ``planes``: one (H, W) integer array of raw label values per plane of ``source`` (one for a 2D
-    image), in the readers' plane convention and slice order. ``labels`` names the classes of a
-    DICOM SEG (segment i is ``labels.values[i]``, named ``labels.names[i]``; background
-    ``labels.values[0]`` is not a segment); without it, each non-zero value present is a segment
-    named ``label V``. Returns the written paths (label volume first; a DICOM source also gets
-    ``STEM.seg.dcm`` unless the source lacks what a SEG must reference, which is logged). An
-    existing target file is a DataError and nothing is written.
-    """
-    source, out_dir = Path(source), Path(out_dir)
-    if not stem or Path(stem).name != stem or stem in (".", ".."):
+def _check_stem(source: Path, stem: str) -> None:
+    if not stem or Path(stem).name != stem or stem in (".", "..") or "\\" in stem:
         raise DataError(f"{source}: output name {stem!r} is not a plain file name")
+
+
+def render_prediction(source: str | Path, planes: Sequence[np.ndarray], stem: str, *,
+                      labels: LabelMap | None = None) -> dict[str, bytes]:
+    """The files :func:`write_prediction` writes, as ``{file name: bytes}`` (label volume first), without
+    touching the disk: a caller writing several sources renders all, then writes them as one step
+    (:func:`ppcmi.fileio.write_files`). A DICOM SEG the source cannot carry is left out (logged)."""
+    source = Path(source)
+    _check_stem(source, stem)
     fmt = output_format(source)
-    targets = [out_dir / n for n in output_names(source, stem)]
-    for t in targets:
-        if t.exists():
-            raise DataError(f"{t}: already exists; refusing to overwrite it")
+    names = output_names(source, stem)
     vol = _stack(source, planes)
 
     def encode() -> list[bytes | None]:
@@ -299,12 +293,31 @@ def write_prediction(source: str | Path, planes: Sequence[np.ndarray], out_dir: 
         raise
     except Exception as e:  # every library has its own exception types
         raise DataError(f"{source}: cannot write its prediction ({_one_line(e)})") from e
-    written = []
-    for target, blob in zip(targets, blobs):
-        if blob is not None:
-            written.append(atomic_write_bytes(target, blob, overwrite=False))
+    return {name: blob for name, blob in zip(names, blobs) if blob is not None}
+
+
+def write_prediction(source: str | Path, planes: Sequence[np.ndarray], out_dir: str | Path, stem: str, *,
+                     labels: LabelMap | None = None, overwrite: bool = False) -> list[Path]:
+    """Write a predicted label map with ``source``'s exact geometry into ``out_dir``.
+
+    ``planes``: one (H, W) integer array of raw label values per plane of ``source`` (one for a 2D
+    image), in the readers' plane convention and slice order. ``labels`` names the classes of a
+    DICOM SEG (segment i is ``labels.values[i]``, named ``labels.names[i]``; background
+    ``labels.values[0]`` is not a segment); without it, each non-zero value present is a segment
+    named ``label V``. Returns the written paths (label volume first; a DICOM source also gets
+    ``STEM.seg.dcm`` unless the source lacks what a SEG must reference, which is logged). Without
+    ``overwrite`` an existing target is refused (PpcmiError) before anything is rendered or written;
+    with it each file is replaced atomically.
+    """
+    source, out_dir = Path(source), Path(out_dir)
+    _check_stem(source, stem)
+    targets = [out_dir / n for n in output_names(source, stem)]
+    if not overwrite:
+        refuse_existing(targets)
+    files = {out_dir / name: blob for name, blob in render_prediction(source, planes, stem, labels=labels).items()}
+    written = write_files(files, overwrite=overwrite)
     log.info("%s: prediction written to %s", source, ", ".join(p.name for p in written))
     return written
 
 
-__all__ = ["output_format", "output_names", "write_prediction"]
+__all__ = ["output_format", "output_names", "render_prediction", "write_prediction"]
