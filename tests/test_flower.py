@@ -122,12 +122,14 @@ def test_server_received_only_protocol_latents_and_metrics(deployed):
         if protocol.METRICS in recs:
             keys = set(recs[protocol.METRICS]["keys"])
             assert keys == set(protocol.STAGE1_METRICS) if e["step"] == protocol.STAGE1 else all(METRIC_KEY.match(k) for k in keys), keys
-    blobs = sorted((server / "wire").iterdir())
-    assert [b.name for b in blobs] == ["hospital1.query.ppcmi", "hospital1.train.ppcmi", "hospital2.query.ppcmi",
-                                       "hospital2.train.ppcmi"]
+    assert sorted(b.name for b in (server / "wire").iterdir()) == ["hospital1.query.ppcmi", "hospital1.train", "hospital2.query.ppcmi",
+                                                                   "hospital2.train"]
+    blobs = sorted(p for p in (server / "wire").rglob("*.ppcmi"))  # a training set is a folder of chunks
+    assert [b.name for b in blobs if b.parent.name.endswith(".train")] == ["chunk-00000.ppcmi"] * 2
     for b in blobs:
         msg = protocol.decode(b.read_bytes())
-        assert msg.client == b.name.split(".")[0] and msg.kind == b.name.split(".")[1]
+        where = b.name if b.parent == server / "wire" else b.parent.name
+        assert msg.client == where.split(".")[0] and msg.kind == where.split(".")[1]
         assert all(name.startswith("zt_") for name in msg.arrays)
     # nothing private anywhere on the coordinator's side: case ids, data and site paths, key bytes
     secrets = [c.stem.encode() for c in (data / "images").iterdir()] + [str(data).encode(), str(run / "sites").encode()]
@@ -141,6 +143,10 @@ def test_server_received_only_protocol_latents_and_metrics(deployed):
         blob = p.read_bytes()
         leaks = [s for s in secrets if s in blob]
         assert not leaks, f"{p.relative_to(run)} holds private material {leaks[:3]}"
+
+
+def _chunks(folder: Path) -> list:
+    return [protocol.decode(p.read_bytes()) for p in sorted(folder.iterdir())]
 
 
 def _tensors(path: Path) -> dict:
@@ -162,6 +168,7 @@ def test_simulate_trains_what_deploy_trains(deployed):
     import torch
 
     from ppcmi.config import from_dict
+    from ppcmi.server.inbox import read_set
     from ppcmi.server.mapping import train_mapping
     from ppcmi.simulate import run_simulation
 
@@ -177,7 +184,7 @@ def test_simulate_trains_what_deploy_trains(deployed):
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))  # as deploy gives each of its 2 SuperNodes
         run_simulation(cfg, data, sim, resume=True, progress=False)  # (resume: the folder already holds the keys)
         torch.set_num_threads(os.cpu_count() or 1)  # as the ServerApp runs
-        sent = [protocol.decode((sim / "wire" / f"{h}.train.ppcmi").read_bytes()) for h in ("hospital2", "hospital1")]
+        sent = [c for h in ("hospital2", "hospital1") for c in _chunks(sim / "wire" / f"{h}.train")]
         train_mapping(sent, cfg.mapping, root / "sim-mapping", seed=cfg.seed, progress=False)  # (any arrival order)
     finally:
         torch.set_num_threads(threads)
@@ -188,8 +195,8 @@ def test_simulate_trains_what_deploy_trains(deployed):
             assert a.keys() == b.keys()
             differ = [k for k in a if a[k].shape != b[k].shape or (a[k] != b[k]).any()]
             assert not differ, f"{h} {ae}: {len(differ)} of {len(a)} tensors differ, e.g. {differ[:3]}"
-        mine = protocol.decode((sim / "wire" / f"{h}.train.ppcmi").read_bytes())
-        got = protocol.decode((server / "wire" / f"{h}.train.ppcmi").read_bytes())
+        mine = read_set(sim / "wire" / f"{h}.train")
+        got = read_set(server / "wire" / f"{h}.train")
         assert mine.arrays.keys() == got.arrays.keys() and mine.n == got.n
         assert all((mine.arrays[k] == got.arrays[k]).all() for k in mine.arrays), f"{h}: the keyed training pairs differ"
     a, b = _tensors(root / "sim-mapping" / "mapping.safetensors"), _tensors(server / "mapping" / "mapping.safetensors")
