@@ -44,6 +44,7 @@ from .errors import ProtocolError
 PROTOCOL_VERSION = 1
 MAX_BYTES = 256 * 1024 * 1024
 CHUNK_BYTES = 64 * 1024 * 1024  # the target size of one chunk of a training set (well under MAX_BYTES)
+QUERY_BYTES = 8 * 1024 * 1024  # a hospital's queries to the inference service stay under this (its default limit: 16 MiB)
 SCALE_SETS = ({"s3", "s4", "b"}, {"b"})
 KIND_PREFIXES = {"train": ("zt_img_", "zt_msk_"), "query": ("zt_img_",), "reply": ("zt_msk_",)}
 ALLOWED_NAMES = frozenset(p + s for p in ("zt_img_", "zt_msk_") for s in ("s3", "s4", "b"))

@@ -249,6 +249,8 @@ def _predict(h: Hospital, images: Sequence[Path], out: Path, send: Callable[[byt
     planes = list_inputs(images)
     x = _load_planes(planes, h.data_cfg.preprocess())
     labels = []
+    row = 4 * sum(int(np.prod(v)) for v in h.latent_shapes().values())  # float32 bytes of one image's keyed latents
+    batch = max(1, min(batch, protocol.QUERY_BYTES // row))  # every query under the service's size limit, at any size
     for s in range(0, len(x), batch):
         query = h.protect(x[s:s + batch])
         reply = protocol.decode(send(protocol.encode(query)), expected=_mask_shapes(h))
