@@ -30,7 +30,7 @@ from ..fileio import atomic_write_json
 from ..klt import KeyedLatentTransform
 from ..models import AEConfig, Autoencoder, resample_scores
 from ..protocol import CHUNK_BYTES, LatentBatch, chunk_ranges, new_set_id, rows_per_chunk
-from ..augment import augment_batch, batch_augmenter
+from ..augment import apply_augment, batch_augmenter, draw_augment
 from ..training import FitConfig, FitResult, bce_dice_loss, fit, load_weights, save_weights, seeded_init
 from .keys import key_fingerprint, key_path, load_key
 
@@ -107,23 +107,28 @@ def training_inputs(images: np.ndarray, masks: np.ndarray, n_classes: int, *, co
 
 def training_input_ranges(images: np.ndarray, masks: np.ndarray, n_classes: int, ranges: list[tuple[int, int]], *,
                           seed: int = 0):
-    """The rows [start, stop) of :func:`training_inputs`, range by range (ascending): each block of N augmented
-    copies is drawn once, in order, from the same generator, and only the current block is held."""
+    """The rows [start, stop) of :func:`training_inputs`, range by range (ascending ranges). The random parameters of
+    each block of N augmented copies are drawn once, in block order, from the same generator, and applied to the
+    rows of the range only, so only one range's inputs (and one-hot masks) are held at a time."""
     x0 = torch.as_tensor(images).float()
-    y0 = one_hot(torch.as_tensor(masks), n_classes)
+    m0 = torch.as_tensor(masks)
     n = len(x0)
     gen = torch.Generator().manual_seed(seed)
-    block, current = (x0, y0), 0
+    kinds = ["image", "mask"]
+    draws: list = [None]  # block 0 holds the originals
     for start, stop in ranges:
         xs, ys, r = [], [], start
         while r < stop:
             j = r // n
-            while current < j:
-                block, current = augment_batch([x0, y0], ["image", "mask"], gen), current + 1
-            end = min(stop, (j + 1) * n)
-            xs.append(block[0][r - j * n:end - j * n])
-            ys.append(block[1][r - j * n:end - j * n])
-            r = end
+            while len(draws) <= j:
+                draws.append(draw_augment(n, kinds, gen))
+            a, b = r - j * n, min(stop, (j + 1) * n) - j * n
+            x, y = x0[a:b], one_hot(m0[a:b], n_classes)
+            if j:
+                x, y = apply_augment([x, y], kinds, draws[j].rows(a, b))
+            xs.append(x)
+            ys.append(y)
+            r += b - a
         yield torch.cat(xs), torch.cat(ys)
 
 
