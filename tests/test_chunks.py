@@ -237,3 +237,31 @@ def test_flower_chunk_requests_are_checked():
             wire.read_chunk_request(RecordDict({protocol.CHUNK: ConfigRecord(rec)}))
     with pytest.raises(PpcmiError, match="already exists"):
         write_training_set([], Path(__file__).parent)
+
+
+def test_queries_to_the_service_stay_under_its_limit(site, tmp_path, monkeypatch):
+    """``predict`` batches its queries by bytes (protocol.QUERY_BYTES), so no query outgrows the service's limit
+    at any working size; the label maps are the same whatever the batch."""
+    from ppcmi.client.inference import predict_files
+    from ppcmi.server.mapping import MappingServer
+
+    site_dir, data = site
+    encode_folder(site_dir, data, tmp_path / "t", with_masks=True)
+    mapping.train_mapping(inbox.open_sets([tmp_path / "t"]), MappingTrainConfig(widen=(8, 8, 8), mid=(8, 8), down=(8, 8, 8), epochs=1),
+                          tmp_path / "m", progress=False)
+    srv = MappingServer(tmp_path / "m")
+    row = 4 * sum(int(np.prod(v)) for v in Hospital(site_dir).latent_shapes().values())
+    sizes = []
+
+    def send(blob: bytes) -> bytes:
+        sizes.append(len(blob))
+        return protocol.encode(srv.handle(protocol.decode(blob)))
+
+    images = sorted((data / "images").iterdir())
+    predict_files(site_dir, send, images, tmp_path / "p16")
+    monkeypatch.setattr(protocol, "QUERY_BYTES", 2 * row)
+    sizes.clear()
+    predict_files(site_dir, send, images, tmp_path / "p2")
+    assert len(sizes) == 3 and max(sizes) <= 2 * row + 4096  # 6 images, 2 per query
+    for p in (tmp_path / "p16").iterdir():
+        assert p.read_bytes() == (tmp_path / "p2" / p.name).read_bytes()

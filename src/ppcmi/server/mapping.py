@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 # A hospital's rows of one latent up to this many float32 bytes get their canonical frame computed in memory
 # at once (exactly as before training sets were chunked); larger ones are streamed in blocks of FRAME_BLOCK_ROWS.
 # Both depend only on what the hospital sent, never on how it was chunked.
-FRAME_EXACT_BYTES = 512 * 1024 * 1024
+FRAME_EXACT_BYTES = 128 * 1024 * 1024  # (at least protocol.CHUNK_BYTES: a set of one chunk is always exact)
 FRAME_BLOCK_ROWS = 256
 
 
