@@ -164,7 +164,8 @@ def rotation(cfg, data: Path, base: Path, out: Path, with_previous: bool = True)
     msg = Hospital(site).training_batch(arr["images"], arr["masks"], copies=cfg.autoencoder.send_copies, noise=cfg.autoencoder.send_noise)
     if (out / "server").exists():
         shutil.rmtree(out / "server")
-    previous = read_set(base / "wire" / f"{name}.train")  # the server kept what it received
+    sent = base / "wire" / f"{name}.train"  # the server kept what it received (a run from before chunks: one .ppcmi file)
+    previous = read_set(sent if sent.exists() else base / "wire" / f"{name}.train.ppcmi")
     refit_adapters(base / "server", protocol.decode(protocol.encode(msg)), cfg.mapping, out / "server", seed=cfg.seed,
                    previous=previous if with_previous else None, progress=False)
     seconds = time.perf_counter() - t0

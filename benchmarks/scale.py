@@ -170,7 +170,7 @@ def run_phase(a) -> None:
     t0 = time.perf_counter()
     res = PHASES[a.phase](a)
     res = {"result": res, "wall_s": time.perf_counter() - t0, "peak_rss_mib": _peak_mib(), "rss_timeline_mib": sampler.stop(),
-           "threads": torch.get_num_threads()}
+           "threads": torch.get_num_threads(), "load_average_1min_at_end": os.getloadavg()[0]}
     (a.out / f"phase-{a.phase}.json").write_text(json.dumps(res, indent=2))
 
 
@@ -179,7 +179,9 @@ def _table(rep: dict) -> str:
     lines = [f"# Scale: PSFHS at {rep['size']}x{rep['size']}, published autoencoder widths, {rep['copies']} copies per pair"
              f"{' (quick mode)' if rep['quick'] else ''}", "",
              f"Machine: {rep['cpu']}, {rep['cores']} cores, torch threads {rep['threads']}; chunk target "
-             f"{rep['chunk_bytes'] / 2**20:.0f} MiB; message limit {rep['max_bytes'] / 2**20:.0f} MiB.", "",
+             f"{rep['chunk_bytes'] / 2**20:.0f} MiB; message limit {rep['max_bytes'] / 2**20:.0f} MiB; load average at the end of "
+             f"each phase {', '.join(str(round(p.get('load_average_1min_at_end', float('nan')), 1)) for p in rep['phases'].values())} "
+             f"(other work on the machine slows every phase).", "",
              "| hospital | cases | pairs sent | bytes | chunks | pairs per chunk | one message could carry | encode s |",
              "|---|---|---|---|---|---|---|---|"]
     for h, r in enc["result"].items():
