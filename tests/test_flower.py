@@ -41,7 +41,8 @@ from ppcmi.flower.server_app import SERVER_DIR_ENV  # noqa: E402
 TINY = ["--set", "data.size=32", "--set", "data.group_csv=groups.csv", "--set", "data.partition=site",
         "--set", "data.test_frac=0.25", "--set", "autoencoder.width=0.25", "--set", "autoencoder.epochs=1",
         "--set", "autoencoder.send_copies=1", "--set", "mapping.epochs=1", "--set", "mapping.widen=[8,8,8]",
-        "--set", "mapping.mid=[8,8]", "--set", "mapping.down=[8,8,8]"]
+        "--set", "mapping.mid=[8,8]", "--set", "mapping.down=[8,8,8]",
+        "--set", "chunk_bytes=8192"]  # one pair per chunk: stage 2 takes several Flower rounds
 METRIC_KEY = re.compile(r"^(n_cases|[A-Za-z0-9_]+\.(mean|std|n|n_undefined|ci95)|counts\.[A-Za-z0-9_]+\.[a-z_]+)$")
 
 
@@ -110,7 +111,9 @@ def test_server_received_only_protocol_latents_and_metrics(deployed):
     server = next((run / "coordinator" / "server").glob("run-*"))
     entries = [json.loads(ln) for ln in (server / "received.jsonl").read_text().splitlines()]
     assert {e["step"] for e in entries} == {protocol.STAGE1, protocol.TRAIN_LATENTS, protocol.TEST_LATENTS, protocol.SCORE}
-    assert len(entries) == 8 and not any("error" in e for e in entries)
+    n_chunks = len(list((server / "wire").rglob("chunk-*.ppcmi")))
+    assert n_chunks > 2 and sum(e["step"] == protocol.TRAIN_LATENTS for e in entries) == n_chunks  # one chunk per message
+    assert len(entries) == 6 + n_chunks and not any("error" in e for e in entries)
     for e in entries:
         recs = e["records"]
         assert set(recs) in [set(x) for x in protocol.REPLY_RECORDS[e["step"]]], e
@@ -125,7 +128,10 @@ def test_server_received_only_protocol_latents_and_metrics(deployed):
     assert sorted(b.name for b in (server / "wire").iterdir()) == ["hospital1.query.ppcmi", "hospital1.train", "hospital2.query.ppcmi",
                                                                    "hospital2.train"]
     blobs = sorted(p for p in (server / "wire").rglob("*.ppcmi"))  # a training set is a folder of chunks
-    assert [b.name for b in blobs if b.parent.name.endswith(".train")] == ["chunk-00000.ppcmi"] * 2
+    for h in ("hospital1", "hospital2"):
+        chunks = [protocol.decode(p.read_bytes()) for p in sorted((server / "wire" / f"{h}.train").iterdir())]
+        assert [(c.index, c.count) for c in chunks] == [(i, len(chunks)) for i in range(len(chunks))]
+        assert len({c.set_id for c in chunks}) == 1
     for b in blobs:
         msg = protocol.decode(b.read_bytes())
         where = b.name if b.parent == server / "wire" else b.parent.name

@@ -137,7 +137,7 @@ def run_simulation(cfg: Config, data_dir: str | Path, out: str | Path, *, resume
         wire.append(out / "wire" / f"{name}.train")
         if wire[-1].exists():  # a resumed run sends its set again
             shutil.rmtree(wire[-1])
-        stages.write_training_set(stages.training_chunks(Hospital(site), arr, cfg), wire[-1])
+        stages.write_training_set(stages.training_chunks(Hospital(site), arr, cfg, target=cfg.chunk_bytes), wire[-1])
     timings["stage1_s"] = time.perf_counter() - t0
 
     # ---- stage 2: at the server, from the chunks' bytes only (read from disk as training needs them)

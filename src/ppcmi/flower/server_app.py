@@ -198,7 +198,7 @@ def run(grid: Grid, cfg: Config, settings: FlowerSettings, out: Path) -> dict:
             return msg
         return parse
 
-    sets = collect_training_sets(co, nodes, out / "wire")
+    sets = collect_training_sets(co, nodes, out / "wire", target=cfg.chunk_bytes)
     log.info("%s  received %s; training the mapping network (at most %d epochs)", PROGRESS_PREFIX,
              ", ".join(f"{s.client}: {s.n} pairs in {s.chunks} chunks" for s in sets), cfg.mapping.epochs)
     trained = train_mappings(sets, cfg.mapping, out / "mapping", seed=cfg.seed, progress=False)
