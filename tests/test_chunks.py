@@ -265,3 +265,17 @@ def test_queries_to_the_service_stay_under_its_limit(site, tmp_path, monkeypatch
     assert len(sizes) == 3 and max(sizes) <= 2 * row + 4096  # 6 images, 2 per query
     for p in (tmp_path / "p16").iterdir():
         assert p.read_bytes() == (tmp_path / "p2" / p.name).read_bytes()
+
+
+def test_columns_keep_few_files_open(rng, tmp_path):
+    msg = _message(rng, n=30)
+    files = _write(protocol.split(msg, msg.nbytes() // msg.n + 4096), tmp_path / "in")  # 30 chunks of one row
+    cols = inbox.pool_sets(inbox.open_sets(files))[3]
+    cols[1]._handles.limit = 4
+    ref = inbox.pool_sets(inbox.sets_from_batches([msg]))[3]
+    idx = torch.from_numpy(np.random.default_rng(1).permutation(30))
+    for col, r in zip(cols[1:], ref[1:]):
+        assert torch.equal(col.subset(idx)[torch.arange(30)], r[idx])
+    assert len(cols[1]._handles.open) <= 4  # one shared, bounded set of open files for every column of the pool
+    cols[1].close()
+    assert not cols[2]._handles.open

@@ -15,6 +15,7 @@ Messages already in memory (:class:`~ppcmi.protocol.LatentBatch`) go through the
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -29,6 +30,26 @@ from ..models import SCALES
 CHUNK_SUFFIX = ".ppcmi"
 
 
+class _Files:
+    """Open chunk files shared by the columns of one pool, at most ``limit`` at a time (least recently used closed)."""
+
+    def __init__(self, limit: int = 64):
+        self.limit, self.open = limit, OrderedDict()
+
+    def get(self, path: Path):
+        f = self.open.pop(path, None)
+        if f is None:
+            if len(self.open) >= self.limit:
+                self.open.popitem(last=False)[1].close()
+            f = open(path, "rb")
+        self.open[path] = f
+        return f
+
+    def close(self) -> None:
+        while self.open:
+            self.open.popitem()[1].close()
+
+
 @dataclass
 class _FilePiece:
     """Rows of one array in one chunk file: ``n`` rows of ``row_bytes`` from byte ``offset``."""
@@ -39,10 +60,8 @@ class _FilePiece:
     row_shape: tuple[int, ...]
     dtype: np.dtype
 
-    def read(self, rows: np.ndarray, handles: dict) -> np.ndarray:
+    def read(self, rows: np.ndarray, handles: _Files) -> np.ndarray:
         f = handles.get(self.path)
-        if f is None:
-            f = handles[self.path] = open(self.path, "rb")
         width = self.dtype.itemsize * int(np.prod(self.row_shape))
         out = np.empty((len(rows),) + self.row_shape, np.float32)
         # one read per run of consecutive rows
@@ -68,7 +87,7 @@ class _MemPiece:
     def n(self) -> int:
         return self.array.shape[0]
 
-    def read(self, rows: np.ndarray, handles: dict) -> np.ndarray:
+    def read(self, rows: np.ndarray, handles: _Files) -> np.ndarray:
         return np.asarray(self.array[rows], dtype=np.float32)
 
 
@@ -94,12 +113,12 @@ class Column:
     ``column[idx]`` (a LongTensor or integer array of pooled row numbers) returns a float32 tensor
     (len(idx), C, H, W) holding exactly the values the sets carry; ``column.subset(idx)`` is a lazy view."""
 
-    def __init__(self, pieces: list, row_shape: tuple[int, ...], view: np.ndarray | None = None):
+    def __init__(self, pieces: list, row_shape: tuple[int, ...], view: np.ndarray | None = None, files: _Files | None = None):
         self.pieces = pieces
         self.row_shape = tuple(row_shape)
         self.starts = np.cumsum([0] + [p.n for p in pieces])
         self.view = view
-        self._handles: dict = {}
+        self._handles = files if files is not None else _Files()
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -110,7 +129,7 @@ class Column:
 
     def subset(self, idx) -> Column:
         idx = np.asarray(idx, np.int64)
-        return Column(self.pieces, self.row_shape, idx if self.view is None else self.view[idx])
+        return Column(self.pieces, self.row_shape, idx if self.view is None else self.view[idx], self._handles)
 
     def numpy(self, idx=None) -> np.ndarray:
         rows = np.arange(len(self), dtype=np.int64) if idx is None else np.asarray(idx, np.int64).reshape(-1)
@@ -131,9 +150,8 @@ class Column:
         return torch.from_numpy(self.numpy(idx))
 
     def close(self) -> None:
-        for f in self._handles.values():
-            f.close()
-        self._handles.clear()
+        """Close the chunk files this column (and the other columns of its pool) has open; a later read reopens them."""
+        self._handles.close()
 
 
 def chunk_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
@@ -247,9 +265,10 @@ def pool_sets(sets: Sequence[TrainingSet]) -> tuple[list[str], dict[str, tuple],
     scales = [sc for sc in SCALES if sc in img_shapes]
     cid = torch.cat([torch.full((s.n,), i, dtype=torch.long) for i, s in enumerate(sets)])
     cols: list = [cid]
+    files = _Files()
     for prefix, shapes in (("zt_img_", img_shapes), ("zt_msk_", mask_shapes)):
         for sc in scales:
-            cols.append(Column([p for s in sets for p in s.pieces[prefix + sc]], shapes[sc]))
+            cols.append(Column([p for s in sets for p in s.pieces[prefix + sc]], shapes[sc], files=files))
     return clients, img_shapes, mask_shapes, cols
 
 
