@@ -279,3 +279,21 @@ def test_columns_keep_few_files_open(rng, tmp_path):
     assert len(cols[1]._handles.open) <= 4  # one shared, bounded set of open files for every column of the pool
     cols[1].close()
     assert not cols[2]._handles.open
+
+
+def test_an_encode_that_fails_midway_leaves_nothing(site, tmp_path, monkeypatch):
+    """One commit per set: a failure after some chunks were written leaves no set folder, no case list, no temporary."""
+    from ppcmi.client import stages
+
+    site_dir, data = site
+    real = stages.training_chunks
+
+    def breaks(*args, **kwargs):
+        it = real(*args, **kwargs)
+        yield next(it)
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(stages, "training_chunks", breaks)
+    with pytest.raises(RuntimeError, match="disk full"):
+        encode_folder(site_dir, data, tmp_path / "h1.train", with_masks=True, chunk_bytes=8192)
+    assert list(tmp_path.iterdir()) == []
