@@ -9,7 +9,7 @@ files. Each phase runs in its own process, so its peak resident memory (``ru_max
 thread's timeline of VmRSS) is its own. Writes ``scale[-quick].json`` and ``scale[-quick].md`` to --results.
 
     .venv/bin/python benchmarks/scale.py                 # the full measurement (hours on 2 cores; see the .md)
-    .venv/bin/python benchmarks/scale.py --quick         # 32 training cases, small chunks: a few minutes
+    .venv/bin/python benchmarks/scale.py --quick         # 16 training cases, small chunks: a few minutes
 
 With ``--clients 1`` (the default) one hospital holds the whole training split, 1086 pairs x 8 = 8688 rows,
 about 8 GB of float32 latents: 29 times what one message could carry before chunks (~292 pairs).
@@ -213,14 +213,14 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=0, help="at most this many training cases per hospital (0: all)")
     p.add_argument("--chunk-bytes", type=int, default=None, help="chunk target (default ppcmi.protocol.CHUNK_BYTES)")
     p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="32 cases, 1 epoch each stage, 8 MiB chunks: a few minutes")
+    p.add_argument("--quick", action="store_true", help="16 cases, 1 epoch each stage, 8 MiB chunks: a few minutes")
     p.add_argument("--phase", choices=list(PHASES), help=argparse.SUPPRESS)
     p.add_argument("--progress", action="store_true")
     a = p.parse_args()
     from ppcmi import protocol
 
     if a.quick:
-        a.limit = a.limit or 32
+        a.limit = a.limit or 16
         a.chunk_bytes = a.chunk_bytes or 8 * 2**20
     a.chunk_bytes = a.chunk_bytes or protocol.CHUNK_BYTES
     a.out = a.out or ROOT / "runs" / ("scale-quick" if a.quick else "scale")
