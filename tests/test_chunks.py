@@ -297,3 +297,13 @@ def test_an_encode_that_fails_midway_leaves_nothing(site, tmp_path, monkeypatch)
     with pytest.raises(RuntimeError, match="disk full"):
         encode_folder(site_dir, data, tmp_path / "h1.train", with_masks=True, chunk_bytes=8192)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_message_from_before_chunks_is_a_set_of_one(rng, tmp_path):
+    msg = _message(rng, n=5)
+    (tmp_path / "old.train").write_bytes(protocol.encode(msg))  # no set id: as `client encode` wrote it before chunks
+    (s,) = inbox.open_sets([tmp_path / "old.train"])
+    assert (s.n, s.chunks, s.set_id) == (5, 1, "")
+    (tmp_path / "again.train").write_bytes(protocol.encode(msg))
+    with pytest.raises(ProtocolError, match=r"again.train: a second whole training message from 'h1' \(also .*old.train\)"):
+        inbox.open_sets([tmp_path / "old.train", tmp_path / "again.train"])

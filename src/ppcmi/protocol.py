@@ -362,6 +362,9 @@ def check_set(chunks: list, names: list[str] | None = None) -> list:
             raise ProtocolError(f"{name}: chunk of set {c.set_id or '(unchunked)'} ({c.count} chunks), but {names[0]} is of set "
                                 f"{first.set_id or '(unchunked)'} ({first.count} chunks) from the same site; send one set per site")
         if c.index in seen:
+            if not c.set_id:
+                raise ProtocolError(f"{name}: a second whole training message from {c.client!r} (also {seen[c.index]}); "
+                                    "send one set per site")
             raise ProtocolError(f"{name}: repeats chunk {c.index} of set {c.set_id} (also {seen[c.index]})")
         seen[c.index] = name
     missing = [i for i in range(first.count) if i not in seen]
