@@ -232,15 +232,9 @@ def client_rotate_key(site_dir: Path = typer.Option(..., "--site-dir", "-s", hel
 
     Send OUT to the server, which re-fits only this hospital's adapters ('ppcmi server refit-adapters').
     """
-    from .client.inference import encode_folder
-    from .client.keys import rotate_key
-    from .client.site import Hospital
+    from .client.inference import rotate_and_encode
 
-    if out.exists():
-        raise PpcmiError(f"{out}: already exists; refusing to overwrite it")
-    Hospital(site_dir)  # fail before touching the key if the site is not trained
-    new, backup = rotate_key(site_dir)
-    n, size = encode_folder(site_dir, data, out, with_masks=True, copies=copies, noise=noise)
+    new, backup, n, size = rotate_and_encode(site_dir, data, out, copies=copies, noise=noise)
     typer.echo(f"new key in {new}; old key kept in {backup} (mode 0600)")
     typer.echo(f"wrote {out}: {n} keyed training rows, {size} bytes; send it to the server for 'ppcmi server refit-adapters'")
 

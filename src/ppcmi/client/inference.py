@@ -147,6 +147,28 @@ def encode_folder(site_dir: Path, data: Path, out: Path, *, with_masks: bool = F
     return msg.n, len(blob)
 
 
+def rotate_and_encode(site_dir: Path, data: Path, out: Path, *, copies: int | None = None,
+                      noise: float | None = None) -> tuple[Path, Path, int, int]:
+    """Replace the site's key and encode its training set under the new one (``client rotate-key``).
+
+    Both outputs are checked before the key is touched, and if encoding fails the old key is put back,
+    so a refusal never leaves a site whose key changed without the message the server needs to follow."""
+    from .keys import key_path, load_key, rotate_key
+
+    Hospital(site_dir)  # fail before touching the key if the site is not trained
+    refuse_existing([out, Path(str(out) + ".cases.json")])
+    old = load_key(key_path(site_dir))
+    new, backup = rotate_key(site_dir)
+    try:
+        n, size = encode_folder(site_dir, data, out, with_masks=True, copies=copies, noise=noise)
+    except BaseException:
+        atomic_write_bytes(new, old, overwrite=True, mode=0o600)
+        if load_key(new) == old:
+            backup.unlink()
+        raise
+    return new, backup, n, size
+
+
 def _case_list(path: Path) -> dict:
     try:
         rec = json.loads(Path(path).read_text())
