@@ -477,3 +477,12 @@ def test_psfhs_fingerprint_sees_both_structures_in_every_mask():
     assert fp.rows == (256,) * 5 and fp.channels == 1
     assert 0.005 < fp.class_fraction[1] < fp.class_fraction[2] < 0.5  # the symphysis is the smaller structure
     assert 0 <= fp.fg_mean <= 255 and sum(c for _, c in fp.hist) == fp.fg_pixels
+
+
+def test_a_plan_record_rides_beside_a_chunk_request():
+    pytest.importorskip("flwr")
+    from ppcmi.flower import wire
+
+    req = wire.with_plan(wire.chunk_request(0, "", protocol.CHUNK_BYTES), {"data.size": 64})
+    assert wire.read_chunk_request(req) == (0, "", protocol.CHUNK_BYTES)
+    assert wire.apply_plan_record(Config(), req).data.size == 64

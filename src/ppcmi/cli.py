@@ -141,8 +141,14 @@ def synth(out: Path = typer.Argument(..., help="Output folder (images/, masks/, 
           size: int = typer.Option(128, help="Image size in pixels."),
           classes: int = typer.Option(3, help="Number of classes including background."),
           seed: int = typer.Option(0, help="Random seed."),
-          overwrite: bool = typer.Option(False, help="Replace existing synthetic data in OUT.")):
-    """Write synthetic multi-site, multi-class phantom data in the images/ + masks/ layout."""
+          overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier 'ppcmi synth' output in OUT: its "
+                                         "images/, masks/, groups.csv and README.md, each file atomically, once every new "
+                                         "file is ready. A file in images/ or masks/ that synth did not write is still refused.")):
+    """Write synthetic multi-site, multi-class phantom data in the images/ + masks/ layout.
+
+    Nothing is written into a folder that already holds images/ or masks/ entries, groups.csv or
+    README.md, unless --overwrite is given.
+    """
     from .experiment import synth as _synth
 
     p = _synth(out, sites=sites, patients_per_site=patients, slices_per_patient=slices, size=size, n_classes=classes,
@@ -156,7 +162,11 @@ def synth(out: Path = typer.Argument(..., help="Output folder (images/, masks/, 
 @client_app.command("keygen")
 @_guard
 def client_keygen(site_dir: Path = typer.Option(..., "--site-dir", "-s", help="The hospital's private site folder.")):
-    """Create this hospital's 32-byte secret key (mode 0600). Never overwrites an existing key."""
+    """Create this hospital's 32-byte secret key (mode 0600). Never overwrites an existing key.
+
+    There is deliberately no --overwrite: a lost key makes every reply to this site undecodable.
+    'ppcmi client rotate-key' replaces a key and keeps the old one as klt.key.N.bak.
+    """
     from .client.keys import key_path, keygen
 
     site_dir.mkdir(parents=True, exist_ok=True)
@@ -172,24 +182,36 @@ def client_train(site_dir: Path = typer.Option(..., "--site-dir", "-s", help="Si
                  config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
                  labels: Optional[str] = LabelsOpt, class_names: Optional[str] = NamesOpt, size: Optional[int] = SizeOpt,
                  window: Optional[str] = WindowOpt, offset: Optional[float] = OffsetOpt,
-                 resume: bool = typer.Option(False, help="Continue an interrupted run from its last completed epoch."),
+                 resume: bool = typer.Option(False, help="Continue an interrupted run from its last completed epoch (the same "
+                                             "data settings, labels and topology; site.json changes only if it succeeds)."),
+                 overwrite: bool = typer.Option(False, "--overwrite", help="Train this site's autoencoders again from scratch "
+                                                "(the key stays): the new ones train in SITE/.retrain/ and replace the old ones "
+                                                "and site.json only once both are complete. The server's adapters for this site "
+                                                "then no longer fit: send a new 'train' message."),
                  seed: Optional[int] = typer.Option(None, min=0, help="This hospital's site seed (validation split, batch "
                                                     "order); default: derived from the shared seed and --name."),
                  quiet: bool = QuietOpt):
-    """Stage 1: train the image and mask autoencoders on this hospital's data only."""
+    """Stage 1: train the image and mask autoencoders on this hospital's data only.
+
+    A site that already has trained autoencoders is refused unless --resume or --overwrite is given.
+    A refused or failed run leaves site.json as it was (a failed --resume keeps the epochs it completed
+    for the next --resume; a failed --overwrite leaves the old autoencoders in place).
+    """
     from .client import stages
     from .config import to_dict
     from .data import discover_cases, discover_labels
     from .fileio import atomic_write_json
     from .labels import parse_labels
 
+    if resume and overwrite:
+        raise PpcmiError("--resume and --overwrite: choose one (continue the run here, or start over)")
     cfg = _cfg(config, (set_ or []) + _data_sets(labels, class_names, size, window, offset), command="client train",
                reads=HOSPITAL_READS)
     cases = discover_cases(data, group_regex=cfg.data.group_regex, group_csv=cfg.data.group_csv)
     labels = parse_labels(cfg.data.labels, cfg.data.class_names) or discover_labels(cases)
     arr = stages.prepare(cases, cfg, labels, progress=not quiet)
     res = stages.train_autoencoders(site_dir, name, arr, cfg, labels, seed=stages.default_site_seed(cfg.seed, name) if seed is None else seed,
-                                    resume=resume, progress=not quiet, create_key=False)
+                                    resume=resume, overwrite=overwrite, progress=not quiet, create_key=False)
     atomic_write_json(site_dir / "config.json", to_dict(cfg))
     for kind, r in res.items():
         typer.echo(f"{kind} autoencoder: best val loss {r.best_val:.4f} at epoch {r.best_epoch} ({len(r.history)} epochs, {r.seconds:.0f} s)")
@@ -199,8 +221,9 @@ def client_train(site_dir: Path = typer.Option(..., "--site-dir", "-s", help="Si
 @_guard
 def client_encode(site_dir: Path = typer.Option(..., "--site-dir", "-s"),
                   data: Path = typer.Option(..., "--data", "-d", help="A dataset folder (images/ [+ masks/]) or one image file."),
-                  out: Path = typer.Option(..., "--out", "-o", help="Message file to send to the server."),
-                  with_masks: bool = typer.Option(False, "--with-masks", help="Send keyed image+mask pairs for stage 2 (a 'train' message)."),
+                  out: Path = typer.Option(..., "--out", "-o", help="Message file to send to the server (with --with-masks: "
+                                           "a new folder of chunk files, the hospital's training set)."),
+                  with_masks: bool = typer.Option(False, "--with-masks", help="Send keyed image+mask pairs for stage 2 (a set of 'train' chunks)."),
                   float16: bool = typer.Option(False, "--float16", help="Send float16 latents (half the payload)."),
                   noise: Optional[float] = typer.Option(None, min=0.0, help="Gaussian noise std added to latents before they "
                                                         "leave (a privacy knob; default: the site's autoencoder.send_noise).")):
@@ -208,7 +231,9 @@ def client_encode(site_dir: Path = typer.Option(..., "--site-dir", "-s"),
     from .client.inference import encode_folder
 
     n, size = encode_folder(site_dir, data, out, with_masks=with_masks, float16=float16, noise=noise)
-    typer.echo(f"wrote {out}: {n} images, {size} bytes (case list kept locally in {out}.cases.json)")
+    chunks = f" in {sum(1 for _ in out.iterdir())} chunks" if out.is_dir() else ""
+    typer.echo(f"wrote {out}: {n} {'keyed training pairs' if with_masks else 'images'}, {size} bytes{chunks} "
+               f"(case list kept locally in {out}.cases.json)")
 
 
 @client_app.command("decode")
@@ -216,11 +241,17 @@ def client_encode(site_dir: Path = typer.Option(..., "--site-dir", "-s"),
 def client_decode(site_dir: Path = typer.Option(..., "--site-dir", "-s"),
                   reply: Path = typer.Option(..., "--reply", "-r", help="The server's reply message."),
                   cases: Path = typer.Option(None, "--cases", help="Local case list written by 'client encode' (default: QUERY.cases.json)."),
-                  out: Path = typer.Option(..., "--out", "-o", help="Folder for the label maps.")):
-    """Unprotect and decode the server's reply into label maps in the inputs' format."""
+                  out: Path = typer.Option(..., "--out", "-o", help="Folder for the label maps."),
+                  overwrite: bool = typer.Option(False, "--overwrite", help="Replace label maps of the same names already in "
+                                                 "OUT (each atomically). Without it one existing file refuses them all, "
+                                                 "before any is written.")):
+    """Unprotect and decode the server's reply into label maps in the inputs' format.
+
+    Every output path is checked before anything is written: a refusal leaves no label map behind.
+    """
     from .client.inference import decode_reply
 
-    written = decode_reply(site_dir, reply, cases, out)
+    written = decode_reply(site_dir, reply, cases, out, overwrite=overwrite)
     typer.echo(f"wrote {len(written)} label maps to {out}")
 
 
@@ -235,15 +266,9 @@ def client_rotate_key(site_dir: Path = typer.Option(..., "--site-dir", "-s", hel
 
     Send OUT to the server, which re-fits only this hospital's adapters ('ppcmi server refit-adapters').
     """
-    from .client.inference import encode_folder
-    from .client.keys import rotate_key
-    from .client.site import Hospital
+    from .client.inference import rotate_and_encode
 
-    if out.exists():
-        raise PpcmiError(f"{out}: already exists; refusing to overwrite it")
-    Hospital(site_dir)  # fail before touching the key if the site is not trained
-    new, backup = rotate_key(site_dir)
-    n, size = encode_folder(site_dir, data, out, with_masks=True, copies=copies, noise=noise)
+    new, backup, n, size = rotate_and_encode(site_dir, data, out, copies=copies, noise=noise)
     typer.echo(f"new key in {new}; old key kept in {backup} (mode 0600)")
     typer.echo(f"wrote {out}: {n} keyed training rows, {size} bytes; send it to the server for 'ppcmi server refit-adapters'")
 
@@ -254,7 +279,7 @@ def client_rotate_key(site_dir: Path = typer.Option(..., "--site-dir", "-s", hel
 @server_app.command("refit-adapters")
 @_guard
 def server_refit_adapters(model: Path = typer.Option(..., "--model", "-m", help="The trained model folder (left untouched)."),
-                          message: Path = typer.Option(..., "--message", help="The hospital's new 'train' message after a key rotation."),
+                          message: Path = typer.Option(..., "--message", help="The hospital's new training set (its folder) after a key rotation."),
                           out: Path = typer.Option(..., "--out", "-o", help="New model folder."),
                           previous: Optional[Path] = typer.Option(None, "--previous", help="The hospital's earlier 'train' message: "
                                                                   "the old-to-new change of frame goes into its fixed frames (see PRIVACY.md)."),
@@ -266,41 +291,31 @@ def server_refit_adapters(model: Path = typer.Option(..., "--model", "-m", help=
     (mapping.adapter_init = "pca", the default) takes the new key's frames and keeps its adapters; a
     model with identity adapters restarts them from the identity, which fails in practice (PRIVACY.md).
     """
-    from . import protocol
+    from .server.inbox import read_set
     from .server.mapping import refit_adapters
 
     cfg = _cfg(config, set_, command="server refit-adapters", reads=COORDINATOR_READS)
-    msgs = []
-    for p in [message] + ([previous] if previous else []):
-        try:
-            msgs.append(protocol.decode(p.read_bytes()))
-        except PpcmiError as e:
-            raise PpcmiError(f"{p}: {e}") from None
+    msgs = [read_set(p) for p in [message] + ([previous] if previous else [])]
     _, res = refit_adapters(model, msgs[0], cfg.mapping, out, seed=cfg.seed, previous=msgs[1] if previous else None, progress=not quiet)
     typer.echo(f"adapters of {msgs[0].client}: best val loss {res.best_val:.4f} at epoch {res.best_epoch} ({len(res.history)} epochs) -> {out}")
 
 
 @server_app.command("train")
 @_guard
-def server_train(messages: List[Path] = typer.Argument(..., help="'train' messages from the hospitals."),
+def server_train(messages: List[Path] = typer.Argument(..., help="The hospitals' training sets: their folders, or chunk files in any order."),
                  out: Path = typer.Option(..., "--out", "-o", help="Model folder."),
                  config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
                  resume: bool = typer.Option(False, help="Continue an interrupted run."), quiet: bool = QuietOpt):
     """Stage 2: train the mapping network on the hospitals' keyed latent pairs (with mapping.scope=per_hospital,
     one network per hospital in OUT/<hospital>/, each served with --model OUT/<hospital>)."""
-    from . import protocol
     from .config import to_dict
     from .fileio import atomic_write_json
+    from .server.inbox import open_sets
     from .server.stages import train_mappings
 
     cfg = _cfg(config, set_, command="server train", reads=COORDINATOR_READS)
-    batches = []
-    for m in messages:
-        try:
-            batches.append(protocol.decode(m.read_bytes()))
-        except PpcmiError as e:
-            raise PpcmiError(f"{m}: {e}") from None
-    trained = train_mappings(batches, cfg.mapping, out, seed=cfg.seed, resume=resume, progress=not quiet)
+    sets = open_sets(messages)  # every chunk checked; rows read from disk while training
+    trained = train_mappings(sets, cfg.mapping, out, seed=cfg.seed, resume=resume, progress=not quiet)
     atomic_write_json(out / "run_config.json", to_dict(cfg))
     for sub, res in trained.fits.items():
         where = out / sub if sub else out
@@ -342,6 +357,14 @@ def server_serve(model: Path = typer.Option(..., "--model", "-m", help="Model fo
                                                help="Largest query body accepted (bytes); larger ones get HTTP 413 before being read. "
                                                     "The default holds 36 images of 256x256 at full autoencoder width in float32."),
                  concurrency: int = typer.Option(1, help="Queries mapped at the same time (each uses all of torch's threads)."),
+                 header_timeout: float = typer.Option(10.0, "--header-timeout",
+                                                      help="Seconds a connection has, from its first byte (or its opening), to "
+                                                           "send a request's complete headers; then it is closed unanswered."),
+                 body_timeout: float = typer.Option(60.0, "--body-timeout",
+                                                    help="Seconds a request's whole body has to arrive (16 MiB at >= 280 kB/s); "
+                                                         "then the answer is HTTP 408 and the connection is closed."),
+                 keep_alive_timeout: float = typer.Option(5.0, "--keep-alive-timeout",
+                                                          help="Seconds an idle keep-alive connection stays open between requests."),
                  log_level: str = typer.Option("info", "--log-level", help="uvicorn log level: critical, error, warning, info, debug.")):
     """Serve the mapping network over HTTPS with mutual TLS: POST /v1/map, GET /healthz, /openapi.json.
 
@@ -354,7 +377,7 @@ def server_serve(model: Path = typer.Option(..., "--model", "-m", help="Model fo
 
     typer.echo(f"serving {model} on https://{host}:{port} (mutual TLS; client CA {client_ca}); Ctrl-C to stop", err=True)
     serve(model, cert=cert, key=key, client_ca=client_ca, host=host, port=port, max_bytes=max_bytes, concurrency=concurrency,
-          log_level=log_level)
+          log_level=log_level, header_timeout=header_timeout, body_timeout=body_timeout, keep_alive_timeout=keep_alive_timeout)
 
 
 # ----------------------------------------------------------------------------- certificates
@@ -415,11 +438,16 @@ def predict(images: List[Path] = typer.Argument(..., help="Image files (PNG, JPE
                                                 "('ppcmi certs issue-client'; its CN must be this site's id)."),
             key: Optional[Path] = typer.Option(None, "--key", help="With --server: the client certificate's private key."),
             ca: Optional[Path] = typer.Option(None, "--ca", help="With --server: the project CA certificate (ca.pem) "
-                                              "that the server's certificate must chain to.")):
+                                              "that the server's certificate must chain to."),
+            overwrite: bool = typer.Option(False, "--overwrite", help="Replace label maps of the same names already in OUT "
+                                           "(each atomically). Without it one existing file refuses them all, before "
+                                           "anything is sent.")):
     """Hospital -> server -> hospital for image files; writes label maps in the inputs' format.
 
     With --model the server runs in this process; with --server the keyed latents travel to the
-    inference service over mutual TLS. Either way only keyed latents leave this site.
+    inference service over mutual TLS. Either way only keyed latents leave this site. Every output
+    path is checked before any image is sent: two inputs with the same file name, or (without
+    --overwrite) an existing label map, refuse the whole call and nothing is written.
     """
     from .client.inference import predict_files, predict_remote
 
@@ -429,13 +457,14 @@ def predict(images: List[Path] = typer.Argument(..., help="Image files (PNG, JPE
         missing = [o for o, v in (("--cert", cert), ("--key", key), ("--ca", ca)) if v is None]
         if missing:
             raise PpcmiError(f"--server needs {', '.join(missing)} (mutual TLS)")
-        written = predict_remote(site_dir, server, images, out, cert=cert, key=key, ca=ca)
+        written = predict_remote(site_dir, server, images, out, cert=cert, key=key, ca=ca, overwrite=overwrite)
     else:
         from . import protocol
         from .server.mapping import MappingServer
 
         mapper = MappingServer(model)
-        written = predict_files(site_dir, lambda q: protocol.encode(mapper.handle(protocol.decode(q))), images, out)
+        written = predict_files(site_dir, lambda q: protocol.encode(mapper.handle(protocol.decode(q))), images, out,
+                                overwrite=overwrite)
     for p in written:
         typer.echo(str(p))
 
@@ -445,11 +474,16 @@ def predict(images: List[Path] = typer.Argument(..., help="Image files (PNG, JPE
 def evaluate(pred: Path = typer.Option(..., "--pred", "-p", help="Folder of predicted label maps."),
              data: Path = typer.Option(..., "--data", "-d", help="Dataset folder with the ground truth (masks/)."),
              out: Path = typer.Option(..., "--out", "-o", help="Folder for per_case.csv and summary.json."),
-             labels: Optional[str] = typer.Option(None, help="Raw label values in class order, e.g. 0,1,2 (default: discovered).")):
-    """Score label maps against ground truth: Dice, HD95, ASD per class and merged foreground."""
+             labels: Optional[str] = typer.Option(None, help="Raw label values in class order, e.g. 0,1,2 (default: discovered)."),
+             overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier per_case.csv and summary.json in OUT "
+                                            "(each atomically). Without it an existing one is refused before any scoring.")):
+    """Score label maps against ground truth: Dice, HD95, ASD per class and merged foreground.
+
+    Never replaces an earlier evaluation in OUT unless --overwrite is given.
+    """
     from .client.inference import evaluate_folder
 
-    summ = evaluate_folder(pred, data, out, labels)
+    summ = evaluate_folder(pred, data, out, labels, overwrite=overwrite)
     fg = summ.get("fg_dice", {})
     lo, hi = (fg.get("ci95") or [float("nan")] * 2)[:2]
     typer.echo(f"{summ['n_cases']} cases: merged-foreground Dice {fg.get('mean', float('nan')):.4f} "

@@ -4,8 +4,9 @@ Everything that names a file or a patient stays here: a query message carries on
 latents, and the list of which case each row belongs to is kept beside it in a local
 ``<message>.cases.json`` that never leaves the hospital. The case list records the query's random
 id and the fingerprint of the key it was encoded under; a reply echoes the id, and decoding refuses a
-reply, case list or key that do not belong together, so a result can only land on its own patients. Label maps are written in the input's
-format: PNG for 2D images, NIfTI for volumes (NIfTI, MetaImage or DICOM series inputs).
+reply, case list or key that do not belong together, so a result can only land on its own patients. Label maps keep
+the input's geometry (:mod:`ppcmi.data.writers`): PNG for 2D images, NIfTI for NIfTI, MHA for MetaImage, NRRD for
+NRRD, and for DICOM a NIfTI on the series geometry plus a DICOM SEG that references the source instances.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .. import protocol
-from ..data import (IMAGE_EXTS, LabelMap, Preprocess, discover_cases, n_slices, prepare_image, read_image,
-                    read_mask, restore_mask)
+from ..data import (IMAGE_EXTS, LabelMap, Preprocess, dicom_rt_series, discover_cases, n_slices, nnunet_test_images, output_format,
+                    output_names, prepare_image, read_case_mask, read_image, read_mask, render_prediction, restore_mask)
 from ..errors import DataError, PpcmiError
-from ..fileio import atomic_write_bytes, atomic_write_json
+from ..fileio import atomic_write_bytes, atomic_write_json, refuse_existing, write_files
 from . import stages
 from .site import Hospital
 
@@ -47,45 +48,67 @@ def _is_image(p: Path) -> bool:
 
 
 def list_inputs(paths: Sequence[Path]) -> list[dict]:
-    """Expand image files, DICOM series folders and dataset folders (``images/``) into planes to segment."""
-    files: list[Path] = []
+    """Expand image files, DICOM series folders and dataset folders (``images/``, an nnU-Net raw
+    dataset's ``imagesTs/`` with its ``CASE_0000``, ``CASE_0001``, ... channels as one image, or a
+    DICOM-RT export's series named after their patient folders) into planes
+    to segment. A plane is ``{"source", "slice_index", "stem", "format"}`` plus ``"channels"`` (every
+    channel file, ``source`` first) for an image stored one file per channel."""
+    items: list[tuple[Path, tuple[Path, ...], str]] = []  # (source, channel files or (), stem)
     for p in map(Path, paths):
         if not p.exists():
             raise DataError(f"{p}: no such file or folder")
+        if p.is_dir() and not (p / "images").is_dir() and (p / "imagesTs").is_dir():
+            items += [(ch[0], ch if len(ch) > 1 else (), case) for case, ch in nnunet_test_images(p)]
+            continue
+        rt = dicom_rt_series(p) if p.is_dir() and not (p / "images").is_dir() else []
+        if rt:  # a DICOM-RT export: each patient's image series, named after the patient folder
+            items += [(series, (), patient) for patient, series in rt]
+            continue
         if p.is_dir() and (p / "images").is_dir():
-            files += sorted(q for q in (p / "images").iterdir() if _is_image(q) and not q.name.startswith("."))
+            found = sorted(q for q in (p / "images").iterdir() if _is_image(q) and not q.name.startswith("."))
         elif p.is_dir() and not any(q.suffix.lower() in (".dcm", "") and q.is_file() for q in p.iterdir()):
-            files += sorted(q for q in p.iterdir() if q.is_file() and _is_image(q) and not q.name.startswith("."))
+            found = sorted(q for q in p.iterdir() if q.is_file() and _is_image(q) and not q.name.startswith("."))
         else:
-            files.append(p)
-    if not files:
+            found = [p]
+        items += [(f, (), _stem(f)) for f in found]
+    if not items:
         raise DataError(f"{', '.join(map(str, paths))}: no images found")
     planes = []
-    for f in files:
+    for f, channels, stem in items:
         n = n_slices(f)
-        fmt = "png" if n is None and not f.is_dir() and not f.name.lower().endswith((".nii", ".nii.gz", ".mha", ".mhd")) else "nifti"
+        fmt = output_format(f)  # what write_prediction will write: png, nifti, mha, nrrd or dicom (NIfTI + SEG)
         for k in ([None] if n is None else range(n)):
-            planes.append({"source": str(f), "slice_index": k, "stem": _stem(f), "format": fmt})
+            plane = {"source": str(f), "slice_index": k, "stem": stem, "format": fmt}
+            if channels:
+                plane["channels"] = [str(c) for c in channels]
+            planes.append(plane)
     return planes
 
 
 def _load_planes(planes: list[dict], prep: Preprocess) -> np.ndarray:
     out = np.empty((len(planes), 3 if prep.color == "rgb" else 1, prep.size, prep.size), np.float32)
     for i, pl in enumerate(planes):
-        img, _ = read_image(Path(pl["source"]), pl["slice_index"])
+        img, _ = read_image([Path(c) for c in pl["channels"]] if pl.get("channels") else Path(pl["source"]),
+                            pl["slice_index"])
         if not np.isfinite(img).all():
             raise DataError(f"{pl['source']}: image has NaN/Inf values")
+        if img.shape[0] not in (1, 3):
+            raise DataError(f"{pl['source']}: image has {img.shape[0]} channels; the networks take 1 (gray) or 3 (rgb)")
         pl["original_shape"] = list(img.shape[1:])
         out[i] = prepare_image(img, prep)
     return out
 
 
 def encode_folder(site_dir: Path, data: Path, out: Path, *, with_masks: bool = False, float16: bool = False,
-                  noise: float | None = None, copies: int | None = None) -> tuple[int, int]:
-    """Write a query (images) or train (image+mask pairs, plus ``copies - 1`` augmented copies) message
+                  noise: float | None = None, copies: int | None = None, chunk_bytes: int = protocol.CHUNK_BYTES) -> tuple[int, int]:
+    """Write a query (images) message, or a train set (image+mask pairs, plus ``copies - 1`` augmented copies),
     plus the local case list; returns (N, bytes). ``copies`` and ``noise`` default to the site's own
     ``autoencoder.send_copies`` and ``autoencoder.send_noise`` (the settings it was trained with), so the
-    message is the one ``simulate`` sends for the same configuration (:mod:`ppcmi.client.stages`)."""
+    message is the one ``simulate`` sends for the same configuration (:mod:`ppcmi.client.stages`).
+
+    A train set is the new folder ``out`` holding chunks ``chunk-00000.ppcmi`` ... of at most about
+    ``chunk_bytes`` each (``ppcmi server train`` takes the folder), encoded and written one chunk at a time
+    and committed as a whole by one rename; the case list ``out.cases.json`` stays beside it."""
     h = Hospital(site_dir)
     prep = h.data_cfg.preprocess()
     dtype = np.float16 if float16 else np.float32
@@ -100,14 +123,21 @@ def encode_folder(site_dir: Path, data: Path, out: Path, *, with_masks: bool = F
     if with_masks:
         cases = discover_cases(data, group_regex=h.data_cfg.group_regex, group_csv=h.data_cfg.group_csv)
         arr = stages.prepare(cases, cfg, label_map_of(h))
-        msg = stages.training_batch(h, arr, cfg, dtype=dtype)
-        local = [{"case_id": c} for c in arr["case_ids"]]
-    else:
-        planes = list_inputs([data])
-        msg = stages.query(h, _load_planes(planes, prep), noise=cfg.autoencoder.send_noise, dtype=dtype)
-        local = planes
+        set_id = protocol.new_set_id()
+        local = {"kind": "train", "site": h.name, "query": "", "set": set_id, "key": h.key_fingerprint,
+                 "copies": cfg.autoencoder.send_copies, "cases": [{"case_id": c} for c in arr["case_ids"]]}
+        atomic_write_json(record, local, overwrite=False)
+        try:
+            n, nbytes, _ = stages.write_training_set(stages.training_chunks(h, arr, cfg, dtype=dtype, target=chunk_bytes,
+                                                                            set_id=set_id), out)
+        except BaseException:
+            record.unlink(missing_ok=True)  # the set was not written: neither is its case list
+            raise
+        return n, nbytes
+    planes = list_inputs([data])
+    msg = stages.query(h, _load_planes(planes, prep), noise=cfg.autoencoder.send_noise, dtype=dtype)
     blob = protocol.encode(msg)
-    local = {"kind": msg.kind, "site": h.name, "query": msg.query, "key": h.key_fingerprint, "cases": local}
+    local = {"kind": msg.kind, "site": h.name, "query": msg.query, "key": h.key_fingerprint, "cases": planes}
     atomic_write_json(record, local, overwrite=False)
     try:
         atomic_write_bytes(out, blob, overwrite=False)
@@ -115,6 +145,28 @@ def encode_folder(site_dir: Path, data: Path, out: Path, *, with_masks: bool = F
         record.unlink(missing_ok=True)  # the message was not written: neither is its case list
         raise
     return msg.n, len(blob)
+
+
+def rotate_and_encode(site_dir: Path, data: Path, out: Path, *, copies: int | None = None,
+                      noise: float | None = None) -> tuple[Path, Path, int, int]:
+    """Replace the site's key and encode its training set under the new one (``client rotate-key``).
+
+    Both outputs are checked before the key is touched, and if encoding fails the old key is put back,
+    so a refusal never leaves a site whose key changed without the message the server needs to follow."""
+    from .keys import key_path, load_key, rotate_key
+
+    Hospital(site_dir)  # fail before touching the key if the site is not trained
+    refuse_existing([out, Path(str(out) + ".cases.json")])
+    old = load_key(key_path(site_dir))
+    new, backup = rotate_key(site_dir)
+    try:
+        n, size = encode_folder(site_dir, data, out, with_masks=True, copies=copies, noise=noise)
+    except BaseException:
+        atomic_write_bytes(new, old, overwrite=True, mode=0o600)
+        if load_key(new) == old:
+            backup.unlink()
+        raise
+    return new, backup, n, size
 
 
 def _case_list(path: Path) -> dict:
@@ -151,60 +203,61 @@ def _find_case_list(reply: Path, query: str) -> Path:
     return found[0]
 
 
-def _write_label_maps(planes: list[dict], labels_idx: np.ndarray, lmap: LabelMap, out: Path, crop: float = 1.0) -> list[Path]:
-    """Resize each plane back to its source size, map class indices to raw label values, write per source."""
-    out.mkdir(parents=True, exist_ok=True)
+def label_map_paths(planes: list[dict], out: Path) -> list[Path]:
+    """The files each source of ``planes`` is written to (:func:`ppcmi.data.output_names`: ``STEM.png`` for 2D
+    images, ``STEM.nii.gz`` for NIfTI, ``STEM.mha``, ``STEM.nrrd``, and for DICOM ``STEM.nii.gz`` + ``STEM.seg.dcm``),
+    in order; two sources that would share a file are an error naming it."""
+    paths: dict[str, list[Path]] = {}
+    for pl in planes:
+        if pl["source"] not in paths:
+            paths[pl["source"]] = [out / n for n in output_names(pl["source"], pl["stem"])]
+    seen: dict[Path, str] = {}
+    for source, ps in paths.items():
+        for p in ps:
+            if p in seen:
+                raise PpcmiError(f"{p}: the label maps of {seen[p]} and {source} would both be written here (same file "
+                                 "name); segment them into separate --out folders")
+            seen[p] = source
+    return [p for ps in paths.values() for p in ps]
+
+
+def check_outputs(planes: list[dict], out: Path, *, overwrite: bool = False) -> list[Path]:
+    """Refuse, before any work, label maps that would collide or (without ``overwrite``) replace existing files."""
+    paths = label_map_paths(planes, out)
+    if not overwrite:
+        refuse_existing(paths, OVERWRITE_HINT)
+    return paths
+
+
+OVERWRITE_HINT = " (pass --overwrite to replace earlier label maps)"
+
+
+def _write_label_maps(planes: list[dict], labels_idx: np.ndarray, lmap: LabelMap, out: Path, crop: float = 1.0, *,
+                      overwrite: bool = False) -> list[Path]:
+    """Resize each plane back to its source size, map class indices to raw label values, and write one label map
+    per source with the source's geometry (:func:`ppcmi.data.render_prediction`).
+
+    Every file is rendered first and then written as one step (:func:`ppcmi.fileio.write_files`): an existing file
+    is refused before any is written (unless ``overwrite``), so a refusal leaves no label map behind."""
+    check_outputs(planes, out, overwrite=overwrite)
     values = np.asarray(lmap.values)
     by_source: dict[str, list[tuple[dict, np.ndarray]]] = {}
     for pl, lab in zip(planes, labels_idx):
         h, w = pl["original_shape"]
         by_source.setdefault(pl["source"], []).append((pl, values[restore_mask(lab, (h, w), crop)]))
-    written = []
+    files: dict[Path, bytes] = {}
     for source, items in by_source.items():
-        pl0 = items[0][0]
-        if pl0["format"] == "png":
-            from PIL import Image
-            import io
-
-            arr = items[0][1]
-            arr = arr.astype(np.uint8) if arr.max() < 256 and arr.min() >= 0 else arr.astype(np.uint16)
-            buf = io.BytesIO()
-            Image.fromarray(arr).save(buf, format="PNG")
-            written.append(atomic_write_bytes(out / f"{pl0['stem']}.png", buf.getvalue(), overwrite=False))
-        else:
-            written.append(_write_nifti(source, [a for _, a in sorted(items, key=lambda t: t[0]["slice_index"] or 0)], out / f"{pl0['stem']}.nii.gz"))
-    return written
+        items.sort(key=lambda t: t[0]["slice_index"] or 0)
+        rendered = render_prediction(Path(source), [a for _, a in items], items[0][0]["stem"], labels=lmap)
+        files.update((out / name, blob) for name, blob in rendered.items())
+    return write_files(files, overwrite=overwrite, hint=OVERWRITE_HINT)
 
 
-def _write_nifti(source: str, planes: list[np.ndarray], path: Path) -> Path:
-    """Stack (H, W) planes into a volume in the source's voxel order (the inverse of the readers' transpose)."""
-    import nibabel as nib
+def decode_reply(site_dir: Path, reply: Path, cases: Path | None, out: Path, *, overwrite: bool = False) -> list[Path]:
+    """Unprotect and decode a reply file; ``cases`` is the local list written by :func:`encode_folder`.
 
-    if path.exists():
-        raise PpcmiError(f"{path}: already exists; refusing to overwrite it")
-    vol = np.stack(planes).transpose(2, 1, 0).astype(np.int16)  # (Z, H, W) -> (i, j, k)
-    src = Path(source)
-    if src.name.lower().endswith((".nii", ".nii.gz")):
-        ref = nib.load(str(src))
-        affine = ref.affine
-        if len(ref.shape) == 2 or (len(ref.shape) >= 3 and ref.shape[2] == 1):
-            vol = vol.reshape(ref.shape[:2] + (1,) * (len(ref.shape) - 2)) if len(ref.shape) > 2 else vol[:, :, 0]
-    else:
-        _, sp = read_image(src, 0 if len(planes) > 1 else None)
-        affine = np.diag([sp[1] if sp else 1.0, sp[0] if sp else 1.0, 1.0, 1.0])
-    img = nib.Nifti1Image(vol, affine)
-    atomic_write_bytes(path, img.to_bytes() if not str(path).endswith(".gz") else _gz(img.to_bytes()), overwrite=False)
-    return path
-
-
-def _gz(b: bytes) -> bytes:
-    import gzip
-
-    return gzip.compress(b, mtime=0)
-
-
-def decode_reply(site_dir: Path, reply: Path, cases: Path | None, out: Path) -> list[Path]:
-    """Unprotect and decode a reply file; ``cases`` is the local list written by :func:`encode_folder`."""
+    Every label map path is checked before any is written: an existing one is refused (unless
+    ``overwrite``; then each is replaced atomically) and nothing is left half-written."""
     h = Hospital(site_dir)
     try:
         msg = protocol.decode(Path(reply).read_bytes(), expected=_mask_shapes(h))
@@ -225,7 +278,8 @@ def decode_reply(site_dir: Path, reply: Path, cases: Path | None, out: Path) -> 
     planes = rec["cases"]
     if len(planes) != msg.n:
         raise PpcmiError(f"{cases}: lists {len(planes)} images but the reply holds {msg.n}")
-    return _write_label_maps(planes, h.unprotect(msg), label_map_of(h), out, h.data_cfg.crop)
+    check_outputs(planes, out, overwrite=overwrite)  # before decoding anything
+    return _write_label_maps(planes, h.unprotect(msg), label_map_of(h), out, h.data_cfg.crop, overwrite=overwrite)
 
 
 def _mask_shapes(h: Hospital) -> dict:
@@ -233,11 +287,16 @@ def _mask_shapes(h: Hospital) -> dict:
     return shapes
 
 
-def _predict(h: Hospital, images: Sequence[Path], out: Path, send: Callable[[bytes], bytes], batch: int = 16) -> list[Path]:
-    """Protect each batch of images, ``send`` its query bytes to a server, unprotect the reply, write label maps."""
+def _predict(h: Hospital, images: Sequence[Path], out: Path, send: Callable[[bytes], bytes], batch: int = 16, *,
+             overwrite: bool = False) -> list[Path]:
+    """Protect each batch of images, ``send`` its query bytes to a server, unprotect the reply, write label maps
+    (every output path checked before anything is read or sent)."""
     planes = list_inputs(images)
+    check_outputs(planes, out, overwrite=overwrite)
     x = _load_planes(planes, h.data_cfg.preprocess())
     labels = []
+    row = 4 * sum(int(np.prod(v)) for v in h.latent_shapes().values())  # float32 bytes of one image's keyed latents
+    batch = max(1, min(batch, protocol.QUERY_BYTES // row))  # every query under the service's size limit, at any size
     for s in range(0, len(x), batch):
         query = h.protect(x[s:s + batch])
         reply = protocol.decode(send(protocol.encode(query)), expected=_mask_shapes(h))
@@ -245,20 +304,21 @@ def _predict(h: Hospital, images: Sequence[Path], out: Path, send: Callable[[byt
             raise PpcmiError(f"reply: does not answer the query just sent (query {query.query}, reply to "
                              f"{reply.query or '(no id)'} for {reply.client!r}, {reply.n} of {query.n} rows)")
         labels.append(h.unprotect(reply))
-    return _write_label_maps(planes, np.concatenate(labels), label_map_of(h), out, h.data_cfg.crop)
+    return _write_label_maps(planes, np.concatenate(labels), label_map_of(h), out, h.data_cfg.crop, overwrite=overwrite)
 
 
-def predict_files(site_dir: Path, send: Callable[[bytes], bytes], images: Sequence[Path], out: Path) -> list[Path]:
+def predict_files(site_dir: Path, send: Callable[[bytes], bytes], images: Sequence[Path], out: Path, *,
+                  overwrite: bool = False) -> list[Path]:
     """Hospital -> mapping -> hospital for image files, through protocol bytes.
 
     ``send`` takes a query message and returns the reply message: the caller chooses who maps it
     (``ppcmi predict --model`` passes an in-process coordinator), so hospital code never loads the
     coordinator's."""
-    return _predict(Hospital(site_dir), images, out, send)
+    return _predict(Hospital(site_dir), images, out, send, overwrite=overwrite)
 
 
 def predict_remote(site_dir: Path, server_url: str, images: Sequence[Path], out: Path, *, cert: Path, key: Path,
-                   ca: Path) -> list[Path]:
+                   ca: Path, overwrite: bool = False) -> list[Path]:
     """Hospital -> HTTPS inference service (mutual TLS) -> hospital for image files.
 
     ``cert`` must be this site's client certificate: its CN is the site id the server uses to
@@ -273,14 +333,21 @@ def predict_remote(site_dir: Path, server_url: str, images: Sequence[Path], out:
     if cn != h.name:
         raise CertError(f"--cert: {cert} is the certificate of site {cn!r}, but {site_dir} is site {h.name!r}")
     with ServiceClient(server_url, cert=cert, key=key, ca=ca) as client:
-        return _predict(h, images, out, client.map)
+        return _predict(h, images, out, client.map, overwrite=overwrite)
 
 
-def evaluate_folder(pred: Path, data: Path, out: Path, labels: str | None = None) -> dict:
-    """Score predicted label maps (matched by stem) against ``data/masks`` at native resolution."""
+def evaluate_folder(pred: Path, data: Path, out: Path, labels: str | None = None, *, overwrite: bool = False) -> dict:
+    """Score predicted label maps (matched by stem) against ``data/masks`` at native resolution.
+
+    ``out/per_case.csv`` and ``out/summary.json`` are refused, before any scoring, if either exists,
+    unless ``overwrite``; then both are replaced, each atomically."""
     from ..data import discover_labels, parse_labels
-    from ..metrics import evaluate_cases, summarize, write_evaluation
+    from ..fileio import refuse_existing
+    from ..metrics import evaluate_cases, evaluation_paths, summarize, write_evaluation
 
+    hint = " (pass --overwrite to replace an earlier evaluation)"
+    if not overwrite:
+        refuse_existing(evaluation_paths(out), hint)
     cases = discover_cases(data)
     lmap = parse_labels(labels) or discover_labels(cases)
     pred_files = {_stem(p): p for p in Path(pred).iterdir() if p.is_file() and _is_image(p)} if Path(pred).is_dir() else {}
@@ -291,7 +358,7 @@ def evaluate_folder(pred: Path, data: Path, out: Path, labels: str | None = None
         stem = c.case_id if c.slice_index is None else c.case_id.rsplit("_z", 1)[0]
         if stem not in pred_files:
             continue
-        gt, sp = read_mask(c.mask_path, c.slice_index)
+        gt, sp = read_case_mask(c)
         pr, _ = read_mask(pred_files[stem], c.slice_index)
         if pr.shape != gt.shape:
             raise DataError(f"{pred_files[stem]}: prediction is {pr.shape} but the ground truth {c.mask_path} is {gt.shape}")
@@ -301,5 +368,5 @@ def evaluate_folder(pred: Path, data: Path, out: Path, labels: str | None = None
     if not rows:
         raise DataError(f"{pred}: none of the predictions matches a case in {data}")
     summ = summarize(rows)
-    write_evaluation(rows, summ, out)
+    write_evaluation(rows, summ, out, overwrite=overwrite, hint=hint)
     return summ

@@ -17,20 +17,20 @@ from __future__ import annotations
 import json
 import logging
 import secrets
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..config import CONFIG_VERSION, AutoencoderConfig, Config, DataConfig, from_dict
+from ..config import CONFIG_VERSION, AutoencoderConfig, Config, DataConfig, Preprocess, from_dict
 from ..errors import CheckpointError, PpcmiError
-from ..fileio import atomic_write_json
+from ..fileio import atomic_write_json, fsync_dir, json_text
 from ..klt import KeyedLatentTransform
-from ..models import AEConfig, Autoencoder, resample_scores
-from ..protocol import LatentBatch
-from ..augment import augment_batch, batch_augmenter
+from ..models import AEConfig, AEShape, Autoencoder, resample_scores
+from ..protocol import CHUNK_BYTES, LatentBatch, chunk_ranges, new_set_id, rows_per_chunk
+from ..augment import apply_augment, batch_augmenter, draw_augment
 from ..training import FitConfig, FitResult, bce_dice_loss, fit, load_weights, save_weights, seeded_init
 from .keys import key_fingerprint, key_path, load_key
 
@@ -47,9 +47,33 @@ def _ae_loss(model: torch.nn.Module, batch) -> torch.Tensor:
     return bce_dice_loss(model(x), x)
 
 
+RETRAIN_DIR = ".retrain"  # where ``overwrite`` trains the new autoencoders until they are complete
+
+
+def _same_model(old: dict, meta: dict) -> list[str]:
+    """The fields of a site record that make its autoencoders what they are and that differ between ``old`` and ``meta``
+    (a field an older record lacks is not compared)."""
+    keys = [k for k in ("site", "n_classes", "labels", "in_channels", "klt") if k in old and old[k] != meta.get(k)]
+    for section, names in (("data", [f.name for f in fields(Preprocess)]), ("autoencoder", [f.name for f in fields(AEShape)])):
+        was = old.get(section) if isinstance(old.get(section), dict) else {}
+        keys += [f"{section}.{n}" for n in names if n in was and was[n] != meta[section].get(n)]
+    return keys
+
+
+def _read_site_record(path: Path) -> dict:
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable site record ({type(e).__name__})") from None
+    if not isinstance(rec, dict):
+        raise CheckpointError(f"{path}: not a site record (expected a JSON object)")
+    return rec
+
+
 def train_site(site_dir: str | Path, name: str, images: np.ndarray, masks: np.ndarray, *, n_classes: int,
                labels: dict, data_cfg: DataConfig, ae_cfg: AutoencoderConfig, klt: bool = True, seed: int = 0,
-               init_seed: int | None = None, resume: bool = False, progress: bool = True) -> dict[str, FitResult]:
+               init_seed: int | None = None, resume: bool = False, overwrite: bool = False,
+               progress: bool = True) -> dict[str, FitResult]:
     """Stage 1 at one hospital: train the image and mask autoencoders on its own data only.
 
     ``images`` (N, C, S, S) float32 in [0, 1]; ``masks`` (N, S, S) int class indices. A seeded
@@ -57,9 +81,18 @@ def train_site(site_dir: str | Path, name: str, images: np.ndarray, masks: np.nd
     ``seed`` drives the split and the batch order; ``init_seed`` (default ``seed``) the initial
     weights. Hospitals that share a public ``init_seed`` start from the same weights, which keeps
     their latent spaces close and eases the shared mapping core's work; it is no secret.
+
+    ``site.json`` is written when the site has none yet, and otherwise only after the training
+    succeeded (and only if it changed): a failed or refused ``resume`` leaves it as it was, and a resume
+    with other data settings, labels or topology is refused by field. Autoencoders already trained
+    are refused unless ``resume`` (continue) or ``overwrite`` (start over: the new autoencoders train
+    in ``SITE/.retrain/`` and replace the old ones, and ``site.json``, only once both are complete; the
+    key stays).
     """
     site = Path(site_dir)
     load_key(key_path(site))  # fail early on a missing or unsafe key
+    if resume and overwrite:
+        raise PpcmiError("--resume and --overwrite: choose one (continue the run here, or start over)")
     n = images.shape[0]
     if n < 2:
         raise PpcmiError(f"{site}: a hospital needs at least 2 training images, got {n}")
@@ -70,14 +103,25 @@ def train_site(site_dir: str | Path, name: str, images: np.ndarray, masks: np.nd
     meta = {"version": CONFIG_VERSION, "site": name, "seed": init_seed if init_seed is not None else seed, "n_classes": n_classes,
             "labels": labels, "data": asdict(data_cfg),
             "autoencoder": asdict(ae_cfg), "klt": klt, "in_channels": int(images.shape[1]), "n_train": int(len(tr_idx)), "n_val": int(n_val)}
+    meta = json.loads(json_text(meta))  # as it reads back (tuples as lists), so that records compare
     site_json = site / "site.json"
-    if site_json.exists() and not resume:
-        old = json.loads(site_json.read_text())
-        if (site / "image_ae" / "model.safetensors").exists() and (site / "mask_ae" / "model.safetensors").exists():
-            raise PpcmiError(f"{site}: autoencoders already trained here; pass --resume to continue or use another site folder")
+    old = _read_site_record(site_json) if site_json.exists() else None
+    trained = (site / "image_ae" / "model.safetensors").exists() and (site / "mask_ae" / "model.safetensors").exists()
+    if overwrite and (old is not None or trained or any((site / f"{k}_ae").exists() for k in ("image", "mask"))):
+        return _retrain(site, name, images, masks, n_classes=n_classes, labels=labels, data_cfg=data_cfg, ae_cfg=ae_cfg,
+                        klt=klt, seed=seed, init_seed=init_seed, progress=progress)
+    if old is not None:
         if old.get("site") != name:
             raise PpcmiError(f"{site_json}: belongs to site {old.get('site')!r}, not {name!r}")
-    atomic_write_json(site_json, meta)
+        if trained and not resume:
+            raise PpcmiError(f"{site}: autoencoders already trained here; pass --resume to continue, --overwrite to "
+                             "train them again from scratch (the key stays), or use another site folder")
+        changed = _same_model(old, meta) if resume else []
+        if changed:
+            raise PpcmiError(f"{site_json}: {changed[0]} differs from the interrupted run's ({len(changed)} setting(s)); "
+                             "--resume continues the same training: give its settings, or --overwrite to start over")
+    else:  # a new site (``resume`` then simply trains from the start): its record first, so that a resume can check it
+        atomic_write_json(site_json, meta, overwrite=False)
     x_img = torch.from_numpy(images).float()
     x_msk = one_hot(torch.from_numpy(masks), n_classes)
     results = {}
@@ -96,17 +140,75 @@ def train_site(site_dir: str | Path, name: str, images: np.ndarray, masks: np.nd
                                               "best_val_loss": res.best_val, "epochs_run": len(res.history),
                                               "history": res.history, "train_seconds": res.seconds})
         results[kind] = res
+    if old is not None and old != meta:
+        atomic_write_json(site_json, meta)  # only now, after both autoencoders succeeded
+    return results
+
+
+def _retrain(site: Path, name: str, images: np.ndarray, masks: np.ndarray, **kw) -> dict[str, FitResult]:
+    """``train_site(..., overwrite=True)`` on a trained site: train in ``SITE/.retrain/`` (the key hard-linked, never
+    copied), then move the new autoencoders and ``site.json`` into place; the old ones go only after that."""
+    import os
+    import shutil
+
+    stage = site / RETRAIN_DIR
+    if stage.exists():
+        shutil.rmtree(stage)  # what an interrupted --overwrite left: it starts over
+    stage.mkdir()
+    try:
+        os.link(key_path(site), key_path(stage))
+        results = train_site(stage, name, images, masks, **kw)
+        old_dirs = []
+        for kind in ("image", "mask"):
+            d = site / f"{kind}_ae"
+            if d.exists():
+                aside = site / f".{kind}_ae.replaced"
+                if aside.exists():
+                    shutil.rmtree(aside)
+                d.rename(aside)
+                old_dirs.append(aside)
+            (stage / f"{kind}_ae").rename(d)
+        (stage / "site.json").replace(site / "site.json")
+        fsync_dir(site)
+        for d in old_dirs:
+            shutil.rmtree(d)
+    finally:
+        if stage.exists():
+            shutil.rmtree(stage)
     return results
 
 
 def training_inputs(images: np.ndarray, masks: np.ndarray, n_classes: int, *, copies: int = 1, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """The images and one-hot masks behind a ``train`` message, in its row order: the N originals first,
     then ``copies - 1`` blocks of N augmented copies (row r comes from original r mod N)."""
+    return next(training_input_ranges(images, masks, n_classes, [(0, len(images) * copies)], seed=seed))
+
+
+def training_input_ranges(images: np.ndarray, masks: np.ndarray, n_classes: int, ranges: list[tuple[int, int]], *,
+                          seed: int = 0):
+    """The rows [start, stop) of :func:`training_inputs`, range by range (ascending ranges). The random parameters of
+    each block of N augmented copies are drawn once, in block order, from the same generator, and applied to the
+    rows of the range only, so only one range's inputs (and one-hot masks) are held at a time."""
     x0 = torch.as_tensor(images).float()
-    y0 = one_hot(torch.as_tensor(masks), n_classes)
+    m0 = torch.as_tensor(masks)
+    n = len(x0)
     gen = torch.Generator().manual_seed(seed)
-    extra = [augment_batch([x0, y0], ["image", "mask"], gen) for _ in range(copies - 1)]
-    return torch.cat([x0] + [a for a, _ in extra]), torch.cat([y0] + [b for _, b in extra])
+    kinds = ["image", "mask"]
+    draws: list = [None]  # block 0 holds the originals
+    for start, stop in ranges:
+        xs, ys, r = [], [], start
+        while r < stop:
+            j = r // n
+            while len(draws) <= j:
+                draws.append(draw_augment(n, kinds, gen))
+            a, b = r - j * n, min(stop, (j + 1) * n) - j * n
+            x, y = x0[a:b], one_hot(m0[a:b], n_classes)
+            if j:
+                x, y = apply_augment([x, y], kinds, draws[j].rows(a, b))
+            xs.append(x)
+            ys.append(y)
+            r += b - a
+        yield torch.cat(xs), torch.cat(ys)
 
 
 class Hospital:
@@ -174,14 +276,40 @@ class Hospital:
         scale, shift, intensity; see :mod:`ppcmi.augment`, seeded by ``seed``), so the server sees
         more variation without seeing more patients.
         """
+        return next(self.training_chunks(images, masks, dtype=dtype, noise=noise, seed=seed, copies=copies, target=None))
+
+    def row_bytes(self, size: int, dtype=np.float32) -> int:
+        """Bytes of one keyed training pair (every image and mask latent) at working size ``size``."""
+        per = sum(int(np.prod(s)) for kind in ("image", "mask") for s in self.models[kind].cfg.latent_shapes(size).values())
+        return per * np.dtype(dtype).itemsize
+
+    def training_chunks(self, images: np.ndarray, masks: np.ndarray, *, dtype=np.float32, noise: float = 0.0, seed: int = 0,
+                        copies: int = 1, target: int | None = CHUNK_BYTES, set_id: str | None = None):
+        """The rows of :meth:`training_batch` as a set of ``train`` chunks of at most about ``target`` bytes each,
+        encoded one chunk at a time (``target=None``: one whole message without a set id).
+
+        A chunk's rows are encoded in one pass, and encoding is row-wise, so the rows equal those of one
+        whole message; only latent noise (``noise > 0``) is drawn per chunk (chunk 0 from ``seed``, as a
+        whole message's), so with noise a chunked set differs from a whole message by its noise draws."""
         if not 1 <= copies <= 32:
             raise PpcmiError(f"send_copies: must be between 1 and 32, got {copies}")
-        x, y = training_inputs(images, masks, self.n_classes, copies=copies, seed=seed)
-        zt_img = self._encode(x, "image", noise, seed)
-        zt_msk = self._encode(y, "mask", noise, seed + 1)
-        arrays = {f"zt_img_{s}": v.astype(dtype) for s, v in zt_img.items()}
-        arrays.update({f"zt_msk_{s}": v.astype(dtype) for s, v in zt_msk.items()})
-        return LatentBatch("train", self.name, arrays)
+        total = len(images) * copies
+        if target is None:
+            ranges, sid = [(0, total)], ""
+        else:
+            ranges = chunk_ranges(total, rows_per_chunk(self.row_bytes(images.shape[-1], dtype), target))
+            sid = set_id or new_set_id()
+        inputs = training_input_ranges(images, masks, self.n_classes, ranges, seed=seed)
+        for i, (x, y) in enumerate(inputs):
+            k = 1_000_003 * i  # chunk i > 0 draws its noise from its own seeds
+            zt_img = self._encode(x, "image", noise, seed + k)
+            zt_msk = self._encode(y, "mask", noise, seed + 1 + k)
+            arrays = {f"zt_img_{s}": v.astype(dtype) for s, v in zt_img.items()}
+            arrays.update({f"zt_msk_{s}": v.astype(dtype) for s, v in zt_msk.items()})
+            if sid:
+                yield LatentBatch("train", self.name, arrays, set_id=sid, index=i, count=len(ranges))
+            else:
+                yield LatentBatch("train", self.name, arrays)
 
     @torch.inference_mode()
     def unprotect(self, reply: LatentBatch, *, size: int | None = None) -> np.ndarray:

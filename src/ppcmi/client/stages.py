@@ -24,7 +24,7 @@ from ..data import Case, load_arrays
 from ..data.fingerprint import compute_fingerprint, dataset_modality, normalise_modality
 from ..errors import DataError
 from ..labels import LabelMap
-from ..protocol import Fingerprint, LatentBatch
+from ..protocol import CHUNK_BYTES, Fingerprint, LatentBatch
 from ..training import FitResult
 from .keys import key_path, keygen
 from .site import Hospital, train_site
@@ -69,19 +69,21 @@ def prepare(cases: Sequence[Case], cfg: Config, labels: LabelMap, *, progress: b
 
 
 def train_autoencoders(site_dir: str | Path, name: str, arrays: dict, cfg: Config, labels: LabelMap, *, seed: int,
-                       resume: bool = False, progress: bool = True, create_key: bool = True) -> dict[str, FitResult]:
+                       resume: bool = False, overwrite: bool = False, progress: bool = True,
+                       create_key: bool = True) -> dict[str, FitResult]:
     """Stage 1 on this hospital's data only: its image and mask autoencoders (and, with ``create_key``, a
     key on first use; without it a missing key is an error, as ``ppcmi client train`` wants ``keygen`` first).
 
     ``seed`` is the hospital's site seed (split and batch order); the initial weights come from the
-    shared ``cfg.seed``."""
+    shared ``cfg.seed``. ``overwrite`` trains them again from scratch (see :func:`ppcmi.client.site.train_site`)."""
     site = Path(site_dir)
     site.mkdir(parents=True, exist_ok=True)
     if create_key:
         ensure_key(site)
     return train_site(site, name, arrays["images"], arrays["masks"], n_classes=labels.n_classes,
                       labels={"values": list(labels.values), "names": list(labels.names)}, data_cfg=cfg.data,
-                      ae_cfg=cfg.autoencoder, klt=cfg.klt, seed=seed, init_seed=cfg.seed, resume=resume, progress=progress)
+                      ae_cfg=cfg.autoencoder, klt=cfg.klt, seed=seed, init_seed=cfg.seed, resume=resume, overwrite=overwrite,
+                      progress=progress)
 
 
 def training_batch(hospital: Hospital, arrays: dict, cfg: Config, *, dtype=np.float32) -> LatentBatch:
@@ -90,6 +92,34 @@ def training_batch(hospital: Hospital, arrays: dict, cfg: Config, *, dtype=np.fl
     (copies and noise drawn from the shared ``seed``)."""
     return hospital.training_batch(arrays["images"], arrays["masks"], dtype=dtype, copies=cfg.autoencoder.send_copies,
                                    noise=cfg.autoencoder.send_noise, seed=cfg.seed)
+
+
+def training_chunks(hospital: Hospital, arrays: dict, cfg: Config, *, dtype=np.float32, target: int | None = CHUNK_BYTES,
+                    set_id: str | None = None):
+    """:func:`training_batch` as a set of ``train`` chunks of at most about ``target`` bytes each (an iterator:
+    each chunk is encoded when it is asked for, so the hospital holds one chunk's latents at a time)."""
+    return hospital.training_chunks(arrays["images"], arrays["masks"], dtype=dtype, copies=cfg.autoencoder.send_copies,
+                                    noise=cfg.autoencoder.send_noise, seed=cfg.seed, target=target, set_id=set_id)
+
+
+def write_training_set(chunks, folder: str | Path) -> tuple[int, int, int]:
+    """Write a set of chunks (any iterable of ``train`` messages of one set) into the new folder ``folder``, as one
+    atomic, no-overwrite commit; returns (rows, bytes, chunks)."""
+    from .. import protocol
+    from ..fileio import atomic_write_folder
+
+    totals = [0, 0, 0]
+
+    def files():
+        for c in chunks:
+            blob = protocol.encode(c)
+            totals[0] += c.n
+            totals[1] += len(blob)
+            totals[2] += 1
+            yield protocol.chunk_name(c.index), blob
+
+    atomic_write_folder(folder, files())
+    return totals[0], totals[1], totals[2]
 
 
 def query(hospital: Hospital, images: np.ndarray, *, noise: float, start: int = 0, dtype=np.float32) -> LatentBatch:
