@@ -19,9 +19,9 @@ import numpy as np
 from ..errors import DataError
 from ..labels import LabelMap
 from ..protocol import HIST_MAX_INDEX, MODALITIES, QUANTILES, Fingerprint, hist_index
-from .discovery import Case
+from .discovery import Case, read_case_mask
 from .preprocess import to_color
-from .readers import _cached_volume, read_image, read_mask
+from .readers import _cached_volume, read_image
 
 log = logging.getLogger(__name__)
 
@@ -141,15 +141,15 @@ def compute_fingerprint(cases: Sequence[Case], labels: LabelMap, *, client: str,
     cases_with: dict[str, np.ndarray] = {}
     try:
         for case in cases:
-            image, sp_img = read_image(case.image_path, case.slice_index)
-            mask, sp_mask = read_mask(case.mask_path, case.slice_index)
+            image, sp_img = read_image(case.image_source, case.slice_index)
+            mask, sp_mask = read_case_mask(case)  # (an RTSTRUCT is rasterised on the case's series)
             where = "" if case.slice_index is None else f" (slice {case.slice_index})"
             if image.shape[1:] != mask.shape:
                 raise DataError(f"{case.image_path} and {case.mask_path}{where}: image is {image.shape[1]}x{image.shape[2]} but "
                                 f"mask is {mask.shape[0]}x{mask.shape[1]}")
             index = labels.to_index(mask, f"{case.mask_path}{where}")
             channels = max(channels, image.shape[0])
-            gray = to_color(image, "gray")[0].astype(np.float64) - offset
+            gray = to_color(image, "gray")[0].astype(np.float64) - offset  # (channel 0 of a multi-channel image)
             if not np.isfinite(gray).all():
                 raise DataError(f"{case.image_path}{where}: image has NaN/Inf values")
             h, w = index.shape
