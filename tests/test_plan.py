@@ -486,3 +486,22 @@ def test_a_plan_record_rides_beside_a_chunk_request():
     req = wire.with_plan(wire.chunk_request(0, "", protocol.CHUNK_BYTES), {"data.size": 64})
     assert wire.read_chunk_request(req) == (0, "", protocol.CHUNK_BYTES)
     assert wire.apply_plan_record(Config(), req).data.size == 64
+
+
+@pytest.mark.slow
+def test_real_ct_series_plans_a_hounsfield_window_from_its_own_header():
+    from conftest import SHARED_DATA
+
+    root = SHARED_DATA / "dicom_ct_lung1"
+    if not (root / "CT").is_dir():
+        pytest.skip(f"shared dataset dicom_ct_lung1 not available at {root}")
+    from ppcmi.data import discover_labels
+
+    cases = discover_cases(root)
+    labels = discover_labels(cases)
+    fp = stages.fingerprint(cases, Config(), labels, client="h1", data_dir=root)
+    assert fp.modality == "CT" and fp.spacing_rows[2] == pytest.approx(0.9765625)
+    plan = make_plan([fp], Config(), class_names=list(labels.names))
+    lo, hi = plan["settings"]["data.window"]
+    assert plan["settings"]["data.intensity"] == "ct" and -1100 < lo < hi < 3100  # HU: RescaleIntercept -1024 applied
+    assert not any("Hounsfield" in w for w in plan["warnings"])
