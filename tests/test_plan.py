@@ -488,7 +488,6 @@ def test_a_plan_record_rides_beside_a_chunk_request():
     assert wire.apply_plan_record(Config(), req).data.size == 64
 
 
-@pytest.mark.slow
 def test_real_ct_series_plans_a_hounsfield_window_from_its_own_header():
     from conftest import SHARED_DATA
 
