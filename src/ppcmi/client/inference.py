@@ -5,7 +5,9 @@ latents, and the list of which case each row belongs to is kept beside it in a l
 ``<message>.cases.json`` that never leaves the hospital. The case list records the query's random
 id and the fingerprint of the key it was encoded under; a reply echoes the id, and decoding refuses a
 reply, case list or key that do not belong together, so a result can only land on its own patients. Label maps are written in the input's
-format: PNG for 2D images, NIfTI for volumes (NIfTI, MetaImage or DICOM series inputs).
+format: PNG for 2D images, NIfTI for volumes (NIfTI, MetaImage or DICOM series inputs), on each plane's native
+grid: the mask decoder's class probabilities lose the padding and are resampled to the plane before the argmax
+(:func:`ppcmi.data.restore_labels`).
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .. import protocol
-from ..data import (IMAGE_EXTS, LabelMap, Preprocess, discover_cases, n_slices, prepare_image, read_image,
-                    read_mask, restore_mask)
+from ..data import (IMAGE_EXTS, LabelMap, PlaneGeometry, Preprocess, discover_cases, n_slices, plane_geometry, prepare_image,
+                    read_image, read_mask)
 from ..errors import DataError, PpcmiError
 from ..fileio import atomic_write_bytes, atomic_write_json
 from . import stages
@@ -151,14 +153,19 @@ def _find_case_list(reply: Path, query: str) -> Path:
     return found[0]
 
 
-def _write_label_maps(planes: list[dict], labels_idx: np.ndarray, lmap: LabelMap, out: Path, crop: float = 1.0) -> list[Path]:
-    """Resize each plane back to its source size, map class indices to raw label values, write per source."""
+def _geometries(planes: list[dict], prep: Preprocess) -> list[PlaneGeometry]:
+    """Each plane's geometry: a function of its native shape (the case list's ``original_shape``) and the site's
+    shared preprocessing, so the case list records the shape only."""
+    return [plane_geometry(pl["original_shape"], prep) for pl in planes]
+
+
+def _write_label_maps(planes: list[dict], labels_idx: Sequence[np.ndarray], lmap: LabelMap, out: Path) -> list[Path]:
+    """Map each plane's class indices (already on its native grid) to raw label values, write per source."""
     out.mkdir(parents=True, exist_ok=True)
     values = np.asarray(lmap.values)
     by_source: dict[str, list[tuple[dict, np.ndarray]]] = {}
     for pl, lab in zip(planes, labels_idx):
-        h, w = pl["original_shape"]
-        by_source.setdefault(pl["source"], []).append((pl, values[restore_mask(lab, (h, w), crop)]))
+        by_source.setdefault(pl["source"], []).append((pl, values[lab]))
     written = []
     for source, items in by_source.items():
         pl0 = items[0][0]
@@ -225,7 +232,7 @@ def decode_reply(site_dir: Path, reply: Path, cases: Path | None, out: Path) -> 
     planes = rec["cases"]
     if len(planes) != msg.n:
         raise PpcmiError(f"{cases}: lists {len(planes)} images but the reply holds {msg.n}")
-    return _write_label_maps(planes, h.unprotect(msg), label_map_of(h), out, h.data_cfg.crop)
+    return _write_label_maps(planes, h.segment(msg, _geometries(planes, h.data_cfg.preprocess())), label_map_of(h), out)
 
 
 def _mask_shapes(h: Hospital) -> dict:
@@ -236,16 +243,18 @@ def _mask_shapes(h: Hospital) -> dict:
 def _predict(h: Hospital, images: Sequence[Path], out: Path, send: Callable[[bytes], bytes], batch: int = 16) -> list[Path]:
     """Protect each batch of images, ``send`` its query bytes to a server, unprotect the reply, write label maps."""
     planes = list_inputs(images)
-    x = _load_planes(planes, h.data_cfg.preprocess())
-    labels = []
+    prep = h.data_cfg.preprocess()
+    x = _load_planes(planes, prep)
+    geometries = _geometries(planes, prep)
+    labels: list[np.ndarray] = []
     for s in range(0, len(x), batch):
         query = h.protect(x[s:s + batch])
         reply = protocol.decode(send(protocol.encode(query)), expected=_mask_shapes(h))
         if reply.kind != "reply" or reply.query != query.query or reply.client != h.name or reply.n != query.n:
             raise PpcmiError(f"reply: does not answer the query just sent (query {query.query}, reply to "
                              f"{reply.query or '(no id)'} for {reply.client!r}, {reply.n} of {query.n} rows)")
-        labels.append(h.unprotect(reply))
-    return _write_label_maps(planes, np.concatenate(labels), label_map_of(h), out, h.data_cfg.crop)
+        labels += h.segment(reply, geometries[s:s + batch], batch=batch)
+    return _write_label_maps(planes, labels, label_map_of(h), out)
 
 
 def predict_files(site_dir: Path, send: Callable[[bytes], bytes], images: Sequence[Path], out: Path) -> list[Path]:

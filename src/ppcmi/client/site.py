@@ -28,7 +28,8 @@ from ..config import CONFIG_VERSION, AutoencoderConfig, Config, DataConfig, from
 from ..errors import CheckpointError, PpcmiError
 from ..fileio import atomic_write_json
 from ..klt import KeyedLatentTransform
-from ..models import AEConfig, Autoencoder, resample_scores
+from ..data import PlaneGeometry, restore_labels
+from ..models import AEConfig, Autoencoder
 from ..protocol import LatentBatch
 from ..augment import augment_batch, batch_augmenter
 from ..training import FitConfig, FitResult, bce_dice_loss, fit, load_weights, save_weights, seeded_init
@@ -113,7 +114,9 @@ class Hospital:
     """A trained site loaded for inference: encode+protect and unprotect+decode.
 
     ``protect(images)`` -> query ``LatentBatch``; ``training_batch(images, masks)`` -> train
-    ``LatentBatch``; ``unprotect(reply)`` -> (N, S, S) int64 label maps.
+    ``LatentBatch``; ``scores(reply)`` -> (N, K, S, S) class probabilities; ``segment(reply, geometries)`` ->
+    label maps on each plane's native grid (the prediction); ``unprotect(reply)`` -> (N, S, S) label maps on
+    the network grid.
     """
 
     def __init__(self, site_dir: str | Path):
@@ -184,17 +187,27 @@ class Hospital:
         return LatentBatch("train", self.name, arrays)
 
     @torch.inference_mode()
-    def unprotect(self, reply: LatentBatch, *, size: int | None = None) -> np.ndarray:
-        """Invert the keyed transform of the server's reply, decode with the mask decoder, argmax.
-
-        ``size``: resample the decoder's class probabilities (bilinear) to ``size`` x ``size``
-        before the argmax, to score at a finer grid than the model's working size.
-        """
+    def scores(self, reply: LatentBatch, rows: slice = slice(None)) -> torch.Tensor:
+        """Class probabilities (n, K, S, S) of ``rows`` of the server's reply: inverse keyed transform, mask
+        decoder, softmax of its logits over the K classes."""
         if reply.kind != "reply":
             raise PpcmiError(f"kind: expected a 'reply' message, got {reply.kind!r}")
         if reply.client != self.name:
             raise PpcmiError(f"client: reply is addressed to {reply.client!r}, this site is {self.name!r}")
-        zt = {s: torch.from_numpy(np.asarray(a, dtype=np.float32)) for s, a in reply.latents("zt_msk_").items()}
+        zt = {s: torch.from_numpy(np.asarray(a[rows], dtype=np.float32)) for s, a in reply.latents("zt_msk_").items()}
         z = self._klt.inverse(zt, "mask") if self._klt is not None else zt
-        probs = resample_scores(self.models["mask"].decode(z).float(), size)
-        return probs.argmax(1).numpy().astype(np.int64)
+        return torch.softmax(self.models["mask"].decode_logits(z).float(), dim=1)
+
+    def segment(self, reply: LatentBatch, geometries: list[PlaneGeometry], *, batch: int = 16) -> list[np.ndarray]:
+        """The reply's label maps on each plane's native grid (``geometries``: one per row, in order):
+        probabilities restored by :func:`ppcmi.data.restore_labels`, ``batch`` rows at a time."""
+        if len(geometries) != reply.n:
+            raise PpcmiError(f"reply: {reply.n} rows for {len(geometries)} planes")
+        out: list[np.ndarray] = []
+        for s in range(0, reply.n, batch):
+            out += restore_labels(self.scores(reply, slice(s, s + batch)), geometries[s:s + batch])
+        return out
+
+    def unprotect(self, reply: LatentBatch) -> np.ndarray:
+        """(N, S, S) int64 label maps on the network grid (padding included): the argmax of :meth:`scores`."""
+        return self.scores(reply).argmax(1).numpy().astype(np.int64)

@@ -45,9 +45,10 @@ def ensure_key(site_dir: str | Path) -> Path:
     return key_path(site) if key_path(site).exists() else keygen(key_path(site))
 
 
-def prepare(cases: Sequence[Case], cfg: Config, labels: LabelMap, *, progress: bool = False) -> dict:
-    """A hospital's cases as network inputs under the shared preprocessing (see :func:`ppcmi.data.load_arrays`)."""
-    return load_arrays(cases, cfg.data.preprocess(), labels, progress=progress)
+def prepare(cases: Sequence[Case], cfg: Config, labels: LabelMap, *, progress: bool = False, native: bool = False) -> dict:
+    """A hospital's cases as network inputs under the shared preprocessing (see :func:`ppcmi.data.load_arrays`;
+    ``native`` also keeps the native masks and spacings that predictions are scored against)."""
+    return load_arrays(cases, cfg.data.preprocess(), labels, progress=progress, native=native)
 
 
 def train_autoencoders(site_dir: str | Path, name: str, arrays: dict, cfg: Config, labels: LabelMap, *, seed: int,

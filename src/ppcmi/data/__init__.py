@@ -1,4 +1,4 @@
-"""Hospital-side data handling: dataset discovery, readers, preprocessing and splits.
+"""Hospital-side data handling: dataset discovery, readers, preprocessing, plane geometry and splits.
 
 Everything here runs at a hospital, on its own images and masks; nothing in this module talks to
 the server. A dataset is a folder in the layout
@@ -30,13 +30,15 @@ from __future__ import annotations
 from ..config import Preprocess
 from ..labels import LabelMap, parse_labels
 from .discovery import Case, discover_cases, discover_labels
-from .preprocess import (Sample, center_crop, crop_box, load_arrays, load_sample, prepare_image, resize_image, resize_mask,
-                         restore_mask, scale_intensity, to_color)
+from .geometry import (PlaneGeometry, center_crop, crop_box, crop_plane, forward_image, forward_mask, plane_geometry,
+                       resize_image, resize_mask, restore_labels, restore_scores)
+from .preprocess import Sample, load_arrays, load_sample, prepare_image, scale_intensity, to_color
 from .readers import IMAGE_EXTS, n_slices, read_image, read_mask
 from .splits import split_cases, split_from_lists
 
 __all__ = [
     "IMAGE_EXTS", "Case", "discover_cases", "n_slices", "read_image", "read_mask", "Preprocess", "LabelMap", "discover_labels",
     "parse_labels", "Sample", "scale_intensity", "to_color", "resize_image", "resize_mask", "prepare_image", "crop_box",
-    "center_crop", "restore_mask", "load_sample", "load_arrays", "split_cases", "split_from_lists",
+    "center_crop", "crop_plane", "PlaneGeometry", "plane_geometry", "forward_image", "forward_mask", "restore_scores", "restore_labels",
+    "load_sample", "load_arrays", "split_cases", "split_from_lists",
 ]
