@@ -52,15 +52,25 @@ def _shape(size: int | tuple[int, int]) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
+def _bilinear(t: torch.Tensor, out_h: int, out_w: int) -> torch.Tensor:
+    """(N, C, H, W) -> (N, C, out_h, out_w): bilinear, align_corners=False, antialiased when either side shrinks.
+
+    torch 2.13's antialiased kernel is wrong when the output is one column wide and more than one row high
+    (rows get the first row's weights); that case runs transposed (one row wide, which it gets right)."""
+    h, w = t.shape[-2:]
+    antialias = h > out_h or w > out_w
+    if antialias and out_w == 1 and out_h != 1:
+        return _bilinear(t.transpose(-1, -2), 1, out_h).transpose(-1, -2)
+    return F.interpolate(t, size=(out_h, out_w), mode="bilinear", align_corners=False, antialias=antialias)
+
+
 def resize_image(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     """(C, H, W) -> (C, size, size) or (C, rows, cols), bilinear (align_corners=False, antialiased along a shrinking axis)."""
     _, h, w = image.shape
     out_h, out_w = _shape(size)
     if (h, w) == (out_h, out_w):
         return image.astype(np.float32, copy=False)
-    t = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]
-    out = F.interpolate(t, size=(out_h, out_w), mode="bilinear", align_corners=False, antialias=h > out_h or w > out_w)
-    return out[0].numpy()
+    return _bilinear(torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None], out_h, out_w)[0].numpy()
 
 
 def resize_mask(mask: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
@@ -168,8 +178,7 @@ def restore_scores(scores: torch.Tensor | np.ndarray, g: PlaneGeometry) -> torch
     region = s[:, pt:pt + g.scaled[0], pl:pl + g.scaled[1]]
     top, left, rows, cols = g.crop
     if (rows, cols) != g.scaled:
-        shrink = rows < g.scaled[0] or cols < g.scaled[1]
-        region = F.interpolate(region[None], size=(rows, cols), mode="bilinear", align_corners=False, antialias=shrink)[0]
+        region = _bilinear(region[None], rows, cols)[0]
     if (rows, cols) == g.native:
         return region.contiguous()
     out = torch.zeros((s.shape[0], *g.native), dtype=torch.float32)
