@@ -300,6 +300,26 @@ def test_non_square_images_come_back_on_their_own_grid_by_either_path(run, tmp_p
         assert a.shape == shape and np.array_equal(a, b) and set(np.unique(a)) <= {0, 1, 2}, name
 
 
+def test_segment_is_the_network_grid_argmax_when_the_geometry_is_the_identity(run):
+    """The synthetic test planes are 32x32, the network size: restoring changes nothing, so the native label maps
+    equal the argmax on the network grid; and batching the restore changes nothing either."""
+    from ppcmi import protocol
+    from ppcmi.client.site import Hospital
+    from ppcmi.data import plane_geometry
+    from ppcmi.errors import PpcmiError
+
+    h = Hospital(run / "sites" / "h1")
+    reply = protocol.decode((run / "wire" / "r").read_bytes())
+    cases = json.loads((run / "wire" / "q.cases.json").read_text())["cases"]
+    geoms = [plane_geometry(c["original_shape"], h.data_cfg.preprocess()) for c in cases]
+    assert all(g.scaled == (32, 32) and not any(g.pad) for g in geoms)
+    whole, batched = h.segment(reply, geoms), h.segment(reply, geoms, batch=3)
+    assert len(whole) == reply.n == 8
+    assert all(np.array_equal(a, b) and np.array_equal(a, c) for a, b, c in zip(whole, batched, h.unprotect(reply)))
+    with pytest.raises(PpcmiError, match="8 rows for 7 planes"):
+        h.segment(reply, geoms[:7])
+
+
 def test_server_train_honours_per_hospital_scope(run, tmp_path):
     """mapping.scope=per_hospital trains one network per hospital, each on its own pairs only (it used to be
     ignored: one shared network, silently)."""
