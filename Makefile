@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-fast install clean bench-psfhs bench-acdc bench-sunnybrook bench-latency bench-load bench-plots audit-sunnybrook audit-psfhs audit-acdc
+.PHONY: demo test test-fast install clean bench-psfhs bench-acdc bench-sunnybrook bench-latency bench-load bench-fuzz bench-plots audit-sunnybrook audit-psfhs audit-acdc
 
 install: $(STAMP)
 
@@ -38,6 +38,10 @@ bench-latency: $(STAMP)
 
 bench-load: $(STAMP)
 	$(PY) benchmarks/load.py --out benchmarks/results
+
+# >= 2,000 mutated requests at the real service over mutual TLS; fails unless zero 5xx (results: fuzz-service.{json,md})
+bench-fuzz: $(STAMP)
+	$(PY) benchmarks/fuzz_service.py --out benchmarks/results
 
 bench-plots: $(STAMP)
 	$(PY) benchmarks/plots.py --results benchmarks/results

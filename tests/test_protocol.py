@@ -52,6 +52,8 @@ META = {"ppcmi.version": "1", "kind": "query", "client": "h1"}
     (lambda a, m: m.update({"ppcmi.version": "2"}), "version"),                          # wrong version
     (lambda a, m: m.update({"kind": "weights"}), "kind"),                                # unknown kind
     (lambda a, m: m.update({"client": "../etc/passwd"}), "client"),                      # bad site id
+    (lambda a, m: m.update({"client": "h1\n"}), "client"),                               # a final newline ($ let it pass)
+    (lambda a, m: m.update({"query": "0" * 32 + "\n"}), "query"),                         # a query id with a final newline
     (lambda a, m: a.update({"zt_img_s3": a["zt_img_s3"].astype(np.float64)}), "dtype"),  # wrong dtype
     (lambda a, m: a.update({"zt_img_s3": a["zt_img_s3"][0]}), "zt_img_s3"),              # wrong rank
     (lambda a, m: a.update({"zt_img_s4": a["zt_img_s4"][:1]}), "batch size"),            # inconsistent N

@@ -389,6 +389,8 @@ _SHAPE_CHANGES = {
     "3d": lambda k, a: a[0],
     "float64": lambda k, a: a.astype(np.float64),
     "float16": lambda k, a: a.astype(np.float16),  # allowed: mapped, answered in float16
+    "nan": lambda k, a: np.where(np.arange(a.size).reshape(a.shape) == a.size // 2, np.nan, a).astype(a.dtype),
+    "-inf": lambda k, a: np.where(np.arange(a.size).reshape(a.shape) == 0, -np.inf, a).astype(a.dtype),
 }
 
 
@@ -413,6 +415,43 @@ def test_scale_subsets_kinds_and_shapes_never_get_a_5xx(world, query):
         post()
         assert_healthy(c)
     assert seen.get(400, 0) > 30 and seen.get(200, 0) >= 2, seen
+
+
+def _fuzz_script():
+    """benchmarks/fuzz_service.py as a module (registered first: its dataclasses look themselves up there)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "fuzz_service.py"
+    spec = importlib.util.spec_from_file_location("fuzz_service", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("fuzz_service", mod)
+    spec.loader.exec_module(mod)
+    return sys.modules["fuzz_service"]
+
+
+def test_seeded_fuzz_of_every_scale_subset_meta_bytes_oversize_and_http_gets_no_5xx(world):
+    """The fuzz benchmark's families, shorter and without the slow ones (the timeout tests below cover those):
+    every subset of the six array names, each well formed and mutated (dtypes, shapes, NaN, infinities), as a
+    query and as other kinds, and seeded meta, byte, oversize and HTTP-level mutations. Each gets exactly the
+    outcome its family expects (a 200 only for a complete, finite query), never a 5xx or an unanswered close."""
+    from ppcmi.server.service import DRAIN_BYTES
+
+    fz = _fuzz_script()
+    shapes = world["live"].app.state.mapping.image_shapes
+    query = fz.raw_message(fz._valid_arrays(shapes, np.random.default_rng(5)), fz._meta())
+    cases = fz.all_cases(shapes, query, max_bytes=MAX_BYTES, drain=DRAIN_BYTES, timeouts=None, seed=3, n_flips=60,
+                         n_truncations=20, n_garbage=10, n_garbage_lines=5)
+    cases = [c for c in cases if 408 not in c.expect]  # those wait for this service's 60 s body timeout
+    ctx = tls_context(world["tls"] / "clients" / "hospital1.pem", world["tls"] / "clients" / "hospital1.key", world["tls"] / "ca.pem")
+    outcomes = fz.run_cases(fz.Target(world["live"].port, ctx), cases, world["live"].url)
+    t = fz.tally(outcomes)
+    assert t["n_5xx"] == 0 and t["n_unexpected"] == 0, t["unexpected"][:5]
+    assert len(outcomes) >= 64 * len(fz.VARIANTS), len(outcomes)
+    subsets = [o for o in outcomes if o.family == "scale_subsets"]
+    assert {o.name for o in subsets if o.outcome == 200} == {"zt_img_s3+zt_img_s4+zt_img_b well-formed", "zt_img_s3+zt_img_s4+zt_img_b float16"}
+    assert len({o.name.split()[0] for o in subsets}) == 2 ** 6  # every subset, the empty one included
+    with client_for(world) as c:
+        assert_healthy(c)
 
 
 # ----------------------------------------------------------------------------- failures inside a request
@@ -617,8 +656,9 @@ def test_cli_errors_connection_refused_wrong_certificate_and_server_4xx(world, t
     assert "exactly one of --model" in cli("predict", *images, "--site-dir", site, "--out", tmp_path / "q", code=2)
 
 
-def test_serve_command_runs_with_mutual_tls(world, tmp_path):
-    """`ppcmi server serve` as a process: answers /healthz to a hospital, stops on SIGTERM."""
+def test_serve_command_runs_with_mutual_tls(world, tmp_path, query):
+    """`ppcmi server serve` as a process: answers /healthz to a hospital, keeps the header, body and keep-alive
+    timeouts given on its command line, stops on SIGTERM."""
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
@@ -626,6 +666,7 @@ def test_serve_command_runs_with_mutual_tls(world, tmp_path):
     tls = world["tls"]
     proc = subprocess.Popen([sys.executable, "-m", "ppcmi.cli", "server", "serve", "--model", world["model"], "--cert",
                              tls / "server.pem", "--key", tls / "server.key", "--client-ca", tls / "ca.pem", "--port", str(port),
+                             "--header-timeout", str(QUICK), "--body-timeout", str(QUICK), "--keep-alive-timeout", str(QUICK),
                              "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         ctx = tls_context(tls / "clients" / "hospital2.pem", tls / "clients" / "hospital2.key", tls / "ca.pem")
@@ -638,9 +679,39 @@ def test_serve_command_runs_with_mutual_tls(world, tmp_path):
                 assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()
                 time.sleep(0.2)
         assert r.status_code == 200 and r.json()["clients"] == 2
+        with _tls(world, port) as sock:  # --header-timeout: a silent connection is closed
+            assert _closed_after(sock, QUICK + MARGIN) < QUICK + MARGIN
+        with _tls(world, port) as sock:  # --body-timeout: half a body is a 408
+            sock.sendall(_request("POST", "/v1/map", query)[:-len(query) // 2])
+            sock.settimeout(QUICK + MARGIN)
+            assert _read_response(sock)[0] == 408
+        with _tls(world, port) as sock:  # --keep-alive-timeout: an idle connection after an answer is closed
+            sock.sendall(_request("GET", "/healthz"))
+            assert _read_response(sock)[0] == 200
+            assert _closed_after(sock, QUICK + MARGIN) < QUICK + MARGIN
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+def test_serve_timeout_flags_default_to_the_services_and_refuse_non_positive_values(world):
+    import inspect
+
+    from ppcmi.cli import server_serve
+    from ppcmi.server import service
+
+    params = inspect.signature(server_serve).parameters
+    assert params["header_timeout"].default.default == service.DEFAULT_HEADER_TIMEOUT
+    assert params["body_timeout"].default.default == service.DEFAULT_BODY_TIMEOUT
+    assert params["keep_alive_timeout"].default.default == service.DEFAULT_KEEP_ALIVE_TIMEOUT
+    tls = world["tls"]
+    args = ["server", "serve", "--model", world["model"], "--cert", tls / "server.pem", "--key", tls / "server.key",
+            "--client-ca", tls / "ca.pem", "--port", "1"]
+    for flag in ("--header-timeout", "--body-timeout", "--keep-alive-timeout"):
+        out = cli(*args, flag, "0", code=2)
+        assert out.strip().splitlines()[-1].startswith(f"error: {flag}: must be a positive number of seconds"), out
+    help_text = cli("server", "serve", "--help")
+    assert all(f in help_text for f in ("--header-timeout", "--body-timeout", "--keep-alive-timeout"))
 
 
 def test_serve_refuses_a_key_that_does_not_match_the_certificate(world):
@@ -702,6 +773,7 @@ def test_certs_refuse_a_bad_site_id(tmp_path, name):
 
 def test_certs_refuse_bad_hosts_and_unsafe_or_foreign_ca_keys(tmp_path):
     assert "--host: 'bad host!'" in cli("certs", "init", "--out", tmp_path / "x", "--host", "bad host!", code=2)
+    assert "--host: 'coord.example.org\\n'" in cli("certs", "init", "--out", tmp_path / "x", "--host", "coord.example.org\n", code=2)
     assert not (tmp_path / "x").exists()
     a, b = tmp_path / "a", tmp_path / "b"
     certs.init_ca(a)

@@ -42,7 +42,7 @@ CLIENTS_DIR = "clients"
 DEFAULT_HOSTS = ("localhost", "127.0.0.1")
 CA_DAYS = 3650
 LEAF_DAYS = 825
-_DNS_RE = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+_DNS_RE = re.compile(r"\A(?=.{1,253}\Z)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\Z")
 
 
 def _san(host: str) -> x509.GeneralName:

@@ -107,8 +107,14 @@ def synth(out: Path = typer.Argument(..., help="Output folder (images/, masks/, 
           size: int = typer.Option(128, help="Image size in pixels."),
           classes: int = typer.Option(3, help="Number of classes including background."),
           seed: int = typer.Option(0, help="Random seed."),
-          overwrite: bool = typer.Option(False, help="Replace existing synthetic data in OUT.")):
-    """Write synthetic multi-site, multi-class phantom data in the images/ + masks/ layout."""
+          overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier 'ppcmi synth' output in OUT: its "
+                                         "images/, masks/, groups.csv and README.md, each file atomically, once every new "
+                                         "file is ready. A file in images/ or masks/ that synth did not write is still refused.")):
+    """Write synthetic multi-site, multi-class phantom data in the images/ + masks/ layout.
+
+    Nothing is written into a folder that already holds images/ or masks/ entries, groups.csv or
+    README.md, unless --overwrite is given.
+    """
     from .experiment import synth as _synth
 
     p = _synth(out, sites=sites, patients_per_site=patients, slices_per_patient=slices, size=size, n_classes=classes,
@@ -122,7 +128,11 @@ def synth(out: Path = typer.Argument(..., help="Output folder (images/, masks/, 
 @client_app.command("keygen")
 @_guard
 def client_keygen(site_dir: Path = typer.Option(..., "--site-dir", "-s", help="The hospital's private site folder.")):
-    """Create this hospital's 32-byte secret key (mode 0600). Never overwrites an existing key."""
+    """Create this hospital's 32-byte secret key (mode 0600). Never overwrites an existing key.
+
+    There is deliberately no --overwrite: a lost key makes every reply to this site undecodable.
+    'ppcmi client rotate-key' replaces a key and keeps the old one as klt.key.N.bak.
+    """
     from .client.keys import key_path, keygen
 
     site_dir.mkdir(parents=True, exist_ok=True)
@@ -138,24 +148,36 @@ def client_train(site_dir: Path = typer.Option(..., "--site-dir", "-s", help="Si
                  config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
                  labels: Optional[str] = LabelsOpt, class_names: Optional[str] = NamesOpt, size: Optional[int] = SizeOpt,
                  window: Optional[str] = WindowOpt, offset: Optional[float] = OffsetOpt,
-                 resume: bool = typer.Option(False, help="Continue an interrupted run from its last completed epoch."),
+                 resume: bool = typer.Option(False, help="Continue an interrupted run from its last completed epoch (the same "
+                                             "data settings, labels and topology; site.json changes only if it succeeds)."),
+                 overwrite: bool = typer.Option(False, "--overwrite", help="Train this site's autoencoders again from scratch "
+                                                "(the key stays): the new ones train in SITE/.retrain/ and replace the old ones "
+                                                "and site.json only once both are complete. The server's adapters for this site "
+                                                "then no longer fit: send a new 'train' message."),
                  seed: Optional[int] = typer.Option(None, min=0, help="This hospital's site seed (validation split, batch "
                                                     "order); default: derived from the shared seed and --name."),
                  quiet: bool = QuietOpt):
-    """Stage 1: train the image and mask autoencoders on this hospital's data only."""
+    """Stage 1: train the image and mask autoencoders on this hospital's data only.
+
+    A site that already has trained autoencoders is refused unless --resume or --overwrite is given.
+    A refused or failed run leaves site.json as it was (a failed --resume keeps the epochs it completed
+    for the next --resume; a failed --overwrite leaves the old autoencoders in place).
+    """
     from .client import stages
     from .config import to_dict
     from .data import discover_cases, discover_labels
     from .fileio import atomic_write_json
     from .labels import parse_labels
 
+    if resume and overwrite:
+        raise PpcmiError("--resume and --overwrite: choose one (continue the run here, or start over)")
     cfg = _cfg(config, (set_ or []) + _data_sets(labels, class_names, size, window, offset), command="client train",
                reads=HOSPITAL_READS)
     cases = discover_cases(data, group_regex=cfg.data.group_regex, group_csv=cfg.data.group_csv)
     labels = parse_labels(cfg.data.labels, cfg.data.class_names) or discover_labels(cases)
     arr = stages.prepare(cases, cfg, labels, progress=not quiet)
     res = stages.train_autoencoders(site_dir, name, arr, cfg, labels, seed=stages.default_site_seed(cfg.seed, name) if seed is None else seed,
-                                    resume=resume, progress=not quiet, create_key=False)
+                                    resume=resume, overwrite=overwrite, progress=not quiet, create_key=False)
     atomic_write_json(site_dir / "config.json", to_dict(cfg))
     for kind, r in res.items():
         typer.echo(f"{kind} autoencoder: best val loss {r.best_val:.4f} at epoch {r.best_epoch} ({len(r.history)} epochs, {r.seconds:.0f} s)")
@@ -182,11 +204,17 @@ def client_encode(site_dir: Path = typer.Option(..., "--site-dir", "-s"),
 def client_decode(site_dir: Path = typer.Option(..., "--site-dir", "-s"),
                   reply: Path = typer.Option(..., "--reply", "-r", help="The server's reply message."),
                   cases: Path = typer.Option(None, "--cases", help="Local case list written by 'client encode' (default: QUERY.cases.json)."),
-                  out: Path = typer.Option(..., "--out", "-o", help="Folder for the label maps.")):
-    """Unprotect and decode the server's reply into label maps in the inputs' format."""
+                  out: Path = typer.Option(..., "--out", "-o", help="Folder for the label maps."),
+                  overwrite: bool = typer.Option(False, "--overwrite", help="Replace label maps of the same names already in "
+                                                 "OUT (each atomically). Without it one existing file refuses them all, "
+                                                 "before any is written.")):
+    """Unprotect and decode the server's reply into label maps in the inputs' format.
+
+    Every output path is checked before anything is written: a refusal leaves no label map behind.
+    """
     from .client.inference import decode_reply
 
-    written = decode_reply(site_dir, reply, cases, out)
+    written = decode_reply(site_dir, reply, cases, out, overwrite=overwrite)
     typer.echo(f"wrote {len(written)} label maps to {out}")
 
 
@@ -308,6 +336,14 @@ def server_serve(model: Path = typer.Option(..., "--model", "-m", help="Model fo
                                                help="Largest query body accepted (bytes); larger ones get HTTP 413 before being read. "
                                                     "The default holds 36 images of 256x256 at full autoencoder width in float32."),
                  concurrency: int = typer.Option(1, help="Queries mapped at the same time (each uses all of torch's threads)."),
+                 header_timeout: float = typer.Option(10.0, "--header-timeout",
+                                                      help="Seconds a connection has, from its first byte (or its opening), to "
+                                                           "send a request's complete headers; then it is closed unanswered."),
+                 body_timeout: float = typer.Option(60.0, "--body-timeout",
+                                                    help="Seconds a request's whole body has to arrive (16 MiB at >= 280 kB/s); "
+                                                         "then the answer is HTTP 408 and the connection is closed."),
+                 keep_alive_timeout: float = typer.Option(5.0, "--keep-alive-timeout",
+                                                          help="Seconds an idle keep-alive connection stays open between requests."),
                  log_level: str = typer.Option("info", "--log-level", help="uvicorn log level: critical, error, warning, info, debug.")):
     """Serve the mapping network over HTTPS with mutual TLS: POST /v1/map, GET /healthz, /openapi.json.
 
@@ -320,7 +356,7 @@ def server_serve(model: Path = typer.Option(..., "--model", "-m", help="Model fo
 
     typer.echo(f"serving {model} on https://{host}:{port} (mutual TLS; client CA {client_ca}); Ctrl-C to stop", err=True)
     serve(model, cert=cert, key=key, client_ca=client_ca, host=host, port=port, max_bytes=max_bytes, concurrency=concurrency,
-          log_level=log_level)
+          log_level=log_level, header_timeout=header_timeout, body_timeout=body_timeout, keep_alive_timeout=keep_alive_timeout)
 
 
 # ----------------------------------------------------------------------------- certificates
@@ -381,11 +417,16 @@ def predict(images: List[Path] = typer.Argument(..., help="Image files (PNG, JPE
                                                 "('ppcmi certs issue-client'; its CN must be this site's id)."),
             key: Optional[Path] = typer.Option(None, "--key", help="With --server: the client certificate's private key."),
             ca: Optional[Path] = typer.Option(None, "--ca", help="With --server: the project CA certificate (ca.pem) "
-                                              "that the server's certificate must chain to.")):
+                                              "that the server's certificate must chain to."),
+            overwrite: bool = typer.Option(False, "--overwrite", help="Replace label maps of the same names already in OUT "
+                                           "(each atomically). Without it one existing file refuses them all, before "
+                                           "anything is sent.")):
     """Hospital -> server -> hospital for image files; writes label maps in the inputs' format.
 
     With --model the server runs in this process; with --server the keyed latents travel to the
-    inference service over mutual TLS. Either way only keyed latents leave this site.
+    inference service over mutual TLS. Either way only keyed latents leave this site. Every output
+    path is checked before any image is sent: two inputs with the same file name, or (without
+    --overwrite) an existing label map, refuse the whole call and nothing is written.
     """
     from .client.inference import predict_files, predict_remote
 
@@ -395,13 +436,14 @@ def predict(images: List[Path] = typer.Argument(..., help="Image files (PNG, JPE
         missing = [o for o, v in (("--cert", cert), ("--key", key), ("--ca", ca)) if v is None]
         if missing:
             raise PpcmiError(f"--server needs {', '.join(missing)} (mutual TLS)")
-        written = predict_remote(site_dir, server, images, out, cert=cert, key=key, ca=ca)
+        written = predict_remote(site_dir, server, images, out, cert=cert, key=key, ca=ca, overwrite=overwrite)
     else:
         from . import protocol
         from .server.mapping import MappingServer
 
         mapper = MappingServer(model)
-        written = predict_files(site_dir, lambda q: protocol.encode(mapper.handle(protocol.decode(q))), images, out)
+        written = predict_files(site_dir, lambda q: protocol.encode(mapper.handle(protocol.decode(q))), images, out,
+                                overwrite=overwrite)
     for p in written:
         typer.echo(str(p))
 
@@ -411,11 +453,16 @@ def predict(images: List[Path] = typer.Argument(..., help="Image files (PNG, JPE
 def evaluate(pred: Path = typer.Option(..., "--pred", "-p", help="Folder of predicted label maps."),
              data: Path = typer.Option(..., "--data", "-d", help="Dataset folder with the ground truth (masks/)."),
              out: Path = typer.Option(..., "--out", "-o", help="Folder for per_case.csv and summary.json."),
-             labels: Optional[str] = typer.Option(None, help="Raw label values in class order, e.g. 0,1,2 (default: discovered).")):
-    """Score label maps against ground truth: Dice, HD95, ASD per class and merged foreground."""
+             labels: Optional[str] = typer.Option(None, help="Raw label values in class order, e.g. 0,1,2 (default: discovered)."),
+             overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier per_case.csv and summary.json in OUT "
+                                            "(each atomically). Without it an existing one is refused before any scoring.")):
+    """Score label maps against ground truth: Dice, HD95, ASD per class and merged foreground.
+
+    Never replaces an earlier evaluation in OUT unless --overwrite is given.
+    """
     from .client.inference import evaluate_folder
 
-    summ = evaluate_folder(pred, data, out, labels)
+    summ = evaluate_folder(pred, data, out, labels, overwrite=overwrite)
     fg = summ.get("fg_dice", {})
     lo, hi = (fg.get("ci95") or [float("nan")] * 2)[:2]
     typer.echo(f"{summ['n_cases']} cases: merged-foreground Dice {fg.get('mean', float('nan')):.4f} "

@@ -25,7 +25,7 @@ from . import protocol
 from .config import Config, DataConfig, load_config
 from .data.discovery import Case
 from .errors import DataError, PpcmiError
-from .fileio import atomic_write_bytes, atomic_write_text
+from .fileio import refuse_existing, write_files
 from .models import MappingConfig
 
 log = logging.getLogger(__name__)
@@ -116,14 +116,18 @@ def synth(out: str | Path, *, sites: int = 3, patients_per_site: int = 4, slices
         raise DataError(f"synth: n_classes must be between 2 and 8, got {n_classes}")
     out = Path(out)
     img_dir, mask_dir = out / "images", out / "masks"
-    existing = [p for d in (img_dir, mask_dir) if d.is_dir() for p in d.iterdir() if not p.name.startswith(".")]
-    if existing and not overwrite:
-        raise DataError(f"{out}: already holds {len(existing)} image/mask files; refusing to overwrite (use overwrite)")
-    for p in existing:
-        if p.is_file() and _SYNTH_RE.match(p.name):
-            p.unlink()
-        else:
-            log.warning("%s: not a synthetic file, left in place", p)
+    existing = [p for d in (img_dir, mask_dir) if d.is_dir() for p in sorted(d.iterdir()) if not p.name.startswith(".")]
+    hint = " (pass --overwrite to replace an earlier 'ppcmi synth' output)"
+    if not overwrite:  # nothing is written into a folder that holds any of it
+        try:
+            refuse_existing([*existing[:1], out / "groups.csv", out / "README.md"], hint)
+        except PpcmiError as e:
+            raise DataError(str(e)) from None
+    foreign = [p for p in existing if not (p.is_file() and _SYNTH_RE.match(p.name))]
+    if foreign:
+        raise DataError(f"{foreign[0]}: not a file 'ppcmi synth' wrote; refusing to mix synthetic cases into this folder "
+                        "(choose another one)")
+    files: dict[Path, bytes] = {}
 
     rng = np.random.default_rng(seed)
     levels = np.linspace(30.0, 200.0, n_classes)
@@ -164,12 +168,12 @@ def synth(out: str | Path, *, sites: int = 3, patients_per_site: int = 4, slices
                 noise = rng.normal(0.0, sigma, (size, size))
                 image = np.clip(np.round(offset + gain * (levels[label] + texture) + noise), 0, 255).astype(np.uint8)
                 stem = f"site{k}_p{p:02d}_s{s:02d}"
-                atomic_write_bytes(img_dir / f"{stem}.png", _png(image))
-                atomic_write_bytes(mask_dir / f"{stem}.png", _png(label))
+                files[img_dir / f"{stem}.png"] = _png(image)
+                files[mask_dir / f"{stem}.png"] = _png(label)
                 rows.append(f"{stem},site{k}_p{p:02d},site{k}")
-    atomic_write_text(out / "groups.csv", "\n".join(rows) + "\n")
+    files[out / "groups.csv"] = ("\n".join(rows) + "\n").encode()
     n = sites * patients_per_site * slices_per_patient
-    atomic_write_text(out / "README.md", (
+    files[out / "README.md"] = (
         "# Synthetic multi-site phantoms (ppcmi synth)\n\n"
         f"{n} 2D slices: {sites} sites x {patients_per_site} patients x {slices_per_patient} slices, "
         f"{size}x{size} pixels, {n_classes} classes (0 = background), seed {seed}.\n\n"
@@ -178,7 +182,12 @@ def synth(out: str | Path, *, sites: int = 3, patients_per_site: int = 4, slices
         "- Class 1 is an ellipse, classes 2+ are discs inside it, on a smooth textured background.\n"
         "- Each class has its own mean intensity; each site its own gain, offset and noise level.\n"
         "- Made by `ppcmi.experiment.synth`; no real patient data.\n"
-    ))
+    ).encode()
+    # every file is ready before the first is written; with overwrite each replaces its old self atomically
+    write_files(files, overwrite=overwrite, hint=hint)
+    for p in existing:  # an earlier run's cases this one did not write again (fewer sites, say)
+        if p not in files:
+            p.unlink(missing_ok=True)
     log.info("%s: wrote %d synthetic cases (%d sites)", out, n, sites)
     return out
 

@@ -6,7 +6,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from .errors import PpcmiError
 
@@ -50,8 +50,51 @@ def atomic_write_text(path: str | os.PathLike, text: str, **kwargs: Any) -> Path
     return atomic_write_bytes(path, text.encode("utf-8"), **kwargs)
 
 
+def json_text(obj: Any) -> str:
+    """The JSON text every ppcmi file holds (indented, numpy scalars and arrays and paths as plain JSON)."""
+    return json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n"
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any, **kwargs: Any) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n", **kwargs)
+    return atomic_write_text(path, json_text(obj), **kwargs)
+
+
+def refuse_existing(paths: Iterable[str | os.PathLike], hint: str = "") -> None:
+    """Raise, naming the first of ``paths`` that exists (``hint`` says how to replace it), before anything is written."""
+    for p in paths:
+        if os.path.lexists(p):
+            raise PpcmiError(f"{p}: already exists; refusing to overwrite it{hint}")
+
+
+def write_files(files: dict[Path, bytes], *, overwrite: bool = False, hint: str = "") -> list[Path]:
+    """Write several files as one step: each atomically (temporary file + rename), in the given order.
+
+    Without ``overwrite`` an existing file is refused before any is written, and if one appears
+    meanwhile the files this call already created are removed again, so a refusal leaves nothing
+    half-written. With ``overwrite`` each file is replaced atomically (a reader sees the old or the new
+    file, never a mix); files the call had created are removed if a later write fails.
+    """
+    paths = list(files)
+    if len(set(map(os.path.abspath, paths))) != len(paths):
+        dup = next(p for i, p in enumerate(paths) if os.path.abspath(p) in map(os.path.abspath, paths[:i]))
+        raise PpcmiError(f"{dup}: two outputs would be written to this path")
+    if not overwrite:
+        refuse_existing(paths, hint)
+    created: list[Path] = []
+    try:
+        for p, data in files.items():
+            existed = os.path.lexists(p)
+            try:
+                atomic_write_bytes(p, data, overwrite=overwrite)
+            except PpcmiError as e:
+                raise PpcmiError(f"{e}{hint}") from None
+            if not existed:
+                created.append(Path(p))
+    except BaseException:
+        for p in created:
+            p.unlink(missing_ok=True)
+        raise
+    return [Path(p) for p in paths]
 
 
 def _json_default(o: Any) -> Any:

@@ -59,7 +59,7 @@ from monai.metrics.utils import get_mask_edges, get_surface_distance
 from scipy import ndimage
 
 from .errors import PpcmiError
-from .fileio import atomic_write_json, atomic_write_text
+from .fileio import atomic_write_text, json_text, write_files
 from .protocol import CASE_STATUSES, METRIC_COLUMNS
 
 __all__ = [
@@ -72,6 +72,7 @@ __all__ = [
     "pooled_hd95_px",
     "structure_names",
     "summarize",
+    "evaluation_paths",
     "write_evaluation",
     "write_summary",
 ]
@@ -482,6 +483,10 @@ def _nan_to_none(obj: Any) -> Any:
 
 def write_per_case_csv(rows: Sequence[dict], path: str | Path) -> Path:
     """Write rows as CSV atomically; the header is the union of the rows' keys in first-seen order."""
+    return atomic_write_text(path, _per_case_csv(rows))
+
+
+def _per_case_csv(rows: Sequence[dict]) -> str:
     header: dict[str, None] = {}
     for r in rows:
         header.update(dict.fromkeys(r))
@@ -489,7 +494,7 @@ def write_per_case_csv(rows: Sequence[dict], path: str | Path) -> Path:
     writer = csv.DictWriter(buf, fieldnames=list(header), restval="", lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    return atomic_write_text(path, buf.getvalue())
+    return buf.getvalue()
 
 
 def pool_summaries(groups: dict[str, dict]) -> dict:
@@ -537,20 +542,31 @@ def pool_summaries(groups: dict[str, dict]) -> dict:
 
 def write_summary(summary: dict, path: str | Path) -> Path:
     """Write a summary as strict JSON atomically (NaN and infinities become ``null``)."""
-    return atomic_write_json(path, _nan_to_none(summary))
+    return atomic_write_text(path, _summary_json(summary))
+
+
+def _summary_json(summary: dict) -> str:
+    return json_text(_nan_to_none(summary))
+
+
+def evaluation_paths(out_dir: str | Path, *, prefix: str = "") -> tuple[Path, Path]:
+    """The two files :func:`write_evaluation` writes: (per-case CSV, summary JSON)."""
+    return Path(out_dir) / f"{prefix}per_case.csv", Path(out_dir) / f"{prefix}summary.json"
 
 
 def write_evaluation(
-    rows: Sequence[dict], summary: dict, out_dir: str | Path, *, prefix: str = ""
+    rows: Sequence[dict], summary: dict, out_dir: str | Path, *, prefix: str = "", overwrite: bool = True,
+    hint: str = ""
 ) -> tuple[Path, Path]:
     """Write ``{prefix}per_case.csv`` and ``{prefix}summary.json`` into ``out_dir`` atomically.
 
     The CSV header is the union of the rows' keys in first-seen order; NaN is written as
     ``nan`` (``float()`` reads it back). In the JSON, NaN and infinities become ``null`` so
-    the file is strict JSON. Returns (csv path, json path).
+    the file is strict JSON. With ``overwrite=False`` an existing file of the two is refused
+    before either is written (``hint`` is appended to the error). Returns (csv path, json path).
     """
-    out_dir = Path(out_dir)
-    csv_path = write_per_case_csv(rows, out_dir / f"{prefix}per_case.csv")
-    json_path = write_summary(summary, out_dir / f"{prefix}summary.json")
+    csv_path, json_path = evaluation_paths(out_dir, prefix=prefix)
+    write_files({csv_path: _per_case_csv(rows).encode("utf-8"), json_path: _summary_json(summary).encode("utf-8")},
+                overwrite=overwrite, hint=hint)
     log.info("wrote %s and %s (%d cases)", csv_path, json_path, len(rows))
     return csv_path, json_path

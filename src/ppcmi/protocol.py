@@ -40,8 +40,9 @@ ALLOWED_NAMES = frozenset(p + s for p in ("zt_img_", "zt_msk_") for s in ("s3", 
 _DTYPES = {"F32": np.float32, "F16": np.float16}
 _META_KEYS = {"ppcmi.version", "kind", "client"}
 _OPTIONAL_META = {"query"}
-CLIENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-QUERY_RE = re.compile(r"^[0-9a-f]{32}$")  # a query's random id (128 bits, hex); a reply echoes it
+# \Z, not $: "$" also matches before a final newline, which would let "hospital1\n" pass as a site id
+CLIENT_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
+QUERY_RE = re.compile(r"\A[0-9a-f]{32}\Z")  # a query's random id (128 bits, hex); a reply echoes it
 
 
 @dataclass(frozen=True)

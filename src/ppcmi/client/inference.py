@@ -24,7 +24,7 @@ from .. import protocol
 from ..data import (IMAGE_EXTS, LabelMap, PlaneGeometry, Preprocess, discover_cases, n_slices, plane_geometry, prepare_image,
                     read_image, read_mask)
 from ..errors import DataError, PpcmiError
-from ..fileio import atomic_write_bytes, atomic_write_json
+from ..fileio import atomic_write_bytes, atomic_write_json, refuse_existing, write_files
 from . import stages
 from .site import Hospital
 
@@ -159,17 +159,47 @@ def _geometries(planes: list[dict], prep: Preprocess) -> list[PlaneGeometry]:
     return [plane_geometry(pl["original_shape"], prep) for pl in planes]
 
 
-def _write_label_maps(planes: list[dict], labels_idx: Sequence[np.ndarray], lmap: LabelMap, out: Path) -> list[Path]:
-    """Map each plane's class indices (already on its native grid) to raw label values, write per source."""
-    out.mkdir(parents=True, exist_ok=True)
+def label_map_paths(planes: list[dict], out: Path) -> list[Path]:
+    """The label map file each source of ``planes`` goes to (``STEM.png`` for 2D, ``STEM.nii.gz`` otherwise), in order;
+    two sources that would share a file are an error naming it."""
+    paths: dict[str, Path] = {}
+    for pl in planes:
+        if pl["source"] not in paths:
+            paths[pl["source"]] = out / f"{pl['stem']}{'.png' if pl['format'] == 'png' else '.nii.gz'}"
+    seen: dict[Path, str] = {}
+    for source, p in paths.items():
+        if p in seen:
+            raise PpcmiError(f"{p}: the label maps of {seen[p]} and {source} would both be written here (same file name); "
+                             "segment them into separate --out folders")
+        seen[p] = source
+    return list(paths.values())
+
+
+def check_outputs(planes: list[dict], out: Path, *, overwrite: bool = False) -> list[Path]:
+    """Refuse, before any work, label maps that would collide or (without ``overwrite``) replace existing files."""
+    paths = label_map_paths(planes, out)
+    if not overwrite:
+        refuse_existing(paths, OVERWRITE_HINT)
+    return paths
+
+
+OVERWRITE_HINT = " (pass --overwrite to replace earlier label maps)"
+
+
+def _write_label_maps(planes: list[dict], labels_idx: Sequence[np.ndarray], lmap: LabelMap, out: Path, *,
+                      overwrite: bool = False) -> list[Path]:
+    """Map each plane's class indices (already on its native grid) to raw label values, write one file per source.
+
+    Every file is rendered first and then written as one step (:func:`ppcmi.fileio.write_files`): an existing file
+    is refused before any is written (unless ``overwrite``), so a refusal leaves no label map behind."""
+    paths = check_outputs(planes, out, overwrite=overwrite)
     values = np.asarray(lmap.values)
     by_source: dict[str, list[tuple[dict, np.ndarray]]] = {}
     for pl, lab in zip(planes, labels_idx):
         by_source.setdefault(pl["source"], []).append((pl, values[lab]))
-    written = []
-    for source, items in by_source.items():
-        pl0 = items[0][0]
-        if pl0["format"] == "png":
+    files: dict[Path, bytes] = {}
+    for path, (source, items) in zip(paths, by_source.items()):
+        if items[0][0]["format"] == "png":
             from PIL import Image
             import io
 
@@ -177,18 +207,16 @@ def _write_label_maps(planes: list[dict], labels_idx: Sequence[np.ndarray], lmap
             arr = arr.astype(np.uint8) if arr.max() < 256 and arr.min() >= 0 else arr.astype(np.uint16)
             buf = io.BytesIO()
             Image.fromarray(arr).save(buf, format="PNG")
-            written.append(atomic_write_bytes(out / f"{pl0['stem']}.png", buf.getvalue(), overwrite=False))
+            files[path] = buf.getvalue()
         else:
-            written.append(_write_nifti(source, [a for _, a in sorted(items, key=lambda t: t[0]["slice_index"] or 0)], out / f"{pl0['stem']}.nii.gz"))
-    return written
+            files[path] = _nifti_bytes(source, [a for _, a in sorted(items, key=lambda t: t[0]["slice_index"] or 0)])
+    return write_files(files, overwrite=overwrite, hint=OVERWRITE_HINT)
 
 
-def _write_nifti(source: str, planes: list[np.ndarray], path: Path) -> Path:
-    """Stack (H, W) planes into a volume in the source's voxel order (the inverse of the readers' transpose)."""
+def _nifti_bytes(source: str, planes: list[np.ndarray]) -> bytes:
+    """Stack (H, W) planes into a gzipped NIfTI volume in the source's voxel order (the inverse of the readers' transpose)."""
     import nibabel as nib
 
-    if path.exists():
-        raise PpcmiError(f"{path}: already exists; refusing to overwrite it")
     vol = np.stack(planes).transpose(2, 1, 0).astype(np.int16)  # (Z, H, W) -> (i, j, k)
     src = Path(source)
     if src.name.lower().endswith((".nii", ".nii.gz")):
@@ -199,9 +227,7 @@ def _write_nifti(source: str, planes: list[np.ndarray], path: Path) -> Path:
     else:
         _, sp = read_image(src, 0 if len(planes) > 1 else None)
         affine = np.diag([sp[1] if sp else 1.0, sp[0] if sp else 1.0, 1.0, 1.0])
-    img = nib.Nifti1Image(vol, affine)
-    atomic_write_bytes(path, img.to_bytes() if not str(path).endswith(".gz") else _gz(img.to_bytes()), overwrite=False)
-    return path
+    return _gz(nib.Nifti1Image(vol, affine).to_bytes())
 
 
 def _gz(b: bytes) -> bytes:
@@ -210,8 +236,11 @@ def _gz(b: bytes) -> bytes:
     return gzip.compress(b, mtime=0)
 
 
-def decode_reply(site_dir: Path, reply: Path, cases: Path | None, out: Path) -> list[Path]:
-    """Unprotect and decode a reply file; ``cases`` is the local list written by :func:`encode_folder`."""
+def decode_reply(site_dir: Path, reply: Path, cases: Path | None, out: Path, *, overwrite: bool = False) -> list[Path]:
+    """Unprotect and decode a reply file; ``cases`` is the local list written by :func:`encode_folder`.
+
+    Every label map path is checked before any is written: an existing one is refused (unless
+    ``overwrite``; then each is replaced atomically) and nothing is left half-written."""
     h = Hospital(site_dir)
     try:
         msg = protocol.decode(Path(reply).read_bytes(), expected=_mask_shapes(h))
@@ -232,7 +261,9 @@ def decode_reply(site_dir: Path, reply: Path, cases: Path | None, out: Path) -> 
     planes = rec["cases"]
     if len(planes) != msg.n:
         raise PpcmiError(f"{cases}: lists {len(planes)} images but the reply holds {msg.n}")
-    return _write_label_maps(planes, h.segment(msg, _geometries(planes, h.data_cfg.preprocess())), label_map_of(h), out)
+    check_outputs(planes, out, overwrite=overwrite)  # before decoding anything
+    return _write_label_maps(planes, h.segment(msg, _geometries(planes, h.data_cfg.preprocess())), label_map_of(h), out,
+                             overwrite=overwrite)
 
 
 def _mask_shapes(h: Hospital) -> dict:
@@ -240,9 +271,12 @@ def _mask_shapes(h: Hospital) -> dict:
     return shapes
 
 
-def _predict(h: Hospital, images: Sequence[Path], out: Path, send: Callable[[bytes], bytes], batch: int = 16) -> list[Path]:
-    """Protect each batch of images, ``send`` its query bytes to a server, unprotect the reply, write label maps."""
+def _predict(h: Hospital, images: Sequence[Path], out: Path, send: Callable[[bytes], bytes], batch: int = 16, *,
+             overwrite: bool = False) -> list[Path]:
+    """Protect each batch of images, ``send`` its query bytes to a server, unprotect the reply, write label maps
+    (every output path checked before anything is read or sent)."""
     planes = list_inputs(images)
+    check_outputs(planes, out, overwrite=overwrite)
     prep = h.data_cfg.preprocess()
     x = _load_planes(planes, prep)
     geometries = _geometries(planes, prep)
@@ -254,20 +288,21 @@ def _predict(h: Hospital, images: Sequence[Path], out: Path, send: Callable[[byt
             raise PpcmiError(f"reply: does not answer the query just sent (query {query.query}, reply to "
                              f"{reply.query or '(no id)'} for {reply.client!r}, {reply.n} of {query.n} rows)")
         labels += h.segment(reply, geometries[s:s + batch], batch=batch)
-    return _write_label_maps(planes, labels, label_map_of(h), out)
+    return _write_label_maps(planes, labels, label_map_of(h), out, overwrite=overwrite)
 
 
-def predict_files(site_dir: Path, send: Callable[[bytes], bytes], images: Sequence[Path], out: Path) -> list[Path]:
+def predict_files(site_dir: Path, send: Callable[[bytes], bytes], images: Sequence[Path], out: Path, *,
+                  overwrite: bool = False) -> list[Path]:
     """Hospital -> mapping -> hospital for image files, through protocol bytes.
 
     ``send`` takes a query message and returns the reply message: the caller chooses who maps it
     (``ppcmi predict --model`` passes an in-process coordinator), so hospital code never loads the
     coordinator's."""
-    return _predict(Hospital(site_dir), images, out, send)
+    return _predict(Hospital(site_dir), images, out, send, overwrite=overwrite)
 
 
 def predict_remote(site_dir: Path, server_url: str, images: Sequence[Path], out: Path, *, cert: Path, key: Path,
-                   ca: Path) -> list[Path]:
+                   ca: Path, overwrite: bool = False) -> list[Path]:
     """Hospital -> HTTPS inference service (mutual TLS) -> hospital for image files.
 
     ``cert`` must be this site's client certificate: its CN is the site id the server uses to
@@ -282,14 +317,21 @@ def predict_remote(site_dir: Path, server_url: str, images: Sequence[Path], out:
     if cn != h.name:
         raise CertError(f"--cert: {cert} is the certificate of site {cn!r}, but {site_dir} is site {h.name!r}")
     with ServiceClient(server_url, cert=cert, key=key, ca=ca) as client:
-        return _predict(h, images, out, client.map)
+        return _predict(h, images, out, client.map, overwrite=overwrite)
 
 
-def evaluate_folder(pred: Path, data: Path, out: Path, labels: str | None = None) -> dict:
-    """Score predicted label maps (matched by stem) against ``data/masks`` at native resolution."""
+def evaluate_folder(pred: Path, data: Path, out: Path, labels: str | None = None, *, overwrite: bool = False) -> dict:
+    """Score predicted label maps (matched by stem) against ``data/masks`` at native resolution.
+
+    ``out/per_case.csv`` and ``out/summary.json`` are refused, before any scoring, if either exists,
+    unless ``overwrite``; then both are replaced, each atomically."""
     from ..data import discover_labels, parse_labels
-    from ..metrics import evaluate_cases, summarize, write_evaluation
+    from ..fileio import refuse_existing
+    from ..metrics import evaluate_cases, evaluation_paths, summarize, write_evaluation
 
+    hint = " (pass --overwrite to replace an earlier evaluation)"
+    if not overwrite:
+        refuse_existing(evaluation_paths(out), hint)
     cases = discover_cases(data)
     lmap = parse_labels(labels) or discover_labels(cases)
     pred_files = {_stem(p): p for p in Path(pred).iterdir() if p.is_file() and _is_image(p)} if Path(pred).is_dir() else {}
@@ -310,5 +352,5 @@ def evaluate_folder(pred: Path, data: Path, out: Path, labels: str | None = None
     if not rows:
         raise DataError(f"{pred}: none of the predictions matches a case in {data}")
     summ = summarize(rows)
-    write_evaluation(rows, summ, out)
+    write_evaluation(rows, summ, out, overwrite=overwrite, hint=hint)
     return summ

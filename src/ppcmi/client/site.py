@@ -17,19 +17,19 @@ from __future__ import annotations
 import json
 import logging
 import secrets
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..config import CONFIG_VERSION, AutoencoderConfig, Config, DataConfig, from_dict
+from ..config import CONFIG_VERSION, AutoencoderConfig, Config, DataConfig, Preprocess, from_dict, migrate
 from ..errors import CheckpointError, PpcmiError
-from ..fileio import atomic_write_json
+from ..fileio import atomic_write_json, fsync_dir, json_text
 from ..klt import KeyedLatentTransform
 from ..data import PlaneGeometry, restore_labels
-from ..models import AEConfig, Autoencoder
+from ..models import AEConfig, AEShape, Autoencoder
 from ..protocol import LatentBatch
 from ..augment import augment_batch, batch_augmenter
 from ..training import FitConfig, FitResult, bce_dice_loss, fit, load_weights, save_weights, seeded_init
@@ -48,9 +48,34 @@ def _ae_loss(model: torch.nn.Module, batch) -> torch.Tensor:
     return bce_dice_loss(model(x), x)
 
 
+RETRAIN_DIR = ".retrain"  # where ``overwrite`` trains the new autoencoders until they are complete
+
+
+def _same_model(old: dict, meta: dict) -> list[str]:
+    """The fields of a site record that make its autoencoders what they are and that differ between ``old`` and ``meta``
+    (an older record is read as its version ran, :func:`ppcmi.config.migrate`; a field it lacks is not compared)."""
+    keys = [k for k in ("site", "n_classes", "labels", "in_channels", "klt") if k in old and old[k] != meta.get(k)]
+    ran = migrate({"version": old.get("version", 1), **{s: old[s] for s in ("data", "autoencoder") if isinstance(old.get(s), dict)}})
+    for section, names in (("data", [f.name for f in fields(Preprocess)]), ("autoencoder", [f.name for f in fields(AEShape)])):
+        was = ran.get(section, {})
+        keys += [f"{section}.{n}" for n in names if n in was and was[n] != meta[section].get(n)]
+    return keys
+
+
+def _read_site_record(path: Path) -> dict:
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable site record ({type(e).__name__})") from None
+    if not isinstance(rec, dict):
+        raise CheckpointError(f"{path}: not a site record (expected a JSON object)")
+    return rec
+
+
 def train_site(site_dir: str | Path, name: str, images: np.ndarray, masks: np.ndarray, *, n_classes: int,
                labels: dict, data_cfg: DataConfig, ae_cfg: AutoencoderConfig, klt: bool = True, seed: int = 0,
-               init_seed: int | None = None, resume: bool = False, progress: bool = True) -> dict[str, FitResult]:
+               init_seed: int | None = None, resume: bool = False, overwrite: bool = False,
+               progress: bool = True) -> dict[str, FitResult]:
     """Stage 1 at one hospital: train the image and mask autoencoders on its own data only.
 
     ``images`` (N, C, S, S) float32 in [0, 1]; ``masks`` (N, S, S) int class indices. A seeded
@@ -58,9 +83,18 @@ def train_site(site_dir: str | Path, name: str, images: np.ndarray, masks: np.nd
     ``seed`` drives the split and the batch order; ``init_seed`` (default ``seed``) the initial
     weights. Hospitals that share a public ``init_seed`` start from the same weights, which keeps
     their latent spaces close and eases the shared mapping core's work; it is no secret.
+
+    ``site.json`` is written when the site has none yet, and otherwise only after the training
+    succeeded (and only if it changed): a failed or refused ``resume`` leaves it as it was, and a resume
+    with other data settings, labels or topology is refused by field. Autoencoders already trained
+    are refused unless ``resume`` (continue) or ``overwrite`` (start over: the new autoencoders train
+    in ``SITE/.retrain/`` and replace the old ones, and ``site.json``, only once both are complete; the
+    key stays).
     """
     site = Path(site_dir)
     load_key(key_path(site))  # fail early on a missing or unsafe key
+    if resume and overwrite:
+        raise PpcmiError("--resume and --overwrite: choose one (continue the run here, or start over)")
     n = images.shape[0]
     if n < 2:
         raise PpcmiError(f"{site}: a hospital needs at least 2 training images, got {n}")
@@ -71,14 +105,25 @@ def train_site(site_dir: str | Path, name: str, images: np.ndarray, masks: np.nd
     meta = {"version": CONFIG_VERSION, "site": name, "seed": init_seed if init_seed is not None else seed, "n_classes": n_classes,
             "labels": labels, "data": asdict(data_cfg),
             "autoencoder": asdict(ae_cfg), "klt": klt, "in_channels": int(images.shape[1]), "n_train": int(len(tr_idx)), "n_val": int(n_val)}
+    meta = json.loads(json_text(meta))  # as it reads back (tuples as lists), so that records compare
     site_json = site / "site.json"
-    if site_json.exists() and not resume:
-        old = json.loads(site_json.read_text())
-        if (site / "image_ae" / "model.safetensors").exists() and (site / "mask_ae" / "model.safetensors").exists():
-            raise PpcmiError(f"{site}: autoencoders already trained here; pass --resume to continue or use another site folder")
+    old = _read_site_record(site_json) if site_json.exists() else None
+    trained = (site / "image_ae" / "model.safetensors").exists() and (site / "mask_ae" / "model.safetensors").exists()
+    if overwrite and (old is not None or trained or any((site / f"{k}_ae").exists() for k in ("image", "mask"))):
+        return _retrain(site, name, images, masks, n_classes=n_classes, labels=labels, data_cfg=data_cfg, ae_cfg=ae_cfg,
+                        klt=klt, seed=seed, init_seed=init_seed, progress=progress)
+    if old is not None:
         if old.get("site") != name:
             raise PpcmiError(f"{site_json}: belongs to site {old.get('site')!r}, not {name!r}")
-    atomic_write_json(site_json, meta)
+        if trained and not resume:
+            raise PpcmiError(f"{site}: autoencoders already trained here; pass --resume to continue, --overwrite to "
+                             "train them again from scratch (the key stays), or use another site folder")
+        changed = _same_model(old, meta) if resume else []
+        if changed:
+            raise PpcmiError(f"{site_json}: {changed[0]} differs from the interrupted run's ({len(changed)} setting(s)); "
+                             "--resume continues the same training: give its settings, or --overwrite to start over")
+    else:  # a new site (``resume`` then simply trains from the start): its record first, so that a resume can check it
+        atomic_write_json(site_json, meta, overwrite=False)
     x_img = torch.from_numpy(images).float()
     x_msk = one_hot(torch.from_numpy(masks), n_classes)
     results = {}
@@ -97,6 +142,41 @@ def train_site(site_dir: str | Path, name: str, images: np.ndarray, masks: np.nd
                                               "best_val_loss": res.best_val, "epochs_run": len(res.history),
                                               "history": res.history, "train_seconds": res.seconds})
         results[kind] = res
+    if old is not None and old != meta:
+        atomic_write_json(site_json, meta)  # only now, after both autoencoders succeeded
+    return results
+
+
+def _retrain(site: Path, name: str, images: np.ndarray, masks: np.ndarray, **kw) -> dict[str, FitResult]:
+    """``train_site(..., overwrite=True)`` on a trained site: train in ``SITE/.retrain/`` (the key hard-linked, never
+    copied), then move the new autoencoders and ``site.json`` into place; the old ones go only after that."""
+    import os
+    import shutil
+
+    stage = site / RETRAIN_DIR
+    if stage.exists():
+        shutil.rmtree(stage)  # what an interrupted --overwrite left: it starts over
+    stage.mkdir()
+    try:
+        os.link(key_path(site), key_path(stage))
+        results = train_site(stage, name, images, masks, **kw)
+        old_dirs = []
+        for kind in ("image", "mask"):
+            d = site / f"{kind}_ae"
+            if d.exists():
+                aside = site / f".{kind}_ae.replaced"
+                if aside.exists():
+                    shutil.rmtree(aside)
+                d.rename(aside)
+                old_dirs.append(aside)
+            (stage / f"{kind}_ae").rename(d)
+        (stage / "site.json").replace(site / "site.json")
+        fsync_dir(site)
+        for d in old_dirs:
+            shutil.rmtree(d)
+    finally:
+        if stage.exists():
+            shutil.rmtree(stage)
     return results
 
 

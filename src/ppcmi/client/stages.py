@@ -52,19 +52,21 @@ def prepare(cases: Sequence[Case], cfg: Config, labels: LabelMap, *, progress: b
 
 
 def train_autoencoders(site_dir: str | Path, name: str, arrays: dict, cfg: Config, labels: LabelMap, *, seed: int,
-                       resume: bool = False, progress: bool = True, create_key: bool = True) -> dict[str, FitResult]:
+                       resume: bool = False, overwrite: bool = False, progress: bool = True,
+                       create_key: bool = True) -> dict[str, FitResult]:
     """Stage 1 on this hospital's data only: its image and mask autoencoders (and, with ``create_key``, a
     key on first use; without it a missing key is an error, as ``ppcmi client train`` wants ``keygen`` first).
 
     ``seed`` is the hospital's site seed (split and batch order); the initial weights come from the
-    shared ``cfg.seed``."""
+    shared ``cfg.seed``. ``overwrite`` trains them again from scratch (see :func:`ppcmi.client.site.train_site`)."""
     site = Path(site_dir)
     site.mkdir(parents=True, exist_ok=True)
     if create_key:
         ensure_key(site)
     return train_site(site, name, arrays["images"], arrays["masks"], n_classes=labels.n_classes,
                       labels={"values": list(labels.values), "names": list(labels.names)}, data_cfg=cfg.data,
-                      ae_cfg=cfg.autoencoder, klt=cfg.klt, seed=seed, init_seed=cfg.seed, resume=resume, progress=progress)
+                      ae_cfg=cfg.autoencoder, klt=cfg.klt, seed=seed, init_seed=cfg.seed, resume=resume, overwrite=overwrite,
+                      progress=progress)
 
 
 def training_batch(hospital: Hospital, arrays: dict, cfg: Config, *, dtype=np.float32) -> LatentBatch:
