@@ -692,3 +692,132 @@ def test_center_crop_and_restore_round_trip():
     assert np.allclose(x, (ref - ref.min()) / (ref.max() - ref.min()), atol=1e-6)
     with pytest.raises(DataError, match="data.crop"):
         Preprocess(crop=0.0)
+
+
+# ----------------------------------------------------------------------------- nnU-Net raw dataset layout
+
+
+def _nnunet_v2(root: Path, *, channels: int = 2, ending: str = ".nii.gz") -> dict[str, np.ndarray]:
+    """imagesTr/CASE_000k + labelsTr/CASE (3D NIfTI, 3 slices), imagesTs/t1_000k; returns the masks (i, j, k)."""
+    import json
+
+    rng = np.random.default_rng(5)
+    masks = {}
+    for case in ("ca", "cb"):
+        m = np.zeros((6, 5, 3), np.uint8)
+        m[1:4, 2:4, 1:] = 1
+        m[4, 0, :] = 3
+        masks[case] = m
+        _nifti(root / "labelsTr" / f"{case}{ending}", m)
+        for c in range(channels):
+            _nifti(root / "imagesTr" / f"{case}_{c:04d}{ending}", (rng.normal(size=(6, 5, 3)) + 10 * c).astype(np.float32))
+    for c in range(channels):
+        _nifti(root / "imagesTs" / f"t1_{c:04d}{ending}", rng.normal(size=(6, 5, 3)).astype(np.float32))
+    (root / "dataset.json").write_text(json.dumps({
+        "channel_names": {str(c): name for c, name in enumerate(["T2", "ADC"][:channels])},
+        "labels": {"background": 0, "zone": 1, "lesion": 3}, "numTraining": 2, "file_ending": ending}))
+    return masks
+
+
+def test_nnunet_v2_channels_labels_and_info(tmp_path):
+    from ppcmi.data import dataset_info, nnunet_test_images
+
+    root = tmp_path / "Dataset001_Prostate"
+    masks = _nnunet_v2(root)
+    cases = discover_cases(root)
+    assert [c.case_id for c in cases] == [f"{s}_z{k:03d}" for s in ("ca", "cb") for k in range(3)]
+    c = cases[4]
+    assert c.image_paths == (root / "imagesTr" / "cb_0000.nii.gz", root / "imagesTr" / "cb_0001.nii.gz")
+    assert c.image_path == c.image_paths[0] and c.mask_path == root / "labelsTr" / "cb.nii.gz" and c.group == "cb"
+    img, _ = read_image(c.image_source, c.slice_index)
+    assert img.shape == (2, 5, 6)
+    assert abs(float(img[1].mean()) - 10.0) < 1.5 and abs(float(img[0].mean())) < 1.5  # channel order kept
+    m, _ = read_mask(c.mask_path, c.slice_index)
+    np.testing.assert_array_equal(m, masks["cb"][:, :, 1].T)
+    lmap = discover_labels(cases)
+    assert lmap == LabelMap((0, 1, 3), ("background", "zone", "lesion"))
+    with pytest.raises(DataError, match=r"cb_0000\.nii\.gz \(slice 1\): image has 2 channels; the networks take 1"):
+        load_sample(c, Preprocess(size=4, intensity="minmax"), lmap)
+    info = dataset_info(root)
+    assert info == {"layout": "nnunet", "version": 2, "name": None, "modalities": ["T2", "ADC"], "channels": 2,
+                    "labels": {"values": [0, 1, 3], "names": ["background", "zone", "lesion"]},
+                    "file_ending": ".nii.gz", "num_training": 2, "num_test": 1}
+    assert nnunet_test_images(root) == [("t1", (root / "imagesTs" / "t1_0000.nii.gz", root / "imagesTs" / "t1_0001.nii.gz"))]
+
+
+def test_nnunet_v2_errors(tmp_path):
+    import json
+
+    root = tmp_path / "ds"
+    _nnunet_v2(root)
+    (root / "imagesTr" / "cb_0001.nii.gz").unlink()
+    with pytest.raises(DataError, match=r"imagesTr: case 'cb' has 1 channel files .* declares 2 channels"):
+        discover_cases(root)
+    (root / "imagesTr" / "cb_0000.nii.gz").unlink()
+    with pytest.raises(DataError, match=r"cb\.nii\.gz: no image for this label"):
+        discover_cases(root)
+    meta = json.loads((root / "dataset.json").read_text())
+    (root / "dataset.json").write_text(json.dumps({**meta, "labels": {"background": 0, "both": [1, 3]}}))
+    with pytest.raises(DataError, match="region-based labels are not supported"):
+        discover_cases(root)
+    root2 = tmp_path / "ds2"
+    _nnunet_v2(root2)
+    (root2 / "dataset.json").write_text(json.dumps({**meta, "labels": {"background": 0, "zone": 1}}))
+    with pytest.raises(DataError, match=r"masks hold the values \[3\] that dataset.json 'labels' \(0, 1\) does not declare"):
+        discover_labels(discover_cases(root2))
+
+
+def test_nnunet_v1_msd_layout_4d_channels_without_suffix(tmp_path, caplog):
+    """MSD: modality + labels index -> name, a training list with ./ paths, 4D NIfTI images (channels last)."""
+    import json
+
+    from ppcmi.data import dataset_info, nnunet_test_images
+
+    root = tmp_path / "Task05_Prostate"
+    img = np.stack([np.full((6, 5, 3), 1.0, np.float32), np.full((6, 5, 3), 7.0, np.float32)], axis=-1)
+    img[2, 1, 0, 1] = 9.0  # voxel (i=2, j=1, k=0) of channel 1
+    for case in ("prostate_00", "prostate_01", "prostate_02"):
+        _nifti(root / "imagesTr" / f"{case}.nii.gz", img)
+        _nifti(root / "labelsTr" / f"{case}.nii.gz", (np.arange(6 * 5 * 3).reshape(6, 5, 3) % 3).astype(np.float32))
+    _nifti(root / "imagesTs" / "prostate_07.nii.gz", img)
+    (root / "dataset.json").write_text(json.dumps({
+        "name": "PROSTATE", "modality": {"0": "T2", "1": "ADC"}, "labels": {"0": "background", "1": "PZ", "2": "TZ"},
+        "numTraining": 3, "numTest": 1,
+        "training": [{"image": f"./imagesTr/{c}.nii.gz", "label": f"./labelsTr/{c}.nii.gz"} for c in ("prostate_00", "prostate_02")],
+        "test": ["./imagesTs/prostate_07.nii.gz"]}))
+    with caplog.at_level(logging.WARNING):
+        cases = discover_cases(root)
+    assert "not listed in dataset.json 'training'" in caplog.text and "numTraining is 3 but 2" in caplog.text
+    assert sorted({c.group for c in cases}) == ["prostate_00", "prostate_02"]
+    c = cases[0]
+    assert c.image_paths == () and c.slice_index == 0
+    x, _ = read_image(c.image_source, 0)
+    assert x.shape == (2, 5, 6) and x[1, 1, 2] == 9.0 and x[0].max() == 1.0
+    assert discover_labels(cases) == LabelMap((0, 1, 2), ("background", "PZ", "TZ"))
+    info = dataset_info(root)
+    assert (info["version"], info["name"], info["modalities"], info["channels"], info["num_training"], info["num_test"]) == \
+        (1, "PROSTATE", ["T2", "ADC"], 2, 2, 1)
+    assert nnunet_test_images(root) == [("prostate_07", (root / "imagesTs" / "prostate_07.nii.gz",))]
+
+
+def test_dataset_info_images_masks_layout(tmp_path):
+    from ppcmi.data import dataset_info
+
+    root = tmp_path / "ds"
+    _pair(root, "a", np.zeros((6, 8, 3), np.uint8), _binary_mask())
+    _pair(root, "b", np.zeros((6, 8, 3), np.uint8), _binary_mask())
+    assert dataset_info(root) == {"layout": "images-masks", "version": None, "name": None, "modalities": None,
+                                  "channels": 3, "labels": None, "file_ending": ".png", "num_training": 2, "num_test": 0}
+    (root / "masks" / "b.png").unlink()
+    with pytest.raises(DataError, match="no mask found"):
+        dataset_info(root)
+
+
+def test_nrrd_volume_reads_like_mha(tmp_path):
+    a = np.arange(3 * 4 * 5, dtype=np.int16).reshape(3, 4, 5)  # (z, y, x)
+    p = _mha(tmp_path / "v.nrrd", a, (0.6, 0.9, 3.0))
+    assert n_slices(p) == 3
+    for k in range(3):
+        img, sp = read_image(p, k)
+        np.testing.assert_array_equal(img[0], a[k])
+        assert sp == pytest.approx((0.9, 0.6))

@@ -4,10 +4,11 @@ Everything that names a file or a patient stays here: a query message carries on
 latents, and the list of which case each row belongs to is kept beside it in a local
 ``<message>.cases.json`` that never leaves the hospital. The case list records the query's random
 id and the fingerprint of the key it was encoded under; a reply echoes the id, and decoding refuses a
-reply, case list or key that do not belong together, so a result can only land on its own patients. Label maps are written in the input's
-format: PNG for 2D images, NIfTI for volumes (NIfTI, MetaImage or DICOM series inputs), on each plane's native
-grid: the mask decoder's class probabilities lose the padding and are resampled to the plane before the argmax
-(:func:`ppcmi.data.restore_labels`).
+reply, case list or key that do not belong together, so a result can only land on its own patients. Label maps keep
+the input's geometry (:mod:`ppcmi.data.writers`): PNG for 2D images, NIfTI for NIfTI, MHA for MetaImage, NRRD for
+NRRD, and for DICOM a NIfTI on the series geometry plus a DICOM SEG that references the source instances. They are
+on each plane's native grid: the mask decoder's class probabilities lose the padding and are resampled to the
+plane before the argmax (:func:`ppcmi.data.restore_labels`).
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .. import protocol
-from ..data import (IMAGE_EXTS, LabelMap, PlaneGeometry, Preprocess, discover_cases, n_slices, plane_geometry, prepare_image,
-                    read_image, read_mask)
+from ..data import (IMAGE_EXTS, LabelMap, PlaneGeometry, Preprocess, dicom_rt_series, discover_cases, n_slices, nnunet_test_images,
+                    output_format, output_names, plane_geometry, prepare_image, read_case_mask, read_image, read_mask,
+                    render_prediction)
 from ..errors import DataError, PpcmiError
 from ..fileio import atomic_write_bytes, atomic_write_json, refuse_existing, write_files
 from . import stages
@@ -49,34 +51,52 @@ def _is_image(p: Path) -> bool:
 
 
 def list_inputs(paths: Sequence[Path]) -> list[dict]:
-    """Expand image files, DICOM series folders and dataset folders (``images/``) into planes to segment."""
-    files: list[Path] = []
+    """Expand image files, DICOM series folders and dataset folders (``images/``, an nnU-Net raw
+    dataset's ``imagesTs/`` with its ``CASE_0000``, ``CASE_0001``, ... channels as one image, or a
+    DICOM-RT export's series named after their patient folders) into planes
+    to segment. A plane is ``{"source", "slice_index", "stem", "format"}`` plus ``"channels"`` (every
+    channel file, ``source`` first) for an image stored one file per channel."""
+    items: list[tuple[Path, tuple[Path, ...], str]] = []  # (source, channel files or (), stem)
     for p in map(Path, paths):
         if not p.exists():
             raise DataError(f"{p}: no such file or folder")
+        if p.is_dir() and not (p / "images").is_dir() and (p / "imagesTs").is_dir():
+            items += [(ch[0], ch if len(ch) > 1 else (), case) for case, ch in nnunet_test_images(p)]
+            continue
+        rt = dicom_rt_series(p) if p.is_dir() and not (p / "images").is_dir() else []
+        if rt:  # a DICOM-RT export: each patient's image series, named after the patient folder
+            items += [(series, (), patient) for patient, series in rt]
+            continue
         if p.is_dir() and (p / "images").is_dir():
-            files += sorted(q for q in (p / "images").iterdir() if _is_image(q) and not q.name.startswith("."))
+            found = sorted(q for q in (p / "images").iterdir() if _is_image(q) and not q.name.startswith("."))
         elif p.is_dir() and not any(q.suffix.lower() in (".dcm", "") and q.is_file() for q in p.iterdir()):
-            files += sorted(q for q in p.iterdir() if q.is_file() and _is_image(q) and not q.name.startswith("."))
+            found = sorted(q for q in p.iterdir() if q.is_file() and _is_image(q) and not q.name.startswith("."))
         else:
-            files.append(p)
-    if not files:
+            found = [p]
+        items += [(f, (), _stem(f)) for f in found]
+    if not items:
         raise DataError(f"{', '.join(map(str, paths))}: no images found")
     planes = []
-    for f in files:
+    for f, channels, stem in items:
         n = n_slices(f)
-        fmt = "png" if n is None and not f.is_dir() and not f.name.lower().endswith((".nii", ".nii.gz", ".mha", ".mhd")) else "nifti"
+        fmt = output_format(f)  # what write_prediction will write: png, nifti, mha, nrrd or dicom (NIfTI + SEG)
         for k in ([None] if n is None else range(n)):
-            planes.append({"source": str(f), "slice_index": k, "stem": _stem(f), "format": fmt})
+            plane = {"source": str(f), "slice_index": k, "stem": stem, "format": fmt}
+            if channels:
+                plane["channels"] = [str(c) for c in channels]
+            planes.append(plane)
     return planes
 
 
 def _load_planes(planes: list[dict], prep: Preprocess) -> np.ndarray:
     out = np.empty((len(planes), 3 if prep.color == "rgb" else 1, prep.size, prep.size), np.float32)
     for i, pl in enumerate(planes):
-        img, _ = read_image(Path(pl["source"]), pl["slice_index"])
+        img, _ = read_image([Path(c) for c in pl["channels"]] if pl.get("channels") else Path(pl["source"]),
+                            pl["slice_index"])
         if not np.isfinite(img).all():
             raise DataError(f"{pl['source']}: image has NaN/Inf values")
+        if img.shape[0] not in (1, 3):
+            raise DataError(f"{pl['source']}: image has {img.shape[0]} channels; the networks take 1 (gray) or 3 (rgb)")
         pl["original_shape"] = list(img.shape[1:])
         out[i] = prepare_image(img, prep)
     return out
@@ -160,19 +180,21 @@ def _geometries(planes: list[dict], prep: Preprocess) -> list[PlaneGeometry]:
 
 
 def label_map_paths(planes: list[dict], out: Path) -> list[Path]:
-    """The label map file each source of ``planes`` goes to (``STEM.png`` for 2D, ``STEM.nii.gz`` otherwise), in order;
-    two sources that would share a file are an error naming it."""
-    paths: dict[str, Path] = {}
+    """The files each source of ``planes`` is written to (:func:`ppcmi.data.output_names`: ``STEM.png`` for 2D
+    images, ``STEM.nii.gz`` for NIfTI, ``STEM.mha``, ``STEM.nrrd``, and for DICOM ``STEM.nii.gz`` + ``STEM.seg.dcm``),
+    in order; two sources that would share a file are an error naming it."""
+    paths: dict[str, list[Path]] = {}
     for pl in planes:
         if pl["source"] not in paths:
-            paths[pl["source"]] = out / f"{pl['stem']}{'.png' if pl['format'] == 'png' else '.nii.gz'}"
+            paths[pl["source"]] = [out / n for n in output_names(pl["source"], pl["stem"])]
     seen: dict[Path, str] = {}
-    for source, p in paths.items():
-        if p in seen:
-            raise PpcmiError(f"{p}: the label maps of {seen[p]} and {source} would both be written here (same file name); "
-                             "segment them into separate --out folders")
-        seen[p] = source
-    return list(paths.values())
+    for source, ps in paths.items():
+        for p in ps:
+            if p in seen:
+                raise PpcmiError(f"{p}: the label maps of {seen[p]} and {source} would both be written here (same file "
+                                 "name); segment them into separate --out folders")
+            seen[p] = source
+    return [p for ps in paths.values() for p in ps]
 
 
 def check_outputs(planes: list[dict], out: Path, *, overwrite: bool = False) -> list[Path]:
@@ -188,52 +210,22 @@ OVERWRITE_HINT = " (pass --overwrite to replace earlier label maps)"
 
 def _write_label_maps(planes: list[dict], labels_idx: Sequence[np.ndarray], lmap: LabelMap, out: Path, *,
                       overwrite: bool = False) -> list[Path]:
-    """Map each plane's class indices (already on its native grid) to raw label values, write one file per source.
+    """Map each plane's class indices (already on its native grid) to raw label values, and write one label map
+    per source with the source's geometry (:func:`ppcmi.data.render_prediction`).
 
     Every file is rendered first and then written as one step (:func:`ppcmi.fileio.write_files`): an existing file
     is refused before any is written (unless ``overwrite``), so a refusal leaves no label map behind."""
-    paths = check_outputs(planes, out, overwrite=overwrite)
+    check_outputs(planes, out, overwrite=overwrite)
     values = np.asarray(lmap.values)
     by_source: dict[str, list[tuple[dict, np.ndarray]]] = {}
     for pl, lab in zip(planes, labels_idx):
         by_source.setdefault(pl["source"], []).append((pl, values[lab]))
     files: dict[Path, bytes] = {}
-    for path, (source, items) in zip(paths, by_source.items()):
-        if items[0][0]["format"] == "png":
-            from PIL import Image
-            import io
-
-            arr = items[0][1]
-            arr = arr.astype(np.uint8) if arr.max() < 256 and arr.min() >= 0 else arr.astype(np.uint16)
-            buf = io.BytesIO()
-            Image.fromarray(arr).save(buf, format="PNG")
-            files[path] = buf.getvalue()
-        else:
-            files[path] = _nifti_bytes(source, [a for _, a in sorted(items, key=lambda t: t[0]["slice_index"] or 0)])
+    for source, items in by_source.items():
+        items.sort(key=lambda t: t[0]["slice_index"] or 0)
+        rendered = render_prediction(Path(source), [a for _, a in items], items[0][0]["stem"], labels=lmap)
+        files.update((out / name, blob) for name, blob in rendered.items())
     return write_files(files, overwrite=overwrite, hint=OVERWRITE_HINT)
-
-
-def _nifti_bytes(source: str, planes: list[np.ndarray]) -> bytes:
-    """Stack (H, W) planes into a gzipped NIfTI volume in the source's voxel order (the inverse of the readers' transpose)."""
-    import nibabel as nib
-
-    vol = np.stack(planes).transpose(2, 1, 0).astype(np.int16)  # (Z, H, W) -> (i, j, k)
-    src = Path(source)
-    if src.name.lower().endswith((".nii", ".nii.gz")):
-        ref = nib.load(str(src))
-        affine = ref.affine
-        if len(ref.shape) == 2 or (len(ref.shape) >= 3 and ref.shape[2] == 1):
-            vol = vol.reshape(ref.shape[:2] + (1,) * (len(ref.shape) - 2)) if len(ref.shape) > 2 else vol[:, :, 0]
-    else:
-        _, sp = read_image(src, 0 if len(planes) > 1 else None)
-        affine = np.diag([sp[1] if sp else 1.0, sp[0] if sp else 1.0, 1.0, 1.0])
-    return _gz(nib.Nifti1Image(vol, affine).to_bytes())
-
-
-def _gz(b: bytes) -> bytes:
-    import gzip
-
-    return gzip.compress(b, mtime=0)
 
 
 def decode_reply(site_dir: Path, reply: Path, cases: Path | None, out: Path, *, overwrite: bool = False) -> list[Path]:
@@ -342,7 +334,7 @@ def evaluate_folder(pred: Path, data: Path, out: Path, labels: str | None = None
         stem = c.case_id if c.slice_index is None else c.case_id.rsplit("_z", 1)[0]
         if stem not in pred_files:
             continue
-        gt, sp = read_mask(c.mask_path, c.slice_index)
+        gt, sp = read_case_mask(c)
         pr, _ = read_mask(pred_files[stem], c.slice_index)
         if pr.shape != gt.shape:
             raise DataError(f"{pred_files[stem]}: prediction is {pr.shape} but the ground truth {c.mask_path} is {gt.shape}")

@@ -13,9 +13,9 @@ import numpy as np
 from ..config import Preprocess
 from ..errors import DataError
 from ..labels import LabelMap
-from .discovery import Case
+from .discovery import Case, read_case_mask
 from .geometry import PlaneGeometry, crop_plane, fit_image, fit_mask, label_dtype, plane_geometry
-from .readers import _cached_volume, read_image, read_mask
+from .readers import _cached_volume, read_image
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +80,8 @@ class Sample:
 def load_sample(case: Case, prep: Preprocess, labels: LabelMap) -> Sample:
     """Read, check, scale, resize and pad one case; masks are mapped to class indices, then resized (nearest)
     and padded with background."""
-    image, sp_img = read_image(case.image_path, case.slice_index)
-    mask, sp_mask = read_mask(case.mask_path, case.slice_index)
+    image, sp_img = read_image(case.image_source, case.slice_index)
+    mask, sp_mask = read_case_mask(case)
     where = "" if case.slice_index is None else f" (slice {case.slice_index})"
     h, w = image.shape[1:]
     if (h, w) != mask.shape:
@@ -90,6 +90,9 @@ def load_sample(case: Case, prep: Preprocess, labels: LabelMap) -> Sample:
     finite = np.isfinite(image)
     if not finite.all():
         raise DataError(f"{case.image_path}{where}: image has {int((~finite).sum())} NaN/Inf values")
+    if image.shape[0] not in (1, 3):
+        raise DataError(f"{case.image_path}{where}: image has {image.shape[0]} channels; the networks take 1 (gray) or "
+                        f"3 (rgb) channels, multi-channel inputs are read but not yet modelled")
     index = labels.to_index(mask, f"{case.mask_path}{where}")
     spacing = sp_img or sp_mask
     g = plane_geometry((h, w), prep)

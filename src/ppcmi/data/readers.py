@@ -1,5 +1,5 @@
-"""Image and mask readers (hospital side): PNG/JPEG/TIFF, NIfTI, MHA/MHD, DICOM files and series,
-returning one 2D plane (H, W) and its spacing; and the label values a dataset's masks hold.
+"""Image and mask readers (hospital side): PNG/JPEG/TIFF, NIfTI, MHA/MHD, NRRD, DICOM files and series,
+returning one 2D plane (H, W) and its spacing; an image may be several files, one per channel.
 """
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 import functools
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -15,10 +15,11 @@ from ..errors import DataError
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".nii", ".nii.gz", ".mha", ".mhd", ".dcm")
+IMAGE_EXTS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".nii", ".nii.gz", ".mha", ".mhd", ".nrrd",
+                                ".nhdr", ".dcm")
 _PIL_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 _NIFTI_EXTS = (".nii", ".nii.gz")
-_ITK_EXTS = (".mha", ".mhd")
+_ITK_EXTS = (".mha", ".mhd", ".nrrd", ".nhdr")
 _EXTS_LONGEST_FIRST = tuple(sorted(IMAGE_EXTS, key=len, reverse=True))
 
 Spacing = tuple[float, float] | None
@@ -73,11 +74,13 @@ def _stamp(path: Path) -> tuple[int, int]:
 
 
 def _nifti_shape(shape: tuple[int, ...], path: Path) -> tuple[int, ...]:
+    """(i, j[, k[, c]]) with trailing singleton axes dropped; a 4th axis holds channels (MSD multi-modal)."""
     shape = tuple(int(s) for s in shape)
     while len(shape) > 3 and shape[-1] == 1:
         shape = shape[:-1]
-    if len(shape) not in (2, 3):
-        raise DataError(f"{path}: NIfTI data shaped {shape} is not supported (2D or 3D only)")
+    if len(shape) not in (2, 3, 4):
+        raise DataError(f"{path}: NIfTI data shaped {shape} is not supported (2D, 3D, or 3D with channels on the "
+                        f"4th axis)")
     return shape
 
 
@@ -93,7 +96,8 @@ def _cached_volume(path_str: str, stamp: tuple[int, int]) -> tuple[np.ndarray, S
         data = np.asanyarray(img.dataobj).reshape(shape)
         if data.ndim == 2:
             data = data[:, :, None]
-        vol = np.ascontiguousarray(data.transpose(2, 1, 0))  # (i, j, k) -> (k, j, i) = (Z, H, W)
+        # (i, j, k[, c]) -> (k, j, i[, c]) = (Z, H, W[, C])
+        vol = np.ascontiguousarray(data.transpose((2, 1, 0) + tuple(range(3, data.ndim))))
         zooms = img.header.get_zooms()
         spacing = (float(zooms[1]), float(zooms[0])) if len(zooms) >= 2 else None
     else:
@@ -183,7 +187,7 @@ def _n_slices(path: Path, kind: str) -> int | None:
             import nibabel as nib
 
             shape = _nifti_shape(nib.load(path).shape, path)
-            return shape[2] if len(shape) == 3 and shape[2] > 1 else None
+            return shape[2] if len(shape) >= 3 and shape[2] > 1 else None
         if fmt == "itk":
             import SimpleITK as sitk
 
@@ -245,18 +249,39 @@ def _read_pil(path: Path, kind: str) -> np.ndarray:
     return arr
 
 
+def _rescale(ds: Any, frame: int) -> tuple[float, float]:
+    """(slope, intercept) of the modality rescale: top level, or for an enhanced multi-frame image the
+    frame's own or the shared PixelValueTransformationSequence (where SimpleITK/GDCM read it too)."""
+    if "RescaleSlope" in ds or "RescaleIntercept" in ds:
+        return float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
+    groups = []
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if per_frame is not None and frame < len(per_frame):
+        groups.append(per_frame[frame])
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    if shared:
+        groups.append(shared[0])
+    for g in groups:
+        seq = g.get("PixelValueTransformationSequence")
+        if seq:
+            return float(seq[0].get("RescaleSlope", 1) or 1), float(seq[0].get("RescaleIntercept", 0) or 0)
+    return 1.0, 0.0
+
+
 def _read_dicom_pixels(path: Path, kind: str, frame: int | None) -> np.ndarray:
     import pydicom
 
     ds = pydicom.dcmread(path)
     arr = ds.pixel_array
     frames = int(ds.get("NumberOfFrames", 1) or 1)
+    k = 0
     if frames > 1:
-        arr = arr[_pick(frames, frame, path)]
+        k = _pick(frames, frame, path)
+        arr = arr[k]
     elif frame not in (None, 0):
         raise DataError(f"{path}: is a 2D image; slice index {frame} is out of range")
     if kind == "image":
-        slope, intercept = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
+        slope, intercept = _rescale(ds, k)
         if slope != 1 or intercept != 0:
             arr = arr.astype(np.float64) * slope + intercept
     return arr
@@ -291,30 +316,172 @@ def _read_plane(path: Path, slice_index: int | None, kind: str) -> tuple[np.ndar
     return arr, spacing
 
 
-def read_image(path: Path, slice_index: int | None = None) -> tuple[np.ndarray, tuple[float, float] | None]:
-    """Read one image plane: float32 (C, H, W) raw intensities, C = 1 or 3, and (row_mm, col_mm) or None.
+def read_image(path: Path | Sequence[Path], slice_index: int | None = None) -> tuple[np.ndarray, tuple[float, float] | None]:
+    """Read one image plane: float32 (C, H, W) raw intensities and (row_mm, col_mm) or None.
 
-    RGBA drops alpha; palette images are converted to RGB; DICOM applies RescaleSlope/Intercept.
-    ``slice_index`` selects the axial slice of a 3D volume (None for 2D files).
+    C is 1 (gray), 3 (RGB), or the channels of a multi-channel volume (a 4D NIfTI's 4th axis, a
+    vector MHA/NRRD). ``path`` may also be a sequence of files, one per channel (nnU-Net's
+    ``CASE_0000``, ``CASE_0001``, ...): their planes are stacked in that order and must agree in size.
+    RGBA drops alpha; palette images are converted to RGB; DICOM applies RescaleSlope/Intercept, so
+    CT comes in HU. ``slice_index`` selects the axial slice of a 3D volume (None for 2D files).
     """
+    if not isinstance(path, (str, Path)):
+        paths = [Path(p) for p in path]
+        if not paths:
+            raise DataError("read_image: an empty list of channel files")
+        planes = [read_image(p, slice_index) for p in paths]
+        for p, (a, _) in zip(paths[1:], planes[1:]):
+            if a.shape[1:] != planes[0][0].shape[1:]:
+                raise DataError(f"{p}: channel plane is {a.shape[1]}x{a.shape[2]} but {paths[0].name} is "
+                                f"{planes[0][0].shape[1]}x{planes[0][0].shape[2]}")
+        return np.concatenate([a for a, _ in planes]), planes[0][1]
     path = Path(path)
     arr, spacing = _read_plane(path, slice_index, "image")
-    if arr.ndim == 2:
-        arr = arr[None]
-    elif arr.shape[2] in (1, 3):
-        arr = arr.transpose(2, 0, 1)
-    else:
-        raise DataError(f"{path}: image has {arr.shape[2]} channels; only 1 (gray) or 3 (RGB) are supported")
+    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
     return np.ascontiguousarray(arr, dtype=np.float32), spacing
 
 
-def read_mask(path: Path, slice_index: int | None = None) -> tuple[np.ndarray, tuple[float, float] | None]:
+# ----------------------------------------------------------------------------- DICOM RTSTRUCT masks
+
+
+@functools.lru_cache(maxsize=64)
+def _modality(path_str: str, stamp: tuple[int, int]) -> str:
+    import pydicom
+
+    try:
+        return str(pydicom.dcmread(path_str, stop_before_pixels=True, specific_tags=["Modality"]).get("Modality", ""))
+    except Exception:  # not DICOM: the format's own reader reports it
+        return ""
+
+
+def is_rtstruct(path: str | Path) -> bool:
+    """Whether ``path`` is a DICOM RT Structure Set file (Modality RTSTRUCT)."""
+    path = Path(path)
+    return path.is_file() and _split_name(path.name)[1] in (".dcm", "") and _modality(str(path), _stamp(path)) == "RTSTRUCT"
+
+
+@functools.lru_cache(maxsize=8)
+def _rt_header(path_str: str, stamp: tuple[int, int]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(ROI names in StructureSetROISequence order, referenced SeriesInstanceUIDs) of an RTSTRUCT."""
+    import pydicom
+
+    ds = pydicom.dcmread(path_str, stop_before_pixels=True)
+    uids = {str(se.SeriesInstanceUID) for fr in ds.get("ReferencedFrameOfReferenceSequence", [])
+            for st in fr.get("RTReferencedStudySequence", []) for se in st.get("RTReferencedSeriesSequence", [])}
+    return tuple(str(r.ROIName) for r in ds.get("StructureSetROISequence", [])), tuple(sorted(uids))
+
+
+@functools.lru_cache(maxsize=8)
+def _series_uid(folder_str: str, stamp: tuple[int, int]) -> str:
+    import pydicom
+
+    first = _series(Path(folder_str))[0][0]
+    return str(pydicom.dcmread(first, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"]).SeriesInstanceUID)
+
+
+def rtstruct_series_uid(path: Path) -> str:
+    """The SeriesInstanceUID of the image series an RTSTRUCT's contours are drawn on."""
+    path = Path(path)
+    uids = _guarded(path, "mask", lambda: _rt_header(str(path), _stamp(path)))[1]
+    if len(uids) != 1:
+        raise DataError(f"{path}: RTSTRUCT references {len(uids)} image series; exactly one is supported")
+    return uids[0]
+
+
+def rtstruct_roi_names(path: Path) -> list[str]:
+    """The ROI names of an RTSTRUCT, in its StructureSetROISequence order."""
+    path = Path(path)
+    return list(_guarded(path, "mask", lambda: _rt_header(str(path), _stamp(path)))[0])
+
+
+@functools.lru_cache(maxsize=1)
+def _loaded_rtstruct(rt_str: str, series_str: str, stamps: tuple[tuple[int, int], tuple[int, int]]) -> tuple[Any, np.ndarray]:
+    """rt-utils' RTStruct on the series (it loads every slice), and where its slices sit in the readers' order."""
+    import pydicom
+    from rt_utils import RTStructBuilder
+
+    rt, folder = Path(rt_str), Path(series_str)
+    files = _series(folder)[0]
+    heads = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    h0 = heads[0]
+    # rt-utils 1.2.7 allocates each slice mask as (Columns, Rows) and scales the row direction by the
+    # row spacing: it is right only for square images with square pixels, so refuse the others.
+    if int(h0.Rows) != int(h0.Columns) or abs(float(h0.PixelSpacing[0]) - float(h0.PixelSpacing[1])) > 1e-6:
+        raise DataError(f"{rt}: RTSTRUCT rasterisation (rt-utils 1.2.7) needs square slices with square pixels; "
+                        f"the series is {h0.Rows}x{h0.Columns} at {list(h0.PixelSpacing)} mm")
+    struct = RTStructBuilder.create_from(dicom_series_path=str(folder), rt_struct_path=str(rt))
+    ours = {str(h.SOPInstanceUID): k for k, h in enumerate(heads)}
+    theirs = [str(ds.SOPInstanceUID) for ds in struct.series_data]
+    if sorted(theirs) != sorted(ours):
+        raise DataError(f"{rt}: rt-utils found {len(theirs)} slices in {folder}, the readers {len(ours)}")
+    return struct, np.asarray([ours[u] for u in theirs])  # rt-utils slice i is our slice order[i]
+
+
+@functools.lru_cache(maxsize=16)
+def _roi_mask(rt_str: str, series_str: str, name: str, stamps: tuple[tuple[int, int], tuple[int, int]]) -> np.ndarray:
+    """One ROI as bool (Z, H, W) in the readers' slice order, read-only."""
+    struct, order = _loaded_rtstruct(rt_str, series_str, stamps)
+    mask = np.asarray(struct.get_roi_mask_by_name(name), bool)  # (rows, cols, slices) in rt-utils' order
+    if not mask.any():
+        log.warning("%s: ROI %r has no contour on the series; its class is empty", rt_str, name)
+    out = np.zeros((mask.shape[2], mask.shape[0], mask.shape[1]), bool)
+    out[order] = mask.transpose(2, 0, 1)
+    out.setflags(write=False)
+    return out
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_rtstruct(rt_str: str, series_str: str, rois: tuple[str, ...],
+                     stamps: tuple[tuple[int, int], tuple[int, int]]) -> np.ndarray:
+    """The RTSTRUCT's ROIs rasterised by rt-utils on the series, as uint16 (Z, H, W) in the readers'
+    slice order: ROI ``rois[i]`` is value i + 1; where ROIs overlap, the one with fewer voxels wins."""
+    masks = [_roi_mask(rt_str, series_str, name, stamps) for name in rois]
+    out = np.zeros(masks[0].shape, np.uint16)
+    for value in sorted(range(1, len(rois) + 1), key=lambda v: -int(masks[v - 1].sum())):  # largest first: smaller wins
+        out[masks[value - 1]] = value
+    out.setflags(write=False)
+    return out
+
+
+def rtstruct_volume(path: Path, series: Path, rois: Sequence[str] | None = None) -> np.ndarray:
+    """An RTSTRUCT rasterised on its image series (rt-utils): uint16 (Z, H, W) in the readers' slice order.
+
+    Classes: ``rois`` in the given order are values 1, 2, ...; by default every ROI of the file,
+    sorted by name (so hospitals whose exports list the same ROIs in another order agree). Where
+    ROIs overlap, the smaller ROI (fewer voxels on this series) wins, so a tumour drawn inside a
+    lung stays a tumour; the polygons are filled by rt-utils (OpenCV ``fillPoly``: holes, several
+    contours per slice). A name the file does not hold is a DataError listing the ones it does.
+    """
+    path, series = Path(path), Path(series)
+    names = rtstruct_roi_names(path)
+    chosen = tuple(sorted(names) if rois is None else rois)
+    missing = [r for r in chosen if r not in names]
+    if missing:
+        raise DataError(f"{path}: no ROI named {missing[0]!r} (the RTSTRUCT holds {', '.join(map(repr, names))})")
+    if not chosen:
+        raise DataError(f"{path}: RTSTRUCT holds no ROI")
+    uid = rtstruct_series_uid(path)
+    got = _guarded(series, "image", lambda: _series_uid(str(series), _stamp(series)))
+    if got != uid:
+        raise DataError(f"{path}: RTSTRUCT is drawn on series {uid}, but {series} holds series {got}")
+    return _guarded(path, "mask", _cached_rtstruct, str(path), str(series), chosen, (_stamp(path), _stamp(series)))
+
+
+def read_mask(path: Path, slice_index: int | None = None, *, reference: Path | None = None,
+              rois: Sequence[str] | None = None) -> tuple[np.ndarray, tuple[float, float] | None]:
     """Read one mask plane: int64 (H, W) of raw label values, and (row_mm, col_mm) or None.
 
     Palette PNGs keep their palette indices. A colour mask whose channels are all equal is read
-    as gray; other colour masks and non-integer values are a DataError.
+    as gray; other colour masks and non-integer values are a DataError. A DICOM RTSTRUCT is
+    rasterised on ``reference``, its image series folder (:func:`rtstruct_volume`; ``rois`` chooses
+    and orders the classes).
     """
     path = Path(path)
+    if is_rtstruct(path):
+        if reference is None:
+            raise DataError(f"{path}: an RTSTRUCT mask needs its image series (reference=) to be rasterised on")
+        vol = rtstruct_volume(path, Path(reference), rois)
+        return vol[_pick(vol.shape[0], slice_index, path)].astype(np.int64), _series(Path(reference))[1]
     arr, spacing = _read_plane(path, slice_index, "mask")
     if arr.ndim == 3:
         if arr.shape[2] > 1 and not all(np.array_equal(arr[..., 0], arr[..., c]) for c in range(1, arr.shape[2])):
