@@ -178,3 +178,25 @@ def test_restoring_probabilities_beats_upsampling_labels_on_real_masks(name):
     assert len(p) >= 40
     assert np.median(p) >= 0.99 and (p >= 0.99).mean() >= 0.75  # most masks survive the round trip at >= 0.99
     assert np.median(n) < 0.99 and (p > n).mean() >= 0.9  # upsampled labels do not, and fall below nearly everywhere
+
+
+def test_antialiased_shrinks_match_the_separable_triangle_filter():
+    """Every shrink from up to 7x7 to 1..7 x 1..7 pixels equals the separable triangle filter of antialiased
+    bilinear resampling (support widened by the scale, weights normalised), one-column outputs included."""
+    from ppcmi.data.geometry import _bilinear
+
+    def weights(n: int, o: int) -> np.ndarray:
+        scale = n / o
+        support = max(scale, 1.0)
+        w = np.array([[max(0.0, 1 - abs(j + 0.5 - (i + 0.5) * scale) / support) for j in range(n)] for i in range(o)])
+        return w / w.sum(1, keepdims=True)
+
+    gen = torch.Generator().manual_seed(0)
+    for h in range(1, 8):
+        for w in range(1, 8):
+            x = torch.rand(1, 2, h, w, generator=gen, dtype=torch.float64)
+            for oh in range(1, 8):
+                for ow in range(1, 8):
+                    if h > oh or w > ow:
+                        want = np.einsum("ih,chw,jw->cij", weights(h, oh), x[0].numpy(), weights(w, ow))
+                        np.testing.assert_allclose(_bilinear(x, oh, ow)[0].numpy(), want, atol=1e-12, err_msg=str((h, w, oh, ow)))

@@ -57,7 +57,7 @@ def _bilinear(t: torch.Tensor, out_h: int, out_w: int) -> torch.Tensor:
 
     torch 2.13's antialiased kernel is wrong when the output is one column wide and more than one row high (every
     output row gets the first one's value); that case runs transposed (one row high, which it gets right: checked
-    against the separable triangle filter for every shrink between 1..8 x 1..8 pixels)."""
+    against the separable triangle filter for every shrink within 7 x 7 pixels in tests/test_geometry.py)."""
     h, w = t.shape[-2:]
     antialias = h > out_h or w > out_w
     if antialias and out_w == 1 and out_h != 1:
