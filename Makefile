@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-fast install clean bench-psfhs bench-acdc bench-sunnybrook bench-latency bench-load bench-fuzz bench-plots audit-sunnybrook audit-psfhs audit-acdc
+.PHONY: demo test test-fast install clean bench-psfhs bench-acdc bench-sunnybrook bench-latency bench-load bench-fuzz bench-plots bench-scale bench-scale-quick audit-sunnybrook audit-psfhs audit-acdc
 
 install: $(STAMP)
 
@@ -42,6 +42,14 @@ bench-load: $(STAMP)
 # >= 2,000 mutated requests at the real service over mutual TLS; fails unless zero 5xx (results: fuzz-service.{json,md})
 bench-fuzz: $(STAMP)
 	$(PY) benchmarks/fuzz_service.py --out benchmarks/results
+
+# No size ceiling (issue 14, section 4): PSFHS at 256x256, published autoencoder widths, 8 copies per pair through
+# stage 2, peak memory per phase -> benchmarks/results/scale.{json,md} (hours on 2 cores; bench-scale-quick: minutes).
+bench-scale: $(STAMP)
+	$(PY) benchmarks/scale.py --data $(SHARED_DATA)/psfhs
+
+bench-scale-quick: $(STAMP)
+	$(PY) benchmarks/scale.py --data $(SHARED_DATA)/psfhs --quick
 
 bench-plots: $(STAMP)
 	$(PY) benchmarks/plots.py --results benchmarks/results

@@ -41,12 +41,14 @@ from ppcmi.bench import _reuse_stage1
 from ppcmi.experiment import dataset_config
 from ppcmi.client.keys import rotate_key
 from ppcmi.client.site import Hospital
+from ppcmi.client.stages import write_training_set
 from ppcmi.config import from_dict, load_config, to_dict
 from ppcmi.data import load_arrays
 from ppcmi.demo import demo_config
-from ppcmi.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
+from ppcmi.fileio import atomic_write_json, atomic_write_text
 from ppcmi.metrics import summarize
 from ppcmi.privacy.audit import run_audit
+from ppcmi.server.inbox import read_set
 from ppcmi.server.mapping import MappingServer, refit_adapters
 from ppcmi.simulate import infer_and_score, load_test, plan, public_summary, run_simulation
 
@@ -162,7 +164,8 @@ def rotation(cfg, data: Path, base: Path, out: Path, with_previous: bool = True)
     msg = Hospital(site).training_batch(arr["images"], arr["masks"], copies=cfg.autoencoder.send_copies, noise=cfg.autoencoder.send_noise)
     if (out / "server").exists():
         shutil.rmtree(out / "server")
-    previous = protocol.decode((base / "wire" / f"{name}.train.ppcmi").read_bytes())  # the server kept what it received
+    sent = base / "wire" / f"{name}.train"  # the server kept what it received (a run from before chunks: one .ppcmi file)
+    previous = read_set(sent if sent.exists() else base / "wire" / f"{name}.train.ppcmi")
     refit_adapters(base / "server", protocol.decode(protocol.encode(msg)), cfg.mapping, out / "server", seed=cfg.seed,
                    previous=previous if with_previous else None, progress=False)
     seconds = time.perf_counter() - t0
@@ -223,8 +226,8 @@ def noise_fixed(cfg, data: Path, base: Path, out: Path) -> dict:
         hospitals = {h: Hospital(out / "sites" / h) for h in pl.hospitals}
         for h, cases in pl.hospitals.items():
             arr = load_arrays(cases, pl.prep, pl.labels)
-            msg = hospitals[h].training_batch(arr["images"], arr["masks"], copies=cfg.autoencoder.send_copies, noise=cfg.autoencoder.send_noise)
-            atomic_write_bytes(out / "wire" / f"{h}.train.ppcmi", protocol.encode(msg))
+            write_training_set(hospitals[h].training_chunks(arr["images"], arr["masks"], copies=cfg.autoencoder.send_copies,
+                                                            noise=cfg.autoencoder.send_noise), out / "wire" / f"{h}.train")
         srv = MappingServer(out / "server")
         _, rows = infer_and_score(hospitals, {h: srv for h in hospitals}, load_test(pl), pl.labels,
                                   noise=cfg.autoencoder.send_noise)

@@ -356,7 +356,8 @@ def test_encode_with_masks_sends_the_sites_copies(run, tmp_path):
        *[a.replace("groups.csv", str(run / "data" / "h1" / "groups.csv")) for a in TINY], "--set", "autoencoder.send_copies=3")
     ok("client", "encode", "--site-dir", site, "--data", run / "data" / "h1", "--out", tmp_path / "t", "--with-masks")
     n = len(list((run / "data" / "h1" / "images").iterdir()))
-    assert protocol.decode((tmp_path / "t").read_bytes()).n == 3 * n
+    chunks = [protocol.decode(p.read_bytes()) for p in sorted((tmp_path / "t").iterdir())]  # a folder of chunks
+    assert sum(c.n for c in chunks) == 3 * n and {c.count for c in chunks} == {len(chunks)}
 
 
 def test_a_reply_lands_only_on_its_own_patients(run, tmp_path):

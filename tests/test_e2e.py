@@ -49,7 +49,7 @@ def test_run_folder_layout_and_saved_config(result):
         site = run / "sites" / h
         for kind in ("image_ae", "mask_ae"):
             assert (site / kind / "model.safetensors").exists() and (site / kind / "config.json").exists()
-        assert (run / "wire" / f"{h}.train.ppcmi").exists()
+        assert (run / "wire" / f"{h}.train" / "chunk-00000.ppcmi").exists()
     assert (run / "server" / "mapping.safetensors").exists()
     srv = json.loads((run / "server" / "config.json").read_text())
     assert srv["clients"] == ["hospital1", "hospital2", "hospital3"]

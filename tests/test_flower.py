@@ -41,7 +41,8 @@ from ppcmi.flower.server_app import SERVER_DIR_ENV  # noqa: E402
 TINY = ["--set", "data.size=32", "--set", "data.group_csv=groups.csv", "--set", "data.partition=site",
         "--set", "data.test_frac=0.25", "--set", "autoencoder.width=0.25", "--set", "autoencoder.epochs=1",
         "--set", "autoencoder.send_copies=1", "--set", "mapping.epochs=1", "--set", "mapping.widen=[8,8,8]",
-        "--set", "mapping.mid=[8,8]", "--set", "mapping.down=[8,8,8]"]
+        "--set", "mapping.mid=[8,8]", "--set", "mapping.down=[8,8,8]",
+        "--set", "chunk_bytes=8192"]  # one pair per chunk: stage 2 takes several Flower rounds
 METRIC_KEY = re.compile(r"^(n_cases|[A-Za-z0-9_]+\.(mean|std|n|n_undefined|ci95)|counts\.[A-Za-z0-9_]+\.[a-z_]+)$")
 
 
@@ -110,7 +111,9 @@ def test_server_received_only_protocol_latents_and_metrics(deployed):
     server = next((run / "coordinator" / "server").glob("run-*"))
     entries = [json.loads(ln) for ln in (server / "received.jsonl").read_text().splitlines()]
     assert {e["step"] for e in entries} == {protocol.STAGE1, protocol.TRAIN_LATENTS, protocol.TEST_LATENTS, protocol.SCORE}
-    assert len(entries) == 8 and not any("error" in e for e in entries)
+    n_chunks = len(list((server / "wire").rglob("chunk-*.ppcmi")))
+    assert n_chunks > 2 and sum(e["step"] == protocol.TRAIN_LATENTS for e in entries) == n_chunks  # one chunk per message
+    assert len(entries) == 6 + n_chunks and not any("error" in e for e in entries)
     for e in entries:
         recs = e["records"]
         assert set(recs) in [set(x) for x in protocol.REPLY_RECORDS[e["step"]]], e
@@ -122,12 +125,17 @@ def test_server_received_only_protocol_latents_and_metrics(deployed):
         if protocol.METRICS in recs:
             keys = set(recs[protocol.METRICS]["keys"])
             assert keys == set(protocol.STAGE1_METRICS) if e["step"] == protocol.STAGE1 else all(METRIC_KEY.match(k) for k in keys), keys
-    blobs = sorted((server / "wire").iterdir())
-    assert [b.name for b in blobs] == ["hospital1.query.ppcmi", "hospital1.train.ppcmi", "hospital2.query.ppcmi",
-                                       "hospital2.train.ppcmi"]
+    assert sorted(b.name for b in (server / "wire").iterdir()) == ["hospital1.query.ppcmi", "hospital1.train", "hospital2.query.ppcmi",
+                                                                   "hospital2.train"]
+    blobs = sorted(p for p in (server / "wire").rglob("*.ppcmi"))  # a training set is a folder of chunks
+    for h in ("hospital1", "hospital2"):
+        chunks = [protocol.decode(p.read_bytes()) for p in sorted((server / "wire" / f"{h}.train").iterdir())]
+        assert [(c.index, c.count) for c in chunks] == [(i, len(chunks)) for i in range(len(chunks))]
+        assert len({c.set_id for c in chunks}) == 1
     for b in blobs:
         msg = protocol.decode(b.read_bytes())
-        assert msg.client == b.name.split(".")[0] and msg.kind == b.name.split(".")[1]
+        where = b.name if b.parent == server / "wire" else b.parent.name
+        assert msg.client == where.split(".")[0] and msg.kind == where.split(".")[1]
         assert all(name.startswith("zt_") for name in msg.arrays)
     # nothing private anywhere on the coordinator's side: case ids, data and site paths, key bytes
     secrets = [c.stem.encode() for c in (data / "images").iterdir()] + [str(data).encode(), str(run / "sites").encode()]
@@ -141,6 +149,10 @@ def test_server_received_only_protocol_latents_and_metrics(deployed):
         blob = p.read_bytes()
         leaks = [s for s in secrets if s in blob]
         assert not leaks, f"{p.relative_to(run)} holds private material {leaks[:3]}"
+
+
+def _chunks(folder: Path) -> list:
+    return [protocol.decode(p.read_bytes()) for p in sorted(folder.iterdir())]
 
 
 def _tensors(path: Path) -> dict:
@@ -162,6 +174,7 @@ def test_simulate_trains_what_deploy_trains(deployed):
     import torch
 
     from ppcmi.config import from_dict
+    from ppcmi.server.inbox import read_set
     from ppcmi.server.mapping import train_mapping
     from ppcmi.simulate import run_simulation
 
@@ -177,7 +190,7 @@ def test_simulate_trains_what_deploy_trains(deployed):
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))  # as deploy gives each of its 2 SuperNodes
         run_simulation(cfg, data, sim, resume=True, progress=False)  # (resume: the folder already holds the keys)
         torch.set_num_threads(os.cpu_count() or 1)  # as the ServerApp runs
-        sent = [protocol.decode((sim / "wire" / f"{h}.train.ppcmi").read_bytes()) for h in ("hospital2", "hospital1")]
+        sent = [c for h in ("hospital2", "hospital1") for c in _chunks(sim / "wire" / f"{h}.train")]
         train_mapping(sent, cfg.mapping, root / "sim-mapping", seed=cfg.seed, progress=False)  # (any arrival order)
     finally:
         torch.set_num_threads(threads)
@@ -188,8 +201,8 @@ def test_simulate_trains_what_deploy_trains(deployed):
             assert a.keys() == b.keys()
             differ = [k for k in a if a[k].shape != b[k].shape or (a[k] != b[k]).any()]
             assert not differ, f"{h} {ae}: {len(differ)} of {len(a)} tensors differ, e.g. {differ[:3]}"
-        mine = protocol.decode((sim / "wire" / f"{h}.train.ppcmi").read_bytes())
-        got = protocol.decode((server / "wire" / f"{h}.train.ppcmi").read_bytes())
+        mine = read_set(sim / "wire" / f"{h}.train")
+        got = read_set(server / "wire" / f"{h}.train")
         assert mine.arrays.keys() == got.arrays.keys() and mine.n == got.n
         assert all((mine.arrays[k] == got.arrays[k]).all() for k in mine.arrays), f"{h}: the keyed training pairs differ"
     a, b = _tensors(root / "sim-mapping" / "mapping.safetensors"), _tensors(server / "mapping" / "mapping.safetensors")

@@ -243,3 +243,15 @@ def test_keygen_never_replaces_a_key(run, tmp_path):
     fails("client", "keygen", "--site-dir", site, match="already exists")
     assert (site / "klt.key").read_bytes() == key
     assert "rotate-key" in ok("client", "keygen", "--help")
+
+
+def test_rotate_key_checks_its_outputs_and_puts_the_old_key_back_when_encoding_fails(run, tmp_path):
+    """A refused or failed rotation leaves the site's key as it was: no key changed without the message that follows it."""
+    site = tmp_path / "site"
+    shutil.copytree(run / "site", site)
+    key = (site / "klt.key").read_bytes()
+    (tmp_path / "new.cases.json").write_text("{}")
+    fails("client", "rotate-key", "--site-dir", site, "--data", run / "data", "--out", tmp_path / "new", match="new.cases.json")
+    fails("client", "rotate-key", "--site-dir", site, "--data", tmp_path / "nowhere", "--out", tmp_path / "other", match="nowhere")
+    assert (site / "klt.key").read_bytes() == key
+    assert not list(site.glob("klt.key.*.bak")) and not (tmp_path / "other").exists()

@@ -187,8 +187,9 @@ def client_train(site_dir: Path = typer.Option(..., "--site-dir", "-s", help="Si
 @_guard
 def client_encode(site_dir: Path = typer.Option(..., "--site-dir", "-s"),
                   data: Path = typer.Option(..., "--data", "-d", help="A dataset folder (images/ [+ masks/]) or one image file."),
-                  out: Path = typer.Option(..., "--out", "-o", help="Message file to send to the server."),
-                  with_masks: bool = typer.Option(False, "--with-masks", help="Send keyed image+mask pairs for stage 2 (a 'train' message)."),
+                  out: Path = typer.Option(..., "--out", "-o", help="Message file to send to the server (with --with-masks: "
+                                           "a new folder of chunk files, the hospital's training set)."),
+                  with_masks: bool = typer.Option(False, "--with-masks", help="Send keyed image+mask pairs for stage 2 (a set of 'train' chunks)."),
                   float16: bool = typer.Option(False, "--float16", help="Send float16 latents (half the payload)."),
                   noise: Optional[float] = typer.Option(None, min=0.0, help="Gaussian noise std added to latents before they "
                                                         "leave (a privacy knob; default: the site's autoencoder.send_noise).")):
@@ -196,7 +197,9 @@ def client_encode(site_dir: Path = typer.Option(..., "--site-dir", "-s"),
     from .client.inference import encode_folder
 
     n, size = encode_folder(site_dir, data, out, with_masks=with_masks, float16=float16, noise=noise)
-    typer.echo(f"wrote {out}: {n} images, {size} bytes (case list kept locally in {out}.cases.json)")
+    chunks = f" in {sum(1 for _ in out.iterdir())} chunks" if out.is_dir() else ""
+    typer.echo(f"wrote {out}: {n} {'keyed training pairs' if with_masks else 'images'}, {size} bytes{chunks} "
+               f"(case list kept locally in {out}.cases.json)")
 
 
 @client_app.command("decode")
@@ -229,15 +232,9 @@ def client_rotate_key(site_dir: Path = typer.Option(..., "--site-dir", "-s", hel
 
     Send OUT to the server, which re-fits only this hospital's adapters ('ppcmi server refit-adapters').
     """
-    from .client.inference import encode_folder
-    from .client.keys import rotate_key
-    from .client.site import Hospital
+    from .client.inference import rotate_and_encode
 
-    if out.exists():
-        raise PpcmiError(f"{out}: already exists; refusing to overwrite it")
-    Hospital(site_dir)  # fail before touching the key if the site is not trained
-    new, backup = rotate_key(site_dir)
-    n, size = encode_folder(site_dir, data, out, with_masks=True, copies=copies, noise=noise)
+    new, backup, n, size = rotate_and_encode(site_dir, data, out, copies=copies, noise=noise)
     typer.echo(f"new key in {new}; old key kept in {backup} (mode 0600)")
     typer.echo(f"wrote {out}: {n} keyed training rows, {size} bytes; send it to the server for 'ppcmi server refit-adapters'")
 
@@ -248,7 +245,7 @@ def client_rotate_key(site_dir: Path = typer.Option(..., "--site-dir", "-s", hel
 @server_app.command("refit-adapters")
 @_guard
 def server_refit_adapters(model: Path = typer.Option(..., "--model", "-m", help="The trained model folder (left untouched)."),
-                          message: Path = typer.Option(..., "--message", help="The hospital's new 'train' message after a key rotation."),
+                          message: Path = typer.Option(..., "--message", help="The hospital's new training set (its folder) after a key rotation."),
                           out: Path = typer.Option(..., "--out", "-o", help="New model folder."),
                           previous: Optional[Path] = typer.Option(None, "--previous", help="The hospital's earlier 'train' message: "
                                                                   "the old-to-new change of frame goes into its fixed frames (see PRIVACY.md)."),
@@ -260,41 +257,31 @@ def server_refit_adapters(model: Path = typer.Option(..., "--model", "-m", help=
     (mapping.adapter_init = "pca", the default) takes the new key's frames and keeps its adapters; a
     model with identity adapters restarts them from the identity, which fails in practice (PRIVACY.md).
     """
-    from . import protocol
+    from .server.inbox import read_set
     from .server.mapping import refit_adapters
 
     cfg = _cfg(config, set_, command="server refit-adapters", reads=COORDINATOR_READS)
-    msgs = []
-    for p in [message] + ([previous] if previous else []):
-        try:
-            msgs.append(protocol.decode(p.read_bytes()))
-        except PpcmiError as e:
-            raise PpcmiError(f"{p}: {e}") from None
+    msgs = [read_set(p) for p in [message] + ([previous] if previous else [])]
     _, res = refit_adapters(model, msgs[0], cfg.mapping, out, seed=cfg.seed, previous=msgs[1] if previous else None, progress=not quiet)
     typer.echo(f"adapters of {msgs[0].client}: best val loss {res.best_val:.4f} at epoch {res.best_epoch} ({len(res.history)} epochs) -> {out}")
 
 
 @server_app.command("train")
 @_guard
-def server_train(messages: List[Path] = typer.Argument(..., help="'train' messages from the hospitals."),
+def server_train(messages: List[Path] = typer.Argument(..., help="The hospitals' training sets: their folders, or chunk files in any order."),
                  out: Path = typer.Option(..., "--out", "-o", help="Model folder."),
                  config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
                  resume: bool = typer.Option(False, help="Continue an interrupted run."), quiet: bool = QuietOpt):
     """Stage 2: train the mapping network on the hospitals' keyed latent pairs (with mapping.scope=per_hospital,
     one network per hospital in OUT/<hospital>/, each served with --model OUT/<hospital>)."""
-    from . import protocol
     from .config import to_dict
     from .fileio import atomic_write_json
+    from .server.inbox import open_sets
     from .server.stages import train_mappings
 
     cfg = _cfg(config, set_, command="server train", reads=COORDINATOR_READS)
-    batches = []
-    for m in messages:
-        try:
-            batches.append(protocol.decode(m.read_bytes()))
-        except PpcmiError as e:
-            raise PpcmiError(f"{m}: {e}") from None
-    trained = train_mappings(batches, cfg.mapping, out, seed=cfg.seed, resume=resume, progress=not quiet)
+    sets = open_sets(messages)  # every chunk checked; rows read from disk while training
+    trained = train_mappings(sets, cfg.mapping, out, seed=cfg.seed, resume=resume, progress=not quiet)
     atomic_write_json(out / "run_config.json", to_dict(cfg))
     for sub, res in trained.fits.items():
         where = out / sub if sub else out

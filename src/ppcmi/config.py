@@ -28,6 +28,7 @@ from typing import Any
 
 from .errors import ConfigError, DataError
 from .models import AEShape, MappingConfig
+from .protocol import CHUNK_BYTES, MAX_BYTES, MIN_CHUNK_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -159,9 +160,15 @@ class Config:
     seed: int = 0
     clients: int = 3
     klt: bool = True                   # False: the "no KLT" ablation (latents sent in the clear)
+    chunk_bytes: int = CHUNK_BYTES     # stage 2: a hospital's training set travels in chunks of at most this many bytes
     data: DataConfig = field(default_factory=DataConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     mapping: MappingTrainConfig = field(default_factory=MappingTrainConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.chunk_bytes, bool) or not isinstance(self.chunk_bytes, int) or \
+                not MIN_CHUNK_BYTES <= self.chunk_bytes <= MAX_BYTES:
+            raise ConfigError(f"chunk_bytes: must be an integer from {MIN_CHUNK_BYTES} to {MAX_BYTES}, got {self.chunk_bytes!r}")
 
 
 CONFIG_VERSION = 3  # 2: data.val_frac removed (nothing read it); mapping.adapter_init recorded. 3: data.resize; data.eval_size retired

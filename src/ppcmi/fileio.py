@@ -125,3 +125,36 @@ def fsync_dir(path: str | os.PathLike) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def atomic_write_folder(path: str | os.PathLike, files, *, mode: int | None = None) -> Path:
+    """Write the ``(name, bytes)`` pairs of the iterable ``files`` into a new folder ``path`` as one commit:
+    they go into a temporary folder beside it, one at a time (so only one is held in memory), which is then
+    renamed to ``path``. An existing ``path`` is an error and is left untouched; after a failure nothing is left.
+    """
+    import shutil
+
+    path = Path(path)
+    if path.exists():
+        raise PpcmiError(f"{path}: already exists; refusing to overwrite it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        for name, data in files:
+            if Path(name).name != name or name in ("", ".", ".."):
+                raise PpcmiError(f"{path}: {name!r} is not a plain file name")
+            with open(tmp / name, "xb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            if mode is not None:
+                os.chmod(tmp / name, mode)
+        fsync_dir(tmp)
+        if path.exists():  # (rename would replace an empty folder that appeared meanwhile)
+            raise PpcmiError(f"{path}: already exists; refusing to overwrite it")
+        os.rename(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path

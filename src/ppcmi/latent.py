@@ -48,6 +48,31 @@ def principal_frame(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return u * skew_signs((xc @ u).T[None, :, :, None]), mu  # the same sign rule as the audit's component maps (A1)
 
 
+def principal_frame_streamed(blocks) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`principal_frame` of rows that come in blocks, in two passes, holding one block at a time.
+
+    ``blocks()`` returns a fresh iterator over (n, C, H, W) arrays whose concatenation is ``z``. The mean
+    and covariance come from float64 sums of the first pass, the signs from the third central moments
+    of the second; the frame equals :func:`principal_frame`'s up to rounding."""
+    total, s1, s2 = 0, None, None
+    for z in blocks():
+        x = pixels(z)
+        s1 = x.sum(0) if s1 is None else s1 + x.sum(0)
+        s2 = x.T @ x if s2 is None else s2 + x.T @ x
+        total += len(x)
+    mu = s1 / total
+    _, u = np.linalg.eigh(s2 / total - np.outer(mu, mu))
+    u = u[:, ::-1]
+    m1 = m2 = m3 = 0.0
+    for z in blocks():
+        c = (pixels(z) - mu) @ u
+        m1, m2, m3 = m1 + c.sum(0), m2 + (c ** 2).sum(0), m3 + (c ** 3).sum(0)
+    e1, e2, e3 = m1 / total, m2 / total, m3 / total
+    var, third = e2 - e1 ** 2, e3 - 3 * e1 * e2 + 2 * e1 ** 3
+    skew = third / np.maximum(var ** 1.5, 1e-12)
+    return u * np.where(skew >= 0, 1.0, -1.0), mu
+
+
 def lstsq_1x1(src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Least-squares ``dst ≈ A src + c`` per pixel over (N, C, H, W) arrays; returns (A, c)."""
     x, y = pixels(src), pixels(dst)

@@ -10,7 +10,8 @@ Output folder::
 
     OUT/config.json            resolved configuration
     OUT/sites/<hospital>/      site folders (in a real deployment each stays at its hospital)
-    OUT/wire/                  every message that crossed, exactly as sent
+    OUT/wire/                  every message that crossed, exactly as sent (a hospital's training set is a
+                               folder of chunks, OUT/wire/<hospital>.train/chunk-00000.ppcmi ...)
     OUT/server/                the mapping network (OUT/server/<hospital>/ with mapping.scope = per_hospital)
     OUT/eval/                  per_case.csv and summary.json (per hospital and overall)
     OUT/summary.json           the run's headline numbers
@@ -19,6 +20,7 @@ Output folder::
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,9 +35,10 @@ from .data import Case, discover_cases, discover_labels, load_arrays, split_case
 from .experiment import partition, payload
 from .labels import LabelMap, parse_labels
 from .errors import PpcmiError
-from .fileio import atomic_write_bytes, atomic_write_json
+from .fileio import atomic_write_json
 from .metrics import evaluate_cases, summarize, write_evaluation
 from .server import stages as server_stages
+from .server.inbox import open_sets
 from .server.mapping import MappingServer
 
 log = logging.getLogger(__name__)
@@ -116,7 +119,7 @@ def run_simulation(cfg: Config, data_dir: str | Path, out: str | Path, *, resume
 
     # ---- stage 1: at each hospital, on its own data only
     t0 = time.perf_counter()
-    wire: dict[str, bytes] = {}
+    wire: list[Path] = []
     stage1: dict[str, dict] = {}
     for i, (name, cases) in enumerate(pl.hospitals.items()):
         site = out / "sites" / name
@@ -128,14 +131,16 @@ def run_simulation(cfg: Config, data_dir: str | Path, out: str | Path, *, resume
                                             progress=progress)
             stage1[name] = {k: {"epochs": len(r.history), "best_epoch": r.best_epoch, "best_val": r.best_val, "seconds": r.seconds,
                                 "history": r.history} for k, r in res.items()}
-        wire[name] = protocol.encode(stages.training_batch(Hospital(site), arr, cfg))
-        atomic_write_bytes(out / "wire" / f"{name}.train.ppcmi", wire[name])
+        wire.append(out / "wire" / f"{name}.train")
+        if wire[-1].exists():  # a resumed run sends its set again
+            shutil.rmtree(wire[-1])
+        stages.write_training_set(stages.training_chunks(Hospital(site), arr, cfg, target=cfg.chunk_bytes), wire[-1])
     timings["stage1_s"] = time.perf_counter() - t0
 
-    # ---- stage 2: at the server, from bytes only
+    # ---- stage 2: at the server, from the chunks' bytes only (read from disk as training needs them)
     t0 = time.perf_counter()
-    batches = [protocol.decode(b) for b in wire.values()]
-    trained = server_stages.train_mappings(batches, cfg.mapping, out / "server", seed=cfg.seed, resume=resume and not cfg.mapping.dp,
+    sets = open_sets(wire)
+    trained = server_stages.train_mappings(sets, cfg.mapping, out / "server", seed=cfg.seed, resume=resume and not cfg.mapping.dp,
                                            reuse=True, progress=progress)
     stage2 = trained.summary()
     servers = trained.servers()

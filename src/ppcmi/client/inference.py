@@ -103,11 +103,15 @@ def _load_planes(planes: list[dict], prep: Preprocess) -> np.ndarray:
 
 
 def encode_folder(site_dir: Path, data: Path, out: Path, *, with_masks: bool = False, float16: bool = False,
-                  noise: float | None = None, copies: int | None = None) -> tuple[int, int]:
-    """Write a query (images) or train (image+mask pairs, plus ``copies - 1`` augmented copies) message
+                  noise: float | None = None, copies: int | None = None, chunk_bytes: int = protocol.CHUNK_BYTES) -> tuple[int, int]:
+    """Write a query (images) message, or a train set (image+mask pairs, plus ``copies - 1`` augmented copies),
     plus the local case list; returns (N, bytes). ``copies`` and ``noise`` default to the site's own
     ``autoencoder.send_copies`` and ``autoencoder.send_noise`` (the settings it was trained with), so the
-    message is the one ``simulate`` sends for the same configuration (:mod:`ppcmi.client.stages`)."""
+    message is the one ``simulate`` sends for the same configuration (:mod:`ppcmi.client.stages`).
+
+    A train set is the new folder ``out`` holding chunks ``chunk-00000.ppcmi`` ... of at most about
+    ``chunk_bytes`` each (``ppcmi server train`` takes the folder), encoded and written one chunk at a time
+    and committed as a whole by one rename; the case list ``out.cases.json`` stays beside it."""
     h = Hospital(site_dir)
     prep = h.data_cfg.preprocess()
     dtype = np.float16 if float16 else np.float32
@@ -122,14 +126,21 @@ def encode_folder(site_dir: Path, data: Path, out: Path, *, with_masks: bool = F
     if with_masks:
         cases = discover_cases(data, group_regex=h.data_cfg.group_regex, group_csv=h.data_cfg.group_csv)
         arr = stages.prepare(cases, cfg, label_map_of(h))
-        msg = stages.training_batch(h, arr, cfg, dtype=dtype)
-        local = [{"case_id": c} for c in arr["case_ids"]]
-    else:
-        planes = list_inputs([data])
-        msg = stages.query(h, _load_planes(planes, prep), noise=cfg.autoencoder.send_noise, dtype=dtype)
-        local = planes
+        set_id = protocol.new_set_id()
+        local = {"kind": "train", "site": h.name, "query": "", "set": set_id, "key": h.key_fingerprint,
+                 "copies": cfg.autoencoder.send_copies, "cases": [{"case_id": c} for c in arr["case_ids"]]}
+        atomic_write_json(record, local, overwrite=False)
+        try:
+            n, nbytes, _ = stages.write_training_set(stages.training_chunks(h, arr, cfg, dtype=dtype, target=chunk_bytes,
+                                                                            set_id=set_id), out)
+        except BaseException:
+            record.unlink(missing_ok=True)  # the set was not written: neither is its case list
+            raise
+        return n, nbytes
+    planes = list_inputs([data])
+    msg = stages.query(h, _load_planes(planes, prep), noise=cfg.autoencoder.send_noise, dtype=dtype)
     blob = protocol.encode(msg)
-    local = {"kind": msg.kind, "site": h.name, "query": msg.query, "key": h.key_fingerprint, "cases": local}
+    local = {"kind": msg.kind, "site": h.name, "query": msg.query, "key": h.key_fingerprint, "cases": planes}
     atomic_write_json(record, local, overwrite=False)
     try:
         atomic_write_bytes(out, blob, overwrite=False)
@@ -137,6 +148,28 @@ def encode_folder(site_dir: Path, data: Path, out: Path, *, with_masks: bool = F
         record.unlink(missing_ok=True)  # the message was not written: neither is its case list
         raise
     return msg.n, len(blob)
+
+
+def rotate_and_encode(site_dir: Path, data: Path, out: Path, *, copies: int | None = None,
+                      noise: float | None = None) -> tuple[Path, Path, int, int]:
+    """Replace the site's key and encode its training set under the new one (``client rotate-key``).
+
+    Both outputs are checked before the key is touched, and if encoding fails the old key is put back,
+    so a refusal never leaves a site whose key changed without the message the server needs to follow."""
+    from .keys import key_path, load_key, rotate_key
+
+    Hospital(site_dir)  # fail before touching the key if the site is not trained
+    refuse_existing([out, Path(str(out) + ".cases.json")])
+    old = load_key(key_path(site_dir))
+    new, backup = rotate_key(site_dir)
+    try:
+        n, size = encode_folder(site_dir, data, out, with_masks=True, copies=copies, noise=noise)
+    except BaseException:
+        atomic_write_bytes(new, old, overwrite=True, mode=0o600)
+        if load_key(new) == old:
+            backup.unlink()
+        raise
+    return new, backup, n, size
 
 
 def _case_list(path: Path) -> dict:
@@ -273,6 +306,8 @@ def _predict(h: Hospital, images: Sequence[Path], out: Path, send: Callable[[byt
     x = _load_planes(planes, prep)
     geometries = _geometries(planes, prep)
     labels: list[np.ndarray] = []
+    row = 4 * sum(int(np.prod(v)) for v in h.latent_shapes().values())  # float32 bytes of one image's keyed latents
+    batch = max(1, min(batch, protocol.QUERY_BYTES // row))  # every query under the service's size limit, at any size
     for s in range(0, len(x), batch):
         query = h.protect(x[s:s + batch])
         reply = protocol.decode(send(protocol.encode(query)), expected=_mask_shapes(h))

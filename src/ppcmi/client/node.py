@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
+from .. import protocol
 from ..config import Config
 from ..data import discover_cases
 from ..labels import LabelMap, parse_labels
@@ -39,6 +41,7 @@ from .stages import default_site_seed
 
 log = logging.getLogger(__name__)
 
+OUTBOX = "outbox/train"  # the chunks of the training set this site sends in stage 2
 PENDING = "eval/query.json"  # the query id and key fingerprint of the test query this site last sent
 _KEYS = {"site-dir", "data-dir", "test-dir", "name", "threads", "seed", "send-noise"}
 
@@ -130,9 +133,23 @@ def train_autoencoders(node: NodeSite, cfg: Config) -> dict[str, Any]:
             "seconds": float(sum(r.seconds for r in res.values())), "n_train": int(len(arr["images"]))}
 
 
-def train_latents(node: NodeSite, cfg: Config) -> LatentBatch:
-    """Stage 2: keyed latent pairs of this hospital's training data (plus augmented copies)."""
-    return stages.training_batch(node.hospital(), _arrays(node.data_dir, cfg), node.settings(cfg))
+def train_latents(node: NodeSite, cfg: Config, index: int = 0, set_id: str = "", chunk_bytes: int = protocol.CHUNK_BYTES) -> LatentBatch:
+    """Stage 2: chunk ``index`` of the set of keyed latent pairs of this hospital's training data (plus augmented
+    copies). Chunk 0 encodes the whole set, chunk by chunk, into ``site-dir/outbox/train/`` (replacing an earlier
+    one) and answers with its first chunk; a later chunk is read from there and must belong to set ``set_id``."""
+    box = node.site_dir / OUTBOX
+    if index == 0:
+        if box.exists():
+            shutil.rmtree(box)
+        stages.write_training_set(stages.training_chunks(node.hospital(), _arrays(node.data_dir, cfg), node.settings(cfg),
+                                                         target=chunk_bytes), box)
+    path = box / protocol.chunk_name(index)
+    if not path.exists():
+        raise PpcmiError(f"{path}: no such chunk in this site's outbox (asked for chunk {index} of set {set_id or '(new)'})")
+    msg = protocol.decode(path.read_bytes())
+    if index and msg.set_id != set_id:
+        raise PpcmiError(f"{path}: belongs to set {msg.set_id}, not to the set {set_id} the coordinator asked for")
+    return msg
 
 
 def test_latents(node: NodeSite, cfg: Config) -> LatentBatch | None:

@@ -30,8 +30,8 @@ from ..fileio import atomic_write_json, fsync_dir, json_text
 from ..klt import KeyedLatentTransform
 from ..data import PlaneGeometry, restore_labels
 from ..models import AEConfig, AEShape, Autoencoder
-from ..protocol import LatentBatch
-from ..augment import augment_batch, batch_augmenter
+from ..protocol import CHUNK_BYTES, LatentBatch, chunk_ranges, new_set_id, rows_per_chunk
+from ..augment import apply_augment, batch_augmenter, draw_augment
 from ..training import FitConfig, FitResult, bce_dice_loss, fit, load_weights, save_weights, seeded_init
 from .keys import key_fingerprint, key_path, load_key
 
@@ -183,11 +183,34 @@ def _retrain(site: Path, name: str, images: np.ndarray, masks: np.ndarray, **kw)
 def training_inputs(images: np.ndarray, masks: np.ndarray, n_classes: int, *, copies: int = 1, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """The images and one-hot masks behind a ``train`` message, in its row order: the N originals first,
     then ``copies - 1`` blocks of N augmented copies (row r comes from original r mod N)."""
+    return next(training_input_ranges(images, masks, n_classes, [(0, len(images) * copies)], seed=seed))
+
+
+def training_input_ranges(images: np.ndarray, masks: np.ndarray, n_classes: int, ranges: list[tuple[int, int]], *,
+                          seed: int = 0):
+    """The rows [start, stop) of :func:`training_inputs`, range by range (ascending ranges). The random parameters of
+    each block of N augmented copies are drawn once, in block order, from the same generator, and applied to the
+    rows of the range only, so only one range's inputs (and one-hot masks) are held at a time."""
     x0 = torch.as_tensor(images).float()
-    y0 = one_hot(torch.as_tensor(masks), n_classes)
+    m0 = torch.as_tensor(masks)
+    n = len(x0)
     gen = torch.Generator().manual_seed(seed)
-    extra = [augment_batch([x0, y0], ["image", "mask"], gen) for _ in range(copies - 1)]
-    return torch.cat([x0] + [a for a, _ in extra]), torch.cat([y0] + [b for _, b in extra])
+    kinds = ["image", "mask"]
+    draws: list = [None]  # block 0 holds the originals
+    for start, stop in ranges:
+        xs, ys, r = [], [], start
+        while r < stop:
+            j = r // n
+            while len(draws) <= j:
+                draws.append(draw_augment(n, kinds, gen))
+            a, b = r - j * n, min(stop, (j + 1) * n) - j * n
+            x, y = x0[a:b], one_hot(m0[a:b], n_classes)
+            if j:
+                x, y = apply_augment([x, y], kinds, draws[j].rows(a, b))
+            xs.append(x)
+            ys.append(y)
+            r += b - a
+        yield torch.cat(xs), torch.cat(ys)
 
 
 class Hospital:
@@ -257,14 +280,40 @@ class Hospital:
         scale, shift, intensity; see :mod:`ppcmi.augment`, seeded by ``seed``), so the server sees
         more variation without seeing more patients.
         """
+        return next(self.training_chunks(images, masks, dtype=dtype, noise=noise, seed=seed, copies=copies, target=None))
+
+    def row_bytes(self, size: int, dtype=np.float32) -> int:
+        """Bytes of one keyed training pair (every image and mask latent) at working size ``size``."""
+        per = sum(int(np.prod(s)) for kind in ("image", "mask") for s in self.models[kind].cfg.latent_shapes(size).values())
+        return per * np.dtype(dtype).itemsize
+
+    def training_chunks(self, images: np.ndarray, masks: np.ndarray, *, dtype=np.float32, noise: float = 0.0, seed: int = 0,
+                        copies: int = 1, target: int | None = CHUNK_BYTES, set_id: str | None = None):
+        """The rows of :meth:`training_batch` as a set of ``train`` chunks of at most about ``target`` bytes each,
+        encoded one chunk at a time (``target=None``: one whole message without a set id).
+
+        A chunk's rows are encoded in one pass, and encoding is row-wise, so the rows equal those of one
+        whole message; only latent noise (``noise > 0``) is drawn per chunk (chunk 0 from ``seed``, as a
+        whole message's), so with noise a chunked set differs from a whole message by its noise draws."""
         if not 1 <= copies <= 32:
             raise PpcmiError(f"send_copies: must be between 1 and 32, got {copies}")
-        x, y = training_inputs(images, masks, self.n_classes, copies=copies, seed=seed)
-        zt_img = self._encode(x, "image", noise, seed)
-        zt_msk = self._encode(y, "mask", noise, seed + 1)
-        arrays = {f"zt_img_{s}": v.astype(dtype) for s, v in zt_img.items()}
-        arrays.update({f"zt_msk_{s}": v.astype(dtype) for s, v in zt_msk.items()})
-        return LatentBatch("train", self.name, arrays)
+        total = len(images) * copies
+        if target is None:
+            ranges, sid = [(0, total)], ""
+        else:
+            ranges = chunk_ranges(total, rows_per_chunk(self.row_bytes(images.shape[-1], dtype), target))
+            sid = set_id or new_set_id()
+        inputs = training_input_ranges(images, masks, self.n_classes, ranges, seed=seed)
+        for i, (x, y) in enumerate(inputs):
+            k = 1_000_003 * i  # chunk i > 0 draws its noise from its own seeds
+            zt_img = self._encode(x, "image", noise, seed + k)
+            zt_msk = self._encode(y, "mask", noise, seed + 1 + k)
+            arrays = {f"zt_img_{s}": v.astype(dtype) for s, v in zt_img.items()}
+            arrays.update({f"zt_msk_{s}": v.astype(dtype) for s, v in zt_msk.items()})
+            if sid:
+                yield LatentBatch("train", self.name, arrays, set_id=sid, index=i, count=len(ranges))
+            else:
+                yield LatentBatch("train", self.name, arrays)
 
     @torch.inference_mode()
     def scores(self, reply: LatentBatch, rows: slice = slice(None)) -> torch.Tensor:

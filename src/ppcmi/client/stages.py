@@ -22,7 +22,7 @@ import numpy as np
 from ..config import Config
 from ..data import Case, load_arrays
 from ..labels import LabelMap
-from ..protocol import LatentBatch
+from ..protocol import CHUNK_BYTES, LatentBatch
 from ..training import FitResult
 from .keys import key_path, keygen
 from .site import Hospital, train_site
@@ -75,6 +75,34 @@ def training_batch(hospital: Hospital, arrays: dict, cfg: Config, *, dtype=np.fl
     (copies and noise drawn from the shared ``seed``)."""
     return hospital.training_batch(arrays["images"], arrays["masks"], dtype=dtype, copies=cfg.autoencoder.send_copies,
                                    noise=cfg.autoencoder.send_noise, seed=cfg.seed)
+
+
+def training_chunks(hospital: Hospital, arrays: dict, cfg: Config, *, dtype=np.float32, target: int | None = CHUNK_BYTES,
+                    set_id: str | None = None):
+    """:func:`training_batch` as a set of ``train`` chunks of at most about ``target`` bytes each (an iterator:
+    each chunk is encoded when it is asked for, so the hospital holds one chunk's latents at a time)."""
+    return hospital.training_chunks(arrays["images"], arrays["masks"], dtype=dtype, copies=cfg.autoencoder.send_copies,
+                                    noise=cfg.autoencoder.send_noise, seed=cfg.seed, target=target, set_id=set_id)
+
+
+def write_training_set(chunks, folder: str | Path) -> tuple[int, int, int]:
+    """Write a set of chunks (any iterable of ``train`` messages of one set) into the new folder ``folder``, as one
+    atomic, no-overwrite commit; returns (rows, bytes, chunks)."""
+    from .. import protocol
+    from ..fileio import atomic_write_folder
+
+    totals = [0, 0, 0]
+
+    def files():
+        for c in chunks:
+            blob = protocol.encode(c)
+            totals[0] += c.n
+            totals[1] += len(blob)
+            totals[2] += 1
+            yield protocol.chunk_name(c.index), blob
+
+    atomic_write_folder(folder, files())
+    return totals[0], totals[1], totals[2]
 
 
 def query(hospital: Hospital, images: np.ndarray, *, noise: float, start: int = 0, dtype=np.float32) -> LatentBatch:

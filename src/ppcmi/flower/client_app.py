@@ -17,7 +17,7 @@ from flwr.clientapp import ClientApp
 from ..client import node as site_work
 from ..client.node import NodeSite
 from ..protocol import METRICS, SCORE, SITE, STAGE1, STAGE1_METRICS, TEST_LATENTS, TRAIN_LATENTS, flatten_summary
-from .wire import read_run_config, read_wire, site_record, wire_record
+from .wire import read_chunk_request, read_run_config, read_wire, site_record, wire_record
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,8 @@ def _stage1(node: NodeSite, cfg, msg: Message, ctx: Context) -> RecordDict:
 
 @_on(TRAIN_LATENTS, "stage 2 (keyed training latents)")
 def _train_latents(node: NodeSite, cfg, msg: Message, ctx: Context) -> RecordDict:
-    return wire_record(site_work.train_latents(node, cfg))
+    index, set_id, target = read_chunk_request(msg.content)
+    return wire_record(site_work.train_latents(node, cfg, index, set_id, target))
 
 
 @_on(TEST_LATENTS, "evaluation (keyed test latents)")

@@ -2,9 +2,11 @@
 
 1. Waits for ``flower.nodes`` SuperNodes, then asks each to train its autoencoders locally
    (``train.autoencoders``); each answers with its site id and epoch counts, never weights.
-2. Asks each for its keyed training pairs (``query.train_latents``), checks every reply with
-   ``protocol.decode`` (the message must name the site that node announced), and trains the
-   mapping network on the pool.
+2. Asks each for its keyed training pairs (``query.train_latents``), one chunk per message (chunk 0
+   first, which tells the set's id and chunk count, then the rest), checks every reply with
+   ``protocol.decode`` (the message must name the site that node announced and be the chunk asked for),
+   writes it to ``wire/``, checks each hospital's set as a whole, and trains the mapping network
+   on the pool, reading the rows from ``wire/`` as it needs them.
 3. Asks each for keyed latents of its test images (``query.test_latents``), maps them with that
    hospital's adapters and sends the reply back (``evaluate.score``); the hospital decodes and
    scores locally and only its metric summary returns. Writes the aggregate summary.
@@ -16,7 +18,7 @@ Output folder ``$PPCMI_SERVER_DIR/run-<run id>/`` (default ``./ppcmi-server/run-
 
     config.json        the shared run configuration
     mapping/           the mapping network (``ppcmi server map --model`` reads it; mapping/<hospital>/ each with mapping.scope = per_hospital)
-    wire/              every protocol message received, exactly as received
+    wire/              every protocol message received, exactly as received (<site>.train/chunk-00000.ppcmi ... per set)
     received.jsonl     one line per reply: step, node, site, and the names of its records and keys
     summary.json       per-hospital and pooled metrics, stage-1 numbers, timings
 
@@ -39,9 +41,11 @@ from ..config import Config, to_dict
 from ..errors import PpcmiError, ProtocolError
 from ..fileio import atomic_write_bytes, atomic_write_json
 from ..metrics import pool_summaries, write_summary
+from ..server.inbox import open_sets
 from ..server.stages import train_mappings
-from ..protocol import METRICS, SCORE, SITE, STAGE1, TEST_LATENTS, TRAIN_LATENTS, WIRE, unflatten_summary
-from .wire import FlowerSettings, check_reply, read_run_config, read_wire, summary_structures, wire_record
+from ..protocol import (CHUNK_BYTES, METRICS, SCORE, SITE, STAGE1, TEST_LATENTS, TRAIN_LATENTS, WIRE, chunk_name,
+                        unflatten_summary)
+from .wire import FlowerSettings, check_reply, chunk_request, read_run_config, read_wire, summary_structures, wire_record
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +142,29 @@ class Coordinator:
                          + f" (after {self.settings.retries + 1} attempts)")
 
 
+def collect_training_sets(co: Coordinator, nodes: list[int], wire: Path, target: int = CHUNK_BYTES) -> list:
+    """Stage 2's uploads: chunk 0 from every node (a new set: its id and chunk count), then chunk k from every
+    node whose set has more, one chunk per Flower message, each written to ``wire/<site>.train/`` as received;
+    then every set is checked as a whole (:func:`ppcmi.server.inbox.open_sets`) and returned, rows left on disk."""
+    got: dict[int, tuple[str, int]] = {}
+
+    def parse(index: int) -> Callable[[int, RecordDict], Any]:
+        def check(n: int, content: RecordDict):
+            msg, blob = read_wire(content, kind="train", client=co.sites[n])
+            if msg.index != index or (index and (msg.set_id, msg.count) != got[n]):
+                raise ProtocolError(f"chunk {msg.index} of set {msg.set_id or '(unchunked)'} is not the chunk {index} asked for")
+            atomic_write_bytes(wire / f"{co.sites[n]}.train" / chunk_name(index), blob)
+            return msg.set_id, msg.count
+        return check
+
+    got = co.ask(nodes, TRAIN_LATENTS, parse(0), content=lambda n: chunk_request(0, "", target))
+    for k in range(1, max(c for _, c in got.values())):
+        co.ask([n for n in nodes if got[n][1] > k], TRAIN_LATENTS, parse(k), content=lambda n: chunk_request(k, got[n][0], target))
+        if k % 10 == 0:
+            log.info("%s  received chunk %d of up to %d per hospital", PROGRESS_PREFIX, k + 1, max(c for _, c in got.values()))
+    return open_sets([wire / f"{co.sites[n]}.train" for n in nodes])
+
+
 def run(grid: Grid, cfg: Config, settings: FlowerSettings, out: Path) -> dict:
     """All stages against the SuperNodes behind ``grid``; writes ``out`` and returns the summary."""
     out.mkdir(parents=True, exist_ok=True)
@@ -171,10 +198,10 @@ def run(grid: Grid, cfg: Config, settings: FlowerSettings, out: Path) -> dict:
             return msg
         return parse
 
-    batches = co.ask(nodes, TRAIN_LATENTS, parse_latents("train", "train"))
+    sets = collect_training_sets(co, nodes, out / "wire", target=cfg.chunk_bytes)
     log.info("%s  received %s; training the mapping network (at most %d epochs)", PROGRESS_PREFIX,
-             ", ".join(f"{co.sites[n]}: {b.n} pairs" for n, b in batches.items()), cfg.mapping.epochs)
-    trained = train_mappings(list(batches.values()), cfg.mapping, out / "mapping", seed=cfg.seed, progress=False)
+             ", ".join(f"{s.client}: {s.n} pairs in {s.chunks} chunks" for s in sets), cfg.mapping.epochs)
+    trained = train_mappings(sets, cfg.mapping, out / "mapping", seed=cfg.seed, progress=False)
     for sub, mres in trained.fits.items():
         log.info("%s  mapping network%s: best validation loss %.4f at epoch %d of %d", PROGRESS_PREFIX,
                  f" for {sub}" if sub else "", mres.best_val, mres.best_epoch, len(mres.history))
@@ -200,7 +227,7 @@ def run(grid: Grid, cfg: Config, settings: FlowerSettings, out: Path) -> dict:
         "not_evaluated": sorted(co.sites[n] for n in nodes if co.sites[n] not in by_site),
         "ppcmi": pool_summaries(by_site) if by_site else None,
         "stage2": {**{k: v for k, v in trained.summary().items() if k != "history"},
-                   "pairs": {co.sites[n]: b.n for n, b in batches.items()}},
+                   "pairs": {s.client: s.n for s in sets}, "chunks": {s.client: s.chunks for s in sets}},
         "timings_s": timings,
     }
     write_summary(summary, out / "summary.json")

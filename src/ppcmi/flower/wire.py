@@ -8,7 +8,7 @@ configuration. Four message types, each answered by the hospital with a fixed se
 message type                asks the hospital to                                it replies with
 ==========================  ==================================================  ==============================
 ``train.autoencoders``      train its autoencoders on its own data (stage 1)    ``site`` + ``metrics``
-``query.train_latents``     send its keyed training pairs (stage 2)             ``ppcmi``: a ``train`` message
+``query.train_latents``     send chunk k of its keyed training pairs (stage 2)  ``ppcmi``: that ``train`` chunk
 ``query.test_latents``      send keyed latents of its test images               ``ppcmi``: a ``query`` message,
                                                                                 or ``site`` (no test data)
 ``evaluate.score``          decode the mapped reply and score it locally        ``metrics``
@@ -20,6 +20,13 @@ array. ``site`` is a ConfigRecord with only ``site`` (the pseudonymous site id, 
 ``client``) and ``status``. ``metrics`` is a MetricRecord of numbers: epochs and seconds of
 stage 1, or a flattened metric summary. Any other record, key or value is refused with a
 :class:`~ppcmi.errors.ProtocolError`.
+
+A ``query.train_latents`` request carries a ConfigRecord ``chunk``: the chunk ``index`` (0 asks the hospital
+to encode a new set), the ``set`` id of a later chunk, and the coordinator's chunk byte target ``bytes``
+(:data:`ppcmi.protocol.CHUNK_BYTES`). One chunk per message keeps every Flower message far below gRPC's
+limit (Flower 1.41 sets ``grpc.max_send_message_length`` / ``max_receive_message_length`` to
+``flwr.common.GRPC_MAX_MESSAGE_LENGTH``, 2 GiB - 1, and sends an array as objects of at most 5 MiB), and the
+SuperLink holds one chunk per hospital at a time.
 
 The run configuration every node sees (``[tool.flwr.app.config]`` of the app's pyproject.toml)
 holds only shared, public settings: preprocessing, label values, network and training
@@ -149,6 +156,24 @@ def wire_record(msg: protocol.LatentBatch) -> RecordDict:
     """Content carrying one protocol message as a uint8 array."""
     blob = np.frombuffer(protocol.encode(msg), dtype=np.uint8)
     return RecordDict({WIRE: ArrayRecord(array_dict={_WIRE_ARRAY: Array(blob)})})
+
+
+def chunk_request(index: int, set_id: str = "", target: int = protocol.CHUNK_BYTES) -> RecordDict:
+    """The content of a ``query.train_latents`` request for chunk ``index`` of set ``set_id``."""
+    protocol.check_chunk_request(index, set_id, target)
+    return RecordDict({protocol.CHUNK: ConfigRecord({"index": index, "set": set_id, "bytes": target})})
+
+
+def read_chunk_request(content: RecordDict) -> tuple[int, str, int]:
+    """(index, set id, byte target) of a ``query.train_latents`` request; a request without a record is chunk 0."""
+    if not len(content.keys()):
+        return 0, "", protocol.CHUNK_BYTES
+    rec = content[protocol.CHUNK] if set(content.keys()) == {protocol.CHUNK} else None
+    if not isinstance(rec, ConfigRecord) or set(rec.keys()) != set(protocol.CHUNK_KEYS):
+        raise ProtocolError(f"request: expected only a ConfigRecord {protocol.CHUNK!r} with {list(protocol.CHUNK_KEYS)}")
+    index, set_id, target = rec["index"], rec["set"], rec["bytes"]
+    protocol.check_chunk_request(index, set_id, target)
+    return index, set_id, target
 
 
 def site_record(site: str, status: str) -> ConfigRecord:

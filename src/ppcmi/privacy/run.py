@@ -55,6 +55,7 @@ class Run:
         from ..client.site import Hospital, training_inputs
         from ..data import discover_cases
         from ..klt import KeyedLatentTransform
+        from ..server.inbox import read_set
         from ..simulate import plan
 
         self.path = run
@@ -78,10 +79,12 @@ class Run:
         copies = self.cfg.autoencoder.send_copies
         self._sites: dict[str, _Site] = {}
         for name, cases in self.plan.hospitals.items():
-            wire_path = run / "wire" / f"{name}.train.ppcmi"
+            wire_path = run / "wire" / f"{name}.train"  # a set of chunks (a run from before chunks: one .train.ppcmi file)
+            if not wire_path.exists() and (run / "wire" / f"{name}.train.ppcmi").exists():
+                wire_path = run / "wire" / f"{name}.train.ppcmi"
             if not wire_path.exists():
-                raise PpcmiError(f"{wire_path}: missing train message")
-            msg = protocol.decode(wire_path.read_bytes())
+                raise PpcmiError(f"{wire_path}: missing training set")
+            msg = read_set(wire_path)
             hosp = Hospital(run / "sites" / name)
             arr = stages.prepare(cases, self.cfg, labels)
             n = len(cases)

@@ -26,11 +26,18 @@ from ..config import CONFIG_VERSION, MappingTrainConfig
 from ..errors import CheckpointError, ProtocolError
 from ..fileio import atomic_write_json
 from ..models import SCALES, Frame, MappingConfig, MappingNet, mixed_forward
-from ..latent import lstsq_1x1, principal_frame
+from ..latent import lstsq_1x1, principal_frame, principal_frame_streamed
 from ..protocol import LatentBatch, validate
 from ..training import FitConfig, FitResult, fit, load_weights, save_weights, seeded_init
+from .inbox import Column, TrainingSet, pool_sets, row_blocks, sets_from_batches
 
 log = logging.getLogger(__name__)
+
+# A hospital's rows of one latent up to this many float32 bytes get their canonical frame computed in memory
+# at once (exactly as before training sets were chunked); larger ones are streamed in blocks of FRAME_BLOCK_ROWS.
+# Both depend only on what the hospital sent, never on how it was chunked.
+FRAME_EXACT_BYTES = 128 * 1024 * 1024  # (at least protocol.CHUNK_BYTES: a set of one chunk is always exact)
+FRAME_BLOCK_ROWS = 256
 
 
 def mapping_config(cfg: MappingTrainConfig) -> MappingConfig:
@@ -70,16 +77,38 @@ def pool_batches(batches: list[LatentBatch]) -> tuple[list[str], dict[str, tuple
     return clients, img_shapes, mask_shapes, tensors
 
 
-def train_mapping(batches: list[LatentBatch], cfg: MappingTrainConfig, out_dir: str | Path, *, seed: int = 0,
+def _as_sets(batches: list[LatentBatch] | list[TrainingSet]) -> list[TrainingSet]:
+    if batches and all(isinstance(b, TrainingSet) for b in batches):
+        return sorted(batches, key=lambda s: s.client)
+    if any(isinstance(b, TrainingSet) for b in batches):
+        raise ProtocolError("inbox: training sets and messages mixed in one call")
+    return sets_from_batches(batches)
+
+
+def _take(t, idx: torch.Tensor):
+    return t.subset(idx) if isinstance(t, Column) else t[idx]
+
+
+def _frame(col: Column, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The principal frame of rows ``rows`` of ``col``: at once when they fit FRAME_EXACT_BYTES, else streamed."""
+    if len(rows) * 4 * int(np.prod(col.row_shape)) <= FRAME_EXACT_BYTES:
+        return principal_frame(col.numpy(rows))
+    return principal_frame_streamed(lambda: row_blocks(col, rows, FRAME_BLOCK_ROWS))
+
+
+def train_mapping(batches: list[LatentBatch] | list[TrainingSet], cfg: MappingTrainConfig, out_dir: str | Path, *, seed: int = 0,
                   resume: bool = False, progress: bool = True) -> tuple[MappingNet, FitResult]:
     """Stage 2: train the mapping network on pooled keyed pairs from every hospital.
 
-    The rows are pooled in the order of the hospitals' site ids (each hospital's in the order it sent
-    them), whatever order the messages arrived in, so every runner trains the same network."""
+    ``batches``: whole messages or chunks in memory, or training sets opened from chunk files
+    (:func:`ppcmi.server.inbox.open_sets`), whose rows are read from disk batch by batch as training
+    needs them. The rows are pooled in the order of the hospitals' site ids (each hospital's in the
+    order of its set), whatever order the messages arrived in and however they were chunked, so every
+    runner trains the same network."""
     out = Path(out_dir)
     if (out / "mapping.safetensors").exists() and not resume:
         raise CheckpointError(f"{out}: a trained mapping network already exists; pass --resume or choose another --out")
-    clients, img_shapes, mask_shapes, tensors = pool_batches(sorted(batches, key=lambda b: b.client))
+    clients, img_shapes, mask_shapes, tensors = pool_sets(_as_sets(batches))
     scales = [s for s in SCALES if s in img_shapes]
     k = len(scales)
     mcfg = mapping_config(cfg)
@@ -91,9 +120,9 @@ def train_mapping(batches: list[LatentBatch], cfg: MappingTrainConfig, out_dir: 
     if cfg.adapter_init == "pca" and not resuming:  # (a resumed run restores its frames with its weights)
         # every row of the hospital's message (as a re-fit after a key rotation sees it), so both give the same frame
         for i, c in enumerate(clients):
-            rows = torch.from_numpy(np.flatnonzero(cid == i))
-            set_canonical_frames(model, c, {s: tensors[1 + j][rows].numpy() for j, s in enumerate(scales)},
-                               {s: tensors[1 + k + j][rows].numpy() for j, s in enumerate(scales)})
+            rows = np.flatnonzero(cid == i)
+            _set_frames(model, c, {s: _frame(tensors[1 + j], rows) for j, s in enumerate(scales)},
+                        {s: _frame(tensors[1 + k + j], rows) for j, s in enumerate(scales)})
     loss_fn = _loss_fn(scales)
     fc = FitConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, patience=cfg.patience, seed=seed, schedule=cfg.lr_schedule)
     dp_report = None
@@ -102,11 +131,14 @@ def train_mapping(batches: list[LatentBatch], cfg: MappingTrainConfig, out_dir: 
 
         if resume:
             raise CheckpointError(f"{out}: mapping.dp: --resume is not supported for DP-SGD training; train into a new folder")
-        res, dp_report = fit_dp(model, [t[tr] for t in tensors], [t[va] for t in tensors] if len(va) else None, scales, cfg, fc,
+        held = [t if isinstance(t, torch.Tensor) else t[torch.arange(len(t))] for t in tensors]  # (DP-SGD holds its rows in memory)
+        res, dp_report = fit_dp(model, [t[tr] for t in held], [t[va] for t in held] if len(va) else None, scales, cfg, fc,
                                 progress=progress)
     else:
-        res = fit(model, loss_fn, [t[tr] for t in tensors], [t[va] for t in tensors] if len(va) else None, fc, out / "train",
-                  resume=resuming, desc="server mapping", progress=progress)
+        res = fit(model, loss_fn, [_take(t, tr) for t in tensors], [_take(t, va) for t in tensors] if len(va) else None, fc,
+                  out / "train", resume=resuming, desc="server mapping", progress=progress)
+    for t in tensors[1:]:
+        t.close()
     save_weights(model, out / "mapping.safetensors")
     atomic_write_json(out / "config.json", {
         "version": CONFIG_VERSION, "mapping": asdict(mcfg), "train": asdict(cfg), "clients": clients,
@@ -220,9 +252,15 @@ def set_canonical_frames(net: MappingNet, client: str, img: dict[str, np.ndarray
     hospital in coordinates that do not depend on its key (training follows the same path under any
     keys, optimiser included), instead of the core having to absorb each key. The server learns
     nothing it could not compute anyway: the audit's A1 is this PCA."""
+    _set_frames(net, client, {s: principal_frame(img[s]) for s in net.scales}, {s: principal_frame(msk[s]) for s in net.scales})
+
+
+@torch.no_grad()
+def _set_frames(net: MappingNet, client: str, img: dict[str, tuple[np.ndarray, np.ndarray]],
+                msk: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    """:func:`set_canonical_frames` from principal frames ``(U, mu)`` per scale, computed by the caller."""
     for s in net.scales:
-        for frame, z, inverse in ((net.in_frames[client][s], img[s], False), (net.out_frames[client][s], msk[s], True)):
-            u, mu = principal_frame(z)
+        for frame, (u, mu), inverse in ((net.in_frames[client][s], img[s], False), (net.out_frames[client][s], msk[s], True)):
             w, b = (u, mu) if inverse else (u.T, -u.T @ mu)
             frame.weight.copy_(torch.from_numpy(np.ascontiguousarray(w)).float())
             frame.bias.copy_(torch.from_numpy(np.ascontiguousarray(b)).float())

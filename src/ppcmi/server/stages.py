@@ -15,6 +15,7 @@ from ..config import MappingTrainConfig
 from ..errors import ProtocolError
 from ..protocol import LatentBatch
 from ..training import FitResult
+from .inbox import TrainingSet
 from .mapping import MappingServer, train_mapping
 
 
@@ -42,14 +43,15 @@ class TrainedMapping:
         return {"per_hospital": rows}
 
 
-def train_mappings(batches: list[LatentBatch], cfg: MappingTrainConfig, out_dir: str | Path, *, seed: int,
+def train_mappings(batches: list[LatentBatch] | list[TrainingSet], cfg: MappingTrainConfig, out_dir: str | Path, *, seed: int,
                    resume: bool = False, reuse: bool = False, progress: bool = True) -> TrainedMapping:
-    """Stage 2 under ``cfg.scope``. ``reuse`` keeps a network already trained in its folder (a re-run of
+    """Stage 2 under ``cfg.scope`` on messages in memory or training sets opened from chunk files
+    (:func:`ppcmi.server.inbox.open_sets`). ``reuse`` keeps a network already trained in its folder (a re-run of
     a finished stage); ``resume`` continues an interrupted one."""
     out = Path(out_dir)
     if not batches:
         raise ProtocolError("inbox: no training messages received")
-    groups: dict[str, list[LatentBatch]] = {}
+    groups: dict[str, list] = {}
     if cfg.scope == "shared":
         groups[""] = batches
     else:
