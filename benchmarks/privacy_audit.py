@@ -148,7 +148,7 @@ def rotation(cfg, data: Path, base: Path, out: Path, with_previous: bool = True)
     if (out / "rotation.json").exists():
         return json.loads((out / "rotation.json").read_text())
     pl = plan(cfg, data)
-    test = load_test(pl, cfg)
+    test = load_test(pl)
     name = next(iter(pl.hospitals))
     site = out / "sites" / name
     if site.exists():
@@ -171,7 +171,7 @@ def rotation(cfg, data: Path, base: Path, out: Path, with_previous: bool = True)
     seconds = time.perf_counter() - t0
 
     def dice(site_dir: Path, model: Path) -> float:
-        _, rows = infer_and_score({name: Hospital(site_dir)}, {name: MappingServer(model)}, test, pl.labels, size=cfg.data.eval_size)
+        _, rows = infer_and_score({name: Hospital(site_dir)}, {name: MappingServer(model)}, test, pl.labels)
         return summarize(rows)["fg_dice"]["mean"]
 
     init = json.loads((out / "server" / "config.json").read_text())["refits"][-1]["init"]  # as refit_adapters recorded it
@@ -229,7 +229,7 @@ def noise_fixed(cfg, data: Path, base: Path, out: Path) -> dict:
             write_training_set(hospitals[h].training_chunks(arr["images"], arr["masks"], copies=cfg.autoencoder.send_copies,
                                                             noise=cfg.autoencoder.send_noise), out / "wire" / f"{h}.train")
         srv = MappingServer(out / "server")
-        _, rows = infer_and_score(hospitals, {h: srv for h in hospitals}, load_test(pl, cfg), pl.labels, size=cfg.data.eval_size,
+        _, rows = infer_and_score(hospitals, {h: srv for h in hospitals}, load_test(pl), pl.labels,
                                   noise=cfg.autoencoder.send_noise)
         atomic_write_json(out / "summary.json", {"ppcmi": summarize(rows, group_key="site"),
                                                  "note": "mapping network trained on the baseline's noise-free messages"})

@@ -72,7 +72,7 @@ def _peak_mib() -> float:
 def _config(a):
     from ppcmi.experiment import dataset_config
 
-    sets = ["data.size=256", "data.eval_size=none", "autoencoder.width=1.0", f"autoencoder.send_copies={a.copies}",
+    sets = ["data.size=256", "autoencoder.width=1.0", f"autoencoder.send_copies={a.copies}",
             f"autoencoder.epochs={a.ae_epochs}", f"autoencoder.patience={a.ae_epochs}", f"mapping.epochs={a.map_epochs}",
             f"mapping.patience={a.map_epochs}", f"clients={a.clients}"]
     return dataset_config("psfhs", overrides=sets)

@@ -9,7 +9,7 @@ from ppcmi.experiment import synth
 from ppcmi.errors import PpcmiError
 
 TINY = ["data.size=32", "data.labels=0,1", "data.class_names=background,lv", "autoencoder.width=0.25", "autoencoder.epochs=1",
-        "mapping.widen=8,8,8", "mapping.mid=8,8", "mapping.down=8,8,8", "mapping.epochs=1", "clients=2", "data.eval_size=64",
+        "mapping.widen=8,8,8", "mapping.mid=8,8", "mapping.down=8,8,8", "mapping.epochs=1", "clients=2",
         "data.crop=1.0", "autoencoder.send_copies=1"]
 
 

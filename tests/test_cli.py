@@ -281,6 +281,45 @@ def test_predict_writes_nifti_for_a_volume_and_png_for_slices(run, tmp_path):
     fails("predict", tmp_path / "vol.nii.gz", "--site-dir", site, "--model", model, "--out", tmp_path / "nii", match="exists")
 
 
+def test_non_square_images_come_back_on_their_own_grid_by_either_path(run, tmp_path):
+    """Planes of other shapes than the network's 32x32 (wider, taller, larger) are padded on the way in and their
+    label maps come back at their own size; predict and client encode/map/decode restore them identically."""
+    src = sorted((run / "data" / "test" / "images").glob("*.png"))[:3]
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    shapes = {"wide": (20, 32), "tall": (32, 24), "large": (48, 48)}
+    for (name, (h, w)), p in zip(shapes.items(), src):
+        Image.fromarray(np.asarray(Image.open(p).resize((w, h), Image.BILINEAR))).save(folder / f"{name}.png")
+    site, model = run / "sites" / "h1", run / "server"
+    ok("predict", folder, "--site-dir", site, "--model", model, "--out", tmp_path / "a")
+    ok("client", "encode", "--site-dir", site, "--data", folder, "--out", tmp_path / "q")
+    ok("server", "map", "--model", model, "--query", tmp_path / "q", "--out", tmp_path / "r")
+    ok("client", "decode", "--site-dir", site, "--reply", tmp_path / "r", "--out", tmp_path / "b")
+    for name, shape in shapes.items():
+        a, b = (np.asarray(Image.open(tmp_path / d / f"{name}.png")) for d in ("a", "b"))
+        assert a.shape == shape and np.array_equal(a, b) and set(np.unique(a)) <= {0, 1, 2}, name
+
+
+def test_segment_is_the_network_grid_argmax_when_the_geometry_is_the_identity(run):
+    """The synthetic test planes are 32x32, the network size: restoring changes nothing, so the native label maps
+    equal the argmax on the network grid; and batching the restore changes nothing either."""
+    from ppcmi import protocol
+    from ppcmi.client.site import Hospital
+    from ppcmi.data import plane_geometry
+    from ppcmi.errors import PpcmiError
+
+    h = Hospital(run / "sites" / "h1")
+    reply = protocol.decode((run / "wire" / "r").read_bytes())
+    cases = json.loads((run / "wire" / "q.cases.json").read_text())["cases"]
+    geoms = [plane_geometry(c["original_shape"], h.data_cfg.preprocess()) for c in cases]
+    assert all(g.scaled == (32, 32) and not any(g.pad) for g in geoms)
+    whole, batched = h.segment(reply, geoms), h.segment(reply, geoms, batch=3)
+    assert len(whole) == reply.n == 8
+    assert all(np.array_equal(a, b) and np.array_equal(a, c) for a, b, c in zip(whole, batched, h.unprotect(reply)))
+    with pytest.raises(PpcmiError, match="8 rows for 7 planes"):
+        h.segment(reply, geoms[:7])
+
+
 def test_server_train_honours_per_hospital_scope(run, tmp_path):
     """mapping.scope=per_hospital trains one network per hospital, each on its own pairs only (it used to be
     ignored: one shared network, silently)."""

@@ -3,7 +3,7 @@ import pytest
 from dataclasses import replace
 
 from ppcmi.config import CONFIG_VERSION, Config, from_dict, load_config, to_dict
-from ppcmi.errors import ConfigError
+from ppcmi.errors import ConfigError, DataError
 
 
 def test_defaults_and_round_trip():
@@ -28,6 +28,34 @@ def test_saved_configs_keep_the_settings_they_ran_with():
         from_dict({**raw, "version": CONFIG_VERSION + 1})
     with pytest.raises(ConfigError, match="val_frac"):  # version 2 has no data.val_frac
         from_dict({**raw, "data": {**raw["data"], "val_frac": 0.3}})
+
+
+def test_runs_before_version_3_squashed_and_eval_size_is_retired(caplog):
+    """Configs of versions 1 and 2 squashed every plane to size x size and may carry data.eval_size (a scoring
+    size); they read back as data.resize = "squash" without it, while a fresh config pads and naming
+    data.eval_size anywhere is refused with the reason."""
+    raw = to_dict(Config())
+    assert CONFIG_VERSION == 3 and raw["data"]["resize"] == "pad" and "eval_size" not in raw["data"]
+    old = {**raw, "version": 2, "data": {k: v for k, v in raw["data"].items() if k != "resize"}}
+    assert from_dict(old).data.resize == "squash" and from_dict(old) == Config(data=replace(Config().data, resize="squash"))
+    assert from_dict({**old, "data": {**old["data"], "eval_size": None}}).data.resize == "squash"
+    with caplog.at_level("WARNING", logger="ppcmi.config"):
+        assert from_dict({**old, "data": {**old["data"], "eval_size": 256}}) == from_dict(old)
+    assert "data.eval_size of a version 2 configuration ignored" in caplog.text and "native resolution" in caplog.text
+    assert from_dict({**old, "data": {**old["data"], "resize": "pad"}}).data.resize == "pad"  # recorded: kept
+    for bad in (lambda: load_config(None, ["data.eval_size=256"]),
+                lambda: from_dict({**raw, "data": {**raw["data"], "eval_size": 256}})):
+        with pytest.raises(ConfigError, match="data.eval_size is retired in config version 3: test cases are scored at their native"):
+            bad()
+    with pytest.raises(DataError, match="data.resize: must be pad or squash, got 'stretch'"):
+        load_config(None, ["data.resize=stretch"])
+
+
+def test_a_toml_naming_a_retired_setting_says_why(tmp_path):
+    p = tmp_path / "run.toml"
+    p.write_text("[data]\neval_size = 256\n")
+    with pytest.raises(ConfigError, match=r"run.toml:data: data.eval_size is retired in config version 3"):
+        load_config(p)
 
 
 def test_every_setting_has_one_reader_and_hospital_settings_never_cross():

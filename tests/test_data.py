@@ -256,7 +256,10 @@ def test_dicom_series_with_nifti_mask_discovered_per_slice(tmp_path):
     assert {c.group for c in cases} == {"pat1"}
     s = load_sample(cases[1], Preprocess(size=4, intensity="minmax"), LabelMap((0, 1)))
     assert s.original_shape == planes[1].shape and s.image.shape == (1, 4, 4)
-    assert s.spacing == pytest.approx((0.8 * 4 / 4, 0.6 * 5 / 4))
+    # the 4x5 plane keeps its aspect: 5 columns -> 4, 4 rows -> round(3.2) = 3 (and a padded row)
+    assert s.geometry.scaled == (3, 4) and s.geometry.pad == (0, 1, 0, 0)
+    assert s.spacing == pytest.approx((0.8 * 4 / 3, 0.6 * 5 / 4))
+    assert s.native_spacing == pytest.approx((0.8, 0.6)) and np.array_equal(s.native_mask, mask[:, :, 1].T)
 
 
 # ----------------------------------------------------------------------------- reader errors
@@ -335,9 +338,13 @@ def test_discover_3d_nifti_pairs_give_one_case_per_slice(tmp_path):
     cases = discover_cases(root)
     assert [c.case_id for c in cases] == ["vol_z000", "vol_z001", "vol_z002"]
     assert [c.slice_index for c in cases] == [0, 1, 2] and {c.group for c in cases} == {"vol"}
-    arr = load_arrays(cases, Preprocess(size=10), LabelMap((0, 1, 2)))
+    arr = load_arrays(cases, Preprocess(size=10), LabelMap((0, 1, 2)), native=True)
     assert arr["images"].shape == (3, 1, 10, 10) and arr["masks"].shape == (3, 10, 10)
-    assert arr["spacings"][0] == pytest.approx((1.5 * 5 / 10, 1.0 * 4 / 10))
+    # 5x4 planes keep their aspect: rows 5 -> 10, columns 4 -> 8, one padded column each side
+    assert arr["geometries"][0].scaled == (10, 8) and arr["geometries"][0].pad == (0, 0, 1, 1)
+    assert arr["spacings"][0] == pytest.approx((1.5 * 5 / 10, 1.0 * 4 / 8))
+    assert arr["native_spacings"] == [pytest.approx((1.5, 1.0))] * 3
+    assert [m.tolist() for m in arr["native_masks"]] == [(vol[:, :, k] % 3).T.tolist() for k in range(3)]
     assert arr["original_shapes"] == [(5, 4)] * 3 and arr["case_ids"] == [c.case_id for c in cases]
 
 
@@ -661,8 +668,8 @@ def test_bundled_sunnybrook():
     assert set(np.unique(s.mask)) == {0, 1} and s.original_shape == (256, 256)
 
 
-def test_center_crop_and_restore_mask_round_trip():
-    from ppcmi.data import Preprocess, center_crop, crop_box, prepare_image, restore_mask
+def test_center_crop_and_restore_round_trip():
+    from ppcmi.data import Preprocess, center_crop, crop_box, forward_mask, plane_geometry, prepare_image, restore_labels
 
     assert crop_box(256, 256, 0.5) == (64, 64, 128, 128)
     assert crop_box(7, 10, 0.5) == (1, 2, 4, 5)  # rows round(3.5) = 4 (to even), top (7-4)//2 = 1; cols 5, left 2
@@ -670,11 +677,13 @@ def test_center_crop_and_restore_mask_round_trip():
     lab[100:150, 110:140] = 2
     small = center_crop(lab, 0.5)  # 128x128: no resampling needed
     assert small.shape == (128, 128) and small.sum() == lab.sum()
-    assert np.array_equal(restore_mask(small, (256, 256), 0.5), lab)
-    # with a resize in between: back to the original grid, background outside the crop
-    from ppcmi.data import resize_mask
-
-    back = restore_mask(resize_mask(small, 64), (256, 256), 0.5)
+    g = plane_geometry((256, 256), Preprocess(size=128, crop=0.5))
+    assert np.array_equal(forward_mask(lab, g), small)
+    one_hot = np.eye(3, dtype=np.float32)[small].transpose(2, 0, 1)[None]
+    assert np.array_equal(restore_labels(one_hot, [g])[0], lab)
+    # with a resize in between: back to the original grid from probabilities, background outside the crop
+    g64 = plane_geometry((256, 256), Preprocess(size=64, crop=0.5))
+    back = restore_labels(np.eye(3, dtype=np.float32)[forward_mask(lab, g64)].transpose(2, 0, 1)[None], [g64])[0]
     assert back.shape == (256, 256) and back[:64].sum() == 0 and back[:, :64].sum() == 0
     assert (back == lab).mean() > 0.99
     img = np.arange(256 * 256, dtype=np.float32).reshape(1, 256, 256)

@@ -68,3 +68,31 @@ def test_per_hospital_mapping_scope_trains_one_network_per_hospital(tmp_path):
         assert srv["clients"] == [h]  # trained on that hospital's pairs only
     assert set(res["stage2"]["per_hospital"]) == {"hospital1", "hospital2"}
     assert not (tmp_path / "run" / "server" / "mapping.safetensors").exists()
+
+
+def test_simulate_scores_native_planes_of_another_shape(tmp_path):
+    """Planes of 48x40 at network size 32: every hospital's predictions come back as 48x40 label maps and the
+    per-case Dice in the run folder is that of those maps against the masks as stored."""
+    import csv
+
+    from PIL import Image
+
+    data = synth(tmp_path / "data", sites=2, patients_per_site=2, slices_per_patient=3, size=48, n_classes=2, seed=1)
+    for p in sorted((data / "images").glob("*.png")) + sorted((data / "masks").glob("*.png")):
+        Image.fromarray(np.asarray(Image.open(p))[:, 4:44]).save(p)  # 48 rows, 40 columns
+    cfg = Config(seed=0, clients=2,
+                 data=DataConfig(size=32, group_csv=str(data / "groups.csv"), test_frac=0.25, partition="site"),
+                 autoencoder=AutoencoderConfig(width=0.25, epochs=1),
+                 mapping=MappingTrainConfig(widen=(8, 8, 8), mid=(8, 8), down=(8, 8, 8), epochs=1))
+    res = run_simulation(cfg, data, tmp_path / "run", progress=False)
+    test = res["_arrays"]["test"]
+    assert test["geometries"][0].scaled == (32, 27) and test["geometries"][0].pad == (0, 0, 2, 3)  # 40 * 32 / 48 = 26.7
+    with open(tmp_path / "run" / "eval" / "per_case.csv") as f:
+        rows = {(r["site"], r["case_id"]): float(r["fg_dice"]) for r in csv.DictReader(f)}
+    for site, preds in res["_arrays"]["preds"].items():
+        assert len(preds) == len(test["case_ids"]) and all(p.shape == (48, 40) for p in preds)
+        for cid, p in zip(test["case_ids"], preds):
+            gt = np.asarray(Image.open(data / "masks" / f"{cid}.png")) > 0
+            fg = p > 0
+            expect = 1.0 if not (fg.any() or gt.any()) else 2 * (fg & gt).sum() / (fg.sum() + gt.sum())
+            assert rows[(site, cid)] == pytest.approx(expect, abs=1e-6), (site, cid)

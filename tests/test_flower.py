@@ -355,7 +355,7 @@ def test_run_config_carries_shared_settings_only_and_round_trips(tmp_path):
 
     cfg = demo_config()
     cfg = replace(cfg, clients=7, data=replace(cfg.data, labels="0,1", group_csv="/private/groups.csv", group_regex="^(pt_secret)_",
-                                               partition="site", test_frac=0.3, eval_size=200),
+                                               partition="site", test_frac=0.3, resize="squash"),
                   autoencoder=replace(cfg.autoencoder, send_noise=0.123457))
     rc = run_config(cfg, wire.FlowerSettings(nodes=3, retries=1))
     flat = flatten_dict(rc)
@@ -363,11 +363,12 @@ def test_run_config_carries_shared_settings_only_and_round_trips(tmp_path):
     assert {k for k in flat if not k.startswith("flower.")} == {n for n in setting_names(cfg) if reader(n) == "shared"}
     wire.write_app(tmp_path, cfg, wire.FlowerSettings(nodes=3))
     written = (tmp_path / "pyproject.toml").read_text()
-    for private in ("/private/groups.csv", "pt_secret", "0.123457", "send_noise", "eval_size", "partition"):
+    for private in ("/private/groups.csv", "pt_secret", "0.123457", "send_noise", "partition"):
         assert private not in written and private not in str(flat), private
     back, settings = read_run_config(flat)
     assert settings == wire.FlowerSettings(nodes=3, retries=1)
     assert shared_settings(back) == shared_settings(cfg)
+    assert back.data.resize == "squash"  # a shared setting: every hospital resizes the same way
     assert back.data.group_csv is None and back.autoencoder.send_noise == 0.0 and back.clients == 3  # never sent
 
 

@@ -150,6 +150,18 @@ def test_a_resume_with_other_settings_is_refused_by_field_before_training(run, t
     assert snapshot(site) == before
 
 
+def test_a_resume_reads_an_older_site_record_as_it_ran(run, tmp_path):
+    """A site record of config version 2 has no data.resize: its planes were squashed, so a resume under the
+    default (pad) is refused by that field, and one that asks for squash is not."""
+    site = _site_copy(run, tmp_path)
+    rec = json.loads((site / "site.json").read_text())
+    rec["version"] = 2
+    del rec["data"]["resize"]
+    (site / "site.json").write_text(json.dumps(rec))
+    fails(*train_args(site, run / "data"), "--resume", match="data.resize differs from the interrupted run's")
+    ok(*train_args(site, run / "data"), "--resume", "--set", "data.resize=squash")
+
+
 def test_train_refuses_a_trained_site_and_overwrite_retrains_it_keeping_the_key(run, tmp_path):
     site = _site_copy(run, tmp_path)
     before = snapshot(site)

@@ -7,6 +7,7 @@ in one place, which is exactly what PPCMI-SF avoids.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -14,8 +15,9 @@ from monai.losses import DiceCELoss
 from monai.networks.nets import UNet
 
 from .augment import batch_augmenter
-from .models import resample_scores
 from .config import Config
+from .data import PlaneGeometry, restore_labels
+from .errors import PpcmiError
 from .training import FitConfig, FitResult, fit, seeded_init
 
 
@@ -55,10 +57,14 @@ def train_unet(images: np.ndarray, masks: np.ndarray, n_classes: int, work_dir: 
 
 
 @torch.inference_mode()
-def predict_unet(model: UNet, images: np.ndarray, batch_size: int = 16, size: int | None = None) -> np.ndarray:
-    """Label maps (N, S, S); ``size`` resamples the logits (bilinear) before the argmax, as ``Hospital.unprotect`` does."""
+def predict_unet(model: UNet, images: np.ndarray, geometries: Sequence[PlaneGeometry], batch_size: int = 16) -> list[np.ndarray]:
+    """Label maps on each plane's native grid for network inputs (N, C, S, S): the softmax of the U-Net's logits
+    restored by :func:`ppcmi.data.restore_labels`, the path ``Hospital.segment`` takes."""
+    if len(geometries) != len(images):
+        raise PpcmiError(f"predict_unet: {len(images)} images but {len(geometries)} geometries")
     model.eval()
-    out = []
+    out: list[np.ndarray] = []
     for i in range(0, len(images), batch_size):
-        out.append(resample_scores(model(torch.from_numpy(images[i:i + batch_size]).float()), size).argmax(1))
-    return torch.cat(out).numpy().astype(np.int64)
+        probs = torch.softmax(model(torch.from_numpy(images[i:i + batch_size]).float()).float(), dim=1)
+        out += restore_labels(probs, geometries[i:i + batch_size])
+    return out

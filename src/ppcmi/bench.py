@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 def _unet(cfg: Config, data: Path, out: Path, local: bool, progress: bool) -> tuple[list[dict], dict]:
     """Centralized (pooled hospitals) or local (one U-Net per hospital) reference, evaluated on the test cases."""
     pl = plan(cfg, data)
-    test = load_test(pl, cfg)
+    test = load_test(pl)
     arrays = {h: load_arrays(c, pl.prep, pl.labels) for h, c in pl.hospitals.items()}
     groups = {h: [a] for h, a in arrays.items()} if local else {"pooled": list(arrays.values())}
     rows: list[dict] = []
@@ -45,8 +45,8 @@ def _unet(cfg: Config, data: Path, out: Path, local: bool, progress: bool) -> tu
         t0 = time.perf_counter()
         model, _ = train_reference_unet(cfg, parts, pl.labels.n_classes, out / g, desc=f"U-Net {g}", progress=progress)
         seconds += time.perf_counter() - t0
-        pred = predict_unet(model, test["images"], size=cfg.data.eval_size)
-        rows += evaluate_cases(pred, test["eval_masks"], test["case_ids"], pl.labels.n_classes, spacings=test["eval_spacings"],
+        pred = predict_unet(model, test["images"], test["geometries"])
+        rows += evaluate_cases(pred, test["native_masks"], test["case_ids"], pl.labels.n_classes, spacings=test["native_spacings"],
                                class_names=list(pl.labels.names), extra=[{"site": g}] * len(pred))
     return rows, {"train_s": seconds}
 
@@ -71,14 +71,14 @@ def _reuse_stage1(src: Path, dst: Path, klt: bool) -> bool:
 def _inference_variants(cfg: Config, data: Path, run: Path) -> dict:
     """Dice of a finished run when the wire carries float16, and when every network runs under bf16 autocast."""
     pl = plan(cfg, data)
-    test = load_test(pl, cfg)
+    test = load_test(pl)
     hospitals = {h: Hospital(run / "sites" / h) for h in pl.hospitals}
     srv = MappingServer(run / "server")
     servers = {h: srv for h in hospitals}
     out = {}
     for name, dtype, bf16 in (("float16_wire", np.float16, False), ("bf16_autocast", np.float32, True)):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # every network of the round trip
-            _, rows = infer_and_score(hospitals, servers, test, pl.labels, size=cfg.data.eval_size, dtype=dtype)
+            _, rows = infer_and_score(hospitals, servers, test, pl.labels, dtype=dtype)
         out[name] = summarize(rows, group_key="site")
     return out
 

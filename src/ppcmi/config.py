@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import tomllib
 import typing
@@ -30,6 +31,7 @@ from .errors import ConfigError, DataError
 from .models import AEShape, MappingConfig
 from .protocol import CHUNK_BYTES, MAX_BYTES, MIN_CHUNK_BYTES
 
+log = logging.getLogger(__name__)
 
 SCHEDULES = ("constant", "cosine")
 INTENSITY_MODES = ("minmax", "percentile", "window", "zscore", "ct")
@@ -42,7 +44,7 @@ def _choice(where: str, value: str, allowed: tuple[str, ...]) -> None:
 
 @dataclass(frozen=True)
 class Preprocess:
-    """How a raw plane becomes a network input: intensity scaling, colour, resize to size x size."""
+    """How a raw plane becomes a network input: intensity scaling, colour, crop, resize to size x size."""
 
     size: int = 256
     intensity: str = "minmax"  # minmax | percentile | window | zscore (per image) | ct (pooled statistics, from a plan)
@@ -51,6 +53,7 @@ class Preprocess:
     offset: float = 0.0  # subtracted from raw values first (CT stored as HU+1024 -> 1024)
     color: str = "gray"  # gray (luminance) | rgb (3 channels; gray repeated)
     crop: float = 1.0  # keep the central fraction of each side before resizing (1.0: whole plane)
+    resize: str = "pad"  # pad: longer side to size, aspect kept, symmetric padding | squash: both sides to size (before config version 3)
     stats: tuple[float, float] | None = None  # ct: the pooled foreground (mean, std) after offset (a plan writes it)
     zrange: float = 4.0  # zscore, ct: z-scores in [-zrange, zrange] map linearly onto [0, 1] (beyond: clipped)
     max_clipped: float = 0.5  # a training plane with more of its foreground clipped than this share is an error
@@ -90,6 +93,8 @@ class Preprocess:
         if not 0.0 < float(self.crop) <= 1.0:
             raise DataError(f"data.crop: must be in (0, 1], got {self.crop!r}")
         object.__setattr__(self, "crop", float(self.crop))
+        if self.resize not in ("pad", "squash"):
+            raise DataError(f"data.resize: must be pad or squash, got {self.resize!r}")
 
 
 @dataclass(frozen=True)
@@ -103,14 +108,11 @@ class DataConfig(Preprocess):
     split_lists: dict[str, str] | None = None  # {"train": "...", "val": "...", "test": "..."}
     test_frac: float = 0.2
     partition: str = "group"           # iid | group | site
-    eval_size: int | None = None       # score test cases at this size (predictions resampled from probabilities); None: size
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not isinstance(self.size, int) or self.size < 32 or self.size % 32:
             raise ConfigError(f"data.size: must be a multiple of 32 (the autoencoder halves it five times), got {self.size!r}")
-        if self.eval_size is not None and (not isinstance(self.eval_size, int) or self.eval_size < 8):
-            raise ConfigError(f"data.eval_size: must be an integer of at least 8, got {self.eval_size!r}")
 
     def preprocess(self) -> Preprocess:
         """The preprocessing part of these settings."""
@@ -187,10 +189,14 @@ class Config:
             raise ConfigError(f"chunk_bytes: must be an integer from {MIN_CHUNK_BYTES} to {MAX_BYTES}, got {self.chunk_bytes!r}")
 
 
-CONFIG_VERSION = 2  # 2: data.val_frac removed (nothing read it); mapping.adapter_init recorded
+CONFIG_VERSION = 3  # 2: data.val_frac removed (nothing read it); mapping.adapter_init recorded. 3: data.resize; data.eval_size retired
+
+# settings that no longer exist, and why: naming one (TOML or --set) is an error with this message
+RETIRED = {"data.eval_size": "retired in config version 3: test cases are scored at their native resolution (class "
+                             "probabilities resampled to each plane's own grid before the argmax); remove the setting"}
 
 HOSPITAL = ("data.group_regex", "data.group_csv", "autoencoder.send_noise")
-EXPERIMENT = ("clients", "data.split_lists", "data.test_frac", "data.partition", "data.eval_size")
+EXPERIMENT = ("clients", "data.split_lists", "data.test_frac", "data.partition")
 
 
 def reader(key: str) -> str:
@@ -227,7 +233,9 @@ def migrate(raw: dict) -> dict:
     """A saved configuration of any version -> the current layout (without ``version``).
 
     Version 1 (no ``version`` key): ``mapping.adapter_init`` did not exist and its runs used
-    ``"identity"``; ``data.val_frac`` existed but nothing read it (dropped)."""
+    ``"identity"``; ``data.val_frac`` existed but nothing read it (dropped). Versions 1 and 2: every plane
+    was squashed to size x size (``data.resize = "squash"``); ``data.eval_size`` (a scoring size) is dropped,
+    as test cases are now scored at their native resolution (logged when it was set)."""
     raw = json.loads(json.dumps(raw))
     version = raw.pop("version", 1)
     if not isinstance(version, int) or not 1 <= version <= CONFIG_VERSION:
@@ -237,6 +245,10 @@ def migrate(raw: dict) -> dict:
             raw["mapping"].setdefault("adapter_init", "identity")
         if isinstance(raw.get("data"), dict):
             raw["data"].pop("val_frac", None)
+    if version < 3 and isinstance(raw.get("data"), dict):
+        raw["data"].setdefault("resize", "squash")
+        if raw["data"].pop("eval_size", None) is not None:
+            log.warning("data.eval_size of a version %d configuration ignored: %s", version, RETIRED["data.eval_size"])
     return raw
 
 
@@ -297,6 +309,8 @@ def _build(cls: type, raw: dict, where: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(raw) - names
+    for k in sorted(unknown):
+        _retired(f"{where}.{k}" if where else k, where or "config")
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; allowed {sorted(names)}")
     kwargs = {}
@@ -342,17 +356,24 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                 raise ConfigError(f"--set {key}: unknown section {part!r}")
             node = node[part]
         if parts[-1] not in node:
+            _retired(key.strip(), f"--set {key}")
             raise ConfigError(f"--set {key}: unknown key {parts[-1]!r}")
         node[parts[-1]] = value
     return _build(Config, raw, "")
 
 
-def _merge(dst: dict, src: dict, where: str) -> None:
+def _retired(key: str, where: str) -> None:
+    if key in RETIRED:
+        raise ConfigError(f"{where}: {key} is {RETIRED[key]}")
+
+
+def _merge(dst: dict, src: dict, where: str, prefix: str = "") -> None:
     for k, v in src.items():
         if k not in dst:
+            _retired(f"{prefix}{k}", where)
             raise ConfigError(f"{where}: unknown key {k!r}; allowed {sorted(dst)}")
         if isinstance(dst[k], dict) and isinstance(v, dict) and k != "split_lists":
-            _merge(dst[k], v, f"{where}:{k}")
+            _merge(dst[k], v, f"{where}:{k}", f"{prefix}{k}.")
         else:
             dst[k] = v
 

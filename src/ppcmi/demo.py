@@ -21,7 +21,7 @@ import torch
 from .baselines import predict_unet, train_reference_unet
 from .client.site import Hospital
 from .config import AutoencoderConfig, Config, DataConfig, MappingTrainConfig, from_dict, to_dict
-from .data import load_arrays
+from .data import Case, crop_plane, load_arrays, read_image
 from .fileio import atomic_write_json, atomic_write_text
 from .metrics import EMPTY_RULE, evaluate_cases, summarize, write_evaluation, write_per_case_csv
 from .server.mapping import MappingServer
@@ -82,7 +82,8 @@ def table(summary: dict, structure: str = "fg") -> str:
     return "\n".join(lines)
 
 
-def _plots(out: Path, result: dict, unet_hist: list[dict], test: dict, preds: dict, unet_pred: np.ndarray) -> None:
+def _plots(out: Path, result: dict, unet_hist: list[dict], test: dict, preds: dict, unet_pred: list[np.ndarray],
+           cases: list[Case]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -113,9 +114,11 @@ def _plots(out: Path, result: dict, unet_hist: list[dict], test: dict, preds: di
     idx = np.linspace(0, len(test["images"]) - 1, num=min(4, len(test["images"]))).astype(int)
     cols = ["image", "ground truth", f"PPCMI-SF ({first})", "centralized U-Net"]
     fig, axes = plt.subplots(len(idx), 4, figsize=(10, 2.6 * len(idx)), squeeze=False)
-    for r, i in enumerate(idx):
-        img = test["images"][i].mean(0)
-        for c, lab in enumerate([None, test["masks"][i], preds[first][i], unet_pred[i]]):
+    for r, i in enumerate(idx):  # on the native plane, within the region the networks see
+        g = test["geometries"][i]
+        img = crop_plane(read_image(cases[i].image_path, cases[i].slice_index)[0].mean(0), g)
+        for c, lab in enumerate([None, test["native_masks"][i], preds[first][i], unet_pred[i]]):
+            lab = None if lab is None else crop_plane(lab, g)
             ax = axes[r, c]
             ax.imshow(img, cmap="gray")
             if lab is not None:
@@ -142,7 +145,7 @@ def _centralized_unet(cfg_raw: dict, data: str, work_dir: str, threads: int) -> 
     t0 = time.perf_counter()
     unet, res = train_reference_unet(cfg, pooled, pl.labels.n_classes, work_dir, progress=False)
     seconds = time.perf_counter() - t0
-    return {"pred": predict_unet(unet, test["images"]), "history": res.history, "seconds": seconds}
+    return {"pred": predict_unet(unet, test["images"], test["geometries"]), "history": res.history, "seconds": seconds}
 
 
 def run_demo(data: str | Path | None = None, out: str | Path = "runs/demo", cfg: Config | None = None, *,
@@ -175,7 +178,7 @@ def run_demo(data: str | Path | None = None, out: str | Path = "runs/demo", cfg:
                                            test["images"], reps=latency_reps)
     upred, unet_s = u["pred"], u["seconds"]
     names = list(pl.labels.names)
-    urows = evaluate_cases(upred, test["masks"], test["case_ids"], pl.labels.n_classes, spacings=test["spacings"],
+    urows = evaluate_cases(upred, test["native_masks"], test["case_ids"], pl.labels.n_classes, spacings=test["native_spacings"],
                            class_names=names, extra=[{"site": "pooled", "method": "unet_centralized"}] * len(upred))
     usum = summarize(urows)
     write_evaluation(urows, usum, out / "unet" / "eval")
@@ -198,7 +201,7 @@ def run_demo(data: str | Path | None = None, out: str | Path = "runs/demo", cfg:
     summary["dice_gap_points"] = 100 * (summary["methods"]["unet_centralized"]["dice"] - summary["methods"]["ppcmi"]["dice"])
     atomic_write_json(out / "summary.json", summary)
     write_per_case_csv(arrays["rows"] + urows, out / "per_case.csv")  # both methods, one row per case and hospital
-    _plots(out, public_summary(result), u["history"], test, preds, upred)
+    _plots(out, public_summary(result), u["history"], test, preds, upred, pl.test)
     atomic_write_text(out / "report.md", report_md(summary))
     return summary
 

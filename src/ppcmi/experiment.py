@@ -194,9 +194,9 @@ def synth(out: str | Path, *, sites: int = 3, patients_per_site: int = 4, slices
 
 # ----------------------------------------------------------------------------- benchmark presets (ppcmi bench)
 
-# Working size 128 (every method, so the comparison is fair and a full PSFHS run fits the CPU budget);
-# scores at 256x256, the paper's grid, from bilinearly resampled class probabilities.
-_FAST = dict(size=128, eval_size=256)
+# Working size 128 (every method, so the comparison is fair and a full PSFHS run fits the CPU budget); every
+# method is scored at each test plane's native resolution, from class probabilities resampled to it.
+_FAST = dict(size=128)
 DATASETS: dict[str, DataConfig] = {
     # seeded 80/20 split of cases, training part spread over the hospitals at random
     "psfhs": DataConfig(**_FAST, intensity="minmax", labels="0,1,2", class_names="background,ps,fh", test_frac=0.2,
@@ -205,9 +205,8 @@ DATASETS: dict[str, DataConfig] = {
     "acdc": DataConfig(**_FAST, intensity="minmax", labels="0,1,2,3", class_names="background,rv,myo,lv",
                        group_regex=r"^(patient\d+)_", split_lists={"train": "train.list", "val": "val.list", "test": "test.list"},
                        partition="group"),
-    # the LV sits in the middle of the field of view: the central 37.5 % (as in the demo), by patient;
-    # scored at the crop's native 96x96 pixels
-    "sunnybrook_lv": DataConfig(size=128, eval_size=96, intensity="percentile", crop=0.375, group_regex=r"^(SCD\d+)_",
+    # the LV sits in the middle of the field of view: the central 37.5 % (as in the demo), by patient
+    "sunnybrook_lv": DataConfig(size=128, intensity="percentile", crop=0.375, group_regex=r"^(SCD\d+)_",
                                 test_frac=0.2, partition="group"),
 }
 # the epoch budget shared by every method of a dataset (the U-Nets get mapping.epochs x send_copies epochs)

@@ -299,14 +299,6 @@ def mixed_forward(model: MappingNet, zt: dict[str, torch.Tensor], cid: torch.Ten
     return out
 
 
-def resample_scores(scores: torch.Tensor, size: int | None) -> torch.Tensor:
-    """Class scores (B, K, H, W) resampled bilinearly to ``size`` x ``size`` (unchanged when ``size`` is None or
-    already the size): how every method is scored on a finer grid than it works at."""
-    if size is None or size == scores.shape[-1]:
-        return scores
-    return F.interpolate(scores, size=(size, size), mode="bilinear", align_corners=False)
-
-
 def config_dict(cfg) -> dict:
     return asdict(cfg)
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -101,33 +101,30 @@ def write_plan(out: str | Path, planned: dict, wire: dict[str, bytes]) -> None:
         atomic_write_bytes(out / "wire" / f"{name}.fingerprint.json", b)
 
 
-def load_test(pl: Plan, cfg: Config) -> dict:
-    """The test arrays at the working size; with ``data.eval_size`` also ``eval_masks``/``eval_spacings`` at that size."""
-    test = load_arrays(pl.test, pl.prep, pl.labels, progress=False)
-    test["eval_masks"], test["eval_spacings"] = test["masks"], test["spacings"]
-    if cfg.data.eval_size and cfg.data.eval_size != cfg.data.size:
-        fine = load_arrays(pl.test, replace(pl.prep, size=cfg.data.eval_size), pl.labels, progress=False)
-        test["eval_masks"], test["eval_spacings"] = fine["masks"], fine["spacings"]
-    return test
+def load_test(pl: Plan) -> dict:
+    """The test arrays at the working size, with each plane's geometry and its native mask and spacing (what
+    predictions are scored against; :func:`ppcmi.data.load_arrays` with ``native``)."""
+    return load_arrays(pl.test, pl.prep, pl.labels, progress=False, native=True)
 
 
 def infer_and_score(hospitals: dict[str, Hospital], servers: dict[str, MappingServer], test: dict, labels: LabelMap, *,
-                    size: int | None = None, dtype=np.float32, batch: int = 16,
-                    noise: float = 0.0) -> tuple[dict, list[dict]]:
+                    dtype=np.float32, batch: int = 16, noise: float = 0.0) -> tuple[dict, list[dict]]:
     """Every hospital segments every test image through protocol bytes (hospital -> server -> hospital) and
-    scores its own predictions. ``dtype`` is the wire dtype; ``noise`` is the std of Gaussian noise on the plain
-    latents before the KLT (``autoencoder.send_noise``). Returns predictions per hospital and per-case metric rows."""
-    preds: dict[str, np.ndarray] = {}
+    scores its own predictions at native resolution (against ``test["native_masks"]``, in mm where
+    ``test["native_spacings"]`` knows the spacing). ``dtype`` is the wire dtype; ``noise`` is the std of
+    Gaussian noise on the plain latents before the KLT (``autoencoder.send_noise``). Returns the native label
+    maps per hospital (a list per hospital, in test order) and per-case metric rows."""
+    preds: dict[str, list[np.ndarray]] = {}
     rows: list[dict] = []
     for name, hosp in hospitals.items():
-        parts = []
+        preds[name] = []
         for s in range(0, len(test["images"]), batch):
             q = protocol.encode(stages.query(hosp, test["images"][s:s + batch], noise=noise, start=s, dtype=dtype))
             r = protocol.encode(servers[name].handle(protocol.decode(q)))
-            parts.append(hosp.unprotect(protocol.decode(r), size=size))
-        preds[name] = np.concatenate(parts)
-        rows += evaluate_cases(preds[name], test["eval_masks"], test["case_ids"], labels.n_classes, spacings=test["eval_spacings"],
-                               class_names=list(labels.names), extra=[{"site": name, "method": "ppcmi"}] * len(preds[name]))
+            preds[name] += hosp.segment(protocol.decode(r), test["geometries"][s:s + batch], batch=batch)
+        rows += evaluate_cases(preds[name], test["native_masks"], test["case_ids"], labels.n_classes,
+                               spacings=test["native_spacings"], class_names=list(labels.names),
+                               extra=[{"site": name, "method": "ppcmi"}] * len(preds[name]))
     return preds, rows
 
 
@@ -185,10 +182,10 @@ def run_simulation(cfg: Config, data_dir: str | Path, out: str | Path, *, resume
     timings["stage2_s"] = time.perf_counter() - t0
 
     # ---- inference on held-out test patients, through every hospital's own keys and decoders
-    test = load_test(pl, cfg)
+    test = load_test(pl)
     t0 = time.perf_counter()
     hospitals = {name: Hospital(out / "sites" / name) for name in pl.hospitals}
-    preds, rows = infer_and_score(hospitals, servers, test, pl.labels, size=cfg.data.eval_size, noise=cfg.autoencoder.send_noise)
+    preds, rows = infer_and_score(hospitals, servers, test, pl.labels, noise=cfg.autoencoder.send_noise)
     timings["inference_s"] = time.perf_counter() - t0
     summ = summarize(rows, group_key="site")
     write_evaluation(rows, summ, out / "eval")

@@ -6,7 +6,9 @@ latents, and the list of which case each row belongs to is kept beside it in a l
 id and the fingerprint of the key it was encoded under; a reply echoes the id, and decoding refuses a
 reply, case list or key that do not belong together, so a result can only land on its own patients. Label maps keep
 the input's geometry (:mod:`ppcmi.data.writers`): PNG for 2D images, NIfTI for NIfTI, MHA for MetaImage, NRRD for
-NRRD, and for DICOM a NIfTI on the series geometry plus a DICOM SEG that references the source instances.
+NRRD, and for DICOM a NIfTI on the series geometry plus a DICOM SEG that references the source instances. They are
+on each plane's native grid: the mask decoder's class probabilities lose the padding and are resampled to the
+plane before the argmax (:func:`ppcmi.data.restore_labels`).
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .. import protocol
-from ..data import (IMAGE_EXTS, LabelMap, Preprocess, dicom_rt_series, discover_cases, n_slices, nnunet_test_images, output_format,
-                    output_names, prepare_image, read_case_mask, read_image, read_mask, render_prediction, restore_mask)
+from ..data import (IMAGE_EXTS, LabelMap, PlaneGeometry, Preprocess, dicom_rt_series, discover_cases, n_slices, nnunet_test_images,
+                    output_format, output_names, plane_geometry, prepare_image, read_case_mask, read_image, read_mask,
+                    render_prediction)
 from ..errors import DataError, PpcmiError
 from ..fileio import atomic_write_bytes, atomic_write_json, refuse_existing, write_files
 from . import stages
@@ -203,6 +206,12 @@ def _find_case_list(reply: Path, query: str) -> Path:
     return found[0]
 
 
+def _geometries(planes: list[dict], prep: Preprocess) -> list[PlaneGeometry]:
+    """Each plane's geometry: a function of its native shape (the case list's ``original_shape``) and the site's
+    shared preprocessing, so the case list records the shape only."""
+    return [plane_geometry(pl["original_shape"], prep) for pl in planes]
+
+
 def label_map_paths(planes: list[dict], out: Path) -> list[Path]:
     """The files each source of ``planes`` is written to (:func:`ppcmi.data.output_names`: ``STEM.png`` for 2D
     images, ``STEM.nii.gz`` for NIfTI, ``STEM.mha``, ``STEM.nrrd``, and for DICOM ``STEM.nii.gz`` + ``STEM.seg.dcm``),
@@ -232,9 +241,9 @@ def check_outputs(planes: list[dict], out: Path, *, overwrite: bool = False) -> 
 OVERWRITE_HINT = " (pass --overwrite to replace earlier label maps)"
 
 
-def _write_label_maps(planes: list[dict], labels_idx: np.ndarray, lmap: LabelMap, out: Path, crop: float = 1.0, *,
+def _write_label_maps(planes: list[dict], labels_idx: Sequence[np.ndarray], lmap: LabelMap, out: Path, *,
                       overwrite: bool = False) -> list[Path]:
-    """Resize each plane back to its source size, map class indices to raw label values, and write one label map
+    """Map each plane's class indices (already on its native grid) to raw label values, and write one label map
     per source with the source's geometry (:func:`ppcmi.data.render_prediction`).
 
     Every file is rendered first and then written as one step (:func:`ppcmi.fileio.write_files`): an existing file
@@ -243,8 +252,7 @@ def _write_label_maps(planes: list[dict], labels_idx: np.ndarray, lmap: LabelMap
     values = np.asarray(lmap.values)
     by_source: dict[str, list[tuple[dict, np.ndarray]]] = {}
     for pl, lab in zip(planes, labels_idx):
-        h, w = pl["original_shape"]
-        by_source.setdefault(pl["source"], []).append((pl, values[restore_mask(lab, (h, w), crop)]))
+        by_source.setdefault(pl["source"], []).append((pl, values[lab]))
     files: dict[Path, bytes] = {}
     for source, items in by_source.items():
         items.sort(key=lambda t: t[0]["slice_index"] or 0)
@@ -279,7 +287,8 @@ def decode_reply(site_dir: Path, reply: Path, cases: Path | None, out: Path, *, 
     if len(planes) != msg.n:
         raise PpcmiError(f"{cases}: lists {len(planes)} images but the reply holds {msg.n}")
     check_outputs(planes, out, overwrite=overwrite)  # before decoding anything
-    return _write_label_maps(planes, h.unprotect(msg), label_map_of(h), out, h.data_cfg.crop, overwrite=overwrite)
+    return _write_label_maps(planes, h.segment(msg, _geometries(planes, h.data_cfg.preprocess())), label_map_of(h), out,
+                             overwrite=overwrite)
 
 
 def _mask_shapes(h: Hospital) -> dict:
@@ -293,8 +302,10 @@ def _predict(h: Hospital, images: Sequence[Path], out: Path, send: Callable[[byt
     (every output path checked before anything is read or sent)."""
     planes = list_inputs(images)
     check_outputs(planes, out, overwrite=overwrite)
-    x = _load_planes(planes, h.data_cfg.preprocess())
-    labels = []
+    prep = h.data_cfg.preprocess()
+    x = _load_planes(planes, prep)
+    geometries = _geometries(planes, prep)
+    labels: list[np.ndarray] = []
     row = 4 * sum(int(np.prod(v)) for v in h.latent_shapes().values())  # float32 bytes of one image's keyed latents
     batch = max(1, min(batch, protocol.QUERY_BYTES // row))  # every query under the service's size limit, at any size
     for s in range(0, len(x), batch):
@@ -303,8 +314,8 @@ def _predict(h: Hospital, images: Sequence[Path], out: Path, send: Callable[[byt
         if reply.kind != "reply" or reply.query != query.query or reply.client != h.name or reply.n != query.n:
             raise PpcmiError(f"reply: does not answer the query just sent (query {query.query}, reply to "
                              f"{reply.query or '(no id)'} for {reply.client!r}, {reply.n} of {query.n} rows)")
-        labels.append(h.unprotect(reply))
-    return _write_label_maps(planes, np.concatenate(labels), label_map_of(h), out, h.data_cfg.crop, overwrite=overwrite)
+        labels += h.segment(reply, geometries[s:s + batch], batch=batch)
+    return _write_label_maps(planes, labels, label_map_of(h), out, overwrite=overwrite)
 
 
 def predict_files(site_dir: Path, send: Callable[[bytes], bytes], images: Sequence[Path], out: Path, *,

@@ -109,8 +109,8 @@ def labels_of(cfg: Config) -> LabelMap:
     return lm
 
 
-def _arrays(folder: Path, cfg: Config) -> dict:
-    return stages.prepare(discover_cases(folder), cfg, labels_of(cfg))
+def _arrays(folder: Path, cfg: Config, *, native: bool = False) -> dict:
+    return stages.prepare(discover_cases(folder), cfg, labels_of(cfg), native=native)
 
 
 def _trained(node: NodeSite) -> bool:
@@ -177,7 +177,8 @@ def test_latents(node: NodeSite, cfg: Config) -> LatentBatch | None:
 
 
 def score(node: NodeSite, cfg: Config, reply: LatentBatch, out: str | Path) -> dict:
-    """Decode the server's reply to :func:`test_latents` and score it against the local masks.
+    """Decode the server's reply to :func:`test_latents` and score it against the local masks at their native
+    resolution (the predictions restored to each plane's grid, :meth:`Hospital.segment`).
 
     Writes ``per_case.csv`` and ``summary.json`` into ``out`` (at the hospital) and returns the summary.
     """
@@ -193,12 +194,12 @@ def score(node: NodeSite, cfg: Config, reply: LatentBatch, out: str | Path) -> d
         raise PpcmiError(f"reply: answers query {reply.query or '(no id)'} for {reply.client!r}, not this site's query {sent.get('query')}")
     if sent.get("key") != h.key_fingerprint:
         raise PpcmiError(f"{pending}: the query was encoded under another key than this site's current one")
-    test = _arrays(node.test_dir, cfg)
+    test = _arrays(node.test_dir, cfg, native=True)
     if reply.n != len(test["images"]) or reply.n != sent.get("n"):
         raise PpcmiError(f"reply: {reply.n} predictions for {len(test['images'])} test images")
     lm = labels_of(cfg)
-    preds = h.unprotect(reply)
-    rows = evaluate_cases(preds, test["masks"], test["case_ids"], lm.n_classes, spacings=test["spacings"],
+    preds = h.segment(reply, test["geometries"])
+    rows = evaluate_cases(preds, test["native_masks"], test["case_ids"], lm.n_classes, spacings=test["native_spacings"],
                           class_names=list(lm.names), extra=[{"site": node.name}] * len(preds))
     summ = summarize(rows)
     write_evaluation(rows, summ, out)

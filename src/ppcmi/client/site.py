@@ -24,11 +24,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..config import CONFIG_VERSION, AutoencoderConfig, Config, DataConfig, Preprocess, from_dict
+from ..config import CONFIG_VERSION, AutoencoderConfig, Config, DataConfig, Preprocess, from_dict, migrate
 from ..errors import CheckpointError, PpcmiError
 from ..fileio import atomic_write_json, fsync_dir, json_text
 from ..klt import KeyedLatentTransform
-from ..models import AEConfig, AEShape, Autoencoder, resample_scores
+from ..data import PlaneGeometry, restore_labels
+from ..models import AEConfig, AEShape, Autoencoder
 from ..protocol import CHUNK_BYTES, LatentBatch, chunk_ranges, new_set_id, rows_per_chunk
 from ..augment import apply_augment, batch_augmenter, draw_augment
 from ..training import FitConfig, FitResult, bce_dice_loss, fit, load_weights, save_weights, seeded_init
@@ -52,10 +53,11 @@ RETRAIN_DIR = ".retrain"  # where ``overwrite`` trains the new autoencoders unti
 
 def _same_model(old: dict, meta: dict) -> list[str]:
     """The fields of a site record that make its autoencoders what they are and that differ between ``old`` and ``meta``
-    (a field an older record lacks is not compared)."""
+    (an older record is read as its version ran, :func:`ppcmi.config.migrate`; a field it lacks is not compared)."""
     keys = [k for k in ("site", "n_classes", "labels", "in_channels", "klt") if k in old and old[k] != meta.get(k)]
+    ran = migrate({"version": old.get("version", 1), **{s: old[s] for s in ("data", "autoencoder") if isinstance(old.get(s), dict)}})
     for section, names in (("data", [f.name for f in fields(Preprocess)]), ("autoencoder", [f.name for f in fields(AEShape)])):
-        was = old.get(section) if isinstance(old.get(section), dict) else {}
+        was = ran.get(section, {})
         keys += [f"{section}.{n}" for n in names if n in was and was[n] != meta[section].get(n)]
     return keys
 
@@ -215,7 +217,9 @@ class Hospital:
     """A trained site loaded for inference: encode+protect and unprotect+decode.
 
     ``protect(images)`` -> query ``LatentBatch``; ``training_batch(images, masks)`` -> train
-    ``LatentBatch``; ``unprotect(reply)`` -> (N, S, S) int64 label maps.
+    ``LatentBatch``; ``scores(reply)`` -> (N, K, S, S) class probabilities; ``segment(reply, geometries)`` ->
+    label maps on each plane's native grid (the prediction); ``unprotect(reply)`` -> (N, S, S) label maps on
+    the network grid.
     """
 
     def __init__(self, site_dir: str | Path):
@@ -312,17 +316,27 @@ class Hospital:
                 yield LatentBatch("train", self.name, arrays)
 
     @torch.inference_mode()
-    def unprotect(self, reply: LatentBatch, *, size: int | None = None) -> np.ndarray:
-        """Invert the keyed transform of the server's reply, decode with the mask decoder, argmax.
-
-        ``size``: resample the decoder's class probabilities (bilinear) to ``size`` x ``size``
-        before the argmax, to score at a finer grid than the model's working size.
-        """
+    def scores(self, reply: LatentBatch, rows: slice = slice(None)) -> torch.Tensor:
+        """Class probabilities (n, K, S, S) of ``rows`` of the server's reply: inverse keyed transform, mask
+        decoder, softmax of its logits over the K classes."""
         if reply.kind != "reply":
             raise PpcmiError(f"kind: expected a 'reply' message, got {reply.kind!r}")
         if reply.client != self.name:
             raise PpcmiError(f"client: reply is addressed to {reply.client!r}, this site is {self.name!r}")
-        zt = {s: torch.from_numpy(np.asarray(a, dtype=np.float32)) for s, a in reply.latents("zt_msk_").items()}
+        zt = {s: torch.from_numpy(np.asarray(a[rows], dtype=np.float32)) for s, a in reply.latents("zt_msk_").items()}
         z = self._klt.inverse(zt, "mask") if self._klt is not None else zt
-        probs = resample_scores(self.models["mask"].decode(z).float(), size)
-        return probs.argmax(1).numpy().astype(np.int64)
+        return torch.softmax(self.models["mask"].decode_logits(z).float(), dim=1)
+
+    def segment(self, reply: LatentBatch, geometries: list[PlaneGeometry], *, batch: int = 16) -> list[np.ndarray]:
+        """The reply's label maps on each plane's native grid (``geometries``: one per row, in order):
+        probabilities restored by :func:`ppcmi.data.restore_labels`, ``batch`` rows at a time."""
+        if len(geometries) != reply.n:
+            raise PpcmiError(f"reply: {reply.n} rows for {len(geometries)} planes")
+        out: list[np.ndarray] = []
+        for s in range(0, reply.n, batch):
+            out += restore_labels(self.scores(reply, slice(s, s + batch)), geometries[s:s + batch])
+        return out
+
+    def unprotect(self, reply: LatentBatch) -> np.ndarray:
+        """(N, S, S) int64 label maps on the network grid (padding included): the argmax of :meth:`scores`."""
+        return self.scores(reply).argmax(1).numpy().astype(np.int64)

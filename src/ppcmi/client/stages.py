@@ -63,9 +63,10 @@ def fingerprint(cases: Sequence[Case], cfg: Config, labels: LabelMap, *, client:
     return fp
 
 
-def prepare(cases: Sequence[Case], cfg: Config, labels: LabelMap, *, progress: bool = False) -> dict:
-    """A hospital's cases as network inputs under the shared preprocessing (see :func:`ppcmi.data.load_arrays`)."""
-    return load_arrays(cases, cfg.data.preprocess(), labels, progress=progress)
+def prepare(cases: Sequence[Case], cfg: Config, labels: LabelMap, *, progress: bool = False, native: bool = False) -> dict:
+    """A hospital's cases as network inputs under the shared preprocessing (see :func:`ppcmi.data.load_arrays`;
+    ``native`` also keeps the native masks and spacings that predictions are scored against)."""
+    return load_arrays(cases, cfg.data.preprocess(), labels, progress=progress, native=native)
 
 
 def train_autoencoders(site_dir: str | Path, name: str, arrays: dict, cfg: Config, labels: LabelMap, *, seed: int,

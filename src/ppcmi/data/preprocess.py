@@ -1,5 +1,5 @@
-"""Preprocessing (hospital side): a raw plane becomes a network input (crop, intensity, colour,
-resize) and a case becomes a training sample; masks are restored to the native plane.
+"""Preprocessing (hospital side): a raw plane becomes a network input (crop, colour, intensity, resize and
+pad; the geometry in :mod:`ppcmi.data.geometry`) and a case becomes a training sample.
 """
 
 from __future__ import annotations
@@ -9,38 +9,15 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from ..config import Preprocess
 from ..errors import DataError
 from ..labels import LabelMap
 from .discovery import Case, read_case_mask
+from .geometry import PlaneGeometry, crop_plane, fit_image, fit_mask, label_dtype, plane_geometry
 from .readers import _cached_volume, read_image
 
 log = logging.getLogger(__name__)
-
-def crop_box(h: int, w: int, crop: float) -> tuple[int, int, int, int]:
-    """(top, left, rows, cols) of the central ``crop`` fraction of an h x w plane (at least 1 pixel)."""
-    rows, cols = max(1, round(h * crop)), max(1, round(w * crop))
-    return (h - rows) // 2, (w - cols) // 2, rows, cols
-
-
-def center_crop(plane: np.ndarray, crop: float) -> np.ndarray:
-    """The central ``crop`` fraction of the last two axes."""
-    if crop >= 1.0:
-        return plane
-    top, left, rows, cols = crop_box(*plane.shape[-2:], crop)
-    return plane[..., top:top + rows, left:left + cols]
-
-
-def restore_mask(mask: np.ndarray, original_shape: tuple[int, int], crop: float = 1.0) -> np.ndarray:
-    """The inverse of cropping and resizing for a label map: back to ``original_shape``, background (0) outside the crop."""
-    h, w = original_shape
-    top, left, rows, cols = crop_box(h, w, crop)
-    out = np.zeros((h, w), dtype=mask.dtype)
-    out[top:top + rows, left:left + cols] = resize_mask(mask, (rows, cols))
-    return out
 
 
 def to_color(image: np.ndarray, color: str) -> np.ndarray:
@@ -101,8 +78,9 @@ def check_intensity(image: np.ndarray, foreground: np.ndarray, prep: Preprocess,
     that is not constant but becomes constant is an error; so is one where more than ``data.max_clipped``
     of the foreground pixels lie beyond the values that map to 0 and 1 (strictly: the pixels of a
     minmax image's extremes are not clipped)."""
-    x = to_color(center_crop(image, prep.crop), prep.color).astype(np.float64) - prep.offset
-    fg = center_crop(foreground, prep.crop)
+    g = plane_geometry(image.shape[-2:], prep)
+    x = to_color(crop_plane(image, g), prep.color).astype(np.float64) - prep.offset
+    fg = crop_plane(foreground, g)
     settings = (f"data.intensity={prep.intensity}, data.window={prep.window}, data.offset={prep.offset:g}"
                 + (f", data.stats={prep.stats}, data.zrange={prep.zrange:g}" if prep.intensity in ("zscore", "ct") else ""))
     if not x.max() > x.min():
@@ -122,37 +100,20 @@ def check_intensity(image: np.ndarray, foreground: np.ndarray, prep: Preprocess,
                             + (" or raise data.zrange" if prep.intensity in ("zscore", "ct") else ""))
 
 
-def resize_image(image: np.ndarray, size: int) -> np.ndarray:
-    """(C, H, W) -> (C, size, size), bilinear (align_corners=False, antialiased when shrinking)."""
-    c, h, w = image.shape
-    if (h, w) == (size, size):
-        return image.astype(np.float32, copy=False)
-    t = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]
-    out = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=h > size or w > size)
-    return out[0].numpy()
-
-
-def resize_mask(mask: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
-    """(H, W) -> (size, size) or (rows, cols), nearest neighbour on pixel centres (torch's "nearest-exact").
-
-    Values are copied, never blended, so only labels present in ``mask`` can appear.
-    """
-    h, w = mask.shape
-    out_h, out_w = (size, size) if isinstance(size, int) else size
-    rows = np.minimum(((np.arange(out_h) + 0.5) * h / out_h).astype(np.int64), h - 1)
-    cols = np.minimum(((np.arange(out_w) + 0.5) * w / out_w).astype(np.int64), w - 1)
-    return mask[np.ix_(rows, cols)]
-
-
-def prepare_image(image: np.ndarray, prep: Preprocess) -> np.ndarray:
-    """Raw (C, H, W) -> float32 (1 or 3, size, size) in [0, 1]: centre crop, colour, intensity scaling, resize."""
-    x = scale_intensity(to_color(center_crop(image, prep.crop), prep.color), prep)
-    return np.clip(resize_image(x, prep.size), 0.0, 1.0)
+def prepare_image(image: np.ndarray, prep: Preprocess, geometry: PlaneGeometry | None = None) -> np.ndarray:
+    """Raw (C, H, W) -> float32 (1 or 3, size, size) in [0, 1]: centre crop, colour, intensity scaling (over the
+    crop), resize and padding with 0 (``geometry``, by default :func:`~ppcmi.data.geometry.plane_geometry` of the plane)."""
+    g = geometry or plane_geometry(image.shape[-2:], prep)
+    x = scale_intensity(to_color(crop_plane(image, g), prep.color), prep)
+    return np.clip(fit_image(x, g), 0.0, 1.0)
 
 
 @dataclass
 class Sample:
-    """A preprocessed case: image float32 (C, size, size) in [0, 1], mask int64 (size, size) class indices."""
+    """A preprocessed case: image float32 (C, size, size) in [0, 1], mask int64 (size, size) class indices.
+
+    ``native_mask`` is the mask's class indices on the native plane (``label_dtype``), ``native_spacing`` its mm
+    per pixel (None when the file tells none); ``geometry`` says where the native plane lies in ``image``."""
 
     image: np.ndarray
     mask: np.ndarray
@@ -160,10 +121,14 @@ class Sample:
     case_id: str
     group: str
     original_shape: tuple[int, int]
+    geometry: PlaneGeometry | None = None
+    native_mask: np.ndarray | None = None
+    native_spacing: tuple[float, float] | None = None
 
 
 def load_sample(case: Case, prep: Preprocess, labels: LabelMap) -> Sample:
-    """Read, check, scale and resize one case; masks are mapped to class indices, then resized (nearest)."""
+    """Read, check, scale, resize and pad one case; masks are mapped to class indices, then resized (nearest)
+    and padded with background."""
     image, sp_img = read_image(case.image_source, case.slice_index)
     mask, sp_mask = read_case_mask(case)
     where = "" if case.slice_index is None else f" (slice {case.slice_index})"
@@ -180,25 +145,29 @@ def load_sample(case: Case, prep: Preprocess, labels: LabelMap) -> Sample:
     index = labels.to_index(mask, f"{case.mask_path}{where}")
     check_intensity(image, index > 0, prep, f"{case.image_path}{where}")
     spacing = sp_img or sp_mask
-    _, _, rows, cols = crop_box(h, w, prep.crop)
-    if spacing is not None:
-        spacing = (spacing[0] * rows / prep.size, spacing[1] * cols / prep.size)
-    return Sample(prepare_image(image, prep), resize_mask(center_crop(index, prep.crop), prep.size), spacing, case.case_id,
-                  case.group, (h, w))
+    g = plane_geometry((h, w), prep)
+    return Sample(prepare_image(image, prep, g), fit_mask(crop_plane(index, g), g), g.spacing(spacing), case.case_id,
+                  case.group, (h, w), g, index.astype(label_dtype(labels.n_classes)), spacing)
 
 
-def load_arrays(cases: Sequence[Case], prep: Preprocess, labels: LabelMap, *, progress: bool = False) -> dict:
+def load_arrays(cases: Sequence[Case], prep: Preprocess, labels: LabelMap, *, progress: bool = False,
+                native: bool = False) -> dict:
     """Load every case into stacked arrays.
 
     Returns ``{"images": float32 (N, C, S, S), "masks": int64 (N, S, S), "case_ids", "groups",
-    "spacings", "original_shapes"}`` (lists in the order of ``cases``).
+    "spacings", "original_shapes", "geometries"}`` (lists in the order of ``cases``; ``geometries`` holds each
+    plane's :class:`~ppcmi.data.geometry.PlaneGeometry`). With ``native`` also ``"native_masks"`` (each
+    case's class indices on its native plane) and ``"native_spacings"`` (mm per native pixel or None): what
+    predictions restored by :func:`~ppcmi.data.geometry.restore_labels` are scored against.
     """
     from tqdm import tqdm
 
     n, s = len(cases), prep.size
     c = 3 if prep.color == "rgb" else 1
     out: dict[str, Any] = {"images": np.empty((n, c, s, s), np.float32), "masks": np.empty((n, s, s), np.int64),
-                           "case_ids": [], "groups": [], "spacings": [], "original_shapes": []}
+                           "case_ids": [], "groups": [], "spacings": [], "original_shapes": [], "geometries": []}
+    if native:
+        out["native_masks"], out["native_spacings"] = [], []
     try:
         for i, case in enumerate(tqdm(cases, desc="loading", unit="case", disable=not progress)):
             smp = load_sample(case, prep, labels)
@@ -207,6 +176,10 @@ def load_arrays(cases: Sequence[Case], prep: Preprocess, labels: LabelMap, *, pr
             out["groups"].append(smp.group)
             out["spacings"].append(smp.spacing)
             out["original_shapes"].append(smp.original_shape)
+            out["geometries"].append(smp.geometry)
+            if native:
+                out["native_masks"].append(smp.native_mask)
+                out["native_spacings"].append(smp.native_spacing)
     finally:
         _cached_volume.cache_clear()
     return out
