@@ -16,7 +16,8 @@ from ppcmi import protocol
 from ppcmi.client import stages
 from ppcmi.config import Config, DataConfig, Preprocess, load_config
 from ppcmi.data import check_intensity, discover_cases, scale_intensity
-from ppcmi.data.fingerprint import compute_fingerprint, dataset_modality, dicom_modality, normalise_modality
+from ppcmi.data.discovery import dicom_modality
+from ppcmi.data.fingerprint import compute_fingerprint, dataset_modality, normalise_modality
 from ppcmi.errors import DataError, PpcmiError, ProtocolError
 from ppcmi.labels import LabelMap
 from ppcmi.server.plan import apply_plan, hist_percentiles, make_plan, pool
@@ -317,7 +318,7 @@ def test_modality_of_the_shared_datasets_from_dataset_json_and_dicom_headers():
     if not (msd / "dataset.json").is_file() or not ct.is_dir():
         pytest.skip(f"shared datasets msd_hippocampus and dicom_ct_lung1 not available at {SHARED_DATA}")
     assert dataset_modality(msd, []) == "MR"  # MSD's "modality": {"0": "MRI"}
-    assert dicom_modality(ct) == "CT"  # the series folder's Modality attribute
+    assert dicom_modality(ct) == ["CT"]  # the series folder's Modality attribute
 
 
 def test_plan_cli_writes_plan_and_never_overwrites(tmp_path):

@@ -502,13 +502,19 @@ def nnunet_test_images(root: str | Path) -> list[tuple[str, tuple[Path, ...]]]:
     return sorted(_group_channels(files, len(names) if names else None, folder).items())
 
 
-def _dicom_modality(image: Path) -> list[str] | None:
+def dicom_modality(image: Path) -> list[str] | None:
     """[Modality] of a DICOM file or series folder (e.g. ["CT"]), None when the header does not say."""
     import pydicom
 
     first = image if image.is_file() else _series(image)[0][0]
     modality = str(pydicom.dcmread(first, stop_before_pixels=True, specific_tags=["Modality"]).get("Modality", "") or "")
     return [modality] if modality else None
+
+
+def dataset_modalities(root: str | Path) -> list[str] | None:
+    """The modality of each channel as ``root/dataset.json`` names it (nnU-Net's ``channel_names``, the
+    Decathlon's ``modality``), None without one."""
+    return _channel_names(_read_dataset_json(Path(root)))
 
 
 def dataset_info(root: str | Path) -> dict:
@@ -539,7 +545,7 @@ def dataset_info(root: str | Path) -> dict:
         pairs, version, n_test, meta, channels, layout = _rt_pairs(root), None, 0, {}, 1, "dicom-rt"
         chosen = _choose_rois(pairs, None)
         labels = LabelMap(tuple(range(len(chosen) + 1)), ("background", *chosen))
-        names, ending = _dicom_modality(pairs[0][1][0]), None
+        names, ending = dicom_modality(pairs[0][1][0]), None
     else:
         pairs, labels, names, version = _index_pairs(root), None, None, None
         n_test, meta = 0, {}
@@ -548,7 +554,7 @@ def dataset_info(root: str | Path) -> dict:
         channels = None
         layout = "images-masks"
         if _format(pairs[0][1][0]) in ("dicom", "dicom-series"):
-            names = _dicom_modality(pairs[0][1][0])
+            names = dicom_modality(pairs[0][1][0])
     if channels is None and pairs:
         first = pairs[0][1]
         n = _n_slices(first[0], "image")

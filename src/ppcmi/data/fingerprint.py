@@ -9,7 +9,6 @@ Medical Segmentation Decathlon's ``modality``) or the DICOM ``Modality`` attribu
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Sequence
@@ -19,7 +18,7 @@ import numpy as np
 from ..errors import DataError
 from ..labels import LabelMap
 from ..protocol import HIST_MAX_INDEX, MODALITIES, QUANTILES, Fingerprint, hist_index
-from .discovery import Case, read_case_mask
+from .discovery import Case, dataset_modalities, dicom_modality, read_case_mask
 from .preprocess import to_color
 from .readers import _cached_volume, read_image
 
@@ -50,50 +49,26 @@ def normalise_modality(name: str) -> str:
     return "OTHER"
 
 
-def read_dataset_json(root: str | Path) -> str | None:
-    """The modality of channel 0 named by ``root/dataset.json`` (``channel_names`` or ``modality``), or None.
-
-    Channels of different modalities are reported (the plan normalises the gray plane as channel 0's)."""
-    path = Path(root) / "dataset.json"
-    if not path.is_file():
-        return None
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise DataError(f"{path}: not a readable JSON file ({e.__class__.__name__})") from None
-    names = raw.get("channel_names", raw.get("modality")) if isinstance(raw, dict) else None
-    if not isinstance(names, dict) or not names:
-        return None
-    ordered = [names[k] for k in sorted(names, key=lambda k: int(k) if str(k).isdigit() else 0)]
-    found = [normalise_modality(n) for n in ordered]
+def dataset_modality(root: str | Path | None, cases: Sequence[Case]) -> str:
+    """The modality the data records: ``root/dataset.json`` (:func:`dataset_modalities`), else the first case's
+    DICOM header (:func:`dicom_modality`), else "UNKNOWN". Channels of different modalities are reported; the
+    plan normalises the gray plane as channel 0's."""
+    names = dataset_modalities(root) if root is not None and Path(root).is_dir() else None
+    if not names and cases and _is_dicom(cases[0].image_path):
+        try:
+            names = dicom_modality(cases[0].image_path)
+        except Exception:  # a .dcm that pydicom cannot read: its reader names it when the case is loaded
+            names = None
+    if not names:
+        return "UNKNOWN"
+    found = [normalise_modality(n) for n in names]
     if len(set(found)) > 1:
-        log.warning("%s: channels of different modalities (%s); planning for channel 0 (%s)", path, ", ".join(map(str, ordered)),
-                    found[0])
+        log.warning("%s: channels of different modalities (%s); planning for channel 0 (%s)", root, ", ".join(names), found[0])
     return found[0]
 
 
-def dicom_modality(path: str | Path) -> str | None:
-    """The ``Modality`` attribute of a DICOM file, or of the first file of a DICOM series folder; None when absent."""
-    p = Path(path)
-    if p.is_dir():
-        p = next((f for f in sorted(p.iterdir()) if f.is_file()), p)
-    if not p.is_file() or not (p.suffix.lower() == ".dcm" or Path(path).is_dir()):
-        return None
-    import pydicom
-
-    try:
-        value = getattr(pydicom.dcmread(p, stop_before_pixels=True), "Modality", None)
-    except Exception:  # not DICOM after all
-        return None
-    return normalise_modality(value) if value else None
-
-
-def dataset_modality(root: str | Path | None, cases: Sequence[Case]) -> str:
-    """The modality the data records: ``root/dataset.json``, else the first case's DICOM header, else "UNKNOWN"."""
-    found = read_dataset_json(root) if root is not None else None
-    if found is None and cases:
-        found = dicom_modality(cases[0].image_path)
-    return found or "UNKNOWN"
+def _is_dicom(path: Path) -> bool:
+    return Path(path).is_dir() or Path(path).suffix.lower() == ".dcm"
 
 
 class _Moments:
@@ -193,4 +168,4 @@ def compute_fingerprint(cases: Sequence[Case], labels: LabelMap, *, client: str,
         constant_planes=constant)
 
 
-__all__ = ["normalise_modality", "read_dataset_json", "dicom_modality", "dataset_modality", "compute_fingerprint"]
+__all__ = ["normalise_modality", "dataset_modality", "compute_fingerprint"]
