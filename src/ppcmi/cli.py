@@ -12,11 +12,44 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+import click
 import typer
+from typer.core import TyperGroup
 
 from .errors import PpcmiError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode="markdown",
+
+def _one_line_usage_error(e: click.ClickException) -> typer.Exit:
+    """A command-line mistake (an unknown option, a missing one, a value of the wrong type) as the one
+    error line every other failure prints, with the command whose help to read."""
+    ctx = getattr(e, "ctx", None)
+    where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+    typer.echo(f"error: {e.format_message()}{where}", err=True)
+    return typer.Exit(2)
+
+
+class _Group(TyperGroup):
+    """The top-level group: click's usage errors become ``error: ...`` lines with exit status 2, like every
+    other failure of user input (a bare ``ppcmi`` or ``ppcmi client`` still shows the help)."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.ClickException as e:
+            raise _one_line_usage_error(e) from None
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.ClickException as e:
+            raise _one_line_usage_error(e) from None
+
+
+app = typer.Typer(cls=_Group, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode="markdown",
                   help="PPCMI-SF: hospitals share only keyed latents; a key-less server maps image latents to mask latents.")
 client_app = typer.Typer(no_args_is_help=True, help="Hospital side: keys, local training, encode+protect, unprotect+decode.")
 server_app = typer.Typer(no_args_is_help=True, help="Coordinator side: train the mapping network and map keyed queries.")
@@ -57,7 +90,11 @@ def _data_sets(labels: Optional[str], names: Optional[str], size: Optional[int],
 
 
 def _guard(fn):
-    """Turn library errors into one line on stderr and exit status 2."""
+    """Turn failures of user input and local files into one line on stderr and exit status 2.
+
+    Library errors (:class:`ppcmi.errors.PpcmiError`) carry their own line; an OSError that names a
+    file (unreadable, a folder where a file should be, no permission, ...) is printed with that name;
+    anything else is a bug and keeps its traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -67,8 +104,15 @@ def _guard(fn):
         except PpcmiError as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2)
-        except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
-            typer.echo(f"error: {e.filename}: {e.strerror}", err=True)
+        except OSError as e:
+            if e.filename is None:  # not about a file: shown in full
+                raise
+            names = f"{e.filename} -> {e.filename2}" if e.filename2 is not None else f"{e.filename}"
+            typer.echo(f"error: {names}: {e.strerror or type(e).__name__}", err=True)
+            raise typer.Exit(2)
+        except MemoryError as e:  # a last line of defence: sizes and counts are bounded where they are read
+            typer.echo(f"error: out of memory ({str(e) or 'MemoryError'}); a size, count or input is larger than this "
+                       "machine can hold", err=True)
             raise typer.Exit(2)
         except KeyboardInterrupt:
             typer.echo("interrupted: completed epochs are saved; rerun with --resume to continue", err=True)
@@ -124,8 +168,9 @@ def synth(out: Path = typer.Argument(..., help="Output folder (images/, masks/, 
 def client_keygen(site_dir: Path = typer.Option(..., "--site-dir", "-s", help="The hospital's private site folder.")):
     """Create this hospital's 32-byte secret key (mode 0600). Never overwrites an existing key."""
     from .client.keys import key_path, keygen
+    from .fileio import ensure_dir
 
-    site_dir.mkdir(parents=True, exist_ok=True)
+    ensure_dir(site_dir)
     p = keygen(key_path(site_dir))
     typer.echo(f"key written to {p} (mode 0600); back it up: without it this site's latents cannot be decoded")
 

@@ -11,6 +11,22 @@ from typing import Any
 from .errors import PpcmiError
 
 
+def ensure_dir(path: str | os.PathLike) -> Path:
+    """Create the folder ``path`` and its parents if missing; a file in the way, or a folder that cannot be
+    created, is one PpcmiError naming it."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), path)
+        if blocker == path:
+            raise PpcmiError(f"{path}: is a file, not a folder") from None
+        raise PpcmiError(f"{path}: cannot create this folder: {blocker} is a file") from None
+    except OSError as e:
+        raise PpcmiError(f"{path}: cannot create this folder ({e.strerror or type(e).__name__})") from None
+    return path
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, overwrite: bool = True, mode: int | None = None) -> Path:
     """Write ``data`` to ``path`` through a temporary file in the same folder and a rename.
 
@@ -21,8 +37,16 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, overwrite: bool 
     path = Path(path)
     if not overwrite and path.exists():
         raise PpcmiError(f"{path}: already exists; refusing to overwrite it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    if path.is_dir():
+        raise PpcmiError(f"{path}: is a folder; cannot write a file there")
+    try:
+        ensure_dir(path.parent)
+    except PpcmiError as e:
+        raise PpcmiError(f"{path}: cannot write: {e}") from None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise PpcmiError(f"{path}: cannot write ({e.strerror or type(e).__name__})") from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -39,9 +63,11 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, overwrite: bool 
             os.unlink(tmp)
         else:
             os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError):  # disk full, a folder in the way, ...: name the file meant
+            raise PpcmiError(f"{path}: cannot write ({e.strerror or type(e).__name__})") from None
         raise
     return path
 

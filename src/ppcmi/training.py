@@ -30,7 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import CheckpointError, PpcmiError
-from .fileio import atomic_write_bytes, atomic_write_json, fsync_dir
+from .fileio import atomic_write_bytes, atomic_write_json, ensure_dir, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +238,7 @@ def fit(model: nn.Module, loss_fn: LossFn, train: Sequence[torch.Tensor], val: S
     import time
 
     work = Path(work_dir)
-    work.mkdir(parents=True, exist_ok=True)
+    ensure_dir(work)
     n = train[0].shape[0]
     if n == 0:
         raise PpcmiError(f"{desc}: no training samples")

@@ -22,7 +22,7 @@ from .. import protocol
 from ..data import (IMAGE_EXTS, LabelMap, Preprocess, discover_cases, n_slices, prepare_image, read_image,
                     read_mask, restore_mask)
 from ..errors import DataError, PpcmiError
-from ..fileio import atomic_write_bytes, atomic_write_json
+from ..fileio import atomic_write_bytes, atomic_write_json, ensure_dir
 from . import stages
 from .site import Hospital
 
@@ -153,7 +153,7 @@ def _find_case_list(reply: Path, query: str) -> Path:
 
 def _write_label_maps(planes: list[dict], labels_idx: np.ndarray, lmap: LabelMap, out: Path, crop: float = 1.0) -> list[Path]:
     """Resize each plane back to its source size, map class indices to raw label values, write per source."""
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out)
     values = np.asarray(lmap.values)
     by_source: dict[str, list[tuple[dict, np.ndarray]]] = {}
     for pl, lab in zip(planes, labels_idx):

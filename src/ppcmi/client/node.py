@@ -30,7 +30,7 @@ from ..config import Config
 from ..data import discover_cases
 from ..labels import LabelMap, parse_labels
 from ..errors import PpcmiError
-from ..fileio import atomic_write_json
+from ..fileio import atomic_write_json, ensure_dir
 from ..metrics import evaluate_cases, summarize, write_evaluation
 from ..protocol import CLIENT_RE, LatentBatch
 from . import stages
@@ -115,7 +115,7 @@ def train_autoencoders(node: NodeSite, cfg: Config) -> dict[str, Any]:
     Returns ``{"status": "trained" | "existing", "image_epochs", "mask_epochs", "seconds", "n_train"}``.
     """
     site = node.site_dir
-    site.mkdir(parents=True, exist_ok=True)
+    ensure_dir(site)
     if (site / "site.json").exists():
         owner = json.loads((site / "site.json").read_text()).get("site")
         if owner != node.name:

@@ -37,7 +37,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from ..config import Config, to_dict
 from ..errors import PpcmiError, ProtocolError
-from ..fileio import atomic_write_bytes, atomic_write_json
+from ..fileio import atomic_write_bytes, atomic_write_json, ensure_dir
 from ..metrics import pool_summaries, write_summary
 from ..server.stages import train_mappings
 from ..protocol import METRICS, SCORE, SITE, STAGE1, TEST_LATENTS, TRAIN_LATENTS, WIRE, unflatten_summary
@@ -140,7 +140,7 @@ class Coordinator:
 
 def run(grid: Grid, cfg: Config, settings: FlowerSettings, out: Path) -> dict:
     """All stages against the SuperNodes behind ``grid``; writes ``out`` and returns the summary."""
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out)
     atomic_write_json(out / "config.json", {**to_dict(cfg), "flower": settings.__dict__})
     co = Coordinator(grid, settings, out)
     timings: dict[str, float] = {}
