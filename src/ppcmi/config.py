@@ -313,6 +313,15 @@ def _build(cls: type, raw: dict, where: str) -> Any:
     return cls(**kwargs)
 
 
+def build(cls: type, raw: dict, where: str) -> Any:
+    """A settings dataclass ``cls`` (for example :class:`ppcmi.models.AEConfig`) from plain values as a saved
+    record holds them: unknown keys refused, each value parsed to its field's type and checked, one
+    ConfigError naming ``where.key`` otherwise."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a table, got {type(raw).__name__}")
+    return _build(cls, raw, where)
+
+
 def to_dict(cfg: Any) -> dict:
     """Plain JSON values; a whole :class:`Config` also carries its ``version`` (what :func:`from_dict` reads back)."""
     d = json.loads(json.dumps(dataclasses.asdict(cfg)))

@@ -1,12 +1,14 @@
-"""Atomic, no-clobber file writes used by every side (temporary file + rename)."""
+"""Atomic, no-clobber file writes used by every side (temporary file + rename), and checked reads of the JSON
+records ppcmi writes (a missing, truncated or incomplete record is one error naming the file and the field)."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .errors import PpcmiError
 
@@ -108,3 +110,76 @@ def fsync_dir(path: str | os.PathLike) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def read_json(path: str | os.PathLike, what: str, error: type[PpcmiError] = PpcmiError) -> Any:
+    """The JSON value in ``path``; ``what`` names the record in errors ("site record", "case list").
+
+    A missing, unreadable, non-UTF-8 or truncated file is one ``error`` naming it."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise error(f"{path}: {what} not found") from None
+    except UnicodeDecodeError:
+        raise error(f"{path}: not a {what} (not UTF-8 text)") from None
+    except OSError as e:
+        raise error(f"{path}: unreadable {what} ({e.strerror or type(e).__name__})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: truncated or corrupt {what} (invalid JSON at line {e.lineno}, column {e.colno})") from None
+
+
+_REQUIRED = object()
+_KIND_NAMES = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string", list: "a list",
+               dict: "an object"}
+
+
+def _is(value: Any, kind: type) -> bool:
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+class Record:
+    """The fields of one JSON object read from ``path``, checked on access.
+
+    ``get("n_classes", int, ok=lambda v: v >= 2, expect="an integer >= 2")`` returns the field or raises
+    one ``error`` naming the file and the field (``labels.values`` for a nested one) when it is missing
+    (and has no ``default``), of another type, or fails ``ok``."""
+
+    def __init__(self, value: Any, path: str | os.PathLike, what: str, error: type[PpcmiError] = PpcmiError,
+                 prefix: str = ""):
+        self.path, self.what, self.error, self.prefix = Path(path), what, error, prefix
+        if not isinstance(value, dict):
+            where = f"field {prefix[:-1]!r}" if prefix else f"not a {what}"
+            raise error(f"{self.path}: {where}{' must be an object' if prefix else ' (expected a JSON object)'}, "
+                        f"got {type(value).__name__}")
+        self.raw: dict = value
+
+    def fail(self, key: str, why: str) -> PpcmiError:
+        return self.error(f"{self.path}: field {self.prefix + key!r} {why} (a damaged {self.what}?)")
+
+    def get(self, key: str, kind: type | tuple[type, ...], *, default: Any = _REQUIRED,
+            ok: Callable[[Any], bool] | None = None, expect: str | None = None) -> Any:
+        if key not in self.raw:
+            if default is _REQUIRED:
+                raise self.fail(key, "is missing")
+            return default
+        value = self.raw[key]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if not any(_is(value, k) for k in kinds) or (ok is not None and not ok(value)):
+            want = expect or " or ".join(_KIND_NAMES.get(k, k.__name__) for k in kinds)
+            raise self.fail(key, f"must be {want}, got {json.dumps(value, default=str)[:60]}")
+        return value
+
+    def sub(self, key: str, *, default: Any = _REQUIRED) -> "Record":
+        """The nested object ``key`` as a Record (``{}`` when missing and ``default`` is given)."""
+        if key not in self.raw and default is not _REQUIRED:
+            return Record(default, self.path, self.what, self.error, f"{self.prefix}{key}.")
+        if key not in self.raw:
+            raise self.fail(key, "is missing")
+        return Record(self.raw[key], self.path, self.what, self.error, f"{self.prefix}{key}.")

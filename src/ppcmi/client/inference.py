@@ -22,7 +22,7 @@ from .. import protocol
 from ..data import (IMAGE_EXTS, LabelMap, Preprocess, discover_cases, n_slices, prepare_image, read_image,
                     read_mask, restore_mask)
 from ..errors import DataError, PpcmiError
-from ..fileio import atomic_write_bytes, atomic_write_json, ensure_dir
+from ..fileio import Record, atomic_write_bytes, atomic_write_json, ensure_dir, read_json
 from . import stages
 from .site import Hospital
 
@@ -30,8 +30,7 @@ log = logging.getLogger(__name__)
 
 
 def label_map_of(h: Hospital) -> LabelMap:
-    lab = h.meta["labels"]
-    return LabelMap(tuple(lab["values"]), tuple(lab["names"]))
+    return h.label_map
 
 
 def _stem(p: Path) -> str:
@@ -117,18 +116,29 @@ def encode_folder(site_dir: Path, data: Path, out: Path, *, with_masks: bool = F
     return msg.n, len(blob)
 
 
+# the largest plane a case list may name: a label map of this size is resampled in memory (int64, 2 GiB)
+MAX_PLANE_PIXELS = 2**28
+
+
 def _case_list(path: Path) -> dict:
-    try:
-        rec = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise PpcmiError(f"{path}: not a readable case list ({type(e).__name__})") from None
+    rec = read_json(path, "case list")
     if isinstance(rec, list):
         raise PpcmiError(f"{path}: a case list from before replies were bound to their query; encode the query again")
-    if not isinstance(rec, dict) or rec.get("kind") != "query" or not isinstance(rec.get("cases"), list) or \
-            not all(isinstance(rec.get(k), str) for k in ("site", "query", "key")):
+    r = Record(rec, path, "case list")
+    if r.get("kind", str) != "query":
         raise PpcmiError(f"{path}: not a query case list written by 'ppcmi client encode'")
-    if not all(isinstance(c, dict) and {"source", "original_shape", "stem", "format"} <= set(c) for c in rec["cases"]):
-        raise PpcmiError(f"{path}: a case entry lacks source, original_shape, stem or format")
+    for k in ("site", "query", "key"):
+        r.get(k, str)
+    for i, c in enumerate(r.get("cases", list)):
+        case = Record(c, path, "case list", prefix=f"cases[{i}].")
+        case.get("source", str, ok=bool, expect="a file name")
+        case.get("stem", str)
+        case.get("format", str, ok=lambda v: v in ("png", "nifti"), expect="png or nifti")
+        case.get("slice_index", (int, type(None)), default=None, ok=lambda v: v is None or v >= 0,
+                 expect="a slice number >= 0 or null")
+        case.get("original_shape", list, ok=lambda v: len(v) == 2 and all(isinstance(n, int) and not isinstance(n, bool) and n >= 1
+                                                                         for n in v) and v[0] * v[1] <= MAX_PLANE_PIXELS,
+                 expect=f"[height, width] in pixels (at most {MAX_PLANE_PIXELS} in all)")
     bad = [c["stem"] for c in rec["cases"] if not isinstance(c["stem"], str) or c["stem"] in ("", ".", "..")
            or Path(c["stem"]).name != c["stem"] or "\\" in c["stem"]]
     if bad:
