@@ -128,6 +128,16 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def data_digest(tensors: Sequence[torch.Tensor]) -> str:
+    """SHA-256 over the shapes, dtypes and bytes of ``tensors``: what a resumed run checks it trains on."""
+    h = hashlib.sha256()
+    for t in tensors:
+        a = t.detach().contiguous().numpy()
+        h.update(f"{a.dtype.str}{a.shape};".encode())
+        h.update(memoryview(a).cast("B"))
+    return h.hexdigest()
+
+
 def _read_named(work: Path, entry: dict, state_path: Path) -> tuple[Path, bytes, dict[str, torch.Tensor]]:
     """The tensors of a file the manifest names, after checking that it is there and is the file it recorded."""
     path = work / entry["name"]
@@ -228,12 +238,15 @@ def _commit_epoch(work: Path, state: dict, last: bytes, best: tuple[int, bytes] 
 def fit(model: nn.Module, loss_fn: LossFn, train: Sequence[torch.Tensor], val: Sequence[torch.Tensor] | None,
         cfg: FitConfig, work_dir: str | Path, *, resume: bool = False, desc: str = "train",
         progress: bool = True, on_epoch: Callable[[int, dict], None] | None = None,
-        augment: Callable[[list[torch.Tensor], torch.Generator], list[torch.Tensor]] | None = None) -> FitResult:
+        augment: Callable[[list[torch.Tensor], torch.Generator], list[torch.Tensor]] | None = None,
+        about: str | None = None) -> FitResult:
     """Train ``model`` on tensors ``train`` (indexed together along dim 0) with early stopping on ``val``.
 
     ``loss_fn(model, batch)`` returns a scalar loss. Without a validation set, the training loss is
     used for early stopping. Writes checkpoints into ``work_dir``; the model ends with the best weights.
     ``augment(batch, generator)`` optionally transforms each training batch (never validation).
+    The manifest records a digest of ``train`` and ``val`` (and ``about``, what they are in words), so
+    that ``resume`` on other data is an error naming both, not a silently mixed run.
     """
     import time
 
@@ -248,12 +261,18 @@ def fit(model: nn.Module, loss_fn: LossFn, train: Sequence[torch.Tensor], val: S
     start_epoch = 1
     bad = 0
     state_path = work / "state.json"
+    data = {"sha256": data_digest([*train, *(val or [])]),
+            "about": about or f"{n} training and {val[0].shape[0] if val else 0} validation rows"}
     files: dict = {"last": None, "best": None}
     pending_best: tuple[int, bytes] | None = None  # a best file of the old format, committed under its new name
     if resume:
         if not state_path.exists():
             raise CheckpointError(f"{state_path}: nothing to resume (no completed epoch recorded)")
         st = _read_manifest(state_path)
+        began = st.get("data")
+        if isinstance(began, dict) and began.get("sha256") != data["sha256"]:
+            raise CheckpointError(f"{state_path}: --resume with other training data than this run began with "
+                                  f"({began.get('about')} then, {data['about']} now); train into a new folder")
         files = st["files"]
         last_path, _, tensors = _read_named(work, files["last"], state_path)
         if files["best"] is not None:
@@ -319,7 +338,7 @@ def fit(model: nn.Module, loss_fn: LossFn, train: Sequence[torch.Tensor], val: S
         elapsed = res.seconds + time.perf_counter() - t0
         last = {f"model.{k}": v.detach().contiguous().clone() for k, v in model.state_dict().items()}
         last.update(_optim_tensors(opt))
-        files = _commit_epoch(work, {"epoch": epoch, "history": res.history, "best_epoch": res.best_epoch, "best_val": res.best_val,
+        files = _commit_epoch(work, {"epoch": epoch, "data": data, "history": res.history, "best_epoch": res.best_epoch, "best_val": res.best_val,
                                      "bad_epochs": bad, "done": done, "stopped_early": res.stopped_early, "seconds": elapsed},
                               save(last), best, files)
         bar.set_postfix(train=f"{train_loss:.4f}", val=f"{val_loss:.4f}")

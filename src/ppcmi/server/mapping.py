@@ -105,7 +105,8 @@ def train_mapping(batches: list[LatentBatch], cfg: MappingTrainConfig, out_dir: 
                                 progress=progress)
     else:
         res = fit(model, loss_fn, [t[tr] for t in tensors], [t[va] for t in tensors] if len(va) else None, fc, out / "train",
-                  resume=resuming, desc="server mapping", progress=progress)
+                  resume=resuming, desc="server mapping", progress=progress,
+                  about=f"{len(cid)} pairs from {', '.join(f'{c} ({int((cid == i).sum())})' for i, c in enumerate(clients))}")
     save_weights(model, out / "mapping.safetensors")
     atomic_write_json(out / "config.json", {
         "version": CONFIG_VERSION, "mapping": asdict(mcfg), "train": asdict(cfg), "clients": clients,
