@@ -335,9 +335,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         p = Path(path)
         try:
-            file_raw = tomllib.loads(p.read_text())
+            file_raw = tomllib.loads(p.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"{p}: config file not found") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{p}: not a TOML config file (not UTF-8 text)") from None
+        except OSError as e:
+            raise ConfigError(f"{p}: unreadable config file ({e.strerror or type(e).__name__})") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{p}: invalid TOML ({e})") from None
         _merge(raw, file_raw, str(p))
