@@ -184,7 +184,7 @@ def client_train(site_dir: Path = typer.Option(..., "--site-dir", "-s", help="Si
                  labels: Optional[str] = LabelsOpt, class_names: Optional[str] = NamesOpt, size: Optional[int] = SizeOpt,
                  window: Optional[str] = WindowOpt, offset: Optional[float] = OffsetOpt,
                  resume: bool = typer.Option(False, help="Continue an interrupted run from its last completed epoch."),
-                 seed: Optional[int] = typer.Option(None, min=0, help="This hospital's site seed (validation split, batch "
+                 seed: Optional[int] = typer.Option(None, min=0, max=2**32 - 1, help="This hospital's site seed (validation split, batch "
                                                     "order); default: derived from the shared seed and --name."),
                  quiet: bool = QuietOpt):
     """Stage 1: train the image and mask autoencoders on this hospital's data only."""
