@@ -62,19 +62,19 @@ class Preprocess:
             raise DataError(f"data.intensity: must be minmax, percentile or window, got {self.intensity!r}")
         if self.color not in ("gray", "rgb"):
             raise DataError(f"data.color: must be gray or rgb, got {self.color!r}")
-        lo, hi = (check_real("data.percentiles", v, 0.0, 100.0) for v in self.percentiles)
+        lo, hi = (check_real("data.percentiles", v, 0.0, 100.0, error=DataError) for v in self.percentiles)
         if not 0 <= lo < hi <= 100:
             raise DataError(f"data.percentiles: need 0 <= low < high <= 100, got {self.percentiles!r}")
         object.__setattr__(self, "percentiles", (lo, hi))
         if self.window is not None:
-            wl, wh = (check_real("data.window", v, -math.inf) for v in self.window)
+            wl, wh = (check_real("data.window", v, -math.inf, error=DataError) for v in self.window)
             if not wl < wh:
                 raise DataError(f"data.window: need low < high, got {self.window!r}")
             object.__setattr__(self, "window", (wl, wh))
         elif self.intensity == "window":
             raise DataError("data.window: intensity 'window' needs a window (low, high)")
-        object.__setattr__(self, "offset", check_real("data.offset", self.offset, -math.inf))
-        object.__setattr__(self, "crop", check_real("data.crop", self.crop, 0.0, 1.0, lo_open=True))
+        object.__setattr__(self, "offset", check_real("data.offset", self.offset, -math.inf, error=DataError))
+        object.__setattr__(self, "crop", check_real("data.crop", self.crop, 0.0, 1.0, lo_open=True, error=DataError))
 
 
 @dataclass(frozen=True)
