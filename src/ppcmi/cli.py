@@ -189,6 +189,7 @@ def client_train(site_dir: Path = typer.Option(..., "--site-dir", "-s", help="Si
                  quiet: bool = QuietOpt):
     """Stage 1: train the image and mask autoencoders on this hospital's data only."""
     from .client import stages
+    from .client.keys import key_path, load_key
     from .config import to_dict
     from .data import discover_cases, discover_labels
     from .fileio import atomic_write_json
@@ -196,6 +197,7 @@ def client_train(site_dir: Path = typer.Option(..., "--site-dir", "-s", help="Si
 
     cfg = _cfg(config, (set_ or []) + _data_sets(labels, class_names, size, window, offset), command="client train",
                reads=HOSPITAL_READS)
+    load_key(key_path(site_dir))  # a missing or unsafe key fails before the data is read
     cases = discover_cases(data, group_regex=cfg.data.group_regex, group_csv=cfg.data.group_csv)
     labels = parse_labels(cfg.data.labels, cfg.data.class_names) or discover_labels(cases)
     arr = stages.prepare(cases, cfg, labels, progress=not quiet)
@@ -247,14 +249,21 @@ def client_rotate_key(site_dir: Path = typer.Option(..., "--site-dir", "-s", hel
     Send OUT to the server, which re-fits only this hospital's adapters ('ppcmi server refit-adapters').
     """
     from .client.inference import encode_folder
-    from .client.keys import rotate_key
+    from .client.keys import rotate_key, undo_rotation
     from .client.site import Hospital
+    from .fileio import ensure_dir
 
-    if out.exists():
-        raise PpcmiError(f"{out}: already exists; refusing to overwrite it")
+    for p in (out, Path(f"{out}.cases.json")):
+        if p.exists():
+            raise PpcmiError(f"{p}: already exists; refusing to overwrite it")
+    ensure_dir(out.parent)
     Hospital(site_dir)  # fail before touching the key if the site is not trained
     new, backup = rotate_key(site_dir)
-    n, size = encode_folder(site_dir, data, out, with_masks=True, copies=copies, noise=noise)
+    try:
+        n, size = encode_folder(site_dir, data, out, with_masks=True, copies=copies, noise=noise)
+    except BaseException:  # no message under the new key: the old key stays the site's key
+        undo_rotation(site_dir, backup)
+        raise
     typer.echo(f"new key in {new}; old key kept in {backup} (mode 0600)")
     typer.echo(f"wrote {out}: {n} keyed training rows, {size} bytes; send it to the server for 'ppcmi server refit-adapters'")
 
