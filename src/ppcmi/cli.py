@@ -28,6 +28,9 @@ def _one_line_usage_error(e: click.ClickException) -> typer.Exit:
     return typer.Exit(2)
 
 
+_SHOWS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2: a bare group shows its help
+
+
 class _Group(TyperGroup):
     """The top-level group: click's usage errors become ``error: ...`` lines with exit status 2, like every
     other failure of user input (a bare ``ppcmi`` or ``ppcmi client`` still shows the help)."""
@@ -35,7 +38,7 @@ class _Group(TyperGroup):
     def make_context(self, info_name, args, parent=None, **extra):
         try:
             return super().make_context(info_name, args, parent=parent, **extra)
-        except click.exceptions.NoArgsIsHelpError:
+        except _SHOWS_HELP:
             raise
         except click.ClickException as e:
             raise _one_line_usage_error(e) from None
@@ -43,7 +46,7 @@ class _Group(TyperGroup):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except click.exceptions.NoArgsIsHelpError:
+        except _SHOWS_HELP:
             raise
         except click.ClickException as e:
             raise _one_line_usage_error(e) from None
