@@ -470,3 +470,19 @@ def test_damaged_weights_are_one_error_line(site, scratch, rel, data):
         p.write_bytes(blob[:i] + bytes([blob[i] ^ 0x5A]) + blob[i + 1:])
     err = refused(site, *_reader(site, d, rel))
     assert Path(rel).name in err, err
+
+
+_LABELS = st.one_of(
+    st.lists(st.integers(-2**70, 2**70), min_size=2, max_size=4).filter(lambda v: any(abs(x) >= 2**31 for x in v)),  # too large
+    st.lists(st.integers(0, 9), min_size=2, max_size=4).filter(lambda v: len(set(v)) < len(v)),  # repeated
+    st.integers(0, 9).map(lambda v: [v]),  # background only
+).map(lambda v: ",".join(map(str, v))) | _text()
+
+
+@settings(FAST, max_examples=10)
+@given(labels=_LABELS)
+def test_label_options_are_checked(site, scratch, labels):
+    d = scratch()
+    refused(site, "client", "train", "--site-dir", site / "site", "--data", site / "data" / "h1", "--name", "h1", "-q",
+            "--labels", labels, *AE, match="labels")
+    assert not any(d.iterdir())
