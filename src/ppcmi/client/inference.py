@@ -118,6 +118,7 @@ def encode_folder(site_dir: Path, data: Path, out: Path, *, with_masks: bool = F
 
 # the largest plane a case list may name: a label map of this size is resampled in memory (int64, 2 GiB)
 MAX_PLANE_PIXELS = 2**28
+CASE_FORMATS = ("png", "nifti", "mha", "nrrd", "dicom")  # every output format a case list may name
 
 
 def _case_list(path: Path) -> dict:
@@ -133,7 +134,7 @@ def _case_list(path: Path) -> dict:
         case = Record(c, path, "case list", prefix=f"cases[{i}].")
         case.get("source", str, ok=bool, expect="a file name")
         case.get("stem", str)
-        case.get("format", str, ok=lambda v: v in ("png", "nifti"), expect="png or nifti")
+        case.get("format", str, ok=lambda v: v in CASE_FORMATS, expect=f"one of {', '.join(CASE_FORMATS)}")
         case.get("slice_index", (int, type(None)), default=None, ok=lambda v: v is None or v >= 0,
                  expect="a slice number >= 0 or null")
         case.get("original_shape", list, ok=lambda v: len(v) == 2 and all(isinstance(n, int) and not isinstance(n, bool) and n >= 1
