@@ -126,6 +126,8 @@ def test_each_listed_traceback_is_now_one_error_line(site, scratch):
             site / "afile" / "p", match="afile is a file")
     # a size too large for memory: bounded, with the reason
     refused(site, "client", "train", "--site-dir", d / "s", "--data", data, "--name", "h1", "--size", 1048576, match="data.size")
+    refused(site, "synth", d / "big", "--size", 1048576, match="synth: size")
+    refused(site, "synth", d / "many", "--patients", 1000, "--slices", 1000, "--size", 256, match="pixels in all")
     # settings out of range, before any work
     for bad, field in (("autoencoder.batch_size=0", "autoencoder.batch_size"), ("autoencoder.lr=nan", "autoencoder.lr"),
                        ("autoencoder.epochs=0", "autoencoder.epochs"), ("autoencoder.epochs=-3", "autoencoder.epochs")):
