@@ -30,6 +30,42 @@ from .models import MappingConfig
 
 log = logging.getLogger(__name__)
 
+
+def wait_for_service(proc, url: str, ctx, log_tail, timeout: float = 120.0):
+    """Return ``proc`` (a started ``ppcmi server serve``) once ``url/healthz`` answers 200 over ``ctx`` (an SSL
+    context with a client certificate); if it exits or ``timeout`` passes first, kill it and stop with the last
+    of its log (``log_tail()``)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{url}/healthz", verify=ctx, timeout=5).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise SystemExit(f"the service did not start: {log_tail()[-2000:]}")
+        time.sleep(0.2)
+
+def machine() -> dict:
+    """The machine a benchmark ran on, for its results file: the CPU model (``/proc/cpuinfo``), cores, torch threads
+    and versions. Timings are compared only within one machine."""
+    import os
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                    if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "logical_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(), "system": platform.platform()}
+
 def partition(cases: Sequence[Case], n_sites: int, *, mode: str = "group", seed: int = 0) -> list[list[Case]]:
     """Deal cases to ``n_sites`` simulated hospitals; each site's list is sorted by case_id.
 
