@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, DataError, check_bool, check_int, check_real
+from .fileio import read_text
 from .models import AEShape, MappingConfig
 from .protocol import CHUNK_BYTES, MAX_BYTES, MIN_CHUNK_BYTES
 
@@ -366,14 +367,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     raw.pop("version")
     if path is not None:
         p = Path(path)
+        text = read_text(p, "TOML config file", ConfigError)
         try:
-            file_raw = tomllib.loads(p.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"{p}: config file not found") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"{p}: not a TOML config file (not UTF-8 text)") from None
-        except OSError as e:
-            raise ConfigError(f"{p}: unreadable config file ({e.strerror or type(e).__name__})") from None
+            file_raw = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{p}: invalid TOML ({e})") from None
         _merge(raw, file_raw, str(p))

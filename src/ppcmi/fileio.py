@@ -188,19 +188,25 @@ def atomic_write_folder(path: str | os.PathLike, files, *, mode: int | None = No
     return path
 
 
-def read_json(path: str | os.PathLike, what: str, error: type[PpcmiError] = PpcmiError) -> Any:
-    """The JSON value in ``path``; ``what`` names the record in errors ("site record", "case list").
-
-    A missing, unreadable, non-UTF-8 or truncated file is one ``error`` naming it."""
+def read_text(path: str | os.PathLike, what: str, error: type[PpcmiError] = PpcmiError) -> str:
+    """The UTF-8 text of ``path``; a missing, unreadable or non-UTF-8 file is one ``error`` naming it as ``what``."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise error(f"{path}: {what} not found") from None
     except UnicodeDecodeError:
         raise error(f"{path}: not a {what} (not UTF-8 text)") from None
     except OSError as e:
         raise error(f"{path}: unreadable {what} ({e.strerror or type(e).__name__})") from None
+
+
+def read_json(path: str | os.PathLike, what: str, error: type[PpcmiError] = PpcmiError) -> Any:
+    """The JSON value in ``path``; ``what`` names the record in errors ("site record", "case list").
+
+    A missing, unreadable, non-UTF-8 or truncated file is one ``error`` naming it."""
+    path = Path(path)
+    text = read_text(path, what, error)
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
