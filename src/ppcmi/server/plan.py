@@ -163,8 +163,9 @@ def pool(fingerprints: Sequence[Fingerprint]) -> tuple[Pooled, list[str]]:
         w_sp = [fp.n_spacing for fp in with_sp]
         spacing = (_weighted_median([fp.spacing_rows[mid] for fp in with_sp], w_sp),
                    _weighted_median([fp.spacing_cols[mid] for fp in with_sp], w_sp))
-        low = (_weighted_median([fp.spacing_rows[1] for fp in with_sp], w_sp),
-               _weighted_median([fp.spacing_cols[1] for fp in with_sp], w_sp))
+        q05 = QUANTILES.index(0.05)
+        low = (_weighted_median([fp.spacing_rows[q05] for fp in with_sp], w_sp),
+               _weighted_median([fp.spacing_cols[q05] for fp in with_sp], w_sp))
         field = (_weighted_median([fp.rows[mid] * fp.spacing_rows[mid] for fp in with_sp], w_sp),
                  _weighted_median([fp.cols[mid] * fp.spacing_cols[mid] for fp in with_sp], w_sp))
     n = sum(fp.fg_pixels for fp in fingerprints)
