@@ -504,6 +504,12 @@ def test_real_ct_series_plans_a_hounsfield_window_from_its_own_header():
     plan = make_plan([fp], Config(), class_names=list(labels.names))
     lo, hi = plan["settings"]["data.window"]
     assert plan["settings"]["data.intensity"] == "ct" and -1100 < lo < hi < 3100  # HU: RescaleIntercept -1024 applied
+    # 512 x 512 at 0.9765625 mm is a 500 mm field: its region (the central crop or the box the plan chose) at that spacing
+    # is more pixels than the size (at most 256), so the target spacing is coarsened until the region fits
+    s = plan["settings"]
+    t, b, left, r = s["data.roi"] or [(1 - s["data.crop"]) / 2, (1 + s["data.crop"]) / 2] * 2
+    need = 512 * max(b - t, r - left)
+    assert s["data.size"] < need and s["data.spacing"] == pytest.approx([0.9765625 * need / s["data.size"]] * 2, abs=1e-4)
     assert not any("Hounsfield" in w for w in plan["warnings"])
 
 
@@ -609,3 +615,32 @@ def test_a_plan_with_a_box_and_a_spacing_crosses_a_flower_plan_record():
     assert wire.apply_plan_record(Config(), wire.with_plan(RecordDict(), plan["settings"])) == cfg
     none = make_plan([_fake("h1")], Config())  # data.spacing and data.roi are null
     assert wire.apply_plan_record(Config(), wire.with_plan(RecordDict(), none["settings"])) == apply_plan(Config(), none)[0]
+
+
+def test_real_nifti_planes_plan_their_own_spacing_and_restore_exactly():
+    """Ten MSD hippocampus volumes (1 mm MR): the plan keeps 1 x 1 mm and pads the about 35 x 51 pixel field to 64, so
+    every seventh training mask, forwarded and restored from its one-hot, comes back exactly; at a 0.5 mm target (a 2x
+    upscale along both axes, at size 128) too."""
+    from conftest import SHARED_DATA
+
+    from ppcmi.data import discover_labels, forward_mask, load_arrays, restore_labels
+
+    root = SHARED_DATA / "msd_hippocampus"
+    if not (root / "dataset.json").is_file():
+        pytest.skip(f"shared dataset msd_hippocampus not available at {root}")
+    cases = [c for c in discover_cases(root) if c.mask_path is not None]
+    cases = [c for c in cases if c.group in sorted({c.group for c in cases})[:10]]
+    labels = discover_labels(cases)
+    fp = compute_fingerprint(cases, labels, client="h1", modality="MR")
+    assert fp.n_spacing == fp.n_planes and fp.spacing_rows[2] == pytest.approx(1.0)
+    plan = make_plan([fp], Config(), budget_min=60)
+    assert plan["settings"]["data.spacing"] == [1.0, 1.0] and plan["settings"]["data.size"] == 64
+    for spacing, size in (("1,1", 64), ("0.5,0.5", 128)):  # (at 0.5 mm the field is about 102 pixels: size 128)
+        sets = [f"data.spacing={spacing}", f"data.size={size}"]
+        cfg, _ = apply_plan(load_config(None, sets), plan, explicit=["data.spacing", "data.size"])
+        arr = load_arrays(cases[::7], cfg.data.preprocess(), labels, native=True)
+        for g, m, native in zip(arr["geometries"], arr["masks"], arr["native_masks"]):
+            assert g.native_spacing == pytest.approx((1.0, 1.0)) and g.fit == 1.0
+            k = labels.n_classes
+            back = restore_labels(np.eye(k, dtype=np.float32)[m].transpose(2, 0, 1)[None], [g])[0]
+            assert np.array_equal(back, native) and np.array_equal(forward_mask(native, g), m)
