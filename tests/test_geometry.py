@@ -341,3 +341,9 @@ def test_samples_are_resampled_to_the_target_spacing_their_files_record(tmp_path
     np.testing.assert_array_equal(x[0], out["images"][0])
     old = [{k: v for k, v in planes[0].items() if k != "spacing"}]
     assert _geometries(old, prep) == [plane_geometry((10, 20), prep)]
+
+
+def test_a_bad_spacing_is_named_with_its_file():
+    with pytest.raises(DataError, match=r"^scan\.nii\.gz: pixel spacing \(0\.0, 1\.0\) is not positive .*data\.spacing = None"):
+        plane_geometry((4, 4), Preprocess(size=32, spacing=(1.0, 1.0)), (0.0, 1.0), where="scan.nii.gz")
+    assert plane_geometry((4, 4), Preprocess(size=32), (0.0, 1.0)).native_spacing is None  # without a target: not read

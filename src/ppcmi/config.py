@@ -44,7 +44,8 @@ def _choice(where: str, value: str, allowed: tuple[str, ...]) -> None:
 
 @dataclass(frozen=True)
 class Preprocess:
-    """How a raw plane becomes a network input: intensity scaling, colour, crop, resize to size x size."""
+    """How a raw plane becomes a network input: intensity scaling, colour, region (roi or crop), resize (to a target
+    spacing, or to fit) and padding to size x size."""
 
     size: int = 256
     intensity: str = "minmax"  # minmax | percentile | window | zscore (per image) | ct (pooled statistics, from a plan)

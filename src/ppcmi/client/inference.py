@@ -211,7 +211,7 @@ def _geometries(planes: list[dict], prep: Preprocess) -> list[PlaneGeometry]:
     """Each plane's geometry: a function of its native shape and spacing (the case list's ``original_shape`` and
     ``spacing``; a case list written before target spacings existed has no ``spacing``, and its site's settings
     have no ``data.spacing``) and the site's shared preprocessing, so the case list records those two only."""
-    return [plane_geometry(pl["original_shape"], prep, pl.get("spacing")) for pl in planes]
+    return [plane_geometry(pl["original_shape"], prep, pl.get("spacing"), where=str(pl["source"])) for pl in planes]
 
 
 def label_map_paths(planes: list[dict], out: Path) -> list[Path]:

@@ -125,8 +125,8 @@ class PlaneGeometry:
     bottom, left, right) added around it, so that ``scaled`` plus ``pad`` is the network size.
     ``native_spacing``: the plane's mm per pixel (row, col) when it was resampled to ``target_spacing``
     (``data.spacing``); both None when it was fitted by pixels (no target spacing, or the plane tells none).
-    ``fit``: the scale applied on top of the target spacing, 1.0 when the region fits, below 1 when it was
-    larger than the network input and scaled down to fit.
+    ``fit``: the scale applied on top of the target spacing, 1.0 when the region fits (and without a target
+    spacing), below 1 when it was larger than the network input at it and scaled down to fit.
     """
 
     native: tuple[int, int]
@@ -153,9 +153,11 @@ def _half_up(x: float) -> int:
     return int(math.floor(x + 0.5 + 1e-9))  # (the tolerance keeps an exact half that float arithmetic lands just below)
 
 
-def plane_geometry(native: Sequence[int], prep: Preprocess, spacing: Sequence[float] | None = None) -> PlaneGeometry:
+def plane_geometry(native: Sequence[int], prep: Preprocess, spacing: Sequence[float] | None = None, *,
+                   where: str = "plane geometry") -> PlaneGeometry:
     """The geometry of a plane of shape ``native`` (H, W) and native ``spacing`` (row_mm, col_mm, or None when the
-    file tells none) under ``prep`` (``size``, ``roi`` / ``crop``, ``resize``, ``spacing``)."""
+    file tells none) under ``prep`` (``size``, ``roi`` / ``crop``, ``resize``, ``spacing``); ``where`` (the file)
+    starts an error's message."""
     h, w = (int(v) for v in native)
     if h < 1 or w < 1:
         raise DataError(f"plane geometry: a plane needs at least 1x1 pixels, got {h}x{w}")
@@ -170,7 +172,8 @@ def plane_geometry(native: Sequence[int], prep: Preprocess, spacing: Sequence[fl
     elif prep.spacing is not None and spacing is not None:
         native_sp = (float(spacing[0]), float(spacing[1]))
         if not (native_sp[0] > 0 and native_sp[1] > 0 and math.isfinite(native_sp[0]) and math.isfinite(native_sp[1])):
-            raise DataError(f"plane geometry: a plane's spacing must be positive mm per pixel, got {tuple(spacing)}")
+            raise DataError(f"{where}: pixel spacing {tuple(spacing)} is not positive mm per pixel; data.spacing resamples "
+                            "by it (fix the file's header, or set data.spacing = None)")
         target = prep.spacing
         at_r, at_c = rows * native_sp[0] / target[0], cols * native_sp[1] / target[1]  # pixels at the target spacing
         fit = min(1.0, size / max(at_r, at_c))

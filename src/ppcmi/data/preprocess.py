@@ -147,7 +147,7 @@ def load_sample(case: Case, prep: Preprocess, labels: LabelMap) -> Sample:
     index = labels.to_index(mask, f"{case.mask_path}{where}")
     check_intensity(image, index > 0, prep, f"{case.image_path}{where}")
     spacing = sp_img or sp_mask
-    g = plane_geometry((h, w), prep, spacing)  # resampled to data.spacing when the file tells its spacing
+    g = plane_geometry((h, w), prep, spacing, where=f"{case.image_path}{where}")  # to data.spacing when the file tells one
     return Sample(prepare_image(image, prep, g), fit_mask(crop_plane(index, g), g), g.spacing(spacing), case.case_id,
                   case.group, (h, w), g, index.astype(label_dtype(labels.n_classes)), spacing)
 
