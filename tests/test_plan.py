@@ -540,6 +540,9 @@ def test_plan_picks_the_median_spacing_and_sizes_the_network_for_the_field_at_it
     assert "coarsened" in tight["reasons"]["data.spacing"]
     cfg, _ = apply_plan(Config(), tight)
     assert cfg.data.spacing == pytest.approx((256 / s, 256 / s), abs=1e-4) and cfg.data.size == s
+    mine, noted = apply_plan(load_config(None, ["data.size=256"]), tight, explicit=["data.size"])
+    assert mine.data.size == 256 and mine.data.spacing == cfg.data.spacing  # the plan's spacing stays, and is said
+    assert any(w.startswith("data.size = 256 (set by you) keeps the plan's data.spacing") for w in noted["warnings"])
     assert any(w.startswith("h1 and h2: median pixel spacings 0.4 mm and 1 mm") for w in make_plan(
         [_spaced("h1", 0.4, 0.4), _spaced("h2", 1.0, 1.0)], Config())["warnings"])  # 2.5x apart: still warned
 

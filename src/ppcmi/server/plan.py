@@ -508,8 +508,9 @@ def apply_plan(cfg: Config, plan: dict, explicit: Sequence[str] = ()) -> tuple[C
     keys), which keep ``cfg``'s value; naming ``data.crop`` or ``data.roi`` keeps both (one region). Returns the
     configuration and the plan with its ``overrides`` (``{key: {"plan": value, "used": value}}``).
 
-    ``data.spacing`` follows the plan's ``data.size``: with ``data.size`` set by the user and ``data.spacing`` not,
-    the plan's spacing stays, so a field that no longer fits is scaled down to fit and a smaller one padded."""
+    ``data.spacing`` was chosen for the plan's ``data.size``: with ``data.size`` set by the user and ``data.spacing``
+    not, the plan's spacing stays (every hospital rebuilds the same settings from the plan's record), so a field
+    that no longer fits is scaled down to fit and a smaller one padded; the plan's warnings say so."""
     current = _flat(to_dict(cfg))
     explicit = set(explicit)
     for group in LINKED:  # a region the user chose is kept whole: neither half of the plan's applies
@@ -522,7 +523,14 @@ def apply_plan(cfg: Config, plan: dict, explicit: Sequence[str] = ()) -> tuple[C
                 overrides[key] = {"plan": value, "used": current[key]}
             continue
         sets.append(f"{key}={','.join(str(v) for v in value) if isinstance(value, (list, tuple)) else value}")
-    return load_config(None, sets, base=cfg), {**plan, "overrides": overrides}
+    warnings = list(plan.get("warnings", []))
+    if "data.size" in overrides and "data.spacing" not in explicit and plan["settings"].get("data.spacing") is not None:
+        note = (f"data.size = {overrides['data.size']['used']} (set by you) keeps the plan's data.spacing "
+                f"{plan['settings']['data.spacing']} mm, chosen for data.size {plan['settings']['data.size']}: planes stay at that "
+                "spacing, padded or scaled down to fit; set data.spacing too to resample them otherwise")
+        if note not in warnings:
+            warnings.append(note)
+    return load_config(None, sets, base=cfg), {**plan, "overrides": overrides, "warnings": warnings}
 
 
 def describe(plan: dict) -> str:
