@@ -347,3 +347,12 @@ def test_a_bad_spacing_is_named_with_its_file():
     with pytest.raises(DataError, match=r"^scan\.nii\.gz: pixel spacing \(0\.0, 1\.0\) is not positive .*data\.spacing = None"):
         plane_geometry((4, 4), Preprocess(size=32, spacing=(1.0, 1.0)), (0.0, 1.0), where="scan.nii.gz")
     assert plane_geometry((4, 4), Preprocess(size=32), (0.0, 1.0)).native_spacing is None  # without a target: not read
+
+
+def test_a_region_that_rounds_to_the_size_fits_without_scaling():
+    # 384 pixels at 0.9765625 mm to a 1.4648 mm target (a plan's spacing, rounded to 4 decimals) are 256.008 pixels:
+    # 256 when rounded, so the region fits (fit 1.0), while 256.6 would round to 257 and is scaled down to 256
+    g = plane_geometry((384, 384), Preprocess(size=256, spacing=(1.4648, 1.4648)), (0.9765625, 0.9765625))
+    assert g.scaled == (256, 256) and g.fit == 1.0
+    g = plane_geometry((384, 384), Preprocess(size=256, spacing=(1.4615, 1.4615)), (0.9765625, 0.9765625))
+    assert g.scaled == (256, 256) and g.fit == pytest.approx(256 / (384 * 0.9765625 / 1.4615))

@@ -125,8 +125,9 @@ class PlaneGeometry:
     bottom, left, right) added around it, so that ``scaled`` plus ``pad`` is the network size.
     ``native_spacing``: the plane's mm per pixel (row, col) when it was resampled to ``target_spacing``
     (``data.spacing``); both None when it was fitted by pixels (no target spacing, or the plane tells none).
-    ``fit``: the scale applied on top of the target spacing, 1.0 when the region fits (and without a target
-    spacing), below 1 when it was larger than the network input at it and scaled down to fit.
+    ``fit``: the scale applied on top of the target spacing, 1.0 when the region fits (its pixels at the target
+    spacing, rounded half up, are at most ``size``; and without a target spacing), below 1 when it was larger
+    than the network input at it and scaled down to fit.
     """
 
     native: tuple[int, int]
@@ -176,7 +177,8 @@ def plane_geometry(native: Sequence[int], prep: Preprocess, spacing: Sequence[fl
                             "by it (fix the file's header, or set data.spacing = None)")
         target = prep.spacing
         at_r, at_c = rows * native_sp[0] / target[0], cols * native_sp[1] / target[1]  # pixels at the target spacing
-        fit = min(1.0, size / max(at_r, at_c))
+        if _half_up(max(at_r, at_c)) > size:  # larger than the input even after rounding to whole pixels: scale down
+            fit = size / max(at_r, at_c)
         scaled = (min(size, max(1, _half_up(at_r * fit))), min(size, max(1, _half_up(at_c * fit))))
     else:
         long = max(rows, cols)
