@@ -339,6 +339,22 @@ def test_planes_with_a_spacing_come_back_on_their_own_grid_under_a_target_spacin
         assert np.array_equal(sitk.GetArrayFromImage(a), sitk.GetArrayFromImage(b)), name
 
 
+def test_a_case_list_spacing_is_checked_by_field(tmp_path):
+    from ppcmi.client.inference import _case_list
+    from ppcmi.errors import PpcmiError
+
+    case = {"source": "a.mha", "stem": "a", "format": "mha", "slice_index": None, "original_shape": [4, 5]}
+    rec = {"kind": "query", "site": "h1", "query": "q", "key": "k"}
+    p = tmp_path / "q.cases.json"
+    for spacing in ([1.0, 0.5], None, "absent"):
+        p.write_text(json.dumps({**rec, "cases": [case if spacing == "absent" else {**case, "spacing": spacing}]}))
+        assert _case_list(p)["cases"][0].get("spacing") == (None if spacing == "absent" else spacing)
+    for bad in ([0.0, 1.0], [1.0], "1,1", [True, 1.0]):
+        p.write_text(json.dumps({**rec, "cases": [{**case, "spacing": bad}]}))
+        with pytest.raises(PpcmiError, match=r"q\.cases\.json: field 'cases\[0\]\.spacing' must be \[row_mm, col_mm\]"):
+            _case_list(p)
+
+
 def test_segment_is_the_network_grid_argmax_when_the_geometry_is_the_identity(run):
     """The synthetic test planes are 32x32, the network size: restoring changes nothing, so the native label maps
     equal the argmax on the network grid; and batching the restore changes nothing either."""

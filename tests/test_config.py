@@ -69,9 +69,10 @@ def test_target_spacing_and_roi_are_checked_in_one_line():
     c = load_config(None, ["data.spacing=0.5,1.0", "data.roi=0.1,0.6,0.5,1.0"])
     assert c.data.spacing == (0.5, 1.0) and c.data.roi == (0.1, 0.6, 0.5, 1.0)
     assert from_dict(to_dict(c)) == c and load_config(None, ["data.spacing=None"]).data.spacing is None
-    for ov, msg in [("data.spacing=0,1", r"data.spacing: need two positive finite mm per pixel"),
+    for ov, msg in [("data.spacing=0,1", r"data.spacing: must be a finite number in \(0, inf\) \(mm per pixel"),
+                    ("data.spacing=1,nan", r"data.spacing: must be a finite number"),
                     ("data.roi=0.6,0.1,0,1", r"data.roi: need 0 <= top < bottom <= 1"),
-                    ("data.roi=0,1,0,1.5", r"data.roi: need"),
+                    ("data.roi=0,1,0,1.5", r"data.roi: must be a finite number in \[0, 1\]"),
                     ("data.crop=0.5", r"data.roi and data.crop: both set .*set one")]:
         with pytest.raises(DataError, match=msg):
             load_config(None, ["data.roi=0,0.5,0,0.5", ov] if "crop" in ov else [ov])

@@ -98,7 +98,7 @@ class Preprocess:
         if self.resize not in ("pad", "squash"):
             raise DataError(f"data.resize: must be pad or squash, got {self.resize!r}")
         if self.roi is not None:
-            t, b, left, r = (float(v) for v in self.roi)
+            t, b, left, r = (check_real("data.roi", v, 0.0, 1.0, error=DataError) for v in self.roi)
             if not (0.0 <= t < b <= 1.0 and 0.0 <= left < r <= 1.0):
                 raise DataError(f"data.roi: need 0 <= top < bottom <= 1 and 0 <= left < right <= 1 (fractions of the field), "
                                 f"got {self.roi!r}")
@@ -107,9 +107,8 @@ class Preprocess:
                                 "special case of data.roi, set one")
             object.__setattr__(self, "roi", (t, b, left, r))
         if self.spacing is not None:
-            sr, sc = (float(v) for v in self.spacing)
-            if not (math.isfinite(sr) and math.isfinite(sc) and sr > 0 and sc > 0):
-                raise DataError(f"data.spacing: need two positive finite mm per pixel (row, col), got {self.spacing!r}")
+            sr, sc = (check_real("data.spacing", v, 0.0, lo_open=True, why=" (mm per pixel, row and column)", error=DataError)
+                      for v in self.spacing)
             if self.resize != "pad":
                 raise DataError(f"data.spacing: a target spacing needs data.resize = pad, got {self.resize!r}")
             object.__setattr__(self, "spacing", (sr, sc))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Sequence
@@ -194,6 +195,10 @@ def _case_list(path: Path) -> dict:
         case.get("original_shape", list, ok=lambda v: len(v) == 2 and all(isinstance(n, int) and not isinstance(n, bool) and n >= 1
                                                                          for n in v) and v[0] * v[1] <= MAX_PLANE_PIXELS,
                  expect=f"[height, width] in pixels (at most {MAX_PLANE_PIXELS} in all)")
+        case.get("spacing", (list, type(None)), default=None,  # (absent in case lists written before target spacings)
+                 ok=lambda v: v is None or (len(v) == 2 and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                               and math.isfinite(x) and x > 0 for x in v)),
+                 expect="[row_mm, col_mm], both > 0, or null")
     bad = [c["stem"] for c in rec["cases"] if not isinstance(c["stem"], str) or c["stem"] in ("", ".", "..")
            or Path(c["stem"]).name != c["stem"] or "\\" in c["stem"]]
     if bad:
