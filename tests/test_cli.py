@@ -300,6 +300,61 @@ def test_non_square_images_come_back_on_their_own_grid_by_either_path(run, tmp_p
         assert a.shape == shape and np.array_equal(a, b) and set(np.unique(a)) <= {0, 1, 2}, name
 
 
+def test_planes_with_a_spacing_come_back_on_their_own_grid_under_a_target_spacing(run, tmp_path):
+    """A site whose settings carry data.spacing = 2 x 2 mm (its record edited; the networks are the same) segments MHA
+    planes at 1 mm: each is resampled to 2 mm (20 x 32 -> 10 x 16, 48 x 48 -> 24 x 24, padded to 32), the case list
+    records its spacing, and predict and client encode/map/decode write identical label maps on the native grid."""
+    import shutil
+
+    import SimpleITK as sitk
+
+    site = tmp_path / "h1"
+    shutil.copytree(run / "sites" / "h1", site)
+    record = json.loads((site / "site.json").read_text())
+    record["data"]["spacing"] = [2.0, 2.0]
+    (site / "site.json").write_text(json.dumps(record))
+    src = sorted((run / "data" / "test" / "images").glob("*.png"))[:2]
+    folder = tmp_path / "mha"
+    folder.mkdir()
+    shapes = {"wide": (20, 32), "large": (48, 48)}
+    for (name, (h, w)), p in zip(shapes.items(), src):
+        im = sitk.GetImageFromArray(np.asarray(Image.open(p).convert("L").resize((w, h), Image.BILINEAR), dtype=np.float32))
+        im.SetSpacing((1.0, 1.0))
+        sitk.WriteImage(im, str(folder / f"{name}.mha"))
+    model = run / "server"
+    ok("predict", folder, "--site-dir", site, "--model", model, "--out", tmp_path / "a")
+    ok("client", "encode", "--site-dir", site, "--data", folder, "--out", tmp_path / "q")
+    cases = json.loads((tmp_path / "q.cases.json").read_text())["cases"]
+    assert [c["spacing"] for c in cases] == [[1.0, 1.0], [1.0, 1.0]]
+    from ppcmi.client.inference import _geometries
+    from ppcmi.client.site import Hospital
+
+    geoms = _geometries(cases, Hospital(site).data_cfg.preprocess())
+    assert [(g.scaled, g.target_spacing) for g in geoms] == [((24, 24), (2.0, 2.0)), ((10, 16), (2.0, 2.0))]  # large, wide
+    ok("server", "map", "--model", model, "--query", tmp_path / "q", "--out", tmp_path / "r")
+    ok("client", "decode", "--site-dir", site, "--reply", tmp_path / "r", "--out", tmp_path / "b")
+    for name, shape in shapes.items():
+        a, b = (sitk.ReadImage(str(tmp_path / d / f"{name}.mha")) for d in ("a", "b"))
+        assert sitk.GetArrayFromImage(a).shape[-2:] == shape and a.GetSpacing()[:2] == (1.0, 1.0), name
+        assert np.array_equal(sitk.GetArrayFromImage(a), sitk.GetArrayFromImage(b)), name
+
+
+def test_a_case_list_spacing_is_checked_by_field(tmp_path):
+    from ppcmi.client.inference import _case_list
+    from ppcmi.errors import PpcmiError
+
+    case = {"source": "a.mha", "stem": "a", "format": "mha", "slice_index": None, "original_shape": [4, 5]}
+    rec = {"kind": "query", "site": "h1", "query": "q", "key": "k"}
+    p = tmp_path / "q.cases.json"
+    for spacing in ([1.0, 0.5], None, "absent"):
+        p.write_text(json.dumps({**rec, "cases": [case if spacing == "absent" else {**case, "spacing": spacing}]}))
+        assert _case_list(p)["cases"][0].get("spacing") == (None if spacing == "absent" else spacing)
+    for bad in ([0.0, 1.0], [1.0], "1,1", [True, 1.0]):
+        p.write_text(json.dumps({**rec, "cases": [{**case, "spacing": bad}]}))
+        with pytest.raises(PpcmiError, match=r"q\.cases\.json: field 'cases\[0\]\.spacing' must be \[row_mm, col_mm\]"):
+            _case_list(p)
+
+
 def test_segment_is_the_network_grid_argmax_when_the_geometry_is_the_identity(run):
     """The synthetic test planes are 32x32, the network size: restoring changes nothing, so the native label maps
     equal the argmax on the network grid; and batching the restore changes nothing either."""

@@ -35,7 +35,7 @@ def test_runs_before_version_3_squashed_and_eval_size_is_retired(caplog):
     size); they read back as data.resize = "squash" without it, while a fresh config pads and naming
     data.eval_size anywhere is refused with the reason."""
     raw = to_dict(Config())
-    assert CONFIG_VERSION == 3 and raw["data"]["resize"] == "pad" and "eval_size" not in raw["data"]
+    assert CONFIG_VERSION >= 3 and raw["data"]["resize"] == "pad" and "eval_size" not in raw["data"]
     old = {**raw, "version": 2, "data": {k: v for k, v in raw["data"].items() if k != "resize"}}
     assert from_dict(old).data.resize == "squash" and from_dict(old) == Config(data=replace(Config().data, resize="squash"))
     assert from_dict({**old, "data": {**old["data"], "eval_size": None}}).data.resize == "squash"
@@ -49,6 +49,35 @@ def test_runs_before_version_3_squashed_and_eval_size_is_retired(caplog):
             bad()
     with pytest.raises(DataError, match="data.resize: must be pad or squash, got 'stretch'"):
         load_config(None, ["data.resize=stretch"])
+
+
+def test_a_version_3_config_has_no_target_spacing_and_keeps_its_central_crop():
+    """Version 3 had neither data.spacing nor data.roi: its planes were fitted by pixels and kept the central
+    data.crop; it reads back so, and a value a later default might give is not put in its place."""
+    raw = to_dict(Config())
+    assert CONFIG_VERSION == 4 and raw["data"]["spacing"] is None and raw["data"]["roi"] is None
+    v3 = {**raw, "version": 3, "data": {k: v for k, v in raw["data"].items() if k not in ("spacing", "roi")}}
+    v3["data"]["crop"] = 0.375
+    cfg = from_dict(v3)
+    assert cfg.data.spacing is None and cfg.data.roi is None and cfg.data.crop == 0.375 and cfg.data.resize == "pad"
+    assert "spacing" not in v3["data"]  # the caller's dict is left alone
+    with pytest.raises(ConfigError, match="unknown key"):  # a version-3 file cannot have known a later key it lacks
+        from_dict({**v3, "data": {**v3["data"], "bogus": 1}})
+
+
+def test_target_spacing_and_roi_are_checked_in_one_line():
+    c = load_config(None, ["data.spacing=0.5,1.0", "data.roi=0.1,0.6,0.5,1.0"])
+    assert c.data.spacing == (0.5, 1.0) and c.data.roi == (0.1, 0.6, 0.5, 1.0)
+    assert from_dict(to_dict(c)) == c and load_config(None, ["data.spacing=None"]).data.spacing is None
+    for ov, msg in [("data.spacing=0,1", r"data.spacing: must be a finite number in \(0, inf\) \(mm per pixel"),
+                    ("data.spacing=1,nan", r"data.spacing: must be a finite number"),
+                    ("data.roi=0.6,0.1,0,1", r"data.roi: need 0 <= top < bottom <= 1"),
+                    ("data.roi=0,1,0,1.5", r"data.roi: must be a finite number in \[0, 1\]"),
+                    ("data.crop=0.5", r"data.roi and data.crop: both set .*set one")]:
+        with pytest.raises(DataError, match=msg):
+            load_config(None, ["data.roi=0,0.5,0,0.5", ov] if "crop" in ov else [ov])
+    with pytest.raises(DataError, match="data.spacing: a target spacing needs data.resize = pad, got 'squash'"):
+        load_config(None, ["data.spacing=1,1", "data.resize=squash"])
 
 
 def test_a_toml_naming_a_retired_setting_says_why(tmp_path):

@@ -503,4 +503,146 @@ def test_real_ct_series_plans_a_hounsfield_window_from_its_own_header():
     plan = make_plan([fp], Config(), class_names=list(labels.names))
     lo, hi = plan["settings"]["data.window"]
     assert plan["settings"]["data.intensity"] == "ct" and -1100 < lo < hi < 3100  # HU: RescaleIntercept -1024 applied
+    # 512 x 512 at 0.9765625 mm is a 500 mm field: its region (the central crop or the box the plan chose) at that spacing
+    # is more pixels than the size (at most 256), so the target spacing is coarsened until the region fits
+    s = plan["settings"]
+    t, b, left, r = s["data.roi"] or [(1 - s["data.crop"]) / 2, (1 + s["data.crop"]) / 2] * 2
+    need = 512 * max(b - t, r - left)
+    assert s["data.size"] < need and s["data.spacing"] == pytest.approx([0.9765625 * need / s["data.size"]] * 2, abs=1e-4)
     assert not any("Hounsfield" in w for w in plan["warnings"])
+
+
+# ----------------------------------------------------------------------------- target spacing and region box
+
+
+def _spaced(client, rows_mm, cols_mm, *, n=100, size=256, cols=None, low=None, n_spacing=None, **kw):
+    """``_fake`` with (row, column) spacings: every quantile at the given value, the 5 % quantile at ``low``."""
+    fp = _fake(client, n=n, size=size, **kw)
+    lr, lc = low or (rows_mm, cols_mm)
+    return dataclasses.replace(fp, n_spacing=n if n_spacing is None else n_spacing, cols=(cols or size,) * 5,
+                               spacing_rows=(lr, lr, rows_mm, rows_mm, rows_mm), spacing_cols=(lc, lc, cols_mm, cols_mm, cols_mm))
+
+
+def test_plan_picks_the_median_spacing_and_sizes_the_network_for_the_field_at_it():
+    """h1: 100 planes at 0.7 mm, h2: 300 at 1.0 mm, both 256 x 256 pixels: the planes' median spacing is 1.0 mm and the
+    median field 256 mm, 256 pixels at it; a roomy budget keeps 256 and the spacing, a tight one lowers the size
+    and coarsens the spacing by 256 / size so that the median field still fits."""
+    fps = [_spaced("h1", 0.7, 0.7, extent=(0, 1, 0, 1)), _spaced("h2", 1.0, 1.0, n=300, extent=(0, 1, 0, 1))]
+    roomy = make_plan(fps, Config(), budget_min=600)
+    assert roomy["settings"]["data.size"] == 256 and roomy["settings"]["data.spacing"] == [1.0, 1.0]
+    assert "median spacing 1 x 1 mm" in roomy["reasons"]["data.spacing"] and "fits the network size 256" in roomy["reasons"]["data.spacing"]
+    assert "median field is 256 x 256 mm, 256 x 256 pixels" in roomy["reasons"]["data.size"]
+    assert roomy["pooled"]["field_mm"] == [256.0, 256.0] and roomy["pooled"]["n_spacing"] == 400
+    tight = make_plan(fps, Config(), budget_min=10)
+    s = tight["settings"]["data.size"]
+    assert s < 256 and tight["settings"]["data.spacing"] == pytest.approx([256 / s, 256 / s], abs=1e-4)
+    assert "coarsened" in tight["reasons"]["data.spacing"]
+    cfg, _ = apply_plan(Config(), tight)
+    assert cfg.data.spacing == pytest.approx((256 / s, 256 / s), abs=1e-4) and cfg.data.size == s
+    mine, noted = apply_plan(load_config(None, ["data.size=256"]), tight, explicit=["data.size"])
+    assert mine.data.size == 256 and mine.data.spacing == cfg.data.spacing  # the plan's spacing stays, and is said
+    assert any(w.startswith("data.size = 256 (set by you) keeps the plan's data.spacing") for w in noted["warnings"])
+    assert any(w.startswith("h1 and h2: median pixel spacings 0.4 mm and 1 mm") for w in make_plan(
+        [_spaced("h1", 0.4, 0.4), _spaced("h2", 1.0, 1.0)], Config())["warnings"])  # 2.5x apart: still warned
+
+
+def test_the_size_rule_counts_pixels_at_the_target_spacing_not_native_pixels():
+    # 512 x 512 planes at 0.5 mm (256 mm) and 256 x 256 at 1 mm (256 mm), 100 each: median spacing 0.5 (the lower
+    # median of two equal weights), median field 256 mm = 512 pixels, capped at 256, so the spacing is coarsened to 1 mm
+    fps = [_spaced("h1", 0.5, 0.5, size=512, extent=(0, 1, 0, 1)), _spaced("h2", 1.0, 1.0, size=256, extent=(0, 1, 0, 1))]
+    plan = make_plan(fps, Config(), budget_min=6000)
+    assert plan["settings"]["data.size"] == 256 and plan["settings"]["data.spacing"] == [1.0, 1.0]
+    # a small field at a fine spacing: 100 x 100 mm planes of 400 pixels at 0.25 mm, spacing 0.25 -> 400 pixels -> 256
+    # and 100 / 256 mm; the same field stored at 1 mm (100 pixels) plans the same mm per pixel, padded from 100 to 96
+    fine = make_plan([_spaced("h1", 0.25, 0.25, size=400, extent=(0, 1, 0, 1))], Config(), budget_min=6000)
+    assert fine["settings"]["data.spacing"] == pytest.approx([100 / 256, 100 / 256], abs=1e-4)
+    coarse = make_plan([_spaced("h1", 1.0, 1.0, size=100, extent=(0, 1, 0, 1))], Config(), budget_min=6000)
+    assert coarse["settings"]["data.size"] == 96 and coarse["settings"]["data.spacing"] == pytest.approx([100 / 96] * 2, abs=1e-4)
+
+
+def test_an_in_plane_anisotropic_spacing_takes_the_5_percent_quantile_on_its_coarse_axis():
+    # rows at 4 mm (5 % quantile 2 mm), columns at 1 mm; 40 rows x 256 columns: 160 x 256 mm, 40 pixels along the rows
+    # at 4 mm, fewer than a third of 256: anisotropic, so the rows take 2 mm (not finer than the columns' 1 mm)
+    fp = _spaced("h1", 4.0, 1.0, size=40, cols=256, low=(2.0, 1.0), extent=(0, 1, 0, 1))
+    plan = make_plan([fp], Config(), budget_min=6000)
+    assert plan["settings"]["data.spacing"] == [2.0, 1.0] and "anisotropic" in plan["reasons"]["data.spacing"]
+    # 3x coarser but with as many pixels: not anisotropic in nnU-Net's sense, the median stays
+    even = _spaced("h1", 3.5, 1.0, size=256, cols=256, low=(2.0, 1.0), extent=(0, 1, 0, 1))
+    got = make_plan([even], Config(), budget_min=6000)["settings"]["data.spacing"]
+    assert got[0] / got[1] == pytest.approx(3.5, rel=1e-3)
+
+
+def test_planes_without_spacing_keep_the_fit_by_pixels():
+    plan = make_plan([_fake("h1"), _fake("h2")], Config())
+    assert plan["settings"]["data.spacing"] is None and "PNG" in plan["reasons"]["data.spacing"]
+    few = make_plan([_spaced("h1", 1.0, 1.0, n=100, n_spacing=40), _fake("h2", n=100)], Config())
+    assert few["settings"]["data.spacing"] is None and "40 of 200" in few["reasons"]["data.spacing"]
+    most = make_plan([_spaced("h1", 1.0, 1.0, n=150), _fake("h2", n=50)], Config())
+    assert most["settings"]["data.spacing"] is not None and "50 plane(s) without one are fitted by pixels" in most["reasons"]["data.spacing"]
+    assert apply_plan(Config(), plan)[0].data.spacing is None
+
+
+def test_a_foreground_away_from_the_centre_gets_a_box():
+    """Both hospitals' foreground sits in the top right: the union rows 0.05-0.35, columns 0.6-0.95, plus 0.05, snapped
+    outward to 1/16, is rows 0-0.4375, columns 0.5-1 (22 % of the field), while a central crop holding it would keep
+    everything; at 256 native pixels the box is 112 x 128 pixels, so the size is 128."""
+    fps = [_fake("h1", extent=(0.05, 0.35, 0.6, 0.95)), _fake("h2", extent=(0.1, 0.3, 0.65, 0.9))]
+    plan = make_plan(fps, Config(), budget_min=60)
+    s = plan["settings"]
+    assert s["data.roi"] == [0.0, 0.4375, 0.5, 1.0] and s["data.crop"] == 1.0 and s["data.size"] == 128
+    assert "away from its centre" in plan["reasons"]["data.roi"]
+    cfg, _ = apply_plan(Config(), plan)
+    assert cfg.data.roi == (0.0, 0.4375, 0.5, 1.0) and cfg.data.crop == 1.0
+    # a central foreground keeps the central crop (the box would keep more than half of its area), and the whole
+    # field stays whole
+    central = make_plan([_fake("h1", extent=(0.40, 0.55, 0.45, 0.6))], Config())["settings"]
+    assert central["data.roi"] is None and central["data.crop"] == 0.3125  # (0.1 + 0.05) * 2 = 0.3 -> 5/16
+    whole = make_plan([_fake("h1", extent=(0.1, 0.9, 0.2, 0.8))], Config())["settings"]
+    assert whole["data.roi"] is None and whole["data.crop"] == 1.0
+    # a user's region wins whole: --set data.crop keeps the plan's box out, and is recorded
+    mine = load_config(None, ["data.crop=0.5"])
+    out, planned = apply_plan(mine, plan, explicit=["data.crop"])
+    assert out.data.crop == 0.5 and out.data.roi is None
+    assert planned["overrides"]["data.roi"] == {"plan": [0.0, 0.4375, 0.5, 1.0], "used": None}
+
+
+def test_a_plan_with_a_box_and_a_spacing_crosses_a_flower_plan_record():
+    pytest.importorskip("flwr")
+    from flwr.app import RecordDict
+
+    from ppcmi.flower import wire
+
+    plan = make_plan([_spaced("h1", 0.8, 0.8, extent=(0.05, 0.35, 0.6, 0.95))], Config())
+    cfg, _ = apply_plan(Config(), plan)
+    assert wire.apply_plan_record(Config(), wire.with_plan(RecordDict(), plan["settings"])) == cfg
+    none = make_plan([_fake("h1")], Config())  # data.spacing and data.roi are null
+    assert wire.apply_plan_record(Config(), wire.with_plan(RecordDict(), none["settings"])) == apply_plan(Config(), none)[0]
+
+
+def test_real_nifti_planes_plan_their_own_spacing_and_restore_exactly():
+    """Ten MSD hippocampus volumes (1 mm MR): the plan keeps 1 x 1 mm and pads the about 35 x 51 pixel field to 64, so
+    every seventh training mask, forwarded and restored from its one-hot, comes back exactly; at a 0.5 mm target (a 2x
+    upscale along both axes, at size 128) too."""
+    from conftest import SHARED_DATA
+
+    from ppcmi.data import discover_labels, forward_mask, load_arrays, restore_labels
+
+    root = SHARED_DATA / "msd_hippocampus"
+    if not (root / "dataset.json").is_file():
+        pytest.skip(f"shared dataset msd_hippocampus not available at {root}")
+    cases = [c for c in discover_cases(root) if c.mask_path is not None]
+    cases = [c for c in cases if c.group in sorted({c.group for c in cases})[:10]]
+    labels = discover_labels(cases)
+    fp = compute_fingerprint(cases, labels, client="h1", modality="MR")
+    assert fp.n_spacing == fp.n_planes and fp.spacing_rows[2] == pytest.approx(1.0)
+    plan = make_plan([fp], Config(), budget_min=60)
+    assert plan["settings"]["data.spacing"] == [1.0, 1.0] and plan["settings"]["data.size"] == 64
+    for spacing, size in (("1,1", 64), ("0.5,0.5", 128)):  # (at 0.5 mm the field is about 102 pixels: size 128)
+        sets = [f"data.spacing={spacing}", f"data.size={size}"]
+        cfg, _ = apply_plan(load_config(None, sets), plan, explicit=["data.spacing", "data.size"])
+        arr = load_arrays(cases[::7], cfg.data.preprocess(), labels, native=True)
+        for g, m, native in zip(arr["geometries"], arr["masks"], arr["native_masks"]):
+            assert g.native_spacing == pytest.approx((1.0, 1.0)) and g.fit == 1.0
+            k = labels.n_classes
+            back = restore_labels(np.eye(k, dtype=np.float32)[m].transpose(2, 0, 1)[None], [g])[0]
+            assert np.array_equal(back, native) and np.array_equal(forward_mask(native, g), m)

@@ -49,7 +49,8 @@ def _choice(where: str, value: str, allowed: tuple[str, ...]) -> None:
 
 @dataclass(frozen=True)
 class Preprocess:
-    """How a raw plane becomes a network input: intensity scaling, colour, crop, resize to size x size."""
+    """How a raw plane becomes a network input: intensity scaling, colour, region (roi or crop), resize (to a target
+    spacing, or to fit) and padding to size x size."""
 
     size: int = 256
     intensity: str = "minmax"  # minmax | percentile | window | zscore (per image) | ct (pooled statistics, from a plan)
@@ -57,7 +58,9 @@ class Preprocess:
     window: tuple[float, float] | None = None  # (low, high) after subtracting offset, e.g. (-1000, 1000)
     offset: float = 0.0  # subtracted from raw values first (CT stored as HU+1024 -> 1024)
     color: str = "gray"  # gray (luminance) | rgb (3 channels; gray repeated)
-    crop: float = 1.0  # keep the central fraction of each side before resizing (1.0: whole plane)
+    crop: float = 1.0  # keep the central fraction of each side before resizing (1.0: whole plane; the central case of roi)
+    roi: tuple[float, float, float, float] | None = None  # (top, bottom, left, right) fractions of the field kept (None: crop)
+    spacing: tuple[float, float] | None = None  # target in-plane (row_mm, col_mm): planes with a spacing are resampled to it first
     resize: str = "pad"  # pad: longer side to size, aspect kept, symmetric padding | squash: both sides to size (before config version 3)
     stats: tuple[float, float] | None = None  # ct: the pooled foreground (mean, std) after offset (a plan writes it)
     zrange: float = 4.0  # zscore, ct: z-scores in [-zrange, zrange] map linearly onto [0, 1] (beyond: clipped)
@@ -95,6 +98,21 @@ class Preprocess:
         object.__setattr__(self, "crop", check_real("data.crop", self.crop, 0.0, 1.0, lo_open=True, error=DataError))
         if self.resize not in ("pad", "squash"):
             raise DataError(f"data.resize: must be pad or squash, got {self.resize!r}")
+        if self.roi is not None:
+            t, b, left, r = (check_real("data.roi", v, 0.0, 1.0, error=DataError) for v in self.roi)
+            if not (0.0 <= t < b <= 1.0 and 0.0 <= left < r <= 1.0):
+                raise DataError(f"data.roi: need 0 <= top < bottom <= 1 and 0 <= left < right <= 1 (fractions of the field), "
+                                f"got {self.roi!r}")
+            if self.crop != 1.0:
+                raise DataError(f"data.roi and data.crop: both set ({self.roi!r}, {self.crop:g}); data.crop is the central "
+                                "special case of data.roi, set one")
+            object.__setattr__(self, "roi", (t, b, left, r))
+        if self.spacing is not None:
+            sr, sc = (check_real("data.spacing", v, 0.0, lo_open=True, why=" (mm per pixel, row and column)", error=DataError)
+                      for v in self.spacing)
+            if self.resize != "pad":
+                raise DataError(f"data.spacing: a target spacing needs data.resize = pad, got {self.resize!r}")
+            object.__setattr__(self, "spacing", (sr, sc))
 
 
 @dataclass(frozen=True)
@@ -209,7 +227,8 @@ class Config:
         check_bool("klt", self.klt)
 
 
-CONFIG_VERSION = 3  # 2: data.val_frac removed (nothing read it); mapping.adapter_init recorded. 3: data.resize; data.eval_size retired
+CONFIG_VERSION = 4  # 2: data.val_frac removed (nothing read it); mapping.adapter_init recorded. 3: data.resize; data.eval_size retired.
+# 4: data.spacing (target in-plane spacing) and data.roi (a region-of-interest box)
 
 # settings that no longer exist, and why: naming one (TOML or --set) is an error with this message
 RETIRED = {"data.eval_size": "retired in config version 3: test cases are scored at their native resolution (class "
@@ -255,7 +274,9 @@ def migrate(raw: dict) -> dict:
     Version 1 (no ``version`` key): ``mapping.adapter_init`` did not exist and its runs used
     ``"identity"``; ``data.val_frac`` existed but nothing read it (dropped). Versions 1 and 2: every plane
     was squashed to size x size (``data.resize = "squash"``); ``data.eval_size`` (a scoring size) is dropped,
-    as test cases are now scored at their native resolution (logged when it was set)."""
+    as test cases are now scored at their native resolution (logged when it was set). Versions 1 to 3: no
+    plane was resampled to a target spacing (``data.spacing = None``) and the kept region was the central
+    ``data.crop`` (``data.roi = None``)."""
     raw = json.loads(json.dumps(raw))
     version = raw.pop("version", 1)
     if not isinstance(version, int) or not 1 <= version <= CONFIG_VERSION:
@@ -269,6 +290,9 @@ def migrate(raw: dict) -> dict:
         raw["data"].setdefault("resize", "squash")
         if raw["data"].pop("eval_size", None) is not None:
             log.warning("data.eval_size of a version %d configuration ignored: %s", version, RETIRED["data.eval_size"])
+    if version < 4 and isinstance(raw.get("data"), dict):
+        raw["data"].setdefault("spacing", None)
+        raw["data"].setdefault("roi", None)
     return raw
 
 

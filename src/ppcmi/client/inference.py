@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Sequence
@@ -90,14 +91,15 @@ def list_inputs(paths: Sequence[Path]) -> list[dict]:
 def _load_planes(planes: list[dict], prep: Preprocess) -> np.ndarray:
     out = np.empty((len(planes), 3 if prep.color == "rgb" else 1, prep.size, prep.size), np.float32)
     for i, pl in enumerate(planes):
-        img, _ = read_image([Path(c) for c in pl["channels"]] if pl.get("channels") else Path(pl["source"]),
-                            pl["slice_index"])
+        img, spacing = read_image([Path(c) for c in pl["channels"]] if pl.get("channels") else Path(pl["source"]),
+                                  pl["slice_index"])
         if not np.isfinite(img).all():
             raise DataError(f"{pl['source']}: image has NaN/Inf values")
         if img.shape[0] not in (1, 3):
             raise DataError(f"{pl['source']}: image has {img.shape[0]} channels; the networks take 1 (gray) or 3 (rgb)")
         pl["original_shape"] = list(img.shape[1:])
-        out[i] = prepare_image(img, prep)
+        pl["spacing"] = None if spacing is None else [float(v) for v in spacing]
+        out[i] = prepare_image(img, prep, _geometries([pl], prep)[0])
     return out
 
 
@@ -193,6 +195,10 @@ def _case_list(path: Path) -> dict:
         case.get("original_shape", list, ok=lambda v: len(v) == 2 and all(isinstance(n, int) and not isinstance(n, bool) and n >= 1
                                                                          for n in v) and v[0] * v[1] <= MAX_PLANE_PIXELS,
                  expect=f"[height, width] in pixels (at most {MAX_PLANE_PIXELS} in all)")
+        case.get("spacing", (list, type(None)), default=None,  # (absent in case lists written before target spacings)
+                 ok=lambda v: v is None or (len(v) == 2 and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                               and math.isfinite(x) and x > 0 for x in v)),
+                 expect="[row_mm, col_mm], both > 0, or null")
     bad = [c["stem"] for c in rec["cases"] if not isinstance(c["stem"], str) or c["stem"] in ("", ".", "..")
            or Path(c["stem"]).name != c["stem"] or "\\" in c["stem"]]
     if bad:
@@ -216,9 +222,10 @@ def _find_case_list(reply: Path, query: str) -> Path:
 
 
 def _geometries(planes: list[dict], prep: Preprocess) -> list[PlaneGeometry]:
-    """Each plane's geometry: a function of its native shape (the case list's ``original_shape``) and the site's
-    shared preprocessing, so the case list records the shape only."""
-    return [plane_geometry(pl["original_shape"], prep) for pl in planes]
+    """Each plane's geometry: a function of its native shape and spacing (the case list's ``original_shape`` and
+    ``spacing``; a case list written before target spacings existed has no ``spacing``, and its site's settings
+    have no ``data.spacing``) and the site's shared preprocessing, so the case list records those two only."""
+    return [plane_geometry(pl["original_shape"], prep, pl.get("spacing"), where=str(pl["source"])) for pl in planes]
 
 
 def label_map_paths(planes: list[dict], out: Path) -> list[Path]:

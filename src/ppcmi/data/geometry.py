@@ -1,19 +1,33 @@
 """Plane geometry (hospital side): where a native plane's pixels land in the size x size network input, and
 the one way class probabilities at the network size go back to the native plane.
 
-Forward. A plane of native shape (H, W) keeps its central ``data.crop`` fraction (:func:`crop_box`); the crop
-is resized and then padded symmetrically to ``size`` x ``size``. With ``data.resize = "pad"`` (the default
-since config version 3) the crop keeps its aspect ratio: its longer side becomes ``size``, the shorter one
-``round(short * size / long)`` (half up), and the padding splits the rest with the extra pixel of an odd
-amount at the bottom or right (MONAI's ``SpatialPad(method="symmetric")`` rule). Images are padded with 0
-after intensity scaling, masks with background. With ``"squash"`` (every config before version 3) both sides
-become ``size`` whatever the aspect ratio, and nothing is padded. :class:`PlaneGeometry` records all of it.
+Forward. A plane of native shape (H, W) keeps a region: the box ``data.roi`` = (top, bottom, left, right) in
+fractions of the field (:func:`roi_box`: widened outward to whole pixels), or else the central ``data.crop``
+fraction of each side (:func:`crop_box`, the central special case). The region is resized and then padded
+symmetrically to ``size`` x ``size``; one interpolation does the whole resize, and how large the region becomes
+(``scaled``) is decided as follows.
+
+- ``data.spacing`` = (row_mm, col_mm) set and the plane's own spacing known: the region is resampled to that
+  spacing, ``rows * native_row_mm / row_mm`` by ``cols * native_col_mm / col_mm`` pixels (half up), so a
+  structure covers the same number of pixels at every hospital whatever its scanner, and padded to ``size``.
+  ppcmi feeds whole planes, not patches (nnU-Net samples patches from planes of any size), so a region larger
+  than ``size`` at the target spacing must still fit: it is scaled down, aspect kept, until its longer side is
+  ``size`` (``PlaneGeometry.fit`` < 1 says by how much; the plan picks the spacing so that the median field
+  fits). A plane whose spacing is unknown (a PNG) falls back to the fit below.
+- otherwise, with ``data.resize = "pad"`` (the default since config version 3) the region keeps its aspect ratio:
+  its longer side becomes ``size``, the shorter one ``round(short * size / long)`` (half up).
+- with ``"squash"`` (every config before version 3) both sides become ``size`` whatever the aspect ratio, and
+  nothing is padded.
+
+The padding splits what is left with the extra pixel of an odd amount at the bottom or right (MONAI's
+``SpatialPad(method="symmetric")`` rule). Images are padded with 0 after intensity scaling, masks with
+background. :class:`PlaneGeometry` records all of it.
 
 Inverse. :func:`restore_scores` takes class probabilities (K, size, size), drops the padding, resamples them
-bilinearly to the crop's native size and places them into the native plane with background probability 1
-outside the crop; :func:`restore_labels` takes the argmax there, one plane at a time. ``ppcmi predict``,
-``client decode``, ``simulate``, the Flower evaluation and the benchmarks' U-Nets all restore this way, so a
-prediction is never upsampled as labels.
+bilinearly to the region's native size (which undoes the target spacing and any fit in one step) and places
+them into the native plane with background probability 1 outside the region; :func:`restore_labels` takes
+the argmax there, one plane at a time. ``ppcmi predict``, ``client decode``, ``simulate``, the Flower
+evaluation and the benchmarks' U-Nets all restore this way, so a prediction is never upsampled as labels.
 
 Resampling is torch's ``interpolate``: bilinear with ``align_corners=False``, antialiased along a shrinking
 axis; masks go forward by nearest neighbour on pixel centres (``"nearest-exact"``), so no label is blended.
@@ -21,6 +35,7 @@ axis; masks go forward by nearest neighbour on pixel centres (``"nearest-exact"`
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -38,6 +53,21 @@ def crop_box(h: int, w: int, crop: float) -> tuple[int, int, int, int]:
     """(top, left, rows, cols) of the central ``crop`` fraction of an h x w plane (at least 1 pixel)."""
     rows, cols = max(1, round(h * crop)), max(1, round(w * crop))
     return (h - rows) // 2, (w - cols) // 2, rows, cols
+
+
+def roi_box(h: int, w: int, roi: Sequence[float]) -> tuple[int, int, int, int]:
+    """(top, left, rows, cols) of the box ``roi`` = (top, bottom, left, right), fractions of an h x w plane, widened
+    outward to whole pixels (a foreground box measured as fractions of the same field is kept whole; at least 1 pixel)."""
+    t, b, left, r = (float(v) for v in roi)
+    eps = 1e-9  # a fraction computed as k / h lands on pixel k, not one before or after
+    top, bottom = min(h - 1, max(0, math.floor(t * h + eps))), min(h, max(1, math.ceil(b * h - eps)))
+    lft, rgt = min(w - 1, max(0, math.floor(left * w + eps))), min(w, max(1, math.ceil(r * w - eps)))
+    return top, lft, max(1, bottom - top), max(1, rgt - lft)
+
+
+def region_box(h: int, w: int, prep: Preprocess) -> tuple[int, int, int, int]:
+    """(top, left, rows, cols) of the region of an h x w plane that ``prep`` keeps: ``data.roi``, else ``data.crop``."""
+    return roi_box(h, w, prep.roi) if prep.roi is not None else crop_box(h, w, prep.crop)
 
 
 def center_crop(plane: np.ndarray, crop: float) -> np.ndarray:
@@ -90,15 +120,23 @@ def resize_mask(mask: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
 class PlaneGeometry:
     """Where one native plane's pixels land in the network input (all in pixels).
 
-    ``native``: (H, W) of the source plane; ``crop``: (top, left, rows, cols) of the kept region in it;
-    ``scaled``: (rows, cols) of that region after resizing; ``pad``: (top, bottom, left, right) added around
-    it, so that ``scaled`` plus ``pad`` is the network size.
+    ``native``: (H, W) of the source plane; ``crop``: (top, left, rows, cols) of the kept region in it
+    (``data.roi`` or ``data.crop``); ``scaled``: (rows, cols) of that region after resizing; ``pad``: (top,
+    bottom, left, right) added around it, so that ``scaled`` plus ``pad`` is the network size.
+    ``native_spacing``: the plane's mm per pixel (row, col) when it was resampled to ``target_spacing``
+    (``data.spacing``); both None when it was fitted by pixels (no target spacing, or the plane tells none).
+    ``fit``: the scale applied on top of the target spacing, 1.0 when the region fits (its pixels at the target
+    spacing, rounded half up, are at most ``size``; and without a target spacing), below 1 when it was larger
+    than the network input at it and scaled down to fit.
     """
 
     native: tuple[int, int]
     crop: tuple[int, int, int, int]
     scaled: tuple[int, int]
     pad: tuple[int, int, int, int]
+    native_spacing: tuple[float, float] | None = None
+    target_spacing: tuple[float, float] | None = None
+    fit: float = 1.0
 
     @property
     def size(self) -> tuple[int, int]:
@@ -112,22 +150,42 @@ class PlaneGeometry:
         return native[0] * self.crop[2] / self.scaled[0], native[1] * self.crop[3] / self.scaled[1]
 
 
-def plane_geometry(native: Sequence[int], prep: Preprocess) -> PlaneGeometry:
-    """The geometry of a plane of shape ``native`` (H, W) under ``prep`` (``size``, ``crop``, ``resize``)."""
+def _half_up(x: float) -> int:
+    return int(math.floor(x + 0.5 + 1e-9))  # (the tolerance keeps an exact half that float arithmetic lands just below)
+
+
+def plane_geometry(native: Sequence[int], prep: Preprocess, spacing: Sequence[float] | None = None, *,
+                   where: str = "plane geometry") -> PlaneGeometry:
+    """The geometry of a plane of shape ``native`` (H, W) and native ``spacing`` (row_mm, col_mm, or None when the
+    file tells none) under ``prep`` (``size``, ``roi`` / ``crop``, ``resize``, ``spacing``); ``where`` (the file)
+    starts an error's message."""
     h, w = (int(v) for v in native)
     if h < 1 or w < 1:
         raise DataError(f"plane geometry: a plane needs at least 1x1 pixels, got {h}x{w}")
     if prep.resize not in RESIZE_MODES:
         raise DataError(f"data.resize: must be one of {', '.join(RESIZE_MODES)}, got {prep.resize!r}")
-    top, left, rows, cols = crop_box(h, w, prep.crop)
+    top, left, rows, cols = region_box(h, w, prep)
     size = prep.size
+    native_sp = target = None
+    fit = 1.0
     if prep.resize == "squash":
         scaled = (size, size)
+    elif prep.spacing is not None and spacing is not None:
+        native_sp = (float(spacing[0]), float(spacing[1]))
+        if not (native_sp[0] > 0 and native_sp[1] > 0 and math.isfinite(native_sp[0]) and math.isfinite(native_sp[1])):
+            raise DataError(f"{where}: pixel spacing {tuple(spacing)} is not positive mm per pixel; data.spacing resamples "
+                            "by it (fix the file's header, or set data.spacing = None)")
+        target = prep.spacing
+        at_r, at_c = rows * native_sp[0] / target[0], cols * native_sp[1] / target[1]  # pixels at the target spacing
+        if _half_up(max(at_r, at_c)) > size:  # larger than the input even after rounding to whole pixels: scale down
+            fit = size / max(at_r, at_c)
+        scaled = (min(size, max(1, _half_up(at_r * fit))), min(size, max(1, _half_up(at_c * fit))))
     else:
         long = max(rows, cols)
         scaled = (max(1, (2 * rows * size + long) // (2 * long)), max(1, (2 * cols * size + long) // (2 * long)))
     pr, pc = size - scaled[0], size - scaled[1]
-    return PlaneGeometry((h, w), (top, left, rows, cols), scaled, (pr // 2, pr - pr // 2, pc // 2, pc - pc // 2))
+    return PlaneGeometry((h, w), (top, left, rows, cols), scaled, (pr // 2, pr - pr // 2, pc // 2, pc - pc // 2),
+                         native_sp, target, fit)
 
 
 def crop_plane(plane: np.ndarray, g: PlaneGeometry) -> np.ndarray:
@@ -169,8 +227,9 @@ def forward_mask(mask: np.ndarray, g: PlaneGeometry) -> np.ndarray:
 def restore_scores(scores: torch.Tensor | np.ndarray, g: PlaneGeometry) -> torch.Tensor:
     """Class probabilities (K, size, size), channel 0 background -> float32 (K, H, W) on the native plane.
 
-    The padding is dropped, the rest resampled bilinearly to the crop's native (rows, cols) (antialiased along
-    a shrinking axis), and placed into the native plane; outside the crop background has probability 1.
+    The padding is dropped, the rest resampled bilinearly to the region's native (rows, cols) (antialiased along
+    a shrinking axis; this undoes the target spacing and any fit), and placed into the native plane; outside the
+    region (``data.roi`` or ``data.crop``) background has probability 1.
     """
     s = torch.as_tensor(scores).float()
     if s.ndim != 3 or tuple(s.shape[1:]) != g.size:
@@ -207,6 +266,6 @@ def restore_labels(scores: torch.Tensor | np.ndarray, geometries: Sequence[Plane
     return [restore_scores(p, g).argmax(0).numpy().astype(dtype) for p, g in zip(s, geometries)]
 
 
-__all__ = ["RESIZE_MODES", "PlaneGeometry", "plane_geometry", "crop_box", "center_crop", "crop_plane", "resize_image",
+__all__ = ["RESIZE_MODES", "PlaneGeometry", "plane_geometry", "crop_box", "roi_box", "region_box", "center_crop", "crop_plane", "resize_image",
            "resize_mask", "fit_image", "fit_mask", "forward_image", "forward_mask", "restore_scores", "restore_labels",
            "label_dtype"]

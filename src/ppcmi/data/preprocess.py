@@ -1,5 +1,5 @@
-"""Preprocessing (hospital side): a raw plane becomes a network input (crop, colour, intensity, resize and
-pad; the geometry in :mod:`ppcmi.data.geometry`) and a case becomes a training sample.
+"""Preprocessing (hospital side): a raw plane becomes a network input (region of interest, colour, intensity,
+resize to the target spacing or to fit, and pad; the geometry in :mod:`ppcmi.data.geometry`) and a case becomes a training sample.
 """
 
 from __future__ import annotations
@@ -101,8 +101,10 @@ def check_intensity(image: np.ndarray, foreground: np.ndarray, prep: Preprocess,
 
 
 def prepare_image(image: np.ndarray, prep: Preprocess, geometry: PlaneGeometry | None = None) -> np.ndarray:
-    """Raw (C, H, W) -> float32 (1 or 3, size, size) in [0, 1]: centre crop, colour, intensity scaling (over the
-    crop), resize and padding with 0 (``geometry``, by default :func:`~ppcmi.data.geometry.plane_geometry` of the plane)."""
+    """Raw (C, H, W) -> float32 (1 or 3, size, size) in [0, 1]: region (``data.roi`` / ``data.crop``), colour, intensity
+    scaling (over the region), resize and padding with 0 (``geometry``, by default
+    :func:`~ppcmi.data.geometry.plane_geometry` of the plane without a spacing: pass the plane's own geometry
+    whenever its spacing is known, so ``data.spacing`` applies)."""
     g = geometry or plane_geometry(image.shape[-2:], prep)
     x = scale_intensity(to_color(crop_plane(image, g), prep.color), prep)
     return np.clip(fit_image(x, g), 0.0, 1.0)
@@ -145,7 +147,7 @@ def load_sample(case: Case, prep: Preprocess, labels: LabelMap) -> Sample:
     index = labels.to_index(mask, f"{case.mask_path}{where}")
     check_intensity(image, index > 0, prep, f"{case.image_path}{where}")
     spacing = sp_img or sp_mask
-    g = plane_geometry((h, w), prep)
+    g = plane_geometry((h, w), prep, spacing, where=f"{case.image_path}{where}")  # to data.spacing when the file tells one
     return Sample(prepare_image(image, prep, g), fit_mask(crop_plane(index, g), g), g.spacing(spacing), case.case_id,
                   case.group, (h, w), g, index.astype(label_dtype(labels.n_classes)), spacing)
 

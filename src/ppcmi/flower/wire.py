@@ -288,9 +288,9 @@ def apply_plan_record(cfg: Config, content: RecordDict) -> Config:
             value = json.loads(v) if isinstance(v, str) else None
         except ValueError:
             value = None
-        if value is None or isinstance(value, dict):
-            raise ProtocolError(f"record {PLAN!r}: {k!r} must carry a JSON number, string, boolean or list")
-        sets.append(f"{k}={','.join(str(x) for x in value) if isinstance(value, list) else value}")
+        if (value is None and v != "null") or isinstance(value, dict):
+            raise ProtocolError(f"record {PLAN!r}: {k!r} must carry a JSON number, string, boolean, list or null")
+        sets.append(f"{k}={','.join(str(x) for x in value) if isinstance(value, list) else value}")  # null: "None"
     return load_config(None, sets, base=cfg)
 
 

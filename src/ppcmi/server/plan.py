@@ -12,10 +12,15 @@ What the plan decides (``plan.json``'s ``settings``):
   0.5 / 99.5 percentiles, then z-score with the pooled foreground mean and std (nnU-Net's CT scheme);
   MR, ultrasound and the rest: a z-score per image. Either z-score is laid onto [0, 1] (``data.zrange``),
   which the sigmoid autoencoders need.
-- ``data.crop``: the central fraction that holds every training foreground box of every hospital, with a
-  margin, when that is clearly smaller than the field; else the whole plane.
-- ``data.size``: the median native plane side inside the crop, rounded to a multiple of 32, capped at 256 and
-  lowered until the time budget affords enough epochs.
+- ``data.spacing``: the target in-plane spacing, the median of the hospitals' median spacings (nnU-Net's rule;
+  an axis more than 3x coarser than the other with under a third of its pixels takes its 5 % quantile instead),
+  coarsened when the network size cannot hold the median field at it; None when most planes record no spacing.
+- ``data.crop`` / ``data.roi``: the region kept. The union of every hospital's training foreground boxes plus a
+  margin is either held by a central fraction (``data.crop``), or, when the foreground sits in a consistent
+  part of the field away from the centre, by a box (``data.roi``) that keeps at most half of what the central
+  crop would; else the whole plane.
+- ``data.size``: the median field inside the region, in pixels at the target spacing (native pixels without
+  one), rounded to a multiple of 32, capped at 256 and lowered until the time budget affords enough epochs.
 - batch sizes, epochs, patience, augmented copies, augmentation and the mapping network's schedule, from the
   number of training planes and the time budget (``--budget MINUTES``), through a per-step cost model whose
   table was measured on a 2-core CPU (:data:`COST_TABLE`).
@@ -44,6 +49,9 @@ MIN_CLASS_SIDE = 16             # the budget never shrinks the smallest class be
 CT_PERCENTILES = (0.5, 99.5)
 CROP_MARGIN = 0.05              # of the field, on every side of the pooled foreground box
 CROP_MAX = 0.8                  # a crop keeping more than this fraction of each side is not worth it
+ROI_STEP = 16                   # region edges snap outward to multiples of 1/16 of the field
+ROI_GAIN = 0.5                  # a box is chosen over the central crop when it keeps at most this share of the crop's area
+ANISO = 3.0                     # nnU-Net's ANISO_THRESHOLD: an axis this much coarser than the other is anisotropic
 SPACING_RATIO = 2.0             # hospitals' median spacings further apart than this: a warning
 MIN_ROWS = 2000                 # stage 2 aims for at least this many training rows (augmented copies)
 MAX_COPIES = 8
@@ -86,6 +94,9 @@ class Pooled:
     cols: float
     spacing: tuple[float, float] | None  # the same for spacing (mm), over the hospitals that record it
     spacings: dict[str, tuple[float, float]]
+    n_spacing: int                       # planes that record a spacing, in all
+    spacing_low: tuple[float, float] | None  # the same weighted median of the hospitals' 5 % spacing quantiles
+    field_mm: tuple[float, float] | None  # the weighted median of the hospitals' median rows x row spacing (and columns)
     fg_pixels: int
     fg_mean: float
     fg_std: float
@@ -147,10 +158,16 @@ def pool(fingerprints: Sequence[Fingerprint]) -> tuple[Pooled, list[str]]:
     weights = [fp.n_planes for fp in fingerprints]
     with_sp = [fp for fp in fingerprints if fp.n_spacing]
     spacings = {fp.client: (fp.spacing_rows[mid], fp.spacing_cols[mid]) for fp in with_sp}
-    spacing = None
+    spacing = low = field = None
     if with_sp:
-        spacing = (_weighted_median([fp.spacing_rows[mid] for fp in with_sp], [fp.n_spacing for fp in with_sp]),
-                   _weighted_median([fp.spacing_cols[mid] for fp in with_sp], [fp.n_spacing for fp in with_sp]))
+        w_sp = [fp.n_spacing for fp in with_sp]
+        spacing = (_weighted_median([fp.spacing_rows[mid] for fp in with_sp], w_sp),
+                   _weighted_median([fp.spacing_cols[mid] for fp in with_sp], w_sp))
+        q05 = QUANTILES.index(0.05)
+        low = (_weighted_median([fp.spacing_rows[q05] for fp in with_sp], w_sp),
+               _weighted_median([fp.spacing_cols[q05] for fp in with_sp], w_sp))
+        field = (_weighted_median([fp.rows[mid] * fp.spacing_rows[mid] for fp in with_sp], w_sp),
+                 _weighted_median([fp.cols[mid] * fp.spacing_cols[mid] for fp in with_sp], w_sp))
     n = sum(fp.fg_pixels for fp in fingerprints)
     if n == 0:
         raise PpcmiError("plan: no hospital has any foreground in its training masks")
@@ -168,6 +185,7 @@ def pool(fingerprints: Sequence[Fingerprint]) -> tuple[Pooled, list[str]]:
         channels=max(fp.channels for fp in fingerprints),
         rows=_weighted_median([fp.rows[mid] for fp in fingerprints], weights),
         cols=_weighted_median([fp.cols[mid] for fp in fingerprints], weights), spacing=spacing, spacings=spacings,
+        n_spacing=sum(fp.n_spacing for fp in fingerprints), spacing_low=low, field_mm=field,
         fg_pixels=n, fg_mean=float(mean), fg_std=float(math.sqrt(max(var, 0.0))),
         percentiles=tuple(hist_percentiles(hist, CT_PERCENTILES)),  # type: ignore[arg-type]
         extent=extent, class_planes=tuple(fp.class_planes for fp in fingerprints),
@@ -191,8 +209,8 @@ def data_warnings(pooled: Pooled, class_names: Sequence[str] | None = None) -> l
         lo, hi = min(sizes, key=sizes.get), max(sizes, key=sizes.get)  # type: ignore[arg-type]
         if sizes[hi] > SPACING_RATIO * sizes[lo]:
             out.append(f"{lo} and {hi}: median pixel spacings {sizes[lo]:.3g} mm and {sizes[hi]:.3g} mm differ by more than "
-                       f"{SPACING_RATIO:g}x; planes are resized to one size, not to one spacing, so the same anatomy appears at "
-                       "different scales at these hospitals (check their spacings, or resample their data first)")
+                       f"{SPACING_RATIO:g}x; at one target spacing (data.spacing) one hospital's planes are interpolated far from "
+                       "their own resolution, without one the same anatomy appears at different scales (check their spacings)")
     if pooled.constant_planes:
         out.append(f"{pooled.constant_planes} training plane(s) hold one value only (blank slices); they train on zeros")
     if pooled.modality == "CT" and not (-1200.0 <= pooled.percentiles[0] and pooled.percentiles[1] <= 4000.0):
@@ -275,6 +293,68 @@ def _round32(x: float) -> int:
     return max(32, int(math.floor(x / 32.0 + 0.5)) * 32)
 
 
+def choose_region(extent: Sequence[float]) -> tuple[dict[str, object], str]:
+    """``{"data.crop": c, "data.roi": box or None}`` and the reason, for the union ``extent`` (top, bottom, left,
+    right; fractions of the field) of every training foreground box.
+
+    The union plus :data:`CROP_MARGIN` on every side, snapped outward to 1/:data:`ROI_STEP`, is the box; the central
+    crop is the smallest central fraction in 1/16 steps holding the same. The box wins when it keeps at most
+    :data:`ROI_GAIN` of the area the central crop would (the foreground sits consistently away from the centre);
+    else the central crop when it keeps at most :data:`CROP_MAX` of each side; else the whole plane. The union,
+    not a quantile, so that no training foreground falls outside the region (outside it every prediction is
+    background)."""
+    top, bottom, left, right = (float(v) for v in extent)
+    half = max(0.5 - top, bottom - 0.5, 0.5 - left, right - 0.5) + CROP_MARGIN
+    crop = min(1.0, math.ceil(2 * half * ROI_STEP) / ROI_STEP)
+    lo = lambda v: max(0.0, math.floor((v - CROP_MARGIN) * ROI_STEP + 1e-9) / ROI_STEP)  # noqa: E731
+    hi = lambda v: min(1.0, math.ceil((v + CROP_MARGIN) * ROI_STEP - 1e-9) / ROI_STEP)  # noqa: E731
+    box = [lo(top), hi(bottom), lo(left), hi(right)]
+    area = (box[1] - box[0]) * (box[3] - box[2])
+    central = crop * crop if crop <= CROP_MAX else 1.0
+    seen = f"every training foreground box of every hospital lies within rows {top:.2f}-{bottom:.2f} and columns {left:.2f}-{right:.2f} of the field"
+    if area <= ROI_GAIN * central:
+        return {"data.crop": 1.0, "data.roi": box}, (
+            f"{seen}: the box rows {box[0]:g}-{box[1]:g}, columns {box[2]:g}-{box[3]:g} (a margin of {CROP_MARGIN:g}, edges in "
+            f"steps of 1/{ROI_STEP}) keeps {area:.0%} of the field, at most {ROI_GAIN:g} of the {central:.0%} a central crop "
+            "would: the foreground sits in a consistent part of the field away from its centre")
+    if crop <= CROP_MAX:
+        return {"data.crop": crop, "data.roi": None}, (
+            f"{seen}: the central {crop:g} of each side holds them with a margin of {CROP_MARGIN:g}")
+    return {"data.crop": 1.0, "data.roi": None}, (
+        f"the training foreground spans rows {top:.2f}-{bottom:.2f} and columns {left:.2f}-{right:.2f} of the field: a central "
+        f"crop would keep more than {CROP_MAX:g} of each side and a box {area:.0%} of the field, so the whole plane is used")
+
+
+def target_spacing(pooled: Pooled) -> tuple[tuple[float, float] | None, str]:
+    """The target in-plane spacing (row_mm, col_mm) before the size is known, and the reason; None when fewer than
+    half the training planes record a spacing.
+
+    Per axis the planes' weighted median of the hospitals' median spacings (nnU-Net's median target spacing). nnU-Net's
+    anisotropy rule, in the plane: when one axis is more than :data:`ANISO` times coarser than the other and the
+    median field has fewer than a third as many pixels along it, that axis takes the (pooled) 5 % quantile of its
+    spacings instead, but not finer than the other axis, so that the few planes scanned finer along it are not
+    interpolated down to the median's few pixels."""
+    total = sum(pooled.n_planes)
+    if pooled.spacing is None or 2 * pooled.n_spacing < total:
+        return None, (f"{pooled.n_spacing} of {total} training planes record a pixel spacing (PNG files tell none): planes are "
+                      "fitted to the network size by pixels, aspect kept")
+    sp = list(pooled.spacing)
+    why = (f"{pooled.n_spacing} of {total} training planes record a pixel spacing: each plane is resampled to the median "
+           f"spacing {sp[0]:.4g} x {sp[1]:.4g} mm (rows, columns; the planes' median of the hospitals' medians), so a structure "
+           "covers the same pixels at every hospital")
+    coarse = int(np.argmax(sp))
+    fine = 1 - coarse
+    px = (pooled.field_mm[0] / sp[0], pooled.field_mm[1] / sp[1])  # type: ignore[index]
+    if sp[coarse] > ANISO * sp[fine] and px[coarse] * ANISO < px[fine]:
+        new = max(sp[fine], pooled.spacing_low[coarse])  # type: ignore[index]
+        why += (f"; the {'rows' if coarse == 0 else 'columns'} are more than {ANISO:g}x coarser with under a third of the pixels "
+                f"(anisotropic, nnU-Net's rule): that axis takes its 5 % quantile {new:.4g} mm instead")
+        sp[coarse] = new
+    if pooled.n_spacing < total:
+        why += f"; the {total - pooled.n_spacing} plane(s) without one are fitted by pixels"
+    return (sp[0], sp[1]), why
+
+
 def make_plan(fingerprints: Sequence[Fingerprint], cfg: Config, *, budget_min: float = DEFAULT_BUDGET_MIN,
               class_names: Sequence[str] | None = None, sequential: bool = True) -> dict:
     """The plan for these hospitals: ``{"version", "settings", "reasons", "expected", "warnings", "pooled"}``.
@@ -308,22 +388,20 @@ def make_plan(fingerprints: Sequence[Fingerprint], cfg: Config, *, budget_min: f
         reasons["data.intensity"] = f"{pooled.modality}: {what}, so each image is z-scored on its own"
     reasons["data.intensity"] += f"; z-scores in [-{cfg.data.zrange:g}, {cfg.data.zrange:g}] map onto [0, 1] (data.zrange)"
 
-    # region of interest
-    top, bottom, left, right = pooled.extent
-    half = max(0.5 - top, bottom - 0.5, 0.5 - left, right - 0.5) + CROP_MARGIN
-    crop = min(1.0, math.ceil(2 * half * 16) / 16)
-    if crop <= CROP_MAX:
-        settings["data.crop"] = crop
-        reasons["data.crop"] = (f"every training foreground box of every hospital lies within rows {top:.2f}-{bottom:.2f} and "
-                                f"columns {left:.2f}-{right:.2f} of the field: the central {crop:g} of each side holds them with a "
-                                f"margin of {CROP_MARGIN:g}")
-    else:
-        settings["data.crop"] = 1.0
-        reasons["data.crop"] = (f"the training foreground spans rows {top:.2f}-{bottom:.2f} and columns {left:.2f}-{right:.2f} of "
-                                f"the field: a central crop would keep more than {CROP_MAX:g} of each side, so the whole plane is used")
+    # region of interest: a central crop, a box, or the whole plane
+    region, why_region = choose_region(pooled.extent)
+    settings.update(region)
+    reasons["data.crop"] = reasons["data.roi"] = why_region
+    roi = region["data.roi"] or [(1 - region["data.crop"]) / 2, (1 + region["data.crop"]) / 2] * 2  # type: ignore[operator]
+    frac_r, frac_c = roi[1] - roi[0], roi[3] - roi[2]
 
+    # target spacing, and the field it gives in pixels
+    spacing, why_spacing = target_spacing(pooled)
+    field_r, field_c = pooled.rows, pooled.cols  # native pixels
+    if spacing is not None:
+        field_r, field_c = pooled.field_mm[0] / spacing[0], pooled.field_mm[1] / spacing[1]  # type: ignore[index]
     # working resolution and schedule, from the cost model and the budget
-    native = max(pooled.rows, pooled.cols) * float(settings["data.crop"])  # type: ignore[arg-type]
+    native = max(field_r * frac_r, field_c * frac_c)  # the median field's longer side inside the region
     size = min(SIZE_CAP, _round32(native))
     val_ae, val_map = cfg.autoencoder.val_frac, cfg.mapping.val_frac
     n_train = [max(1, int(n * (1 - val_ae))) for n in pooled.n_planes]
@@ -333,9 +411,8 @@ def make_plan(fingerprints: Sequence[Fingerprint], cfg: Config, *, budget_min: f
     b_ae = _batch(min(n_train), cfg.autoencoder.batch_size if cfg.autoencoder.batch_size >= 2 else 16)
     b_map = _batch(int(rows * (1 - val_map)), cfg.mapping.batch_size if cfg.mapping.batch_size >= 2 else 16)
     budget_s = budget_min * 60.0
-    crop_f = float(settings["data.crop"])  # type: ignore[arg-type]
     k_small = 1 + int(np.argmin(pooled.class_share[1:]))
-    share = pooled.class_share[k_small] / (crop_f * crop_f)  # of the cropped field
+    share = pooled.class_share[k_small] / (frac_r * frac_c)  # of the region
     floor = min(size, max(SIZE_FLOOR, 32 * math.ceil(MIN_CLASS_SIDE / math.sqrt(max(share, 1e-12)) / 32)))
     chosen = None
     for s in range(size, floor - 1, -32):
@@ -358,13 +435,26 @@ def make_plan(fingerprints: Sequence[Fingerprint], cfg: Config, *, budget_min: f
                         f"({why}); {AE_EPOCHS[0]} and {MAP_EPOCHS[0]} epochs would take about {need:.0f} minutes: raise --budget")
         e1, e2 = max(e1, 1), max(e2, 1)
     settings["data.size"] = s
-    reasons["data.size"] = (f"the median native plane is {pooled.rows:.0f} x {pooled.cols:.0f} pixels, {native:.0f} on its longer side "
-                            f"inside the crop: {_round32(native)} as a multiple of 32" + (
+    field = (f"the median native plane is {pooled.rows:.0f} x {pooled.cols:.0f} pixels" if spacing is None else
+             f"the median field is {pooled.field_mm[0]:.0f} x {pooled.field_mm[1]:.0f} mm, {field_r:.0f} x {field_c:.0f} "  # type: ignore[index]
+             f"pixels at the median spacing")
+    reasons["data.size"] = (f"{field}, {native:.0f} on its longer side inside the region: {_round32(native)} as a multiple of 32" + (
                                 f", capped at {SIZE_CAP}" if _round32(native) > SIZE_CAP else "")
                             + (f", lowered to {s} so that the budget affords at least {AE_EPOCHS[0]} autoencoder and "
                                f"{MAP_EPOCHS[0]} mapping epochs" if s < min(SIZE_CAP, _round32(native)) else "")
                             + (f"; not below {floor}, where the smallest class keeps about {MIN_CLASS_SIDE} x {MIN_CLASS_SIDE} "
                                f"pixels" if floor > SIZE_FLOOR and s == floor else ""))
+    if spacing is not None and native > s * (1 + 1e-6):
+        coarse = native / s
+        why_spacing += (f"; coarsened {coarse:.3g}x to {spacing[0] * coarse:.4g} x {spacing[1] * coarse:.4g} mm so that the median "
+                        f"field ({native:.0f} pixels on its longer side inside the region) fits the network size {s} (planes are "
+                        "fed whole: a larger one is scaled down to fit, a smaller one padded)")
+        spacing = (spacing[0] * coarse, spacing[1] * coarse)
+    elif spacing is not None:
+        why_spacing += (f"; the median field inside the region ({native:.0f} pixels on its longer side) fits the network size {s}: "
+                        "a plane larger than that at this spacing is scaled down to fit, a smaller one padded")
+    settings["data.spacing"] = None if spacing is None else [round(spacing[0], 4), round(spacing[1], 4)]
+    reasons["data.spacing"] = why_spacing
     settings.update({"autoencoder.batch_size": b_ae, "autoencoder.epochs": e1, "autoencoder.patience": max(5, e1 // 6),
                      "autoencoder.augment": True, "autoencoder.send_copies": copies,
                      "mapping.batch_size": b_map, "mapping.epochs": e2, "mapping.patience": e2, "mapping.lr_schedule": "cosine"})
@@ -410,12 +500,22 @@ def _flat(raw: dict, prefix: str = "") -> dict[str, object]:
     return out
 
 
+LINKED = (frozenset({"data.crop", "data.roi"}),)  # settings that describe one choice together
+
+
 def apply_plan(cfg: Config, plan: dict, explicit: Sequence[str] = ()) -> tuple[Config, dict]:
     """``cfg`` with the plan's settings, except those named in ``explicit`` (the user's ``--set`` / ``--config``
-    keys), which keep ``cfg``'s value. Returns the configuration and the plan with its ``overrides``
-    (``{key: {"plan": value, "used": value}}``)."""
+    keys), which keep ``cfg``'s value; naming ``data.crop`` or ``data.roi`` keeps both (one region). Returns the
+    configuration and the plan with its ``overrides`` (``{key: {"plan": value, "used": value}}``).
+
+    ``data.spacing`` was chosen for the plan's ``data.size``: with ``data.size`` set by the user and ``data.spacing``
+    not, the plan's spacing stays (every hospital rebuilds the same settings from the plan's record), so a field
+    that no longer fits is scaled down to fit and a smaller one padded; the plan's warnings say so."""
     current = _flat(to_dict(cfg))
     explicit = set(explicit)
+    for group in LINKED:  # a region the user chose is kept whole: neither half of the plan's applies
+        if explicit & group:
+            explicit |= group
     sets, overrides = [], {}
     for key, value in plan["settings"].items():
         if key in explicit:
@@ -423,12 +523,20 @@ def apply_plan(cfg: Config, plan: dict, explicit: Sequence[str] = ()) -> tuple[C
                 overrides[key] = {"plan": value, "used": current[key]}
             continue
         sets.append(f"{key}={','.join(str(v) for v in value) if isinstance(value, (list, tuple)) else value}")
-    return load_config(None, sets, base=cfg), {**plan, "overrides": overrides}
+    warnings = list(plan.get("warnings", []))
+    if "data.size" in overrides and "data.spacing" not in explicit and plan["settings"].get("data.spacing") is not None:
+        note = (f"data.size = {overrides['data.size']['used']} (set by you) keeps the plan's data.spacing "
+                f"{plan['settings']['data.spacing']} mm, chosen for data.size {plan['settings']['data.size']}: planes stay at that "
+                "spacing, padded or scaled down to fit; set data.spacing too to resample them otherwise")
+        if note not in warnings:
+            warnings.append(note)
+    return load_config(None, sets, base=cfg), {**plan, "overrides": overrides, "warnings": warnings}
 
 
 def describe(plan: dict) -> str:
     """The plan's choices and reasons as lines of text (what ``ppcmi plan`` prints)."""
     lines = []
+    shown_reason = None
     p = plan.get("pooled", {})
     lines.append(f"{len(p.get('hospitals', []))} hospital(s), {sum(p.get('n_planes', []))} training planes, modality "
                  f"{p.get('modality')}, {p.get('n_classes')} classes")
@@ -436,8 +544,9 @@ def describe(plan: dict) -> str:
         over = plan.get("overrides", {}).get(key)
         shown = f"{over['used']} (set by you; the plan chose {value})" if over else value
         lines.append(f"  {key} = {shown}")
-        if key in plan["reasons"] and not key.endswith(("patience", "lr_schedule")):
+        if key in plan["reasons"] and not key.endswith(("patience", "lr_schedule")) and plan["reasons"][key] != shown_reason:
             lines.append(f"      because {plan['reasons'][key]}")
+        shown_reason = plan["reasons"].get(key)
     e = plan["expected"]
     lines.append(f"expected: stage 1 about {e['stage1_s'] / 60:.1f} min, stage 2 about {e['stage2_s'] / 60:.1f} min, in all "
                  f"{e['total_s'] / 60:.1f} of the {e['budget_s'] / 60:.0f} min budget ({e['runner']})")
@@ -447,4 +556,5 @@ def describe(plan: dict) -> str:
 
 
 __all__ = ["PLAN_VERSION", "DEFAULT_BUDGET_MIN", "COST_TABLE", "Pooled", "pool", "hist_percentiles", "data_warnings",
+           "choose_region", "target_spacing",
            "training_gflop", "step_seconds", "make_plan", "apply_plan", "describe"]
