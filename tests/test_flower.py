@@ -332,6 +332,128 @@ def test_port_in_use_is_one_line(tmp_path):
     assert r.exit_code == 2 and r.output.strip().splitlines()[-1] == f"error: port {port} on 127.0.0.1 is in use; choose another --port"
 
 
+# ----------------------------------------------------------------------------- a hospital's data folder, in its dataset's layout
+
+
+def _nifti(path: Path, arr) -> None:
+    import nibabel as nib
+    import numpy as np
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(arr, np.diag([0.8, 0.9, 3.0, 1.0])), str(path))
+
+
+def _nnunet(root: Path, flavour: str) -> Path:
+    """Five 3D cases: v2 (two channel files CASE_0000, CASE_0001 each) or MSD / v1 (a 'training' and a 'test' list)."""
+    import numpy as np
+
+    rng = np.random.default_rng(11)
+    cases = [f"pt{k}" for k in range(5)]
+    for i, case in enumerate(cases):
+        m = np.zeros((12, 10, 3), np.uint8)
+        m[2 + i % 3:8, 3:7, :] = 1
+        m[4:6, 4:6, 1:] = 2
+        _nifti(root / "labelsTr" / f"{case}.nii.gz", m)
+        for c in range(2 if flavour == "v2" else 1):
+            name = f"{case}_{c:04d}" if flavour == "v2" else case
+            _nifti(root / "imagesTr" / f"{name}.nii.gz", (rng.normal(size=m.shape) + 50 * c + 10 * m).astype(np.float32))
+    _nifti(root / "imagesTs" / ("new_0000.nii.gz" if flavour == "v2" else "new.nii.gz"), np.zeros((12, 10, 3), np.float32))
+    if flavour == "v2":
+        meta = {"channel_names": {"0": "T2", "1": "ADC"}, "labels": {"background": 0, "zone": 1, "lesion": 2},
+                "numTraining": 5, "file_ending": ".nii.gz"}
+    else:
+        meta = {"name": "TOY", "modality": {"0": "MRI"}, "labels": {"0": "background", "1": "zone", "2": "lesion"},
+                "numTraining": 5, "numTest": 1, "test": ["./imagesTs/new.nii.gz"],
+                "training": [{"image": f"./imagesTr/{c}.nii.gz", "label": f"./labelsTr/{c}.nii.gz"} for c in cases]}
+    (root / "dataset.json").write_text(json.dumps(meta))
+    return root
+
+
+def _same_cases(mine: list, theirs: list) -> None:
+    """The same case ids, slices, channel counts, file names, groups, labels and ROIs, and the same raw planes."""
+    import numpy as np
+
+    from ppcmi.data import read_case_mask, read_image
+
+    assert [c.case_id for c in mine] == [c.case_id for c in theirs]
+    for a, b in zip(mine, theirs):
+        assert (a.slice_index, a.group, a.labels, a.rois, len(a.image_paths)) == (b.slice_index, b.group, b.labels, b.rois,
+                                                                                  len(b.image_paths)), a.case_id
+        assert [p.name for p in a.image_paths] == [p.name for p in b.image_paths]
+        np.testing.assert_array_equal(read_image(a.image_source, a.slice_index)[0], read_image(b.image_source, b.slice_index)[0])
+        np.testing.assert_array_equal(read_case_mask(a)[0], read_case_mask(b)[0])
+
+
+@pytest.mark.parametrize("flavour", ["v2", "v1"])
+def test_supernode_data_folders_keep_the_nnunet_layout_and_discover_to_the_same_cases(tmp_path, flavour):
+    from ppcmi.data import dataset_info, discover_cases
+    from ppcmi.data.discovery import dataset_modalities
+    from ppcmi.flower.deploy import deal
+
+    data = _nnunet(tmp_path / "Dataset007_Toy", flavour)
+    run = tmp_path / "run"
+    cfg, pl = deal(Config(clients=2, data=DataConfig(size=32, test_frac=0.2)), data, run)
+    assert cfg.data.labels == "0,1,2" and cfg.data.class_names == "background,zone,lesion" and cfg.data.rois is None
+    folders = {n: run / "sites" / n / "data" for n in pl.hospitals} | {"test": run / "test"}
+    dealt = pl.hospitals | {"test": pl.test}
+    assert sorted(c.group for cases in dealt.values() for c in cases) == sorted(c.group for c in discover_cases(data))
+    for name, folder in folders.items():
+        assert sorted(p.name for p in folder.iterdir()) == ["dataset.json", "imagesTr", "labelsTr"]
+        _same_cases(discover_cases(folder), dealt[name])
+        assert dataset_modalities(folder) == dataset_modalities(data)  # what the hospital's fingerprint reads
+        meta = json.loads((folder / "dataset.json").read_text())
+        groups = sorted({c.group for c in dealt[name]})
+        assert meta["numTraining"] == len(groups) and dataset_info(folder)["num_test"] == 0
+        if flavour == "v1":
+            assert [Path(e["label"]).name for e in meta["training"]] == [f"{g}.nii.gz" for g in groups]
+            assert "test" not in meta and meta["numTest"] == 0
+        else:
+            assert len(list((folder / "imagesTr").iterdir())) == 2 * len(groups)  # both channels of every case
+
+
+def test_supernode_data_folders_of_a_dicom_rt_export_keep_its_rois(tmp_path):
+    from test_formats import _ct_series, _rt_image, _rtstruct
+
+    from ppcmi.client.node import NodeSite, fingerprint
+    from ppcmi.data import discover_cases, link_cases
+    from ppcmi.flower.deploy import deal
+
+    image = _rt_image()
+    export = tmp_path / "export"
+    for p in ("p1", "p2", "p3"):
+        _ct_series(export / p / "CT", image)
+        _rtstruct(export / p / "RTSTRUCT" / "rs.dcm", export / p / "CT", image)
+    base = Config(clients=2, data=DataConfig(size=32, test_frac=0.3))
+    cfg, pl = deal(base, export, tmp_path / "run")
+    assert cfg.data.rois == "Body,Cord,Tumour" and cfg.data.class_names == "background,Body,Cord,Tumour"  # fixed for every hospital
+    node = tmp_path / "run" / "sites" / "hospital1" / "data"
+    (patient,) = [p.name for p in node.iterdir()]
+    assert sorted(str(p.relative_to(node)) for p in node.rglob("*") if p.is_symlink()) == [f"{patient}/CT", f"{patient}/RTSTRUCT/rs.dcm"]
+    for name, folder in {n: tmp_path / "run" / "sites" / n / "data" for n in pl.hospitals}.items():
+        _same_cases(discover_cases(folder, rois=cfg.data.roi_names()), pl.hospitals[name])
+    _same_cases(discover_cases(tmp_path / "run" / "test", rois=cfg.data.roi_names()), pl.test)
+    fp = fingerprint(NodeSite(tmp_path / "site", node, "hospital1"), cfg)  # as the SuperNode reads its folder
+    assert fp.modality == "CT"
+
+    chosen = replace_rois(base, "Tumour, Body")
+    cfg2, pl2 = deal(chosen, export, tmp_path / "run2")
+    assert cfg2.data.rois == "Tumour, Body" and cfg2.data.class_names == "background,Tumour,Body"
+    _same_cases(discover_cases(tmp_path / "run2" / "test", rois=cfg2.data.roi_names()), pl2.test)
+    with pytest.raises(Exception, match=r"p\d/RTSTRUCT/rs\.dcm: no ROI named 'Lung' \(the RTSTRUCT holds 'Body', 'Tumour', 'Cord'\)"):
+        deal(replace_rois(base, "Body,Lung"), export, tmp_path / "run3")
+
+    flat = tmp_path / "flat"  # one patient's flat export: the series and its RTSTRUCT in one folder
+    _ct_series(flat, image)
+    _rtstruct(flat / "rs.dcm", flat, image)
+    _same_cases(discover_cases(link_cases(discover_cases(flat), flat, tmp_path / "flat-linked")), discover_cases(flat))
+
+
+def replace_rois(cfg: Config, rois: str) -> Config:
+    from dataclasses import replace
+
+    return replace(cfg, data=replace(cfg.data, rois=rois))
+
+
 # ----------------------------------------------------------------------------- the wire, without processes
 
 

@@ -103,6 +103,7 @@ class DataConfig(Preprocess):
 
     labels: str | None = None          # "0,1,2" (raw mask values in class order); None: discover
     class_names: str | None = None     # "background,ps,fh"
+    rois: str | None = None            # RTSTRUCT masks: "GTV-1,Lung-Left" (ROI names, classes 1, 2, ... in this order); None: every ROI, sorted by name
     group_regex: str | None = None     # patient id from the file stem, e.g. "^(patient\\d+)_"
     group_csv: str | None = None
     split_lists: dict[str, str] | None = None  # {"train": "...", "val": "...", "test": "..."}
@@ -113,6 +114,18 @@ class DataConfig(Preprocess):
         super().__post_init__()
         if not isinstance(self.size, int) or self.size < 32 or self.size % 32:
             raise ConfigError(f"data.size: must be a multiple of 32 (the autoencoder halves it five times), got {self.size!r}")
+        if self.rois is not None:
+            names = self.roi_names() or ()
+            if not all(names):
+                raise ConfigError(f"data.rois: comma-separated RTSTRUCT ROI names, none empty, got {self.rois!r}")
+            if len(set(names)) != len(names):
+                raise ConfigError(f"data.rois: each ROI may be named once, got {self.rois!r}")
+
+    def roi_names(self) -> tuple[str, ...] | None:
+        """``rois`` as the names :func:`ppcmi.data.discover_cases` takes (None: every ROI of the RTSTRUCT, sorted)."""
+        if self.rois is None:
+            return None
+        return tuple(n.strip() for n in self.rois.split(","))
 
     def preprocess(self) -> Preprocess:
         """The preprocessing part of these settings."""

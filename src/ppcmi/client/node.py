@@ -110,7 +110,7 @@ def labels_of(cfg: Config) -> LabelMap:
 
 
 def _arrays(folder: Path, cfg: Config, *, native: bool = False) -> dict:
-    return stages.prepare(discover_cases(folder), cfg, labels_of(cfg), native=native)
+    return stages.prepare(discover_cases(folder, rois=cfg.data.roi_names()), cfg, labels_of(cfg), native=native)
 
 
 def _trained(node: NodeSite) -> bool:
@@ -120,7 +120,7 @@ def _trained(node: NodeSite) -> bool:
 
 def fingerprint(node: NodeSite, cfg: Config) -> Fingerprint:
     """The fingerprint of this hospital's training data (:func:`ppcmi.client.stages.fingerprint`)."""
-    return stages.fingerprint(discover_cases(node.data_dir), cfg, labels_of(cfg), client=node.name, modality=node.modality,
+    return stages.fingerprint(discover_cases(node.data_dir, rois=cfg.data.roi_names()), cfg, labels_of(cfg), client=node.name, modality=node.modality,
                               data_dir=node.data_dir)
 
 
