@@ -401,3 +401,20 @@ def test_case_names_cannot_leave_the_output_folder(run, tmp_path):
     fails("client", "decode", "--site-dir", run / "sites" / "h1", "--reply", run / "wire" / "r", "--cases", tmp_path / "bad.cases.json",
           "--out", tmp_path / "out", match="'../escaped' is not a plain file name")
     assert not (tmp_path / "escaped.png").exists() and not (tmp_path / "out").exists()
+
+
+def test_a_named_roi_missing_from_an_rtstruct_is_one_line_naming_file_and_roi(tmp_path):
+    from test_formats import _ct_series, _rt_image, _rtstruct
+
+    image = _rt_image()
+    for p in ("p1", "p2"):
+        _ct_series(tmp_path / "export" / p / "CT", image)
+    _rtstruct(tmp_path / "export" / "p1" / "RTSTRUCT" / "rs.dcm", tmp_path / "export" / "p1" / "CT", image)
+    _rtstruct(tmp_path / "export" / "p2" / "RTSTRUCT" / "rs.dcm", tmp_path / "export" / "p2" / "CT", image,
+              {"Body": (4, 27, 3, 25, range(1, 5))})
+    rt = tmp_path / "export" / "p2" / "RTSTRUCT" / "rs.dcm"
+    for cmd in (["client", "train", "--site-dir", tmp_path / "site", "--name", "h1"], ["simulate", "--out", tmp_path / "run"]):
+        r = runner.invoke(app, [str(a) for a in cmd] + ["--data", str(tmp_path / "export"), "--set", "data.rois=Body,Tumour"])
+        assert r.exit_code == 2 and r.output.strip().splitlines() == \
+            [f"error: {rt}: no ROI named 'Tumour' (the RTSTRUCT holds 'Body'); choose the classes with data.rois"], r.output
+    assert not (tmp_path / "site").exists()
