@@ -1,6 +1,6 @@
 """Flower on loopback, no mocks: a real SuperLink with TLS and SuperNode authentication, real SuperNodes.
 
-One tiny end-to-end ``ppcmi deploy`` (2 hospitals, 32 x 32 synthetic data, 1 epoch per stage) and a
+One tiny end-to-end ``ppcmi deploy --plan`` (2 hospitals, 32 x 32 synthetic data, 1 epoch per stage, a fingerprint round first) and a
 second small federation for the failure paths: a SuperNode whose key is not registered is refused,
 and a hospital whose ClientApp fails is asked again, then reported by name without its error text.
 Every process is stopped in teardown and checked to be gone.
@@ -68,7 +68,7 @@ def deployed(tmp_path_factory):
     data = synth(root / "data", sites=2, patients_per_site=2, slices_per_patient=3, size=32, n_classes=2, seed=3)
     run = root / "run"
     r = CliRunner().invoke(app, ["deploy", "--sites", "2", "--data", str(data), "--out", str(run), "--retries", "1",
-                                 "--timeout", "1800", *TINY])
+                                 "--timeout", "1800", "--plan", "--modality", "MR", *TINY])  # a fingerprint round first
     leftovers = _processes_mentioning(str(run))
     assert r.exit_code == 0, f"exit {r.exit_code}\n{r.output}\n{r.exception!r}"
     return root, data, run, r.output, leftovers
@@ -106,14 +106,35 @@ def test_deploy_end_to_end_gives_metrics_for_both_hospitals(deployed):
 
 
 @pytest.mark.slow
+def test_deploy_plans_from_fingerprints_and_every_hospital_applies_the_plan(deployed):
+    root, data, run, output, _ = deployed
+    planned = json.loads((run / "plan.json").read_text())
+    assert planned == json.loads((Path(json.loads((run / "summary.json").read_text())["server_dir"]) / "plan.json").read_text())
+    assert planned["pooled"]["modality"] == "MR" and "modality MR, 2 classes" in output  # --modality, through node_config
+    assert sorted(planned["pooled"]["hospitals"]) == ["hospital1", "hospital2"]
+    # the user's --set values win and are recorded as overrides; the plan's other settings are applied
+    assert planned["overrides"]["autoencoder.epochs"] == {"plan": planned["settings"]["autoencoder.epochs"], "used": 1}
+    chosen = {k: v for k, v in planned["settings"].items() if k not in planned["overrides"]}
+    assert {"data.intensity", "autoencoder.batch_size", "mapping.lr_schedule"} <= set(chosen)
+    for h in ("hospital1", "hospital2"):
+        site = json.loads((run / "sites" / h / "site" / "site.json").read_text())
+        used = {f"{sec}.{k}": v for sec in ("data", "autoencoder") for k, v in site[sec].items()}
+        assert {k: used[k] for k in chosen if k in used} == {k: v for k, v in chosen.items() if k in used}, h
+        assert used["autoencoder.epochs"] == 1 and used["data.size"] == 32
+    server = json.loads((Path(json.loads((run / "summary.json").read_text())["server_dir"]) / "config.json").read_text())
+    assert server["mapping"]["lr_schedule"] == chosen["mapping.lr_schedule"] and server["mapping"]["epochs"] == 1
+
+
+@pytest.mark.slow
 def test_server_received_only_protocol_latents_and_metrics(deployed):
     root, data, run, output, _ = deployed
     server = next((run / "coordinator" / "server").glob("run-*"))
     entries = [json.loads(ln) for ln in (server / "received.jsonl").read_text().splitlines()]
-    assert {e["step"] for e in entries} == {protocol.STAGE1, protocol.TRAIN_LATENTS, protocol.TEST_LATENTS, protocol.SCORE}
+    assert {e["step"] for e in entries} == {protocol.FINGERPRINT_STEP, protocol.STAGE1, protocol.TRAIN_LATENTS, protocol.TEST_LATENTS,
+                                            protocol.SCORE}
     n_chunks = len(list((server / "wire").rglob("chunk-*.ppcmi")))
     assert n_chunks > 2 and sum(e["step"] == protocol.TRAIN_LATENTS for e in entries) == n_chunks  # one chunk per message
-    assert len(entries) == 6 + n_chunks and not any("error" in e for e in entries)
+    assert len(entries) == 8 + n_chunks and not any("error" in e for e in entries)
     for e in entries:
         recs = e["records"]
         assert set(recs) in [set(x) for x in protocol.REPLY_RECORDS[e["step"]]], e
@@ -125,8 +146,8 @@ def test_server_received_only_protocol_latents_and_metrics(deployed):
         if protocol.METRICS in recs:
             keys = set(recs[protocol.METRICS]["keys"])
             assert keys == set(protocol.STAGE1_METRICS) if e["step"] == protocol.STAGE1 else all(METRIC_KEY.match(k) for k in keys), keys
-    assert sorted(b.name for b in (server / "wire").iterdir()) == ["hospital1.query.ppcmi", "hospital1.train", "hospital2.query.ppcmi",
-                                                                   "hospital2.train"]
+    assert sorted(b.name for b in (server / "wire").iterdir()) == ["hospital1.fingerprint.json", "hospital1.query.ppcmi", "hospital1.train",
+                                                                   "hospital2.fingerprint.json", "hospital2.query.ppcmi", "hospital2.train"]
     blobs = sorted(p for p in (server / "wire").rglob("*.ppcmi"))  # a training set is a folder of chunks
     for h in ("hospital1", "hospital2"):
         chunks = [protocol.decode(p.read_bytes()) for p in sorted((server / "wire" / f"{h}.train").iterdir())]
@@ -173,15 +194,19 @@ def test_simulate_trains_what_deploy_trains(deployed):
     cores / sites threads and the ServerApp with all cores, while simulate runs every role under one setting."""
     import torch
 
-    from ppcmi.config import from_dict
+    from ppcmi.config import from_dict, shared_settings
     from ppcmi.server.inbox import read_set
+    from ppcmi.server.plan import apply_plan
     from ppcmi.server.mapping import train_mapping
     from ppcmi.simulate import run_simulation
 
     root, data, run, _, _ = deployed
     sim = root / "sim"
-    raw = json.loads((run / "config.json").read_text())  # the configuration deploy resolved and ran
-    cfg = from_dict({k: v for k, v in raw.items() if k != "data_dir"})
+    raw = json.loads((run / "config.json").read_text())  # the configuration deploy resolved, before the plan
+    planned = json.loads((run / "plan.json").read_text())  # and the plan's settings, as the hospitals applied them
+    cfg, _ = apply_plan(from_dict({k: v for k, v in raw.items() if k != "data_dir"}), planned, planned["overrides"])
+    server_cfg = json.loads((next((run / "coordinator" / "server").glob("run-*")) / "config.json").read_text())
+    assert shared_settings(cfg) == shared_settings(from_dict({k: v for k, v in server_cfg.items() if k != "flower"}))
     for h in ("hospital1", "hospital2"):  # the same secret keys, so the same keyed latents can be compared
         (sim / "sites" / h).mkdir(parents=True)
         shutil.copy2(run / "sites" / h / "site" / "klt.key", sim / "sites" / h / "klt.key")
@@ -452,6 +477,14 @@ def replace_rois(cfg: Config, rois: str) -> Config:
     from dataclasses import replace
 
     return replace(cfg, data=replace(cfg.data, rois=rois))
+
+
+def test_deploy_modality_needs_the_plan_and_a_plain_name(tmp_path):
+    r = CliRunner().invoke(app, ["deploy", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--modality", "MR"])
+    assert r.exit_code == 2 and r.output.strip().splitlines() == ["error: --budget/--modality: they steer the plan; add --plan"]
+    r = CliRunner().invoke(app, ["deploy", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--plan", "--modality", "M R"])
+    assert r.exit_code == 2 and r.output.strip().splitlines() == ["error: --modality: a name such as CT, MR or US, got 'M R'"]
+    assert not (tmp_path / "run").exists()
 
 
 # ----------------------------------------------------------------------------- the wire, without processes

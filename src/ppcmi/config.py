@@ -103,7 +103,7 @@ class DataConfig(Preprocess):
 
     labels: str | None = None          # "0,1,2" (raw mask values in class order); None: discover
     class_names: str | None = None     # "background,ps,fh"
-    rois: str | None = None            # RTSTRUCT masks: "GTV-1,Lung-Left" (ROI names, classes 1, 2, ... in this order); None: every ROI, sorted by name
+    rois: str | None = None            # RTSTRUCT masks: "GTV-1,Lung-Left" (classes 1, 2, ... in this order); None: every ROI, sorted
     group_regex: str | None = None     # patient id from the file stem, e.g. "^(patient\\d+)_"
     group_csv: str | None = None
     split_lists: dict[str, str] | None = None  # {"train": "...", "val": "...", "test": "..."}

@@ -120,8 +120,8 @@ def _trained(node: NodeSite) -> bool:
 
 def fingerprint(node: NodeSite, cfg: Config) -> Fingerprint:
     """The fingerprint of this hospital's training data (:func:`ppcmi.client.stages.fingerprint`)."""
-    return stages.fingerprint(discover_cases(node.data_dir, rois=cfg.data.roi_names()), cfg, labels_of(cfg), client=node.name, modality=node.modality,
-                              data_dir=node.data_dir)
+    return stages.fingerprint(discover_cases(node.data_dir, rois=cfg.data.roi_names()), cfg, labels_of(cfg), client=node.name,
+                              modality=node.modality, data_dir=node.data_dir)
 
 
 def train_autoencoders(node: NodeSite, cfg: Config) -> dict[str, Any]:

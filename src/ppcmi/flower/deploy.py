@@ -15,12 +15,13 @@ Run folder (the split shows what would live where in a real deployment)::
     RUN/coordinator/supernodes/     the hospitals' registered public keys (NAME.pub)
     RUN/coordinator/server/run-ID/  the ServerApp's output: mapping network, summary.json, what it received
     RUN/coordinator/flwr/, cli/     FLWR_HOME of the SuperLink and of the flwr command
-    RUN/sites/NAME/data/, test/     the hospital's cases (symlinks)
+    RUN/sites/NAME/data/, test/     the hospital's cases (symlinks, in the dataset's own layout: :func:`link_cases`)
     RUN/sites/NAME/site/            its site folder: klt.key, autoencoders, local evaluation results
     RUN/sites/NAME/auth/            its SuperNode key pair (supernode.key stays here)
     RUN/sites/NAME/flwr/            its SuperNode's FLWR_HOME
     RUN/logs/                       superlink.log, NAME.log, register.log, flwr-run.log
     RUN/summary.json                the aggregate summary
+    RUN/plan.json                   with --plan: the plan the hospitals applied (a copy of the ServerApp's)
 """
 
 from __future__ import annotations
@@ -300,6 +301,8 @@ def deploy(cfg: Config, data: str | Path, out: str | Path, *, sites: int, port: 
         raise DeployError(f"--sites: need at least 1 hospital, got {sites}")
     if port is not None:
         check_port(port)
+    if modality is not None and not re.fullmatch(r"[A-Za-z0-9_-]{1,16}", modality):
+        raise DeployError(f"--modality: a name such as CT, MR or US, got {modality!r}")
     cfg, pl = deal(replace(cfg, clients=sites), data, run)
     settings = settings or FlowerSettings()
     settings = replace(settings, nodes=sites)
@@ -323,8 +326,6 @@ def deploy(cfg: Config, data: str | Path, out: str | Path, *, sites: int, port: 
     echo(f"{len(names)} hospitals: " + ", ".join(f"{n} ({len(pl.hospitals[n])} images)" for n in names)
          + f"; {len(pl.test)} held-out test images")
 
-    if modality is not None and not re.fullmatch(r"[A-Za-z0-9_-]{1,16}", modality):
-        raise DeployError(f"--modality: a name such as CT, MR or US, got {modality!r}")
     link_port, *node_ports = [p for p in free_ports(sites + 2) if p != port][: sites + 1]
     link_port = port if port is not None else link_port
     cli_home = coord / "cli"
@@ -352,9 +353,10 @@ def deploy(cfg: Config, data: str | Path, out: str | Path, *, sites: int, port: 
         threads = max(1, (os.cpu_count() or 1) // sites)
         for n, p in zip(names, node_ports):
             site = run / "sites" / n
+            node_config = _node_config(site, n, threads, seeds[n], cfg.autoencoder.send_noise, modality)
             procs.start(n, [tool("flower-supernode"), "--superlink", f"{HOST}:{link_port}",
                             "--root-certificates", str(site / CA_CERT), "--auth-supernode-private-key", str(site / "auth" / PRIVATE),
-                            "--host", HOST, "--port", str(p), "--node-config", _node_config(site, n, threads, seeds[n], cfg.autoencoder.send_noise, modality)],
+                            "--host", HOST, "--port", str(p), "--node-config", node_config],
                         flower_env(site / "flwr"), cwd=site)
         for n, p in zip(names, node_ports):
             wait_listening(procs, n, p)
@@ -367,6 +369,8 @@ def deploy(cfg: Config, data: str | Path, out: str | Path, *, sites: int, port: 
         procs.stop()
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
+    if (Path(summary["server_dir"]) / "plan.json").exists():  # with --plan: the plan the hospitals applied, beside the summary
+        shutil.copyfile(Path(summary["server_dir"]) / "plan.json", run / "plan.json")
     summary["deployment"] = {"sites": names, "superlink": f"{HOST}:{link_port}", "wall_s": time.perf_counter() - t_start,
                              "tls": True, "supernode_auth": True}
     write_summary(summary, run / "summary.json")
