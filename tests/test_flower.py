@@ -31,6 +31,7 @@ from ppcmi import protocol  # noqa: E402
 from ppcmi.certs import CA_CERT, SERVER_CERT, SERVER_KEY, init_ca  # noqa: E402
 from ppcmi.cli import app  # noqa: E402
 from ppcmi.config import Config, DataConfig  # noqa: E402
+from ppcmi.errors import DataError, PpcmiError  # noqa: E402
 from ppcmi.experiment import synth  # noqa: E402
 from ppcmi.flower import wire  # noqa: E402
 from ppcmi.flower.auth import PRIVATE, PUBLIC, supernode_keygen  # noqa: E402
@@ -459,12 +460,14 @@ def test_supernode_data_folders_of_a_dicom_rt_export_keep_its_rois(tmp_path):
     _same_cases(discover_cases(tmp_path / "run" / "test", rois=cfg.data.roi_names()), pl.test)
     fp = fingerprint(NodeSite(tmp_path / "site", node, "hospital1"), cfg)  # as the SuperNode reads its folder
     assert fp.modality == "CT"
+    with pytest.raises(PpcmiError, match=r"^data\.rois: .*rs\.dcm is an RTSTRUCT; .*--set data\.rois=Body,Cord,Tumour\) so that every"):
+        fingerprint(NodeSite(tmp_path / "site", node, "hospital1"), replace_rois(cfg, None))  # each site's own default: refused
 
     chosen = replace_rois(base, "Tumour, Body")
     cfg2, pl2 = deal(chosen, export, tmp_path / "run2")
     assert cfg2.data.rois == "Tumour, Body" and cfg2.data.class_names == "background,Tumour,Body"
     _same_cases(discover_cases(tmp_path / "run2" / "test", rois=cfg2.data.roi_names()), pl2.test)
-    with pytest.raises(Exception, match=r"p\d/RTSTRUCT/rs\.dcm: no ROI named 'Lung' \(the RTSTRUCT holds 'Body', 'Tumour', 'Cord'\)"):
+    with pytest.raises(DataError, match=r"p\d/RTSTRUCT/rs\.dcm: no ROI named 'Lung' \(the RTSTRUCT holds 'Body', 'Tumour', 'Cord'\)"):
         deal(replace_rois(base, "Body,Lung"), export, tmp_path / "run3")
 
     flat = tmp_path / "flat"  # one patient's flat export: the series and its RTSTRUCT in one folder
