@@ -660,9 +660,11 @@ def deploy(sites: int = typer.Option(3, "--sites", "-n", help="Number of hospita
            budget: Optional[float] = BudgetOpt, modality: Optional[str] = ModalityOpt):
     """A real Flower federation on this machine: SuperLink (TLS, SuperNode authentication), one SuperNode per hospital.
 
-    Without --config it uses the demo's settings (for the bundled data, the demo's crop and schedule);
-    --set overrides any of them, e.g. --set autoencoder.epochs=5 --set mapping.epochs=5 for a short run.
+    Without --config it uses the demo's settings (for the bundled data, the demo's crop and schedule) with
+    data.partition=group (a volume's slices stay at one hospital); --set overrides any of them, e.g. --set autoencoder.epochs=5 --set mapping.epochs=5 for a short run.
     """
+    from dataclasses import replace
+
     from .demo import bundled_data, demo_config, table
     from .flower.deploy import deploy as run_deploy
     from .flower.wire import FlowerSettings
@@ -675,7 +677,11 @@ def deploy(sites: int = typer.Option(3, "--sites", "-n", help="Number of hospita
             k += 1
             out = Path("runs") / f"deploy-{k}"
     bundled = data.resolve() == bundled_data().resolve()
-    cfg = _cfg(config, set_, base=None if config is not None else demo_config(bundled=bundled))
+    base = demo_config(bundled=bundled)
+    # a SuperNode receives whole files, so a 3D volume's slices stay at one hospital: deal by group (a patient, or
+    # the file itself without data.group_regex), not slice by slice as the demo deals other datasets
+    base = replace(base, data=replace(base.data, partition="group"))
+    cfg = _cfg(config, set_, base=None if config is not None else base)
     if (budget is not None or modality is not None) and not plan:
         raise PpcmiError("--budget/--modality: they steer the plan; add --plan")
     settings = FlowerSettings(retries=retries, timeout=timeout, plan=plan, keep=",".join(_explicit(config, set_)),
