@@ -39,7 +39,6 @@ import argparse
 import itertools
 import json
 import os
-import platform
 import select
 import socket
 import ssl
@@ -57,6 +56,7 @@ from typing import Callable
 import numpy as np
 
 from ppcmi import certs, protocol
+from ppcmi.experiment import machine, wait_for_service
 from ppcmi.client.remote import tls_context
 from ppcmi.fileio import atomic_write_json, atomic_write_text
 
@@ -542,17 +542,6 @@ def tally(outcomes: list[Outcome]) -> dict:
 
 # ----------------------------------------------------------------------------- the benchmark
 
-def machine() -> dict:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "logical_cores": os.cpu_count(), "python": platform.python_version(), "system": platform.platform()}
-
 
 def build_model(root: Path, hospitals: list[str], size: int, width: float) -> tuple[Path, dict]:
     """A server model folder with seeded untrained weights (a query's cost and checks do not depend on them)."""
@@ -571,25 +560,13 @@ def build_model(root: Path, hospitals: list[str], size: int, width: float) -> tu
 
 
 def start_server(model: Path, tls: Path, port: int, max_bytes: int, timeouts: dict, log: Path, probe_ctx) -> subprocess.Popen:
-    import httpx
-
     cmd = [sys.executable, "-m", "ppcmi.cli", "server", "serve", "--model", str(model), "--cert", str(tls / "server.pem"),
            "--key", str(tls / "server.key"), "--client-ca", str(tls / "ca.pem"), "--port", str(port), "--max-bytes", str(max_bytes),
            "--header-timeout", str(timeouts["header"]), "--body-timeout", str(timeouts["body"]),
            "--keep-alive-timeout", str(timeouts["keep_alive"]), "--log-level", "warning"]
     # one torch thread: the model is tiny, and the fuzzer shares the machine
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log.open("wb"), env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(f"https://127.0.0.1:{port}/healthz", verify=probe_ctx, timeout=5).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise SystemExit(f"the service did not start: {log.read_text()[-2000:]}")
-        time.sleep(0.2)
+    return wait_for_service(proc, f"https://127.0.0.1:{port}", probe_ctx, log.read_text)
 
 
 def markdown(res: dict) -> str:

@@ -18,7 +18,6 @@ class; HD95 in native pixels), so the table is the ceiling each path puts on a m
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from dataclasses import replace
 from pathlib import Path

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
-import platform
 import tempfile
 import time
 from dataclasses import asdict
@@ -30,6 +28,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from ppcmi.experiment import machine
 from ppcmi.client.keys import key_path, keygen
 from ppcmi.client.site import Hospital
 from ppcmi.config import DataConfig
@@ -47,18 +46,6 @@ CONFIGS = {
 }
 VARIANTS = ("contiguous", "channels_last", "bf16_autocast")  # all under torch.inference_mode
 
-
-def machine() -> dict:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "logical_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(), "system": platform.platform()}
 
 
 def build(root: Path, width: float, mcfg: MappingConfig, size: int, n_classes: int = 3) -> tuple[Hospital, MappingServer]:

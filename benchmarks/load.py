@@ -36,8 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
-from latency import machine  # benchmarks/latency.py, beside this script
 from ppcmi import certs, protocol
+from ppcmi.experiment import machine, wait_for_service
 from ppcmi.client.remote import tls_context
 from ppcmi.fileio import atomic_write_json, atomic_write_text
 from ppcmi.models import AEConfig, MappingConfig, MappingNet, count_parameters
@@ -80,23 +80,11 @@ def rss_mb(pid: int) -> dict:
 
 
 def start_server(model: Path, tls: Path, port: int, concurrency: int, probe_ctx) -> subprocess.Popen:
-    import httpx
-
     cmd = [sys.executable, "-m", "ppcmi.cli", "server", "serve", "--model", str(model), "--cert", str(tls / "server.pem"),
            "--key", str(tls / "server.key"), "--client-ca", str(tls / "ca.pem"), "--port", str(port),
            "--concurrency", str(concurrency), "--max-bytes", str(64 * 1024 * 1024), "--log-level", "warning"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(f"https://127.0.0.1:{port}/healthz", verify=probe_ctx, timeout=5).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise SystemExit(f"the service did not start: {proc.stderr.read().decode()[-2000:]}")
-        time.sleep(0.2)
+    return wait_for_service(proc, f"https://127.0.0.1:{port}", probe_ctx, lambda: proc.stderr.read().decode())
 
 
 def run_level(url: str, contexts: dict, queries: dict, n_hospitals: int, requests: int, warmup: int) -> dict:

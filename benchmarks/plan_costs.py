@@ -16,13 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
 import torch
 
 from ppcmi.config import Config
+from ppcmi.experiment import machine
 from ppcmi.fileio import atomic_write_json, atomic_write_text
 from ppcmi.models import AEConfig, Autoencoder, MappingConfig, MappingNet
 from ppcmi.server.plan import training_gflop
@@ -85,9 +85,7 @@ def main() -> None:
         g = training_gflop(size, Config(), 2)
         rows[size] = {k: {"seconds": round(sec[k][0], 4), "median_s": round(sec[k][1], 4), "gflop": round(g[k], 3)} for k in sec}
         print(size, rows[size], flush=True)
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
-    meta = {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__, "batch": 16, "reps": args.reps,
+    meta = {"cpu": machine()["cpu"], "threads": torch.get_num_threads(), "torch": torch.__version__, "batch": 16, "reps": args.reps,
             "load_average_1min": round(os.getloadavg()[0], 2)}
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "plan_costs.json"
@@ -97,7 +95,7 @@ def main() -> None:
         meta = {**meta, "earlier_runs": old["meta"]}
     rows = dict(sorted(rows.items()))
     atomic_write_json(path, {"meta": meta, "sizes": rows})
-    md = [f"Seconds per bare training step (fastest of {args.reps}), batch 16, default widths ({cpu}, {meta['threads']} threads, torch {meta['torch']})", "",
+    md = [f"Seconds per bare training step (fastest of {args.reps}), batch 16, default widths ({meta['cpu']}, {meta['threads']} threads, torch {meta['torch']})", "",
           "| size | image AE s | mask AE s | mapping s | image AE GFLOP | mask AE GFLOP | mapping GFLOP |", "|---|---|---|---|---|---|---|"]
     for size, r in rows.items():
         md.append(f"| {size} | {r['image_ae']['seconds']:.3f} | {r['mask_ae']['seconds']:.3f} | {r['mapping']['seconds']:.3f} | "

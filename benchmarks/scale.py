@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -30,15 +29,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 class _Sampler(threading.Thread):
@@ -218,6 +208,7 @@ def main() -> None:
     p.add_argument("--progress", action="store_true")
     a = p.parse_args()
     from ppcmi import protocol
+    from ppcmi.experiment import machine
 
     if a.quick:
         a.limit = a.limit or 16
@@ -244,7 +235,7 @@ def main() -> None:
     import torch
 
     rep = {"quick": a.quick, "size": 256, "copies": a.copies, "clients": a.clients, "limit": a.limit, "ae_epochs": a.ae_epochs,
-           "map_epochs": a.map_epochs, "chunk_bytes": a.chunk_bytes, "max_bytes": protocol.MAX_BYTES, "cpu": _cpu(),
+           "map_epochs": a.map_epochs, "chunk_bytes": a.chunk_bytes, "max_bytes": protocol.MAX_BYTES, "cpu": machine()["cpu"],
            "cores": os.cpu_count(), "threads": phases["stage2"]["threads"], "torch": torch.__version__,
            "total_s": time.perf_counter() - t0, "phases": phases}
     enc = phases["encode"]["result"]

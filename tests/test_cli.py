@@ -413,11 +413,12 @@ def test_a_named_roi_missing_from_an_rtstruct_is_one_line_naming_file_and_roi(tm
     _rtstruct(tmp_path / "export" / "p2" / "RTSTRUCT" / "rs.dcm", tmp_path / "export" / "p2" / "CT", image,
               {"Body": (4, 27, 3, 25, range(1, 5))})
     rt = tmp_path / "export" / "p2" / "RTSTRUCT" / "rs.dcm"
+    ok("client", "keygen", "--site-dir", tmp_path / "site")  # client train checks the key before it reads the data
     for cmd in (["client", "train", "--site-dir", tmp_path / "site", "--name", "h1"], ["simulate", "--out", tmp_path / "run"]):
         r = runner.invoke(app, [str(a) for a in cmd] + ["--data", str(tmp_path / "export"), "--set", "data.rois=Body,Tumour"])
         assert r.exit_code == 2 and r.output.strip().splitlines() == \
             [f"error: {rt}: no ROI named 'Tumour' (the RTSTRUCT holds 'Body'); choose the classes with data.rois"], r.output
-    assert not (tmp_path / "site").exists()
+    assert sorted(p.name for p in (tmp_path / "site").iterdir()) == ["klt.key"]  # nothing trained
 
 
 def test_evaluate_scores_rtstruct_ground_truth_with_the_rois_in_class_order(tmp_path):

@@ -132,7 +132,6 @@ def _fake(client, *, modality="MR", n=100, mean=0.0, std=1.0, values=None, exten
     values = np.asarray(values if values is not None else [mean], dtype=np.float64)
     idx, counts = np.unique(protocol.hist_index(values), return_counts=True)
     t, b, left, r = extent
-    q = lambda lo, hi: (lo, lo, (lo + hi) / 2 if False else lo, hi, hi)  # noqa: E731
     return protocol.Fingerprint(
         client=client, modality=modality, n_cases=n, n_planes=n, channels=1, n_classes=2, rows=(size,) * 5, cols=(size,) * 5,
         n_spacing=n if spacing else 0, spacing_rows=(spacing,) * 5 if spacing else (), spacing_cols=(spacing,) * 5 if spacing else (),

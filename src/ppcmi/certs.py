@@ -66,9 +66,12 @@ def _refuse_existing(paths: Iterable[Path]) -> None:
             raise CertError(f"{p}: already exists; refusing to overwrite it (choose another folder or remove it yourself)")
 
 
+MAX_DAYS = 36525  # a validity far beyond any CA's; also keeps the end date inside what X.509 and datetime can hold
+
+
 def _builder(subject: x509.Name, issuer: x509.Name, public_key, days: int) -> x509.CertificateBuilder:
-    if not isinstance(days, int) or days < 1:
-        raise CertError(f"--days: must be a positive number of days, got {days!r}")
+    if not isinstance(days, int) or isinstance(days, bool) or not 1 <= days <= MAX_DAYS:
+        raise CertError(f"--days: must be a number of days from 1 to {MAX_DAYS} (100 years), got {days!r}")
     now = dt.datetime.now(dt.timezone.utc)
     return (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(public_key)
             .serial_number(x509.random_serial_number())

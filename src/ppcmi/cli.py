@@ -13,11 +13,47 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+import click
 import typer
+from typer.core import TyperGroup
 
 from .errors import PpcmiError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode="markdown",
+
+def _one_line_usage_error(e: click.ClickException) -> typer.Exit:
+    """A command-line mistake (an unknown option, a missing one, a value of the wrong type) as the one
+    error line every other failure prints, with the command whose help to read."""
+    ctx = getattr(e, "ctx", None)
+    where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+    typer.echo(f"error: {e.format_message()}{where}", err=True)
+    return typer.Exit(2)
+
+
+_SHOWS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2: a bare group shows its help
+
+
+class _Group(TyperGroup):
+    """The top-level group: click's usage errors become ``error: ...`` lines with exit status 2, like every
+    other failure of user input (a bare ``ppcmi`` or ``ppcmi client`` still shows the help)."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except _SHOWS_HELP:
+            raise
+        except click.ClickException as e:
+            raise _one_line_usage_error(e) from None
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except _SHOWS_HELP:
+            raise
+        except click.ClickException as e:
+            raise _one_line_usage_error(e) from None
+
+
+app = typer.Typer(cls=_Group, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode="markdown",
                   help="PPCMI-SF: hospitals share only keyed latents; a key-less server maps image latents to mask latents.")
 client_app = typer.Typer(no_args_is_help=True, help="Hospital side: keys, local training, encode+protect, unprotect+decode.")
 server_app = typer.Typer(no_args_is_help=True, help="Coordinator side: train the mapping network and map keyed queries.")
@@ -91,7 +127,11 @@ def _planned(cfg, config: Optional[Path], sets: list[str], data: Path, budget: O
 
 
 def _guard(fn):
-    """Turn library errors into one line on stderr and exit status 2."""
+    """Turn failures of user input and local files into one line on stderr and exit status 2.
+
+    Library errors (:class:`ppcmi.errors.PpcmiError`) carry their own line; an OSError that names a
+    file (unreadable, a folder where a file should be, no permission, ...) is printed with that name;
+    anything else is a bug and keeps its traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -101,8 +141,15 @@ def _guard(fn):
         except PpcmiError as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2)
-        except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
-            typer.echo(f"error: {e.filename}: {e.strerror}", err=True)
+        except OSError as e:
+            if e.filename is None:  # not about a file: shown in full
+                raise
+            names = f"{e.filename} -> {e.filename2}" if e.filename2 is not None else f"{e.filename}"
+            typer.echo(f"error: {names}: {e.strerror or type(e).__name__}", err=True)
+            raise typer.Exit(2)
+        except MemoryError as e:  # a last line of defence: sizes and counts are bounded where they are read
+            typer.echo(f"error: out of memory ({str(e) or 'MemoryError'}); a size, count or input is larger than this "
+                       "machine can hold", err=True)
             raise typer.Exit(2)
         except KeyboardInterrupt:
             typer.echo("interrupted: completed epochs are saved; rerun with --resume to continue", err=True)
@@ -168,8 +215,9 @@ def client_keygen(site_dir: Path = typer.Option(..., "--site-dir", "-s", help="T
     'ppcmi client rotate-key' replaces a key and keeps the old one as klt.key.N.bak.
     """
     from .client.keys import key_path, keygen
+    from .fileio import ensure_dir
 
-    site_dir.mkdir(parents=True, exist_ok=True)
+    ensure_dir(site_dir)
     p = keygen(key_path(site_dir))
     typer.echo(f"key written to {p} (mode 0600); back it up: without it this site's latents cannot be decoded")
 
@@ -188,7 +236,7 @@ def client_train(site_dir: Path = typer.Option(..., "--site-dir", "-s", help="Si
                                                 "(the key stays): the new ones train in SITE/.retrain/ and replace the old ones "
                                                 "and site.json only once both are complete. The server's adapters for this site "
                                                 "then no longer fit: send a new 'train' message."),
-                 seed: Optional[int] = typer.Option(None, min=0, help="This hospital's site seed (validation split, batch "
+                 seed: Optional[int] = typer.Option(None, min=0, max=2**32 - 1, help="This hospital's site seed (validation split, batch "
                                                     "order); default: derived from the shared seed and --name."),
                  quiet: bool = QuietOpt):
     """Stage 1: train the image and mask autoencoders on this hospital's data only.
@@ -198,6 +246,7 @@ def client_train(site_dir: Path = typer.Option(..., "--site-dir", "-s", help="Si
     for the next --resume; a failed --overwrite leaves the old autoencoders in place).
     """
     from .client import stages
+    from .client.keys import key_path, load_key
     from .config import to_dict
     from .data import discover_cases, discover_labels
     from .fileio import atomic_write_json
@@ -207,6 +256,7 @@ def client_train(site_dir: Path = typer.Option(..., "--site-dir", "-s", help="Si
         raise PpcmiError("--resume and --overwrite: choose one (continue the run here, or start over)")
     cfg = _cfg(config, (set_ or []) + _data_sets(labels, class_names, size, window, offset), command="client train",
                reads=HOSPITAL_READS)
+    load_key(key_path(site_dir))  # a missing or unsafe key fails before the data is read
     cases = discover_cases(data, group_regex=cfg.data.group_regex, group_csv=cfg.data.group_csv, rois=cfg.data.roi_names())
     labels = parse_labels(cfg.data.labels, cfg.data.class_names) or discover_labels(cases)
     arr = stages.prepare(cases, cfg, labels, progress=not quiet)

@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, check_bool, check_int, check_real
+from .fileio import read_text
 from .models import AEShape, MappingConfig
 from .protocol import CHUNK_BYTES, MAX_BYTES, MIN_CHUNK_BYTES
 
@@ -35,6 +36,10 @@ log = logging.getLogger(__name__)
 
 SCHEDULES = ("constant", "cosine")
 INTENSITY_MODES = ("minmax", "percentile", "window", "zscore", "ct")
+# data.size: 8x the published 256. Every plane of a dataset is held in memory at this
+# size (16 MiB per float32 plane) and the autoencoder's first stage is 16 x size x size per image.
+MAX_SIZE = 2048
+MAX_SEED = 2**32 - 1  # numpy's SeedSequence and torch's manual_seed both take it, and seed x 1e6 + epoch stays in 64 bits
 
 
 def _choice(where: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -59,40 +64,35 @@ class Preprocess:
     max_clipped: float = 0.5  # a training plane with more of its foreground clipped than this share is an error
 
     def __post_init__(self) -> None:
-        if not isinstance(self.size, int) or self.size < 1:
-            raise DataError(f"data.size: must be a positive integer, got {self.size!r}")
+        if not isinstance(self.size, int) or isinstance(self.size, bool) or not 1 <= self.size <= MAX_SIZE:
+            raise DataError(f"data.size: must be an integer from 1 to {MAX_SIZE} (8x the published 256; every plane is "
+                            f"held in memory at this size), got {self.size!r}")
         if self.intensity not in INTENSITY_MODES:
             raise DataError(f"data.intensity: must be one of {', '.join(INTENSITY_MODES)}, got {self.intensity!r}")
         if self.color not in ("gray", "rgb"):
             raise DataError(f"data.color: must be gray or rgb, got {self.color!r}")
-        lo, hi = (float(v) for v in self.percentiles)
+        lo, hi = (check_real("data.percentiles", v, 0.0, 100.0, error=DataError) for v in self.percentiles)
         if not 0 <= lo < hi <= 100:
             raise DataError(f"data.percentiles: need 0 <= low < high <= 100, got {self.percentiles!r}")
         object.__setattr__(self, "percentiles", (lo, hi))
         if self.window is not None:
-            wl, wh = (float(v) for v in self.window)
+            wl, wh = (check_real("data.window", v, -math.inf, error=DataError) for v in self.window)
             if not wl < wh:
                 raise DataError(f"data.window: need low < high, got {self.window!r}")
             object.__setattr__(self, "window", (wl, wh))
         elif self.intensity in ("window", "ct"):
             raise DataError(f"data.window: intensity {self.intensity!r} needs a window (low, high)")
         if self.stats is not None:
-            mean, std = (float(v) for v in self.stats)
-            if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
-                raise DataError(f"data.stats: need a finite mean and a std > 0, got {self.stats!r}")
+            mean = check_real("data.stats", self.stats[0], -math.inf, error=DataError)
+            std = check_real("data.stats", self.stats[1], 0.0, lo_open=True, why=" (the std)", error=DataError)
             object.__setattr__(self, "stats", (mean, std))
         elif self.intensity == "ct":
             raise DataError("data.stats: intensity 'ct' needs the pooled foreground (mean, std) (ppcmi plan writes both)")
-        if not float(self.zrange) > 0:
-            raise DataError(f"data.zrange: must be > 0, got {self.zrange!r}")
-        object.__setattr__(self, "zrange", float(self.zrange))
-        if not 0.0 < float(self.max_clipped) <= 1.0:
-            raise DataError(f"data.max_clipped: must be in (0, 1], got {self.max_clipped!r}")
-        object.__setattr__(self, "max_clipped", float(self.max_clipped))
-        object.__setattr__(self, "offset", float(self.offset))
-        if not 0.0 < float(self.crop) <= 1.0:
-            raise DataError(f"data.crop: must be in (0, 1], got {self.crop!r}")
-        object.__setattr__(self, "crop", float(self.crop))
+        object.__setattr__(self, "zrange", check_real("data.zrange", self.zrange, 0.0, lo_open=True, error=DataError))
+        object.__setattr__(self, "max_clipped", check_real("data.max_clipped", self.max_clipped, 0.0, 1.0, lo_open=True,
+                                                           error=DataError))
+        object.__setattr__(self, "offset", check_real("data.offset", self.offset, -math.inf, error=DataError))
+        object.__setattr__(self, "crop", check_real("data.crop", self.crop, 0.0, 1.0, lo_open=True, error=DataError))
         if self.resize not in ("pad", "squash"):
             raise DataError(f"data.resize: must be pad or squash, got {self.resize!r}")
 
@@ -114,6 +114,11 @@ class DataConfig(Preprocess):
         super().__post_init__()
         if not isinstance(self.size, int) or self.size < 32 or self.size % 32:
             raise ConfigError(f"data.size: must be a multiple of 32 (the autoencoder halves it five times), got {self.size!r}")
+        object.__setattr__(self, "test_frac", check_real("data.test_frac", self.test_frac, 0.0, 1.0, hi_open=True))
+        _choice("data.partition", self.partition, ("iid", "group", "site"))
+        for name in ("labels", "class_names", "rois", "group_regex", "group_csv"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ConfigError(f"data.{name}: must be a string, got {getattr(self, name)!r}")
         if self.rois is not None:
             names = self.roi_names() or ()
             if not all(names):
@@ -147,9 +152,11 @@ class AutoencoderConfig(AEShape):
     send_noise: float = 0.0            # std of Gaussian noise added to plain latents before the KLT (train and query); a defence knob, no DP claim
 
     def __post_init__(self) -> None:
-        _choice("autoencoder.lr_schedule", self.lr_schedule, SCHEDULES)
-        if not self.send_noise >= 0:
-            raise ConfigError(f"autoencoder.send_noise: must be a number >= 0, got {self.send_noise!r}")
+        super().__post_init__()
+        _check_training("autoencoder", self)
+        check_bool("autoencoder.augment", self.augment)
+        check_int("autoencoder.send_copies", self.send_copies, 1, 32, why=" (each pair plus up to 31 augmented copies)")
+        object.__setattr__(self, "send_noise", check_real("autoencoder.send_noise", self.send_noise, 0.0, 1e6))
 
 
 @dataclass(frozen=True)
@@ -170,20 +177,30 @@ class MappingTrainConfig(MappingConfig):
     dp_epsilon: float | None = None    # target epsilon at delta = 1/N (N = training rows); sets the noise multiplier
 
     def __post_init__(self) -> None:
-        if not all(isinstance(b, int) and b >= 1 for b in self.bins):
-            raise ConfigError(f"mapping.bins: pyramid pooling bins must be positive integers, got {self.bins!r}")
+        super().__post_init__()
+        _check_training("mapping", self)
+        check_bool("mapping.dp", self.dp)
         _choice("mapping.scope", self.scope, ("shared", "per_hospital"))
-        _choice("mapping.lr_schedule", self.lr_schedule, SCHEDULES)
-        _choice("mapping.norm", self.norm, ("batch", "group"))
         _choice("mapping.adapter_init", self.adapter_init, ("identity", "pca"))
         if self.dp and self.adapter_init == "pca":
             raise ConfigError('mapping.dp: the default mapping.adapter_init = "pca" reads each hospital\'s latent statistics without '
                               'noise, which DP-SGD\'s accounting does not cover; set mapping.adapter_init = "identity" with mapping.dp')
         if self.dp and self.norm != "group":
             raise ConfigError('mapping.dp: DP-SGD needs mapping.norm = "group" (BatchNorm mixes samples, so per-sample gradients are undefined)')
-        if self.dp_noise < 0 or self.dp_clip <= 0 or (self.dp_epsilon is not None and self.dp_epsilon <= 0):
-            raise ConfigError(f"mapping.dp_noise/dp_clip/dp_epsilon: need noise >= 0, clip > 0, epsilon > 0; got "
-                              f"{self.dp_noise}, {self.dp_clip}, {self.dp_epsilon}")
+        object.__setattr__(self, "dp_noise", check_real("mapping.dp_noise", self.dp_noise, 0.0, 1e6))
+        object.__setattr__(self, "dp_clip", check_real("mapping.dp_clip", self.dp_clip, 0.0, 1e6, lo_open=True))
+        if self.dp_epsilon is not None:
+            object.__setattr__(self, "dp_epsilon", check_real("mapping.dp_epsilon", self.dp_epsilon, 0.0, 1e6, lo_open=True))
+
+
+def _check_training(section: str, cfg: AutoencoderConfig | MappingTrainConfig) -> None:
+    """The training settings both networks have: positive counts, a finite positive rate, a validation fraction."""
+    check_int(f"{section}.epochs", cfg.epochs, 1)
+    check_int(f"{section}.batch_size", cfg.batch_size, 1)
+    check_int(f"{section}.patience", cfg.patience, 1)
+    object.__setattr__(cfg, "lr", check_real(f"{section}.lr", cfg.lr, 0.0, 10.0, lo_open=True))
+    object.__setattr__(cfg, "val_frac", check_real(f"{section}.val_frac", cfg.val_frac, 0.0, 1.0, hi_open=True))
+    _choice(f"{section}.lr_schedule", cfg.lr_schedule, SCHEDULES)
 
 
 @dataclass(frozen=True)
@@ -200,6 +217,9 @@ class Config:
         if isinstance(self.chunk_bytes, bool) or not isinstance(self.chunk_bytes, int) or \
                 not MIN_CHUNK_BYTES <= self.chunk_bytes <= MAX_BYTES:
             raise ConfigError(f"chunk_bytes: must be an integer from {MIN_CHUNK_BYTES} to {MAX_BYTES}, got {self.chunk_bytes!r}")
+        check_int("seed", self.seed, 0, MAX_SEED)
+        check_int("clients", self.clients, 1, 1000)
+        check_bool("klt", self.klt)
 
 
 CONFIG_VERSION = 3  # 2: data.val_frac removed (nothing read it); mapping.adapter_init recorded. 3: data.resize; data.eval_size retired
@@ -339,6 +359,15 @@ def _build(cls: type, raw: dict, where: str) -> Any:
     return cls(**kwargs)
 
 
+def build(cls: type, raw: dict, where: str) -> Any:
+    """A settings dataclass ``cls`` (for example :class:`ppcmi.models.AEConfig`) from plain values as a saved
+    record holds them: unknown keys refused, each value parsed to its field's type and checked, one
+    ConfigError naming ``where.key`` otherwise."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a table, got {type(raw).__name__}")
+    return _build(cls, raw, where)
+
+
 def to_dict(cfg: Any) -> dict:
     """Plain JSON values; a whole :class:`Config` also carries its ``version`` (what :func:`from_dict` reads back)."""
     d = json.loads(json.dumps(dataclasses.asdict(cfg)))
@@ -351,10 +380,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     raw.pop("version")
     if path is not None:
         p = Path(path)
+        text = read_text(p, "TOML config file", ConfigError)
         try:
-            file_raw = tomllib.loads(p.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{p}: config file not found") from None
+            file_raw = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{p}: invalid TOML ({e})") from None
         _merge(raw, file_raw, str(p))

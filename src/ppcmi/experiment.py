@@ -22,13 +22,49 @@ import numpy as np
 import torch
 
 from . import protocol
-from .config import Config, DataConfig, load_config
+from .config import MAX_SIZE, Config, DataConfig, load_config
 from .data.discovery import Case
-from .errors import DataError, PpcmiError
+from .errors import DataError, PpcmiError, check_int
 from .fileio import refuse_existing, write_files
 from .models import MappingConfig
 
 log = logging.getLogger(__name__)
+
+
+def wait_for_service(proc, url: str, ctx, log_tail, timeout: float = 120.0):
+    """Return ``proc`` (a started ``ppcmi server serve``) once ``url/healthz`` answers 200 over ``ctx`` (an SSL
+    context with a client certificate); if it exits or ``timeout`` passes first, kill it and stop with the last
+    of its log (``log_tail()``)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{url}/healthz", verify=ctx, timeout=5).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise SystemExit(f"the service did not start: {log_tail()[-2000:]}")
+        time.sleep(0.2)
+
+def machine() -> dict:
+    """The machine a benchmark ran on, for its results file: the CPU model (``/proc/cpuinfo``), cores, torch threads
+    and versions. Timings are compared only within one machine."""
+    import os
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                    if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "logical_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(), "system": platform.platform()}
 
 def partition(cases: Sequence[Case], n_sites: int, *, mode: str = "group", seed: int = 0) -> list[list[Case]]:
     """Deal cases to ``n_sites`` simulated hospitals; each site's list is sorted by case_id.
@@ -98,6 +134,9 @@ def _png(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+MAX_SYNTH_PIXELS = 2**30  # synth renders every case (image + mask) in memory before writing any
+
+
 def synth(out: str | Path, *, sites: int = 3, patients_per_site: int = 4, slices_per_patient: int = 8, size: int = 128,
           n_classes: int = 3, seed: int = 0, overwrite: bool = False) -> Path:
     """Write synthetic multi-site, multi-class phantoms in the images/ + masks/ layout and return ``out``.
@@ -108,10 +147,13 @@ def synth(out: str | Path, *, sites: int = 3, patients_per_site: int = 4, slices
     its own mean intensity; every site its own gain, offset and noise level. Shapes vary smoothly
     along a patient's slices. Everything is drawn from ``np.random.default_rng(seed)``.
     """
-    for name, v, lo in (("sites", sites, 1), ("patients_per_site", patients_per_site, 1),
-                        ("slices_per_patient", slices_per_patient, 1), ("size", size, 16)):
-        if not isinstance(v, int) or v < lo:
-            raise DataError(f"synth: {name} must be an integer >= {lo}, got {v!r}")
+    # bounds: every case is rendered in memory before any file is written (size at most the largest data.size)
+    for name, v, lo, hi in (("sites", sites, 1, 100), ("patients_per_site", patients_per_site, 1, 1000),
+                            ("slices_per_patient", slices_per_patient, 1, 1000), ("size", size, 16, MAX_SIZE)):
+        check_int(f"synth: {name}", v, lo, hi, error=DataError)
+    if sites * patients_per_site * slices_per_patient * size * size > MAX_SYNTH_PIXELS:
+        raise DataError(f"synth: {sites} x {patients_per_site} x {slices_per_patient} cases of {size}x{size} pixels exceed "
+                        f"{MAX_SYNTH_PIXELS} pixels in all (every case is held in memory before the files are written)")
     if not 2 <= n_classes <= 8:
         raise DataError(f"synth: n_classes must be between 2 and 8, got {n_classes}")
     out = Path(out)

@@ -30,6 +30,8 @@ class LabelMap:
             raise DataError(f"labels: need at least 2 values (background and one class), got {values}")
         if len(set(values)) != len(values):
             raise DataError(f"labels: values must be distinct, got {values}")
+        if not all(-2**31 <= v < 2**31 for v in values):  # masks hold at most 32-bit integers (PNG 16, NIfTI int32)
+            raise DataError(f"labels: values must fit in 32-bit integers, got {values}")
         names = tuple(str(n) for n in self.names) or ("background",) + tuple(f"class{i}" for i in range(1, len(values)))
         if len(names) != len(values):
             raise DataError(f"labels: {len(names)} names {names} for {len(values)} values {values}")

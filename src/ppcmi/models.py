@@ -17,7 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import ConfigError, check_bool, check_int, check_real
+
 SCALES = ("s3", "s4", "b")
+MAX_WIDTH = 8.0      # autoencoder.width: 8x the published channels (2048 in the bottleneck)
+MAX_CHANNELS = 4096  # mapping widths: 4x the widest published layer (1024)
 
 
 def _conv_bn_relu(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
@@ -36,12 +40,21 @@ class AEShape:
     width: float = 1.0
     skips: bool = True  # False: bottleneck only (the Privacy-SF-like baseline)
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "width", check_real("autoencoder.width", self.width, 0.0, MAX_WIDTH, lo_open=True,
+                                                     why=" (a multiple of the published channels)"))
+        check_bool("autoencoder.skips", self.skips)
+
 
 @dataclass(frozen=True)
 class AEConfig(AEShape):
     """Autoencoder topology: its settings plus the input's channel count (from the data, not a setting)."""
 
     in_channels: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int("autoencoder.in_channels", self.in_channels, 1, 64)
 
     @property
     def channels(self) -> tuple[int, ...]:
@@ -126,6 +139,18 @@ class MappingConfig:
     bins: tuple[int, ...] = (1, 3, 5, 7)
     dropout: float = 0.2
     norm: str = "batch"                           # "batch" | "group" (GroupNorm, for DP-SGD)
+
+    def __post_init__(self) -> None:
+        for name, n in (("widen", 3), ("mid", 2), ("down", 3), ("bins", None)):
+            value = getattr(self, name)
+            if not isinstance(value, tuple) or not value or (n is not None and len(value) != n):
+                raise ConfigError(f"mapping.{name}: expected {n or 'one or more'} integers, got {value!r}")
+            for v in value:
+                check_int(f"mapping.{name}", v, 1, MAX_CHANNELS if name != "bins" else 64)
+        check_bool("mapping.pyramid", self.pyramid)
+        object.__setattr__(self, "dropout", check_real("mapping.dropout", self.dropout, 0.0, 1.0, hi_open=True))
+        if self.norm not in ("batch", "group"):
+            raise ConfigError(f"mapping.norm: must be one of batch, group, got {self.norm!r}")
 
     @staticmethod
     def published() -> "MappingConfig":

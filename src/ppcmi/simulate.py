@@ -37,7 +37,7 @@ from .data import Case, discover_cases, discover_labels, load_arrays, split_case
 from .experiment import partition, payload
 from .labels import LabelMap, parse_labels
 from .errors import PpcmiError
-from .fileio import atomic_write_bytes, atomic_write_json
+from .fileio import atomic_write_bytes, atomic_write_json, ensure_dir
 from .metrics import evaluate_cases, summarize, write_evaluation
 from .server import stages as server_stages
 from .server.inbox import open_sets
@@ -135,7 +135,7 @@ def prepare_run_dir(cfg: Config, data_dir: str | Path, out: str | Path, *, resum
         raise PpcmiError(f"{out}: holds a finished run; choose another --out (or --resume to reuse its stages)")
     if out.exists() and any(out.iterdir()) and not resume and not (out / "config.json").exists():
         raise PpcmiError(f"{out}: folder is not empty; choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out)
     atomic_write_json(out / "config.json", {**to_dict(cfg), "data_dir": str(data_dir)})
     return out
 

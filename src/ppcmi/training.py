@@ -24,13 +24,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from safetensors.torch import load, load_file, save
 from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import CheckpointError, PpcmiError
-from .fileio import atomic_write_bytes, atomic_write_json, fsync_dir
+from .fileio import atomic_write_bytes, atomic_write_json, ensure_dir, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +127,28 @@ _OURS = re.compile(r"(?:(?:last|best)-[0-9]+\.safetensors|last\.safetensors|best
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+DIGEST_ROWS = 1024  # rows hashed at a time, so a column streamed from disk is never held whole
+
+
+def data_digest(tensors: Sequence) -> str:
+    """SHA-256 over the shapes, dtypes and bytes of ``tensors``: what a resumed run checks it trains on.
+
+    Each is a tensor or a column that gives a tensor for an array of row indices (the coordinator's
+    chunk-backed columns); both are read ``DIGEST_ROWS`` rows at a time and give the same digest for the
+    same rows."""
+    h = hashlib.sha256()
+    for t in tensors:
+        n = len(t)
+        for start in range(0, max(n, 1), DIGEST_ROWS):
+            stop = min(n, start + DIGEST_ROWS)
+            part = t[start:stop] if isinstance(t, torch.Tensor) else t[np.arange(start, stop)]
+            a = part.detach().contiguous().numpy()
+            if start == 0:
+                h.update(f"{a.dtype.str}{tuple(t.shape)};".encode())
+            h.update(memoryview(a).cast("B"))
+    return h.hexdigest()
 
 
 def _read_named(work: Path, entry: dict, state_path: Path) -> tuple[Path, bytes, dict[str, torch.Tensor]]:
@@ -228,17 +251,20 @@ def _commit_epoch(work: Path, state: dict, last: bytes, best: tuple[int, bytes] 
 def fit(model: nn.Module, loss_fn: LossFn, train: Sequence[torch.Tensor], val: Sequence[torch.Tensor] | None,
         cfg: FitConfig, work_dir: str | Path, *, resume: bool = False, desc: str = "train",
         progress: bool = True, on_epoch: Callable[[int, dict], None] | None = None,
-        augment: Callable[[list[torch.Tensor], torch.Generator], list[torch.Tensor]] | None = None) -> FitResult:
+        augment: Callable[[list[torch.Tensor], torch.Generator], list[torch.Tensor]] | None = None,
+        about: str | None = None) -> FitResult:
     """Train ``model`` on tensors ``train`` (indexed together along dim 0) with early stopping on ``val``.
 
     ``loss_fn(model, batch)`` returns a scalar loss. Without a validation set, the training loss is
     used for early stopping. Writes checkpoints into ``work_dir``; the model ends with the best weights.
     ``augment(batch, generator)`` optionally transforms each training batch (never validation).
+    The manifest records a digest of ``train`` and ``val`` (and ``about``, what they are in words), so
+    that ``resume`` on other data is an error naming both, not a silently mixed run.
     """
     import time
 
     work = Path(work_dir)
-    work.mkdir(parents=True, exist_ok=True)
+    ensure_dir(work)
     n = train[0].shape[0]
     if n == 0:
         raise PpcmiError(f"{desc}: no training samples")
@@ -248,12 +274,18 @@ def fit(model: nn.Module, loss_fn: LossFn, train: Sequence[torch.Tensor], val: S
     start_epoch = 1
     bad = 0
     state_path = work / "state.json"
+    data = {"sha256": data_digest([*train, *(val or [])]),
+            "about": about or f"{n} training and {val[0].shape[0] if val else 0} validation rows"}
     files: dict = {"last": None, "best": None}
     pending_best: tuple[int, bytes] | None = None  # a best file of the old format, committed under its new name
     if resume:
         if not state_path.exists():
             raise CheckpointError(f"{state_path}: nothing to resume (no completed epoch recorded)")
         st = _read_manifest(state_path)
+        began = st.get("data")
+        if isinstance(began, dict) and began.get("sha256") != data["sha256"]:
+            raise CheckpointError(f"{state_path}: --resume with other training data than this run began with "
+                                  f"({began.get('about')} then, {data['about']} now); train into a new folder")
         files = st["files"]
         last_path, _, tensors = _read_named(work, files["last"], state_path)
         if files["best"] is not None:
@@ -319,7 +351,7 @@ def fit(model: nn.Module, loss_fn: LossFn, train: Sequence[torch.Tensor], val: S
         elapsed = res.seconds + time.perf_counter() - t0
         last = {f"model.{k}": v.detach().contiguous().clone() for k, v in model.state_dict().items()}
         last.update(_optim_tensors(opt))
-        files = _commit_epoch(work, {"epoch": epoch, "history": res.history, "best_epoch": res.best_epoch, "best_val": res.best_val,
+        files = _commit_epoch(work, {"epoch": epoch, "data": data, "history": res.history, "best_epoch": res.best_epoch, "best_val": res.best_val,
                                      "bad_epochs": bad, "done": done, "stopped_early": res.stopped_early, "seconds": elapsed},
                               save(last), best, files)
         bar.set_postfix(train=f"{train_loss:.4f}", val=f"{val_loss:.4f}")

@@ -26,7 +26,7 @@ from ..data import (IMAGE_EXTS, LabelMap, PlaneGeometry, Preprocess, dicom_rt_se
                     output_format, output_names, plane_geometry, prepare_image, read_case_mask, read_image, read_mask,
                     render_prediction)
 from ..errors import DataError, PpcmiError
-from ..fileio import atomic_write_bytes, atomic_write_json, refuse_existing, write_files
+from ..fileio import Record, atomic_write_bytes, atomic_write_json, ensure_dir, read_json, refuse_existing, write_files
 from . import stages
 from .site import Hospital
 
@@ -34,8 +34,7 @@ log = logging.getLogger(__name__)
 
 
 def label_map_of(h: Hospital) -> LabelMap:
-    lab = h.meta["labels"]
-    return LabelMap(tuple(lab["values"]), tuple(lab["names"]))
+    return h.label_map
 
 
 def _stem(p: Path) -> str:
@@ -157,34 +156,44 @@ def rotate_and_encode(site_dir: Path, data: Path, out: Path, *, copies: int | No
 
     Both outputs are checked before the key is touched, and if encoding fails the old key is put back,
     so a refusal never leaves a site whose key changed without the message the server needs to follow."""
-    from .keys import key_path, load_key, rotate_key
+    from .keys import rotate_key, undo_rotation
 
     Hospital(site_dir)  # fail before touching the key if the site is not trained
     refuse_existing([out, Path(str(out) + ".cases.json")])
-    old = load_key(key_path(site_dir))
+    ensure_dir(Path(out).parent)
     new, backup = rotate_key(site_dir)
     try:
         n, size = encode_folder(site_dir, data, out, with_masks=True, copies=copies, noise=noise)
-    except BaseException:
-        atomic_write_bytes(new, old, overwrite=True, mode=0o600)
-        if load_key(new) == old:
-            backup.unlink()
+    except BaseException:  # no message under the new key: the old key stays the site's key
+        undo_rotation(site_dir, backup)
         raise
     return new, backup, n, size
 
 
+# the largest plane a case list may name: a label map of this size is resampled in memory (int64, 2 GiB)
+MAX_PLANE_PIXELS = 2**28
+CASE_FORMATS = ("png", "nifti", "mha", "nrrd", "dicom")  # every output format a case list may name
+
+
 def _case_list(path: Path) -> dict:
-    try:
-        rec = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise PpcmiError(f"{path}: not a readable case list ({type(e).__name__})") from None
+    rec = read_json(path, "case list")
     if isinstance(rec, list):
         raise PpcmiError(f"{path}: a case list from before replies were bound to their query; encode the query again")
-    if not isinstance(rec, dict) or rec.get("kind") != "query" or not isinstance(rec.get("cases"), list) or \
-            not all(isinstance(rec.get(k), str) for k in ("site", "query", "key")):
+    r = Record(rec, path, "case list")
+    if r.get("kind", str) != "query":
         raise PpcmiError(f"{path}: not a query case list written by 'ppcmi client encode'")
-    if not all(isinstance(c, dict) and {"source", "original_shape", "stem", "format"} <= set(c) for c in rec["cases"]):
-        raise PpcmiError(f"{path}: a case entry lacks source, original_shape, stem or format")
+    for k in ("site", "query", "key"):
+        r.get(k, str)
+    for i, c in enumerate(r.get("cases", list)):
+        case = Record(c, path, "case list", prefix=f"cases[{i}].")
+        case.get("source", str, ok=bool, expect="a file name")
+        case.get("stem", str)
+        case.get("format", str, ok=lambda v: v in CASE_FORMATS, expect=f"one of {', '.join(CASE_FORMATS)}")
+        case.get("slice_index", (int, type(None)), default=None, ok=lambda v: v is None or v >= 0,
+                 expect="a slice number >= 0 or null")
+        case.get("original_shape", list, ok=lambda v: len(v) == 2 and all(isinstance(n, int) and not isinstance(n, bool) and n >= 1
+                                                                         for n in v) and v[0] * v[1] <= MAX_PLANE_PIXELS,
+                 expect=f"[height, width] in pixels (at most {MAX_PLANE_PIXELS} in all)")
     bad = [c["stem"] for c in rec["cases"] if not isinstance(c["stem"], str) or c["stem"] in ("", ".", "..")
            or Path(c["stem"]).name != c["stem"] or "\\" in c["stem"]]
     if bad:
@@ -250,6 +259,7 @@ def _write_label_maps(planes: list[dict], labels_idx: Sequence[np.ndarray], lmap
     Every file is rendered first and then written as one step (:func:`ppcmi.fileio.write_files`): an existing file
     is refused before any is written (unless ``overwrite``), so a refusal leaves no label map behind."""
     check_outputs(planes, out, overwrite=overwrite)
+    ensure_dir(out)
     values = np.asarray(lmap.values)
     by_source: dict[str, list[tuple[dict, np.ndarray]]] = {}
     for pl, lab in zip(planes, labels_idx):

@@ -70,6 +70,16 @@ def rotate_key(site_dir: str | Path) -> tuple[Path, Path]:
     return path, backup
 
 
+def undo_rotation(site_dir: str | Path, backup: str | Path) -> Path:
+    """Put back the key :func:`rotate_key` kept in ``backup`` (when what the new key was for could not be
+    written) and remove the backup; the site's key file then holds its old bytes again."""
+    path, backup = key_path(site_dir), Path(backup)
+    old = load_key(backup)
+    atomic_write_bytes(path, old, overwrite=True, mode=0o600)
+    backup.unlink()
+    return path
+
+
 def key_fingerprint(key: bytes) -> str:
     """A public name for a key (hex): HKDF-SHA256 of the key under its own label, so it reveals nothing of the
     key or of the transform derived from it. A case list records it to refuse a reply decoded under another key."""

@@ -20,7 +20,6 @@ and per-case results stay here (per-case results in ``site-dir/eval/<tag>/``).
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from dataclasses import dataclass, replace
@@ -34,7 +33,7 @@ from ..config import Config
 from ..data import Case, discover_cases
 from ..labels import LabelMap, parse_labels
 from ..errors import PpcmiError
-from ..fileio import atomic_write_json
+from ..fileio import Record, atomic_write_json, ensure_dir, read_json
 from ..metrics import evaluate_cases, summarize, write_evaluation
 from ..protocol import CLIENT_RE, Fingerprint, LatentBatch
 from . import stages
@@ -141,15 +140,17 @@ def train_autoencoders(node: NodeSite, cfg: Config) -> dict[str, Any]:
     Returns ``{"status": "trained" | "existing", "image_epochs", "mask_epochs", "seconds", "n_train"}``.
     """
     site = node.site_dir
-    site.mkdir(parents=True, exist_ok=True)
+    ensure_dir(site)
     if (site / "site.json").exists():
-        owner = json.loads((site / "site.json").read_text()).get("site")
+        meta = Record(read_json(site / "site.json", "site record"), site / "site.json", "site record")
+        owner = meta.get("site", str)
         if owner != node.name:
             raise PpcmiError(f"{site / 'site.json'}: belongs to site {owner!r}, not {node.name!r}")
     if _trained(node):
-        runs = {k: json.loads((site / f"{k}_ae" / "config.json").read_text()) for k in ("image", "mask")}
-        return {"status": "existing", "image_epochs": runs["image"]["epochs_run"], "mask_epochs": runs["mask"]["epochs_run"],
-                "seconds": 0.0, "n_train": json.loads((site / "site.json").read_text())["n_train"]}
+        runs = {k: Record(read_json(p, "autoencoder record"), p, "autoencoder record").get("epochs_run", int)
+                for k, p in ((k, site / f"{k}_ae" / "config.json") for k in ("image", "mask"))}
+        return {"status": "existing", "image_epochs": runs["image"], "mask_epochs": runs["mask"],
+                "seconds": 0.0, "n_train": meta.get("n_train", int)}
     arr = _arrays(node.data_dir, cfg)
     res = stages.train_autoencoders(site, node.name, arr, cfg, labels_of(cfg), seed=node.site_seed(cfg), resume=True, progress=False)
     return {"status": "trained", "image_epochs": len(res["image"].history), "mask_epochs": len(res["mask"].history),
@@ -196,10 +197,9 @@ def score(node: NodeSite, cfg: Config, reply: LatentBatch, out: str | Path) -> d
         raise PpcmiError("node_config: test-dir is not set, so this site has nothing to score")
     h = node.hospital()
     pending = node.site_dir / PENDING
-    try:
-        sent = json.loads(pending.read_text())
-    except (OSError, ValueError):
-        raise PpcmiError(f"{pending}: no record of a query sent by this site; nothing to score") from None
+    if not pending.is_file():
+        raise PpcmiError(f"{pending}: no record of a query sent by this site; nothing to score")
+    sent = Record(read_json(pending, "record of the query sent"), pending, "record of the query sent").raw
     if reply.query != sent.get("query") or reply.client != node.name:
         raise PpcmiError(f"reply: answers query {reply.query or '(no id)'} for {reply.client!r}, not this site's query {sent.get('query')}")
     if sent.get("key") != h.key_fingerprint:

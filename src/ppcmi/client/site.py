@@ -24,9 +24,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..config import CONFIG_VERSION, AutoencoderConfig, Config, DataConfig, Preprocess, from_dict, migrate
+from ..config import CONFIG_VERSION, AutoencoderConfig, Config, DataConfig, Preprocess, build, from_dict, migrate
 from ..errors import CheckpointError, PpcmiError
-from ..fileio import atomic_write_json, fsync_dir, json_text
+from ..fileio import Record, atomic_write_json, fsync_dir, json_text, read_json
+from ..labels import LabelMap
 from ..klt import KeyedLatentTransform
 from ..data import PlaneGeometry, restore_labels
 from ..models import AEConfig, AEShape, Autoencoder
@@ -63,13 +64,7 @@ def _same_model(old: dict, meta: dict) -> list[str]:
 
 
 def _read_site_record(path: Path) -> dict:
-    try:
-        rec = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a readable site record ({type(e).__name__})") from None
-    if not isinstance(rec, dict):
-        raise CheckpointError(f"{path}: not a site record (expected a JSON object)")
-    return rec
+    return Record(read_json(path, "site record", CheckpointError), path, "site record", CheckpointError).raw
 
 
 def train_site(site_dir: str | Path, name: str, images: np.ndarray, masks: np.ndarray, *, n_classes: int,
@@ -225,26 +220,41 @@ class Hospital:
     def __init__(self, site_dir: str | Path):
         self.dir = Path(site_dir)
         meta_path = self.dir / "site.json"
-        if not meta_path.exists():
+        if not meta_path.is_file():
             raise CheckpointError(f"{meta_path}: not a trained site folder (run 'ppcmi client train' first)")
-        self.meta = json.loads(meta_path.read_text())
-        self.name: str = self.meta["site"]
-        self.n_classes: int = self.meta["n_classes"]
-        self.klt_enabled: bool = self.meta.get("klt", True)
+        self.meta = read_json(meta_path, "site record", CheckpointError)
+        rec = Record(self.meta, meta_path, "site record", CheckpointError)
+        self.name: str = rec.get("site", str, ok=bool, expect="a non-empty site id")
+        self.n_classes: int = rec.get("n_classes", int, ok=lambda v: v >= 2, expect="an integer >= 2")
+        self.klt_enabled: bool = rec.get("klt", bool, default=True)
+        labels = rec.sub("labels")
+        try:
+            self.label_map = LabelMap(tuple(labels.get("values", list)), tuple(labels.get("names", list)))
+        except PpcmiError as e:
+            raise CheckpointError(f"{meta_path}: field 'labels' is not a label map ({e})") from None
+        if self.label_map.n_classes != self.n_classes:
+            raise rec.fail("labels", f"lists {self.label_map.n_classes} classes, but n_classes is {self.n_classes}")
         try:  # the shared settings it was trained with, read like any saved configuration (any version)
-            self.settings: Config = from_dict({"version": self.meta.get("version", 1), "seed": self.meta.get("seed", 0),
-                                               "klt": self.klt_enabled, "data": self.meta["data"],
-                                               "autoencoder": self.meta.get("autoencoder", {})})
-        except (KeyError, PpcmiError) as e:
+            self.settings: Config = from_dict({"version": rec.get("version", int, default=1), "seed": rec.get("seed", int, default=0),
+                                               "klt": self.klt_enabled, "data": rec.get("data", dict),
+                                               "autoencoder": rec.get("autoencoder", dict, default={})})
+        except PpcmiError as e:
             raise CheckpointError(f"{meta_path}: not a readable site record ({e})") from None
         self.data_cfg = self.settings.data
         self.models: dict[str, Autoencoder] = {}
-        for kind in ("image", "mask"):
+        for kind, cin in (("image", rec.get("in_channels", int, default=None, ok=lambda v: v >= 1)), ("mask", self.n_classes)):
             d = self.dir / f"{kind}_ae"
             cfg_path = d / "config.json"
-            if not cfg_path.exists():
+            if not cfg_path.is_file():
                 raise CheckpointError(f"{cfg_path}: missing; the {kind} autoencoder is not trained")
-            cfg = AEConfig(**json.loads(cfg_path.read_text())["autoencoder"])
+            ae = Record(read_json(cfg_path, "autoencoder record", CheckpointError), cfg_path, "autoencoder record", CheckpointError)
+            raw = ae.get("autoencoder", dict)
+            try:
+                cfg = build(AEConfig, raw, "autoencoder")
+            except PpcmiError as e:
+                raise CheckpointError(f"{cfg_path}: {e}") from None
+            if cin is not None and cfg.in_channels != cin:
+                raise ae.fail("autoencoder.in_channels", f"is {cfg.in_channels}, but {meta_path.name} says {cin}")
             m = Autoencoder(cfg)
             load_weights(m, d / "model.safetensors")
             self.models[kind] = m.eval().to(memory_format=torch.channels_last)  # faster convolutions on CPU

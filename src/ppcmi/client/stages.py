@@ -25,6 +25,7 @@ from ..data.fingerprint import compute_fingerprint, dataset_modality, normalise_
 from ..errors import DataError
 from ..labels import LabelMap
 from ..protocol import CHUNK_BYTES, Fingerprint, LatentBatch
+from ..fileio import ensure_dir
 from ..training import FitResult
 from .keys import key_path, keygen
 from .site import Hospital, train_site
@@ -43,7 +44,7 @@ def default_site_seed(seed: int, name: str) -> int:
 def ensure_key(site_dir: str | Path) -> Path:
     """The hospital's key file, created (32 random bytes, mode 0600) if the site has none yet."""
     site = Path(site_dir)
-    site.mkdir(parents=True, exist_ok=True)
+    ensure_dir(site)
     return key_path(site) if key_path(site).exists() else keygen(key_path(site))
 
 
@@ -78,7 +79,7 @@ def train_autoencoders(site_dir: str | Path, name: str, arrays: dict, cfg: Confi
     ``seed`` is the hospital's site seed (split and batch order); the initial weights come from the
     shared ``cfg.seed``. ``overwrite`` trains them again from scratch (see :func:`ppcmi.client.site.train_site`)."""
     site = Path(site_dir)
-    site.mkdir(parents=True, exist_ok=True)
+    ensure_dir(site)
     if create_key:
         ensure_key(site)
     return train_site(site, name, arrays["images"], arrays["masks"], n_classes=labels.n_classes,

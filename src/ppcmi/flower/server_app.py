@@ -44,7 +44,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from ..config import Config, to_dict
 from ..errors import PpcmiError, ProtocolError
-from ..fileio import atomic_write_bytes, atomic_write_json
+from ..fileio import atomic_write_bytes, atomic_write_json, ensure_dir
 from ..metrics import pool_summaries, write_summary
 from ..labels import parse_labels
 from ..server.inbox import open_sets
@@ -201,7 +201,7 @@ def collect_training_sets(co: Coordinator, nodes: list[int], wire: Path, target:
 
 def run(grid: Grid, cfg: Config, settings: FlowerSettings, out: Path) -> dict:
     """All stages against the SuperNodes behind ``grid``; writes ``out`` and returns the summary."""
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out)
     atomic_write_json(out / "config.json", {**to_dict(cfg), "flower": settings.__dict__})
     co = Coordinator(grid, settings, out)
     timings: dict[str, float] = {}

@@ -10,7 +10,6 @@ for an attack only the views the attack declares. Key bytes, Q and b are never w
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -21,6 +20,7 @@ import torch
 from .. import protocol
 from ..config import from_dict
 from ..errors import PpcmiError
+from ..fileio import Record, read_json
 from . import membership as M
 from .procedures import subset_rows
 from .views import (CandidatePool, ChallengePart, GroundTruth, LeakedPairs, MembershipChallenge, MembershipTruth,
@@ -64,9 +64,14 @@ class Run:
             raise PpcmiError(f"{run}: run folder not found")
         if not cfg_path.exists():
             raise PpcmiError(f"{cfg_path}: missing; not a run folder written by 'ppcmi simulate' or 'ppcmi demo'")
-        raw = json.loads(cfg_path.read_text())
+        raw = Record(read_json(cfg_path, "run configuration"), cfg_path, "run configuration").raw
         recorded = raw.pop("data_dir", None)
-        self.cfg = from_dict(raw)
+        if recorded is not None and not isinstance(recorded, str):
+            raise PpcmiError(f"{cfg_path}: field 'data_dir' must be a folder name, got {recorded!r}")
+        try:
+            self.cfg = from_dict(raw)
+        except PpcmiError as e:
+            raise PpcmiError(f"{cfg_path}: {e}") from None
         data = Path(data_dir) if data_dir is not None else Path(recorded) if recorded else None
         if data is None or not (data / "images").is_dir():
             raise PpcmiError(f"{cfg_path}: data_dir {str(recorded)!r} not found from here; pass --data DIR")

@@ -14,7 +14,6 @@ Model folder::
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -22,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import CONFIG_VERSION, MappingTrainConfig
-from ..errors import CheckpointError, ProtocolError
-from ..fileio import atomic_write_json
+from ..config import CONFIG_VERSION, MappingTrainConfig, build
+from ..errors import CheckpointError, PpcmiError, ProtocolError
+from ..fileio import Record, atomic_write_json, read_json
 from ..models import SCALES, Frame, MappingConfig, MappingNet, mixed_forward
 from ..latent import lstsq_1x1, principal_frame, principal_frame_streamed
 from ..protocol import LatentBatch, validate
@@ -136,7 +135,8 @@ def train_mapping(batches: list[LatentBatch] | list[TrainingSet], cfg: MappingTr
                                 progress=progress)
     else:
         res = fit(model, loss_fn, [_take(t, tr) for t in tensors], [_take(t, va) for t in tensors] if len(va) else None, fc,
-                  out / "train", resume=resuming, desc="server mapping", progress=progress)
+                  out / "train", resume=resuming, desc="server mapping", progress=progress,
+                  about=f"{len(cid)} pairs from {', '.join(f'{c} ({int((cid == i).sum())})' for i, c in enumerate(clients))}")
     for t in tensors[1:]:
         t.close()
     save_weights(model, out / "mapping.safetensors")
@@ -349,20 +349,36 @@ def migrate_state(model: MappingNet, meta: dict):
     return lambda sd: {**{k: v for k, v in own.items() if "_frames." in k}, **sd}
 
 
+def _saved_shapes(rec: Record, key: str) -> dict[str, tuple[int, int, int]]:
+    """A model record's latent shapes: ``{scale: [C, H, W]}`` for known scales, positive sizes."""
+    shapes = rec.get(key, dict, ok=lambda v: v and set(v) <= set(SCALES) and all(
+        isinstance(d, list) and len(d) == 3 and all(isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= 65536 for n in d)
+        for d in v.values()), expect=f"an object of scales ({', '.join(SCALES)}) to [C, H, W]")
+    return {s: tuple(shapes[s]) for s in SCALES if s in shapes}
+
+
 class MappingServer:
     """A trained mapping network loaded for inference. ``handle(query) -> reply``."""
 
     def __init__(self, model_dir: str | Path):
         self.dir = Path(model_dir)
         cfg_path = self.dir / "config.json"
-        if not cfg_path.exists():
+        if not cfg_path.is_file():
             raise CheckpointError(f"{cfg_path}: not a trained mapping model folder (run 'ppcmi server train' first)")
-        self.meta = meta = json.loads(cfg_path.read_text())  # as train_mapping wrote it
-        mc = meta["mapping"]
-        self.cfg = MappingConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in mc.items()})
-        self.image_shapes = {s: tuple(v) for s, v in meta["image_shapes"].items()}
-        self.mask_shapes = {s: tuple(v) for s, v in meta["mask_shapes"].items()}
-        self.clients = list(meta["clients"])
+        self.meta = meta = read_json(cfg_path, "mapping model record", CheckpointError)  # as train_mapping wrote it
+        rec = Record(meta, cfg_path, "mapping model record", CheckpointError)
+        mc = rec.get("mapping", dict)
+        try:
+            self.cfg = build(MappingConfig, mc, "mapping")
+        except PpcmiError as e:
+            raise CheckpointError(f"{cfg_path}: {e}") from None
+        self.image_shapes, self.mask_shapes = (_saved_shapes(rec, k) for k in ("image_shapes", "mask_shapes"))
+        if set(self.image_shapes) != set(self.mask_shapes):
+            raise rec.fail("mask_shapes", f"names the scales {sorted(self.mask_shapes)}, image_shapes {sorted(self.image_shapes)}")
+        self.clients = list(rec.get("clients", list, ok=lambda v: v and len(set(v)) == len(v) and all(isinstance(c, str) and c for c in v),
+                                    expect="a list of distinct site ids"))
+        rec.get("version", int, default=1)
+        rec.get("train", dict, default={})
         self.model = MappingNet({s: v[0] for s, v in self.image_shapes.items()}, {s: v[0] for s, v in self.mask_shapes.items()},
                                 self.clients, self.cfg)
         load_weights(self.model, self.dir / "mapping.safetensors", migrate=migrate_state(self.model, meta))
