@@ -456,3 +456,41 @@ def test_case_names_cannot_leave_the_output_folder(run, tmp_path):
     fails("client", "decode", "--site-dir", run / "sites" / "h1", "--reply", run / "wire" / "r", "--cases", tmp_path / "bad.cases.json",
           "--out", tmp_path / "out", match="'../escaped' is not a plain file name")
     assert not (tmp_path / "escaped.png").exists() and not (tmp_path / "out").exists()
+
+
+def test_a_named_roi_missing_from_an_rtstruct_is_one_line_naming_file_and_roi(tmp_path):
+    from test_formats import _ct_series, _rt_image, _rtstruct
+
+    image = _rt_image()
+    for p in ("p1", "p2"):
+        _ct_series(tmp_path / "export" / p / "CT", image)
+    _rtstruct(tmp_path / "export" / "p1" / "RTSTRUCT" / "rs.dcm", tmp_path / "export" / "p1" / "CT", image)
+    _rtstruct(tmp_path / "export" / "p2" / "RTSTRUCT" / "rs.dcm", tmp_path / "export" / "p2" / "CT", image,
+              {"Body": (4, 27, 3, 25, range(1, 5))})
+    rt = tmp_path / "export" / "p2" / "RTSTRUCT" / "rs.dcm"
+    ok("client", "keygen", "--site-dir", tmp_path / "site")  # client train checks the key before it reads the data
+    for cmd in (["client", "train", "--site-dir", tmp_path / "site", "--name", "h1"], ["simulate", "--out", tmp_path / "run"]):
+        r = runner.invoke(app, [str(a) for a in cmd] + ["--data", str(tmp_path / "export"), "--set", "data.rois=Body,Tumour"])
+        assert r.exit_code == 2 and r.output.strip().splitlines() == \
+            [f"error: {rt}: no ROI named 'Tumour' (the RTSTRUCT holds 'Body'); choose the classes with data.rois"], r.output
+    assert sorted(p.name for p in (tmp_path / "site").iterdir()) == ["klt.key"]  # nothing trained
+
+
+def test_evaluate_scores_rtstruct_ground_truth_with_the_rois_in_class_order(tmp_path):
+    from test_formats import _ct_series, _rt_image, _rtstruct
+
+    from ppcmi.data import discover_cases, discover_labels, read_case_mask
+    from ppcmi.data.writers import write_prediction
+
+    image = _rt_image()
+    export = tmp_path / "export"
+    _ct_series(export / "p1" / "CT", image)
+    _rtstruct(export / "p1" / "RTSTRUCT" / "rs.dcm", export / "p1" / "CT", image)
+    cases = discover_cases(export, rois=["Tumour", "Body"])  # the classes a run with data.rois=Tumour,Body trained
+    write_prediction(export / "p1" / "CT", [read_case_mask(c)[0] for c in cases], tmp_path / "pred", "p1",
+                     labels=discover_labels(cases))
+    ok("evaluate", "--pred", tmp_path / "pred", "--data", export, "--out", tmp_path / "ev", "--rois", "Tumour,Body")
+    summ = json.loads((tmp_path / "ev" / "summary.json").read_text())
+    assert summ["Tumour_dice"]["mean"] == 1.0 and summ["Body_dice"]["mean"] == 1.0
+    ok("evaluate", "--pred", tmp_path / "pred", "--data", export, "--out", tmp_path / "ev2")  # every ROI, sorted: other classes
+    assert json.loads((tmp_path / "ev2" / "summary.json").read_text())["Body_dice"]["mean"] < 0.5

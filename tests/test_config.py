@@ -126,3 +126,16 @@ def test_bad_files_are_rejected(tmp_path, text, msg):
 def test_bad_overrides(ov, msg):
     with pytest.raises(ConfigError, match=msg):
         load_config(None, [ov])
+
+
+def test_rois_are_a_shared_setting_of_comma_separated_names():
+    from ppcmi.config import reader, shared_settings
+
+    assert reader("data.rois") == "shared" and Config().data.roi_names() is None
+    c = load_config(None, ["data.rois=GTV-1, Lung (L),Spinal-Cord"])
+    assert c.data.roi_names() == ("GTV-1", "Lung (L)", "Spinal-Cord")  # in class order, as given
+    assert shared_settings(c)["data"]["rois"] == "GTV-1, Lung (L),Spinal-Cord"
+    assert from_dict(to_dict(c)) == c
+    for bad, msg in (("Body,,Cord", "none empty"), ("Body,Cord, Body", "each ROI may be named once")):
+        with pytest.raises(ConfigError, match=f"^data.rois: .*{msg}"):
+            load_config(None, [f"data.rois={bad}"])

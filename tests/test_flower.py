@@ -1,6 +1,6 @@
 """Flower on loopback, no mocks: a real SuperLink with TLS and SuperNode authentication, real SuperNodes.
 
-One tiny end-to-end ``ppcmi deploy`` (2 hospitals, 32 x 32 synthetic data, 1 epoch per stage) and a
+One tiny end-to-end ``ppcmi deploy --plan`` (2 hospitals, 32 x 32 synthetic data, 1 epoch per stage, a fingerprint round first) and a
 second small federation for the failure paths: a SuperNode whose key is not registered is refused,
 and a hospital whose ClientApp fails is asked again, then reported by name without its error text.
 Every process is stopped in teardown and checked to be gone.
@@ -31,6 +31,7 @@ from ppcmi import protocol  # noqa: E402
 from ppcmi.certs import CA_CERT, SERVER_CERT, SERVER_KEY, init_ca  # noqa: E402
 from ppcmi.cli import app  # noqa: E402
 from ppcmi.config import Config, DataConfig  # noqa: E402
+from ppcmi.errors import DataError, PpcmiError  # noqa: E402
 from ppcmi.experiment import synth  # noqa: E402
 from ppcmi.flower import wire  # noqa: E402
 from ppcmi.flower.auth import PRIVATE, PUBLIC, supernode_keygen  # noqa: E402
@@ -68,7 +69,7 @@ def deployed(tmp_path_factory):
     data = synth(root / "data", sites=2, patients_per_site=2, slices_per_patient=3, size=32, n_classes=2, seed=3)
     run = root / "run"
     r = CliRunner().invoke(app, ["deploy", "--sites", "2", "--data", str(data), "--out", str(run), "--retries", "1",
-                                 "--timeout", "1800", *TINY])
+                                 "--timeout", "1800", "--plan", "--modality", "MR", *TINY])  # a fingerprint round first
     leftovers = _processes_mentioning(str(run))
     assert r.exit_code == 0, f"exit {r.exit_code}\n{r.output}\n{r.exception!r}"
     return root, data, run, r.output, leftovers
@@ -106,14 +107,35 @@ def test_deploy_end_to_end_gives_metrics_for_both_hospitals(deployed):
 
 
 @pytest.mark.slow
+def test_deploy_plans_from_fingerprints_and_every_hospital_applies_the_plan(deployed):
+    root, data, run, output, _ = deployed
+    planned = json.loads((run / "plan.json").read_text())
+    assert planned == json.loads((Path(json.loads((run / "summary.json").read_text())["server_dir"]) / "plan.json").read_text())
+    assert planned["pooled"]["modality"] == "MR" and "modality MR, 2 classes" in output  # --modality, through node_config
+    assert sorted(planned["pooled"]["hospitals"]) == ["hospital1", "hospital2"]
+    # the user's --set values win and are recorded as overrides; the plan's other settings are applied
+    assert planned["overrides"]["autoencoder.epochs"] == {"plan": planned["settings"]["autoencoder.epochs"], "used": 1}
+    chosen = {k: v for k, v in planned["settings"].items() if k not in planned["overrides"]}
+    assert {"data.intensity", "autoencoder.batch_size", "mapping.lr_schedule"} <= set(chosen)
+    for h in ("hospital1", "hospital2"):
+        site = json.loads((run / "sites" / h / "site" / "site.json").read_text())
+        used = {f"{sec}.{k}": v for sec in ("data", "autoencoder") for k, v in site[sec].items()}
+        assert {k: used[k] for k in chosen if k in used} == {k: v for k, v in chosen.items() if k in used}, h
+        assert used["autoencoder.epochs"] == 1 and used["data.size"] == 32
+    server = json.loads((Path(json.loads((run / "summary.json").read_text())["server_dir"]) / "config.json").read_text())
+    assert server["mapping"]["lr_schedule"] == chosen["mapping.lr_schedule"] and server["mapping"]["epochs"] == 1
+
+
+@pytest.mark.slow
 def test_server_received_only_protocol_latents_and_metrics(deployed):
     root, data, run, output, _ = deployed
     server = next((run / "coordinator" / "server").glob("run-*"))
     entries = [json.loads(ln) for ln in (server / "received.jsonl").read_text().splitlines()]
-    assert {e["step"] for e in entries} == {protocol.STAGE1, protocol.TRAIN_LATENTS, protocol.TEST_LATENTS, protocol.SCORE}
+    assert {e["step"] for e in entries} == {protocol.FINGERPRINT_STEP, protocol.STAGE1, protocol.TRAIN_LATENTS, protocol.TEST_LATENTS,
+                                            protocol.SCORE}
     n_chunks = len(list((server / "wire").rglob("chunk-*.ppcmi")))
     assert n_chunks > 2 and sum(e["step"] == protocol.TRAIN_LATENTS for e in entries) == n_chunks  # one chunk per message
-    assert len(entries) == 6 + n_chunks and not any("error" in e for e in entries)
+    assert len(entries) == 8 + n_chunks and not any("error" in e for e in entries)
     for e in entries:
         recs = e["records"]
         assert set(recs) in [set(x) for x in protocol.REPLY_RECORDS[e["step"]]], e
@@ -125,8 +147,8 @@ def test_server_received_only_protocol_latents_and_metrics(deployed):
         if protocol.METRICS in recs:
             keys = set(recs[protocol.METRICS]["keys"])
             assert keys == set(protocol.STAGE1_METRICS) if e["step"] == protocol.STAGE1 else all(METRIC_KEY.match(k) for k in keys), keys
-    assert sorted(b.name for b in (server / "wire").iterdir()) == ["hospital1.query.ppcmi", "hospital1.train", "hospital2.query.ppcmi",
-                                                                   "hospital2.train"]
+    assert sorted(b.name for b in (server / "wire").iterdir()) == ["hospital1.fingerprint.json", "hospital1.query.ppcmi", "hospital1.train",
+                                                                   "hospital2.fingerprint.json", "hospital2.query.ppcmi", "hospital2.train"]
     blobs = sorted(p for p in (server / "wire").rglob("*.ppcmi"))  # a training set is a folder of chunks
     for h in ("hospital1", "hospital2"):
         chunks = [protocol.decode(p.read_bytes()) for p in sorted((server / "wire" / f"{h}.train").iterdir())]
@@ -173,15 +195,19 @@ def test_simulate_trains_what_deploy_trains(deployed):
     cores / sites threads and the ServerApp with all cores, while simulate runs every role under one setting."""
     import torch
 
-    from ppcmi.config import from_dict
+    from ppcmi.config import from_dict, shared_settings
     from ppcmi.server.inbox import read_set
+    from ppcmi.server.plan import apply_plan
     from ppcmi.server.mapping import train_mapping
     from ppcmi.simulate import run_simulation
 
     root, data, run, _, _ = deployed
     sim = root / "sim"
-    raw = json.loads((run / "config.json").read_text())  # the configuration deploy resolved and ran
-    cfg = from_dict({k: v for k, v in raw.items() if k != "data_dir"})
+    raw = json.loads((run / "config.json").read_text())  # the configuration deploy resolved, before the plan
+    planned = json.loads((run / "plan.json").read_text())  # and the plan's settings, as the hospitals applied them
+    cfg, _ = apply_plan(from_dict({k: v for k, v in raw.items() if k != "data_dir"}), planned, planned["overrides"])
+    server_cfg = json.loads((next((run / "coordinator" / "server").glob("run-*")) / "config.json").read_text())
+    assert shared_settings(cfg) == shared_settings(from_dict({k: v for k, v in server_cfg.items() if k != "flower"}))
     for h in ("hospital1", "hospital2"):  # the same secret keys, so the same keyed latents can be compared
         (sim / "sites" / h).mkdir(parents=True)
         shutil.copy2(run / "sites" / h / "site" / "klt.key", sim / "sites" / h / "klt.key")
@@ -330,6 +356,138 @@ def test_port_in_use_is_one_line(tmp_path):
         port = s.getsockname()[1]
         r = CliRunner().invoke(app, ["deploy", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--port", str(port)])
     assert r.exit_code == 2 and r.output.strip().splitlines()[-1] == f"error: port {port} on 127.0.0.1 is in use; choose another --port"
+
+
+# ----------------------------------------------------------------------------- a hospital's data folder, in its dataset's layout
+
+
+def _nifti(path: Path, arr) -> None:
+    import nibabel as nib
+    import numpy as np
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(arr, np.diag([0.8, 0.9, 3.0, 1.0])), str(path))
+
+
+def _nnunet(root: Path, flavour: str) -> Path:
+    """Five 3D cases: v2 (two channel files CASE_0000, CASE_0001 each) or MSD / v1 (a 'training' and a 'test' list)."""
+    import numpy as np
+
+    rng = np.random.default_rng(11)
+    cases = [f"pt{k}" for k in range(5)]
+    for i, case in enumerate(cases):
+        m = np.zeros((12, 10, 3), np.uint8)
+        m[2 + i % 3:8, 3:7, :] = 1
+        m[4:6, 4:6, 1:] = 2
+        _nifti(root / "labelsTr" / f"{case}.nii.gz", m)
+        for c in range(2 if flavour == "v2" else 1):
+            name = f"{case}_{c:04d}" if flavour == "v2" else case
+            _nifti(root / "imagesTr" / f"{name}.nii.gz", (rng.normal(size=m.shape) + 50 * c + 10 * m).astype(np.float32))
+    _nifti(root / "imagesTs" / ("new_0000.nii.gz" if flavour == "v2" else "new.nii.gz"), np.zeros((12, 10, 3), np.float32))
+    if flavour == "v2":
+        meta = {"channel_names": {"0": "T2", "1": "ADC"}, "labels": {"background": 0, "zone": 1, "lesion": 2},
+                "numTraining": 5, "file_ending": ".nii.gz"}
+    else:
+        meta = {"name": "TOY", "modality": {"0": "MRI"}, "labels": {"0": "background", "1": "zone", "2": "lesion"},
+                "numTraining": 5, "numTest": 1, "test": ["./imagesTs/new.nii.gz"],
+                "training": [{"image": f"./imagesTr/{c}.nii.gz", "label": f"./labelsTr/{c}.nii.gz"} for c in cases]}
+    (root / "dataset.json").write_text(json.dumps(meta))
+    return root
+
+
+def _same_cases(mine: list, theirs: list) -> None:
+    """The same case ids, slices, channel counts, file names, groups, labels and ROIs, and the same raw planes."""
+    import numpy as np
+
+    from ppcmi.data import read_case_mask, read_image
+
+    assert [c.case_id for c in mine] == [c.case_id for c in theirs]
+    for a, b in zip(mine, theirs):
+        assert (a.slice_index, a.group, a.labels, a.rois, len(a.image_paths)) == (b.slice_index, b.group, b.labels, b.rois,
+                                                                                  len(b.image_paths)), a.case_id
+        assert [p.name for p in a.image_paths] == [p.name for p in b.image_paths]
+        np.testing.assert_array_equal(read_image(a.image_source, a.slice_index)[0], read_image(b.image_source, b.slice_index)[0])
+        np.testing.assert_array_equal(read_case_mask(a)[0], read_case_mask(b)[0])
+
+
+@pytest.mark.parametrize("flavour", ["v2", "v1"])
+def test_supernode_data_folders_keep_the_nnunet_layout_and_discover_to_the_same_cases(tmp_path, flavour):
+    from ppcmi.data import dataset_info, discover_cases
+    from ppcmi.data.discovery import dataset_modalities
+    from ppcmi.flower.deploy import deal
+
+    data = _nnunet(tmp_path / "Dataset007_Toy", flavour)
+    run = tmp_path / "run"
+    cfg, pl = deal(Config(clients=2, data=DataConfig(size=32, test_frac=0.2)), data, run)
+    assert cfg.data.labels == "0,1,2" and cfg.data.class_names == "background,zone,lesion" and cfg.data.rois is None
+    folders = {n: run / "sites" / n / "data" for n in pl.hospitals} | {"test": run / "test"}
+    dealt = pl.hospitals | {"test": pl.test}
+    assert sorted(c.group for cases in dealt.values() for c in cases) == sorted(c.group for c in discover_cases(data))
+    for name, folder in folders.items():
+        assert sorted(p.name for p in folder.iterdir()) == ["dataset.json", "imagesTr", "labelsTr"]
+        _same_cases(discover_cases(folder), dealt[name])
+        assert dataset_modalities(folder) == dataset_modalities(data)  # what the hospital's fingerprint reads
+        meta = json.loads((folder / "dataset.json").read_text())
+        groups = sorted({c.group for c in dealt[name]})
+        assert meta["numTraining"] == len(groups) and dataset_info(folder)["num_test"] == 0
+        if flavour == "v1":
+            assert [Path(e["label"]).name for e in meta["training"]] == [f"{g}.nii.gz" for g in groups]
+            assert "test" not in meta and meta["numTest"] == 0
+        else:
+            assert len(list((folder / "imagesTr").iterdir())) == 2 * len(groups)  # both channels of every case
+
+
+def test_supernode_data_folders_of_a_dicom_rt_export_keep_its_rois(tmp_path):
+    from test_formats import _ct_series, _rt_image, _rtstruct
+
+    from ppcmi.client.node import NodeSite, fingerprint
+    from ppcmi.data import discover_cases, link_cases
+    from ppcmi.flower.deploy import deal
+
+    image = _rt_image()
+    export = tmp_path / "export"
+    for p in ("p1", "p2", "p3"):
+        _ct_series(export / p / "CT", image)
+        _rtstruct(export / p / "RTSTRUCT" / "rs.dcm", export / p / "CT", image)
+    base = Config(clients=2, data=DataConfig(size=32, test_frac=0.3))
+    cfg, pl = deal(base, export, tmp_path / "run")
+    assert cfg.data.rois == "Body,Cord,Tumour" and cfg.data.class_names == "background,Body,Cord,Tumour"  # fixed for every hospital
+    node = tmp_path / "run" / "sites" / "hospital1" / "data"
+    (patient,) = [p.name for p in node.iterdir()]
+    assert sorted(str(p.relative_to(node)) for p in node.rglob("*") if p.is_symlink()) == [f"{patient}/CT", f"{patient}/RTSTRUCT/rs.dcm"]
+    for name, folder in {n: tmp_path / "run" / "sites" / n / "data" for n in pl.hospitals}.items():
+        _same_cases(discover_cases(folder, rois=cfg.data.roi_names()), pl.hospitals[name])
+    _same_cases(discover_cases(tmp_path / "run" / "test", rois=cfg.data.roi_names()), pl.test)
+    fp = fingerprint(NodeSite(tmp_path / "site", node, "hospital1"), cfg)  # as the SuperNode reads its folder
+    assert fp.modality == "CT"
+    with pytest.raises(PpcmiError, match=r"^data\.rois: .*rs\.dcm is an RTSTRUCT; .*--set data\.rois=Body,Cord,Tumour\) so that every"):
+        fingerprint(NodeSite(tmp_path / "site", node, "hospital1"), replace_rois(cfg, None))  # each site's own default: refused
+
+    chosen = replace_rois(base, "Tumour, Body")
+    cfg2, pl2 = deal(chosen, export, tmp_path / "run2")
+    assert cfg2.data.rois == "Tumour, Body" and cfg2.data.class_names == "background,Tumour,Body"
+    _same_cases(discover_cases(tmp_path / "run2" / "test", rois=cfg2.data.roi_names()), pl2.test)
+    with pytest.raises(DataError, match=r"p\d/RTSTRUCT/rs\.dcm: no ROI named 'Lung' \(the RTSTRUCT holds 'Body', 'Tumour', 'Cord'\)"):
+        deal(replace_rois(base, "Body,Lung"), export, tmp_path / "run3")
+
+    flat = tmp_path / "flat"  # one patient's flat export: the series and its RTSTRUCT in one folder
+    _ct_series(flat, image)
+    _rtstruct(flat / "rs.dcm", flat, image)
+    _same_cases(discover_cases(link_cases(discover_cases(flat), flat, tmp_path / "flat-linked")), discover_cases(flat))
+
+
+def replace_rois(cfg: Config, rois: str) -> Config:
+    from dataclasses import replace
+
+    return replace(cfg, data=replace(cfg.data, rois=rois))
+
+
+def test_deploy_modality_needs_the_plan_and_a_plain_name(tmp_path):
+    r = CliRunner().invoke(app, ["deploy", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--modality", "MR"])
+    assert r.exit_code == 2 and r.output.strip().splitlines() == ["error: --budget/--modality: they steer the plan; add --plan"]
+    r = CliRunner().invoke(app, ["deploy", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--plan", "--modality", "M R"])
+    assert r.exit_code == 2 and r.output.strip().splitlines() == ["error: --modality: a name such as CT, MR or US, got 'M R'"]
+    assert not (tmp_path / "run").exists()
 
 
 # ----------------------------------------------------------------------------- the wire, without processes

@@ -257,7 +257,7 @@ def client_train(site_dir: Path = typer.Option(..., "--site-dir", "-s", help="Si
     cfg = _cfg(config, (set_ or []) + _data_sets(labels, class_names, size, window, offset), command="client train",
                reads=HOSPITAL_READS)
     load_key(key_path(site_dir))  # a missing or unsafe key fails before the data is read
-    cases = discover_cases(data, group_regex=cfg.data.group_regex, group_csv=cfg.data.group_csv)
+    cases = discover_cases(data, group_regex=cfg.data.group_regex, group_csv=cfg.data.group_csv, rois=cfg.data.roi_names())
     labels = parse_labels(cfg.data.labels, cfg.data.class_names) or discover_labels(cases)
     arr = stages.prepare(cases, cfg, labels, progress=not quiet)
     res = stages.train_autoencoders(site_dir, name, arr, cfg, labels, seed=stages.default_site_seed(cfg.seed, name) if seed is None else seed,
@@ -525,6 +525,8 @@ def evaluate(pred: Path = typer.Option(..., "--pred", "-p", help="Folder of pred
              data: Path = typer.Option(..., "--data", "-d", help="Dataset folder with the ground truth (masks/)."),
              out: Path = typer.Option(..., "--out", "-o", help="Folder for per_case.csv and summary.json."),
              labels: Optional[str] = typer.Option(None, help="Raw label values in class order, e.g. 0,1,2 (default: discovered)."),
+             rois: Optional[str] = typer.Option(None, "--rois", help="RTSTRUCT ground truth: the ROI names that are classes 1, "
+                                                "2, ..., comma-separated, as data.rois in training (default: every ROI, sorted)."),
              overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier per_case.csv and summary.json in OUT "
                                             "(each atomically). Without it an existing one is refused before any scoring.")):
     """Score label maps against ground truth: Dice, HD95, ASD per class and merged foreground.
@@ -533,7 +535,9 @@ def evaluate(pred: Path = typer.Option(..., "--pred", "-p", help="Folder of pred
     """
     from .client.inference import evaluate_folder
 
-    summ = evaluate_folder(pred, data, out, labels, overwrite=overwrite)
+    from .config import DataConfig
+
+    summ = evaluate_folder(pred, data, out, labels, overwrite=overwrite, rois=DataConfig(rois=rois).roi_names())
     fg = summ.get("fg_dice", {})
     lo, hi = (fg.get("ci95") or [float("nan")] * 2)[:2]
     typer.echo(f"{summ['n_cases']} cases: merged-foreground Dice {fg.get('mean', float('nan')):.4f} "
@@ -703,12 +707,14 @@ def deploy(sites: int = typer.Option(3, "--sites", "-n", help="Number of hospita
            plan: bool = typer.Option(False, "--plan/--no-plan", help="A fingerprint round first: the ServerApp plans the run "
                                      "from the hospitals' fingerprints and sends the plan's settings with every step "
                                      "(--set values win)."),
-           budget: Optional[float] = BudgetOpt):
+           budget: Optional[float] = BudgetOpt, modality: Optional[str] = ModalityOpt):
     """A real Flower federation on this machine: SuperLink (TLS, SuperNode authentication), one SuperNode per hospital.
 
-    Without --config it uses the demo's settings (for the bundled data, the demo's crop and schedule);
-    --set overrides any of them, e.g. --set autoencoder.epochs=5 --set mapping.epochs=5 for a short run.
+    Without --config it uses the demo's settings (for the bundled data, the demo's crop and schedule) with
+    data.partition=group (a volume's slices stay at one hospital); --set overrides any of them, e.g. --set autoencoder.epochs=5 --set mapping.epochs=5 for a short run.
     """
+    from dataclasses import replace
+
     from .demo import bundled_data, demo_config, table
     from .flower.deploy import deploy as run_deploy
     from .flower.wire import FlowerSettings
@@ -721,13 +727,17 @@ def deploy(sites: int = typer.Option(3, "--sites", "-n", help="Number of hospita
             k += 1
             out = Path("runs") / f"deploy-{k}"
     bundled = data.resolve() == bundled_data().resolve()
-    cfg = _cfg(config, set_, base=None if config is not None else demo_config(bundled=bundled))
-    if budget is not None and not plan:
-        raise PpcmiError("--budget: it steers the plan; add --plan")
+    base = demo_config(bundled=bundled)
+    # a SuperNode receives whole files, so a 3D volume's slices stay at one hospital: deal by group (a patient, or
+    # the file itself without data.group_regex), not slice by slice as the demo deals other datasets
+    base = replace(base, data=replace(base.data, partition="group"))
+    cfg = _cfg(config, set_, base=None if config is not None else base)
+    if (budget is not None or modality is not None) and not plan:
+        raise PpcmiError("--budget/--modality: they steer the plan; add --plan")
     settings = FlowerSettings(retries=retries, timeout=timeout, plan=plan, keep=",".join(_explicit(config, set_)),
                               **({} if budget is None else {"budget": budget}))
     try:
-        s = run_deploy(cfg, data, out, sites=sites, port=port, settings=settings,
+        s = run_deploy(cfg, data, out, sites=sites, port=port, settings=settings, modality=modality,
                        echo=lambda line: typer.echo(line))
     except KeyboardInterrupt:
         typer.echo("interrupted: every process ppcmi deploy started has been stopped", err=True)
@@ -765,7 +775,11 @@ def flower_app_dir(out: Path = typer.Option(..., "--out", "-o", help="Folder for
                    plan: bool = typer.Option(False, "--plan/--no-plan", help="A fingerprint round first: the ServerApp plans "
                                              "the run from the hospitals' fingerprints (--set and --config values win)."),
                    budget: Optional[float] = BudgetOpt):
-    """At the coordinator: the Flower app folder (shared settings only) for 'flwr run'."""
+    """At the coordinator: the Flower app folder (shared settings only) for 'flwr run'.
+
+    A modality is not the coordinator's to set: with --plan, a hospital whose data do not record it
+    (dataset.json, a DICOM header) names it in its SuperNode's node_config (modality="CT"). For RTSTRUCT
+    masks, --set data.rois=NAME,NAME fixes the classes for every hospital."""
     from .errors import ConfigError
     from .flower.wire import FlowerSettings, write_app
 

@@ -121,6 +121,7 @@ class DataConfig(Preprocess):
 
     labels: str | None = None          # "0,1,2" (raw mask values in class order); None: discover
     class_names: str | None = None     # "background,ps,fh"
+    rois: str | None = None            # RTSTRUCT masks: "GTV-1,Lung-Left" (classes 1, 2, ... in this order); None: every ROI, sorted
     group_regex: str | None = None     # patient id from the file stem, e.g. "^(patient\\d+)_"
     group_csv: str | None = None
     split_lists: dict[str, str] | None = None  # {"train": "...", "val": "...", "test": "..."}
@@ -133,9 +134,21 @@ class DataConfig(Preprocess):
             raise ConfigError(f"data.size: must be a multiple of 32 (the autoencoder halves it five times), got {self.size!r}")
         object.__setattr__(self, "test_frac", check_real("data.test_frac", self.test_frac, 0.0, 1.0, hi_open=True))
         _choice("data.partition", self.partition, ("iid", "group", "site"))
-        for name in ("labels", "class_names", "group_regex", "group_csv"):
+        for name in ("labels", "class_names", "rois", "group_regex", "group_csv"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
                 raise ConfigError(f"data.{name}: must be a string, got {getattr(self, name)!r}")
+        if self.rois is not None:
+            names = self.roi_names() or ()
+            if not all(names):
+                raise ConfigError(f"data.rois: comma-separated RTSTRUCT ROI names, none empty, got {self.rois!r}")
+            if len(set(names)) != len(names):
+                raise ConfigError(f"data.rois: each ROI may be named once, got {self.rois!r}")
+
+    def roi_names(self) -> tuple[str, ...] | None:
+        """``rois`` as the names :func:`ppcmi.data.discover_cases` takes (None: every ROI of the RTSTRUCT, sorted)."""
+        if self.rois is None:
+            return None
+        return tuple(n.strip() for n in self.rois.split(","))
 
     def preprocess(self) -> Preprocess:
         """The preprocessing part of these settings."""

@@ -125,7 +125,8 @@ def encode_folder(site_dir: Path, data: Path, out: Path, *, with_masks: bool = F
     if record.exists():
         raise PpcmiError(f"{record}: already exists; refusing to overwrite it (it binds an earlier query to its patients)")
     if with_masks:
-        cases = discover_cases(data, group_regex=h.data_cfg.group_regex, group_csv=h.data_cfg.group_csv)
+        cases = discover_cases(data, group_regex=h.data_cfg.group_regex, group_csv=h.data_cfg.group_csv,
+                               rois=h.data_cfg.roi_names())
         arr = stages.prepare(cases, cfg, label_map_of(h))
         set_id = protocol.new_set_id()
         local = {"kind": "train", "site": h.name, "query": "", "set": set_id, "key": h.key_fingerprint,
@@ -364,7 +365,8 @@ def predict_remote(site_dir: Path, server_url: str, images: Sequence[Path], out:
         return _predict(h, images, out, client.map, overwrite=overwrite)
 
 
-def evaluate_folder(pred: Path, data: Path, out: Path, labels: str | None = None, *, overwrite: bool = False) -> dict:
+def evaluate_folder(pred: Path, data: Path, out: Path, labels: str | None = None, *, overwrite: bool = False,
+                    rois: Sequence[str] | None = None) -> dict:
     """Score predicted label maps (matched by stem) against ``data/masks`` at native resolution.
 
     ``out/per_case.csv`` and ``out/summary.json`` are refused, before any scoring, if either exists,
@@ -376,7 +378,7 @@ def evaluate_folder(pred: Path, data: Path, out: Path, labels: str | None = None
     hint = " (pass --overwrite to replace an earlier evaluation)"
     if not overwrite:
         refuse_existing(evaluation_paths(out), hint)
-    cases = discover_cases(data)
+    cases = discover_cases(data, rois=rois)
     lmap = parse_labels(labels) or discover_labels(cases)
     pred_files = {_stem(p): p for p in Path(pred).iterdir() if p.is_file() and _is_image(p)} if Path(pred).is_dir() else {}
     if not pred_files:

@@ -30,7 +30,7 @@ import numpy as np
 
 from .. import protocol
 from ..config import Config
-from ..data import discover_cases
+from ..data import Case, discover_cases
 from ..labels import LabelMap, parse_labels
 from ..errors import PpcmiError
 from ..fileio import Record, atomic_write_json, ensure_dir, read_json
@@ -108,8 +108,18 @@ def labels_of(cfg: Config) -> LabelMap:
     return lm
 
 
+def cases_of(folder: Path, cfg: Config) -> list[Case]:
+    """The cases of one of this hospital's folders, with the shared classes: RTSTRUCT masks need ``data.rois`` in the
+    run configuration, as each hospital's own default (its ROIs, sorted) could give its classes other meanings."""
+    cases = discover_cases(folder, rois=cfg.data.roi_names())
+    if cfg.data.rois is None and cases and cases[0].rois:
+        raise PpcmiError(f"data.rois: {cases[0].mask_path} is an RTSTRUCT; the run configuration must name its ROIs in class "
+                         f"order (e.g. --set data.rois={','.join(cases[0].rois)}) so that every hospital uses the same classes")
+    return cases
+
+
 def _arrays(folder: Path, cfg: Config, *, native: bool = False) -> dict:
-    return stages.prepare(discover_cases(folder), cfg, labels_of(cfg), native=native)
+    return stages.prepare(cases_of(folder, cfg), cfg, labels_of(cfg), native=native)
 
 
 def _trained(node: NodeSite) -> bool:
@@ -119,8 +129,8 @@ def _trained(node: NodeSite) -> bool:
 
 def fingerprint(node: NodeSite, cfg: Config) -> Fingerprint:
     """The fingerprint of this hospital's training data (:func:`ppcmi.client.stages.fingerprint`)."""
-    return stages.fingerprint(discover_cases(node.data_dir), cfg, labels_of(cfg), client=node.name, modality=node.modality,
-                              data_dir=node.data_dir)
+    return stages.fingerprint(cases_of(node.data_dir, cfg), cfg, labels_of(cfg), client=node.name,
+                              modality=node.modality, data_dir=node.data_dir)
 
 
 def train_autoencoders(node: NodeSite, cfg: Config) -> dict[str, Any]:

@@ -46,7 +46,9 @@ from __future__ import annotations
 
 from ..config import Preprocess
 from ..labels import LabelMap, parse_labels
-from .discovery import Case, dataset_info, dicom_rt_series, discover_cases, discover_labels, nnunet_test_images, read_case_mask
+from .discovery import (Case, dataset_info, dataset_layout, dicom_rt_series, discover_cases, discover_labels, nnunet_test_images,
+                        read_case_mask)
+from .layout import case_files, link_cases
 from .geometry import (PlaneGeometry, center_crop, crop_box, crop_plane, region_box, roi_box, forward_image, forward_mask, plane_geometry,
                        resize_image, resize_mask, restore_labels, restore_scores)
 from .preprocess import (Sample, check_intensity, intensity_map, load_arrays, load_sample, prepare_image, scale_intensity,
@@ -56,7 +58,8 @@ from .splits import split_cases, split_from_lists
 from .writers import output_format, output_names, render_prediction, write_prediction
 
 __all__ = [
-    "IMAGE_EXTS", "Case", "dataset_info", "dicom_rt_series", "nnunet_test_images", "read_case_mask", "is_rtstruct", "rtstruct_roi_names",
+    "IMAGE_EXTS", "Case", "dataset_info", "dataset_layout", "link_cases", "case_files",
+    "dicom_rt_series", "nnunet_test_images", "read_case_mask", "is_rtstruct", "rtstruct_roi_names",
     "rtstruct_volume", "discover_cases", "n_slices", "read_image", "read_mask", "Preprocess", "LabelMap", "discover_labels",
     "parse_labels", "Sample", "scale_intensity", "to_color", "resize_image", "resize_mask", "prepare_image", "crop_box",
     "center_crop", "roi_box", "region_box", "check_intensity", "intensity_map", "crop_plane", "PlaneGeometry", "plane_geometry", "forward_image", "forward_mask", "restore_scores", "restore_labels",

@@ -365,6 +365,14 @@ def _rt_pairs(root: Path) -> list[tuple[str, tuple[Path, ...], Path]]:
     return pairs
 
 
+def dataset_layout(root: str | Path) -> str:
+    """``"nnunet"``, ``"dicom-rt"`` or ``"images-masks"``: the layout :func:`discover_cases` reads ``root`` as."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: dataset folder does not exist")
+    return "nnunet" if _is_nnunet(root) else "dicom-rt" if _is_dicom_rt(root) else "images-masks"
+
+
 def dicom_rt_series(root: str | Path) -> list[tuple[str, Path]]:
     """(patient, image series folder) of a DICOM-RT export (:func:`discover_cases`), or [] when ``root`` is not one."""
     root = Path(root)
@@ -380,13 +388,13 @@ def _choose_rois(pairs: list[tuple[str, tuple[Path, ...], Path]], rois: Sequence
     if not chosen:
         raise DataError(f"{first}: RTSTRUCT holds no ROI")
     if len(set(chosen)) != len(chosen):
-        raise DataError(f"rois: names must be distinct, got {list(chosen)}")
+        raise DataError(f"data.rois: names must be distinct, got {list(chosen)}")
     for _, _, rt in pairs:
         names = rtstruct_roi_names(rt)
         missing = [r for r in chosen if r not in names]
         if missing:
             raise DataError(f"{rt}: no ROI named {missing[0]!r} (the RTSTRUCT holds {', '.join(map(repr, names))}); "
-                            f"choose the classes with rois=")
+                            f"choose the classes with data.rois")
     return chosen
 
 
@@ -446,7 +454,7 @@ def discover_cases(root: str | Path, *, group_regex: str | None = None,
         chosen = _choose_rois(rt_pairs, rois)
         labels = LabelMap(tuple(range(len(chosen) + 1)), ("background", *chosen))
     elif rois is not None:
-        raise DataError(f"rois: given ({list(rois)}) but {root} has no RTSTRUCT masks")
+        raise DataError(f"data.rois: given ({list(rois)}) but {root} has no RTSTRUCT masks")
 
     cases: list[Case] = []
     for stem, channels, mpath in pairs:

@@ -15,12 +15,13 @@ Run folder (the split shows what would live where in a real deployment)::
     RUN/coordinator/supernodes/     the hospitals' registered public keys (NAME.pub)
     RUN/coordinator/server/run-ID/  the ServerApp's output: mapping network, summary.json, what it received
     RUN/coordinator/flwr/, cli/     FLWR_HOME of the SuperLink and of the flwr command
-    RUN/sites/NAME/data/, test/     the hospital's cases (symlinks)
+    RUN/sites/NAME/data/, test/     the hospital's cases (symlinks, in the dataset's own layout: :func:`link_cases`)
     RUN/sites/NAME/site/            its site folder: klt.key, autoencoders, local evaluation results
     RUN/sites/NAME/auth/            its SuperNode key pair (supernode.key stays here)
     RUN/sites/NAME/flwr/            its SuperNode's FLWR_HOME
     RUN/logs/                       superlink.log, NAME.log, register.log, flwr-run.log
     RUN/summary.json                the aggregate summary
+    RUN/plan.json                   with --plan: the plan the hospitals applied (a copy of the ServerApp's)
 """
 
 from __future__ import annotations
@@ -44,11 +45,12 @@ from typing import Callable
 from ..certs import CA_CERT, SERVER_CERT, SERVER_KEY, init_ca
 from ..client.stages import site_seed
 from ..config import Config, to_dict
-from ..data import Case
+from ..data import Case, case_files
+from ..data import link_cases as link_dataset
 from ..errors import PpcmiError
 from ..fileio import atomic_write_json, atomic_write_text
 from ..metrics import write_summary
-from ..simulate import plan
+from ..simulate import Plan, plan
 from .auth import PRIVATE, PUBLIC, supernode_keygen
 from .server_app import PROGRESS_PREFIX, SERVER_DIR_ENV
 from .wire import FlowerSettings, write_app
@@ -227,31 +229,59 @@ def wait_listening(procs: Processes, name: str, port: int, timeout: float = STAR
 # ----------------------------------------------------------------------------- data
 
 
-def link_cases(assignments: dict[str, list[Case]], run: Path) -> None:
-    """Symlink each destination's case files into ``run/<destination>/{images,masks}``.
+def link_cases(assignments: dict[str, list[Case]], root: str | Path, run: Path) -> None:
+    """Symlink each destination's cases into ``run/<destination>/`` in the layout of the dataset ``root`` they were
+    discovered in (:func:`ppcmi.data.link_cases`: ``images/`` + ``masks/``, nnU-Net's ``imagesTr/`` + ``labelsTr/``
+    with its ``dataset.json``, DICOM-RT patient folders), so that discovery there gives the same cases.
 
     A destination holds whole files: the slices of one volume must not be split across them.
     """
     owner: dict[Path, str] = {}
     for dest, cases in assignments.items():
         for c in cases:
-            for src, sub in ((c.image_path, "images"), (c.mask_path, "masks")):
+            for src in case_files(c):
                 src = src.resolve()
                 if owner.setdefault(src, dest) != dest:
                     raise DeployError(f"{src}: slices of this volume fall into {owner[src]} and {dest}; "
                                       "use data.partition=group so that a volume stays in one place")
-                link = run / dest / sub / src.name
-                if not link.is_symlink():
-                    link.parent.mkdir(parents=True, exist_ok=True)
-                    link.symlink_to(src, target_is_directory=src.is_dir())
+    for dest, cases in assignments.items():
+        link_dataset(cases, root, run / dest)
 
 
-def _node_config(site: Path, name: str, threads: int, seed: int, send_noise: float) -> str:
+def _node_config(site: Path, name: str, threads: int, seed: int, send_noise: float, modality: str | None = None) -> str:
     values = {"site-dir": site / "site", "data-dir": site / "data", "test-dir": site / "test"}
     for k, v in values.items():
         if "'" in str(v):
             raise DeployError(f"{v}: a path with a single quote cannot be passed in a Flower node_config")
-    return " ".join(f"{k}='{v}'" for k, v in values.items()) + f' name="{name}" threads={threads} seed={seed} send-noise={float(send_noise)!r}'
+    text = " ".join(f"{k}='{v}'" for k, v in values.items()) + f' name="{name}" threads={threads} seed={seed} send-noise={float(send_noise)!r}'
+    return text + (f" modality={json.dumps(modality)}" if modality else "")
+
+
+def _shared_rois(cfg: Config, found: set[tuple[str, ...]]) -> str | None:
+    """``data.rois`` for every hospital: the ROIs the coordinator's discovery chose from the RTSTRUCT masks (the
+    same classes at every site), ``cfg``'s own value when set, None without RTSTRUCT masks."""
+    found.discard(())
+    if cfg.data.rois is not None or not found:
+        return cfg.data.rois
+    (rois,) = found  # one dataset, one choice
+    odd = [r for r in rois if "," in r or r != r.strip()]
+    if odd:
+        raise DeployError(f"data.rois: the RTSTRUCT ROI {odd[0]!r} cannot be named in a comma-separated data.rois; "
+                          "rename it in the RTSTRUCT files")
+    return ",".join(rois)
+
+
+def deal(cfg: Config, data: str | Path, run: Path) -> tuple[Config, Plan]:
+    """Split ``data`` as ``simulate`` does (:func:`ppcmi.simulate.plan`: ``cfg.clients`` hospitals and the held-out
+    test patients) and link each hospital's cases into ``run/sites/NAME/data/`` and the test cases into
+    ``run/test/`` (:func:`link_cases`). Returns the configuration with the classes fixed for every hospital
+    (``data.labels``, ``data.class_names``, ``data.rois``) and the split."""
+    pl = plan(cfg, data)
+    rois = {c.rois for cases in [*pl.hospitals.values(), pl.test] for c in cases}
+    cfg = replace(cfg, data=replace(cfg.data, labels=",".join(map(str, pl.labels.values)),
+                                    class_names=",".join(pl.labels.names), rois=_shared_rois(cfg, rois)))
+    link_cases({f"sites/{n}/data": cases for n, cases in pl.hospitals.items()} | {"test": pl.test}, data, run)
+    return cfg, pl
 
 
 # ----------------------------------------------------------------------------- the deployment
@@ -259,8 +289,11 @@ def _node_config(site: Path, name: str, threads: int, seed: int, send_noise: flo
 
 def deploy(cfg: Config, data: str | Path, out: str | Path, *, sites: int, port: int | None = None,
            settings: FlowerSettings | None = None, echo: Callable[[str], None] = log.info,
-           run_timeout: float = 24 * 3600.0) -> dict:
-    """Run the whole pipeline on a local federation of ``sites`` SuperNodes; returns the aggregate summary."""
+           run_timeout: float = 24 * 3600.0, modality: str | None = None) -> dict:
+    """Run the whole pipeline on a local federation of ``sites`` SuperNodes; returns the aggregate summary.
+
+    ``modality`` (CT, MR, US, ...; where ``dataset.json`` or a DICOM header does not tell) goes into every
+    SuperNode's ``node_config``: each hospital states its own data's modality in its fingerprint."""
     run = Path(out).absolute()
     if run.exists() and any(run.iterdir()):
         raise DeployError(f"{run}: folder is not empty; choose another --out")
@@ -268,11 +301,9 @@ def deploy(cfg: Config, data: str | Path, out: str | Path, *, sites: int, port: 
         raise DeployError(f"--sites: need at least 1 hospital, got {sites}")
     if port is not None:
         check_port(port)
-    cfg = replace(cfg, clients=sites)
-    pl = plan(cfg, data)
-    # every hospital must use the same classes: fix them in the shared configuration
-    cfg = replace(cfg, data=replace(cfg.data, labels=",".join(map(str, pl.labels.values)),
-                                    class_names=",".join(pl.labels.names)))
+    if modality is not None and not re.fullmatch(r"[A-Za-z0-9_-]{1,16}", modality):
+        raise DeployError(f"--modality: a name such as CT, MR or US, got {modality!r}")
+    cfg, pl = deal(replace(cfg, clients=sites), data, run)
     settings = settings or FlowerSettings()
     settings = replace(settings, nodes=sites)
     logs = run / "logs"
@@ -285,7 +316,6 @@ def deploy(cfg: Config, data: str | Path, out: str | Path, *, sites: int, port: 
     write_app(run / "app", cfg, settings)
     names = list(pl.hospitals)
     seeds = {n: site_seed(cfg.seed, i) for i, n in enumerate(names)}  # as simulate numbers the same hospitals
-    link_cases({f"sites/{n}/data": pl.hospitals[n] for n in names} | {"test": pl.test}, run)
     for n in names:
         site = run / "sites" / n
         (site / "test").symlink_to(run / "test", target_is_directory=True)
@@ -323,9 +353,10 @@ def deploy(cfg: Config, data: str | Path, out: str | Path, *, sites: int, port: 
         threads = max(1, (os.cpu_count() or 1) // sites)
         for n, p in zip(names, node_ports):
             site = run / "sites" / n
+            node_config = _node_config(site, n, threads, seeds[n], cfg.autoencoder.send_noise, modality)
             procs.start(n, [tool("flower-supernode"), "--superlink", f"{HOST}:{link_port}",
                             "--root-certificates", str(site / CA_CERT), "--auth-supernode-private-key", str(site / "auth" / PRIVATE),
-                            "--host", HOST, "--port", str(p), "--node-config", _node_config(site, n, threads, seeds[n], cfg.autoencoder.send_noise)],
+                            "--host", HOST, "--port", str(p), "--node-config", node_config],
                         flower_env(site / "flwr"), cwd=site)
         for n, p in zip(names, node_ports):
             wait_listening(procs, n, p)
@@ -338,6 +369,8 @@ def deploy(cfg: Config, data: str | Path, out: str | Path, *, sites: int, port: 
         procs.stop()
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
+    if (Path(summary["server_dir"]) / "plan.json").exists():  # with --plan: the plan the hospitals applied, beside the summary
+        shutil.copyfile(Path(summary["server_dir"]) / "plan.json", run / "plan.json")
     summary["deployment"] = {"sites": names, "superlink": f"{HOST}:{link_port}", "wall_s": time.perf_counter() - t_start,
                              "tls": True, "supernode_auth": True}
     write_summary(summary, run / "summary.json")

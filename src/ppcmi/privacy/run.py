@@ -121,7 +121,7 @@ class Run:
                 raise PpcmiError(f"aux: test patients {overlap[:3]} also belong to a hospital; the split is not patient-disjoint")
             source = "the run's held-out test patients"
         else:
-            aux_cases = discover_cases(aux_dir, group_regex=self.cfg.data.group_regex)
+            aux_cases = discover_cases(aux_dir, group_regex=self.cfg.data.group_regex, rois=self.cfg.data.roi_names())
             test = stages.prepare(aux_cases, self.cfg, labels)
             groups = [f"aux:{c.group}" for c in aux_cases]
             victim_hashes = {hashlib.sha256(im.tobytes()).hexdigest() for s in self._sites.values() for im in s.truth.images}
