@@ -56,7 +56,7 @@ from typing import Callable
 import numpy as np
 
 from ppcmi import certs, protocol
-from ppcmi.experiment import machine, wait_for_service
+from ppcmi.experiment import machine, untrained_model, wait_for_service
 from ppcmi.client.remote import tls_context
 from ppcmi.fileio import atomic_write_json, atomic_write_text
 
@@ -545,17 +545,10 @@ def tally(outcomes: list[Outcome]) -> dict:
 
 def build_model(root: Path, hospitals: list[str], size: int, width: float) -> tuple[Path, dict]:
     """A server model folder with seeded untrained weights (a query's cost and checks do not depend on them)."""
-    from ppcmi.models import AEConfig, MappingConfig, MappingNet
-    from ppcmi.training import save_weights, seeded_init
+    from ppcmi.models import AEConfig, MappingConfig
 
     shapes = {kind: AEConfig(in_channels=cin, width=width).latent_shapes(size) for kind, cin in (("image", 1), ("mask", 2))}
-    mcfg = MappingConfig(widen=(8, 8, 8), mid=(8, 8), down=(8, 8, 8))
-    net = seeded_init(lambda: MappingNet({s: v[0] for s, v in shapes["image"].items()},
-                                         {s: v[0] for s, v in shapes["mask"].items()}, hospitals, mcfg), 0)
-    model = root / "model"
-    save_weights(net, model / "mapping.safetensors")
-    atomic_write_json(model / "config.json", {"mapping": asdict(mcfg), "clients": hospitals,
-                                              "image_shapes": shapes["image"], "mask_shapes": shapes["mask"]})
+    model, _ = untrained_model(root, hospitals, shapes, MappingConfig(widen=(8, 8, 8), mid=(8, 8), down=(8, 8, 8)))
     return model, shapes["image"]
 
 

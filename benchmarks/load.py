@@ -31,17 +31,15 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 from ppcmi import certs, protocol
-from ppcmi.experiment import machine, wait_for_service
+from ppcmi.experiment import machine, untrained_model, wait_for_service
 from ppcmi.client.remote import tls_context
 from ppcmi.fileio import atomic_write_json, atomic_write_text
-from ppcmi.models import AEConfig, MappingConfig, MappingNet, count_parameters
-from ppcmi.training import save_weights, seeded_init
+from ppcmi.models import AEConfig, MappingConfig, count_parameters
 
 TARGET = {"hospitals": 4, "min_images_per_s": 20.0, "max_p99_ms": 200.0}
 
@@ -52,13 +50,7 @@ def build_model(root: Path, hospitals: list[str], size: int, n_classes: int = 3)
     Returns the folder, the image latent shapes and the parameters of one hospital's path
     (shared core plus its adapters)."""
     shapes = {kind: AEConfig(in_channels=cin, width=1.0).latent_shapes(size) for kind, cin in (("image", 1), ("mask", n_classes))}
-    mcfg = MappingConfig()
-    net = seeded_init(lambda: MappingNet({s: v[0] for s, v in shapes["image"].items()},
-                                         {s: v[0] for s, v in shapes["mask"].items()}, hospitals, mcfg), 0)
-    model = root / "model"
-    save_weights(net, model / "mapping.safetensors")
-    atomic_write_json(model / "config.json", {"mapping": asdict(mcfg), "clients": hospitals,
-                                              "image_shapes": shapes["image"], "mask_shapes": shapes["mask"]})
+    model, net = untrained_model(root, hospitals, shapes, MappingConfig())
     params = count_parameters(net.cores) + count_parameters(net.in_adapters[hospitals[0]]) + count_parameters(net.out_adapters[hospitals[0]])
     return model, shapes["image"], params
 

@@ -49,6 +49,24 @@ def wait_for_service(proc, url: str, ctx, log_tail, timeout: float = 120.0):
             raise SystemExit(f"the service did not start: {log_tail()[-2000:]}")
         time.sleep(0.2)
 
+def untrained_model(root: Path, hospitals: list[str], shapes: dict, mcfg: MappingConfig):
+    """A coordinator model folder ``root/model`` with seeded untrained weights for ``hospitals``, for the service
+    benchmarks (a query's cost and checks do not depend on the weights); ``shapes`` are the image and mask latent
+    shapes. Returns (the folder, the network)."""
+    from dataclasses import asdict
+
+    from .fileio import atomic_write_json
+    from .models import MappingNet
+    from .training import save_weights, seeded_init
+
+    net = seeded_init(lambda: MappingNet({s: v[0] for s, v in shapes["image"].items()},
+                                         {s: v[0] for s, v in shapes["mask"].items()}, hospitals, mcfg), 0)
+    model = Path(root) / "model"
+    save_weights(net, model / "mapping.safetensors")
+    atomic_write_json(model / "config.json", {"mapping": asdict(mcfg), "clients": hospitals,
+                                              "image_shapes": shapes["image"], "mask_shapes": shapes["mask"]})
+    return model, net
+
 def machine() -> dict:
     """The machine a benchmark ran on, for its results file: the CPU model (``/proc/cpuinfo``), cores, torch threads
     and versions. Timings are compared only within one machine."""
