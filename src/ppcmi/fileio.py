@@ -213,6 +213,11 @@ def read_json(path: str | os.PathLike, what: str, error: type[PpcmiError] = Ppcm
         raise error(f"{path}: truncated or corrupt {what} (invalid JSON at line {e.lineno}, column {e.colno})") from None
 
 
+
+def read_record(path: str | os.PathLike, what: str, error: type[PpcmiError] = PpcmiError) -> "Record":
+    """The JSON object in ``path`` as a :class:`Record` (:func:`read_json`, then checked to be an object)."""
+    return Record(read_json(path, what, error), path, what, error)
+
 _REQUIRED = object()
 _KIND_NAMES = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string", list: "a list",
                dict: "an object"}

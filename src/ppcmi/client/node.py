@@ -33,7 +33,7 @@ from ..config import Config
 from ..data import Case, discover_cases
 from ..labels import LabelMap, parse_labels
 from ..errors import PpcmiError
-from ..fileio import Record, atomic_write_json, ensure_dir, read_json
+from ..fileio import atomic_write_json, ensure_dir, read_record
 from ..metrics import evaluate_cases, summarize, write_evaluation
 from ..protocol import CLIENT_RE, Fingerprint, LatentBatch
 from . import stages
@@ -142,12 +142,12 @@ def train_autoencoders(node: NodeSite, cfg: Config) -> dict[str, Any]:
     site = node.site_dir
     ensure_dir(site)
     if (site / "site.json").exists():
-        meta = Record(read_json(site / "site.json", "site record"), site / "site.json", "site record")
+        meta = read_record(site / "site.json", "site record")
         owner = meta.get("site", str)
         if owner != node.name:
             raise PpcmiError(f"{site / 'site.json'}: belongs to site {owner!r}, not {node.name!r}")
     if _trained(node):
-        runs = {k: Record(read_json(p, "autoencoder record"), p, "autoencoder record").get("epochs_run", int)
+        runs = {k: read_record(p, "autoencoder record").get("epochs_run", int)
                 for k, p in ((k, site / f"{k}_ae" / "config.json") for k in ("image", "mask"))}
         return {"status": "existing", "image_epochs": runs["image"], "mask_epochs": runs["mask"],
                 "seconds": 0.0, "n_train": meta.get("n_train", int)}
@@ -199,7 +199,7 @@ def score(node: NodeSite, cfg: Config, reply: LatentBatch, out: str | Path) -> d
     pending = node.site_dir / PENDING
     if not pending.is_file():
         raise PpcmiError(f"{pending}: no record of a query sent by this site; nothing to score")
-    sent = Record(read_json(pending, "record of the query sent"), pending, "record of the query sent").raw
+    sent = read_record(pending, "record of the query sent").raw
     if reply.query != sent.get("query") or reply.client != node.name:
         raise PpcmiError(f"reply: answers query {reply.query or '(no id)'} for {reply.client!r}, not this site's query {sent.get('query')}")
     if sent.get("key") != h.key_fingerprint:

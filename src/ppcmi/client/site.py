@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from ..config import CONFIG_VERSION, AutoencoderConfig, Config, DataConfig, Preprocess, build, from_dict, migrate
 from ..errors import CheckpointError, PpcmiError
-from ..fileio import Record, atomic_write_json, fsync_dir, json_text, read_json
+from ..fileio import Record, atomic_write_json, fsync_dir, json_text, read_json, read_record
 from ..labels import LabelMap
 from ..klt import KeyedLatentTransform
 from ..data import PlaneGeometry, restore_labels
@@ -64,7 +64,7 @@ def _same_model(old: dict, meta: dict) -> list[str]:
 
 
 def _read_site_record(path: Path) -> dict:
-    return Record(read_json(path, "site record", CheckpointError), path, "site record", CheckpointError).raw
+    return read_record(path, "site record", CheckpointError).raw
 
 
 def train_site(site_dir: str | Path, name: str, images: np.ndarray, masks: np.ndarray, *, n_classes: int,
@@ -247,7 +247,7 @@ class Hospital:
             cfg_path = d / "config.json"
             if not cfg_path.is_file():
                 raise CheckpointError(f"{cfg_path}: missing; the {kind} autoencoder is not trained")
-            ae = Record(read_json(cfg_path, "autoencoder record", CheckpointError), cfg_path, "autoencoder record", CheckpointError)
+            ae = read_record(cfg_path, "autoencoder record", CheckpointError)
             raw = ae.get("autoencoder", dict)
             try:
                 cfg = build(AEConfig, raw, "autoencoder")

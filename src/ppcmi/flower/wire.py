@@ -164,10 +164,25 @@ def write_app(out: str | Path, cfg: Config, settings: FlowerSettings) -> Path:
 # ----------------------------------------------------------------------------- records
 
 
+def _bytes_record(name: str, blob: bytes) -> RecordDict:
+    """Content carrying ``blob`` as the single uint8 array of the ArrayRecord ``name``."""
+    return RecordDict({name: ArrayRecord(array_dict={_WIRE_ARRAY: Array(np.frombuffer(blob, dtype=np.uint8))})})
+
+
+def _record_bytes(content: RecordDict, name: str) -> bytes:
+    """The bytes :func:`_bytes_record` put into ``content``; any other shape of the record ``name`` is refused by name."""
+    rec = content[name] if name in content else None
+    if not isinstance(rec, ArrayRecord) or set(rec.keys()) != {_WIRE_ARRAY}:
+        raise ProtocolError(f"record {name!r}: expected an ArrayRecord with the single array {_WIRE_ARRAY!r}")
+    arr = rec[_WIRE_ARRAY].numpy()
+    if arr.dtype != np.uint8 or arr.ndim != 1:
+        raise ProtocolError(f"record {name!r}: expected a 1-D uint8 array, got {arr.dtype} {arr.shape}")
+    return arr.tobytes()
+
+
 def wire_record(msg: protocol.LatentBatch) -> RecordDict:
     """Content carrying one protocol message as a uint8 array."""
-    blob = np.frombuffer(protocol.encode(msg), dtype=np.uint8)
-    return RecordDict({WIRE: ArrayRecord(array_dict={_WIRE_ARRAY: Array(blob)})})
+    return _bytes_record(WIRE, protocol.encode(msg))
 
 
 def chunk_request(index: int, set_id: str = "", target: int = protocol.CHUNK_BYTES) -> RecordDict:
@@ -215,13 +230,7 @@ def check_reply(content: RecordDict, message_type: str) -> None:
 def read_wire(content: RecordDict, *, kind: str, client: str | None = None,
               max_bytes: int = protocol.MAX_BYTES) -> tuple[protocol.LatentBatch, bytes]:
     """The protocol message inside ``content``, decoded and checked; also its raw bytes."""
-    rec = content[WIRE] if WIRE in content else None
-    if not isinstance(rec, ArrayRecord) or set(rec.keys()) != {_WIRE_ARRAY}:
-        raise ProtocolError(f"record {WIRE!r}: expected an ArrayRecord with the single array {_WIRE_ARRAY!r}")
-    arr = rec[_WIRE_ARRAY].numpy()
-    if arr.dtype != np.uint8 or arr.ndim != 1:
-        raise ProtocolError(f"record {WIRE!r}: expected a 1-D uint8 array, got {arr.dtype} {arr.shape}")
-    blob = arr.tobytes()
+    blob = _record_bytes(content, WIRE)
     msg = protocol.decode(blob, max_bytes=max_bytes)
     if msg.kind != kind:
         raise ProtocolError(f"kind: expected a {kind!r} message, got {msg.kind!r}")
@@ -232,19 +241,12 @@ def read_wire(content: RecordDict, *, kind: str, client: str | None = None,
 
 def fingerprint_record(fp: protocol.Fingerprint) -> RecordDict:
     """Content carrying one fingerprint's bytes as a uint8 array."""
-    blob = np.frombuffer(protocol.encode_fingerprint(fp), dtype=np.uint8)
-    return RecordDict({FPRINT: ArrayRecord(array_dict={_WIRE_ARRAY: Array(blob)})})
+    return _bytes_record(FPRINT, protocol.encode_fingerprint(fp))
 
 
 def read_fingerprint(content: RecordDict) -> tuple[protocol.Fingerprint, bytes]:
     """The fingerprint inside ``content``, decoded and validated; also its bytes."""
-    rec = content[FPRINT] if FPRINT in content else None
-    if not isinstance(rec, ArrayRecord) or set(rec.keys()) != {_WIRE_ARRAY}:
-        raise ProtocolError(f"record {FPRINT!r}: expected an ArrayRecord with the single array {_WIRE_ARRAY!r}")
-    arr = rec[_WIRE_ARRAY].numpy()
-    if arr.dtype != np.uint8 or arr.ndim != 1:
-        raise ProtocolError(f"record {FPRINT!r}: expected a 1-D uint8 array, got {arr.dtype} {arr.shape}")
-    blob = arr.tobytes()
+    blob = _record_bytes(content, FPRINT)
     return protocol.decode_fingerprint(blob), blob
 
 

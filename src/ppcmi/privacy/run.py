@@ -20,7 +20,7 @@ import torch
 from .. import protocol
 from ..config import from_dict
 from ..errors import PpcmiError
-from ..fileio import Record, read_json
+from ..fileio import read_record
 from . import membership as M
 from .procedures import subset_rows
 from .views import (CandidatePool, ChallengePart, GroundTruth, LeakedPairs, MembershipChallenge, MembershipTruth,
@@ -64,7 +64,7 @@ class Run:
             raise PpcmiError(f"{run}: run folder not found")
         if not cfg_path.exists():
             raise PpcmiError(f"{cfg_path}: missing; not a run folder written by 'ppcmi simulate' or 'ppcmi demo'")
-        raw = Record(read_json(cfg_path, "run configuration"), cfg_path, "run configuration").raw
+        raw = read_record(cfg_path, "run configuration").raw
         recorded = raw.pop("data_dir", None)
         if recorded is not None and not isinstance(recorded, str):
             raise PpcmiError(f"{cfg_path}: field 'data_dir' must be a folder name, got {recorded!r}")
