@@ -14,7 +14,7 @@ from PIL import Image
 
 from ppcmi import protocol
 from ppcmi.client import stages
-from ppcmi.config import Config, DataConfig, Preprocess, load_config
+from ppcmi.config import Config, DataConfig, Preprocess, load_config, shared_settings
 from ppcmi.data import check_intensity, discover_cases, scale_intensity
 from ppcmi.data.discovery import dicom_modality
 from ppcmi.data.fingerprint import compute_fingerprint, dataset_modality, normalise_modality
@@ -448,11 +448,14 @@ def test_server_app_plans_from_the_nodes_fingerprints_and_sends_the_settings(tmp
     assert any("hospital2: modality unknown" in w for w in planned["warnings"])
     assert planned_cfg.mapping.epochs == 9 and planned["overrides"]["mapping.epochs"]["used"] == 9
     assert planned["expected"]["runner"] == "hospitals train stage 1 in parallel"
-    # what a hospital rebuilds from the message equals what the coordinator runs
+    # what a hospital rebuilds from the message equals what the coordinator runs (the U-Net reference's schedule,
+    # an experiment setting, stays with the coordinator)
     sent = {k: v for k, v in planned["settings"].items() if k not in planned["overrides"]}
     from flwr.app import RecordDict
 
-    assert wire.apply_plan_record(cfg, wire.with_plan(RecordDict(), sent)) == planned_cfg
+    rebuilt = wire.apply_plan_record(cfg, wire.with_plan(RecordDict(), sent))
+    assert shared_settings(rebuilt) == shared_settings(planned_cfg) and rebuilt.unet == cfg.unet
+    assert planned_cfg.unet.epochs == planned["reference"]["unet.epochs"] and not set(planned["reference"]) & set(sent)
 
 
 def test_plan_options_without_a_plan_are_refused_in_one_line(tmp_path):
@@ -614,9 +617,11 @@ def test_a_plan_with_a_box_and_a_spacing_crosses_a_flower_plan_record():
 
     plan = make_plan([_spaced("h1", 0.8, 0.8, extent=(0.05, 0.35, 0.6, 0.95))], Config())
     cfg, _ = apply_plan(Config(), plan)
-    assert wire.apply_plan_record(Config(), wire.with_plan(RecordDict(), plan["settings"])) == cfg
+    rebuilt = wire.apply_plan_record(Config(), wire.with_plan(RecordDict(), plan["settings"]))
+    assert rebuilt == dataclasses.replace(cfg, unet=Config().unet)  # the U-Net reference's schedule stays behind
     none = make_plan([_fake("h1")], Config())  # data.spacing and data.roi are null
-    assert wire.apply_plan_record(Config(), wire.with_plan(RecordDict(), none["settings"])) == apply_plan(Config(), none)[0]
+    assert shared_settings(wire.apply_plan_record(Config(), wire.with_plan(RecordDict(), none["settings"]))) == \
+        shared_settings(apply_plan(Config(), none)[0])
 
 
 def test_real_nifti_planes_plan_their_own_spacing_and_restore_exactly():

@@ -18,22 +18,26 @@ from .augment import batch_augmenter
 from .config import Config
 from .data import PlaneGeometry, restore_labels
 from .errors import PpcmiError
+from .models import make_unet
 from .training import FitConfig, FitResult, fit, seeded_init
 
 
-def make_unet(in_channels: int, n_classes: int) -> UNet:
-    return UNet(spatial_dims=2, in_channels=in_channels, out_channels=n_classes, channels=(16, 32, 64, 128, 256),
-                strides=(2, 2, 2, 2), num_res_units=2)
+def reference_schedule(cfg: Config) -> tuple[int, int]:
+    """Epochs and patience of the centralized reference: ``unet.epochs`` / ``unet.patience`` (a plan sets them to the
+    run's time budget), else as many augmented training pairs as the mapping network sees (``mapping.epochs`` x
+    ``autoencoder.send_copies`` epochs over the pooled data, patience likewise)."""
+    k = cfg.autoencoder.send_copies
+    return (cfg.unet.epochs if cfg.unet.epochs is not None else cfg.mapping.epochs * k,
+            cfg.unet.patience if cfg.unet.patience is not None else cfg.mapping.patience * k)
 
 
 def train_reference_unet(cfg: Config, parts: list[dict], n_classes: int, work_dir: str | Path, *, desc: str = "centralized U-Net",
                          progress: bool = True) -> tuple[UNet, FitResult]:
-    """A privacy-agnostic reference on the pooled ``parts`` (arrays from ``load_arrays``), with the same
-    budget as the mapping network: as many augmented training pairs (``mapping.epochs x send_copies``
-    epochs over the pooled data), the same batch size, schedule and augmentation."""
-    k = cfg.autoencoder.send_copies
+    """A privacy-agnostic reference on the pooled ``parts`` (arrays from ``load_arrays``) for
+    :func:`reference_schedule`'s epochs, with the mapping network's batch size, schedule and augmentation."""
+    epochs, patience = reference_schedule(cfg)
     return train_unet(np.concatenate([p["images"] for p in parts]), np.concatenate([p["masks"] for p in parts]), n_classes,
-                      work_dir, epochs=cfg.mapping.epochs * k, patience=cfg.mapping.patience * k,
+                      work_dir, epochs=epochs, patience=patience,
                       batch_size=cfg.mapping.batch_size, seed=cfg.seed, augment=cfg.autoencoder.augment,
                       schedule=cfg.mapping.lr_schedule, desc=desc, progress=progress)
 

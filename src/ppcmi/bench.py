@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .baselines import predict_unet, train_reference_unet
-from .config import Config, load_config, to_dict
+from .baselines import predict_unet, reference_schedule, train_reference_unet
+from .config import Config, from_dict, load_config, to_dict
 from .data import load_arrays
 from .errors import PpcmiError
 from .fileio import atomic_write_json, atomic_write_text
@@ -143,12 +143,12 @@ def results_md(dataset: str, results: dict[str, dict]) -> str:
         lines.append(_row(m, r["summary"]))
         for v, summ in r.get("variants", {}).items():
             lines.append(_row(f"{m} ({v.replace('_', ' ')})", summ))
-    lines += ["", "| method | epochs (U-Net: mapping epochs x copies) | wall time s | stage times s |", "|---|---|---|---|"]
+    lines += ["", "| method | epochs (mapping network; U-Net: its own) | wall time s | stage times s |", "|---|---|---|---|"]
     for m, r in results.items():
         t = ", ".join(f"{k} {v:.0f}" + (" (shared with ppcmi_cpu)" if k == "stage1_s" and r.get("stage1_from") else "")
                       for k, v in r.get("timings_s", {}).items())
-        c = r["config"]
-        epochs = c["mapping"]["epochs"] * (c["autoencoder"]["send_copies"] if m.startswith("unet_") else 1)
+        c = from_dict(r["config"])
+        epochs = reference_schedule(c)[0] if m.startswith("unet_") else c.mapping.epochs
         lines.append(f"| {m} | {epochs} | {r['wall_s']:.0f} | {t} |")
     return "\n".join(lines) + "\n"
 

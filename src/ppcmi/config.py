@@ -1,6 +1,6 @@
 """Run configuration (both sides): typed, frozen dataclasses loaded from TOML with typed overrides.
 
-A TOML file has the sections ``[data]``, ``[autoencoder]``, ``[mapping]`` and top-level keys;
+A TOML file has the sections ``[data]``, ``[autoencoder]``, ``[mapping]``, ``[unet]`` and top-level keys;
 unknown sections or keys are rejected. Overrides are ``section.key=value`` strings parsed to the
 field's type (``--set autoencoder.epochs=5 --set data.size=128``). The resolved configuration is
 saved as ``config.json`` next to every output, with its ``version``; :func:`migrate` reads older ones.
@@ -10,7 +10,7 @@ Who reads a setting (:func:`reader`): *shared* settings (preprocessing, labels, 
 training settings, the seed) cross to the coordinator in the run configuration and every hospital
 applies them; *hospital* settings (:data:`HOSPITAL`: how it groups its own files, the noise it adds
 before sending) stay at a hospital, in a SuperNode's ``node_config``; *experiment* settings
-(:data:`EXPERIMENT`: how many hospitals, how one dataset is dealt and split, the scoring size) are
+(:data:`EXPERIMENT`: how many hospitals, how one dataset is dealt and split, the U-Net reference's schedule) are
 read only by ``simulate``, ``demo``, ``bench`` and ``deploy``. :func:`shared_settings` is all that
 may cross.
 """
@@ -211,6 +211,22 @@ class MappingTrainConfig(MappingConfig):
             object.__setattr__(self, "dp_epsilon", check_real("mapping.dp_epsilon", self.dp_epsilon, 0.0, 1e6, lo_open=True))
 
 
+@dataclass(frozen=True)
+class UNetConfig:
+    """The ``[unet]`` settings: the schedule of the centralized U-Net reference that ``demo`` and ``bench`` train
+    next to PPCMI-SF (experiment settings). ``None``: as many augmented pairs as the mapping network sees
+    (``mapping.epochs`` x ``autoencoder.send_copies`` epochs over the pooled data, patience likewise); a plan sets
+    them so that the U-Net gets the run's time budget."""
+
+    epochs: int | None = None
+    patience: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "patience"):
+            if getattr(self, name) is not None:
+                check_int(f"unet.{name}", getattr(self, name), 1, 100_000)
+
+
 def _check_training(section: str, cfg: AutoencoderConfig | MappingTrainConfig) -> None:
     """The training settings both networks have: positive counts, a finite positive rate, a validation fraction."""
     check_int(f"{section}.epochs", cfg.epochs, 1)
@@ -230,6 +246,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     mapping: MappingTrainConfig = field(default_factory=MappingTrainConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
 
     def __post_init__(self) -> None:
         if isinstance(self.chunk_bytes, bool) or not isinstance(self.chunk_bytes, int) or \
@@ -248,7 +265,7 @@ RETIRED = {"data.eval_size": "retired in config version 3: test cases are scored
                              "probabilities resampled to each plane's own grid before the argmax); remove the setting"}
 
 HOSPITAL = ("data.group_regex", "data.group_csv", "autoencoder.send_noise")
-EXPERIMENT = ("clients", "data.split_lists", "data.test_frac", "data.partition")
+EXPERIMENT = ("clients", "data.split_lists", "data.test_frac", "data.partition", "unet.epochs", "unet.patience")
 
 
 def reader(key: str) -> str:

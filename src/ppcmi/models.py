@@ -330,3 +330,12 @@ def config_dict(cfg) -> dict:
 
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def make_unet(in_channels: int, n_classes: int) -> nn.Module:
+    """The centralized reference's network: a MONAI ``UNet`` (2D, channels 16 to 256, two residual units per level).
+    Here, not in :mod:`ppcmi.baselines`, so that the coordinator's planner can count its FLOPs."""
+    from monai.networks.nets import UNet
+
+    return UNet(spatial_dims=2, in_channels=in_channels, out_channels=n_classes, channels=(16, 32, 64, 128, 256),
+                strides=(2, 2, 2, 2), num_res_units=2)

@@ -24,6 +24,10 @@ What the plan decides (``plan.json``'s ``settings``):
 - batch sizes, epochs, patience, augmented copies, augmentation and the mapping network's schedule, from the
   number of training planes and the time budget (``--budget MINUTES``), through a per-step cost model whose
   table was measured on a 2-core CPU (:data:`COST_TABLE`).
+
+Besides the settings, ``plan.json``'s ``reference`` gives the centralized U-Net that ``demo`` and ``bench`` train
+next to PPCMI-SF the same time: ``unet.epochs`` (and patience) so that its estimated training time equals the two
+stages' (experiment settings; they never cross to a hospital).
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ import numpy as np
 
 from ..config import Config, load_config, to_dict
 from ..errors import ConfigError, PpcmiError
-from ..models import AEConfig, Autoencoder, MappingConfig, MappingNet
+from ..models import AEConfig, Autoencoder, MappingConfig, MappingNet, make_unet
 from ..protocol import QUANTILES, Fingerprint, hist_edges
 
 PLAN_VERSION = 1
@@ -59,6 +63,7 @@ MIN_STEPS_PER_EPOCH = 8
 MIN_BATCH = 8                   # BatchNorm statistics need a few samples per batch
 AE_EPOCHS = (20, 100)           # (fewest the plan accepts before lowering the size, the published most)
 MAP_EPOCHS = (20, 150)
+UNET_MAX_EPOCHS = 2000          # the reference U-Net's epochs are capped here however small the data
 STAGE1_SHARE = 0.4              # of the budget beyond both minimums, before a stage that needs less hands its rest on
 
 # Seconds per bare training step (forward, loss, backward, Adam) at batch 16 on a 2-core AMD EPYC (torch 2.13, 2 threads),
@@ -260,6 +265,35 @@ def step_seconds(size: int, gflop: dict[str, float]) -> dict[str, float]:
     """Seconds per training step: ``gflop`` at the throughput :data:`COST_TABLE` measured at the nearest size."""
     ref = min(COST_TABLE, key=lambda s: abs(math.log(s / size)))
     return {k: g * COST_TABLE[ref][k][0] / COST_TABLE[ref][k][1] for k, g in gflop.items()}
+
+
+def unet_gflop(size: int, n_classes: int, channels: int = 1, batch: int = 16) -> float:
+    """GFLOP of one training step of the centralized reference U-Net (:func:`ppcmi.models.make_unet`) at ``size``,
+    counted like :func:`training_gflop`."""
+    key = ("unet", size, n_classes, channels, batch)
+    if key not in _GFLOP:
+        import torch
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with torch.device("meta"):
+            net = make_unet(channels, n_classes).eval()
+            with torch.no_grad(), FlopCounterMode(display=False) as fc:
+                net(torch.zeros(1, channels, size, size))
+        _GFLOP[key] = {"unet": 3.0 * fc.get_total_flops() * batch / 1e9}
+    return _GFLOP[key]["unet"]
+
+
+def reference_epochs(seconds: float, size: int, pooled: Pooled, channels: int, batch: int,
+                     val_frac: float = 0.2) -> tuple[int, float]:
+    """Epochs of the centralized reference U-Net on every hospital's planes pooled (``val_frac`` held out, batches of
+    ``batch``) that take about ``seconds``, and the seconds of one epoch: its FLOPs at the throughput the image
+    autoencoder (a convolutional network of the same kind) was measured at, times :data:`OVERHEAD`."""
+    ref = min(COST_TABLE, key=lambda s: abs(math.log(s / size)))
+    sec, gflop = COST_TABLE[ref]["image_ae"]
+    n = sum(pooled.n_planes)
+    n_train = max(1, n - max(1, int(round(n * val_frac)))) if n >= 4 else n
+    epoch = OVERHEAD * unet_gflop(size, pooled.n_classes, channels, batch) * sec / gflop * math.ceil(n_train / batch)
+    return max(1, min(UNET_MAX_EPOCHS, int(seconds / epoch))), epoch
 
 
 def _batch(n: int, cap: int = 16) -> int:
@@ -474,13 +508,23 @@ def make_plan(fingerprints: Sequence[Fingerprint], cfg: Config, *, budget_min: f
                                  "the budget fixes the schedule, so a cosine decay ends it and every epoch runs (patience = epochs)")
     reasons["mapping.patience"] = reasons["mapping.lr_schedule"] = reasons["mapping.epochs"]
     stage1, stage2 = e1 * epoch1, e2 * epoch2
+    channels = 3 if cfg.data.color == "rgb" else 1
+    e_unet, epoch_unet = reference_epochs(stage1 + stage2, s, pooled, channels, b_map)
+    reference = {"unet.epochs": e_unet, "unet.patience": e_unet}
+    reasons["unet.epochs"] = reasons["unet.patience"] = (
+        f"the centralized reference U-Net of demo and bench gets the time both stages are expected to take "
+        f"({(stage1 + stage2) / 60:.1f} min): {e_unet} epochs at about {epoch_unet:.1f} s each over the {sum(pooled.n_planes)} "
+        f"planes pooled, in batches of {b_map} (the mapping network's), with its cosine schedule; every epoch runs")
     expected = {"stage1_s": round(stage1), "stage2_s": round(stage2), "total_s": round(stage1 + stage2),
                 "budget_s": round(budget_s), "runner": "one machine plays every hospital in turn" if sequential
                 else "hospitals train stage 1 in parallel",
                 "note": "an estimate for a 2-core CPU like the ones COST_TABLE and OVERHEAD were measured on "
                         "(ppcmi.server.plan; these differed up to 2.4x between sessions), for an otherwise idle machine; "
-                        "early stopping may end stage 1 sooner; the centralized U-Net of demo and bench is not included"}
-    return {"version": PLAN_VERSION, "settings": settings, "reasons": reasons, "expected": expected, "warnings": warnings,
+                        "early stopping may end stage 1 sooner; unet_s is the centralized reference U-Net of demo and bench, "
+                        "trained beside the two stages, not after them"}
+    expected["unet_s"] = round(e_unet * epoch_unet)
+    return {"version": PLAN_VERSION, "settings": settings, "reference": reference, "reasons": reasons, "expected": expected,
+            "warnings": warnings,
             "pooled": _pooled_json(pooled), "budget_min": budget_min}
 
 
@@ -517,7 +561,7 @@ def apply_plan(cfg: Config, plan: dict, explicit: Sequence[str] = ()) -> tuple[C
         if explicit & group:
             explicit |= group
     sets, overrides = [], {}
-    for key, value in plan["settings"].items():
+    for key, value in {**plan["settings"], **plan.get("reference", {})}.items():
         if key in explicit:
             if json.loads(json.dumps(current[key])) != value:
                 overrides[key] = {"plan": value, "used": current[key]}
@@ -540,7 +584,7 @@ def describe(plan: dict) -> str:
     p = plan.get("pooled", {})
     lines.append(f"{len(p.get('hospitals', []))} hospital(s), {sum(p.get('n_planes', []))} training planes, modality "
                  f"{p.get('modality')}, {p.get('n_classes')} classes")
-    for key, value in plan["settings"].items():
+    for key, value in {**plan["settings"], **plan.get("reference", {})}.items():
         over = plan.get("overrides", {}).get(key)
         shown = f"{over['used']} (set by you; the plan chose {value})" if over else value
         lines.append(f"  {key} = {shown}")
@@ -549,7 +593,8 @@ def describe(plan: dict) -> str:
         shown_reason = plan["reasons"].get(key)
     e = plan["expected"]
     lines.append(f"expected: stage 1 about {e['stage1_s'] / 60:.1f} min, stage 2 about {e['stage2_s'] / 60:.1f} min, in all "
-                 f"{e['total_s'] / 60:.1f} of the {e['budget_s'] / 60:.0f} min budget ({e['runner']})")
+                 f"{e['total_s'] / 60:.1f} of the {e['budget_s'] / 60:.0f} min budget ({e['runner']})"
+                 + (f"; the reference U-Net of demo and bench about {e['unet_s'] / 60:.1f} min beside them" if "unet_s" in e else ""))
     for w in plan.get("warnings", []):
         lines.append(f"warning: {w}")
     return "\n".join(lines)
@@ -557,4 +602,4 @@ def describe(plan: dict) -> str:
 
 __all__ = ["PLAN_VERSION", "DEFAULT_BUDGET_MIN", "COST_TABLE", "Pooled", "pool", "hist_percentiles", "data_warnings",
            "choose_region", "target_spacing",
-           "training_gflop", "step_seconds", "make_plan", "apply_plan", "describe"]
+           "training_gflop", "step_seconds", "unet_gflop", "reference_epochs", "make_plan", "apply_plan", "describe"]
