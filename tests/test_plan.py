@@ -204,6 +204,34 @@ def test_size_is_a_multiple_of_32_from_the_native_size_and_the_budget_bounds_the
         tight["settings"]["data.size"] < big["settings"]["data.size"]
 
 
+def test_the_reference_unet_gets_the_time_both_stages_are_expected_to_take():
+    from ppcmi.baselines import reference_schedule
+    from ppcmi.server.plan import reference_epochs
+
+    one = make_plan([_fake("h1", n=400, size=128, extent=(0, 1, 0, 1))], Config(), budget_min=30)
+    e = one["expected"]
+    epochs = one["reference"]["unet.epochs"]
+    assert one["reference"] == {"unet.epochs": epochs, "unet.patience": epochs}  # every epoch runs
+    # its estimate is the two stages' less at most one epoch (the epochs are whole)
+    pooled, _ = pool([_fake("h1", n=400, size=128, extent=(0, 1, 0, 1))])
+    got, epoch_s = reference_epochs(e["stage1_s"] + e["stage2_s"], one["settings"]["data.size"], pooled, 1,
+                                    one["settings"]["mapping.batch_size"])
+    assert got == epochs and e["stage1_s"] + e["stage2_s"] - epoch_s - 1 <= e["unet_s"] <= e["stage1_s"] + e["stage2_s"] + 1
+    # twice the planes in the same seconds: an epoch costs twice as much, so about half the epochs
+    twice, _ = pool([_fake("h1", n=800, size=128, extent=(0, 1, 0, 1))])
+    half, epoch2_s = reference_epochs(e["stage1_s"] + e["stage2_s"], one["settings"]["data.size"], twice, 1,
+                                      one["settings"]["mapping.batch_size"])
+    assert epoch2_s == pytest.approx(2 * epoch_s, rel=0.02) and abs(half - epochs / 2) <= 1
+    # applied, the reference's epochs are the U-Net's; a user's unet.epochs wins and is recorded
+    cfg, applied = apply_plan(Config(), one)
+    assert reference_schedule(cfg) == (epochs, epochs) and applied["overrides"] == {}
+    mine, applied = apply_plan(load_config(None, ["unet.epochs=7"]), one, ["unet.epochs"])
+    assert reference_schedule(mine) == (7, epochs) and applied["overrides"]["unet.epochs"] == {"plan": epochs, "used": 7}
+    # unplanned, the U-Net sees as many augmented pairs as the mapping network
+    plain = load_config(None, ["mapping.epochs=30", "mapping.patience=10", "autoencoder.send_copies=4"])
+    assert reference_schedule(plain) == (120, 40)
+
+
 def test_the_budget_never_shrinks_the_smallest_class_below_16_pixels_a_side():
     # a class of 0.5 % of the field: 16 / sqrt(0.005) = 226 pixels a side, so 256 stays however tight the budget
     tiny_class = [_fake("h1", n=2000, size=256, extent=(0, 1, 0, 1), fraction=(0.995, 0.005))]
