@@ -21,21 +21,21 @@ import torch
 
 from .errors import ConfigError
 
-DEVICE_HELP = "Where this party computes: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps."
 _SPEC = re.compile(r"auto|cpu|mps|cuda(?::([0-9]+))?")
 
 Device = torch.device | str | None
 
 
-def resolve_device(spec: Device = "auto") -> torch.device:
+def resolve_device(spec: Device = "auto", *, where: str = "--device") -> torch.device:
     """``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps`` (or a ``torch.device``; ``None`` is the CPU) as a
-    ``torch.device`` that is there; a device this machine lacks is a one-line :class:`ConfigError` naming ``--device``."""
+    ``torch.device`` that is there; a device this machine lacks is a one-line :class:`ConfigError` naming ``where``
+    (the option or setting it came from)."""
     if spec is None:
         return torch.device("cpu")
     if isinstance(spec, torch.device):
         spec = str(spec)
     if not isinstance(spec, str) or not _SPEC.fullmatch(spec.strip().lower()):
-        raise ConfigError(f"--device: must be auto, cpu, cuda, cuda:N or mps, got {spec!r}")
+        raise ConfigError(f"{where}: must be auto, cpu, cuda, cuda:N or mps, got {spec!r}")
     spec = spec.strip().lower()
     if spec == "auto":
         if torch.cuda.is_available():
@@ -47,13 +47,13 @@ def resolve_device(spec: Device = "auto") -> torch.device:
         return torch.device("cpu")
     if spec == "mps":
         if not _mps_available():
-            raise ConfigError("--device: mps is not available here (needs Apple silicon and a torch built with MPS); use cpu or auto")
+            raise ConfigError(f"{where}: mps is not available here (needs Apple silicon and a torch built with MPS); use cpu or auto")
         return torch.device("mps")
     if not torch.cuda.is_available():
-        raise ConfigError(f"--device: {spec} is not available here (torch {torch.__version__} sees no CUDA GPU); use cpu or auto")
+        raise ConfigError(f"{where}: {spec} is not available here (torch {torch.__version__} sees no CUDA GPU); use cpu or auto")
     index = int(_SPEC.fullmatch(spec).group(1) or torch.cuda.current_device())
     if index >= torch.cuda.device_count():
-        raise ConfigError(f"--device: {spec} is not available here ({torch.cuda.device_count()} CUDA GPU(s): "
+        raise ConfigError(f"{where}: {spec} is not available here ({torch.cuda.device_count()} CUDA GPU(s): "
                           f"cuda:0..cuda:{torch.cuda.device_count() - 1})")
     return torch.device("cuda", index)
 
@@ -114,5 +114,5 @@ def to_numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().float().cpu().numpy()
 
 
-__all__ = ["DEVICE_HELP", "Device", "resolve_device", "describe", "mixed_dtype", "autocast", "grad_scaler", "channels_last",
+__all__ = ["Device", "resolve_device", "describe", "mixed_dtype", "autocast", "grad_scaler", "channels_last",
            "to_numpy"]
