@@ -10,6 +10,7 @@ least ``MIXED_LABEL_AGREEMENT`` of the pixels get the CPU's label.
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -26,13 +27,13 @@ from ppcmi import protocol
 from ppcmi.augment import batch_augmenter
 from ppcmi.cli import app as cli_app
 from ppcmi.client.site import Hospital
-from ppcmi.config import AutoencoderConfig, Config, DataConfig, MappingTrainConfig
+from ppcmi.config import from_dict
 from ppcmi.device import autocast, grad_scaler, mixed_dtype, resolve_device, to_numpy
 from ppcmi.errors import ConfigError
 from ppcmi.experiment import synth
 from ppcmi.klt import KeyedLatentTransform
 from ppcmi.server.mapping import MappingServer
-from ppcmi.simulate import run_simulation
+from ppcmi.simulate import load_test, plan
 from ppcmi.training import FitConfig, fit, host_state, load_weights, save_weights, seeded_init
 
 REPO = Path(__file__).resolve().parents[1]
@@ -254,14 +255,28 @@ def test_a_trained_site_and_server_on_the_cpu_give_the_same_bytes_as_without_a_d
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
+    """The GPU benchmark's own path (simulate on the device, score, time, estimate, write) on tiny synthetic data on the
+    CPU; its trained hospital and server are what the other tests compare devices on."""
     root = tmp_path_factory.mktemp("device")
-    data = synth(root / "data", sites=2, patients_per_site=2, slices_per_patient=3, size=32, n_classes=2, seed=1)
-    cfg = Config(seed=0, clients=2, data=DataConfig(size=32, group_csv=str(data / "groups.csv"), test_frac=0.25, partition="site"),
-                 autoencoder=AutoencoderConfig(width=0.25, epochs=2),
-                 mapping=MappingTrainConfig(widen=(8, 8, 8), mid=(8, 8), down=(8, 8, 8), epochs=2))
-    res = run_simulation(cfg, data, root / "run", progress=False, device="cpu")
-    return {"root": root, "site": root / "run" / "sites" / "hospital1", "model": root / "run" / "server",
-            "images": res["_arrays"]["test"]["images"][:4]}
+    data = synth(root / "data", sites=2, patients_per_site=2, slices_per_patient=3, size=32, n_classes=3, seed=2)
+    gpu = _gpu_bench()
+    a = gpu.parse_args(["--data", str(data), "--out", str(root / "run"), "--results", str(root / "results"), "--quick",
+                        "--reps", "1", "--batches", "1,2", "--set", "autoencoder.epochs=1", "--set", "mapping.epochs=1", "--set", "data.size=32", "--set", "autoencoder.width=0.25", "--set", "mapping.widen=[8, 8, 8]",
+                        "--set", "mapping.mid=[8, 8]", "--set", "mapping.down=[8, 8, 8]", "--set", "clients=2"])
+    record = gpu.run(a, torch.device("cpu"))
+    cfg = from_dict({k: v for k, v in record["config"].items() if k != "data_dir"})
+    images = load_test(plan(cfg, data))["images"][:4]
+    return {"root": root, "record": record, "site": root / "run" / "sites" / "hospital1", "model": root / "run" / "server",
+            "images": images}
+
+
+def _gpu_bench():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_gpu", REPO / "benchmarks" / "gpu.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 # ----------------------------------------------------------------------------- CUDA (skipped without a GPU)
@@ -374,3 +389,29 @@ def test_bench_gpu_refuses_in_one_line_without_a_gpu():
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [r.stderr.strip()] and r.stderr.startswith("error: bench-gpu needs a CUDA GPU")
     assert not r.stdout.strip()
+
+
+def test_bench_gpu_defaults_are_the_published_widths_and_schedule():
+    from ppcmi.models import MappingConfig
+
+    gpu = _gpu_bench()
+    full, quick = gpu.config(gpu.parse_args([])), gpu.config(gpu.parse_args(["--quick"]))
+    pub = MappingConfig.published()
+    for cfg in (full, quick):
+        assert cfg.data.size == 256 and cfg.autoencoder.width == 1.0 and cfg.data.labels == "0,1,2"
+        assert (cfg.mapping.widen, cfg.mapping.mid, cfg.mapping.down) == (pub.widen, pub.mid, pub.down)
+    assert (full.autoencoder.epochs, full.autoencoder.patience, full.mapping.epochs, full.mapping.patience) == (100, 15, 150, 20)
+    assert quick.autoencoder.epochs == quick.mapping.epochs == 2
+
+
+def test_bench_gpu_measures_end_to_end_on_any_device(tiny_run):
+    rec, results = tiny_run["record"], tiny_run["root"] / "results"
+    assert json.loads((results / "gpu-quick.json").read_text())["dice"] == rec["dice"]
+    md = (results / "gpu-quick.md").read_text()
+    assert [(r["precision"], r["batch"]) for r in rec["latency"]] == [("fp32", 1), ("fp32", 2), ("mixed", 1), ("mixed", 2)]
+    assert all(r["total_ms"] > 0 and r["peak_gpu_mib"] is None for r in rec["latency"])
+    assert rec["schedule"] == {"autoencoder.epochs": 1, "autoencoder.patience": 2, "mapping.epochs": 1, "mapping.patience": 2}
+    e = rec["estimate"]
+    assert e["autoencoders"] == 4 and e["stage2_full_s"] == pytest.approx(e["stage2_epoch_s"] * 150)
+    assert e["stage1_full_s"] == pytest.approx(e["stage1_epoch_s"] * 100 * 4)
+    assert "Full schedule, extrapolated" in md and md.count("\n| fp32") == 2
