@@ -369,7 +369,8 @@ def fit(model: nn.Module, loss_fn: LossFn, train: Sequence[torch.Tensor], val: S
                 tot += loss.item() * len(idx)
                 count += len(idx)
             train_loss = tot / max(count, 1)
-            val_loss = evaluate_loss(model, loss_fn, val, cfg.batch_size, device=dev, mixed=mixed) if val is not None and val[0].shape[0] else train_loss
+            val_loss = (evaluate_loss(model, loss_fn, val, cfg.batch_size, device=dev, mixed=mixed)
+                        if val is not None and val[0].shape[0] else train_loss)
         rec = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss}
         res.history.append(rec)
         best, pending_best = pending_best, None

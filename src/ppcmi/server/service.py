@@ -41,6 +41,7 @@ from typing import Any
 
 from .. import protocol
 from ..certs import site_id_of
+from ..device import Device
 from ..errors import SERVICE_EXTRA_HINT, CertError, PpcmiError, ProtocolError
 from .mapping import MappingServer
 
@@ -138,7 +139,7 @@ class _CatchAll:
 
 
 def create_app(model_dir: str | Path, *, max_bytes: int = DEFAULT_MAX_BYTES, concurrency: int = 1,
-               body_timeout: float = DEFAULT_BODY_TIMEOUT, device=None):
+               body_timeout: float = DEFAULT_BODY_TIMEOUT, device: Device = None):
     """The FastAPI application serving one mapping model folder (loaded once onto ``device``, see
     :func:`ppcmi.device.resolve_device`; None is the CPU; shared by all requests)."""
     require_extra()
@@ -366,7 +367,7 @@ def uvicorn_config(app, *, cert: str | Path, key: str | Path, client_ca: str | P
 def serve(model_dir: str | Path, *, cert: str | Path, key: str | Path, client_ca: str | Path, host: str = "127.0.0.1",
           port: int = DEFAULT_PORT, max_bytes: int = DEFAULT_MAX_BYTES, concurrency: int = 1, log_level: str = "info",
           header_timeout: float = DEFAULT_HEADER_TIMEOUT, body_timeout: float = DEFAULT_BODY_TIMEOUT,
-          keep_alive_timeout: float = DEFAULT_KEEP_ALIVE_TIMEOUT, device=None) -> None:
+          keep_alive_timeout: float = DEFAULT_KEEP_ALIVE_TIMEOUT, device: Device = None) -> None:
     """Run the service with mutual TLS until interrupted, mapping on ``device``."""
     require_extra()
     import uvicorn
