@@ -223,6 +223,29 @@ def test_fit_on_the_cpu_equals_fit_without_a_device_bit_for_bit(tmp_path):
         assert best.read_bytes() == (tmp_path / "none" / best.name).read_bytes()
 
 
+def test_mixed_precision_training_runs_the_stage_losses_under_autocast(tmp_path):
+    """The CUDA default (autocast) on the CPU, in bf16: the autoencoder's BCE + Dice (float32 inside) and the mapping
+    network's routed forward (mixed_forward, whose parts come out in bf16) train, and the weights stay float32."""
+    from ppcmi.models import AEConfig, Autoencoder, MappingConfig, MappingNet
+    from ppcmi.server.mapping import _loss_fn
+    from ppcmi.training import bce_dice_loss
+
+    x = _images(8)
+    ae = seeded_init(lambda: Autoencoder(AEConfig(in_channels=1, width=0.25)), 0)
+    r = fit(ae, lambda m, b: bce_dice_loss(m(b[0]), b[0]), [torch.nn.functional.interpolate(x, size=32)], None,
+            FitConfig(epochs=2, batch_size=4, lr=1e-2, patience=5, seed=1), tmp_path / "ae", progress=False, mixed=True)
+    assert len(r.history) == 2 and all(np.isfinite(h["train_loss"]) for h in r.history)
+    assert all(p.dtype == torch.float32 for p in ae.parameters())
+    net = seeded_init(lambda: MappingNet({"s3": 8, "b": 16}, {"s3": 8, "b": 16}, ["a", "b"],
+                                         MappingConfig(widen=(8, 8, 8), mid=(8, 8), down=(8, 8, 8))), 0)
+    g = torch.Generator().manual_seed(3)
+    rows = [torch.tensor([0, 1] * 4), torch.randn(8, 8, 8, 8, generator=g), torch.randn(8, 16, 2, 2, generator=g),
+            torch.randn(8, 8, 8, 8, generator=g), torch.randn(8, 16, 2, 2, generator=g)]
+    r = fit(net, _loss_fn(["s3", "b"]), rows, None, FitConfig(epochs=3, batch_size=4, lr=1e-2, patience=5, seed=1), tmp_path / "map",
+            progress=False, mixed=True)
+    assert r.history[-1]["train_loss"] < r.history[0]["train_loss"]
+
+
 def test_checkpoints_are_host_tensors_and_load_onto_the_modules_device(tmp_path):
     m = seeded_init(_conv, 1).to(memory_format=torch.channels_last)
     state = host_state(m)
