@@ -111,6 +111,26 @@ def test_cli_refuses_cuda_on_a_machine_without_one():
     assert r.output.strip().startswith("error: --device: cuda is not available here") and len(r.output.strip().splitlines()) == 1
 
 
+def test_each_supernode_names_its_own_device_and_the_serverapp_its_own(tmp_path):
+    from ppcmi.client.node import NodeSite
+    from ppcmi.errors import PpcmiError
+
+    base = {"site-dir": str(tmp_path / "site"), "data-dir": str(tmp_path / "data"), "name": "hospital1"}
+    assert NodeSite.from_node_config(base).device == "auto"
+    assert NodeSite.from_node_config({**base, "device": "cpu"}).device == "cpu"
+    with pytest.raises(PpcmiError, match=r"^node_config: device: must be auto, cpu, cuda, cuda:N or mps, got 'gpu'$"):
+        NodeSite.from_node_config({**base, "device": "gpu"})
+    pytest.importorskip("flwr")
+    from ppcmi.config import Config
+    from ppcmi.flower import wire
+
+    rc = wire.run_config(Config(), wire.FlowerSettings(nodes=2, server_device="cuda:1"))
+    assert rc["flower"]["server-device"] == "cuda:1" and "device" not in rc  # the coordinator's, not a shared setting
+    flat = {**{k: v for k, v in rc.items() if not isinstance(v, dict)},
+            **{f"{sec}.{k}": v for sec, vals in rc.items() if isinstance(vals, dict) for k, v in vals.items()}}
+    assert wire.read_run_config(flat)[1].server_device == "cuda:1"
+
+
 # ----------------------------------------------------------------------------- precision
 
 

@@ -166,7 +166,8 @@ def run_bench(dataset: str, data: str | Path, out: str | Path, methods: list[str
     A preset is a fixed configuration, so by default nothing is planned. With ``plan`` the hospitals'
     fingerprints plan the run (:func:`ppcmi.simulate.plan_run`): the plan's settings replace the preset's,
     except the ``explicit`` keys (``--set``, ``--config``); labels, split and partition stay the preset's, and
-    every method's own settings apply on top. ``OUT/plan.json`` records it, and a rerun applies that plan again."""
+    every method's own settings apply on top. ``OUT/plan.json`` records it, and a rerun applies that plan again.
+    ``device``: where every method computes (:func:`ppcmi.device.resolve_device`; None is the CPU)."""
     data, out = Path(data), Path(out)
     cfg = dataset_config(dataset, config, overrides)
     if cfg.data.split_lists:  # list files live in the dataset folder
