@@ -250,11 +250,11 @@ def test_mixed_precision_training_runs_the_stage_losses_under_autocast(tmp_path)
     from ppcmi.server.mapping import _loss_fn
     from ppcmi.training import bce_dice_loss
 
-    x = _images(8)
+    x = torch.nn.functional.interpolate(_images(4), size=32)
     ae = seeded_init(lambda: Autoencoder(AEConfig(in_channels=1, width=0.25)), 0)
-    r = fit(ae, lambda m, b: bce_dice_loss(m(b[0]), b[0]), [torch.nn.functional.interpolate(x, size=32)], None,
-            FitConfig(epochs=2, batch_size=4, lr=1e-2, patience=5, seed=1), tmp_path / "ae", progress=False, mixed=True)
-    assert len(r.history) == 2 and all(np.isfinite(h["train_loss"]) for h in r.history)
+    r = fit(ae, lambda m, b: bce_dice_loss(m(b[0]), b[0]), [x], None, FitConfig(epochs=1, batch_size=2, lr=1e-2, patience=5, seed=1),
+            tmp_path / "ae", progress=False, mixed=True)
+    assert len(r.history) == 1 and np.isfinite(r.history[0]["train_loss"])
     assert all(p.dtype == torch.float32 for p in ae.parameters())
     net = seeded_init(lambda: MappingNet({"s3": 8, "b": 16}, {"s3": 8, "b": 16}, ["a", "b"],
                                          MappingConfig(widen=(8, 8, 8), mid=(8, 8), down=(8, 8, 8))), 0)
