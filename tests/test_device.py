@@ -3,9 +3,10 @@ that give one transform on every device, checkpoints that load anywhere; on a CU
 checkpoints crossing between the two, and the service mapping on the GPU (skipped without a GPU).
 
 Tolerances of the CUDA section (stated once, here): in float32 on CUDA (TF32 convolutions allowed, torch's default) the
-class probabilities of the same trained networks differ from the CPU's by at most ``FP32_PROB_TOL`` and the mapped
-latents by at most ``FP32_LATENT_TOL`` of their largest magnitude; under the default mixed precision (bf16, or fp16) at
-least ``MIXED_LABEL_AGREEMENT`` of the pixels get the CPU's label.
+keyed latents of the same trained networks differ from the CPU's by at most ``FP32_LATENT_TOL`` of their largest
+magnitude and the class probabilities by at most ``FP32_PROB_TOL``; under the default mixed precision (bf16, or fp16)
+the probabilities differ by at most ``MIXED_PROB_TOL``, and of the pixels the CPU labels with a margin of at least
+``CONFIDENT`` between its top two classes, at least ``MIXED_LABEL_AGREEMENT`` get the CPU's label.
 """
 
 from __future__ import annotations
@@ -40,8 +41,10 @@ REPO = Path(__file__).resolve().parents[1]
 CUDA = torch.cuda.is_available()
 MPS = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-FP32_PROB_TOL = 1e-3
-FP32_LATENT_TOL = 1e-3
+FP32_PROB_TOL = 1e-2
+FP32_LATENT_TOL = 1e-2
+MIXED_PROB_TOL = 0.1
+CONFIDENT = 0.1
 MIXED_LABEL_AGREEMENT = 0.99
 runner = CliRunner()
 
@@ -325,6 +328,14 @@ def _gpu_bench():
 # ----------------------------------------------------------------------------- CUDA (skipped without a GPU)
 
 
+def _agreement(probs: torch.Tensor, ref: torch.Tensor) -> float:
+    """The share of the pixels ``ref`` labels with a top-two margin of at least CONFIDENT that ``probs`` labels alike."""
+    top2 = ref.topk(2, dim=1).values
+    sure = (top2[:, 0] - top2[:, 1]) >= CONFIDENT
+    same = probs.argmax(1) == ref.argmax(1)
+    return same[sure].float().mean().item() if sure.any() else 1.0
+
+
 @needs_cuda
 def test_cpu_and_cuda_predictions_agree(tiny_run):
     site, model, images = tiny_run["site"], tiny_run["model"], tiny_run["images"]
@@ -345,7 +356,8 @@ def test_cpu_and_cuda_predictions_agree(tiny_run):
     # the default mixed precision on CUDA
     mix_h, mix_s = Hospital(site, device="cuda"), MappingServer(model, device="cuda")
     p_mix = mix_h.scores(mix_s.handle(mix_h.protect(images)))
-    assert (p_mix.argmax(1) == p_cpu.argmax(1)).float().mean().item() >= MIXED_LABEL_AGREEMENT
+    assert (p_mix - p_cpu).abs().max().item() <= MIXED_PROB_TOL
+    assert _agreement(p_mix, p_cpu) >= MIXED_LABEL_AGREEMENT
 
 
 def _cuda_fit(tmp_path, name, device, epochs=3, resume=False, stop_at=None):
@@ -418,8 +430,10 @@ def test_the_service_maps_on_the_gpu(tiny_run, tmp_path):
         server.should_exit = True
         thread.join(10)
     want = MappingServer(tiny_run["model"], device="cpu").handle(q)
-    labels_gpu, labels_cpu = h.unprotect(reply), h.unprotect(want)
-    assert (labels_gpu == labels_cpu).mean() >= MIXED_LABEL_AGREEMENT
+    assert reply.query == q.query and reply.client == "hospital1"
+    p_gpu, p_cpu = h.scores(reply), h.scores(want)
+    assert (p_gpu - p_cpu).abs().max().item() <= MIXED_PROB_TOL  # the service maps in its default (mixed) precision
+    assert _agreement(p_gpu, p_cpu) >= MIXED_LABEL_AGREEMENT
 
 
 # ----------------------------------------------------------------------------- the GPU benchmark, here where there is none
