@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-fast install clean bench-psfhs bench-acdc bench-sunnybrook bench-latency bench-load bench-fuzz bench-plots bench-scale bench-scale-quick audit-sunnybrook audit-psfhs audit-acdc
+.PHONY: demo test test-fast install clean bench-psfhs bench-acdc bench-sunnybrook bench-latency bench-load bench-fuzz bench-plots bench-scale bench-scale-quick bench-gpu audit-sunnybrook audit-psfhs audit-acdc
 
 install: $(STAMP)
 
@@ -50,6 +50,13 @@ bench-scale: $(STAMP)
 
 bench-scale-quick: $(STAMP)
 	$(PY) benchmarks/scale.py --data $(SHARED_DATA)/psfhs --quick
+
+# On a CUDA GPU (issue 15): PSFHS at 256x256, published widths and schedule, latency at batch 1 and 16 in fp32 and mixed
+# precision, peak GPU memory -> benchmarks/results/gpu.{json,md}; QUICK=1: 2 epochs per stage and the full run's estimate
+# (gpu-quick.{json,md}). Without a GPU it refuses in one line.
+QUICK ?=
+bench-gpu: $(STAMP)
+	$(PY) benchmarks/gpu.py --data $(SHARED_DATA)/psfhs $(if $(QUICK),--quick)
 
 bench-plots: $(STAMP)
 	$(PY) benchmarks/plots.py --results benchmarks/results

@@ -89,14 +89,15 @@ def apply_augment(batch: Sequence[torch.Tensor], kinds: Sequence[str], d: Augmen
         raise ValueError(f"augment: {len(batch)} tensors but {len(kinds)} kinds")
     ref = next(t for t, k in zip(batch, kinds) if k != "none")
     n, (h, w) = ref.shape[0], ref.shape[-2:]
-    grid = F.affine_grid(d.theta, [n, 1, h, w], align_corners=False)
+    # the parameters are drawn on the CPU (the same draws on every device) and applied where the batch is
+    grid = F.affine_grid(d.theta.to(ref.device), [n, 1, h, w], align_corners=False)
     out, images = [], iter(d.jitter)
     for t, kind in zip(batch, kinds):
         if kind == "none":
             out.append(t)
         elif kind == "image":
             y = F.grid_sample(t.float(), grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-            out.append(_apply_jitter(y, *next(images)))
+            out.append(_apply_jitter(y, *(j.to(y.device) for j in next(images))))
         elif kind == "mask":
             out.append(F.grid_sample(t.float(), grid, mode="nearest", padding_mode="border", align_corners=False))
         elif kind == "label":

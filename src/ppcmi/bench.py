@@ -22,6 +22,7 @@ import torch
 from .baselines import predict_unet, reference_schedule, train_reference_unet
 from .config import Config, from_dict, load_config, to_dict
 from .data import load_arrays
+from .device import Device, resolve_device
 from .errors import PpcmiError
 from .fileio import atomic_write_json, atomic_write_text
 from .metrics import evaluate_cases, summarize, write_evaluation
@@ -33,7 +34,7 @@ from .simulate import infer_and_score, load_test, plan, plan_run, run_simulation
 
 log = logging.getLogger(__name__)
 
-def _unet(cfg: Config, data: Path, out: Path, local: bool, progress: bool) -> tuple[list[dict], dict]:
+def _unet(cfg: Config, data: Path, out: Path, local: bool, progress: bool, device: Device = None) -> tuple[list[dict], dict]:
     """Centralized (pooled hospitals) or local (one U-Net per hospital) reference, evaluated on the test cases."""
     pl = plan(cfg, data)
     test = load_test(pl)
@@ -43,9 +44,10 @@ def _unet(cfg: Config, data: Path, out: Path, local: bool, progress: bool) -> tu
     seconds = 0.0
     for g, parts in groups.items():
         t0 = time.perf_counter()
-        model, _ = train_reference_unet(cfg, parts, pl.labels.n_classes, out / g, desc=f"U-Net {g}", progress=progress)
+        model, _ = train_reference_unet(cfg, parts, pl.labels.n_classes, out / g, desc=f"U-Net {g}", progress=progress,
+                                        device=device)
         seconds += time.perf_counter() - t0
-        pred = predict_unet(model, test["images"], test["geometries"])
+        pred = predict_unet(model, test["images"], test["geometries"], device=device)
         rows += evaluate_cases(pred, test["native_masks"], test["case_ids"], pl.labels.n_classes, spacings=test["native_spacings"],
                                class_names=list(pl.labels.names), extra=[{"site": g}] * len(pred))
     return rows, {"train_s": seconds}
@@ -68,24 +70,25 @@ def _reuse_stage1(src: Path, dst: Path, klt: bool) -> bool:
     return True
 
 
-def _inference_variants(cfg: Config, data: Path, run: Path) -> dict:
+def _inference_variants(cfg: Config, data: Path, run: Path, device: Device = None) -> dict:
     """Dice of a finished run when the wire carries float16, and when every network runs under bf16 autocast."""
     pl = plan(cfg, data)
     test = load_test(pl)
-    hospitals = {h: Hospital(run / "sites" / h) for h in pl.hospitals}
-    srv = MappingServer(run / "server")
+    dev = resolve_device(device)
+    hospitals = {h: Hospital(run / "sites" / h, device=dev, mixed=False) for h in pl.hospitals}
+    srv = MappingServer(run / "server", device=dev, mixed=False)
     servers = {h: srv for h in hospitals}
     out = {}
     for name, dtype, bf16 in (("float16_wire", np.float16, False), ("bf16_autocast", np.float32, True)):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # every network of the round trip
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):  # every network of the round trip
             _, rows = infer_and_score(hospitals, servers, test, pl.labels, dtype=dtype)
         out[name] = summarize(rows, group_key="site")
     return out
 
 
 def run_method(method: str, cfg: Config, data: Path, out: Path, *, published_epochs: int | None = None,
-               progress: bool = True) -> dict:
-    """One method end to end; returns its summary (also written to ``OUT/summary.json``)."""
+               progress: bool = True, device: Device = None) -> dict:
+    """One method end to end on ``device`` (None is the CPU); returns its summary (also written to ``OUT/summary.json``)."""
     if method not in METHODS:
         raise PpcmiError(f"--methods: unknown method {method!r}; known: {', '.join(METHODS)}")
     if (out / "summary.json").exists():
@@ -97,7 +100,7 @@ def run_method(method: str, cfg: Config, data: Path, out: Path, *, published_epo
     if method.startswith("unet_"):
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "config.json", {**to_dict(mcfg), "data_dir": str(data)})
-        rows, timings = _unet(mcfg, data, out, local=method == "unet_local", progress=progress)
+        rows, timings = _unet(mcfg, data, out, local=method == "unet_local", progress=progress, device=device)
         summ = summarize(rows, group_key="site")
         write_evaluation(rows, summ, out / "eval")
         result = {"summary": summ, "timings_s": timings}
@@ -106,13 +109,13 @@ def run_method(method: str, cfg: Config, data: Path, out: Path, *, published_epo
         if method != "ppcmi_cpu" and mcfg.autoencoder == cfg.autoencoder and (source / "summary.json").exists():
             if _reuse_stage1(source, out, mcfg.klt):
                 result["stage1_from"] = "ppcmi_cpu"
-        res = run_simulation(mcfg, data, out, resume=True, progress=progress)
+        res = run_simulation(mcfg, data, out, resume=True, progress=progress, device=device)
         res.pop("_arrays", None)
         if "stage1_from" in result:  # the autoencoders were trained once, by ppcmi_cpu
             res["timings_s"]["stage1_s"] = json.loads((source / "summary.json").read_text())["timings_s"]["stage1_s"]
         result.update(summary=res["ppcmi"], timings_s=res["timings_s"], payload=res["payload"])
         if method == "ppcmi_cpu":
-            result["variants"] = _inference_variants(mcfg, data, out)
+            result["variants"] = _inference_variants(mcfg, data, out, device)
     result.update(method=method, wall_s=time.perf_counter() - t0, config=to_dict(mcfg))
     atomic_write_json(out / "summary.json", result)
     return result
@@ -156,14 +159,15 @@ def results_md(dataset: str, results: dict[str, dict]) -> str:
 def run_bench(dataset: str, data: str | Path, out: str | Path, methods: list[str], *, config: str | Path | None = None,
               overrides: list[str] | None = None, published_epochs: int | None = None, progress: bool = True,
               plan: bool = False, explicit: list[str] | None = None, budget_min: float | None = None,
-              modality: str | None = None) -> dict:
+              modality: str | None = None, device: Device = None) -> dict:
     """Run ``methods`` in order (finished ones are skipped) and rewrite ``OUT/results.{json,md}`` with every
     finished method after each one.
 
     A preset is a fixed configuration, so by default nothing is planned. With ``plan`` the hospitals'
     fingerprints plan the run (:func:`ppcmi.simulate.plan_run`): the plan's settings replace the preset's,
     except the ``explicit`` keys (``--set``, ``--config``); labels, split and partition stay the preset's, and
-    every method's own settings apply on top. ``OUT/plan.json`` records it, and a rerun applies that plan again."""
+    every method's own settings apply on top. ``OUT/plan.json`` records it, and a rerun applies that plan again.
+    ``device``: where every method computes (:func:`ppcmi.device.resolve_device`; None is the CPU)."""
     data, out = Path(data), Path(out)
     cfg = dataset_config(dataset, config, overrides)
     if cfg.data.split_lists:  # list files live in the dataset folder
@@ -179,7 +183,7 @@ def run_bench(dataset: str, data: str | Path, out: str | Path, methods: list[str
     epochs = published_epochs or PUBLISHED_EPOCHS[dataset]
     for m in methods:
         log.info("bench %s: %s", dataset, m)
-        run_method(m, cfg, data, out / m, published_epochs=epochs, progress=progress)
+        run_method(m, cfg, data, out / m, published_epochs=epochs, progress=progress, device=device)
         results = {k: json.loads((out / k / "summary.json").read_text()) for k in METHODS if (out / k / "summary.json").exists()}
         atomic_write_json(out / "results.json", {"dataset": dataset, "data": str(data), "results": results})
         atomic_write_text(out / "results.md", results_md(dataset, results))

@@ -76,6 +76,9 @@ WindowOpt = typer.Option(None, "--window", help="Fixed intensity window LOW,HIGH
 OffsetOpt = typer.Option(None, "--offset", help="Subtracted from raw values first (1024 for CT stored as HU+1024).")
 BudgetOpt = typer.Option(None, "--budget", help="Minutes both training stages may take on this machine (the plan sizes "
                          "resolution, batches and epochs to it; default 20, for a 2-core CPU).")
+DeviceOpt = typer.Option("auto", "--device", help="Where this party computes: auto (CUDA, then MPS, then the CPU), cpu, "
+                         "cuda, cuda:N or mps. Each party chooses its own; it is not a shared setting. Mixed precision "
+                         "(bf16, or fp16 with a gradient scaler) and channels-last are used on CUDA only.")
 ModalityOpt = typer.Option(None, "--modality", help="CT, MR, US, XR, PET or OTHER, where dataset.json or a DICOM header does "
                            "not tell (it picks the intensity normalisation).")
 
@@ -124,6 +127,13 @@ def _planned(cfg, config: Optional[Path], sets: list[str], data: Path, budget: O
                                       budget_min=DEFAULT_BUDGET_MIN if budget is None else budget, modality=modality)
     typer.echo(describe(planned), err=True)
     return run_cfg, (planned, wire)
+
+
+def _device(spec: str):
+    """``--device`` as a torch device that this machine has (a one-line error otherwise)."""
+    from .device import resolve_device
+
+    return resolve_device(spec)
 
 
 def _guard(fn):
@@ -238,7 +248,7 @@ def client_train(site_dir: Path = typer.Option(..., "--site-dir", "-s", help="Si
                                                 "then no longer fit: send a new 'train' message."),
                  seed: Optional[int] = typer.Option(None, min=0, max=2**32 - 1, help="This hospital's site seed (validation split, batch "
                                                     "order); default: derived from the shared seed and --name."),
-                 quiet: bool = QuietOpt):
+                 device: str = DeviceOpt, quiet: bool = QuietOpt):
     """Stage 1: train the image and mask autoencoders on this hospital's data only.
 
     A site that already has trained autoencoders is refused unless --resume or --overwrite is given.
@@ -256,12 +266,13 @@ def client_train(site_dir: Path = typer.Option(..., "--site-dir", "-s", help="Si
         raise PpcmiError("--resume and --overwrite: choose one (continue the run here, or start over)")
     cfg = _cfg(config, (set_ or []) + _data_sets(labels, class_names, size, window, offset), command="client train",
                reads=HOSPITAL_READS)
+    dev = _device(device)
     load_key(key_path(site_dir))  # a missing or unsafe key fails before the data is read
     cases = discover_cases(data, group_regex=cfg.data.group_regex, group_csv=cfg.data.group_csv, rois=cfg.data.roi_names())
     labels = parse_labels(cfg.data.labels, cfg.data.class_names) or discover_labels(cases)
     arr = stages.prepare(cases, cfg, labels, progress=not quiet)
     res = stages.train_autoencoders(site_dir, name, arr, cfg, labels, seed=stages.default_site_seed(cfg.seed, name) if seed is None else seed,
-                                    resume=resume, overwrite=overwrite, progress=not quiet, create_key=False)
+                                    resume=resume, overwrite=overwrite, progress=not quiet, create_key=False, device=dev)
     atomic_write_json(site_dir / "config.json", to_dict(cfg))
     for kind, r in res.items():
         typer.echo(f"{kind} autoencoder: best val loss {r.best_val:.4f} at epoch {r.best_epoch} ({len(r.history)} epochs, {r.seconds:.0f} s)")
@@ -276,11 +287,12 @@ def client_encode(site_dir: Path = typer.Option(..., "--site-dir", "-s"),
                   with_masks: bool = typer.Option(False, "--with-masks", help="Send keyed image+mask pairs for stage 2 (a set of 'train' chunks)."),
                   float16: bool = typer.Option(False, "--float16", help="Send float16 latents (half the payload)."),
                   noise: Optional[float] = typer.Option(None, min=0.0, help="Gaussian noise std added to latents before they "
-                                                        "leave (a privacy knob; default: the site's autoencoder.send_noise).")):
+                                                        "leave (a privacy knob; default: the site's autoencoder.send_noise)."),
+                  device: str = DeviceOpt):
     """Encode and protect: write keyed latents as one protocol message (and a local case list beside it)."""
     from .client.inference import encode_folder
 
-    n, size = encode_folder(site_dir, data, out, with_masks=with_masks, float16=float16, noise=noise)
+    n, size = encode_folder(site_dir, data, out, with_masks=with_masks, float16=float16, noise=noise, device=_device(device))
     chunks = f" in {sum(1 for _ in out.iterdir())} chunks" if out.is_dir() else ""
     typer.echo(f"wrote {out}: {n} {'keyed training pairs' if with_masks else 'images'}, {size} bytes{chunks} "
                f"(case list kept locally in {out}.cases.json)")
@@ -294,14 +306,15 @@ def client_decode(site_dir: Path = typer.Option(..., "--site-dir", "-s"),
                   out: Path = typer.Option(..., "--out", "-o", help="Folder for the label maps."),
                   overwrite: bool = typer.Option(False, "--overwrite", help="Replace label maps of the same names already in "
                                                  "OUT (each atomically). Without it one existing file refuses them all, "
-                                                 "before any is written.")):
+                                                 "before any is written."),
+                  device: str = DeviceOpt):
     """Unprotect and decode the server's reply into label maps in the inputs' format.
 
     Every output path is checked before anything is written: a refusal leaves no label map behind.
     """
     from .client.inference import decode_reply
 
-    written = decode_reply(site_dir, reply, cases, out, overwrite=overwrite)
+    written = decode_reply(site_dir, reply, cases, out, overwrite=overwrite, device=_device(device))
     typer.echo(f"wrote {len(written)} label maps to {out}")
 
 
@@ -311,14 +324,15 @@ def client_rotate_key(site_dir: Path = typer.Option(..., "--site-dir", "-s", hel
                       data: Path = typer.Option(..., "--data", "-d", help="This hospital's training data (images/ + masks/)."),
                       out: Path = typer.Option(..., "--out", "-o", help="The new 'train' message for the server."),
                       copies: Optional[int] = typer.Option(None, help="Pairs plus copies-1 augmented copies (default: the site's send_copies)."),
-                      noise: Optional[float] = typer.Option(None, help="Latent noise std (default: the site's send_noise).")):
+                      noise: Optional[float] = typer.Option(None, help="Latent noise std (default: the site's send_noise)."),
+                      device: str = DeviceOpt):
     """Replace the key (the old one is kept as klt.key.N.bak, mode 0600) and re-encode the training pairs under the new key.
 
     Send OUT to the server, which re-fits only this hospital's adapters ('ppcmi server refit-adapters').
     """
     from .client.inference import rotate_and_encode
 
-    new, backup, n, size = rotate_and_encode(site_dir, data, out, copies=copies, noise=noise)
+    new, backup, n, size = rotate_and_encode(site_dir, data, out, copies=copies, noise=noise, device=_device(device))
     typer.echo(f"new key in {new}; old key kept in {backup} (mode 0600)")
     typer.echo(f"wrote {out}: {n} keyed training rows, {size} bytes; send it to the server for 'ppcmi server refit-adapters'")
 
@@ -333,7 +347,8 @@ def server_refit_adapters(model: Path = typer.Option(..., "--model", "-m", help=
                           out: Path = typer.Option(..., "--out", "-o", help="New model folder."),
                           previous: Optional[Path] = typer.Option(None, "--previous", help="The hospital's earlier 'train' message: "
                                                                   "the old-to-new change of frame goes into its fixed frames (see PRIVACY.md)."),
-                          config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt, quiet: bool = QuietOpt):
+                          config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt, device: str = DeviceOpt,
+                          quiet: bool = QuietOpt):
     """Re-fit one hospital's 1x1 adapters on its new message with the shared core frozen (after 'client rotate-key').
 
     With --previous, the least-squares old-to-new change of frame goes into the hospital's fixed frames
@@ -345,8 +360,10 @@ def server_refit_adapters(model: Path = typer.Option(..., "--model", "-m", help=
     from .server.mapping import refit_adapters
 
     cfg = _cfg(config, set_, command="server refit-adapters", reads=COORDINATOR_READS)
+    dev = _device(device)
     msgs = [read_set(p) for p in [message] + ([previous] if previous else [])]
-    _, res = refit_adapters(model, msgs[0], cfg.mapping, out, seed=cfg.seed, previous=msgs[1] if previous else None, progress=not quiet)
+    _, res = refit_adapters(model, msgs[0], cfg.mapping, out, seed=cfg.seed, previous=msgs[1] if previous else None, progress=not quiet,
+                            device=dev)
     typer.echo(f"adapters of {msgs[0].client}: best val loss {res.best_val:.4f} at epoch {res.best_epoch} ({len(res.history)} epochs) -> {out}")
 
 
@@ -355,7 +372,8 @@ def server_refit_adapters(model: Path = typer.Option(..., "--model", "-m", help=
 def server_train(messages: List[Path] = typer.Argument(..., help="The hospitals' training sets: their folders, or chunk files in any order."),
                  out: Path = typer.Option(..., "--out", "-o", help="Model folder."),
                  config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
-                 resume: bool = typer.Option(False, help="Continue an interrupted run."), quiet: bool = QuietOpt):
+                 resume: bool = typer.Option(False, help="Continue an interrupted run."), device: str = DeviceOpt,
+                 quiet: bool = QuietOpt):
     """Stage 2: train the mapping network on the hospitals' keyed latent pairs (with mapping.scope=per_hospital,
     one network per hospital in OUT/<hospital>/, each served with --model OUT/<hospital>)."""
     from .config import to_dict
@@ -364,8 +382,9 @@ def server_train(messages: List[Path] = typer.Argument(..., help="The hospitals'
     from .server.stages import train_mappings
 
     cfg = _cfg(config, set_, command="server train", reads=COORDINATOR_READS)
+    dev = _device(device)
     sets = open_sets(messages)  # every chunk checked; rows read from disk while training
-    trained = train_mappings(sets, cfg.mapping, out, seed=cfg.seed, resume=resume, progress=not quiet)
+    trained = train_mappings(sets, cfg.mapping, out, seed=cfg.seed, resume=resume, progress=not quiet, device=dev)
     atomic_write_json(out / "run_config.json", to_dict(cfg))
     for sub, res in trained.fits.items():
         where = out / sub if sub else out
@@ -377,13 +396,14 @@ def server_train(messages: List[Path] = typer.Argument(..., help="The hospitals'
 @_guard
 def server_map(model: Path = typer.Option(..., "--model", "-m", help="Model folder from 'server train'."),
                query: Path = typer.Option(..., "--query", help="A 'query' message from a hospital."),
-               out: Path = typer.Option(..., "--out", "-o", help="Reply message file.")):
+               out: Path = typer.Option(..., "--out", "-o", help="Reply message file."),
+               device: str = DeviceOpt):
     """Map a hospital's keyed image latents to keyed mask latents with its adapters."""
     from . import protocol
     from .fileio import atomic_write_bytes
     from .server.mapping import MappingServer
 
-    srv = MappingServer(model)
+    srv = MappingServer(model, device=_device(device))
     try:
         q = protocol.decode(query.read_bytes())
     except PpcmiError as e:
@@ -415,7 +435,8 @@ def server_serve(model: Path = typer.Option(..., "--model", "-m", help="Model fo
                                                          "then the answer is HTTP 408 and the connection is closed."),
                  keep_alive_timeout: float = typer.Option(5.0, "--keep-alive-timeout",
                                                           help="Seconds an idle keep-alive connection stays open between requests."),
-                 log_level: str = typer.Option("info", "--log-level", help="uvicorn log level: critical, error, warning, info, debug.")):
+                 log_level: str = typer.Option("info", "--log-level", help="uvicorn log level: critical, error, warning, info, debug."),
+                 device: str = DeviceOpt):
     """Serve the mapping network over HTTPS with mutual TLS: POST /v1/map, GET /healthz, /openapi.json.
 
     Each hospital connects with its client certificate ('ppcmi certs issue-client'); the
@@ -425,9 +446,11 @@ def server_serve(model: Path = typer.Option(..., "--model", "-m", help="Model fo
     """
     from .server.service import serve
 
+    dev = _device(device)
     typer.echo(f"serving {model} on https://{host}:{port} (mutual TLS; client CA {client_ca}); Ctrl-C to stop", err=True)
     serve(model, cert=cert, key=key, client_ca=client_ca, host=host, port=port, max_bytes=max_bytes, concurrency=concurrency,
-          log_level=log_level, header_timeout=header_timeout, body_timeout=body_timeout, keep_alive_timeout=keep_alive_timeout)
+          log_level=log_level, header_timeout=header_timeout, body_timeout=body_timeout, keep_alive_timeout=keep_alive_timeout,
+          device=dev)
 
 
 # ----------------------------------------------------------------------------- certificates
@@ -491,7 +514,8 @@ def predict(images: List[Path] = typer.Argument(..., help="Image files (PNG, JPE
                                               "that the server's certificate must chain to."),
             overwrite: bool = typer.Option(False, "--overwrite", help="Replace label maps of the same names already in OUT "
                                            "(each atomically). Without it one existing file refuses them all, before "
-                                           "anything is sent.")):
+                                           "anything is sent."),
+            device: str = DeviceOpt):
     """Hospital -> server -> hospital for image files; writes label maps in the inputs' format.
 
     With --model the server runs in this process; with --server the keyed latents travel to the
@@ -503,18 +527,19 @@ def predict(images: List[Path] = typer.Argument(..., help="Image files (PNG, JPE
 
     if (model is None) == (server is None):
         raise PpcmiError("give exactly one of --model (in-process server) and --server (HTTPS inference service)")
+    dev = _device(device)
     if server is not None:
         missing = [o for o, v in (("--cert", cert), ("--key", key), ("--ca", ca)) if v is None]
         if missing:
             raise PpcmiError(f"--server needs {', '.join(missing)} (mutual TLS)")
-        written = predict_remote(site_dir, server, images, out, cert=cert, key=key, ca=ca, overwrite=overwrite)
+        written = predict_remote(site_dir, server, images, out, cert=cert, key=key, ca=ca, overwrite=overwrite, device=dev)
     else:
         from . import protocol
         from .server.mapping import MappingServer
 
-        mapper = MappingServer(model)
+        mapper = MappingServer(model, device=dev)
         written = predict_files(site_dir, lambda q: protocol.encode(mapper.handle(protocol.decode(q))), images, out,
-                                overwrite=overwrite)
+                                overwrite=overwrite, device=dev)
     for p in written:
         typer.echo(str(p))
 
@@ -585,6 +610,8 @@ def simulate(data: Path = typer.Option(..., "--data", "-d", help="Dataset folder
                                        "(default); --no-plan runs the configuration as given."),
              budget: Optional[float] = BudgetOpt, modality: Optional[str] = ModalityOpt,
              resume: bool = typer.Option(False, help="Reuse finished stages and continue interrupted ones."),
+             device: str = typer.Option("auto", "--device", help="Where every role computes (one machine plays them all): "
+                                        "auto (CUDA, then MPS, then the CPU), cpu, cuda, cuda:N or mps."),
              quiet: bool = QuietOpt):
     """All roles in one process, through the same protocol bytes: plan, stage 1, stage 2, inference, evaluation."""
     from .simulate import public_summary, run_simulation
@@ -592,6 +619,7 @@ def simulate(data: Path = typer.Option(..., "--data", "-d", help="Dataset folder
 
     sets = (set_ or []) + _data_sets(labels, class_names, size, window, offset) + [f"clients={clients}"]
     cfg = _cfg(config, sets)
+    dev = _device(device)
     planned = None
     if not plan and (budget is not None or modality is not None):
         raise PpcmiError("--budget/--modality: they steer the plan; leave them out with --no-plan")
@@ -601,7 +629,7 @@ def simulate(data: Path = typer.Option(..., "--data", "-d", help="Dataset folder
         cfg = from_dict({k: v for k, v in json.loads((out / "config.json").read_text()).items() if k != "data_dir"})
     elif plan:
         cfg, planned = _planned(cfg, config, sets, data, budget, modality)
-    res = run_simulation(cfg, data, out, resume=resume, progress=not quiet, planned=planned)
+    res = run_simulation(cfg, data, out, resume=resume, progress=not quiet, planned=planned, device=dev)
     res.pop("_arrays", None)
     atomic_write_json(out / "summary.json", public_summary(res))
     from .demo import table
@@ -621,7 +649,10 @@ def demo(data: Optional[Path] = typer.Option(None, "--data", "-d", help="Dataset
          plan: Optional[bool] = typer.Option(None, "--plan/--no-plan", help="Plan the run from the hospitals' fingerprints "
                                              "(the default with --data; the bundled demo keeps its documented settings "
                                              "unless --plan)."),
-         budget: Optional[float] = BudgetOpt, modality: Optional[str] = ModalityOpt, quiet: bool = QuietOpt):
+         budget: Optional[float] = BudgetOpt, modality: Optional[str] = ModalityOpt,
+         device: str = typer.Option("auto", "--device", help="Where every role and the U-Net compute (one machine plays "
+                                    "them all): auto (CUDA, then MPS, then the CPU), cpu, cuda, cuda:N or mps."),
+         quiet: bool = QuietOpt):
     """The whole pipeline next to a centralized MONAI U-Net; prints a table, payload and latency.
 
     Without --data it runs on the bundled Sunnybrook LV subset with its documented settings (a few
@@ -646,7 +677,7 @@ def demo(data: Optional[Path] = typer.Option(None, "--data", "-d", help="Dataset
         from .demo import bundled_data
 
         cfg, planned = _planned(cfg, config, sets, data if data is not None else bundled_data(), budget, modality)
-    s = run_demo(data, out, cfg, progress=not quiet, planned=planned)
+    s = run_demo(data, out, cfg, progress=not quiet, planned=planned, device=_device(device))
     lat, t = s["latency_ms"], s["timings_s"]
     typer.echo("")
     typer.echo(s["table_md"])
@@ -675,7 +706,10 @@ def bench(dataset: str = typer.Option(..., "--dataset", help="Preset: psfhs, acd
           plan: bool = typer.Option(False, "--plan/--no-plan", help="Let the hospitals' fingerprints plan the run: the "
                                     "plan replaces the preset's settings (not labels, split or partition; --set wins); "
                                     "OUT/plan.json records it. Default: the preset as it is, reproducible."),
-          budget: Optional[float] = BudgetOpt, modality: Optional[str] = ModalityOpt, quiet: bool = QuietOpt):
+          budget: Optional[float] = BudgetOpt, modality: Optional[str] = ModalityOpt,
+          device: str = typer.Option("auto", "--device", help="Where every method computes: auto (CUDA, then MPS, then "
+                                     "the CPU), cpu, cuda, cuda:N or mps."),
+          quiet: bool = QuietOpt):
     """PPCMI-SF, its ablations and U-Net baselines on one dataset with the same split and budget.
 
     Writes OUT/METHOD/ (runs, per-case CSVs) and OUT/results.json + OUT/results.md covering every
@@ -685,9 +719,10 @@ def bench(dataset: str = typer.Option(..., "--dataset", help="Preset: psfhs, acd
 
     if not plan and (budget is not None or modality is not None):
         raise PpcmiError("--budget/--modality: they steer the plan; add --plan (bench presets are not planned by default)")
+    dev = _device(device)
     run_bench(dataset, data, out, [m.strip() for m in methods.split(",") if m.strip()], config=config,
               overrides=set_ or [], published_epochs=published_epochs, progress=not quiet, plan=plan,
-              explicit=_explicit(config, set_ or []), budget_min=budget, modality=modality)
+              explicit=_explicit(config, set_ or []), budget_min=budget, modality=modality, device=dev)
     typer.echo((out / "results.md").read_text())
     typer.echo(f"results: {out / 'results.json'}, {out / 'results.md'}")
 
@@ -707,7 +742,10 @@ def deploy(sites: int = typer.Option(3, "--sites", "-n", help="Number of hospita
            plan: bool = typer.Option(False, "--plan/--no-plan", help="A fingerprint round first: the ServerApp plans the run "
                                      "from the hospitals' fingerprints and sends the plan's settings with every step "
                                      "(--set values win)."),
-           budget: Optional[float] = BudgetOpt, modality: Optional[str] = ModalityOpt):
+           budget: Optional[float] = BudgetOpt, modality: Optional[str] = ModalityOpt,
+           device: str = typer.Option("auto", "--device", help="Where the SuperNodes and the ServerApp compute (the SuperNodes' "
+                                      "node_config device, the run config's flower.server-device): auto (CUDA, then MPS, "
+                                      "then the CPU), cpu, cuda, cuda:N or mps.")):
     """A real Flower federation on this machine: SuperLink (TLS, SuperNode authentication), one SuperNode per hospital.
 
     Without --config it uses the demo's settings (for the bundled data, the demo's crop and schedule) with
@@ -737,7 +775,7 @@ def deploy(sites: int = typer.Option(3, "--sites", "-n", help="Number of hospita
     settings = FlowerSettings(retries=retries, timeout=timeout, plan=plan, keep=",".join(_explicit(config, set_)),
                               **({} if budget is None else {"budget": budget}))
     try:
-        s = run_deploy(cfg, data, out, sites=sites, port=port, settings=settings, modality=modality,
+        s = run_deploy(cfg, data, out, sites=sites, port=port, settings=settings, modality=modality, device=device,
                        echo=lambda line: typer.echo(line))
     except KeyboardInterrupt:
         typer.echo("interrupted: every process ppcmi deploy started has been stopped", err=True)
@@ -774,12 +812,18 @@ def flower_app_dir(out: Path = typer.Option(..., "--out", "-o", help="Folder for
                    timeout: float = typer.Option(3600.0, help="Seconds to wait for the replies of one step."),
                    plan: bool = typer.Option(False, "--plan/--no-plan", help="A fingerprint round first: the ServerApp plans "
                                              "the run from the hospitals' fingerprints (--set and --config values win)."),
-                   budget: Optional[float] = BudgetOpt):
+                   budget: Optional[float] = BudgetOpt,
+                   server_device: str = typer.Option("auto", "--server-device", help="Where the ServerApp trains and maps "
+                                                     "(run config flower.server-device): auto, cpu, cuda, cuda:N or mps, as "
+                                                     "the coordinator's machine has it. Each SuperNode names its own in its "
+                                                     "node_config (device=\"cuda\").")):
     """At the coordinator: the Flower app folder (shared settings only) for 'flwr run'.
 
     A modality is not the coordinator's to set: with --plan, a hospital whose data do not record it
     (dataset.json, a DICOM header) names it in its SuperNode's node_config (modality="CT"). For RTSTRUCT
     masks, --set data.rois=NAME,NAME fixes the classes for every hospital."""
+    import re
+
     from .errors import ConfigError
     from .flower.wire import FlowerSettings, write_app
 
@@ -789,7 +833,9 @@ def flower_app_dir(out: Path = typer.Option(..., "--out", "-o", help="Folder for
         raise ConfigError("data.labels: give the label values (--labels 0,1) so that every hospital uses the same classes")
     if budget is not None and not plan:
         raise PpcmiError("--budget: it steers the plan; add --plan")
-    write_app(out, cfg, FlowerSettings(nodes=nodes, retries=retries, timeout=timeout, plan=plan,
+    if not isinstance(server_device, str) or not re.fullmatch(r"auto|cpu|mps|cuda(:[0-9]+)?", server_device):
+        raise ConfigError(f"--server-device: must be auto, cpu, cuda, cuda:N or mps, got {server_device!r}")
+    write_app(out, cfg, FlowerSettings(nodes=nodes, retries=retries, timeout=timeout, plan=plan, server_device=server_device,
                                        keep=",".join(k for k in _explicit(config, sets) if k not in ("data.labels", "data.class_names")),
                                        **({} if budget is None else {"budget": budget})))
     typer.echo(f"wrote {out / 'pyproject.toml'}; run it with: flwr run {out} CONNECTION --stream")
@@ -806,6 +852,8 @@ def audit(run: Path = typer.Option(..., "--run", "-r", help="A finished run fold
           shadow_models: int = typer.Option(4, "--shadow-models", help="Reference networks for M3 (even; 0 skips M3)."),
           shadow_epochs: Optional[int] = typer.Option(None, "--shadow-epochs", help="Their epochs (default: the run's mapping.epochs)."),
           control_epochs: int = typer.Option(150, "--control-epochs", help="Epochs of the memorising positive-control network."),
+          device: str = typer.Option("auto", "--device", help="Where the attacker's autoencoders and the reference and control "
+                                     "networks train: auto (CUDA, then MPS, then the CPU), cpu, cuda, cuda:N or mps."),
           quiet: bool = QuietOpt):
     """Privacy audit (DESIGN.md section 4): attacks A1, A5-A8, M1, M3 with positive controls and prior-only baselines.
 
@@ -814,10 +862,11 @@ def audit(run: Path = typer.Option(..., "--run", "-r", help="A finished run fold
     from .privacy.audit import parse_threats, run_audit
 
     parse_threats(threats)  # a bad threat fails before any work
+    dev = _device(device)
     if not run.is_dir():
         raise PpcmiError(f"{run}: run folder not found")
     res = run_audit(run, threats=threats, aux_dir=aux, data_dir=data, out=out, shadow_models=shadow_models,
-                    shadow_epochs=shadow_epochs, control_epochs=control_epochs, progress=not quiet)
+                    shadow_epochs=shadow_epochs, control_epochs=control_epochs, progress=not quiet, device=dev)
     for a, r in res["results"].items():
         typer.echo(f"{a}: {r['status']}")
     typer.echo(f"{res['conclusion']}; report: {(out or run / 'audit') / 'report.md'}")

@@ -22,6 +22,7 @@ from .baselines import predict_unet, train_reference_unet
 from .client.site import Hospital
 from .config import AutoencoderConfig, Config, DataConfig, MappingTrainConfig, from_dict, to_dict
 from .data import Case, crop_plane, load_arrays, read_image
+from .device import resolve_device
 from .fileio import atomic_write_json, atomic_write_text
 from .metrics import EMPTY_RULE, evaluate_cases, summarize, write_evaluation, write_per_case_csv
 from .server.mapping import MappingServer
@@ -133,7 +134,7 @@ def _plots(out: Path, result: dict, unet_hist: list[dict], test: dict, preds: di
     plt.close(fig)
 
 
-def _centralized_unet(cfg_raw: dict, data: str, work_dir: str, threads: int) -> dict:
+def _centralized_unet(cfg_raw: dict, data: str, work_dir: str, threads: int, device: str = "cpu") -> dict:
     """The privacy-agnostic reference, run in its own process: a MONAI U-Net on the hospitals' pooled
     training data (see :func:`ppcmi.baselines.train_reference_unet` for its budget), predicting the
     same test cases."""
@@ -143,14 +144,16 @@ def _centralized_unet(cfg_raw: dict, data: str, work_dir: str, threads: int) -> 
     pooled = [load_arrays(c, pl.prep, pl.labels) for c in pl.hospitals.values()]
     test = load_arrays(pl.test, pl.prep, pl.labels)
     t0 = time.perf_counter()
-    unet, res = train_reference_unet(cfg, pooled, pl.labels.n_classes, work_dir, progress=False)
+    unet, res = train_reference_unet(cfg, pooled, pl.labels.n_classes, work_dir, progress=False, device=device)
     seconds = time.perf_counter() - t0
-    return {"pred": predict_unet(unet, test["images"], test["geometries"]), "history": res.history, "seconds": seconds}
+    return {"pred": predict_unet(unet, test["images"], test["geometries"], device=device), "history": res.history, "seconds": seconds}
 
 
 def run_demo(data: str | Path | None = None, out: str | Path = "runs/demo", cfg: Config | None = None, *,
-             progress: bool = True, latency_reps: int = 30, planned: tuple[dict, dict[str, bytes]] | None = None) -> dict:
-    """PPCMI-SF (all roles, through protocol bytes) and, in a parallel process, the centralized U-Net.
+             progress: bool = True, latency_reps: int = 30, planned: tuple[dict, dict[str, bytes]] | None = None,
+             device=None) -> dict:
+    """PPCMI-SF (all roles, through protocol bytes) and, in a parallel process, the centralized U-Net, every one on
+    ``device`` (:func:`ppcmi.device.resolve_device`; None is the CPU).
 
     The two trainings share the machine's cores (half each, as separate sites would); latency is
     measured afterwards with every core free.
@@ -158,15 +161,16 @@ def run_demo(data: str | Path | None = None, out: str | Path = "runs/demo", cfg:
     data = Path(data) if data is not None else bundled_data()
     cfg = cfg or demo_config(bundled=data == bundled_data())
     out = prepare_run_dir(cfg, data, out)
+    device = resolve_device(device)
     t_all = time.perf_counter()
     threads = torch.get_num_threads()
     half = max(1, threads // 2)
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        unet_job = pool.submit(_centralized_unet, to_dict(cfg), str(data), str(out / "unet"), half)
+        unet_job = pool.submit(_centralized_unet, to_dict(cfg), str(data), str(out / "unet"), half, str(device))
         log.info("centralized U-Net training in a parallel process (%d thread(s))", half)
         torch.set_num_threads(half)
         try:
-            result = run_simulation(cfg, data, out, progress=progress, planned=planned)
+            result = run_simulation(cfg, data, out, progress=progress, planned=planned, device=device)
             if progress:
                 print("waiting for the centralized U-Net ...", file=sys.stderr)
             u = unet_job.result()
@@ -174,7 +178,8 @@ def run_demo(data: str | Path | None = None, out: str | Path = "runs/demo", cfg:
             torch.set_num_threads(threads)
     arrays = result.pop("_arrays")
     test, preds, pl = arrays["test"], arrays["preds"], arrays["plan"]
-    result["latency_ms"] = measure_latency(Hospital(out / "sites" / next(iter(pl.hospitals))), MappingServer(out / "server"),
+    result["latency_ms"] = measure_latency(Hospital(out / "sites" / next(iter(pl.hospitals)), device=device),
+                                           MappingServer(out / "server", device=device),
                                            test["images"], reps=latency_reps)
     upred, unet_s = u["pred"], u["seconds"]
     names = list(pl.labels.names)

@@ -53,9 +53,11 @@ class KeyedLatentTransform:
 
     ``channels`` maps scale name to channel count, e.g. ``{"s3": 64, "s4": 128, "b": 256}``.
     ``forward(z, modality)`` and ``inverse(zt, modality)`` take and return ``{scale: (B, C, H, W)}``.
+    The matrices are always derived on the CPU in float64 from the key's own generators and only then moved to
+    ``device`` (default the CPU) as float32, so one key gives the same transform on every device.
     """
 
-    def __init__(self, key: bytes, channels: dict[str, int], *, bias_scale: float = 1.0):
+    def __init__(self, key: bytes, channels: dict[str, int], *, bias_scale: float = 1.0, device: torch.device | str | None = None):
         if not isinstance(key, (bytes, bytearray)) or len(key) != KEY_BYTES:
             raise ValueError(f"key: expected {KEY_BYTES} bytes, got {len(key) if isinstance(key, (bytes, bytearray)) else type(key).__name__}")
         self._keys: dict[tuple[str, str], _ScaleKey] = {}
@@ -66,10 +68,10 @@ class KeyedLatentTransform:
                 perm = np.random.default_rng(_derive_seed(bytes(key), f"P/{label}")).permutation(c)
                 bias = np.random.default_rng(_derive_seed(bytes(key), f"b/{label}")).standard_normal(c) * bias_scale
                 self._keys[(modality, scale)] = _ScaleKey(
-                    q=torch.from_numpy(q.astype(np.float32)),
-                    perm=torch.from_numpy(perm),
-                    inv_perm=torch.from_numpy(np.argsort(perm)),
-                    bias=torch.from_numpy(bias.astype(np.float32)),
+                    q=torch.from_numpy(q.astype(np.float32)).to(device),
+                    perm=torch.from_numpy(perm).to(device),
+                    inv_perm=torch.from_numpy(np.argsort(perm)).to(device),
+                    bias=torch.from_numpy(bias.astype(np.float32)).to(device),
                 )
 
     def _get(self, modality: str, scale: str) -> _ScaleKey:

@@ -311,15 +311,18 @@ def mixed_forward(model: MappingNet, zt: dict[str, torch.Tensor], cid: torch.Ten
     present = cid.unique().tolist()
     for s in model.scales:
         x = zt[s]
-        h = torch.zeros_like(x)
+        h = None
         for c in present:
             m, name = cid == c, model.clients[c]
-            h = h.index_put((m,), model.in_adapters[name][s](model.in_frames[name][s](x[m])))
+            part = model.in_adapters[name][s](model.in_frames[name][s](x[m]))
+            # the parts' dtype, not the input's: under mixed precision the adapters compute in bf16 or fp16
+            h = (torch.zeros_like(x, dtype=part.dtype) if h is None else h).index_put((m,), part)
         y = model.cores[s](h)
-        o = torch.zeros_like(y)
+        o = None
         for c in present:
             m, name = cid == c, model.clients[c]
-            o = o.index_put((m,), model.out_frames[name][s](model.out_adapters[name][s](y[m])))
+            part = model.out_frames[name][s](model.out_adapters[name][s](y[m]))
+            o = (torch.zeros_like(y, dtype=part.dtype) if o is None else o).index_put((m,), part)
         out[s] = o
     return out
 

@@ -34,6 +34,7 @@ from .client import stages
 from .client.site import Hospital
 from .config import Config, Preprocess, to_dict
 from .data import Case, discover_cases, discover_labels, load_arrays, split_cases, split_from_lists
+from .device import Device
 from .experiment import partition, payload
 from .labels import LabelMap, parse_labels
 from .errors import PpcmiError
@@ -141,10 +142,12 @@ def prepare_run_dir(cfg: Config, data_dir: str | Path, out: str | Path, *, resum
 
 
 def run_simulation(cfg: Config, data_dir: str | Path, out: str | Path, *, resume: bool = False, progress: bool = True,
-                   planned: tuple[dict, dict[str, bytes]] | None = None) -> dict:
+                   planned: tuple[dict, dict[str, bytes]] | None = None, device: Device = None) -> dict:
     """Stage 1 at every hospital, stage 2 at the server, inference and per-hospital evaluation.
 
-    ``planned``: the plan ``cfg`` came from and its fingerprint bytes (:func:`plan_run`), saved in the run folder."""
+    ``planned``: the plan ``cfg`` came from and its fingerprint bytes (:func:`plan_run`), saved in the run folder.
+    ``device``: where every role computes (one machine plays them all; :func:`ppcmi.device.resolve_device`, None is
+    the CPU)."""
     out = prepare_run_dir(cfg, data_dir, out, resume=resume)
     if planned is not None:
         write_plan(out, *planned)
@@ -163,28 +166,28 @@ def run_simulation(cfg: Config, data_dir: str | Path, out: str | Path, *, resume
         done = (site / "mask_ae" / "model.safetensors").exists() and (site / "image_ae" / "model.safetensors").exists()
         if not done:
             res = stages.train_autoencoders(site, name, arr, cfg, pl.labels, seed=stages.site_seed(cfg.seed, i), resume=resume,
-                                            progress=progress)
+                                            progress=progress, device=device)
             stage1[name] = {k: {"epochs": len(r.history), "best_epoch": r.best_epoch, "best_val": r.best_val, "seconds": r.seconds,
                                 "history": r.history} for k, r in res.items()}
         wire.append(out / "wire" / f"{name}.train")
         if wire[-1].exists():  # a resumed run sends its set again
             shutil.rmtree(wire[-1])
-        stages.write_training_set(stages.training_chunks(Hospital(site), arr, cfg, target=cfg.chunk_bytes), wire[-1])
+        stages.write_training_set(stages.training_chunks(Hospital(site, device=device), arr, cfg, target=cfg.chunk_bytes), wire[-1])
     timings["stage1_s"] = time.perf_counter() - t0
 
     # ---- stage 2: at the server, from the chunks' bytes only (read from disk as training needs them)
     t0 = time.perf_counter()
     sets = open_sets(wire)
     trained = server_stages.train_mappings(sets, cfg.mapping, out / "server", seed=cfg.seed, resume=resume and not cfg.mapping.dp,
-                                           reuse=True, progress=progress)
+                                           reuse=True, progress=progress, device=device)
     stage2 = trained.summary()
-    servers = trained.servers()
+    servers = trained.servers(device=device)
     timings["stage2_s"] = time.perf_counter() - t0
 
     # ---- inference on held-out test patients, through every hospital's own keys and decoders
     test = load_test(pl)
     t0 = time.perf_counter()
-    hospitals = {name: Hospital(out / "sites" / name) for name in pl.hospitals}
+    hospitals = {name: Hospital(out / "sites" / name, device=device) for name in pl.hospitals}
     preds, rows = infer_and_score(hospitals, servers, test, pl.labels, noise=cfg.autoencoder.send_noise)
     timings["inference_s"] = time.perf_counter() - t0
     summ = summarize(rows, group_key="site")

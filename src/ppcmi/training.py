@@ -10,6 +10,13 @@ complete old epoch or the complete new one. ``fit(..., resume=True)`` continues 
 manifest records and reads only the files it names. Each epoch's shuffling and dropout are seeded
 from ``(seed, epoch)`` inside ``torch.random.fork_rng``, so an interrupted-and-resumed run equals an
 uninterrupted one bit for bit.
+
+``fit(..., device=...)`` trains on that device (:mod:`ppcmi.device`): the model and the training tensors
+are moved there once (rows read from disk, batch by batch through pinned memory on CUDA), the batch order
+and augmentation draws still come from CPU generators, and on CUDA the forward passes run under mixed
+precision and channels-last by default. Checkpoints are written from host copies and load onto any device,
+so a run begun on a GPU resumes on a CPU and the other way round. ``device=None`` (or ``"cpu"``) leaves
+everything on the CPU in float32, exactly as before devices existed.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from safetensors.torch import load, load_file, save
 from torch import nn
 from tqdm.auto import tqdm
 
+from .device import Device, autocast, channels_last, grad_scaler, resolve_device
 from .errors import CheckpointError, PpcmiError
 from .fileio import atomic_write_bytes, atomic_write_json, ensure_dir, fsync_dir
 
@@ -69,7 +77,12 @@ class FitResult:
 
 def _weights_bytes(module: nn.Module, metadata: dict | None = None) -> bytes:
     """A module's state dict as safetensors bytes."""
-    return save({k: v.detach().contiguous().clone() for k, v in module.state_dict().items()}, metadata=metadata)
+    return save(host_state(module), metadata=metadata)
+
+
+def host_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A module's state dict as contiguous CPU copies (what every checkpoint holds, whatever the device)."""
+    return {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
 
 
 def save_weights(module: nn.Module, path: str | Path, *, metadata: dict | None = None) -> Path:
@@ -78,12 +91,13 @@ def save_weights(module: nn.Module, path: str | Path, *, metadata: dict | None =
 
 
 def load_weights(module: nn.Module, path: str | Path, *, migrate: Callable[[dict], dict] | None = None) -> None:
-    """Load safetensors weights into ``module``; ``migrate`` first brings an older checkpoint's tensors up to date."""
+    """Load safetensors weights into ``module``, on whatever device it is; ``migrate`` first brings an older
+    checkpoint's tensors up to date. The tensors are mapped onto the module's device as they are read."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
-        sd = load_file(str(path))
+        sd = load_file(str(path), device=str(_device_of(module)))
     except Exception as e:
         raise CheckpointError(f"{path}: unreadable checkpoint ({type(e).__name__})") from None
     if migrate is not None:
@@ -94,12 +108,17 @@ def load_weights(module: nn.Module, path: str | Path, *, migrate: Callable[[dict
         raise CheckpointError(f"{path}: weights do not match the configured network ({str(e).splitlines()[0][:160]})") from None
 
 
+def _device_of(module: nn.Module) -> torch.device:
+    p = next(iter(module.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
 def _optim_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
     out = {}
     sd = opt.state_dict()
     for pid, st in sd["state"].items():
         for k, v in st.items():
-            out[f"optim.{pid}.{k}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().clone().contiguous()
+            out[f"optim.{pid}.{k}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().clone().contiguous()
     return out
 
 
@@ -252,7 +271,7 @@ def fit(model: nn.Module, loss_fn: LossFn, train: Sequence[torch.Tensor], val: S
         cfg: FitConfig, work_dir: str | Path, *, resume: bool = False, desc: str = "train",
         progress: bool = True, on_epoch: Callable[[int, dict], None] | None = None,
         augment: Callable[[list[torch.Tensor], torch.Generator], list[torch.Tensor]] | None = None,
-        about: str | None = None) -> FitResult:
+        about: str | None = None, device: Device = None, mixed: bool | None = None) -> FitResult:
     """Train ``model`` on tensors ``train`` (indexed together along dim 0) with early stopping on ``val``.
 
     ``loss_fn(model, batch)`` returns a scalar loss. Without a validation set, the training loss is
@@ -260,6 +279,8 @@ def fit(model: nn.Module, loss_fn: LossFn, train: Sequence[torch.Tensor], val: S
     ``augment(batch, generator)`` optionally transforms each training batch (never validation).
     The manifest records a digest of ``train`` and ``val`` (and ``about``, what they are in words), so
     that ``resume`` on other data is an error naming both, not a silently mixed run.
+    ``device`` (see :func:`ppcmi.device.resolve_device`; None is the CPU) is where it trains; ``mixed`` is its
+    precision (:func:`ppcmi.device.mixed_dtype`: None is the device's default, mixed on CUDA only).
     """
     import time
 
@@ -269,13 +290,18 @@ def fit(model: nn.Module, loss_fn: LossFn, train: Sequence[torch.Tensor], val: S
     if n == 0:
         raise PpcmiError(f"{desc}: no training samples")
     cfg.lr_at(1)  # fail early on an unknown schedule
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    dev = resolve_device(device)
+    if dev.type != "cpu":
+        channels_last(model, dev)
     res = FitResult()
     start_epoch = 1
     bad = 0
     state_path = work / "state.json"
     data = {"sha256": data_digest([*train, *(val or [])]),
             "about": about or f"{n} training and {val[0].shape[0] if val else 0} validation rows"}
+    train, val = _place(train, dev), _place(val, dev) if val is not None else None  # once, not per step
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    scaler = grad_scaler(dev, mixed)
     files: dict = {"last": None, "best": None}
     pending_best: tuple[int, bytes] | None = None  # a best file of the old format, committed under its new name
     if resume:
@@ -325,19 +351,26 @@ def fit(model: nn.Module, loss_fn: LossFn, train: Sequence[torch.Tensor], val: S
             for idx in _batches(n, cfg.batch_size, gen):
                 if len(idx) < 2 and n >= 2:  # BatchNorm needs two samples: fold a lone sample into training next epoch
                     continue
-                batch = [t[idx] for t in train]
+                batch = [_rows(t, idx, dev) for t in train]
                 if augment is not None:
                     batch = augment(batch, gen)
-                loss = loss_fn(model, batch)
+                with autocast(dev, mixed):
+                    loss = loss_fn(model, batch)
                 if not torch.isfinite(loss):
                     raise PpcmiError(f"{desc}: loss became {loss.item()} at epoch {epoch}")
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                if scaler is None:
+                    loss.backward()
+                    opt.step()
+                else:  # fp16: scaled gradients, steps with inf/nan gradients skipped
+                    scaler.scale(loss).backward()
+                    scaler.step(opt)
+                    scaler.update()
                 tot += loss.item() * len(idx)
                 count += len(idx)
             train_loss = tot / max(count, 1)
-            val_loss = evaluate_loss(model, loss_fn, val, cfg.batch_size) if val is not None and val[0].shape[0] else train_loss
+            val_loss = (evaluate_loss(model, loss_fn, val, cfg.batch_size, device=dev, mixed=mixed)
+                        if val is not None and val[0].shape[0] else train_loss)
         rec = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss}
         res.history.append(rec)
         best, pending_best = pending_best, None
@@ -349,7 +382,7 @@ def fit(model: nn.Module, loss_fn: LossFn, train: Sequence[torch.Tensor], val: S
         done = bad >= cfg.patience or epoch == cfg.epochs
         res.stopped_early = bad >= cfg.patience
         elapsed = res.seconds + time.perf_counter() - t0
-        last = {f"model.{k}": v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+        last = {f"model.{k}": v for k, v in host_state(model).items()}
         last.update(_optim_tensors(opt))
         files = _commit_epoch(work, {"epoch": epoch, "data": data, "history": res.history, "best_epoch": res.best_epoch, "best_val": res.best_val,
                                      "bad_epochs": bad, "done": done, "stopped_early": res.stopped_early, "seconds": elapsed},
@@ -376,13 +409,32 @@ def _load_best(model: nn.Module, work: Path, files: dict, state_path: Path) -> N
         raise CheckpointError(f"{path}: weights do not match the configured network ({str(e).splitlines()[0][:160]})") from None
 
 
+def _place(tensors: Sequence, dev: torch.device) -> list:
+    """In-memory tensors moved to ``dev`` (no copy on the CPU); columns read from disk stay where they are."""
+    return [t.to(dev) if isinstance(t, torch.Tensor) else t for t in tensors]
+
+
+def _rows(t, idx: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    """Rows ``idx`` (a CPU index) of a tensor or a disk-backed column, on ``dev``."""
+    if isinstance(t, torch.Tensor):
+        return t[idx] if t.device == idx.device else t[idx.to(t.device)]
+    rows = t[idx]
+    if dev.type == "cuda":
+        return rows.pin_memory().to(dev, non_blocking=True)
+    return rows.to(dev)
+
+
 @torch.no_grad()
-def evaluate_loss(model: nn.Module, loss_fn: LossFn, data: Sequence[torch.Tensor], batch_size: int) -> float:
+def evaluate_loss(model: nn.Module, loss_fn: LossFn, data: Sequence[torch.Tensor], batch_size: int, *, device: Device = None,
+                  mixed: bool | None = None) -> float:
     model.eval()
+    dev = resolve_device(device)
+    data = _place(data, dev)
     n = data[0].shape[0]
     tot = 0.0
     for idx in _batches(n, batch_size, None):
-        tot += loss_fn(model, [t[idx] for t in data]).item() * len(idx)
+        with autocast(dev, mixed):
+            tot += loss_fn(model, [_rows(t, idx, dev) for t in data]).item() * len(idx)
     return tot / n
 
 
@@ -395,8 +447,10 @@ def seeded_init(factory: Callable[[], nn.Module], seed: int) -> nn.Module:
 
 def bce_dice_loss(pred: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
     """0.5·BCE + 0.5·soft Dice on sigmoid outputs in [0, 1] (the published autoencoder loss)."""
-    bce = nn.functional.binary_cross_entropy(pred.clamp(1e-6, 1 - 1e-6), target)
-    dims = tuple(range(1, pred.ndim))
-    inter = (pred * target).sum(dims)
-    dice = (2 * inter + eps) / (pred.sum(dims) + target.sum(dims) + eps)
-    return 0.5 * bce + 0.5 * (1 - dice.mean())
+    with torch.autocast(pred.device.type, enabled=False):  # BCE on probabilities is float32-only under autocast
+        pred, target = pred.float(), target.float()
+        bce = nn.functional.binary_cross_entropy(pred.clamp(1e-6, 1 - 1e-6), target)
+        dims = tuple(range(1, pred.ndim))
+        inter = (pred * target).sum(dims)
+        dice = (2 * inter + eps) / (pred.sum(dims) + target.sum(dims) + eps)
+        return 0.5 * bce + 0.5 * (1 - dice.mean())

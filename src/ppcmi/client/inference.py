@@ -26,6 +26,7 @@ from .. import protocol
 from ..data import (IMAGE_EXTS, LabelMap, PlaneGeometry, Preprocess, dicom_rt_series, discover_cases, n_slices, nnunet_test_images,
                     output_format, output_names, plane_geometry, prepare_image, read_case_mask, read_image, read_mask,
                     render_prediction)
+from ..device import Device
 from ..errors import DataError, PpcmiError
 from ..fileio import Record, atomic_write_bytes, atomic_write_json, ensure_dir, read_json, refuse_existing, write_files
 from . import stages
@@ -104,7 +105,8 @@ def _load_planes(planes: list[dict], prep: Preprocess) -> np.ndarray:
 
 
 def encode_folder(site_dir: Path, data: Path, out: Path, *, with_masks: bool = False, float16: bool = False,
-                  noise: float | None = None, copies: int | None = None, chunk_bytes: int = protocol.CHUNK_BYTES) -> tuple[int, int]:
+                  noise: float | None = None, copies: int | None = None, chunk_bytes: int = protocol.CHUNK_BYTES,
+                  device: Device = None) -> tuple[int, int]:
     """Write a query (images) message, or a train set (image+mask pairs, plus ``copies - 1`` augmented copies),
     plus the local case list; returns (N, bytes). ``copies`` and ``noise`` default to the site's own
     ``autoencoder.send_copies`` and ``autoencoder.send_noise`` (the settings it was trained with), so the
@@ -112,8 +114,9 @@ def encode_folder(site_dir: Path, data: Path, out: Path, *, with_masks: bool = F
 
     A train set is the new folder ``out`` holding chunks ``chunk-00000.ppcmi`` ... of at most about
     ``chunk_bytes`` each (``ppcmi server train`` takes the folder), encoded and written one chunk at a time
-    and committed as a whole by one rename; the case list ``out.cases.json`` stays beside it."""
-    h = Hospital(site_dir)
+    and committed as a whole by one rename; the case list ``out.cases.json`` stays beside it. ``device``: where the
+    encoders run (:class:`~ppcmi.client.site.Hospital`)."""
+    h = Hospital(site_dir, device=device)
     prep = h.data_cfg.preprocess()
     dtype = np.float16 if float16 else np.float32
     ae = h.settings.autoencoder
@@ -153,7 +156,7 @@ def encode_folder(site_dir: Path, data: Path, out: Path, *, with_masks: bool = F
 
 
 def rotate_and_encode(site_dir: Path, data: Path, out: Path, *, copies: int | None = None,
-                      noise: float | None = None) -> tuple[Path, Path, int, int]:
+                      noise: float | None = None, device: Device = None) -> tuple[Path, Path, int, int]:
     """Replace the site's key and encode its training set under the new one (``client rotate-key``).
 
     Both outputs are checked before the key is touched, and if encoding fails the old key is put back,
@@ -165,7 +168,7 @@ def rotate_and_encode(site_dir: Path, data: Path, out: Path, *, copies: int | No
     ensure_dir(Path(out).parent)
     new, backup = rotate_key(site_dir)
     try:
-        n, size = encode_folder(site_dir, data, out, with_masks=True, copies=copies, noise=noise)
+        n, size = encode_folder(site_dir, data, out, with_masks=True, copies=copies, noise=noise, device=device)
     except BaseException:  # no message under the new key: the old key stays the site's key
         undo_rotation(site_dir, backup)
         raise
@@ -279,12 +282,14 @@ def _write_label_maps(planes: list[dict], labels_idx: Sequence[np.ndarray], lmap
     return write_files(files, overwrite=overwrite, hint=OVERWRITE_HINT)
 
 
-def decode_reply(site_dir: Path, reply: Path, cases: Path | None, out: Path, *, overwrite: bool = False) -> list[Path]:
+def decode_reply(site_dir: Path, reply: Path, cases: Path | None, out: Path, *, overwrite: bool = False,
+                 device: Device = None) -> list[Path]:
     """Unprotect and decode a reply file; ``cases`` is the local list written by :func:`encode_folder`.
 
     Every label map path is checked before any is written: an existing one is refused (unless
-    ``overwrite``; then each is replaced atomically) and nothing is left half-written."""
-    h = Hospital(site_dir)
+    ``overwrite``; then each is replaced atomically) and nothing is left half-written. ``device``: where the
+    decoder runs."""
+    h = Hospital(site_dir, device=device)
     try:
         msg = protocol.decode(Path(reply).read_bytes(), expected=_mask_shapes(h))
     except PpcmiError as e:
@@ -337,17 +342,17 @@ def _predict(h: Hospital, images: Sequence[Path], out: Path, send: Callable[[byt
 
 
 def predict_files(site_dir: Path, send: Callable[[bytes], bytes], images: Sequence[Path], out: Path, *,
-                  overwrite: bool = False) -> list[Path]:
+                  overwrite: bool = False, device: Device = None) -> list[Path]:
     """Hospital -> mapping -> hospital for image files, through protocol bytes.
 
     ``send`` takes a query message and returns the reply message: the caller chooses who maps it
     (``ppcmi predict --model`` passes an in-process coordinator), so hospital code never loads the
-    coordinator's."""
-    return _predict(Hospital(site_dir), images, out, send, overwrite=overwrite)
+    coordinator's. ``device``: where this hospital's autoencoders run."""
+    return _predict(Hospital(site_dir, device=device), images, out, send, overwrite=overwrite)
 
 
 def predict_remote(site_dir: Path, server_url: str, images: Sequence[Path], out: Path, *, cert: Path, key: Path,
-                   ca: Path, overwrite: bool = False) -> list[Path]:
+                   ca: Path, overwrite: bool = False, device: Device = None) -> list[Path]:
     """Hospital -> HTTPS inference service (mutual TLS) -> hospital for image files.
 
     ``cert`` must be this site's client certificate: its CN is the site id the server uses to
@@ -357,7 +362,7 @@ def predict_remote(site_dir: Path, server_url: str, images: Sequence[Path], out:
     from ..errors import CertError
     from .remote import ServiceClient
 
-    h = Hospital(site_dir)
+    h = Hospital(site_dir, device=device)
     cn = site_id_of(load_cert(cert), f"--cert {cert}")
     if cn != h.name:
         raise CertError(f"--cert: {cert} is the certificate of site {cn!r}, but {site_dir} is site {h.name!r}")

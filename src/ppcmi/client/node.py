@@ -7,6 +7,8 @@ A SuperNode is started with a ``node_config`` naming only local things; none of 
     test-dir   optional: held-out images/ + masks/ for the evaluation round
     name       its site id (the protocol's ``client``); must match site.json when that exists
     threads    optional: torch threads for this node's work
+    device     optional: where this node computes, auto (default: CUDA, then MPS, then the CPU), cpu, cuda, cuda:N
+               or mps (:func:`ppcmi.device.resolve_device`); each hospital its own, never a shared setting
     seed       optional: this hospital's site seed (split and batch order; :mod:`ppcmi.client.stages`)
     send-noise optional: ``autoencoder.send_noise``, the noise it adds to its latents before they leave
                (a hospital setting: :func:`ppcmi.config.reader`)
@@ -31,6 +33,7 @@ import numpy as np
 from .. import protocol
 from ..config import Config
 from ..data import Case, discover_cases
+from ..device import resolve_device
 from ..labels import LabelMap, parse_labels
 from ..errors import PpcmiError
 from ..fileio import atomic_write_json, ensure_dir, read_record
@@ -44,7 +47,7 @@ log = logging.getLogger(__name__)
 
 OUTBOX = "outbox/train"  # the chunks of the training set this site sends in stage 2
 PENDING = "eval/query.json"  # the query id and key fingerprint of the test query this site last sent
-_KEYS = {"site-dir", "data-dir", "test-dir", "name", "threads", "seed", "send-noise", "modality"}
+_KEYS = {"site-dir", "data-dir", "test-dir", "name", "threads", "seed", "send-noise", "modality", "device"}
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,7 @@ class NodeSite:
     seed: int | None = None
     send_noise: float = 0.0
     modality: str | None = None
+    device: str = "auto"
 
     @classmethod
     def from_node_config(cls, nc: Mapping[str, Any]) -> NodeSite:
@@ -82,9 +86,11 @@ class NodeSite:
         modality = nc.get("modality")
         if modality is not None and (not isinstance(modality, str) or not modality):
             raise PpcmiError(f"node_config: modality must be a name such as CT, MR or US, got {modality!r}")
+        device = nc.get("device", "auto")
+        resolve_device(device, where="node_config: device")  # a device this machine lacks fails here, in one line
         test = nc.get("test-dir")
         return cls(Path(nc["site-dir"]), Path(nc["data-dir"]), nc["name"], Path(test) if test else None, threads, seed, float(noise),
-                   modality)
+                   modality, device)
 
     def settings(self, cfg: Config) -> Config:
         """The run configuration (shared settings) with this hospital's own settings applied."""
@@ -94,7 +100,7 @@ class NodeSite:
         return self.seed if self.seed is not None else default_site_seed(cfg.seed, self.name)
 
     def hospital(self) -> Hospital:
-        h = Hospital(self.site_dir)
+        h = Hospital(self.site_dir, device=self.device)
         if h.name != self.name:
             raise PpcmiError(f"{self.site_dir / 'site.json'}: belongs to site {h.name!r}, not {self.name!r}")
         return h
@@ -152,7 +158,8 @@ def train_autoencoders(node: NodeSite, cfg: Config) -> dict[str, Any]:
         return {"status": "existing", "image_epochs": runs["image"], "mask_epochs": runs["mask"],
                 "seconds": 0.0, "n_train": meta.get("n_train", int)}
     arr = _arrays(node.data_dir, cfg)
-    res = stages.train_autoencoders(site, node.name, arr, cfg, labels_of(cfg), seed=node.site_seed(cfg), resume=True, progress=False)
+    res = stages.train_autoencoders(site, node.name, arr, cfg, labels_of(cfg), seed=node.site_seed(cfg), resume=True, progress=False,
+                                    device=node.device)
     return {"status": "trained", "image_epochs": len(res["image"].history), "mask_epochs": len(res["mask"].history),
             "seconds": float(sum(r.seconds for r in res.values())), "n_train": int(len(arr["images"]))}
 

@@ -30,6 +30,7 @@ from ..fileio import Record, atomic_write_json, fsync_dir, json_text, read_json,
 from ..labels import LabelMap
 from ..klt import KeyedLatentTransform
 from ..data import PlaneGeometry, restore_labels
+from ..device import Device, autocast, channels_last, resolve_device, to_numpy
 from ..models import AEConfig, AEShape, Autoencoder
 from ..protocol import CHUNK_BYTES, LatentBatch, chunk_ranges, new_set_id, rows_per_chunk
 from ..augment import apply_augment, batch_augmenter, draw_augment
@@ -70,7 +71,7 @@ def _read_site_record(path: Path) -> dict:
 def train_site(site_dir: str | Path, name: str, images: np.ndarray, masks: np.ndarray, *, n_classes: int,
                labels: dict, data_cfg: DataConfig, ae_cfg: AutoencoderConfig, klt: bool = True, seed: int = 0,
                init_seed: int | None = None, resume: bool = False, overwrite: bool = False,
-               progress: bool = True) -> dict[str, FitResult]:
+               progress: bool = True, device: Device = None) -> dict[str, FitResult]:
     """Stage 1 at one hospital: train the image and mask autoencoders on its own data only.
 
     ``images`` (N, C, S, S) float32 in [0, 1]; ``masks`` (N, S, S) int class indices. A seeded
@@ -84,7 +85,7 @@ def train_site(site_dir: str | Path, name: str, images: np.ndarray, masks: np.nd
     with other data settings, labels or topology is refused by field. Autoencoders already trained
     are refused unless ``resume`` (continue) or ``overwrite`` (start over: the new autoencoders train
     in ``SITE/.retrain/`` and replace the old ones, and ``site.json``, only once both are complete; the
-    key stays).
+    key stays). ``device`` is where this hospital trains (:func:`ppcmi.device.resolve_device`; None is the CPU).
     """
     site = Path(site_dir)
     load_key(key_path(site))  # fail early on a missing or unsafe key
@@ -106,7 +107,7 @@ def train_site(site_dir: str | Path, name: str, images: np.ndarray, masks: np.nd
     trained = (site / "image_ae" / "model.safetensors").exists() and (site / "mask_ae" / "model.safetensors").exists()
     if overwrite and (old is not None or trained or any((site / f"{k}_ae").exists() for k in ("image", "mask"))):
         return _retrain(site, name, images, masks, n_classes=n_classes, labels=labels, data_cfg=data_cfg, ae_cfg=ae_cfg,
-                        klt=klt, seed=seed, init_seed=init_seed, progress=progress)
+                        klt=klt, seed=seed, init_seed=init_seed, progress=progress, device=device)
     if old is not None:
         if old.get("site") != name:
             raise PpcmiError(f"{site_json}: belongs to site {old.get('site')!r}, not {name!r}")
@@ -131,7 +132,7 @@ def train_site(site_dir: str | Path, name: str, images: np.ndarray, masks: np.nd
                        schedule=ae_cfg.lr_schedule)
         res = fit(model, _ae_loss, [x[tr_idx]], [x[val_idx]] if n_val else None, fc, d / "train",
                   resume=resume and (d / "train" / "state.json").exists(), desc=f"{name} {kind} AE", progress=progress,
-                  augment=batch_augmenter([kind]) if ae_cfg.augment else None)
+                  augment=batch_augmenter([kind]) if ae_cfg.augment else None, device=device)
         save_weights(model, final)
         atomic_write_json(d / "config.json", {"autoencoder": asdict(cfg), "best_epoch": res.best_epoch,
                                               "best_val_loss": res.best_val, "epochs_run": len(res.history),
@@ -215,10 +216,17 @@ class Hospital:
     ``LatentBatch``; ``scores(reply)`` -> (N, K, S, S) class probabilities; ``segment(reply, geometries)`` ->
     label maps on each plane's native grid (the prediction); ``unprotect(reply)`` -> (N, S, S) label maps on
     the network grid.
+
+    ``device`` is where its autoencoders encode and decode (None is the CPU) and ``mixed`` their precision
+    (:func:`ppcmi.device.mixed_dtype`; None: mixed on CUDA only). The keyed transform is derived on the CPU and
+    then moved, and always runs in float32, so one key gives the same transform on every device; noise is drawn
+    on the CPU; every array returned is on the host.
     """
 
-    def __init__(self, site_dir: str | Path):
+    def __init__(self, site_dir: str | Path, *, device: Device = None, mixed: bool | None = None):
         self.dir = Path(site_dir)
+        self.device = resolve_device(device)
+        self.mixed = mixed
         meta_path = self.dir / "site.json"
         if not meta_path.is_file():
             raise CheckpointError(f"{meta_path}: not a trained site folder (run 'ppcmi client train' first)")
@@ -257,10 +265,10 @@ class Hospital:
                 raise ae.fail("autoencoder.in_channels", f"is {cfg.in_channels}, but {meta_path.name} says {cin}")
             m = Autoencoder(cfg)
             load_weights(m, d / "model.safetensors")
-            self.models[kind] = m.eval().to(memory_format=torch.channels_last)  # faster convolutions on CPU
+            self.models[kind] = channels_last(m.eval().to(memory_format=torch.channels_last), self.device)  # faster convolutions
         self.ae_cfg = self.models["image"].cfg
         key = load_key(key_path(self.dir))
-        self._klt = KeyedLatentTransform(key, self.ae_cfg.latent_channels()) if self.klt_enabled else None
+        self._klt = KeyedLatentTransform(key, self.ae_cfg.latent_channels(), device=self.device) if self.klt_enabled else None
         self.key_fingerprint = key_fingerprint(key)
         del key
 
@@ -269,12 +277,14 @@ class Hospital:
 
     @torch.inference_mode()
     def _encode(self, x: torch.Tensor, kind: str, noise: float = 0.0, seed: int = 0) -> dict[str, np.ndarray]:
-        z = self.models[kind].encode(x)
-        if noise > 0:
+        with autocast(self.device, self.mixed):
+            z = self.models[kind].encode(x.to(self.device))
+        z = {s: v.float() for s, v in z.items()}
+        if noise > 0:  # drawn on the CPU: the same noise on every device
             g = torch.Generator().manual_seed(seed)
-            z = {s: v + noise * torch.randn(v.shape, generator=g) for s, v in z.items()}
+            z = {s: v + noise * torch.randn(v.shape, generator=g).to(v.device) for s, v in z.items()}
         zt = self._klt.forward(z, kind) if self._klt is not None else z
-        return {s: v.float().numpy() for s, v in zt.items()}
+        return {s: to_numpy(v) for s, v in zt.items()}
 
     def protect(self, images: np.ndarray | torch.Tensor, *, dtype=np.float32, noise: float = 0.0, seed: int = 0) -> LatentBatch:
         """Encode images (N, C, S, S) in [0, 1] and apply this hospital's keyed transform."""
@@ -328,14 +338,16 @@ class Hospital:
     @torch.inference_mode()
     def scores(self, reply: LatentBatch, rows: slice = slice(None)) -> torch.Tensor:
         """Class probabilities (n, K, S, S) of ``rows`` of the server's reply: inverse keyed transform, mask
-        decoder, softmax of its logits over the K classes."""
+        decoder, softmax of its logits over the K classes (a CPU tensor, whatever the device)."""
         if reply.kind != "reply":
             raise PpcmiError(f"kind: expected a 'reply' message, got {reply.kind!r}")
         if reply.client != self.name:
             raise PpcmiError(f"client: reply is addressed to {reply.client!r}, this site is {self.name!r}")
-        zt = {s: torch.from_numpy(np.asarray(a[rows], dtype=np.float32)) for s, a in reply.latents("zt_msk_").items()}
+        zt = {s: torch.from_numpy(np.asarray(a[rows], dtype=np.float32)).to(self.device) for s, a in reply.latents("zt_msk_").items()}
         z = self._klt.inverse(zt, "mask") if self._klt is not None else zt
-        return torch.softmax(self.models["mask"].decode_logits(z).float(), dim=1)
+        with autocast(self.device, self.mixed):
+            logits = self.models["mask"].decode_logits(z)
+        return torch.softmax(logits.float(), dim=1).cpu()
 
     def segment(self, reply: LatentBatch, geometries: list[PlaneGeometry], *, batch: int = 16) -> list[np.ndarray]:
         """The reply's label maps on each plane's native grid (``geometries``: one per row, in order):

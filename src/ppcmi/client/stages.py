@@ -21,6 +21,7 @@ import numpy as np
 
 from ..config import Config
 from ..data import Case, load_arrays
+from ..device import Device
 from ..data.fingerprint import compute_fingerprint, dataset_modality, normalise_modality
 from ..errors import DataError
 from ..labels import LabelMap
@@ -72,12 +73,13 @@ def prepare(cases: Sequence[Case], cfg: Config, labels: LabelMap, *, progress: b
 
 def train_autoencoders(site_dir: str | Path, name: str, arrays: dict, cfg: Config, labels: LabelMap, *, seed: int,
                        resume: bool = False, overwrite: bool = False, progress: bool = True,
-                       create_key: bool = True) -> dict[str, FitResult]:
+                       create_key: bool = True, device: Device = None) -> dict[str, FitResult]:
     """Stage 1 on this hospital's data only: its image and mask autoencoders (and, with ``create_key``, a
     key on first use; without it a missing key is an error, as ``ppcmi client train`` wants ``keygen`` first).
 
     ``seed`` is the hospital's site seed (split and batch order); the initial weights come from the
-    shared ``cfg.seed``. ``overwrite`` trains them again from scratch (see :func:`ppcmi.client.site.train_site`)."""
+    shared ``cfg.seed``. ``overwrite`` trains them again from scratch (see :func:`ppcmi.client.site.train_site`).
+    ``device`` is this hospital's own choice of where to train (:func:`ppcmi.device.resolve_device`), never a shared setting."""
     site = Path(site_dir)
     ensure_dir(site)
     if create_key:
@@ -85,7 +87,7 @@ def train_autoencoders(site_dir: str | Path, name: str, arrays: dict, cfg: Confi
     return train_site(site, name, arrays["images"], arrays["masks"], n_classes=labels.n_classes,
                       labels={"values": list(labels.values), "names": list(labels.names)}, data_cfg=cfg.data,
                       ae_cfg=cfg.autoencoder, klt=cfg.klt, seed=seed, init_seed=cfg.seed, resume=resume, overwrite=overwrite,
-                      progress=progress)
+                      progress=progress, device=device)
 
 
 def training_batch(hospital: Hospital, arrays: dict, cfg: Config, *, dtype=np.float32) -> LatentBatch:

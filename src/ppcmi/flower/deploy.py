@@ -47,6 +47,7 @@ from ..client.stages import site_seed
 from ..config import Config, to_dict
 from ..data import Case, case_files
 from ..data import link_cases as link_dataset
+from ..device import resolve_device
 from ..errors import PpcmiError
 from ..fileio import atomic_write_json, atomic_write_text
 from ..metrics import write_summary
@@ -248,12 +249,14 @@ def link_cases(assignments: dict[str, list[Case]], root: str | Path, run: Path) 
         link_dataset(cases, root, run / dest)
 
 
-def _node_config(site: Path, name: str, threads: int, seed: int, send_noise: float, modality: str | None = None) -> str:
+def _node_config(site: Path, name: str, threads: int, seed: int, send_noise: float, modality: str | None = None,
+                 device: str = "auto") -> str:
     values = {"site-dir": site / "site", "data-dir": site / "data", "test-dir": site / "test"}
     for k, v in values.items():
         if "'" in str(v):
             raise DeployError(f"{v}: a path with a single quote cannot be passed in a Flower node_config")
     text = " ".join(f"{k}='{v}'" for k, v in values.items()) + f' name="{name}" threads={threads} seed={seed} send-noise={float(send_noise)!r}'
+    text += f" device={json.dumps(device)}"
     return text + (f" modality={json.dumps(modality)}" if modality else "")
 
 
@@ -289,11 +292,13 @@ def deal(cfg: Config, data: str | Path, run: Path) -> tuple[Config, Plan]:
 
 def deploy(cfg: Config, data: str | Path, out: str | Path, *, sites: int, port: int | None = None,
            settings: FlowerSettings | None = None, echo: Callable[[str], None] = log.info,
-           run_timeout: float = 24 * 3600.0, modality: str | None = None) -> dict:
+           run_timeout: float = 24 * 3600.0, modality: str | None = None, device: str = "auto") -> dict:
     """Run the whole pipeline on a local federation of ``sites`` SuperNodes; returns the aggregate summary.
 
     ``modality`` (CT, MR, US, ...; where ``dataset.json`` or a DICOM header does not tell) goes into every
-    SuperNode's ``node_config``: each hospital states its own data's modality in its fingerprint."""
+    SuperNode's ``node_config``: each hospital states its own data's modality in its fingerprint. ``device`` goes
+    into every SuperNode's ``node_config`` and into the ServerApp's ``flower.server-device`` (one machine plays
+    every role here; in a real federation each party sets its own)."""
     run = Path(out).absolute()
     if run.exists() and any(run.iterdir()):
         raise DeployError(f"{run}: folder is not empty; choose another --out")
@@ -305,7 +310,8 @@ def deploy(cfg: Config, data: str | Path, out: str | Path, *, sites: int, port: 
         raise DeployError(f"--modality: a name such as CT, MR or US, got {modality!r}")
     cfg, pl = deal(replace(cfg, clients=sites), data, run)
     settings = settings or FlowerSettings()
-    settings = replace(settings, nodes=sites)
+    resolve_device(device)  # a device this machine lacks fails before anything starts
+    settings = replace(settings, nodes=sites, server_device=device)
     logs = run / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run / "config.json", {**to_dict(cfg), "data_dir": str(Path(data).absolute())})
@@ -353,7 +359,7 @@ def deploy(cfg: Config, data: str | Path, out: str | Path, *, sites: int, port: 
         threads = max(1, (os.cpu_count() or 1) // sites)
         for n, p in zip(names, node_ports):
             site = run / "sites" / n
-            node_config = _node_config(site, n, threads, seeds[n], cfg.autoencoder.send_noise, modality)
+            node_config = _node_config(site, n, threads, seeds[n], cfg.autoencoder.send_noise, modality, device)
             procs.start(n, [tool("flower-supernode"), "--superlink", f"{HOST}:{link_port}",
                             "--root-certificates", str(site / CA_CERT), "--auth-supernode-private-key", str(site / "auth" / PRIVATE),
                             "--host", HOST, "--port", str(p), "--node-config", node_config],

@@ -49,6 +49,7 @@ from ..metrics import pool_summaries, write_summary
 from ..labels import parse_labels
 from ..server.inbox import open_sets
 from ..server.plan import apply_plan, describe, make_plan
+from ..device import resolve_device
 from ..server.stages import train_mappings
 from ..protocol import (CHUNK_BYTES, FINGERPRINT_STEP, METRICS, SCORE, SITE, STAGE1, TEST_LATENTS, TRAIN_LATENTS, WIRE, chunk_name,
                         unflatten_summary)
@@ -200,7 +201,9 @@ def collect_training_sets(co: Coordinator, nodes: list[int], wire: Path, target:
 
 
 def run(grid: Grid, cfg: Config, settings: FlowerSettings, out: Path) -> dict:
-    """All stages against the SuperNodes behind ``grid``; writes ``out`` and returns the summary."""
+    """All stages against the SuperNodes behind ``grid``; writes ``out`` and returns the summary. The mapping network
+    trains and maps on ``settings.server_device`` (the coordinator's own device; run config ``flower.server-device``)."""
+    device = resolve_device(settings.server_device, where="run config flower.server-device")
     ensure_dir(out)
     atomic_write_json(out / "config.json", {**to_dict(cfg), "flower": settings.__dict__})
     co = Coordinator(grid, settings, out)
@@ -245,7 +248,7 @@ def run(grid: Grid, cfg: Config, settings: FlowerSettings, out: Path) -> dict:
     sets = collect_training_sets(co, nodes, out / "wire", target=cfg.chunk_bytes, plan_settings=plan_settings)
     log.info("%s  received %s; training the mapping network (at most %d epochs)", PROGRESS_PREFIX,
              ", ".join(f"{s.client}: {s.n} pairs in {s.chunks} chunks" for s in sets), cfg.mapping.epochs)
-    trained = train_mappings(sets, cfg.mapping, out / "mapping", seed=cfg.seed, progress=False)
+    trained = train_mappings(sets, cfg.mapping, out / "mapping", seed=cfg.seed, progress=False, device=device)
     for sub, mres in trained.fits.items():
         log.info("%s  mapping network%s: best validation loss %.4f at epoch %d of %d", PROGRESS_PREFIX,
                  f" for {sub}" if sub else "", mres.best_val, mres.best_epoch, len(mres.history))
@@ -254,7 +257,7 @@ def run(grid: Grid, cfg: Config, settings: FlowerSettings, out: Path) -> dict:
     t0 = time.perf_counter()
     log.info("%sevaluation: each hospital sends keyed test latents, decodes the mapped reply and scores it", PROGRESS_PREFIX)
 
-    servers = trained.servers()
+    servers = trained.servers(device=device)
 
     def map_query(n: int, content: RecordDict):  # a query the mapping network refuses counts as an invalid reply
         return servers[co.sites[n]].handle(parse_latents("query", "query")(n, content)) if WIRE in content else None

@@ -64,6 +64,7 @@ class FlowerSettings:
     plan: bool = False              # a fingerprint round first; the plan's settings travel with every later step
     budget: float = 20.0            # the plan's time budget in minutes (hospitals train stage 1 in parallel)
     keep: str = ""                  # comma-separated settings the plan must not change (what the user set)
+    server_device: str = "auto"     # where the ServerApp (the coordinator) computes; each SuperNode's is its node_config device
 
     def __post_init__(self) -> None:
         if self.nodes < 1 or self.retries < 0 or self.timeout <= 0 or self.connect_timeout <= 0 or not self.budget > 0:
@@ -106,7 +107,7 @@ def read_run_config(rc: dict[str, Any]) -> tuple[Config, FlowerSettings]:
             overrides.append(f"{key}={str(value).lower() if isinstance(value, bool) else value}")
     try:
         settings = FlowerSettings(**{k: (int(v) if k in ("nodes", "retries") else _bool(v) if k == "plan" else
-                                         str(v) if k == "keep" else float(v)) for k, v in flower.items()})
+                                         str(v) if k in ("keep", "server_device") else float(v)) for k, v in flower.items()})
     except (TypeError, ValueError) as e:
         raise ConfigError(f"run config: flower.* settings: {e}") from None
     return load_config(None, overrides), settings

@@ -82,7 +82,7 @@ def select(chosen: list[str], *, shadow_models: int) -> list[Attack]:
 PER_VICTIM = (LeakedPairs, VictimDecoder, StolenKey)  # views of one victim: such an attack runs once per victim
 BUILDERS = {  # view -> how the audit builds it from the run, for one attack and scope
     ServerView: lambda run, attack, scope, s: run.server_view(),
-    PublicData: lambda run, attack, scope, s: run.public_data(s.work, s.progress),
+    PublicData: lambda run, attack, scope, s: run.public_data(s.work, s.progress, s.device),
     CandidatePool: lambda run, attack, scope, s: run.candidate_pool(),
     LeakedPairs: lambda run, attack, scope, s: run.leaked_pairs(scope, attack.leaks),
     VictimDecoder: lambda run, attack, scope, s: run.victim_decoder(scope),
@@ -126,8 +126,9 @@ def run_attack(attack: Attack, run: Run, referee: Referee, settings: AuditSettin
 
 def run_audit(run: str | Path, *, threats: str | None = None, aux_dir: str | Path | None = None, data_dir: str | Path | None = None,
               out: str | Path | None = None, shadow_models: int = 4, shadow_epochs: int | None = None, control_epochs: int = 150,
-              progress: bool = True) -> dict:
-    """Audit a finished run; writes ``OUT/report.md``, ``OUT/audit.json`` and plots (``OUT`` = ``RUN/audit``)."""
+              progress: bool = True, device=None) -> dict:
+    """Audit a finished run; writes ``OUT/report.md``, ``OUT/audit.json`` and plots (``OUT`` = ``RUN/audit``).
+    ``device``: where the attacker's autoencoders, the reference and control networks train (None is the CPU)."""
     from .report import write_report
 
     chosen = parse_threats(threats)
@@ -141,7 +142,7 @@ def run_audit(run: str | Path, *, threats: str | None = None, aux_dir: str | Pat
     rd = Run(run, Path(data_dir) if data_dir else None, Path(aux_dir) if aux_dir else None)
     out.mkdir(parents=True, exist_ok=True)
     settings = AuditSettings(work=out / "work", shadow_models=shadow_models, shadow_epochs=shadow_epochs,
-                             control_epochs=control_epochs, progress=progress)
+                             control_epochs=control_epochs, progress=progress, device=device)
     referee = Referee(rd, settings)
     results: dict = {}
     timings: dict = {}

@@ -29,10 +29,11 @@ K_INVERSION = (10, 100)
 
 
 def train_attacker_autoencoders(images: np.ndarray, masks: np.ndarray, n_classes: int, *, width: float, skips: bool,
-                                recipe, work: Path, progress: bool) -> dict:
+                                recipe, work: Path, progress: bool, device=None) -> dict:
     """The attacker trains its own image and mask autoencoders, of the public architecture (``width``,
     ``skips``) and by the public recipe (``recipe``: the run's ``autoencoder`` settings), on public data only:
-    ``images`` (N, C, S, S) and ``masks`` (N, S, S). Resumes from ``work`` if an audit was interrupted."""
+    ``images`` (N, C, S, S) and ``masks`` (N, S, S). Resumes from ``work`` if an audit was interrupted. Trains on
+    ``device`` (None is the CPU); the models are returned on the CPU, where the attacks use them."""
     from ..augment import batch_augmenter
     from ..models import AEConfig, Autoencoder
     from ..training import FitConfig, bce_dice_loss, fit, seeded_init
@@ -47,8 +48,9 @@ def train_attacker_autoencoders(images: np.ndarray, masks: np.ndarray, n_classes
                        schedule=recipe.lr_schedule)
         d = work / f"attacker_{kind}_ae"
         fit(model, lambda m, b: bce_dice_loss(m(b[0]), b[0]), [x], None, fc, d, desc=f"attacker {kind} AE",
-            progress=progress, augment=batch_augmenter([kind]) if recipe.augment else None, resume=(d / "state.json").exists())
-        models[kind] = model.eval()
+            progress=progress, augment=batch_augmenter([kind]) if recipe.augment else None, resume=(d / "state.json").exists(),
+            device=device)
+        models[kind] = model.cpu().eval()
     return models
 
 
@@ -207,8 +209,9 @@ def m1(target: TargetModel, challenge: MembershipChallenge) -> np.ndarray:
     return M.loss_threshold_scores(record_losses(target.load, challenge))
 
 
-def train_or_load(batches: list, cfg, out: Path, seed: int, progress: bool):
-    """Train a mapping network into ``out``, or load it if an interrupted audit already trained it there."""
+def train_or_load(batches: list, cfg, out: Path, seed: int, progress: bool, device=None):
+    """Train a mapping network into ``out`` on ``device`` (None is the CPU), or load it if an interrupted audit already
+    trained it there; returned on the CPU in either case, where the attacks compute its losses."""
     from ..server.mapping import MappingServer, train_mapping
 
     if (out / "mapping.safetensors").exists() and (out / "config.json").exists():
@@ -218,8 +221,8 @@ def train_or_load(batches: list, cfg, out: Path, seed: int, progress: bool):
         import shutil
 
         shutil.rmtree(out)  # DP-SGD runs cannot resume: start that network again
-    model, _ = train_mapping(batches, cfg, out, seed=seed, resume=resume, progress=progress)
-    return model.eval()
+    model, _ = train_mapping(batches, cfg, out, seed=seed, resume=resume, progress=progress, device=device)
+    return model.cpu().to(memory_format=torch.contiguous_format).eval()
 
 
 @dataclass(frozen=True)
@@ -240,7 +243,7 @@ def lira_scores(target: TargetModel, challenge: MembershipChallenge, refs: Refer
 
 
 def m3(target: TargetModel, challenge: MembershipChallenge, *, references: int, epochs: int | None, work: Path,
-       progress: bool) -> dict:
+       progress: bool, device=None) -> dict:
     """Offline LiRA: ``references`` networks of the target's recipe (``epochs`` or the target's), each trained on a
     random half of the challenge's units (a slice with its augmented copies), then each record's target loss
     against its OUT networks' losses. Returns ``{"scores": (n_records,), "references": References}``."""
@@ -256,6 +259,6 @@ def m3(target: TargetModel, challenge: MembershipChallenge, *, references: int, 
             parts = [subset_rows(p.batch, np.flatnonzero(ref_in[r, starts[i]:starts[i + 1]])).arrays
                      for i, p in enumerate(challenge.parts) if p.hospital == h]
             batches.append(protocol.LatentBatch("train", h, {k: np.concatenate([q[k] for q in parts]) for k in parts[0]}))
-        models.append(train_or_load(batches, cfg, work / f"ref{r}", 100 + r, progress))
+        models.append(train_or_load(batches, cfg, work / f"ref{r}", 100 + r, progress, device))
     refs = References(tuple(models), {u: ref_in[:, i] for i, u in enumerate(units.tolist())}, cfg.epochs)
     return {"scores": lira_scores(target, challenge, refs), "references": refs}

@@ -38,6 +38,7 @@ class AuditSettings:
     shadow_epochs: int | None = None
     control_epochs: int = 150
     progress: bool = True
+    device: object = None  # where the audit's networks train (``--device``; a torch.device, None is the CPU)
 
 
 class Referee:
@@ -64,7 +65,7 @@ class Referee:
             cfg = replace(run.cfg.mapping, dropout=0.0, val_frac=0.0, epochs=s.control_epochs, patience=s.control_epochs, dp=False,
                           lr_schedule="constant", scope="shared")
             model = P.train_or_load([P.subset_rows(run.message(h), r) for h, r in rows.items()], cfg, s.work / "control_memorising",
-                                    5, s.progress)
+                                    5, s.progress, device=s.device)
             starts = np.cumsum([0] + [p.batch.n for p in challenge.parts])
             non = [p for i, p in enumerate(challenge.parts) if not truth.member[starts[i]]]
             parts = [ChallengePart(h, P.subset_rows(run.message(h), r), tuple(truth.member_units[h][int(x)] for x in r)) for h, r in rows.items()]

@@ -169,14 +169,14 @@ class Run:
             return ServerView(msgs, self.scales, self.cfg.autoencoder.send_copies, self.size, self.plan.labels.n_classes)
         return self._cached("plain_server", make)
 
-    def public_data(self, work: Path, progress: bool) -> PublicData:
+    def public_data(self, work: Path, progress: bool, device=None) -> PublicData:
         """The aux images and masks, and the attacker's autoencoders trained on them (once per audit)."""
         from .procedures import train_attacker_autoencoders
 
         def make():
             models = train_attacker_autoencoders(self.aux.images, self.aux.masks, self.plan.labels.n_classes,
                                                  width=self.ae_architecture.width, skips=self.ae_architecture.skips,
-                                                 recipe=self.cfg.autoencoder, work=work, progress=progress)
+                                                 recipe=self.cfg.autoencoder, work=work, progress=progress, device=device)
             return PublicData(self.aux.source, self.aux.images, self.aux.masks, models)
         return self._cached("public", make)
 

@@ -49,6 +49,6 @@ SUITE: tuple[Attack, ...] = (
     Attack("M3", "offline LiRA membership inference with reference mapping networks",
            (TargetModel, MembershipChallenge), P.m3, R.score_m3,
            tuning=lambda s: {"references": s.shadow_models, "epochs": s.shadow_epochs, "work": s.work / "shadow",
-                             "progress": s.progress}),
+                             "progress": s.progress, "device": s.device}),
 )
 BY_NAME = {a.name: a for a in SUITE}

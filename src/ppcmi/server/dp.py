@@ -23,6 +23,7 @@ import warnings
 import torch
 from torch import nn
 
+from ..device import Device, resolve_device
 from ..errors import ConfigError, PpcmiError
 from ..models import mixed_forward
 from ..training import FitConfig, FitResult
@@ -57,12 +58,14 @@ class RoutedMapping(nn.Module):
 
 
 def fit_dp(net: nn.Module, train: list[torch.Tensor], val: list[torch.Tensor] | None, scales: list[str], cfg, fc: FitConfig,
-           *, progress: bool = True) -> tuple[FitResult, dict]:
+           *, progress: bool = True, device: Device = None) -> tuple[FitResult, dict]:
     """Train ``net`` (a :class:`~ppcmi.models.MappingNet` with GroupNorm) with DP-SGD.
 
     ``train``/``val``: [client_index, img_<scale>..., msk_<scale>...] tensors as built by
     :func:`ppcmi.server.mapping.pool_batches`. ``cfg``: the :class:`~ppcmi.config.MappingTrainConfig`
     (``dp_noise``, ``dp_clip``, ``dp_epsilon``). Returns the fit history and the privacy report.
+    ``device``: where it trains (None is the CPU), in float32 (per-sample clipping and noise are not mixed-precision
+    safe); the Poisson sampling and the noise come from the seeded generator of that device.
     """
     try:
         from opacus import PrivacyEngine
@@ -75,6 +78,8 @@ def fit_dp(net: nn.Module, train: list[torch.Tensor], val: list[torch.Tensor] | 
     for m in net.modules():  # Opacus' backward hooks forbid in-place activations on hooked outputs; same maths
         if isinstance(m, (nn.LeakyReLU, nn.ReLU)):
             m.inplace = False
+    dev = resolve_device(device)
+    net.to(dev)
     k = len(scales)
     n = int(train[0].shape[0])
     delta = 1.0 / n
@@ -88,7 +93,7 @@ def fit_dp(net: nn.Module, train: list[torch.Tensor], val: list[torch.Tensor] | 
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         torch.manual_seed(fc.seed)
-        loader = torch.utils.data.DataLoader(ds, batch_size=fc.batch_size, shuffle=True)
+        loader = torch.utils.data.DataLoader(ds, batch_size=fc.batch_size, shuffle=True, pin_memory=dev.type == "cuda")
         model = RoutedMapping(net)
         opt = torch.optim.Adam(model.parameters(), lr=fc.lr)
         engine = PrivacyEngine(accountant="rdp")
@@ -107,6 +112,7 @@ def fit_dp(net: nn.Module, train: list[torch.Tensor], val: list[torch.Tensor] | 
             model.train()
             tot, count = 0.0, 0
             for batch in loader:
+                batch = [b.to(dev, non_blocking=True) for b in batch]
                 if batch[0].shape[0] == 0:  # Poisson sampling can draw an empty batch (probability ~ e^(-batch_size))
                     continue
                 pred = model(batch[0], *batch[1:1 + k])
@@ -119,7 +125,7 @@ def fit_dp(net: nn.Module, train: list[torch.Tensor], val: list[torch.Tensor] | 
                 tot += loss.item() * batch[0].shape[0]
                 count += batch[0].shape[0]
             train_loss = tot / max(count, 1)
-            val_loss = _val_loss(net, val, scales, fc.batch_size) if val is not None and len(val[0]) else train_loss
+            val_loss = _val_loss(net, val, scales, fc.batch_size, dev) if val is not None and len(val[0]) else train_loss
             res.history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
                                 "epsilon": float(engine.get_epsilon(delta))})
             log.info("DP-SGD epoch %d/%d: train %.4f, val %.4f, epsilon %.3g (%.0f s)", epoch, fc.epochs, train_loss, val_loss,
@@ -137,13 +143,13 @@ def fit_dp(net: nn.Module, train: list[torch.Tensor], val: list[torch.Tensor] | 
 
 
 @torch.no_grad()
-def _val_loss(net: nn.Module, val: list[torch.Tensor], scales: list[str], batch_size: int) -> float:
+def _val_loss(net: nn.Module, val: list[torch.Tensor], scales: list[str], batch_size: int, dev: torch.device) -> float:
     net.eval()
     k = len(scales)
     tot = 0.0
     n = int(val[0].shape[0])
     for s in range(0, n, batch_size):
-        b = [t[s:s + batch_size] for t in val]
+        b = [t[s:s + batch_size].to(dev) for t in val]
         pred = mixed_forward(net, dict(zip(scales, b[1:1 + k])), b[0])
         tot += float(sum(nn.functional.mse_loss(pred[sc], t) for sc, t in zip(scales, b[1 + k:]))) * len(b[0])
     return tot / max(n, 1)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ..config import CONFIG_VERSION, MappingTrainConfig, build
+from ..device import Device, autocast, channels_last, resolve_device, to_numpy
 from ..errors import CheckpointError, PpcmiError, ProtocolError
 from ..fileio import Record, atomic_write_json, read_json
 from ..models import SCALES, Frame, MappingConfig, MappingNet, mixed_forward
@@ -96,14 +97,15 @@ def _frame(col: Column, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def train_mapping(batches: list[LatentBatch] | list[TrainingSet], cfg: MappingTrainConfig, out_dir: str | Path, *, seed: int = 0,
-                  resume: bool = False, progress: bool = True) -> tuple[MappingNet, FitResult]:
+                  resume: bool = False, progress: bool = True, device: Device = None) -> tuple[MappingNet, FitResult]:
     """Stage 2: train the mapping network on pooled keyed pairs from every hospital.
 
     ``batches``: whole messages or chunks in memory, or training sets opened from chunk files
     (:func:`ppcmi.server.inbox.open_sets`), whose rows are read from disk batch by batch as training
     needs them. The rows are pooled in the order of the hospitals' site ids (each hospital's in the
     order of its set), whatever order the messages arrived in and however they were chunked, so every
-    runner trains the same network."""
+    runner trains the same network. ``device``: where the coordinator trains (:func:`ppcmi.device.resolve_device`;
+    None is the CPU); the canonical frames are computed on the CPU before the network moves."""
     out = Path(out_dir)
     if (out / "mapping.safetensors").exists() and not resume:
         raise CheckpointError(f"{out}: a trained mapping network already exists; pass --resume or choose another --out")
@@ -132,11 +134,12 @@ def train_mapping(batches: list[LatentBatch] | list[TrainingSet], cfg: MappingTr
             raise CheckpointError(f"{out}: mapping.dp: --resume is not supported for DP-SGD training; train into a new folder")
         held = [t if isinstance(t, torch.Tensor) else t[torch.arange(len(t))] for t in tensors]  # (DP-SGD holds its rows in memory)
         res, dp_report = fit_dp(model, [t[tr] for t in held], [t[va] for t in held] if len(va) else None, scales, cfg, fc,
-                                progress=progress)
+                                progress=progress, device=device)
     else:
         res = fit(model, loss_fn, [_take(t, tr) for t in tensors], [_take(t, va) for t in tensors] if len(va) else None, fc,
                   out / "train", resume=resuming, desc="server mapping", progress=progress,
-                  about=f"{len(cid)} pairs from {', '.join(f'{c} ({int((cid == i).sum())})' for i, c in enumerate(clients))}")
+                  about=f"{len(cid)} pairs from {', '.join(f'{c} ({int((cid == i).sum())})' for i, c in enumerate(clients))}",
+                  device=device)
     for t in tensors[1:]:
         t.close()
     save_weights(model, out / "mapping.safetensors")
@@ -180,15 +183,17 @@ def _loss_fn(scales: list[str]):
 @torch.no_grad()
 def row_losses(model: MappingNet, batch: LatentBatch, *, batch_size: int = 64) -> np.ndarray:
     """Per-row sum over scales of the mean squared error of the mapped image latents against the
-    sent mask latents, through the sender's adapters: the loss each training row contributes."""
+    sent mask latents, through the sender's adapters: the loss each training row contributes (computed on the
+    model's device, in float32)."""
     model.eval()
     scales = model.scales
+    dev = next(model.parameters()).device
     img = {s: torch.from_numpy(np.asarray(a, np.float32)) for s, a in batch.latents("zt_img_").items()}
     msk = {s: torch.from_numpy(np.asarray(a, np.float32)) for s, a in batch.latents("zt_msk_").items()}
     out = []
     for i in range(0, batch.n, batch_size):
-        pred = model({s: img[s][i:i + batch_size] for s in scales}, batch.client)
-        out.append(sum(((pred[s] - msk[s][i:i + batch_size]) ** 2).mean(dim=(1, 2, 3)) for s in scales).numpy())
+        pred = model({s: img[s][i:i + batch_size].to(dev) for s in scales}, batch.client)
+        out.append(to_numpy(sum(((pred[s] - msk[s][i:i + batch_size].to(dev)) ** 2).mean(dim=(1, 2, 3)) for s in scales)))
     return np.concatenate(out).astype(np.float64)
 
 
@@ -232,8 +237,8 @@ def match_rows(new: LatentBatch, old: LatentBatch, tol: float = 1e-3) -> tuple[n
 @torch.no_grad()
 def _compose(frame: Frame, pre: tuple[np.ndarray, np.ndarray] | None = None, post: tuple[np.ndarray, np.ndarray] | None = None) -> None:
     """Replace a frame y = W x + b by y = W (A x + c) + b (``pre``) or by y = A (W x + b) + c (``post``)."""
-    w = frame.weight.double().numpy()
-    b = frame.bias.double().numpy()
+    w = frame.weight.double().cpu().numpy()
+    b = frame.bias.double().cpu().numpy()
     if pre is not None:
         a, c = pre
         w, b = w @ a, w @ c + b
@@ -267,7 +272,7 @@ def _set_frames(net: MappingNet, client: str, img: dict[str, tuple[np.ndarray, n
 
 
 def refit_adapters(model_dir: str | Path, batch: LatentBatch, cfg: MappingTrainConfig, out_dir: str | Path, *, seed: int = 0,
-                   previous: LatentBatch | None = None, progress: bool = True) -> tuple[MappingNet, FitResult]:
+                   previous: LatentBatch | None = None, progress: bool = True, device: Device = None) -> tuple[MappingNet, FitResult]:
     """Re-fit one hospital's 1x1 adapters on its new ``train`` message (after a key rotation) with the
     shared core frozen; writes a new model folder ``out_dir`` and never touches ``model_dir``.
 
@@ -281,7 +286,7 @@ def refit_adapters(model_dir: str | Path, batch: LatentBatch, cfg: MappingTrainC
     shared core, not the adapters, absorbed each hospital's old key during stage 2 (PRIVACY.md).
     With ``previous``, the server learns the relation between the old and the new key; it could link the two
     messages anyway, so a rotation protects only against holders of the old key who do not also hold
-    the server's records.
+    the server's records. ``device``: where the coordinator trains.
     """
     src, out = Path(model_dir), Path(out_dir)
     if out.resolve() == src.resolve():
@@ -290,7 +295,7 @@ def refit_adapters(model_dir: str | Path, batch: LatentBatch, cfg: MappingTrainC
         raise CheckpointError(f"{out}: a trained mapping network already exists; choose another --out")
     if batch.kind != "train":
         raise ProtocolError(f"kind: expected a 'train' message for refitting adapters, got {batch.kind!r}")
-    server = MappingServer(src)
+    server = MappingServer(src)  # (on the CPU: the frames are composed there; fit moves the network to ``device``)
     if batch.client not in server.clients:
         raise ProtocolError(f"client: {batch.client!r} is not a hospital of {src} (known: {', '.join(server.clients)})")
     validate(LatentBatch("query", batch.client, {k: v for k, v in batch.arrays.items() if k.startswith("zt_img_")}), server.image_shapes)
@@ -326,7 +331,7 @@ def refit_adapters(model_dir: str | Path, batch: LatentBatch, cfg: MappingTrainC
     fc = FitConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, patience=cfg.patience, seed=seed, schedule=cfg.lr_schedule)
     loss = _loss_fn(scales)
     res = fit(wrapper, lambda m, b: loss(m.net, b), [t[tr] for t in tensors], [t[va] for t in tensors] if len(va) else None, fc,
-              out / "train", desc=f"refit adapters {batch.client}", progress=progress)
+              out / "train", desc=f"refit adapters {batch.client}", progress=progress, device=device)
     for p in net.parameters():
         p.requires_grad_(True)
     save_weights(net, out / "mapping.safetensors")
@@ -358,10 +363,15 @@ def _saved_shapes(rec: Record, key: str) -> dict[str, tuple[int, int, int]]:
 
 
 class MappingServer:
-    """A trained mapping network loaded for inference. ``handle(query) -> reply``."""
+    """A trained mapping network loaded for inference. ``handle(query) -> reply``.
 
-    def __init__(self, model_dir: str | Path):
+    ``device``: where it maps (None is the CPU); ``mixed``: its precision (:func:`ppcmi.device.mixed_dtype`; None:
+    mixed on CUDA only). Replies are float32 (or the query's dtype) on the host whatever the device."""
+
+    def __init__(self, model_dir: str | Path, *, device: Device = None, mixed: bool | None = None):
         self.dir = Path(model_dir)
+        self.device = resolve_device(device)
+        self.mixed = mixed
         cfg_path = self.dir / "config.json"
         if not cfg_path.is_file():
             raise CheckpointError(f"{cfg_path}: not a trained mapping model folder (run 'ppcmi server train' first)")
@@ -382,7 +392,8 @@ class MappingServer:
         self.model = MappingNet({s: v[0] for s, v in self.image_shapes.items()}, {s: v[0] for s, v in self.mask_shapes.items()},
                                 self.clients, self.cfg)
         load_weights(self.model, self.dir / "mapping.safetensors", migrate=migrate_state(self.model, meta))
-        self.model.eval().to(memory_format=torch.channels_last)  # faster convolutions on CPU (benchmarks/latency.py)
+        # channels-last: faster convolutions on the CPU (benchmarks/latency.py) and on CUDA
+        channels_last(self.model.eval().to(memory_format=torch.channels_last), self.device)
 
     @torch.inference_mode()
     def handle(self, query: LatentBatch, *, client: str | None = None) -> LatentBatch:
@@ -395,7 +406,8 @@ class MappingServer:
             raise ProtocolError(f"client: unknown hospital {query.client!r}")
         validate(query, self.image_shapes)
         dtype = next(iter(query.arrays.values())).dtype
-        zt = {s: torch.from_numpy(np.asarray(a, dtype=np.float32)) for s, a in query.latents("zt_img_").items()}
-        out = self.model(zt, query.client)
-        return LatentBatch("reply", query.client, {f"zt_msk_{s}": v.float().numpy().astype(dtype) for s, v in out.items()},
+        zt = {s: torch.from_numpy(np.asarray(a, dtype=np.float32)).to(self.device) for s, a in query.latents("zt_img_").items()}
+        with autocast(self.device, self.mixed):
+            out = self.model(zt, query.client)
+        return LatentBatch("reply", query.client, {f"zt_msk_{s}": to_numpy(v).astype(dtype) for s, v in out.items()},
                            query=query.query)

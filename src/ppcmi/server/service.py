@@ -41,6 +41,7 @@ from typing import Any
 
 from .. import protocol
 from ..certs import site_id_of
+from ..device import Device
 from ..errors import SERVICE_EXTRA_HINT, CertError, PpcmiError, ProtocolError
 from .mapping import MappingServer
 
@@ -138,8 +139,9 @@ class _CatchAll:
 
 
 def create_app(model_dir: str | Path, *, max_bytes: int = DEFAULT_MAX_BYTES, concurrency: int = 1,
-               body_timeout: float = DEFAULT_BODY_TIMEOUT):
-    """The FastAPI application serving one mapping model folder (loaded once, shared by all requests)."""
+               body_timeout: float = DEFAULT_BODY_TIMEOUT, device: Device = None):
+    """The FastAPI application serving one mapping model folder (loaded once onto ``device``, see
+    :func:`ppcmi.device.resolve_device`; None is the CPU; shared by all requests)."""
     require_extra()
     import anyio
     from fastapi import FastAPI, Request
@@ -153,7 +155,7 @@ def create_app(model_dir: str | Path, *, max_bytes: int = DEFAULT_MAX_BYTES, con
     if not isinstance(concurrency, int) or concurrency < 1:
         raise PpcmiError(f"--concurrency: must be a positive integer, got {concurrency!r}")
     body_timeout = _check_timeout("--body-timeout", body_timeout)
-    server = MappingServer(model_dir)
+    server = MappingServer(model_dir, device=device)
     limiter = anyio.CapacityLimiter(concurrency)
 
     class ErrorBody(BaseModel):
@@ -365,12 +367,12 @@ def uvicorn_config(app, *, cert: str | Path, key: str | Path, client_ca: str | P
 def serve(model_dir: str | Path, *, cert: str | Path, key: str | Path, client_ca: str | Path, host: str = "127.0.0.1",
           port: int = DEFAULT_PORT, max_bytes: int = DEFAULT_MAX_BYTES, concurrency: int = 1, log_level: str = "info",
           header_timeout: float = DEFAULT_HEADER_TIMEOUT, body_timeout: float = DEFAULT_BODY_TIMEOUT,
-          keep_alive_timeout: float = DEFAULT_KEEP_ALIVE_TIMEOUT) -> None:
-    """Run the service with mutual TLS until interrupted."""
+          keep_alive_timeout: float = DEFAULT_KEEP_ALIVE_TIMEOUT, device: Device = None) -> None:
+    """Run the service with mutual TLS until interrupted, mapping on ``device``."""
     require_extra()
     import uvicorn
 
-    app = create_app(model_dir, max_bytes=max_bytes, concurrency=concurrency, body_timeout=body_timeout)
+    app = create_app(model_dir, max_bytes=max_bytes, concurrency=concurrency, body_timeout=body_timeout, device=device)
     config = uvicorn_config(app, cert=cert, key=key, client_ca=client_ca, host=host, port=port, log_level=log_level,
                             header_timeout=header_timeout, keep_alive_timeout=keep_alive_timeout)
     try:

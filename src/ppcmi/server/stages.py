@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import MappingTrainConfig
+from ..device import Device
 from ..errors import ProtocolError
 from ..protocol import LatentBatch
 from ..training import FitResult
@@ -26,12 +27,12 @@ class TrainedMapping:
     model_dirs: dict[str, Path]
     fits: dict[str, FitResult] = field(default_factory=dict)  # "" (shared) or the hospital -> its fit
 
-    def servers(self) -> dict[str, MappingServer]:
-        """One loaded :class:`MappingServer` per hospital (hospitals sharing a network share the object)."""
+    def servers(self, *, device: Device = None) -> dict[str, MappingServer]:
+        """One loaded :class:`MappingServer` per hospital (hospitals sharing a network share the object), on ``device``."""
         loaded: dict[Path, MappingServer] = {}
         for d in self.model_dirs.values():
             if d not in loaded:
-                loaded[d] = MappingServer(d)
+                loaded[d] = MappingServer(d, device=device)
         return {c: loaded[d] for c, d in self.model_dirs.items()}
 
     def summary(self) -> dict:
@@ -44,10 +45,11 @@ class TrainedMapping:
 
 
 def train_mappings(batches: list[LatentBatch] | list[TrainingSet], cfg: MappingTrainConfig, out_dir: str | Path, *, seed: int,
-                   resume: bool = False, reuse: bool = False, progress: bool = True) -> TrainedMapping:
+                   resume: bool = False, reuse: bool = False, progress: bool = True, device: Device = None) -> TrainedMapping:
     """Stage 2 under ``cfg.scope`` on messages in memory or training sets opened from chunk files
     (:func:`ppcmi.server.inbox.open_sets`). ``reuse`` keeps a network already trained in its folder (a re-run of
-    a finished stage); ``resume`` continues an interrupted one."""
+    a finished stage); ``resume`` continues an interrupted one. ``device`` is the coordinator's own choice of where to
+    train (:func:`ppcmi.device.resolve_device`; None is the CPU), never a shared setting."""
     out = Path(out_dir)
     if not batches:
         raise ProtocolError("inbox: no training messages received")
@@ -62,7 +64,7 @@ def train_mappings(batches: list[LatentBatch] | list[TrainingSet], cfg: MappingT
     for sub, group in groups.items():
         model_dir = out / sub if sub else out
         if not (reuse and (model_dir / "mapping.safetensors").exists()):
-            _, fits[sub] = train_mapping(group, cfg, model_dir, seed=seed, resume=resume, progress=progress)
+            _, fits[sub] = train_mapping(group, cfg, model_dir, seed=seed, resume=resume, progress=progress, device=device)
         for b in group:
             model_dirs[b.client] = model_dir
     return TrainedMapping(model_dirs, fits)
