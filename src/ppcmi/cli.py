@@ -675,7 +675,11 @@ def bench(dataset: str = typer.Option(..., "--dataset", help="Preset: psfhs, acd
           plan: bool = typer.Option(False, "--plan/--no-plan", help="Let the hospitals' fingerprints plan the run: the "
                                     "plan replaces the preset's settings (not labels, split or partition; --set wins); "
                                     "OUT/plan.json records it. Default: the preset as it is, reproducible."),
-          budget: Optional[float] = BudgetOpt, modality: Optional[str] = ModalityOpt, quiet: bool = QuietOpt):
+          budget: Optional[float] = BudgetOpt, modality: Optional[str] = ModalityOpt, quiet: bool = QuietOpt,
+          local_epochs: int = typer.Option(1, "--local-epochs", min=1, help="unet_fedavg / unet_fedprox: local epochs per "
+                                           "Flower round (rounds = the centralized U-Net's epochs / this)."),
+          proximal_mu: float = typer.Option(0.01, "--proximal-mu", min=0.0, help="unet_fedprox: FedProx's mu "
+                                            "(proximal term mu/2 ||w - w_global||^2).")):
     """PPCMI-SF, its ablations and U-Net baselines on one dataset with the same split and budget.
 
     Writes OUT/METHOD/ (runs, per-case CSVs) and OUT/results.json + OUT/results.md covering every
@@ -687,7 +691,8 @@ def bench(dataset: str = typer.Option(..., "--dataset", help="Preset: psfhs, acd
         raise PpcmiError("--budget/--modality: they steer the plan; add --plan (bench presets are not planned by default)")
     run_bench(dataset, data, out, [m.strip() for m in methods.split(",") if m.strip()], config=config,
               overrides=set_ or [], published_epochs=published_epochs, progress=not quiet, plan=plan,
-              explicit=_explicit(config, set_ or []), budget_min=budget, modality=modality)
+              explicit=_explicit(config, set_ or []), budget_min=budget, modality=modality, local_epochs=local_epochs,
+              proximal_mu=proximal_mu)
     typer.echo((out / "results.md").read_text())
     typer.echo(f"results: {out / 'results.json'}, {out / 'results.md'}")
 
