@@ -33,9 +33,10 @@ from ppcmi.flower.wire import FlowerSettings  # noqa: E402
 from ppcmi.models import make_unet  # noqa: E402
 from ppcmi.training import seeded_init  # noqa: E402
 
-TINY = ["clients=2", "data.size=32", "data.group_csv=groups.csv", "data.partition=site", "data.test_frac=0.25",
+TINY = ["clients=2", "data.size=32", "data.group_csv=groups.csv", "data.partition=site", "data.test_frac=0.17",
         "mapping.batch_size=2", "autoencoder.augment=true", "mapping.lr_schedule=cosine",
-        "mapping.epochs=2", "autoencoder.send_copies=1"]  # 2 epochs of batches of 2: several Adam steps per round
+        "mapping.epochs=2", "autoencoder.send_copies=1"]  # 2 epochs (rounds); batches of 2: several Adam steps per round
+# (one test patient of six: hospital1 keeps 12 images, hospital2 8, so Flower's average is weighted 10 : 6)
 RUNS = {"fedavg": FedUnetSettings("fedavg", rounds=2), "fedprox": FedUnetSettings("fedprox", rounds=2, proximal_mu=0.5),
         "fedprox0": FedUnetSettings("fedprox", rounds=2, proximal_mu=0.0)}
 
@@ -91,6 +92,8 @@ def test_fedavg_global_is_flowers_weighted_average_of_the_last_round(federated):
         assert g.dtype == np.float32 and np.array_equal(g, avg), k
     a, b = clients.values()
     assert any(not np.array_equal(a[k], b[k]) for k in a)  # the hospitals did train on different data
+    assert sorted(v["num_examples"] for v in s["hospitals"].values()) == [6, 10]
+    assert any(not np.allclose(glob[k], 0.5 * (a[k] + b[k]), rtol=0, atol=1e-7) for k in glob)  # weighted, not a plain mean
     initial = seeded_init(lambda: make_unet(1, 2), cfg.seed).state_dict()  # as the centralized reference starts
     assert weights_digest(ArrayRecord(initial)) == s["initial_sha256"]
     assert all(not np.array_equal(glob[k], initial[k].numpy()) for k in glob if "weight" in k)
@@ -134,7 +137,48 @@ def test_fedprox_mu_zero_equals_fedavg_and_mu_positive_does_not(federated):
     assert summaries["fedprox"]["history"][0]["global_sha256"] != summaries["fedavg"]["history"][0]["global_sha256"]
 
 
+@pytest.mark.slow
+def test_bench_runs_unet_fedavg_and_scores_its_global_model_like_the_centralized_one(tmp_path):
+    from ppcmi.baselines import predict_unet
+    from ppcmi.bench import results_md, run_method
+    from ppcmi.metrics import evaluate_cases
+    from ppcmi.simulate import load_test, plan
+    from ppcmi.training import load_weights
+
+    data = synth(tmp_path / "data", sites=2, patients_per_site=3, slices_per_patient=4, size=32, n_classes=2, seed=4)
+    cfg = load_config(None, [*TINY[:-2], "mapping.epochs=1", "autoencoder.send_copies=1"])  # one round
+    r = run_method("unet_fedavg", cfg, data, tmp_path / "bench" / "unet_fedavg", progress=False)
+    saved = json.loads((tmp_path / "bench" / "unet_fedavg" / "summary.json").read_text())
+    assert saved["federated"] == r["federated"] and saved["method"] == "unet_fedavg"
+    f = r["federated"]
+    assert f["strategy"] == "FedAvg" and f["rounds"] == 1 and f["local_epochs"] == 1 and set(f["hospitals"]) == {"hospital1", "hospital2"}
+    assert all(v["uploaded_bytes"] == v["downloaded_bytes"] == f["payload_bytes"] > 0 for v in f["hospitals"].values())
+    pl = plan(load_config(None, TINY[:-2]), data)  # the bench's split: the federated model is scored on the same test cases
+    assert r["summary"]["n_cases"] == len(pl.test) and 0 <= r["summary"]["fg_dice"]["mean"] <= 1
+    test = load_test(pl)
+    model = make_unet(1, 2)
+    load_weights(model, Path(f["server_dir"]) / "global.safetensors")
+    rows = evaluate_cases(predict_unet(model, test["images"], test["geometries"]), test["native_masks"], test["case_ids"], 2,
+                          spacings=test["native_spacings"])
+    assert r["summary"]["fg_dice"]["mean"] == pytest.approx(np.mean([row["fg_dice"] for row in rows]), abs=1e-12)
+    assert r["timings_s"]["train_s"] > 0 and r["wall_s"] >= r["timings_s"]["flwr_run_s"] >= r["timings_s"]["train_s"]
+    md = results_md("synthetic", {"unet_fedavg": r})
+    assert "| unet_fedavg | 1 |" in md and "| unet_fedavg | FedAvg | 1 x 1 | hospital1 6.5 / 6.5, hospital2 6.5 / 6.5 |" in md, md
+
+
 # ----------------------------------------------------------------------------- without processes
+
+
+def test_bench_refuses_local_epochs_that_do_not_divide_the_budget(tmp_path):
+    from typer.testing import CliRunner
+
+    from ppcmi.cli import app
+
+    bundled = Path(__file__).resolve().parents[1] / "data" / "sunnybrook_lv"
+    r = CliRunner().invoke(app, ["bench", "--dataset", "sunnybrook_lv", "--data", str(bundled), "--out", str(tmp_path / "b"),
+                                 "--methods", "unet_fedavg", "--local-epochs", "7"])
+    assert r.exit_code == 2 and r.output.strip().splitlines()[-1] == (
+        "error: --local-epochs: 7 does not divide the centralized U-Net's 400 epochs, so the rounds could not sum to the same budget")
 
 
 def _tiny_site(n: int = 8, seed: int = 0):

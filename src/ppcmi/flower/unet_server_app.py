@@ -118,6 +118,7 @@ class RecordingGrid:
             vals = {k: float(v) for k, v in metrics["metrics"].items()}
             self.last[n] = (arrays, vals)
             entry["hospitals"][site] = {"received_sha256": received, **{k.replace("-", "_"): v for k, v in vals.items()}}
+        entry["hospitals"] = dict(sorted(entry["hospitals"].items()))
         self.rounds.append(entry)
         return replies
 
@@ -171,7 +172,8 @@ def run(grid: Grid, cfg: Config, settings: FlowerSettings, fed: FedUnetSettings,
         "initial_sha256": digests[0], "global_sha256": weights_digest(result.arrays),
         "hospitals": {rec.sites[n]: {"node": n, "num_examples": int(rec.last[n][1]["num-examples"]),
                                      "val_examples": int(rec.last[n][1]["val-examples"]),
-                                     "downloaded_bytes": rec.downloaded[n], "uploaded_bytes": rec.uploaded[n]} for n in nodes},
+                                     "downloaded_bytes": rec.downloaded[n], "uploaded_bytes": rec.uploaded[n]}
+                      for n in sorted(nodes, key=rec.sites.__getitem__)},
         "history": rec.rounds,
         "train_metrics": {str(k): dict(v) for k, v in result.train_metrics_clientapp.items()},  # Flower's weighted means
         "timings_s": {"train_s": seconds},
