@@ -307,8 +307,6 @@ def deploy(cfg: Config, data: str | Path, out: str | Path, *, sites: int, port: 
     cfg, pl = deal(replace(cfg, clients=sites), data, run)
     settings = settings or FlowerSettings()
     settings = replace(settings, nodes=sites)
-    logs = run / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run / "config.json", {**to_dict(cfg), "data_dir": str(Path(data).absolute())})
 
     write_app(run / "app", cfg, settings)

@@ -162,8 +162,8 @@ def run(grid: Grid, cfg: Config, settings: FlowerSettings, fed: FedUnetSettings,
     atomic_write_bytes(out / "global.safetensors", _state_bytes(result.arrays))
     for node, (arrays, _) in rec.last.items():
         atomic_write_bytes(out / "clients" / f"{rec.sites[node]}.safetensors", _state_bytes(arrays))
-    for r, entry in zip(rec.rounds, digests[1:]):
-        r["global_sha256"] = entry
+    for r, digest in zip(rec.rounds, digests[1:], strict=True):  # the global weights after each round
+        r["global_sha256"] = digest
     summary = {
         "strategy": type(strategy).__name__, "proximal_mu": fed.proximal_mu if fed.strategy == "fedprox" else None,
         "rounds": fed.rounds, "local_epochs": fed.local_epochs, "epochs": fed.rounds * fed.local_epochs, "lr": fed.lr,

@@ -31,7 +31,7 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from ..config import Config
 from ..errors import ConfigError, ProtocolError
 from ..protocol import CLIENT_RE
-from .wire import FlowerSettings, read_run_config, run_config, write_app
+from .wire import FlowerSettings, read_run_config, write_app
 
 STRATEGIES = ("fedavg", "fedprox")
 ARRAYS, CONFIG, METRICS, SITE = "arrays", "config", "metrics", "site"  # Flower's record names, and the site's own
