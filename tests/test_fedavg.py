@@ -37,8 +37,9 @@ TINY = ["clients=2", "data.size=32", "data.group_csv=groups.csv", "data.partitio
         "mapping.batch_size=2", "autoencoder.augment=true", "mapping.lr_schedule=cosine",
         "mapping.epochs=2", "autoencoder.send_copies=1"]  # 2 epochs (rounds); batches of 2: several Adam steps per round
 # (one test patient of six: hospital1 keeps 12 images, hospital2 8, so Flower's average is weighted 10 : 6)
-RUNS = {"fedavg": FedUnetSettings("fedavg", rounds=2), "fedprox": FedUnetSettings("fedprox", rounds=2, proximal_mu=0.5),
-        "fedprox0": FedUnetSettings("fedprox", rounds=2, proximal_mu=0.0)}
+# FedProx runs one round, compared with FedAvg's first (the same learning rate: the cosine starts at lr)
+RUNS = {"fedavg": FedUnetSettings("fedavg", rounds=2), "fedprox": FedUnetSettings("fedprox", rounds=1, proximal_mu=0.5),
+        "fedprox0": FedUnetSettings("fedprox", rounds=1, proximal_mu=0.0)}
 
 
 def _processes_mentioning(text: str) -> list[int]:
@@ -128,13 +129,16 @@ def test_fedprox_mu_zero_equals_fedavg_and_mu_positive_does_not(federated):
     _, _, summaries, _, _ = federated
     assert summaries["fedprox"]["strategy"] == "FedProx" and summaries["fedprox"]["proximal_mu"] == 0.5
     assert summaries["fedavg"]["proximal_mu"] is None
-    avg, prox0, prox = (_weights(summaries[k]) for k in ("fedavg", "fedprox0", "fedprox"))
-    assert all(np.array_equal(avg[k], prox0[k]) for k in avg)
-    assert summaries["fedprox0"]["global_sha256"] == summaries["fedavg"]["global_sha256"]
-    assert sum(not np.array_equal(avg[k], prox[k]) for k in avg) > len(avg) // 2
-    # the proximal term reached the hospitals: the first round's received weights are the same, the results are not
-    assert summaries["fedprox"]["history"][0]["sent_sha256"] == summaries["fedavg"]["history"][0]["sent_sha256"]
-    assert summaries["fedprox"]["history"][0]["global_sha256"] != summaries["fedavg"]["history"][0]["global_sha256"]
+    avg = summaries["fedavg"]["history"][0]  # FedAvg after round 1
+    prox0, prox = (_weights(summaries[k]) for k in ("fedprox0", "fedprox"))
+    for k in ("fedprox0", "fedprox"):  # the same start, the same hospitals
+        assert summaries[k]["history"][0]["sent_sha256"] == avg["sent_sha256"] == [summaries["fedavg"]["initial_sha256"]]
+    assert summaries["fedprox0"]["global_sha256"] == avg["global_sha256"]  # mu = 0: FedAvg bit for bit
+    assert weights_digest(ArrayRecord({k: torch.from_numpy(v) for k, v in prox0.items()})) == avg["global_sha256"]
+    assert summaries["fedprox"]["global_sha256"] != avg["global_sha256"]  # mu > 0 reached the hospitals' loss
+    assert sum(not np.array_equal(prox0[k], prox[k]) for k in prox0) > len(prox0) // 2
+    for h in ("hospital1", "hospital2"):  # the training loss FedProx reports includes the proximal term
+        assert summaries["fedprox"]["history"][0]["hospitals"][h]["train_loss"] != avg["hospitals"][h]["train_loss"]
 
 
 @pytest.mark.slow
