@@ -20,6 +20,8 @@ import numpy as np
 import torch
 
 from .baselines import predict_unet, reference_schedule, train_reference_unet
+from .models import make_unet
+from .training import load_weights
 from .config import Config, from_dict, load_config, to_dict
 from .data import load_arrays
 from .device import Device, resolve_device
@@ -28,7 +30,7 @@ from .fileio import atomic_write_json, atomic_write_text
 from .metrics import evaluate_cases, summarize, write_evaluation
 from .client.site import Hospital
 from .server.mapping import MappingServer
-from .experiment import DATASETS, MATCHED, METHODS, PUBLISHED_EPOCHS, dataset_config
+from .experiment import DATASETS, DEFAULT_PROXIMAL_MU, FEDERATED, MATCHED, METHODS, PUBLISHED_EPOCHS, dataset_config
 from .server.plan import apply_plan
 from .simulate import infer_and_score, load_test, plan, plan_run, run_simulation, write_plan
 
@@ -51,6 +53,33 @@ def _unet(cfg: Config, data: Path, out: Path, local: bool, progress: bool, devic
         rows += evaluate_cases(pred, test["native_masks"], test["case_ids"], pl.labels.n_classes, spacings=test["native_spacings"],
                                class_names=list(pl.labels.names), extra=[{"site": g}] * len(pred))
     return rows, {"train_s": seconds}
+
+
+def _fed_unet(method: str, cfg: Config, data: Path, out: Path, *, local_epochs: int, proximal_mu: float,
+              device: Device = None) -> tuple[list[dict], dict]:
+    """A federated U-Net baseline (Flower's FedAvg or FedProx on a real federation of the same hospitals:
+    :mod:`ppcmi.flower.fedunet`); its final global model segments the test cases as the centralized one does."""
+    from .flower.fedunet import fed_rounds, train_federated_unets
+    from .flower.unet_wire import FedUnetSettings
+
+    strategy = FEDERATED[method]
+    fed = FedUnetSettings(strategy=strategy, rounds=fed_rounds(cfg, local_epochs), local_epochs=local_epochs,
+                          proximal_mu=proximal_mu if strategy == "fedprox" else 0.0)
+    if (out / "federation").exists():  # an unfinished earlier attempt (a Flower run cannot resume): start again
+        log.info("%s: removing the unfinished federation of an earlier attempt", out / "federation")
+        shutil.rmtree(out / "federation")
+    runs, pl = train_federated_unets(cfg, data, out / "federation", {method: fed},
+                                     device="cpu" if device is None else str(device))
+    s = runs[method]
+    test = load_test(pl)
+    model = make_unet(s["in_channels"], pl.labels.n_classes)
+    load_weights(model, Path(s["server_dir"]) / "global.safetensors")
+    pred = predict_unet(model, test["images"], test["geometries"], device=device)
+    rows = evaluate_cases(pred, test["native_masks"], test["case_ids"], pl.labels.n_classes, spacings=test["native_spacings"],
+                          class_names=list(pl.labels.names), extra=[{"site": "global"}] * len(pred))
+    keep = ("strategy", "proximal_mu", "rounds", "local_epochs", "epochs", "payload_bytes", "bytes_counted", "hospitals", "server_dir")
+    return rows, {"timings_s": {"train_s": s["timings_s"]["train_s"], "flwr_run_s": s["wall_s"]},
+                  "federated": {k: s[k] for k in keep}}
 
 
 def _reuse_stage1(src: Path, dst: Path, klt: bool) -> bool:
@@ -87,8 +116,10 @@ def _inference_variants(cfg: Config, data: Path, run: Path, device: Device = Non
 
 
 def run_method(method: str, cfg: Config, data: Path, out: Path, *, published_epochs: int | None = None,
-               progress: bool = True, device: Device = None) -> dict:
-    """One method end to end on ``device`` (None is the CPU); returns its summary (also written to ``OUT/summary.json``)."""
+               progress: bool = True, device: Device = None, local_epochs: int = 1,
+               proximal_mu: float = DEFAULT_PROXIMAL_MU) -> dict:
+    """One method end to end on ``device`` (None is the CPU); returns its summary (also written to ``OUT/summary.json``).
+    ``local_epochs`` and ``proximal_mu`` are the federated U-Nets' (``unet_fedavg``, ``unet_fedprox``)."""
     if method not in METHODS:
         raise PpcmiError(f"--methods: unknown method {method!r}; known: {', '.join(METHODS)}")
     if (out / "summary.json").exists():
@@ -97,7 +128,14 @@ def run_method(method: str, cfg: Config, data: Path, out: Path, *, published_epo
     mcfg = load_config(None, METHODS[method] + extra, base=cfg)
     t0 = time.perf_counter()
     result: dict = {}
-    if method.startswith("unet_"):
+    if method in FEDERATED:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / "config.json", {**to_dict(mcfg), "data_dir": str(data)})
+        rows, result = _fed_unet(method, mcfg, data, out, local_epochs=local_epochs, proximal_mu=proximal_mu, device=device)
+        summ = summarize(rows, group_key="site")
+        write_evaluation(rows, summ, out / "eval")
+        result["summary"] = summ
+    elif method.startswith("unet_"):
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "config.json", {**to_dict(mcfg), "data_dir": str(data)})
         rows, timings = _unet(mcfg, data, out, local=method == "unet_local", progress=progress, device=device)
@@ -153,13 +191,22 @@ def results_md(dataset: str, results: dict[str, dict]) -> str:
         c = from_dict(r["config"])
         epochs = reference_schedule(c)[0] if m.startswith("unet_") else c.mapping.epochs
         lines.append(f"| {m} | {epochs} | {r['wall_s']:.0f} | {t} |")
+    fed = {m: r["federated"] for m, r in results.items() if "federated" in r}
+    if fed:
+        lines += ["", "| method | Flower strategy | rounds x local epochs | MB per hospital, uploaded / downloaded (ArrayRecord bytes) |",
+                  "|---|---|---|---|"]
+        for m, f in fed.items():
+            per = ", ".join(f"{h} {v['uploaded_bytes'] / 1e6:.1f} / {v['downloaded_bytes'] / 1e6:.1f}" for h, v in f["hospitals"].items())
+            mu = f" (mu {f['proximal_mu']:g})" if f.get("proximal_mu") is not None else ""
+            lines.append(f"| {m} | {f['strategy']}{mu} | {f['rounds']} x {f['local_epochs']} | {per} |")
     return "\n".join(lines) + "\n"
 
 
 def run_bench(dataset: str, data: str | Path, out: str | Path, methods: list[str], *, config: str | Path | None = None,
               overrides: list[str] | None = None, published_epochs: int | None = None, progress: bool = True,
               plan: bool = False, explicit: list[str] | None = None, budget_min: float | None = None,
-              modality: str | None = None, device: Device = None) -> dict:
+              modality: str | None = None, device: Device = None, local_epochs: int = 1,
+              proximal_mu: float = DEFAULT_PROXIMAL_MU) -> dict:
     """Run ``methods`` in order (finished ones are skipped) and rewrite ``OUT/results.{json,md}`` with every
     finished method after each one.
 
@@ -183,7 +230,8 @@ def run_bench(dataset: str, data: str | Path, out: str | Path, methods: list[str
     epochs = published_epochs or PUBLISHED_EPOCHS[dataset]
     for m in methods:
         log.info("bench %s: %s", dataset, m)
-        run_method(m, cfg, data, out / m, published_epochs=epochs, progress=progress, device=device)
+        run_method(m, cfg, data, out / m, published_epochs=epochs, progress=progress, device=device, local_epochs=local_epochs,
+                   proximal_mu=proximal_mu)
         results = {k: json.loads((out / k / "summary.json").read_text()) for k in METHODS if (out / k / "summary.json").exists()}
         atomic_write_json(out / "results.json", {"dataset": dataset, "data": str(data), "results": results})
         atomic_write_text(out / "results.md", results_md(dataset, results))

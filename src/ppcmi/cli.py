@@ -709,7 +709,11 @@ def bench(dataset: str = typer.Option(..., "--dataset", help="Preset: psfhs, acd
           budget: Optional[float] = BudgetOpt, modality: Optional[str] = ModalityOpt,
           device: str = typer.Option("auto", "--device", help="Where every method computes: auto (CUDA, then MPS, then "
                                      "the CPU), cpu, cuda, cuda:N or mps."),
-          quiet: bool = QuietOpt):
+          quiet: bool = QuietOpt,
+          local_epochs: int = typer.Option(1, "--local-epochs", min=1, help="unet_fedavg / unet_fedprox: local epochs per "
+                                           "Flower round (rounds = the centralized U-Net's epochs / this)."),
+          proximal_mu: float = typer.Option(0.01, "--proximal-mu", min=0.0, help="unet_fedprox: FedProx's mu "
+                                            "(proximal term mu/2 ||w - w_global||^2).")):
     """PPCMI-SF, its ablations and U-Net baselines on one dataset with the same split and budget.
 
     Writes OUT/METHOD/ (runs, per-case CSVs) and OUT/results.json + OUT/results.md covering every
@@ -722,7 +726,8 @@ def bench(dataset: str = typer.Option(..., "--dataset", help="Preset: psfhs, acd
     dev = _device(device)
     run_bench(dataset, data, out, [m.strip() for m in methods.split(",") if m.strip()], config=config,
               overrides=set_ or [], published_epochs=published_epochs, progress=not quiet, plan=plan,
-              explicit=_explicit(config, set_ or []), budget_min=budget, modality=modality, device=dev)
+              explicit=_explicit(config, set_ or []), budget_min=budget, modality=modality, device=dev,
+              local_epochs=local_epochs, proximal_mu=proximal_mu)
     typer.echo((out / "results.md").read_text())
     typer.echo(f"results: {out / 'results.json'}, {out / 'results.md'}")
 

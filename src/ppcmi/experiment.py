@@ -296,7 +296,14 @@ METHODS: dict[str, list[str]] = {
     "per_hospital_mapping": ["mapping.scope=per_hospital"],
     "unet_centralized": [],
     "unet_local": [],
+    "unet_fedavg": [],
+    "unet_fedprox": [],
 }
+# The federated U-Net baselines: the centralized reference's network and epochs, trained by Flower's own strategy
+# over the same hospitals (ppcmi.flower.fedunet). FedProx's default mu (bench --proximal-mu) is 0.01, from the
+# FedProx paper's grid {0.001, 0.01, 0.1, 1}; it is not tuned here.
+FEDERATED: dict[str, str] = {"unet_fedavg": "fedavg", "unet_fedprox": "fedprox"}
+DEFAULT_PROXIMAL_MU = 0.01
 MATCHED = ("ppcmi_published", "ppcmi_cpu_matched")
 PUBLISHED_EPOCHS = {"psfhs": 6, "acdc": 6, "sunnybrook_lv": 15}  # what the committed results ran
 

@@ -8,7 +8,11 @@
 - ``wire``: both sides. Protocol bytes in and out of Flower records, message types, the shared
   run configuration (no paths, no keys) and metric summaries as flat records.
 - ``auth``: SuperNode authentication key pairs (ECDSA, OpenSSH format, as Flower reads them).
-- ``deploy``: plays every role on one machine with real processes (``ppcmi deploy``).
+- ``deploy``: plays every role on one machine with real processes (``ppcmi deploy``); its ``federation``
+  (certificates, keys, SuperLink, SuperNodes) serves both apps.
+- ``unet_client_app`` (AT A HOSPITAL), ``unet_server_app`` (AT THE COORDINATOR), ``unet_wire`` (both sides):
+  the federated U-Net baselines of ``ppcmi bench`` (``unet_fedavg``, ``unet_fedprox``): Flower's own FedAvg
+  and FedProx over the hospitals' model updates; ``fedunet`` runs them on a federation of the bench's hospitals.
 
 Nothing here is imported by the rest of the package: Flower stays an optional extra.
 """

@@ -38,9 +38,10 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import replace
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from ..certs import CA_CERT, SERVER_CERT, SERVER_KEY, init_ca
 from ..client.stages import site_seed
@@ -249,7 +250,7 @@ def link_cases(assignments: dict[str, list[Case]], root: str | Path, run: Path) 
         link_dataset(cases, root, run / dest)
 
 
-def _node_config(site: Path, name: str, threads: int, seed: int, send_noise: float, modality: str | None = None,
+def node_config(site: Path, name: str, threads: int, seed: int, send_noise: float, modality: str | None = None,
                  device: str = "auto") -> str:
     values = {"site-dir": site / "site", "data-dir": site / "data", "test-dir": site / "test"}
     for k, v in values.items():
@@ -312,27 +313,60 @@ def deploy(cfg: Config, data: str | Path, out: str | Path, *, sites: int, port: 
     settings = settings or FlowerSettings()
     resolve_device(device)  # a device this machine lacks fails before anything starts
     settings = replace(settings, nodes=sites, server_device=device)
-    logs = run / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run / "config.json", {**to_dict(cfg), "data_dir": str(Path(data).absolute())})
 
-    coord = run / "coordinator"
-    certs = coord / "certs"
-    init_ca(certs)
     write_app(run / "app", cfg, settings)
     names = list(pl.hospitals)
     seeds = {n: site_seed(cfg.seed, i) for i, n in enumerate(names)}  # as simulate numbers the same hospitals
     for n in names:
+        (run / "sites" / n / "test").symlink_to(run / "test", target_is_directory=True)
+    echo(f"{len(names)} hospitals: " + ", ".join(f"{n} ({len(pl.hospitals[n])} images)" for n in names)
+         + f"; {len(pl.test)} held-out test images")
+    threads = max(1, (os.cpu_count() or 1) // sites)
+    node_configs = {n: node_config(run / "sites" / n, n, threads, seeds[n], cfg.autoencoder.send_noise, modality, device)
+                    for n in names}
+    t_start = time.perf_counter()
+    with federation(run, node_configs, port=port, echo=echo) as fed:
+        echo(f"{len(names)} SuperNodes started; running the app (flwr run)")
+        summary = run_app(run / "app", fed.cli_env, fed.procs, fed.server, echo, run_timeout)
+    if (Path(summary["server_dir"]) / "plan.json").exists():  # with --plan: the plan the hospitals applied, beside the summary
+        shutil.copyfile(Path(summary["server_dir"]) / "plan.json", run / "plan.json")
+    summary["deployment"] = {"sites": names, "superlink": fed.superlink, "wall_s": time.perf_counter() - t_start,
+                             "tls": True, "supernode_auth": True}
+    write_summary(summary, run / "summary.json")
+    return summary
+
+
+@dataclass(frozen=True)
+class Federation:
+    """A running federation (:func:`federation`): what ``flwr run`` needs to reach it and what to watch."""
+
+    procs: Processes
+    cli_env: dict[str, str]  # the environment of the flwr command (its FLWR_HOME knows the SuperLink)
+    server: Path  # the SuperLink's PPCMI_SERVER_DIR: ServerApps write run-ID/ here
+    superlink: str  # HOST:PORT
+
+
+@contextmanager
+def federation(run: Path, node_configs: dict[str, str], *, port: int | None = None,
+               echo: Callable[[str], None] = log.info) -> Iterator[Federation]:
+    """A Flower federation on loopback for the hospitals of ``node_configs`` (site name -> its SuperNode's
+    ``--node-config``): a project CA and the SuperLink's TLS certificate (``run/coordinator/certs``), one
+    SuperNode key pair per hospital (``run/sites/NAME/auth``, the public half registered), ``flower-superlink``
+    with TLS and SuperNode authentication, one ``flower-supernode`` per hospital. Every process it started is
+    stopped, by its id, when the block ends, fails or is interrupted (SIGTERM counts as Ctrl-C)."""
+    coord = run / "coordinator"
+    certs = coord / "certs"
+    init_ca(certs)
+    names = list(node_configs)
+    for n in names:
         site = run / "sites" / n
-        (site / "test").symlink_to(run / "test", target_is_directory=True)
+        site.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(certs / CA_CERT, site / CA_CERT)
         supernode_keygen(site / "auth", comment=n)
         (coord / "supernodes").mkdir(parents=True, exist_ok=True)
         shutil.copyfile(site / "auth" / PUBLIC, coord / "supernodes" / f"{n}.pub")
-    echo(f"{len(names)} hospitals: " + ", ".join(f"{n} ({len(pl.hospitals[n])} images)" for n in names)
-         + f"; {len(pl.test)} held-out test images")
-
-    link_port, *node_ports = [p for p in free_ports(sites + 2) if p != port][: sites + 1]
+    link_port, *node_ports = [p for p in free_ports(len(names) + 2) if p != port][: len(names) + 1]
     link_port = port if port is not None else link_port
     cli_home = coord / "cli"
     cli_home.mkdir(parents=True, exist_ok=True)
@@ -340,11 +374,12 @@ def deploy(cfg: Config, data: str | Path, out: str | Path, *, sites: int, port: 
                       f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
                       f'address = "{HOST}:{link_port}"\nroot-certificates = {json.dumps(str(certs / CA_CERT))}\n')
     cli_env = flower_env(cli_home)
+    logs = run / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
     procs = Processes(logs)
     old_term = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
     if old_term is not None:
         signal.signal(signal.SIGTERM, _raise_interrupt)
-    t_start = time.perf_counter()
     try:
         procs.start("superlink", [tool("flower-superlink"), "--ssl-ca-certfile", str(certs / CA_CERT),
                                   "--ssl-certfile", str(certs / SERVER_CERT), "--ssl-keyfile", str(certs / SERVER_KEY),
@@ -356,18 +391,15 @@ def deploy(cfg: Config, data: str | Path, out: str | Path, *, sites: int, port: 
         for n in names:
             node_id = register(coord / "supernodes" / f"{n}.pub", cli_env, logs / "register.log")
             echo(f"registered {n}'s SuperNode public key (node {node_id})")
-        threads = max(1, (os.cpu_count() or 1) // sites)
         for n, p in zip(names, node_ports):
             site = run / "sites" / n
-            node_config = _node_config(site, n, threads, seeds[n], cfg.autoencoder.send_noise, modality, device)
             procs.start(n, [tool("flower-supernode"), "--superlink", f"{HOST}:{link_port}",
                             "--root-certificates", str(site / CA_CERT), "--auth-supernode-private-key", str(site / "auth" / PRIVATE),
-                            "--host", HOST, "--port", str(p), "--node-config", node_config],
+                            "--host", HOST, "--port", str(p), "--node-config", node_configs[n]],
                         flower_env(site / "flwr"), cwd=site)
         for n, p in zip(names, node_ports):
             wait_listening(procs, n, p)
-        echo(f"{len(names)} SuperNodes started; running the app (flwr run)")
-        summary = run_app(run / "app", cli_env, procs, coord / "server", echo, run_timeout)
+        yield Federation(procs, cli_env, coord / "server", f"{HOST}:{link_port}")
     except KeyboardInterrupt:
         echo("interrupted: stopping every process this deployment started")
         raise
@@ -375,12 +407,6 @@ def deploy(cfg: Config, data: str | Path, out: str | Path, *, sites: int, port: 
         procs.stop()
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
-    if (Path(summary["server_dir"]) / "plan.json").exists():  # with --plan: the plan the hospitals applied, beside the summary
-        shutil.copyfile(Path(summary["server_dir"]) / "plan.json", run / "plan.json")
-    summary["deployment"] = {"sites": names, "superlink": f"{HOST}:{link_port}", "wall_s": time.perf_counter() - t_start,
-                             "tls": True, "supernode_auth": True}
-    write_summary(summary, run / "summary.json")
-    return summary
 
 
 def _raise_interrupt(signum, frame):  # SIGTERM ends a deployment like Ctrl-C: through the finally that stops processes

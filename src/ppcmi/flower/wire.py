@@ -36,6 +36,7 @@ folders are each SuperNode's own ``node_config``.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -122,8 +123,6 @@ def _bool(v: Any) -> bool:
 
 
 def _toml(obj: dict[str, Any], prefix: str) -> list[str]:
-    import json
-
     lines, tables = [f"[{prefix}]"], []
     for k, v in obj.items():
         if isinstance(v, dict):
@@ -141,23 +140,27 @@ def _toml(obj: dict[str, Any], prefix: str) -> list[str]:
     return lines
 
 
-def write_app(out: str | Path, cfg: Config, settings: FlowerSettings) -> Path:
+def write_app(out: str | Path, cfg: Config, settings: FlowerSettings, *, name: str = "ppcmi-flower",
+              description: str = "PPCMI-SF across hospitals: keyed latents only; the ServerApp trains the mapping network",
+              serverapp: str = "ppcmi.flower.server_app:app", clientapp: str = "ppcmi.flower.client_app:app",
+              extra: dict[str, dict[str, Any]] | None = None) -> Path:
     """Write the Flower app folder ``out`` (one pyproject.toml; the code is the installed ppcmi).
 
     ``flwr run OUT CONNECTION`` bundles only this folder, so no data and no key can travel in
-    the bundle; every node imports ``ppcmi.flower.*`` from its own installation.
+    the bundle; every node imports its ``serverapp`` / ``clientapp`` from its own installation. ``extra``
+    adds run-config sections of the app's own (the federated U-Net's ``fedunet``).
     """
     out = Path(out)
     head = [
-        "# The ppcmi Flower app: written by ppcmi (ppcmi deploy / ppcmi flower app); shared settings only.",
-        "[project]", 'name = "ppcmi-flower"', 'version = "0.1.0"',
-        'description = "PPCMI-SF across hospitals: keyed latents only; the ServerApp trains the mapping network"',
+        "# A ppcmi Flower app: written by ppcmi (ppcmi deploy / ppcmi flower app / ppcmi bench); shared settings only.",
+        "[project]", f'name = "{name}"', 'version = "0.1.0"',
+        f"description = {json.dumps(description)}",
         'license = "Apache-2.0"', 'dependencies = ["flwr>=1.41,<1.42"]', "",
         "[tool.flwr.app]", 'publisher = "ppcmi"', "",
         "[tool.flwr.app.components]",
-        'serverapp = "ppcmi.flower.server_app:app"', 'clientapp = "ppcmi.flower.client_app:app"', "",
+        f'serverapp = "{serverapp}"', f'clientapp = "{clientapp}"', "",
     ]
-    text = "\n".join(head + _toml(run_config(cfg, settings), "tool.flwr.app.config")) + "\n"
+    text = "\n".join(head + _toml({**run_config(cfg, settings), **(extra or {})}, "tool.flwr.app.config")) + "\n"
     atomic_write_text(out / "pyproject.toml", text)
     return out
 
@@ -253,8 +256,6 @@ def read_fingerprint(content: RecordDict) -> tuple[protocol.Fingerprint, bytes]:
 
 def plan_record(settings: dict[str, Any]) -> ConfigRecord:
     """The plan's settings as a record: ``section.key`` -> the value as JSON text (shared settings only)."""
-    import json
-
     _check_plan_keys(settings)
     return ConfigRecord({k: json.dumps(v) for k, v in settings.items()})
 
@@ -277,8 +278,6 @@ def apply_plan_record(cfg: Config, content: RecordDict) -> Config:
     """``cfg`` with the plan a coordinator's message carries (the run configuration as it is without one).
 
     Only shared settings are accepted, each parsed and checked as ``--set`` would be."""
-    import json
-
     rec = content[PLAN] if PLAN in content else None
     if rec is None:
         return cfg
