@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -30,3 +31,19 @@ def shared_dataset(name: str) -> Path:
     if not (p / "images").is_dir():
         pytest.skip(f"shared dataset {name!r} not available at {p}")
     return p
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Live processes whose command line or environment mentions ``text`` (e.g. a run folder)."""
+    found = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            state = (d / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            blob = (d / "cmdline").read_bytes() + (d / "environ").read_bytes()
+        except (OSError, IndexError):
+            continue
+        if state != "Z" and text.encode() in blob:
+            found.append(int(d.name))
+    return found

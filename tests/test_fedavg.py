@@ -11,7 +11,6 @@ does not. The fast tests check the hospital's round and the settings without pro
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +31,7 @@ from ppcmi.flower.unet_wire import FedUnetSettings, read_unet_run_config, weight
 from ppcmi.flower.wire import FlowerSettings  # noqa: E402
 from ppcmi.models import make_unet  # noqa: E402
 from ppcmi.training import seeded_init  # noqa: E402
+from conftest import processes_mentioning  # noqa: E402
 
 TINY = ["clients=2", "data.size=32", "data.group_csv=groups.csv", "data.partition=site", "data.test_frac=0.17",
         "mapping.batch_size=2", "autoencoder.augment=true", "mapping.lr_schedule=cosine",
@@ -42,21 +42,6 @@ RUNS = {"fedavg": FedUnetSettings("fedavg", rounds=2), "fedprox": FedUnetSetting
         "fedprox0": FedUnetSettings("fedprox", rounds=1, proximal_mu=0.0)}
 
 
-def _processes_mentioning(text: str) -> list[int]:
-    found = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit() or int(d.name) == os.getpid():
-            continue
-        try:
-            state = (d / "stat").read_text().rsplit(")", 1)[1].split()[0]
-            blob = (d / "cmdline").read_bytes() + (d / "environ").read_bytes()
-        except (OSError, IndexError):
-            continue
-        if state != "Z" and text.encode() in blob:
-            found.append(int(d.name))
-    return found
-
-
 @pytest.fixture(scope="module")
 def federated(tmp_path_factory):
     root = tmp_path_factory.mktemp("fedunet")
@@ -64,7 +49,7 @@ def federated(tmp_path_factory):
     cfg = load_config(None, TINY)
     run = root / "run"
     summaries, pl = train_federated_unets(cfg, data, run, RUNS, settings=FlowerSettings(timeout=1800, connect_timeout=600))
-    return cfg, run, summaries, pl, _processes_mentioning(str(run))
+    return cfg, run, summaries, pl, processes_mentioning(str(run))
 
 
 def _weights(summary: dict, name: str = "global") -> dict[str, np.ndarray]:

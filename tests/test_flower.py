@@ -38,6 +38,7 @@ from ppcmi.flower.auth import PRIVATE, PUBLIC, supernode_keygen  # noqa: E402
 from ppcmi.flower.deploy import (CONNECTION, DeployError, Processes, flower_env, free_ports, register, run_app, tool,  # noqa: E402
                                  wait_listening)
 from ppcmi.flower.server_app import SERVER_DIR_ENV  # noqa: E402
+from conftest import processes_mentioning  # noqa: E402
 
 TINY = ["--set", "data.size=32", "--set", "data.group_csv=groups.csv", "--set", "data.partition=site",
         "--set", "data.test_frac=0.25", "--set", "autoencoder.width=0.25", "--set", "autoencoder.epochs=1",
@@ -47,22 +48,6 @@ TINY = ["--set", "data.size=32", "--set", "data.group_csv=groups.csv", "--set", 
 METRIC_KEY = re.compile(r"^(n_cases|[A-Za-z0-9_]+\.(mean|std|n|n_undefined|ci95)|counts\.[A-Za-z0-9_]+\.[a-z_]+)$")
 
 
-def _processes_mentioning(text: str) -> list[int]:
-    """Live processes whose command line or environment mentions ``text`` (e.g. a run folder)."""
-    found = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit() or int(d.name) == os.getpid():
-            continue
-        try:
-            state = (d / "stat").read_text().rsplit(")", 1)[1].split()[0]
-            blob = (d / "cmdline").read_bytes() + (d / "environ").read_bytes()
-        except (OSError, IndexError):
-            continue
-        if state != "Z" and text.encode() in blob:
-            found.append(int(d.name))
-    return found
-
-
 @pytest.fixture(scope="module")
 def deployed(tmp_path_factory):
     root = tmp_path_factory.mktemp("flower")
@@ -70,7 +55,7 @@ def deployed(tmp_path_factory):
     run = root / "run"
     r = CliRunner().invoke(app, ["deploy", "--sites", "2", "--data", str(data), "--out", str(run), "--retries", "1",
                                  "--timeout", "1800", "--plan", "--modality", "MR", *TINY])  # a fingerprint round first
-    leftovers = _processes_mentioning(str(run))
+    leftovers = processes_mentioning(str(run))
     assert r.exit_code == 0, f"exit {r.exit_code}\n{r.output}\n{r.exception!r}"
     return root, data, run, r.output, leftovers
 
@@ -287,7 +272,7 @@ def federation(tmp_path_factory):
         yield root, procs, link_port, stranger_port
     finally:
         procs.stop()
-        assert not _processes_mentioning(str(root)), "processes still running after teardown"
+        assert not processes_mentioning(str(root)), "processes still running after teardown"
 
 
 @pytest.mark.slow
@@ -338,12 +323,12 @@ def test_sigterm_stops_every_process_deploy_started(tmp_path):
         while not any("SuperNodes started" in ln for ln in seen) and p.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
         assert any("SuperNodes started" in ln for ln in seen), "".join(seen)
-        assert _processes_mentioning(str(run))  # the federation is up
+        assert processes_mentioning(str(run))  # the federation is up
         p.send_signal(signal.SIGTERM)
         assert p.wait(timeout=180) == 130, "".join(seen)
         reader.join(timeout=10)
         assert "interrupted" in "".join(seen)
-        assert not _processes_mentioning(str(run)), "processes survived SIGTERM"
+        assert not processes_mentioning(str(run)), "processes survived SIGTERM"
     finally:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)

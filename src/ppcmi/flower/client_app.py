@@ -18,7 +18,7 @@ from ..client import node as site_work
 from ..client.node import NodeSite
 from ..protocol import (FINGERPRINT_STEP, METRICS, SCORE, SITE, STAGE1, STAGE1_METRICS, TEST_LATENTS, TRAIN_LATENTS,
                         flatten_summary)
-from .wire import (apply_plan_record, fingerprint_record, read_chunk_request, read_run_config, read_wire, site_record,
+from .wire import (apply_plan_record, attach_log, fingerprint_record, read_chunk_request, read_run_config, read_wire, site_record,
                    wire_record)
 
 log = logging.getLogger(__name__)
@@ -27,12 +27,7 @@ app = ClientApp()
 
 
 def _handle(msg: Message, ctx: Context, step: str, fn: Callable[[NodeSite, object, Message, Context], RecordDict]) -> Message:
-    pkg = logging.getLogger("ppcmi")
-    if not pkg.handlers:  # this process's output goes to the SuperNode's log, which stays at the hospital
-        h = logging.StreamHandler()
-        h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        pkg.addHandler(h)
-        pkg.setLevel(logging.INFO)
+    attach_log("%(asctime)s %(levelname)s %(name)s: %(message)s")  # to the SuperNode's log, which stays at the hospital
     node = None
     try:
         node = NodeSite.from_node_config(ctx.node_config)

@@ -53,7 +53,7 @@ from ..device import resolve_device
 from ..server.stages import train_mappings
 from ..protocol import (CHUNK_BYTES, FINGERPRINT_STEP, METRICS, SCORE, SITE, STAGE1, TEST_LATENTS, TRAIN_LATENTS, WIRE, chunk_name,
                         unflatten_summary)
-from .wire import (FlowerSettings, check_reply, chunk_request, read_fingerprint, read_run_config, read_wire, summary_structures,
+from .wire import (FlowerSettings, attach_log, check_reply, chunk_request, read_fingerprint, read_run_config, read_wire, summary_structures,
                    wire_record, with_plan)
 
 log = logging.getLogger(__name__)
@@ -286,13 +286,7 @@ def run(grid: Grid, cfg: Config, settings: FlowerSettings, out: Path) -> dict:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    pkg = logging.getLogger("ppcmi")
-    if not pkg.handlers:  # progress lines reach `flwr run --stream` through the ServerApp's log
-        h = logging.StreamHandler()
-        h.setFormatter(logging.Formatter("%(message)s"))
-        pkg.addHandler(h)
-        pkg.setLevel(logging.INFO)
-        pkg.propagate = False
+    attach_log("%(message)s", propagate=False)  # progress lines reach `flwr run --stream` through the ServerApp's log
     try:
         cfg, settings = read_run_config(dict(context.run_config))
         run(grid, cfg, settings, server_dir(context.run_id))

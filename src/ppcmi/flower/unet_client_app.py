@@ -19,6 +19,7 @@ from ..client.node import NodeSite, cases_of, labels_of
 from ..client.stages import prepare
 from ..training import FitConfig
 from .unet_wire import ARRAYS, CONFIG, METRICS, SITE, read_unet_run_config, site_reply, weights_digest
+from .wire import attach_log
 
 log = logging.getLogger(__name__)
 
@@ -27,12 +28,7 @@ app = ClientApp()
 
 @app.train()
 def train(msg: Message, ctx: Context) -> Message:
-    pkg = logging.getLogger("ppcmi")
-    if not pkg.handlers:  # this process's output goes to the SuperNode's log, which stays at the hospital
-        h = logging.StreamHandler()
-        h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        pkg.addHandler(h)
-        pkg.setLevel(logging.INFO)
+    attach_log("%(asctime)s %(levelname)s %(name)s: %(message)s")  # to the SuperNode's log, which stays at the hospital
     node = None
     try:
         node = NodeSite.from_node_config(ctx.node_config)

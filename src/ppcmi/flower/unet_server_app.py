@@ -46,7 +46,7 @@ from ..training import seeded_init
 from .server_app import PROGRESS_PREFIX, Coordinator, server_dir
 from .unet_wire import (ARRAYS, CONFIG, REPLY_METRICS, FedUnetSettings, array_bytes, read_site_reply, read_unet_run_config,
                         weights_digest)
-from .wire import FlowerSettings
+from .wire import FlowerSettings, attach_log
 
 log = logging.getLogger(__name__)
 
@@ -185,13 +185,7 @@ def run(grid: Grid, cfg: Config, settings: FlowerSettings, fed: FedUnetSettings,
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    pkg = logging.getLogger("ppcmi")
-    if not pkg.handlers:  # progress lines reach `flwr run --stream` through the ServerApp's log
-        h = logging.StreamHandler()
-        h.setFormatter(logging.Formatter("%(message)s"))
-        pkg.addHandler(h)
-        pkg.setLevel(logging.INFO)
-        pkg.propagate = False
+    attach_log("%(message)s", propagate=False)  # progress lines reach `flwr run --stream` through the ServerApp's log
     try:
         cfg, settings, fed = read_unet_run_config(dict(context.run_config))
         run(grid, cfg, settings, fed, server_dir(context.run_id))

@@ -37,6 +37,7 @@ folders are each SuperNode's own ``node_config``.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -294,6 +295,18 @@ def apply_plan_record(cfg: Config, content: RecordDict) -> Config:
             raise ProtocolError(f"record {PLAN!r}: {k!r} must carry a JSON number, string, boolean, list or null")
         sets.append(f"{k}={','.join(str(x) for x in value) if isinstance(value, list) else value}")  # null: "None"
     return load_config(None, sets, base=cfg)
+
+
+def attach_log(fmt: str, *, propagate: bool = True) -> None:
+    """Send the ``ppcmi`` loggers' INFO lines to this Flower process's stderr in ``fmt`` (once per process): a
+    ClientApp's reach its SuperNode's log, which stays at the hospital; a ServerApp's reach ``flwr run --stream``."""
+    pkg = logging.getLogger("ppcmi")
+    if not pkg.handlers:
+        h = logging.StreamHandler()
+        h.setFormatter(logging.Formatter(fmt))
+        pkg.addHandler(h)
+        pkg.setLevel(logging.INFO)
+        pkg.propagate = propagate
 
 
 # ----------------------------------------------------------------------------- metric summaries
