@@ -342,3 +342,27 @@ def test_mapping_refuses_to_overwrite(tmp_path):
     with pytest.raises(CheckpointError, match="already exists"):
         train_mapping([_batch("h0", img, msk)], cfg, tmp_path, progress=False)
     assert (tmp_path / "mapping.safetensors").read_bytes() == before
+
+
+def test_mask_loss_by_hand_and_a_dropped_small_class_costs_a_share_of_the_dice():
+    from ppcmi.training import autoencoder_loss, bce_dice_loss, mask_loss
+
+    t = torch.zeros(2, 2, 10, 10)
+    t[:, 0] = 1.0
+    t[0, 0, 2, 3], t[0, 1, 2, 3] = 0.0, 1.0  # one class-1 pixel in 200: 0.5 % of the pixels
+    # uniform logits: cross-entropy log 2; per class Dice (2 * sum(t) / 2 + 1) / (200 / 2 + sum(t) + 1)
+    uniform = mask_loss(torch.zeros(2, 2, 10, 10), t)
+    d0, d1 = (199 + 1) / (100 + 199 + 1), (1 + 1) / (100 + 1 + 1)
+    assert float(uniform) == pytest.approx(0.5 * np.log(2) + 0.5 * (1 - (d0 + d1) / 2), rel=1e-6)
+    # near-certain logits of the right class: almost no loss
+    assert float(mask_loss(40.0 * (2 * t - 1), t)) < 1e-6
+    # predicting background everywhere drops the small class: the per-class Dice charges about half its weight,
+    # where the published joint Dice (one over every channel) hardly notices
+    bg_only = torch.zeros_like(t)
+    bg_only[:, 0] = 1.0
+    dropped = mask_loss(40.0 * (2 * bg_only - 1), t)
+    joint = float(bce_dice_loss(bg_only.clamp(1e-6, 1 - 1e-6), t))
+    assert float(dropped) > 0.5 * 0.5 * (1 - 1 / 2) and float(dropped) > 5 * joint
+    # the autoencoder losses by kind
+    with pytest.raises(Exception, match="kind must be 'image' or 'mask'"):
+        autoencoder_loss("label")

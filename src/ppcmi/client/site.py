@@ -34,7 +34,7 @@ from ..device import Device, autocast, channels_last, resolve_device, to_numpy
 from ..models import AEConfig, AEShape, Autoencoder
 from ..protocol import CHUNK_BYTES, LatentBatch, chunk_ranges, new_set_id, rows_per_chunk
 from ..augment import apply_augment, batch_augmenter, draw_augment
-from ..training import FitConfig, FitResult, bce_dice_loss, fit, load_weights, save_weights, seeded_init
+from ..training import FitConfig, FitResult, autoencoder_loss, fit, load_weights, save_weights, seeded_init
 from .keys import key_fingerprint, key_path, load_key
 
 log = logging.getLogger(__name__)
@@ -43,11 +43,6 @@ log = logging.getLogger(__name__)
 def one_hot(masks: torch.Tensor, n_classes: int) -> torch.Tensor:
     """(N, H, W) int class indices -> (N, K, H, W) float one-hot."""
     return F.one_hot(masks.long(), n_classes).permute(0, 3, 1, 2).float()
-
-
-def _ae_loss(model: torch.nn.Module, batch) -> torch.Tensor:
-    (x,) = batch
-    return bce_dice_loss(model(x), x)
 
 
 RETRAIN_DIR = ".retrain"  # where ``overwrite`` trains the new autoencoders until they are complete
@@ -130,7 +125,7 @@ def train_site(site_dir: str | Path, name: str, images: np.ndarray, masks: np.nd
         final = d / "model.safetensors"
         fc = FitConfig(epochs=ae_cfg.epochs, batch_size=ae_cfg.batch_size, lr=ae_cfg.lr, patience=ae_cfg.patience, seed=seed,
                        schedule=ae_cfg.lr_schedule)
-        res = fit(model, _ae_loss, [x[tr_idx]], [x[val_idx]] if n_val else None, fc, d / "train",
+        res = fit(model, autoencoder_loss(kind), [x[tr_idx]], [x[val_idx]] if n_val else None, fc, d / "train",
                   resume=resume and (d / "train" / "state.json").exists(), desc=f"{name} {kind} AE", progress=progress,
                   augment=batch_augmenter([kind]) if ae_cfg.augment else None, device=device)
         save_weights(model, final)

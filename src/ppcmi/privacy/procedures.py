@@ -36,7 +36,7 @@ def train_attacker_autoencoders(images: np.ndarray, masks: np.ndarray, n_classes
     ``device`` (None is the CPU); the models are returned on the CPU, where the attacks use them."""
     from ..augment import batch_augmenter
     from ..models import AEConfig, Autoencoder
-    from ..training import FitConfig, bce_dice_loss, fit, seeded_init
+    from ..training import FitConfig, autoencoder_loss, fit, seeded_init
 
     x_img = torch.from_numpy(images).float()
     x_msk = torch.nn.functional.one_hot(torch.from_numpy(masks).long(), n_classes).permute(0, 3, 1, 2).float()
@@ -47,7 +47,7 @@ def train_attacker_autoencoders(images: np.ndarray, masks: np.ndarray, n_classes
         fc = FitConfig(epochs=recipe.epochs, batch_size=recipe.batch_size, lr=recipe.lr, patience=recipe.epochs, seed=777,
                        schedule=recipe.lr_schedule)
         d = work / f"attacker_{kind}_ae"
-        fit(model, lambda m, b: bce_dice_loss(m(b[0]), b[0]), [x], None, fc, d, desc=f"attacker {kind} AE",
+        fit(model, autoencoder_loss(kind), [x], None, fc, d, desc=f"attacker {kind} AE",
             progress=progress, augment=batch_augmenter([kind]) if recipe.augment else None, resume=(d / "state.json").exists(),
             device=device)
         models[kind] = model.cpu().eval()
