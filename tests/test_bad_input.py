@@ -413,9 +413,11 @@ def _reader(site: Path, d: Path, rel: str) -> list[object]:
             "--out", d / "pred"]
 
 
-def _copy(site: Path, d: Path) -> None:
+def _copy(site: Path, d: Path, rel: str) -> Path:
+    """A fresh copy of the run's site, server and wire folders in ``d``; returns the path of ``rel`` in it."""
     for sub in ("site", "server", "wire"):
         shutil.copytree(site / sub, d / sub)
+    return d / rel
 
 
 @pytest.mark.parametrize("rel", sorted(RECORDS))
@@ -423,8 +425,7 @@ def _copy(site: Path, d: Path) -> None:
 @given(data=st.data())
 def test_truncated_or_junk_records_are_one_error_line(site, scratch, rel, data):
     d = scratch()
-    _copy(site, d)
-    p = d / rel
+    p = _copy(site, d, rel)
     text = p.read_text()
     if data.draw(st.booleans(), label="truncate"):
         p.write_text(text[:data.draw(st.integers(0, len(text.rstrip()) - 1), label="keep")])
@@ -444,8 +445,7 @@ def test_a_record_missing_a_field_or_holding_a_wrong_value(site, scratch, rel, f
     required, valid = RECORDS[rel][field]
     value = data.draw(st.sampled_from(([_DROP] if required else []) + [v for v in _POOL if not valid(v)]), label="value")
     d = scratch()
-    _copy(site, d)
-    p = d / rel
+    p = _copy(site, d, rel)
     rec = json.loads(p.read_text())
     node = rec
     for k in field[:-1]:
@@ -463,8 +463,7 @@ def test_a_record_missing_a_field_or_holding_a_wrong_value(site, scratch, rel, f
 @given(data=st.data())
 def test_damaged_weights_are_one_error_line(site, scratch, rel, data):
     d = scratch()
-    _copy(site, d)
-    p = d / rel
+    p = _copy(site, d, rel)
     blob = p.read_bytes()
     if data.draw(st.booleans(), label="truncate") or "/train/" not in rel:
         p.write_bytes(blob[:data.draw(st.integers(0, len(blob) - 1), label="keep")])
