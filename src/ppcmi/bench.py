@@ -36,6 +36,13 @@ from .simulate import infer_and_score, load_test, plan, plan_run, run_simulation
 
 log = logging.getLogger(__name__)
 
+def _score_unet(model, test: dict, labels, site: str, device: Device = None) -> list[dict]:
+    """Per-case rows of a U-Net's predictions on the test cases, on their native grids (every U-Net method's scoring)."""
+    pred = predict_unet(model, test["images"], test["geometries"], device=device)
+    return evaluate_cases(pred, test["native_masks"], test["case_ids"], labels.n_classes, spacings=test["native_spacings"],
+                          class_names=list(labels.names), extra=[{"site": site}] * len(pred))
+
+
 def _unet(cfg: Config, data: Path, out: Path, local: bool, progress: bool, device: Device = None) -> tuple[list[dict], dict]:
     """Centralized (pooled hospitals) or local (one U-Net per hospital) reference, evaluated on the test cases."""
     pl = plan(cfg, data)
@@ -49,9 +56,7 @@ def _unet(cfg: Config, data: Path, out: Path, local: bool, progress: bool, devic
         model, _ = train_reference_unet(cfg, parts, pl.labels.n_classes, out / g, desc=f"U-Net {g}", progress=progress,
                                         device=device)
         seconds += time.perf_counter() - t0
-        pred = predict_unet(model, test["images"], test["geometries"], device=device)
-        rows += evaluate_cases(pred, test["native_masks"], test["case_ids"], pl.labels.n_classes, spacings=test["native_spacings"],
-                               class_names=list(pl.labels.names), extra=[{"site": g}] * len(pred))
+        rows += _score_unet(model, test, pl.labels, g, device)
     return rows, {"train_s": seconds}
 
 
@@ -74,9 +79,7 @@ def _fed_unet(method: str, cfg: Config, data: Path, out: Path, *, local_epochs: 
     test = load_test(pl)
     model = make_unet(s["in_channels"], pl.labels.n_classes)
     load_weights(model, Path(s["server_dir"]) / "global.safetensors")
-    pred = predict_unet(model, test["images"], test["geometries"], device=device)
-    rows = evaluate_cases(pred, test["native_masks"], test["case_ids"], pl.labels.n_classes, spacings=test["native_spacings"],
-                          class_names=list(pl.labels.names), extra=[{"site": "global"}] * len(pred))
+    rows = _score_unet(model, test, pl.labels, "global", device)
     keep = ("strategy", "proximal_mu", "rounds", "local_epochs", "epochs", "payload_bytes", "bytes_counted", "hospitals", "server_dir")
     return rows, {"timings_s": {"train_s": s["timings_s"]["train_s"], "flwr_run_s": s["wall_s"]},
                   "federated": {k: s[k] for k in keep}}
