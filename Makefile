@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-fast install clean bench-psfhs bench-acdc bench-sunnybrook bench-latency bench-load bench-fuzz bench-plots bench-scale bench-scale-quick bench-gpu audit-sunnybrook audit-psfhs audit-acdc
+.PHONY: demo test test-fast install clean bench-psfhs bench-acdc bench-sunnybrook bench-latency bench-load bench-fuzz bench-plots bench-scale bench-scale-quick bench-gpu bench-mapping-step audit-sunnybrook audit-psfhs audit-acdc
 
 install: $(STAMP)
 
@@ -57,6 +57,12 @@ bench-scale-quick: $(STAMP)
 QUICK ?=
 bench-gpu: $(STAMP)
 	$(PY) benchmarks/gpu.py --data $(SHARED_DATA)/psfhs $(if $(QUICK),--quick)
+
+# The mapping network's training step on the CPU per execution variant (issue 15): fp32, channels-last, bf16 on 1 thread and on
+# every core -> benchmarks/results/mapping-step.{json,md}; torch.compile separately (it compiles for minutes) -> mapping-step-compile.*
+bench-mapping-step: $(STAMP)
+	$(PY) benchmarks/mapping_step.py --out benchmarks/results
+	$(PY) benchmarks/mapping_step.py --out benchmarks/results --configs demo --variants fp32,compile --tag compile
 
 bench-plots: $(STAMP)
 	$(PY) benchmarks/plots.py --results benchmarks/results
