@@ -9,6 +9,7 @@ runs are merged. ``ppcmi.server.plan.COST_TABLE`` holds the numbers; what the tr
 step (augmentation, validation, checkpoints) is its ``OVERHEAD``.
 
     .venv/bin/python benchmarks/plan_costs.py --out benchmarks/results
+    .venv/bin/python benchmarks/plan_costs.py --out benchmarks/results --threads 1   # -> plan_costs-1thread.{json,md}
 """
 
 from __future__ import annotations
@@ -78,7 +79,15 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--sizes", default="64,128,256")
     ap.add_argument("--reps", type=int, default=9)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default: torch's, every core); other than 2, results go to plan_costs-Nthread.{json,md} "
+                         "(the planner's table for a training that gets N threads, e.g. the demo's two concurrent trainings)")
     args = ap.parse_args()
+    if args.threads is not None:
+        if args.threads < 1:
+            ap.error(f"--threads: must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    stem = "plan_costs" if torch.get_num_threads() == 2 else f"plan_costs-{torch.get_num_threads()}thread"
     rows = {}
     for size in (int(s) for s in args.sizes.split(",")):
         sec = measure(size, args.reps)
@@ -88,11 +97,13 @@ def main() -> None:
     meta = {"cpu": machine()["cpu"], "threads": torch.get_num_threads(), "torch": torch.__version__, "batch": 16, "reps": args.reps,
             "load_average_1min": round(os.getloadavg()[0], 2)}
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "plan_costs.json"
-    if path.exists():  # sizes measured in separate runs land in one table
-        old = json.loads(path.read_text())
+    path = args.out / f"{stem}.json"
+    old = json.loads(path.read_text()) if path.exists() else {}
+    if "sizes" in old:  # sizes measured in separate runs land in one table (plan_costs.json itself was merged by hand)
         rows = {**{int(k): v for k, v in old["sizes"].items()}, **rows}
         meta = {**meta, "earlier_runs": old["meta"]}
+    elif old:  # the hand-merged form: kept whole inside the new file, never dropped
+        meta = {**meta, "earlier_file": old}
     rows = dict(sorted(rows.items()))
     atomic_write_json(path, {"meta": meta, "sizes": rows})
     md = [f"Seconds per bare training step (fastest of {args.reps}), batch 16, default widths ({meta['cpu']}, {meta['threads']} threads, torch {meta['torch']})", "",
@@ -100,7 +111,7 @@ def main() -> None:
     for size, r in rows.items():
         md.append(f"| {size} | {r['image_ae']['seconds']:.3f} | {r['mask_ae']['seconds']:.3f} | {r['mapping']['seconds']:.3f} | "
                   f"{r['image_ae']['gflop']:.2f} | {r['mask_ae']['gflop']:.2f} | {r['mapping']['gflop']:.2f} |")
-    atomic_write_text(args.out / "plan_costs.md", "\n".join(md) + "\n")
+    atomic_write_text(args.out / f"{stem}.md", "\n".join(md) + "\n")
 
 
 if __name__ == "__main__":

@@ -18,9 +18,9 @@ from ppcmi.config import Config, DataConfig, Preprocess, load_config, shared_set
 from ppcmi.data import check_intensity, discover_cases, scale_intensity
 from ppcmi.data.discovery import dicom_modality
 from ppcmi.data.fingerprint import compute_fingerprint, dataset_modality, normalise_modality
-from ppcmi.errors import DataError, PpcmiError, ProtocolError
+from ppcmi.errors import ConfigError, DataError, PpcmiError, ProtocolError
 from ppcmi.labels import LabelMap
-from ppcmi.server.plan import apply_plan, hist_percentiles, make_plan, pool
+from ppcmi.server.plan import apply_plan, describe, hist_percentiles, make_plan, pool
 
 
 
@@ -230,6 +230,31 @@ def test_the_reference_unet_gets_the_time_both_stages_are_expected_to_take():
     # unplanned, the U-Net sees as many augmented pairs as the mapping network
     plain = load_config(None, ["mapping.epochs=30", "mapping.patience=10", "autoencoder.send_copies=4"])
     assert reference_schedule(plain) == (120, 40)
+
+
+def test_a_plan_for_one_thread_per_training_costs_steps_at_the_one_thread_table():
+    from ppcmi.server.plan import COST_TABLE, COST_TABLE_1THREAD, cost_table, step_seconds
+
+    assert cost_table() is COST_TABLE and cost_table(2) is COST_TABLE and cost_table(8) is COST_TABLE
+    assert cost_table(1) is COST_TABLE_1THREAD and set(COST_TABLE_1THREAD) == set(COST_TABLE)
+    for size, row in COST_TABLE_1THREAD.items():  # the same networks, measured slower on one thread, never faster
+        for net, (sec, gflop) in row.items():
+            assert gflop == COST_TABLE[size][net][1] and sec > COST_TABLE[size][net][0]
+    g = {"image_ae": 16.6, "mask_ae": 16.9, "mapping": 35.5}
+    assert step_seconds(128, g, 1)["mapping"] == pytest.approx(COST_TABLE_1THREAD[128]["mapping"][0])
+    fp = [_fake("h1", n=400, size=128, extent=(0, 1, 0, 1))]
+    two, one = make_plan(fp, Config(), budget_min=30), make_plan(fp, Config(), budget_min=30, threads=1)
+    assert two["expected"]["threads"] == 2 and one["expected"]["threads"] == 1
+    assert "1 torch thread per training" in describe(one)
+    # slower steps in the same budget: no more epochs of either stage, and the estimate still fits the budget
+    assert one["settings"]["autoencoder.epochs"] <= two["settings"]["autoencoder.epochs"]
+    assert one["settings"]["mapping.epochs"] <= two["settings"]["mapping.epochs"]
+    assert (one["settings"]["autoencoder.epochs"], one["settings"]["mapping.epochs"]) != \
+        (two["settings"]["autoencoder.epochs"], two["settings"]["mapping.epochs"])
+    assert one["expected"]["total_s"] <= one["expected"]["budget_s"] * 1.01
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ConfigError, match="plan threads"):
+            make_plan(fp, Config(), budget_min=30, threads=bad)
 
 
 def test_the_budget_never_shrinks_the_smallest_class_below_16_pixels_a_side():

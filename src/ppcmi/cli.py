@@ -116,15 +116,18 @@ def _explicit(config: Optional[Path], sets: Optional[List[str]]) -> list[str]:
     return keys
 
 
-def _planned(cfg, config: Optional[Path], sets: list[str], data: Path, budget: Optional[float], modality: Optional[str]):
-    """(run configuration, (plan, fingerprint bytes)) of a planned simulated run (:func:`ppcmi.simulate.plan_run`)."""
+def _planned(cfg, config: Optional[Path], sets: list[str], data: Path, budget: Optional[float], modality: Optional[str],
+             threads: Optional[int] = None):
+    """(run configuration, (plan, fingerprint bytes)) of a planned simulated run (:func:`ppcmi.simulate.plan_run`;
+    ``threads``: the torch threads each training will get)."""
     if budget is not None and not budget > 0:
         raise PpcmiError(f"--budget: must be a positive number of minutes, got {budget:g}")
     from .server.plan import DEFAULT_BUDGET_MIN, describe
     from .simulate import plan_run
 
     run_cfg, planned, wire = plan_run(cfg, data, explicit=_explicit(config, sets),
-                                      budget_min=DEFAULT_BUDGET_MIN if budget is None else budget, modality=modality)
+                                      budget_min=DEFAULT_BUDGET_MIN if budget is None else budget, modality=modality,
+                                      threads=threads)
     typer.echo(describe(planned), err=True)
     return run_cfg, (planned, wire)
 
@@ -660,7 +663,7 @@ def demo(data: Optional[Path] = typer.Option(None, "--data", "-d", help="Dataset
     run (see `ppcmi plan`; --no-plan: whole planes at 128 x 128) and cases are split at random; pass
     --config or --set for a patient grouping (data.group_regex); --set values win over the plan.
     """
-    from .demo import demo_config, run_demo
+    from .demo import demo_config, run_demo, training_threads
 
     if out is None:  # a fresh folder each time: an earlier run is never touched
         out, k = Path("runs") / name, 1
@@ -676,12 +679,14 @@ def demo(data: Optional[Path] = typer.Option(None, "--data", "-d", help="Dataset
     if planning:
         from .demo import bundled_data
 
-        cfg, planned = _planned(cfg, config, sets, data if data is not None else bundled_data(), budget, modality)
+        cfg, planned = _planned(cfg, config, sets, data if data is not None else bundled_data(), budget, modality,
+                                threads=training_threads())  # the pipeline and the U-Net train side by side
     s = run_demo(data, out, cfg, progress=not quiet, planned=planned, device=_device(device))
     lat, t = s["latency_ms"], s["timings_s"]
     typer.echo("")
     typer.echo(s["table_md"])
-    typer.echo(f"\nPPCMI-SF overall Dice is {s['dice_gap_points']:.2f} points below the centralized U-Net's.")
+    gap = s["dice_gap_points"]
+    typer.echo(f"\nPPCMI-SF overall Dice is {abs(gap):.2f} points {'below' if gap >= 0 else 'above'} the centralized U-Net's.")
     typer.echo(f"payload per image per direction: {s['payload']['float32_bytes']} bytes float32 "
                f"({s['payload']['values_per_image']} values; {s['payload']['wire_bytes_query']} bytes on the wire)")
     typer.echo(f"latency per image (batch 1, median): encode+KLT {lat['encode']:.1f} ms | map {lat['map']:.1f} ms | "

@@ -134,6 +134,12 @@ def _plots(out: Path, result: dict, unet_hist: list[dict], test: dict, preds: di
     plt.close(fig)
 
 
+def training_threads() -> int:
+    """The torch threads each of the demo's two concurrent trainings (the pipeline and the centralized U-Net) gets:
+    half of torch's, at least one (what the demo's plan is costed for: ``make_plan(threads=...)``)."""
+    return max(1, torch.get_num_threads() // 2)
+
+
 def _centralized_unet(cfg_raw: dict, data: str, work_dir: str, threads: int, device: str = "cpu") -> dict:
     """The privacy-agnostic reference, run in its own process: a MONAI U-Net on the hospitals' pooled
     training data (see :func:`ppcmi.baselines.train_reference_unet` for its budget), predicting the
@@ -163,8 +169,7 @@ def run_demo(data: str | Path | None = None, out: str | Path = "runs/demo", cfg:
     out = prepare_run_dir(cfg, data, out)
     device = resolve_device(device)
     t_all = time.perf_counter()
-    threads = torch.get_num_threads()
-    half = max(1, threads // 2)
+    threads, half = torch.get_num_threads(), training_threads()
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         unet_job = pool.submit(_centralized_unet, to_dict(cfg), str(data), str(out / "unet"), half, str(device))
         log.info("centralized U-Net training in a parallel process (%d thread(s))", half)

@@ -76,18 +76,19 @@ def plan(cfg: Config, data_dir: str | Path) -> Plan:
 
 
 def plan_run(cfg: Config, data_dir: str | Path, *, explicit: tuple[str, ...] | list[str] = (),
-             budget_min: float = DEFAULT_BUDGET_MIN, modality: str | None = None) -> tuple[Config, dict, dict[str, bytes]]:
+             budget_min: float = DEFAULT_BUDGET_MIN, modality: str | None = None,
+             threads: int | None = None) -> tuple[Config, dict, dict[str, bytes]]:
     """The federated plan of a simulated run: every hospital fingerprints its own training partition
     (:func:`ppcmi.client.stages.fingerprint`), the fingerprints cross as protocol bytes, and the coordinator
     combines them (:func:`ppcmi.server.plan.make_plan`). Returns the run's configuration (the plan's settings
     under ``cfg``'s values for the ``explicit`` keys, which are recorded as overrides), the plan, and the
-    fingerprint bytes per hospital."""
+    fingerprint bytes per hospital. ``threads``: the torch threads each training will get (``make_plan``'s)."""
     pl = plan(cfg, data_dir)
     wire = {name: protocol.encode_fingerprint(stages.fingerprint(cases, cfg, pl.labels, client=name, modality=modality,
                                                                  data_dir=data_dir))
             for name, cases in pl.hospitals.items()}
     fingerprints = [protocol.decode_fingerprint(b) for b in wire.values()]
-    planned = make_plan(fingerprints, cfg, budget_min=budget_min, class_names=pl.labels.names, sequential=True)
+    planned = make_plan(fingerprints, cfg, budget_min=budget_min, class_names=pl.labels.names, sequential=True, threads=threads)
     run_cfg, planned = apply_plan(cfg, planned, explicit)
     for w in planned["warnings"]:
         log.warning("plan: %s", w)

@@ -77,6 +77,24 @@ COST_TABLE = {
     128: {"image_ae": (0.18, 16.6), "mask_ae": (0.18, 16.9), "mapping": (0.16, 35.5)},
     256: {"image_ae": (0.86, 66.4), "mask_ae": (0.86, 67.5), "mapping": (0.56, 141.4)},
 }
+COST_THREADS = 2
+# The same steps on one torch thread (benchmarks/plan_costs.py --threads 1: benchmarks/results/plan_costs-1thread.json, the
+# same 2-core AMD EPYC): what each of ``ppcmi demo``'s two concurrent trainings (the pipeline and the reference U-Net) gets
+# on two cores. A plan for fewer threads than COST_THREADS uses it (``make_plan(threads=1)``).
+# Measured at a load average of 4 to 5 (other work on both cores), so an upper bound; as in COST_TABLE, the image and
+# mask autoencoders (2 % apart in FLOPs) share the faster of their two cells.
+COST_TABLE_1THREAD = {
+    64: {"image_ae": (0.098, 4.15), "mask_ae": (0.098, 4.22), "mapping": (0.137, 8.94)},
+    128: {"image_ae": (0.368, 16.6), "mask_ae": (0.368, 16.9), "mapping": (0.348, 35.5)},
+    256: {"image_ae": (1.93, 66.4), "mask_ae": (1.93, 67.5), "mapping": (1.44, 141.4)},
+}
+
+
+def cost_table(threads: int | None = None) -> dict[int, dict[str, tuple[float, float]]]:
+    """The measured step costs for a training that gets ``threads`` torch threads (None: :data:`COST_THREADS`):
+    :data:`COST_TABLE_1THREAD` for one, :data:`COST_TABLE` (measured on two) otherwise; the plan never assumes more
+    speed than two threads gave."""
+    return COST_TABLE_1THREAD if threads is not None and threads < COST_THREADS else COST_TABLE
 # The training loop around a bare step (augmentation, validation passes, per-epoch checkpoints, the stage-2 encoding):
 # in the PSFHS benchmark (benchmarks/results/bench-psfhs.json, default widths at 128, an Intel Xeon) 24 more mapping
 # epochs of 55 steps took 540 s, 0.41 s a step, 2.5x the bare step above; stage 1 came out alike (at least 0.43 s).
@@ -261,10 +279,11 @@ def _count_gflop(size: int, cfg: Config, n_classes: int, channels: int, batch: i
                 "mapping": flops(net, z, "h")}
 
 
-def step_seconds(size: int, gflop: dict[str, float]) -> dict[str, float]:
-    """Seconds per training step: ``gflop`` at the throughput :data:`COST_TABLE` measured at the nearest size."""
-    ref = min(COST_TABLE, key=lambda s: abs(math.log(s / size)))
-    return {k: g * COST_TABLE[ref][k][0] / COST_TABLE[ref][k][1] for k, g in gflop.items()}
+def step_seconds(size: int, gflop: dict[str, float], threads: int | None = None) -> dict[str, float]:
+    """Seconds per training step: ``gflop`` at the throughput measured at the nearest size (:func:`cost_table`)."""
+    table = cost_table(threads)
+    ref = min(table, key=lambda s: abs(math.log(s / size)))
+    return {k: g * table[ref][k][0] / table[ref][k][1] for k, g in gflop.items()}
 
 
 def unet_gflop(size: int, n_classes: int, channels: int = 1, batch: int = 16) -> float:
@@ -284,12 +303,13 @@ def unet_gflop(size: int, n_classes: int, channels: int = 1, batch: int = 16) ->
 
 
 def reference_epochs(seconds: float, size: int, pooled: Pooled, channels: int, batch: int,
-                     val_frac: float = 0.2) -> tuple[int, float]:
+                     val_frac: float = 0.2, threads: int | None = None) -> tuple[int, float]:
     """Epochs of the centralized reference U-Net on every hospital's planes pooled (``val_frac`` held out, batches of
     ``batch``) that take about ``seconds``, and the seconds of one epoch: its FLOPs at the throughput the image
     autoencoder (a convolutional network of the same kind) was measured at, times :data:`OVERHEAD`."""
-    ref = min(COST_TABLE, key=lambda s: abs(math.log(s / size)))
-    sec, gflop = COST_TABLE[ref]["image_ae"]
+    table = cost_table(threads)
+    ref = min(table, key=lambda s: abs(math.log(s / size)))
+    sec, gflop = table[ref]["image_ae"]
     n = sum(pooled.n_planes)
     n_train = max(1, n - max(1, int(round(n * val_frac)))) if n >= 4 else n
     epoch = OVERHEAD * unet_gflop(size, pooled.n_classes, channels, batch) * sec / gflop * math.ceil(n_train / batch)
@@ -390,12 +410,16 @@ def target_spacing(pooled: Pooled) -> tuple[tuple[float, float] | None, str]:
 
 
 def make_plan(fingerprints: Sequence[Fingerprint], cfg: Config, *, budget_min: float = DEFAULT_BUDGET_MIN,
-              class_names: Sequence[str] | None = None, sequential: bool = True) -> dict:
+              class_names: Sequence[str] | None = None, sequential: bool = True, threads: int | None = None) -> dict:
     """The plan for these hospitals: ``{"version", "settings", "reasons", "expected", "warnings", "pooled"}``.
 
     ``cfg`` supplies what the plan does not choose (network widths, validation shares, ``data.offset``);
     ``sequential``: one machine plays every hospital in turn (``simulate``), so stage 1 takes the sum of the
-    hospitals' times; otherwise (a federation) the largest hospital's."""
+    hospitals' times; otherwise (a federation) the largest hospital's. ``threads``: the torch threads each training
+    will get (None: :data:`COST_THREADS`; ``ppcmi demo`` trains the pipeline and its reference U-Net side by side,
+    half the cores each), which picks the measured step costs (:func:`cost_table`)."""
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ConfigError(f"plan threads: must be a positive integer, got {threads!r}")
     if not budget_min > 0:
         raise ConfigError(f"--budget: must be a positive number of minutes, got {budget_min!r}")
     pooled, warnings = pool(fingerprints)
@@ -451,7 +475,7 @@ def make_plan(fingerprints: Sequence[Fingerprint], cfg: Config, *, budget_min: f
     chosen = None
     for s in range(size, floor - 1, -32):
         g = training_gflop(s, cfg, pooled.n_classes, 3 if cfg.data.color == "rgb" else 1)
-        t = step_seconds(s, g)
+        t = step_seconds(s, g, threads)
         steps1 = [math.ceil(n / b_ae) for n in n_train]
         epoch1 = OVERHEAD * (t["image_ae"] + t["mask_ae"]) * (b_ae / 16) * (sum(steps1) if sequential else max(steps1))
         epoch2 = OVERHEAD * t["mapping"] * (b_map / 16) * math.ceil(rows * (1 - val_map) / b_map)
@@ -509,7 +533,7 @@ def make_plan(fingerprints: Sequence[Fingerprint], cfg: Config, *, budget_min: f
     reasons["mapping.patience"] = reasons["mapping.lr_schedule"] = reasons["mapping.epochs"]
     stage1, stage2 = e1 * epoch1, e2 * epoch2
     channels = 3 if cfg.data.color == "rgb" else 1
-    e_unet, epoch_unet = reference_epochs(stage1 + stage2, s, pooled, channels, b_map)
+    e_unet, epoch_unet = reference_epochs(stage1 + stage2, s, pooled, channels, b_map, threads=threads)
     reference = {"unet.epochs": e_unet, "unet.patience": e_unet}
     reasons["unet.epochs"] = reasons["unet.patience"] = (
         f"the centralized reference U-Net of demo and bench gets the time both stages are expected to take "
@@ -518,7 +542,9 @@ def make_plan(fingerprints: Sequence[Fingerprint], cfg: Config, *, budget_min: f
     expected = {"stage1_s": round(stage1), "stage2_s": round(stage2), "total_s": round(stage1 + stage2),
                 "budget_s": round(budget_s), "runner": "one machine plays every hospital in turn" if sequential
                 else "hospitals train stage 1 in parallel",
-                "note": "an estimate for a 2-core CPU like the ones COST_TABLE and OVERHEAD were measured on "
+                "threads": COST_THREADS if threads is None else threads,
+                "note": "an estimate for a 2-core CPU like the ones COST_TABLE, COST_TABLE_1THREAD and OVERHEAD were measured "
+                        "on, for a training with `threads` torch threads "
                         "(ppcmi.server.plan; these differed up to 2.4x between sessions), for an otherwise idle machine; "
                         "early stopping may end stage 1 sooner; unet_s is the centralized reference U-Net of demo and bench, "
                         "trained beside the two stages, not after them"}
@@ -593,13 +619,15 @@ def describe(plan: dict) -> str:
         shown_reason = plan["reasons"].get(key)
     e = plan["expected"]
     lines.append(f"expected: stage 1 about {e['stage1_s'] / 60:.1f} min, stage 2 about {e['stage2_s'] / 60:.1f} min, in all "
-                 f"{e['total_s'] / 60:.1f} of the {e['budget_s'] / 60:.0f} min budget ({e['runner']})"
+                 f"{e['total_s'] / 60:.1f} of the {e['budget_s'] / 60:.0f} min budget ({e['runner']}"
+                 + (f", {e['threads']} torch thread{'s' if e['threads'] != 1 else ''} per training" if "threads" in e else "") + ")"
                  + (f"; the reference U-Net of demo and bench about {e['unet_s'] / 60:.1f} min beside them" if "unet_s" in e else ""))
     for w in plan.get("warnings", []):
         lines.append(f"warning: {w}")
     return "\n".join(lines)
 
 
-__all__ = ["PLAN_VERSION", "DEFAULT_BUDGET_MIN", "COST_TABLE", "Pooled", "pool", "hist_percentiles", "data_warnings",
+__all__ = ["PLAN_VERSION", "DEFAULT_BUDGET_MIN", "COST_TABLE", "COST_TABLE_1THREAD", "COST_THREADS", "cost_table", "Pooled", "pool",
+           "hist_percentiles", "data_warnings",
            "choose_region", "target_spacing",
            "training_gflop", "step_seconds", "unet_gflop", "reference_epochs", "make_plan", "apply_plan", "describe"]
