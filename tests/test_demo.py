@@ -56,3 +56,13 @@ def test_demo_writes_summary_report_csv_and_plots(tmp_path):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(PpcmiError, match="finished run"):
         run_demo(data, out, cfg, progress=False)
+
+
+def test_volume_table_shows_each_structure_per_hospital_and_overall():
+    from ppcmi.demo import volume_table
+
+    s = {"n_volumes": 3, "x_dice": 0.5, "fg_dice": 0.75, "by_group": {"h1": {"n_volumes": 3, "x_dice": 0.5, "fg_dice": 0.75}}}
+    lines = volume_table({"PPCMI-SF": s, "U-Net": {"n_volumes": 3, "x_dice": 1.0, "fg_dice": 1.0}}, ["bg", "x"]).splitlines()
+    assert lines[0] == "| method | hospital | volumes | x Dice % | merged Dice % |"
+    assert lines[2:] == ["| PPCMI-SF | h1 | 3 | 50.00 | 75.00 |", "| PPCMI-SF | overall | 3 | 50.00 | 75.00 |",
+                         "| U-Net | overall | 3 | 100.00 | 100.00 |"]

@@ -331,6 +331,7 @@ def test_real_msd_hippocampus_discovered_and_a_prediction_overlays_its_label(tmp
         pytest.skip(f"shared dataset msd_hippocampus not available at {root}")
     cases = discover_cases(root)
     assert len({c.group for c in cases}) == 260
+    assert {c.volume for c in cases} == {c.group for c in cases} and all(c.slice_index is not None for c in cases)
     assert {c.mask_path.name for c in cases} == {p.name for p in (root / "labelsTr").iterdir() if not p.name.startswith(".")}
     info = dataset_info(root)
     assert (info["layout"], info["version"], info["modalities"], info["num_training"], info["num_test"]) == \

@@ -346,3 +346,46 @@ def test_errors_name_the_field():
         evaluate_cases(batch, batch, ["x", "y"], 2, extra=[{"fg_dice": 1}, {}])
     with pytest.raises(PpcmiError, match="n_classes"):
         case_metrics(a, a, 1)
+
+
+def test_volume_dice_counts_every_plane_of_a_volume_together():
+    from ppcmi.metrics import volume_dice, volume_summary
+
+    # volume "a": two 2x2 planes; class 1 predicted on 3 pixels of which 2 are right, 4 true pixels in all
+    gt_a = [np.array([[1, 1], [0, 0]]), np.array([[1, 1], [0, 0]])]
+    pr_a = [np.array([[1, 0], [0, 0]]), np.array([[1, 0], [1, 0]])]
+    # volume "b": class 2 only, predicted exactly; class 1 absent from both -> 1.0 (both empty)
+    gt_b = [np.array([[2, 0], [0, 0]])]
+    pr_b = [np.array([[2, 0], [0, 0]])]
+    plane2d = np.array([[1, 1], [1, 1]])  # a 2D case (volume None): left out
+    rows = volume_dice([pr_a[0], pr_b[0], pr_a[1], plane2d], [gt_a[0], gt_b[0], gt_a[1], np.zeros((2, 2), int)],
+                       ["a", "b", "a", None], 3, class_names=["bg", "x", "y"], extra={"site": "h1"})
+    assert [r["volume"] for r in rows] == ["a", "b"] and [r["n_planes"] for r in rows] == [2, 1]
+    a, b = rows
+    assert a["site"] == "h1"
+    assert a["x_dice"] == pytest.approx(2 * 2 / (3 + 4))  # 2|P∩G| / (|P| + |G|) over both planes
+    assert a["y_dice"] == 1.0 and a["fg_dice"] == pytest.approx(2 * 2 / (3 + 4))
+    assert b["x_dice"] == 1.0 and b["y_dice"] == 1.0 and b["fg_dice"] == 1.0
+    # the mean over a's planes would be (2/3 + 2/4) / 2 = 0.583, not 4/7 = 0.571
+    assert a["x_dice"] != pytest.approx((2 / 3 + 2 / 4) / 2, abs=1e-3)
+    s = volume_summary(rows, group_key="site")
+    assert s["n_volumes"] == 2 and s["x_dice"] == pytest.approx((4 / 7 + 1.0) / 2)
+    assert s["by_group"]["h1"]["n_volumes"] == 2
+    with pytest.raises(PpcmiError, match="as long"):
+        volume_dice([pr_b[0]], [gt_b[0]], ["b", "c"], 3)
+    with pytest.raises(PpcmiError, match=r"pred\[0\]"):
+        volume_dice([np.full((2, 2), 5)], [gt_b[0]], ["b"], 3)
+
+
+def test_volume_dice_equals_monais_3d_dice_of_the_restacked_volume():
+    from ppcmi.metrics import volume_dice
+
+    rng = np.random.default_rng(7)
+    gt = rng.integers(0, 3, size=(6, 9, 8))
+    pred = np.where(rng.random(gt.shape) < 0.7, gt, rng.integers(0, 3, size=gt.shape))
+    order = rng.permutation(6)  # planes in any order
+    rows = volume_dice([pred[z] for z in order], [gt[z] for z in order], ["v"] * 6, 3)
+    onehot = lambda x: torch.from_numpy(np.stack([x == c for c in range(3)])[None].astype(np.float32))  # noqa: E731
+    ref = compute_dice(onehot(pred), onehot(gt), include_background=False)[0]
+    assert rows[0]["class1_dice"] == pytest.approx(float(ref[0]), abs=1e-6)
+    assert rows[0]["class2_dice"] == pytest.approx(float(ref[1]), abs=1e-6)

@@ -685,6 +685,8 @@ def demo(data: Optional[Path] = typer.Option(None, "--data", "-d", help="Dataset
     lat, t = s["latency_ms"], s["timings_s"]
     typer.echo("")
     typer.echo(s["table_md"])
+    if "volume_table_md" in s:
+        typer.echo("\nWhole test volumes (3D Dice of the restacked planes):\n" + s["volume_table_md"])
     gap = s["dice_gap_points"]
     typer.echo(f"\nPPCMI-SF overall Dice is {abs(gap):.2f} points {'below' if gap >= 0 else 'above'} the centralized U-Net's.")
     typer.echo(f"payload per image per direction: {s['payload']['float32_bytes']} bytes float32 "

@@ -24,7 +24,7 @@ from .config import AutoencoderConfig, Config, DataConfig, MappingTrainConfig, f
 from .data import Case, crop_plane, load_arrays, read_image
 from .device import resolve_device
 from .fileio import atomic_write_json, atomic_write_text
-from .metrics import EMPTY_RULE, evaluate_cases, summarize, write_evaluation, write_per_case_csv
+from .metrics import EMPTY_RULE, evaluate_cases, summarize, volume_dice, volume_summary, write_evaluation, write_per_case_csv
 from .server.mapping import MappingServer
 from .experiment import measure_latency
 from .simulate import plan, prepare_run_dir, public_summary, run_simulation
@@ -80,6 +80,19 @@ def table(summary: dict, structure: str = "fg") -> str:
         for g, gs in groups:
             m = lambda k: gs.get(f"{structure}_{k}", {}).get("mean", float("nan"))  # noqa: E731
             lines.append(f"| {method} | {g} | {_fmt(m('dice'), True)} | {_fmt(m('hd95_px'))} | {_fmt(m('asd_px'))} | {gs.get('n_cases', '')} |")
+    return "\n".join(lines)
+
+
+def volume_table(methods: dict[str, dict], class_names: list[str]) -> str:
+    """Markdown table of :func:`ppcmi.metrics.volume_summary` results: Dice (%) per structure of whole test volumes,
+    per hospital and overall."""
+    structures = [*class_names[1:], "fg"]
+    lines = ["| method | hospital | volumes | " + " | ".join(f"{'merged' if n == 'fg' else n} Dice %" for n in structures) + " |",
+             "|---|---|---|" + "---|" * len(structures)]
+    for method, s in methods.items():
+        for g, gs in [*s.get("by_group", {}).items(), ("overall", s)]:
+            lines.append(f"| {method} | {g} | {gs['n_volumes']} | "
+                         + " | ".join(_fmt(gs.get(f"{n}_dice", float("nan")), True) for n in structures) + " |")
     return "\n".join(lines)
 
 
@@ -209,11 +222,28 @@ def run_demo(data: str | Path | None = None, out: str | Path = "runs/demo", cfg:
     tab = table({"methods": {"PPCMI-SF": ppc, "centralized U-Net": usum}})
     summary["table_md"] = tab
     summary["dice_gap_points"] = 100 * (summary["methods"]["unet_centralized"]["dice"] - summary["methods"]["ppcmi"]["dice"])
+    vols = [c.volume for c in pl.test]
+    if any(v is not None for v in vols):  # planes cut from volumes: also the 3D Dice of each restacked test volume
+        k = pl.labels.n_classes
+        vp = [r for site, p in preds.items()
+              for r in volume_dice(p, test["native_masks"], vols, k, class_names=names, extra={"site": site})]
+        vu = volume_dice(upred, test["native_masks"], vols, k, class_names=names, extra={"site": "pooled"})
+        summary["volumes"] = {"ppcmi": volume_summary(vp, group_key="site"), "unet_centralized": volume_summary(vu)}
+        summary["volume_table_md"] = volume_table({"PPCMI-SF": summary["volumes"]["ppcmi"],
+                                                   "centralized U-Net": summary["volumes"]["unet_centralized"]}, names)
     atomic_write_json(out / "summary.json", summary)
     write_per_case_csv(arrays["rows"] + urows, out / "per_case.csv")  # both methods, one row per case and hospital
     _plots(out, public_summary(result), u["history"], test, preds, upred, pl.test)
     atomic_write_text(out / "report.md", report_md(summary))
     return summary
+
+
+def volume_section(s: dict) -> str:
+    """The report's per-volume section ('' for 2D data)."""
+    if "volume_table_md" not in s:
+        return ""
+    return ("\n## Whole test volumes (3D Dice of the restacked planes)\n\nThe table above averages planes; this one counts "
+            "every voxel of a test volume together, as 3D datasets are usually reported.\n\n" + s["volume_table_md"] + "\n")
 
 
 def report_md(s: dict) -> str:
@@ -230,6 +260,7 @@ Every hospital segments every test slice through its own key and decoders; "over
 {s['table_md']}
 
 PPCMI-SF's overall Dice is {s['dice_gap_points']:.2f} points below the centralized U-Net's (negative: above it).
+{volume_section(s)}
 
 {s['empty_rule'][0].upper() + s['empty_rule'][1:]}.
 

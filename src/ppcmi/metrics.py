@@ -68,6 +68,8 @@ __all__ = [
     "STATUSES",
     "case_metrics",
     "evaluate_cases",
+    "volume_dice",
+    "volume_summary",
     "pool_summaries",
     "pooled_hd95_px",
     "structure_names",
@@ -386,6 +388,62 @@ def evaluate_cases(
     rows = [{"case_id": cid, **e, **m} for cid, e, m in zip(case_ids, extra_list, metrics)]
     log.debug("evaluated %d cases x %d structures in %.2f s", n, len(names), time.perf_counter() - t0)
     return rows
+
+
+def volume_dice(
+    preds: Sequence[np.ndarray],
+    gts: Sequence[np.ndarray],
+    volumes: Sequence[str | None],
+    n_classes: int,
+    *,
+    class_names: Sequence[str] | None = None,
+    extra: dict | None = None,
+) -> list[dict]:
+    """Dice of whole volumes from their planes: one row ``{"volume", **extra, "<structure>_dice", "n_planes"}`` per
+    volume, in order of first appearance.
+
+    ``volumes[i]`` names the volume plane ``i`` was cut from (None: a 2D case, left out). Per structure the
+    volume's Dice is 2 |P and G| / (|P| + |G|) with the voxels of all its planes counted together, which is the
+    3D Dice of the restacked volume whatever the planes' order (1.0 when both are empty, as :data:`EMPTY_RULE`
+    says for a case). This is how a 3D dataset is usually reported; the mean over planes weighs a plane that
+    barely holds the structure as much as the middle of it."""
+    names = structure_names(n_classes, class_names)
+    preds, gts, volumes = list(preds), list(gts), list(volumes)
+    if not len(preds) == len(gts) == len(volumes):
+        raise PpcmiError(f"volume_dice: preds, gts and volumes should be as long, got {len(preds)}, {len(gts)} and {len(volumes)}")
+    acc: dict[str, np.ndarray] = {}  # volume -> (structures, 4): intersection, |P|, |G|, planes
+    for i, (p, g, v) in enumerate(zip(preds, gts, volumes)):
+        if v is None:
+            continue
+        p, g = _check_pair(p, g, n_classes, f"pred[{i}]", f"gt[{i}]", ndim=2)
+        sp, sg = _structures(p[None], n_classes)[0], _structures(g[None], n_classes)[0]
+        counts = np.stack([(sp & sg).sum(axis=(1, 2)), sp.sum(axis=(1, 2)), sg.sum(axis=(1, 2)),
+                           np.ones(len(names), dtype=np.int64)], axis=1).astype(np.int64)
+        acc[v] = acc[v] + counts if v in acc else counts
+    rows = []
+    for v, c in acc.items():
+        row: dict = {"volume": v, **(extra or {}), "n_planes": int(c[0, 3])}
+        for k, name in enumerate(names):
+            inter, sp, sg = (int(x) for x in c[k, :3])
+            row[f"{name}_dice"] = 1.0 if sp + sg == 0 else 2.0 * inter / (sp + sg)
+        rows.append(row)
+    return rows
+
+
+def volume_summary(rows: Sequence[dict], *, group_key: str | None = None) -> dict:
+    """Means of :func:`volume_dice` rows: ``{"n_volumes", "<structure>_dice", "by_group": {...}}`` (per ``group_key``
+    value, e.g. the hospital, when given)."""
+    def means(rs: Sequence[dict]) -> dict:
+        keys = [k for k in (rs[0] if rs else {}) if k.endswith("_dice")]
+        return {"n_volumes": len(rs), **{k: float(np.mean([r[k] for r in rs])) for k in keys}}
+
+    out = means(rows)
+    if group_key is not None:
+        groups: dict[str, list[dict]] = {}
+        for r in rows:
+            groups.setdefault(str(r[group_key]), []).append(r)
+        out["by_group"] = {g: means(rs) for g, rs in groups.items()}
+    return out
 
 
 def _metric_columns(rows: Sequence[dict]) -> tuple[list[str], list[str]]:

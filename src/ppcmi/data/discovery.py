@@ -65,6 +65,11 @@ class Case:
     rois: tuple[str, ...] = ()
 
     @property
+    def volume(self) -> str | None:
+        """The volume a slice was cut from (its file stem, ``case_id`` without ``_zNNN``), None for a 2D file."""
+        return None if self.slice_index is None else self.case_id[: -len(f"_z{self.slice_index:03d}")]
+
+    @property
     def image_source(self) -> Path | tuple[Path, ...]:
         """What :func:`ppcmi.data.read_image` reads: the channel files, or the one image file/folder."""
         return self.image_paths or self.image_path
