@@ -1,4 +1,4 @@
-"""The federated mapping core's Flower ServerApp (AT THE COORDINATOR): Flower's legacy FedAvg under SecAgg+, unchanged.
+"""The federated mapping core's Flower ServerApp (AT THE COORDINATOR): Flower's legacy FedAvg under SecAgg+.
 
 Flower 1.41 offers secure aggregation only through its legacy API, so this is a ``ServerApp`` with ``@app.main()``
 running ``DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(...))`` on a ``LegacyContext`` holding a legacy
@@ -88,7 +88,11 @@ def describe(content: RecordDict) -> tuple[list[dict], list[dict], int]:
             total += rec.count_bytes()
             for k in rec.keys():
                 a = rec[k]
-                arrays.append({"record": name, "name": k, "dtype": a.dtype, "shape": list(a.shape), "bytes": len(a.data)})
+                dtype, shape = a.dtype, list(a.shape)
+                if not dtype and not shape:  # a legacy Parameters tensor: NumPy's own serialisation, read for its header
+                    x = bytes_to_ndarray(a.data)
+                    dtype, shape = x.dtype.str, list(x.shape)
+                arrays.append({"record": name, "name": k, "dtype": dtype, "shape": shape, "bytes": len(a.data)})
         elif isinstance(rec, ConfigRecord):
             for k, v in rec.items():
                 n = _value_bytes(v)
@@ -99,7 +103,7 @@ def describe(content: RecordDict) -> tuple[list[dict], list[dict], int]:
                         arrays.append({"record": f"{name}.{k}", "name": str(i), "dtype": a.dtype.str, "shape": list(a.shape),
                                        "bytes": len(b)})
                     continue
-                kind = type(v[0]).__name__ if isinstance(v, list) and v else type(v).__name__
+                kind = (type(v[0]).__name__ if v else "empty") if isinstance(v, list) else type(v).__name__
                 values.append({"record": name, "key": k, "type": f"list[{kind}]" if isinstance(v, list) else kind,
                                "items": len(v) if isinstance(v, list) else 1, "bytes": n})
         elif isinstance(rec, MetricRecord):
