@@ -28,8 +28,11 @@ Clipping and quantization: a hospital's core tensors ``w`` are multiplied by its
 stochastically rounded to integers in ``[0, quantization]``. A value outside the range would be clipped silently by
 Flower, so each hospital refuses to send a core with any scaled value beyond ``clip``
 (:func:`ppcmi.client.fedcore.check_clipping`): a run either averages exactly what the hospitals trained, up to the
-quantization step, or stops naming ``fedcore.clip``. The aggregate then differs from the exact weighted average by at
-most ``hospitals * (2 clip / quantization) / sum(n / max_weight)`` per value (:func:`quantization_tolerance`).
+quantization, or stops naming ``fedcore.clip``. Trained mapping cores of this project peak at about 1.01 (a
+normalisation weight), so ``clip`` 8 (Flower's default) leaves a factor 8. Flower quantizes in float32, so more than
+2**24 levels would add nothing (float32 holds integers exactly up to 2**24): ``quantization`` is 2**24, a level
+``2 clip / 2**24`` (about 1e-6). The aggregate then differs from the exact weighted average by at most
+:func:`quantization_tolerance` per value.
 """
 
 from __future__ import annotations
@@ -57,8 +60,8 @@ class FedCoreSettings:
 
     rounds: int = 1                 # federated rounds (rounds x local_epochs = mapping.epochs)
     local_epochs: int = 1           # epochs each hospital trains per round
-    clip: float = 64.0              # SecAgg+ clipping_range: bound on every core value times n / max_weight
-    quantization: int = 2**26       # SecAgg+ quantization_range: integer levels over [-clip, clip]
+    clip: float = 8.0               # SecAgg+ clipping_range: bound on every core value times n / max_weight
+    quantization: int = 2**24       # SecAgg+ quantization_range: integer levels over [-clip, clip] (float32's exact integers)
     max_weight: int = 1000          # SecAgg+ max_weight: at least every hospital's training rows (its FedAvg weight)
 
     def __post_init__(self) -> None:
@@ -69,8 +72,8 @@ class FedCoreSettings:
         if isinstance(self.clip, bool) or not isinstance(self.clip, (int, float)) or not (0 < self.clip < 1e6):
             raise ConfigError(f"fedcore.clip: must be a positive number below 1e6, got {self.clip!r}")
         q = self.quantization
-        if isinstance(q, bool) or not isinstance(q, int) or not 2**8 <= q <= 2**30:
-            raise ConfigError(f"fedcore.quantization: must be an integer from 256 to 2**30, got {q!r}")
+        if isinstance(q, bool) or not isinstance(q, int) or not 2**8 <= q <= 2**24:
+            raise ConfigError(f"fedcore.quantization: must be an integer from 256 to 2**24 (Flower quantizes in float32), got {q!r}")
 
     def check_nodes(self, n: int) -> None:
         """SecAgg+ needs 2 hospitals or more, and their summed integers must stay below the modulus 2**32."""
@@ -89,10 +92,13 @@ def secagg_parameters(fed: FedCoreSettings) -> dict[str, Any]:
 
 def quantization_tolerance(fed: FedCoreSettings, rows: list[int]) -> float:
     """Largest difference per value between SecAgg+'s aggregate and the exact weighted average of the hospitals' cores
-    (``rows``: each hospital's weight): each hospital's stochastic rounding is off by less than one level of
-    ``2 clip / quantization`` in scaled units, and the sum is divided by the summed weight ratios."""
-    step = 2.0 * fed.clip / fed.quantization
-    return len(rows) * step / (sum(rows) / fed.max_weight)
+    (``rows``: each hospital's weight). Per hospital, in levels of ``2 clip / quantization``: under 1 from the stochastic
+    rounding, ``quantization * 2**-23`` from float32 rounding of Flower's product with its quantizer (and of the
+    quantizer), ``3 * quantization * 2**-25`` from float32 rounding of ``w * ratio`` and of ``+ clip``; the sum over
+    hospitals is divided by the summed weight ratios."""
+    q = fed.quantization
+    levels = 1.0 + q * 2.0**-23 + 3.0 * q * 2.0**-25
+    return len(rows) * levels * (2.0 * fed.clip / q) / (sum(rows) / fed.max_weight)
 
 
 def write_core_app(out: str | Path, cfg: Config, settings: FlowerSettings, fed: FedCoreSettings) -> Path:
