@@ -1,7 +1,7 @@
 """Networks (public, neutral code used by both sides): the skip autoencoder and the mapping network.
 
 ``Autoencoder`` runs at a hospital (image and mask autoencoders); ``MappingNet`` runs at the
-server. Neither knows anything about keys: the server's per-client 1x1 adapters learn to absorb
+server (or, with ``mapping.scope = "federated"``, at each hospital, only its core shared). Neither knows anything about keys: the server's per-client 1x1 adapters learn to absorb
 each hospital's keyed transform (DESIGN.md section 3.1).
 
 Shapes at the published size (256x256, width 1.0)::

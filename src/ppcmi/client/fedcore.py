@@ -32,7 +32,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from ..config import CONFIG_VERSION, Config, MappingTrainConfig
 from ..device import Device
@@ -62,10 +62,7 @@ def _mapping_config(cfg: MappingTrainConfig) -> MappingConfig:
 
 
 def _save_tensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> Path:
-    ensure_dir(path.parent)
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(Path(tmp) / "t"), metadata=metadata)
-        return atomic_write_bytes(path, (Path(tmp) / "t").read_bytes())
+    return atomic_write_bytes(path, save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata))
 
 
 # ----------------------------------------------------------------------------- its training pairs

@@ -38,6 +38,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.common import bytes_to_ndarray, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from flwr.compat.common.recorddict_compat import arrayrecord_to_parameters
 from flwr.server import LegacyContext, ServerApp, ServerConfig
 from flwr.server.strategy import FedAvg
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
@@ -250,8 +251,6 @@ def run(grid, context: Context, cfg: Config, settings: FlowerSettings, fed: FedC
         raise PpcmiError(f"SecAgg+ completed {len(rec.fit_metrics)} of {fed.rounds} rounds with every hospital")
     if len(rec.eval_metrics) != n:
         raise PpcmiError(f"{len(rec.eval_metrics)} of {n} hospitals received the final global core")
-    from flwr.compat.common.recorddict_compat import arrayrecord_to_parameters
-
     final = parameters_to_ndarrays(arrayrecord_to_parameters(legacy.state.array_records[MAIN_PARAMS_RECORD], keep_input=True))
     if len(final) != len(names) or any(a.shape != initial[k].shape for a, k in zip(final, names)):
         raise PpcmiError("the aggregate does not have the core's tensors")
