@@ -122,8 +122,8 @@ def train_mapping(batches: list[LatentBatch] | list[TrainingSet], cfg: MappingTr
         # every row of the hospital's message (as a re-fit after a key rotation sees it), so both give the same frame
         for i, c in enumerate(clients):
             rows = np.flatnonzero(cid == i)
-            _set_frames(model, c, {s: _frame(tensors[1 + j], rows) for j, s in enumerate(scales)},
-                        {s: _frame(tensors[1 + k + j], rows) for j, s in enumerate(scales)})
+            set_frames(model, c, {s: _frame(tensors[1 + j], rows) for j, s in enumerate(scales)},
+                       {s: _frame(tensors[1 + k + j], rows) for j, s in enumerate(scales)})
     loss_fn = _loss_fn(scales)
     fc = FitConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, patience=cfg.patience, seed=seed, schedule=cfg.lr_schedule)
     dp_report = None
@@ -249,13 +249,7 @@ def set_canonical_frames(net: MappingNet, client: str, img: dict[str, np.ndarray
     hospital in coordinates that do not depend on its key (training follows the same path under any
     keys, optimiser included), instead of the core having to absorb each key. The server learns
     nothing it could not compute anyway: the audit's A1 is this PCA."""
-    _set_frames(net, client, {s: principal_frame(img[s]) for s in net.scales}, {s: principal_frame(msk[s]) for s in net.scales})
-
-
-def _set_frames(net: MappingNet, client: str, img: dict[str, tuple[np.ndarray, np.ndarray]],
-                msk: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
-    """:func:`set_canonical_frames` from principal frames ``(U, mu)`` per scale, computed by the caller."""
-    set_frames(net, client, img, msk)
+    set_frames(net, client, {s: principal_frame(img[s]) for s in net.scales}, {s: principal_frame(msk[s]) for s in net.scales})
 
 
 def refit_adapters(model_dir: str | Path, batch: LatentBatch, cfg: MappingTrainConfig, out_dir: str | Path, *, seed: int = 0,
