@@ -85,6 +85,30 @@ def _fed_unet(method: str, cfg: Config, data: Path, out: Path, *, local_epochs: 
                   "federated": {k: s[k] for k in keep}}
 
 
+def _fed_core(cfg: Config, data: Path, out: Path, *, local_epochs: int, device: Device = None) -> tuple[list[dict], dict]:
+    """The federated mapping core (``mapping.scope = "federated"``: :mod:`ppcmi.flower.fedcore`, a real federation with
+    SecAgg+); every hospital then segments the test cases through its own local model (global core + its adapters),
+    through the same protocol bytes and scoring as the other ppcmi methods (:func:`ppcmi.simulate.infer_and_score`)."""
+    from .flower.fedcore import train_federated_core
+
+    if (out / "federation").exists():  # an unfinished earlier attempt (a Flower run cannot resume): start again
+        log.info("%s: removing the unfinished federation of an earlier attempt", out / "federation")
+        shutil.rmtree(out / "federation")
+    s, pl, sites = train_federated_core(cfg, data, out / "federation", local_epochs=local_epochs,
+                                        device="cpu" if device is None else str(device))
+    test = load_test(pl)
+    dev = resolve_device(device)
+    hospitals = {h: Hospital(sites[h], device=dev) for h in pl.hospitals}
+    servers = {h: MappingServer(sites[h] / "fedcore" / "model", device=dev) for h in pl.hospitals}  # each its own local model
+    t0 = time.perf_counter()
+    _, rows = infer_and_score(hospitals, servers, test, pl.labels, noise=cfg.autoencoder.send_noise)
+    keep = ("strategy", "rounds", "local_epochs", "epochs", "secagg", "core_parameters", "payload_bytes_float32", "bytes_counted",
+            "messages", "hospitals", "server_dir")
+    return rows, {"timings_s": {"stage1_s": s["stage1_s"], "train_s": s["timings_s"]["train_s"], "flwr_run_s": s["wall_s"],
+                                "inference_s": time.perf_counter() - t0},
+                  "federated": {k: s[k] for k in keep}}
+
+
 def _reuse_stage1(src: Path, dst: Path, klt: bool) -> bool:
     """Start a variant from the autoencoders of ``src`` (an earlier run with the same autoencoder settings) so
     the comparison isolates what the variant changes. Keys are not copied: every run draws fresh keys."""
@@ -122,7 +146,8 @@ def run_method(method: str, cfg: Config, data: Path, out: Path, *, published_epo
                progress: bool = True, device: Device = None, local_epochs: int = 1,
                proximal_mu: float = DEFAULT_PROXIMAL_MU) -> dict:
     """One method end to end on ``device`` (None is the CPU); returns its summary (also written to ``OUT/summary.json``).
-    ``local_epochs`` and ``proximal_mu`` are the federated U-Nets' (``unet_fedavg``, ``unet_fedprox``)."""
+    ``local_epochs`` and ``proximal_mu`` are the federated U-Nets' (``unet_fedavg``, ``unet_fedprox``); ``local_epochs`` is also
+    the federated core's (``ppcmi_federated``: rounds = ``mapping.epochs`` / it)."""
     if method not in METHODS:
         raise PpcmiError(f"--methods: unknown method {method!r}; known: {', '.join(METHODS)}")
     if (out / "summary.json").exists():
@@ -135,6 +160,13 @@ def run_method(method: str, cfg: Config, data: Path, out: Path, *, published_epo
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "config.json", {**to_dict(mcfg), "data_dir": str(data)})
         rows, result = _fed_unet(method, mcfg, data, out, local_epochs=local_epochs, proximal_mu=proximal_mu, device=device)
+        summ = summarize(rows, group_key="site")
+        write_evaluation(rows, summ, out / "eval")
+        result["summary"] = summ
+    elif mcfg.mapping.scope == "federated":
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / "config.json", {**to_dict(mcfg), "data_dir": str(data)})
+        rows, result = _fed_core(mcfg, data, out, local_epochs=local_epochs, device=device)
         summ = summarize(rows, group_key="site")
         write_evaluation(rows, summ, out / "eval")
         result["summary"] = summ
@@ -196,7 +228,7 @@ def results_md(dataset: str, results: dict[str, dict]) -> str:
         lines.append(f"| {m} | {epochs} | {r['wall_s']:.0f} | {t} |")
     fed = {m: r["federated"] for m, r in results.items() if "federated" in r}
     if fed:
-        lines += ["", "| method | Flower strategy | rounds x local epochs | MB per hospital, uploaded / downloaded (ArrayRecord bytes) |",
+        lines += ["", "| method | Flower strategy | rounds x local epochs | MB per hospital, uploaded / downloaded (ArrayRecord bytes; ppcmi_federated: and SecAgg+'s) |",
                   "|---|---|---|---|"]
         for m, f in fed.items():
             per = ", ".join(f"{h} {v['uploaded_bytes'] / 1e6:.1f} / {v['downloaded_bytes'] / 1e6:.1f}" for h, v in f["hospitals"].items())

@@ -186,6 +186,8 @@ class MappingTrainConfig(MappingConfig):
     lr: float = 1e-3
     lr_schedule: str = "constant"      # constant (published) | cosine
     scope: str = "shared"              # shared (one network, per-hospital adapters) | per_hospital (no collaboration)
+    #                                    | federated: each hospital trains on its own keyed latents, which never leave it; only
+    #                                      the shared core's weights cross, combined by Flower with SecAgg+; adapters stay local
     adapter_init: str = "pca"          # pca: fixed per-hospital frames (principal axes of its keyed latents) around its adapters | identity (published)
     patience: int = 20
     val_frac: float = 0.2
@@ -198,7 +200,7 @@ class MappingTrainConfig(MappingConfig):
         super().__post_init__()
         _check_training("mapping", self)
         check_bool("mapping.dp", self.dp)
-        _choice("mapping.scope", self.scope, ("shared", "per_hospital"))
+        _choice("mapping.scope", self.scope, ("shared", "per_hospital", "federated"))
         _choice("mapping.adapter_init", self.adapter_init, ("identity", "pca"))
         if self.dp and self.adapter_init == "pca":
             raise ConfigError('mapping.dp: the default mapping.adapter_init = "pca" reads each hospital\'s latent statistics without '

@@ -294,6 +294,7 @@ METHODS: dict[str, list[str]] = {
     "no_skips": ["autoencoder.skips=false"],
     "no_pyramid": ["mapping.pyramid=false"],
     "per_hospital_mapping": ["mapping.scope=per_hospital"],
+    "ppcmi_federated": ["mapping.scope=federated"],  # the privacy mode: Flower + SecAgg+ over the cores (ppcmi.flower.fedcore)
     "unet_centralized": [],
     "unet_local": [],
     "unet_fedavg": [],

@@ -1,7 +1,7 @@
 """Networks (public, neutral code used by both sides): the skip autoencoder and the mapping network.
 
 ``Autoencoder`` runs at a hospital (image and mask autoencoders); ``MappingNet`` runs at the
-server. Neither knows anything about keys: the server's per-client 1x1 adapters learn to absorb
+server (or, with ``mapping.scope = "federated"``, at each hospital, only its core shared). Neither knows anything about keys: the server's per-client 1x1 adapters learn to absorb
 each hospital's keyed transform (DESIGN.md section 3.1).
 
 Shapes at the published size (256x256, width 1.0)::
@@ -325,6 +325,41 @@ def mixed_forward(model: MappingNet, zt: dict[str, torch.Tensor], cid: torch.Ten
             o = (torch.zeros_like(y, dtype=part.dtype) if o is None else o).index_put((m,), part)
         out[s] = o
     return out
+
+
+def mapping_loss(scales: list[str]):
+    """Stage 2's loss, ``loss(model, batch)``: the sum over ``scales`` of the MSE of the mapped keyed image latents
+    against the keyed mask latents; ``batch`` is ``[hospital index per row, img_<scale>..., msk_<scale>...]``
+    (rows through their own hospital's adapters: :func:`mixed_forward`). The coordinator's stage 2 and a hospital's
+    federated round (:mod:`ppcmi.client.fedcore`) both train with this one definition."""
+    k = len(scales)
+
+    def loss_fn(m: MappingNet, batch) -> torch.Tensor:
+        c, rest = batch[0], batch[1:]
+        pred = mixed_forward(m, dict(zip(scales, rest[:k])), c)
+        return sum(F.mse_loss(pred[s], t) for s, t in zip(scales, rest[k:]))
+
+    return loss_fn
+
+
+@torch.no_grad()
+def set_frames(net: MappingNet, client: str, img: dict, msk: dict) -> None:
+    """Set ``client``'s fixed frames from principal frames ``(U, mu)`` per scale (arrays; ``mapping.adapter_init = "pca"``):
+    the input frame takes keyed image latents to principal coordinates (``U^T (x - mu)``), the output frame takes
+    principal coordinates of mask latents back to the keyed frame (``U y + mu``)."""
+    for s in net.scales:
+        for frame, (u, mu), inverse in ((net.in_frames[client][s], img[s], False), (net.out_frames[client][s], msk[s], True)):
+            w, b = (u, mu) if inverse else (u.T, -u.T @ mu)
+            frame.weight.copy_(torch.as_tensor(w.copy()).float())
+            frame.bias.copy_(torch.as_tensor(b.copy()).float())
+
+
+def core_state(net: MappingNet) -> dict[str, torch.Tensor]:
+    """What a federated round shares of ``net`` (``mapping.scope = "federated"``): every floating-point tensor of the shared
+    core ``net.cores`` (weights, biases, normalisation affines and running statistics), named as in ``net.state_dict()``,
+    in its order. The adapters, the frames and the integer ``num_batches_tracked`` counters (unused with a fixed BatchNorm
+    momentum) are not part of it."""
+    return {k: v for k, v in net.state_dict().items() if k.startswith("cores.") and v.is_floating_point()}
 
 
 def config_dict(cfg) -> dict:

@@ -25,7 +25,7 @@ from ..config import CONFIG_VERSION, MappingTrainConfig, build
 from ..device import Device, autocast, channels_last, resolve_device, to_numpy
 from ..errors import CheckpointError, PpcmiError, ProtocolError
 from ..fileio import Record, atomic_write_json, read_json
-from ..models import SCALES, Frame, MappingConfig, MappingNet, mixed_forward
+from ..models import SCALES, Frame, MappingConfig, MappingNet, mapping_loss, set_frames
 from ..latent import lstsq_1x1, principal_frame, principal_frame_streamed
 from ..protocol import LatentBatch, validate
 from ..training import FitConfig, FitResult, fit, load_weights, save_weights, seeded_init
@@ -122,8 +122,8 @@ def train_mapping(batches: list[LatentBatch] | list[TrainingSet], cfg: MappingTr
         # every row of the hospital's message (as a re-fit after a key rotation sees it), so both give the same frame
         for i, c in enumerate(clients):
             rows = np.flatnonzero(cid == i)
-            _set_frames(model, c, {s: _frame(tensors[1 + j], rows) for j, s in enumerate(scales)},
-                        {s: _frame(tensors[1 + k + j], rows) for j, s in enumerate(scales)})
+            set_frames(model, c, {s: _frame(tensors[1 + j], rows) for j, s in enumerate(scales)},
+                       {s: _frame(tensors[1 + k + j], rows) for j, s in enumerate(scales)})
     loss_fn = _loss_fn(scales)
     fc = FitConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, patience=cfg.patience, seed=seed, schedule=cfg.lr_schedule)
     dp_report = None
@@ -169,15 +169,7 @@ def mapping_split(cid: np.ndarray, val_frac: float, seed: int) -> tuple[np.ndarr
     return np.array(sorted(tr_idx), dtype=np.int64), np.array(sorted(val_idx), dtype=np.int64)
 
 
-def _loss_fn(scales: list[str]):
-    k = len(scales)
-
-    def loss_fn(m: MappingNet, batch) -> torch.Tensor:
-        c, rest = batch[0], batch[1:]
-        pred = mixed_forward(m, dict(zip(scales, rest[:k])), c)
-        return sum(torch.nn.functional.mse_loss(pred[s], t) for s, t in zip(scales, rest[k:]))
-
-    return loss_fn
+_loss_fn = mapping_loss  # (one definition, in the neutral ppcmi.models: a hospital's federated round trains with it too)
 
 
 @torch.no_grad()
@@ -257,18 +249,7 @@ def set_canonical_frames(net: MappingNet, client: str, img: dict[str, np.ndarray
     hospital in coordinates that do not depend on its key (training follows the same path under any
     keys, optimiser included), instead of the core having to absorb each key. The server learns
     nothing it could not compute anyway: the audit's A1 is this PCA."""
-    _set_frames(net, client, {s: principal_frame(img[s]) for s in net.scales}, {s: principal_frame(msk[s]) for s in net.scales})
-
-
-@torch.no_grad()
-def _set_frames(net: MappingNet, client: str, img: dict[str, tuple[np.ndarray, np.ndarray]],
-                msk: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
-    """:func:`set_canonical_frames` from principal frames ``(U, mu)`` per scale, computed by the caller."""
-    for s in net.scales:
-        for frame, (u, mu), inverse in ((net.in_frames[client][s], img[s], False), (net.out_frames[client][s], msk[s], True)):
-            w, b = (u, mu) if inverse else (u.T, -u.T @ mu)
-            frame.weight.copy_(torch.from_numpy(np.ascontiguousarray(w)).float())
-            frame.bias.copy_(torch.from_numpy(np.ascontiguousarray(b)).float())
+    set_frames(net, client, {s: principal_frame(img[s]) for s in net.scales}, {s: principal_frame(msk[s]) for s in net.scales})
 
 
 def refit_adapters(model_dir: str | Path, batch: LatentBatch, cfg: MappingTrainConfig, out_dir: str | Path, *, seed: int = 0,

@@ -4,6 +4,8 @@
 
 ``mapping.scope = "shared"``: one network for every hospital in ``OUT/``. ``"per_hospital"`` (the
 no-collaboration baseline): one network per hospital, each on its own pairs only, in ``OUT/<hospital>/``.
+``"federated"`` never reaches the coordinator's stage 2: the hospitals train the core themselves through Flower
+(:mod:`ppcmi.flower.fedcore`), so :func:`train_mappings` refuses it.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from pathlib import Path
 
 from ..config import MappingTrainConfig
 from ..device import Device
-from ..errors import ProtocolError
+from ..errors import ConfigError, ProtocolError
 from ..protocol import LatentBatch
 from ..training import FitResult
 from .inbox import TrainingSet
@@ -51,6 +53,9 @@ def train_mappings(batches: list[LatentBatch] | list[TrainingSet], cfg: MappingT
     a finished stage); ``resume`` continues an interrupted one. ``device`` is the coordinator's own choice of where to
     train (:func:`ppcmi.device.resolve_device`; None is the CPU), never a shared setting."""
     out = Path(out_dir)
+    if cfg.scope == "federated":
+        raise ConfigError("mapping.scope: \"federated\" keeps the latents at the hospitals and trains the core through Flower "
+                          "with secure aggregation (ppcmi bench --methods ppcmi_federated); the coordinator's stage 2 does not run it")
     if not batches:
         raise ProtocolError("inbox: no training messages received")
     groups: dict[str, list] = {}

@@ -1,0 +1,262 @@
+"""A hospital's part of the federated mapping core (hospital side), free of any framework: ``mapping.scope = "federated"``.
+
+The hospital trains the mapping network of stage 2 on its own keyed training pairs (the very rows it would have sent
+the coordinator: :func:`ppcmi.client.stages.training_batch`), with stage 2's loss (:func:`ppcmi.models.mapping_loss`)
+and a network of one client, itself. A round starts from the global core it received, trains ``local_epochs`` epochs
+and returns the core (:func:`ppcmi.models.core_state`) and its row count; its adapters, frames and latents stay here.
+After the last round :func:`save_local_model` writes its local model (global core + its own adapters) in the format of a
+stage-2 model folder, so :class:`ppcmi.server.mapping.MappingServer` (or any code reading one) maps its queries locally.
+
+What it keeps, in ``SITE/fedcore/`` (it never leaves the hospital)::
+
+    pairs.safetensors     its keyed training pairs, computed once (recomputed only when the settings behind them change)
+    own.safetensors       its adapters, frames and normalisation counters after the last round it trained
+    rounds/round-R.*      the core it sent in round R (safetensors) and its row count, loss and largest value (json)
+    model/                its final local model: mapping.safetensors + config.json (a stage-2 model folder)
+
+Training follows stage 2 where it can: the same rows, loss, batch size and initial adapters and frames
+(``mapping.adapter_init``); the learning rate of round R is ``mapping.lr_schedule``'s at its first epoch (constant within
+the round), with a fresh Adam each round, as Flower's examples do. There is no validation part and no early stopping:
+the budget is fixed (rounds x local epochs = ``mapping.epochs``); within a round ``fit`` keeps the epoch of lowest
+training loss, with one local epoch the only one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Callable, Mapping
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save
+
+from ..config import CONFIG_VERSION, Config, MappingTrainConfig
+from ..device import Device
+from ..errors import CheckpointError, PpcmiError
+from ..fileio import atomic_write_bytes, atomic_write_json, ensure_dir
+from ..latent import principal_frame
+from ..models import SCALES, MappingConfig, MappingNet, core_state, mapping_loss, set_frames
+from ..training import FitConfig, evaluate_loss, fit, host_state, save_weights, seeded_init
+from .site import Hospital
+from .stages import training_batch
+
+log = logging.getLogger(__name__)
+
+FOLDER = "fedcore"
+
+
+@dataclass(frozen=True)
+class CoreRound:
+    core: dict[str, torch.Tensor]  # the core after the local epochs (CPU, float32): what this hospital sends
+    n_rows: int                    # its training rows: its weight in Flower's average
+    train_loss: float              # of the epoch fit kept
+    max_abs: float                 # the largest magnitude in ``core``
+
+
+def _mapping_config(cfg: MappingTrainConfig) -> MappingConfig:
+    return MappingConfig(**{f.name: getattr(cfg, f.name) for f in fields(MappingConfig)})
+
+
+def _save_tensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> Path:
+    return atomic_write_bytes(path, save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata))
+
+
+# ----------------------------------------------------------------------------- its training pairs
+
+
+def _pairs_record(hospital: Hospital, cfg: Config) -> dict[str, str]:
+    """What the cached pairs depend on (no secret: the key's fingerprint, never the key)."""
+    return {"site": hospital.name, "key": hospital.key_fingerprint, "seed": str(cfg.seed),
+            "send_copies": str(cfg.autoencoder.send_copies), "send_noise": repr(float(cfg.autoencoder.send_noise)),
+            "data": json.dumps(asdict(cfg.data), sort_keys=True, default=str)}
+
+
+def training_pairs(hospital: Hospital, arrays: Callable[[], dict], cfg: Config, site_dir: str | Path) -> dict[str, torch.Tensor]:
+    """This hospital's keyed training pairs ``{zt_img_<scale>, zt_msk_<scale>: (N, C, H, W)}``: the rows of its stage-2
+    message, computed once from ``arrays()`` (its prepared cases) and cached in ``SITE/fedcore/pairs.safetensors``; a
+    cache made under other settings (or another key) is computed again."""
+    path = Path(site_dir) / FOLDER / "pairs.safetensors"
+    want = _pairs_record(hospital, cfg)
+    if path.exists():
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            if (f.metadata() or {}) == want:
+                return {k: f.get_tensor(k) for k in f.keys()}
+        log.info("%s: cached training pairs were made under other settings; computing them again", path)
+    batch = training_batch(hospital, arrays(), cfg)
+    pairs = {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for k, v in batch.arrays.items()}
+    _save_tensors(pairs, path, metadata=want)
+    return pairs
+
+
+def _scales(pairs: Mapping[str, torch.Tensor]) -> list[str]:
+    scales = [s for s in SCALES if f"zt_img_{s}" in pairs]
+    if not scales or set(pairs) != {f"zt_{kind}_{s}" for kind in ("img", "msk") for s in scales}:
+        raise PpcmiError(f"training pairs: expected zt_img_<scale> and zt_msk_<scale> for the same scales, got {sorted(pairs)}")
+    n = {int(v.shape[0]) for v in pairs.values()}
+    if len(n) != 1 or 0 in n:
+        raise PpcmiError(f"training pairs: every latent needs the same positive number of rows, got {sorted(n)}")
+    return scales
+
+
+def local_network(site: str, pairs: Mapping[str, torch.Tensor], cfg: MappingTrainConfig, init_seed: int, *,
+                  frames: bool = True) -> MappingNet:
+    """This hospital's mapping network (one client: itself) for latents shaped as ``pairs``, its weights drawn from the
+    shared ``init_seed`` as stage 2's are, adapters and frames initialised as stage 2 does for ``mapping.adapter_init``
+    (``frames=False``: identity frames, for a network whose frames are loaded next)."""
+    scales = _scales(pairs)
+    ch_in = {s: int(pairs[f"zt_img_{s}"].shape[1]) for s in scales}
+    ch_out = {s: int(pairs[f"zt_msk_{s}"].shape[1]) for s in scales}
+    net = seeded_init(lambda: MappingNet(ch_in, ch_out, [site], _mapping_config(cfg)), init_seed)
+    if frames and cfg.adapter_init == "pca":  # its canonical frames from every one of its rows, as stage 2 computes them
+        set_frames(net, site, {s: principal_frame(pairs[f"zt_img_{s}"].numpy()) for s in scales},
+                   {s: principal_frame(pairs[f"zt_msk_{s}"].numpy()) for s in scales})
+    return net
+
+
+def core_names(site: str, pairs: Mapping[str, torch.Tensor], cfg: MappingTrainConfig) -> list[str]:
+    """The names of the core tensors, in the order the federation sends them."""
+    return list(core_state(local_network(site, pairs, cfg, 0, frames=False)))
+
+
+def _load_core(net: MappingNet, core: Mapping[str, torch.Tensor]) -> None:
+    """Put the global ``core`` into ``net``; a core of another network is refused naming the first difference."""
+    own = core_state(net)
+    missing, extra = [k for k in own if k not in core], [k for k in core if k not in own]
+    if missing or extra:
+        raise PpcmiError(f"global core: does not fit this hospital's mapping network ({len(core)} tensors for {len(own)}; "
+                         f"{'missing ' + missing[0] if missing else 'unexpected ' + extra[0]})")
+    for k, v in own.items():
+        got = torch.as_tensor(core[k])
+        if tuple(got.shape) != tuple(v.shape):
+            raise PpcmiError(f"global core: {k} has shape {tuple(got.shape)}, this hospital's mapping network {tuple(v.shape)}")
+        if not torch.isfinite(got).all():
+            raise PpcmiError(f"global core: {k} holds non-finite values")
+    with torch.no_grad():
+        for k, v in own.items():
+            v.copy_(torch.as_tensor(core[k]))  # (the state dict's tensors share storage with the network's)
+
+
+def _own_path(site_dir: Path) -> Path:
+    return site_dir / FOLDER / "own.safetensors"
+
+
+def _restore(net: MappingNet, site_dir: Path, round_: int) -> None:
+    """Round 1 starts from fresh adapters and frames; a later round from what this hospital kept after the previous one."""
+    if round_ == 1:
+        return
+    path = _own_path(site_dir)
+    if not path.exists():
+        raise CheckpointError(f"{path}: round {round_} needs the adapters this hospital kept after round {round_ - 1}")
+    own = load_file(str(path))
+    expected = {k for k in net.state_dict() if k not in core_state(net)}
+    if set(own) != expected:
+        raise CheckpointError(f"{path}: holds other tensors than this hospital's adapters and frames")
+    net.load_state_dict({**net.state_dict(), **own})
+
+
+def _tensors(pairs: Mapping[str, torch.Tensor], scales: list[str]) -> list[torch.Tensor]:
+    n = int(pairs[f"zt_img_{scales[0]}"].shape[0])
+    return [torch.zeros(n, dtype=torch.long), *(pairs[f"zt_img_{s}"] for s in scales), *(pairs[f"zt_msk_{s}"] for s in scales)]
+
+
+def round_lr(cfg: MappingTrainConfig, round_: int, rounds: int, local_epochs: int) -> float:
+    """The learning rate of round ``round_`` (1-based): the schedule's at the round's first epoch of the whole budget."""
+    return FitConfig(epochs=rounds * local_epochs, lr=cfg.lr, schedule=cfg.lr_schedule).lr_at((round_ - 1) * local_epochs + 1)
+
+
+def local_round(core: Mapping[str, torch.Tensor], pairs: Mapping[str, torch.Tensor], cfg: MappingTrainConfig, *, site: str,
+                site_dir: str | Path, round_: int, rounds: int, local_epochs: int, seed: int, init_seed: int,
+                device: Device = None) -> CoreRound:
+    """One round at this hospital: load the global ``core`` (name -> tensor, :func:`ppcmi.models.core_state` of a network
+    like this hospital's) into its network, train ``local_epochs`` epochs on its ``pairs`` and return the core.
+
+    ``seed`` (its site seed) and ``round_`` seed the batch order and dropout (the same inputs give the same core);
+    ``init_seed`` (the shared seed) draws the initial adapters. Its adapters and frames are read from and written back
+    to ``site_dir`` (``SITE/fedcore/own.safetensors``); only the core is returned."""
+    if not 1 <= round_ <= rounds:
+        raise PpcmiError(f"server-round: must be from 1 to {rounds}, got {round_}")
+    site_dir = Path(site_dir)
+    scales = _scales(pairs)
+    net = local_network(site, pairs, cfg, init_seed, frames=round_ == 1)  # (later rounds restore the frames of round 1)
+    _load_core(net, core)
+    _restore(net, site_dir, round_)
+    rows = _tensors(pairs, scales)
+    work = ensure_dir(site_dir / FOLDER)
+    lr = round_lr(cfg, round_, rounds, local_epochs)
+    with tempfile.TemporaryDirectory(dir=work, prefix=f"round-{round_}-") as tmp:
+        res = fit(net, mapping_loss(scales), rows, None,
+                  FitConfig(epochs=local_epochs, batch_size=cfg.batch_size, lr=lr, patience=local_epochs,
+                            seed=seed * 100_019 + round_, schedule="constant"),
+                  tmp, desc=f"{site} core round {round_}", progress=False, device=device)
+    state = host_state(net)
+    crossing = set(core_state(net))
+    _save_tensors({k: v for k, v in state.items() if k not in crossing}, _own_path(site_dir))
+    out = {k: state[k] for k in core_state(net)}
+    max_abs = max(float(v.abs().max()) for v in out.values())
+    result = CoreRound(out, int(rows[0].shape[0]), float(res.history[res.best_epoch - 1]["train_loss"]), max_abs)
+    _save_tensors(out, site_dir / FOLDER / "rounds" / f"round-{round_}.safetensors")
+    atomic_write_json(site_dir / FOLDER / "rounds" / f"round-{round_}.json",
+                      {"round": round_, "rows": result.n_rows, "train_loss": result.train_loss, "max_abs": max_abs, "lr": lr,
+                       "local_epochs": local_epochs})
+    return result
+
+
+def check_clipping(result: CoreRound, *, clip: float, max_weight: int) -> float:
+    """The largest value SecAgg+ will quantize (a core value times ``n_rows / max_weight``), checked against ``clip``.
+
+    Flower clips anything outside ``[-clip, clip]`` without a word, which would change the average; so a core with such a
+    value is refused here, naming the setting to raise (and ``max_weight`` must bound the rows, or the ratio exceeds 1)."""
+    if result.n_rows > max_weight:
+        raise PpcmiError(f"fedcore.max_weight: {max_weight} is below this hospital's {result.n_rows} training rows; "
+                         "SecAgg+ weights would overflow its range")
+    scaled = result.max_abs * result.n_rows / max_weight
+    if scaled * (1 + 1e-6) > clip:
+        raise PpcmiError(f"fedcore.clip: a core value of magnitude {result.max_abs:.4g} (x {result.n_rows}/{max_weight} rows = "
+                         f"{scaled:.4g}) lies outside SecAgg+'s clipping range +-{clip:g}, where Flower would clip it; "
+                         "raise fedcore.clip")
+    return scaled
+
+
+# ----------------------------------------------------------------------------- its local model
+
+
+def save_local_model(core: Mapping[str, torch.Tensor], pairs: Mapping[str, torch.Tensor], cfg: MappingTrainConfig, *,
+                     site: str, site_dir: str | Path, init_seed: int, out_dir: str | Path | None = None,
+                     extra: dict | None = None) -> Path:
+    """Write this hospital's local model, the final global ``core`` with its own adapters and frames, as a stage-2 model
+    folder (``mapping.safetensors`` + ``config.json`` naming one hospital, itself) in ``out_dir``
+    (default ``SITE/fedcore/model``); returns the folder. Its adapters are those of the last round it trained."""
+    site_dir = Path(site_dir)
+    out = Path(out_dir) if out_dir is not None else site_dir / FOLDER / "model"
+    scales = _scales(pairs)
+    net = local_network(site, pairs, cfg, init_seed, frames=False)  # (its frames are in its own tensors)
+    _load_core(net, core)
+    path = _own_path(site_dir)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no adapters trained here yet; a local model needs at least one round")
+    net.load_state_dict({**net.state_dict(), **load_file(str(path))})
+    save_weights(net, out / "mapping.safetensors")
+    n = int(pairs[f"zt_img_{scales[0]}"].shape[0])
+    atomic_write_json(out / "config.json", {
+        "version": CONFIG_VERSION, "mapping": asdict(_mapping_config(cfg)), "train": asdict(cfg), "clients": [site],
+        "image_shapes": {s: list(pairs[f"zt_img_{s}"].shape[1:]) for s in scales},
+        "mask_shapes": {s: list(pairs[f"zt_msk_{s}"].shape[1:]) for s in scales},
+        "n_pairs": {site: n}, "n_train_rows": n, "n_val_rows": 0, "scope": "federated", **(extra or {})})
+    return out
+
+
+def pairs_loss(net_dir: str | Path, pairs: Mapping[str, torch.Tensor], cfg: MappingTrainConfig, *, site: str,
+               init_seed: int) -> float:
+    """Stage 2's loss of the local model in ``net_dir`` on this hospital's own pairs (in evaluation mode)."""
+    from ..training import load_weights
+
+    scales = _scales(pairs)
+    net = local_network(site, pairs, cfg, init_seed, frames=False)
+    load_weights(net, Path(net_dir) / "mapping.safetensors")
+    return float(evaluate_loss(net, mapping_loss(scales), _tensors(pairs, scales), cfg.batch_size))

@@ -1,0 +1,97 @@
+"""The federated mapping core on a real Flower federation on one machine (plays every role; ``ppcmi bench``).
+
+``mapping.scope = "federated"``: deals the dataset exactly as ``ppcmi deploy`` and the other bench methods do
+(:func:`ppcmi.flower.deploy.deal`), trains every hospital's autoencoders in its own site folder through the stage API
+(:func:`ppcmi.client.stages.train_autoencoders`, each hospital on its own cases, with the site seed ``simulate`` gives
+it), starts the same federation (:func:`ppcmi.flower.deploy.federation`: SuperLink with TLS and SuperNode
+authentication, one SuperNode per hospital) and runs the core app (:mod:`ppcmi.flower.core_server_app`,
+:mod:`ppcmi.flower.core_client_app`) with ``flwr run``. Its budget is stage 2's: ``rounds x local_epochs`` =
+``mapping.epochs``. Each hospital ends with its local model in ``sites/NAME/site/fedcore/model/`` (a stage-2 model
+folder: global core + its own adapters), which answers its own queries at the hospital.
+
+Run folder: as ``ppcmi deploy``'s (``coordinator/``, ``sites/NAME/``, ``logs/``), with the app in ``app/`` and the
+ServerApp's output (``messages.jsonl``, ``global.safetensors``, ``summary.json``) in ``coordinator/server/run-ID/``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable
+
+from ..client.fedcore import FOLDER
+from ..client.stages import prepare, site_seed, train_autoencoders
+from ..config import Config, to_dict
+from ..errors import PpcmiError
+from ..fileio import atomic_write_json
+from ..simulate import Plan
+from .core_wire import FedCoreSettings, write_core_app
+from .deploy import DeployError, deal, federation, node_config, run_app
+from .wire import FlowerSettings
+
+log = logging.getLogger(__name__)
+
+
+def core_rounds(cfg: Config, local_epochs: int = 1) -> int:
+    """Rounds of ``local_epochs`` each that sum to stage 2's ``mapping.epochs``."""
+    if isinstance(local_epochs, bool) or not isinstance(local_epochs, int) or local_epochs < 1:
+        raise PpcmiError(f"--local-epochs: must be a positive integer, got {local_epochs!r}")
+    if cfg.mapping.epochs % local_epochs:
+        raise PpcmiError(f"--local-epochs: {local_epochs} does not divide mapping.epochs = {cfg.mapping.epochs}, "
+                         "so the rounds could not sum to stage 2's budget")
+    return cfg.mapping.epochs // local_epochs
+
+
+def train_federated_core(cfg: Config, data: str | Path, out: str | Path, *, local_epochs: int = 1,
+                         fed: FedCoreSettings | None = None, settings: FlowerSettings | None = None, port: int | None = None,
+                         echo: Callable[[str], None] = log.info, run_timeout: float = 24 * 3600.0, progress: bool = False,
+                         device: str = "cpu") -> tuple[dict, Plan, dict[str, Path]]:
+    """Stage 1 at every hospital, then the federated core over ``cfg.clients`` hospitals; returns the ServerApp's summary
+    (with ``server_dir`` and ``wall_s``, ``flwr run`` included), the split, and each hospital's site folder (its local
+    model is in ``SITE/fedcore/model``). ``fed`` (default: rounds from ``local_epochs``, ``max_weight`` from the split)
+    sets the SecAgg+ parameters."""
+    if cfg.mapping.scope != "federated":
+        raise PpcmiError(f"mapping.scope: train_federated_core runs scope \"federated\", got {cfg.mapping.scope!r}")
+    run = Path(out).absolute()
+    if run.exists() and any(run.iterdir()):
+        raise DeployError(f"{run}: folder is not empty; choose another folder")
+    rounds = core_rounds(cfg, local_epochs)
+    cfg, pl = deal(cfg, data, run)
+    names = list(pl.hospitals)
+    if len(names) < 2:
+        raise PpcmiError(f"clients: mapping.scope \"federated\" needs at least 2 hospitals for secure aggregation, got {len(names)}")
+    settings = replace(settings or FlowerSettings(), nodes=len(names))
+    atomic_write_json(run / "config.json", {**to_dict(cfg), "data_dir": str(Path(data).absolute())})
+    echo(f"{len(names)} hospitals: " + ", ".join(f"{n} ({len(pl.hospitals[n])} images)" for n in names)
+         + f"; {len(pl.test)} held-out test images")
+    sites = {n: run / "sites" / n / "site" for n in names}
+    t0 = time.perf_counter()
+    rows = {}
+    for i, n in enumerate(names):  # stage 1, each hospital on its own cases (what its SuperNode would run first)
+        arrays = prepare(pl.hospitals[n], cfg, pl.labels)
+        rows[n] = int(arrays["images"].shape[0]) * cfg.autoencoder.send_copies  # the keyed pairs it will train on
+        train_autoencoders(sites[n], n, arrays, cfg, pl.labels, seed=site_seed(cfg.seed, i), progress=progress, device=device)
+    stage1_s = time.perf_counter() - t0
+    # SecAgg+'s max_weight bounds every hospital's weight: here the largest hospital's rows (a count that crosses anyway,
+    # as Flower's num_examples), so that its weight ratio is 1 and the quantization keeps the most precision
+    fed = fed or FedCoreSettings(rounds=rounds, local_epochs=local_epochs, max_weight=max(rows.values()))
+    if fed.rounds * fed.local_epochs != cfg.mapping.epochs:
+        raise PpcmiError(f"fedcore: {fed.rounds} rounds x {fed.local_epochs} local epochs differ from mapping.epochs = {cfg.mapping.epochs}")
+    write_core_app(run / "app", cfg, settings, fed)
+    threads = max(1, (os.cpu_count() or 1) // len(names))
+    node_configs = {n: node_config(run / "sites" / n, n, threads, site_seed(cfg.seed, i), 0.0, device=device)
+                    for i, n in enumerate(names)}
+    echo(f"federated core: FedAvg under SecAgg+, {fed.rounds} rounds of {fed.local_epochs} local epoch(s) (flwr run)")
+    with federation(run, node_configs, port=port, echo=echo) as fed_:
+        t0 = time.perf_counter()
+        summary = run_app(run / "app", fed_.cli_env, fed_.procs, fed_.server, echo, run_timeout)
+        summary["wall_s"] = time.perf_counter() - t0
+        summary["deployment"] = {"sites": names, "superlink": fed_.superlink, "tls": True, "supernode_auth": True}
+    summary["stage1_s"] = stage1_s
+    missing = [n for n, s in sites.items() if not (s / FOLDER / "model" / "mapping.safetensors").exists()]
+    if missing:
+        raise PpcmiError(f"{', '.join(missing)}: no local model after the run (see the SuperNode logs in {run / 'logs'})")
+    return summary, pl, sites

@@ -1,0 +1,391 @@
+"""The federated mapping core (``mapping.scope = "federated"``): hospitals train on their own keyed latents; Flower's FedAvg
+under SecAgg+ combines only the cores.
+
+The fast tests check the pieces without processes: stage 2's loss (moved to :mod:`ppcmi.models`, checked by hand against
+torch's MSE), a hospital's round (deterministic, changes only the core and its adapters, which stay in its site folder,
+refuses a core of another network), the clipping guard, the SecAgg+ settings for 2 and 3 hospitals and the app's run
+configuration. The slow test runs the bench method ``ppcmi_federated`` once on a real federation on loopback (SuperLink
+with TLS and SuperNode authentication, two SuperNodes, Flower's SecAgg+, two rounds) on a few images of the bundled
+Sunnybrook subset at 32 x 32 with tiny networks, and checks (a) that the final global core is the weighted average of
+what the hospitals computed, within SecAgg+'s stated quantization tolerance, (b) from the message log, that every array
+that crossed is shaped like a core tensor (or is SecAgg+'s one-element weight factor) and every other value is a small
+protocol item, and (c) that each hospital's local model folder maps its own queries with its own adapters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("flwr")
+
+import torch  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+from ppcmi.client import fedcore  # noqa: E402
+from ppcmi.config import load_config  # noqa: E402
+from ppcmi.errors import ConfigError, PpcmiError  # noqa: E402
+from ppcmi.flower.core_wire import (FedCoreSettings, initial_core, quantization_tolerance, read_core_run_config,  # noqa: E402
+                                    secagg_parameters, write_core_app)
+from ppcmi.flower.fedcore import core_rounds  # noqa: E402
+from ppcmi.flower.wire import FlowerSettings  # noqa: E402
+from ppcmi.models import MappingConfig, MappingNet, core_state, mapping_loss  # noqa: E402
+from ppcmi.training import seeded_init  # noqa: E402
+from conftest import BUNDLED, processes_mentioning  # noqa: E402
+
+TINY = ["clients=2", "data.size=32", "data.intensity=percentile", "data.crop=0.375", "data.group_regex=^(SCD\\d+)_",
+        "data.partition=group", "data.test_frac=0.34", "autoencoder.width=0.25", "autoencoder.epochs=1", "autoencoder.patience=1",
+        "autoencoder.batch_size=4", "autoencoder.send_copies=1", "mapping.widen=[8,8,8]", "mapping.mid=[8,8]",
+        "mapping.down=[8,8,8]", "mapping.batch_size=4", "mapping.epochs=2"]  # 2 epochs: 2 rounds of 1 local epoch
+CHANNELS = {"s3": 16, "s4": 32, "b": 64}  # autoencoder.width 0.25; at size 32: 4x4, 2x2, 1x1
+SIDE = {"s3": 4, "s4": 2, "b": 1}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny networks: one torch thread is several times faster than two on a shared 2-core machine (as each SuperNode uses)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _pairs(n: int = 10, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {f"zt_{k}_{s}": 2 * torch.randn(n, c, SIDE[s], SIDE[s], generator=g) + 0.5
+            for k in ("img", "msk") for s, c in CHANNELS.items()}
+
+
+def _cfg(*extra: str):
+    return load_config(None, [*TINY, "mapping.scope=federated", *extra])
+
+
+def _core(cfg) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(v) for k, v in initial_core(cfg).items()}
+
+
+def _round(cfg, site_dir, pairs, core=None, round_=1, seed=3, name="hospital1"):
+    return fedcore.local_round(core if core is not None else _core(cfg), pairs, cfg.mapping, site=name, site_dir=site_dir,
+                               round_=round_, rounds=2, local_epochs=1, seed=seed, init_seed=cfg.seed)
+
+
+# ----------------------------------------------------------------------------- stage 2's loss, moved
+
+
+def test_stage2_loss_is_the_shared_one_and_equals_the_sum_over_scales_of_torch_mse():
+    from ppcmi.server import mapping
+
+    assert mapping._loss_fn is mapping_loss  # one definition: the coordinator's stage 2 trains with the shared loss
+    scales = ["s3", "b"]
+    net = seeded_init(lambda: MappingNet({s: CHANNELS[s] for s in scales}, {s: CHANNELS[s] for s in scales}, ["a", "b"],
+                                         MappingConfig(widen=(8, 8, 8), mid=(8, 8), down=(8, 8, 8))), 0).eval()
+    p = _pairs(6)
+    cid = torch.tensor([0, 1, 0, 1, 1, 0])
+    batch = [cid, *(p[f"zt_img_{s}"] for s in scales), *(p[f"zt_msk_{s}"] for s in scales)]
+    with torch.no_grad():
+        got = mapping._loss_fn(scales)(net, batch).item()
+        hand = 0.0  # each row through its own hospital's adapters (eval mode: rows are independent), then torch's MSE
+        for s in scales:
+            pred = torch.empty_like(p[f"zt_msk_{s}"])
+            for c, name in enumerate(["a", "b"]):
+                m = cid == c
+                pred[m] = net({k: p[f"zt_img_{k}"][m] for k in scales}, name)[s]
+            hand += torch.nn.functional.mse_loss(pred, p[f"zt_msk_{s}"]).item()
+            assert torch.nn.functional.mse_loss(pred, p[f"zt_msk_{s}"]).item() == pytest.approx(
+                float(((pred - p[f"zt_msk_{s}"]) ** 2).mean()), rel=1e-6)
+    assert got == pytest.approx(hand, rel=1e-5) and got > 0
+
+
+def test_the_coordinators_stage_2_refuses_the_federated_scope():
+    from ppcmi.server.stages import train_mappings
+
+    with pytest.raises(ConfigError, match=r"^mapping.scope: \"federated\" keeps the latents at the hospitals and trains the core "
+                                          r"through Flower with secure aggregation \(ppcmi bench --methods ppcmi_federated\)"):
+        train_mappings([], _cfg().mapping, "unused", seed=0)
+    with pytest.raises(ConfigError, match=r"^mapping.scope: must be one of shared, per_hospital, federated, got 'secure'$"):
+        load_config(None, ["mapping.scope=secure"])
+
+
+# ----------------------------------------------------------------------------- a hospital's round
+
+
+def test_a_round_is_deterministic_and_changes_only_the_core_and_this_hospitals_adapters(tmp_path):
+    cfg = _cfg()
+    pairs = _pairs()
+    start = _core(cfg)
+    a = _round(cfg, tmp_path / "a", pairs)
+    b = _round(cfg, tmp_path / "b", pairs)
+    assert list(a.core) == list(start) == list(core_state(fedcore.local_network("hospital1", pairs, cfg.mapping, 0)))
+    assert all(torch.equal(a.core[k], b.core[k]) for k in a.core)  # the same seed, the same core
+    assert a.n_rows == 10 and a.max_abs == max(float(v.abs().max()) for v in a.core.values())
+    assert sum(not torch.equal(a.core[k], start[k]) for k in start) > len(start) // 2  # it trained the core
+    other = _round(cfg, tmp_path / "c", pairs, seed=4)
+    assert any(not torch.equal(a.core[k], other.core[k]) for k in a.core)  # (and the seed matters)
+
+    own_a, own_b = (load_file(str(d / "fedcore" / "own.safetensors")) for d in (tmp_path / "a", tmp_path / "b"))
+    assert set(own_a) & set(a.core) == set() and all(torch.equal(own_a[k], own_b[k]) for k in own_a)
+    assert not any("adapters" in k or "frames" in k for k in a.core)  # nothing of its own is in what it sends
+    fresh = fedcore.local_network("hospital1", pairs, cfg.mapping, cfg.seed).state_dict()
+    adapters = [k for k in own_a if "_adapters." in k]
+    frames = [k for k in own_a if "_frames." in k]
+    assert adapters and frames and set(own_a) == set(adapters) | set(frames) | {k for k in own_a if k.endswith("num_batches_tracked")}
+    assert all(torch.equal(own_a[k], fresh[k]) for k in frames)  # frames are fixed (pca: from its own pairs)
+    assert any(not torch.equal(frames_w := own_a[k], torch.eye(frames_w.shape[0])) for k in frames if k.endswith("weight"))
+    assert sum(not torch.equal(own_a[k], fresh[k]) for k in adapters) == len(adapters)  # every adapter trained
+
+    # round 2 starts from the adapters kept after round 1; the round's core and numbers are logged at the hospital
+    two = _round(cfg, tmp_path / "a", pairs, core=a.core, round_=2)
+    assert any(not torch.equal(two.core[k], a.core[k]) for k in a.core)
+    logged = load_file(str(tmp_path / "a" / "fedcore" / "rounds" / "round-2.safetensors"))
+    assert all(torch.equal(logged[k], two.core[k]) for k in two.core)
+    assert json.loads((tmp_path / "a" / "fedcore" / "rounds" / "round-2.json").read_text())["rows"] == 10
+    with pytest.raises(PpcmiError, match=r"round 2 needs the adapters this hospital kept after round 1$"):
+        _round(cfg, tmp_path / "new", pairs, core=a.core, round_=2)
+
+
+def test_a_round_refuses_a_core_of_another_network(tmp_path):
+    cfg = _cfg()
+    pairs = _pairs()
+    wider = _core(_cfg("mapping.widen=[8,8,16]"))
+    with pytest.raises(PpcmiError, match=r"^global core: cores\.\S+ has shape \(\d+(, \d+)*\), this hospital's mapping network "):
+        _round(cfg, tmp_path, pairs, core=wider)
+    short = dict(list(_core(cfg).items())[:-1])
+    with pytest.raises(PpcmiError, match=r"^global core: does not fit this hospital's mapping network \(287 tensors for 288; missing "):
+        _round(cfg, tmp_path, pairs, core=short)
+    bad = {**_core(cfg)}
+    bad[next(iter(bad))] = bad[next(iter(bad))] * float("nan")
+    with pytest.raises(PpcmiError, match=r"^global core: cores\.s3\.\S+ holds non-finite values$"):
+        _round(cfg, tmp_path, pairs, core=bad)
+
+
+def test_the_local_model_folder_maps_with_the_global_core_and_this_hospitals_adapters(tmp_path):
+    from ppcmi.protocol import LatentBatch
+    from ppcmi.server.mapping import MappingServer
+
+    cfg = _cfg()
+    pairs = _pairs()
+    r = _round(cfg, tmp_path, pairs)
+    folder = fedcore.save_local_model(r.core, pairs, cfg.mapping, site="hospital1", site_dir=tmp_path, init_seed=cfg.seed)
+    assert folder == tmp_path / "fedcore" / "model"
+    server = MappingServer(folder)  # the coordinator's loading code reads it as a stage-2 model folder
+    assert server.clients == ["hospital1"] and server.meta["scope"] == "federated"
+    saved = load_file(str(folder / "mapping.safetensors"))
+    own = load_file(str(tmp_path / "fedcore" / "own.safetensors"))
+    assert all(torch.equal(saved[k], r.core[k]) for k in r.core) and all(torch.equal(saved[k], own[k]) for k in own)
+    q = {f"zt_img_{s}": pairs[f"zt_img_{s}"][:3].numpy() for s in CHANNELS}
+    reply = server.handle(LatentBatch("query", "hospital1", q, query="0" * 32))
+    net = fedcore.local_network("hospital1", pairs, cfg.mapping, cfg.seed, frames=False)
+    net.load_state_dict({**r.core, **own})
+    with torch.no_grad():
+        want = net.eval()({s: torch.from_numpy(q[f"zt_img_{s}"]) for s in CHANNELS}, "hospital1")
+    for s in CHANNELS:
+        np.testing.assert_allclose(reply.arrays[f"zt_msk_{s}"], want[s].numpy(), rtol=1e-4, atol=1e-5)
+    assert fedcore.pairs_loss(folder, pairs, cfg.mapping, site="hospital1", init_seed=cfg.seed) > 0
+
+
+# ----------------------------------------------------------------------------- SecAgg+ settings
+
+
+def test_a_core_secagg_would_clip_is_refused_and_flower_does_clip_it():
+    from flwr.common.secure_aggregation.quantization import dequantize, quantize
+
+    fed = FedCoreSettings(clip=4.0, max_weight=20)
+    ok = fedcore.CoreRound({}, n_rows=10, train_loss=0.0, max_abs=7.9)
+    assert fedcore.check_clipping(ok, clip=fed.clip, max_weight=fed.max_weight) == pytest.approx(3.95)  # 7.9 x 10/20 fits
+    with pytest.raises(PpcmiError, match=r"^fedcore.clip: a core value of magnitude 8.2 \(x 10/20 rows = 4.1\) lies outside "
+                                         r"SecAgg\+'s clipping range \+-4, where Flower would clip it; raise fedcore.clip$"):
+        fedcore.check_clipping(fedcore.CoreRound({}, 10, 0.0, 8.2), clip=fed.clip, max_weight=fed.max_weight)
+    with pytest.raises(PpcmiError, match=r"^fedcore.max_weight: 20 is below this hospital's 21 training rows"):
+        fedcore.check_clipping(fedcore.CoreRound({}, 21, 0.0, 0.1), clip=fed.clip, max_weight=fed.max_weight)
+    # why: Flower's quantization clips silently (a value of 4.1 comes back as 4)
+    back = dequantize(quantize([np.array([4.1, -1.0])], 4.0, 2**20), 4.0, 2**20)[0]
+    np.testing.assert_allclose(back, [4.0, -1.0], atol=1e-5)
+
+
+def test_secagg_settings_suit_two_and_three_hospitals():
+    from flwr.server.workflow import SecAggPlusWorkflow
+
+    fed = FedCoreSettings()
+    wf = SecAggPlusWorkflow(**secagg_parameters(fed))  # Flower accepts them
+    assert (wf.num_shares, wf.reconstruction_threshold) == (1.0, 1.0)  # all hospitals share; every share needed
+    for n in (2, 3):
+        fed.check_nodes(n)
+        assert round(wf.num_shares * n) == n and max(round(wf.reconstruction_threshold * n), 2) == n  # Flower's resolution
+    with pytest.raises(ConfigError, match=r"^mapping.scope: \"federated\" needs at least 2 hospitals for secure aggregation, got 1$"):
+        fed.check_nodes(1)
+    with pytest.raises(ConfigError, match=r"^fedcore.quantization: 256 hospitals x 16777216 levels reach SecAgg\+'s modulus 2\*\*32"):
+        fed.check_nodes(256)
+    # the tolerance: hospitals x (1 level + float32 rounding in levels) / the summed weight ratios
+    assert quantization_tolerance(FedCoreSettings(clip=8.0, quantization=2**20, max_weight=10), [10, 5]) == pytest.approx(
+        2 * (1 + 2**-3 + 3 * 2**-5) * (16 / 2**20) / 1.5)
+    with pytest.raises(ConfigError, match=r"^fedcore.quantization: must be an integer from 256 to 2\*\*24 \(Flower quantizes"):
+        FedCoreSettings(quantization=2**26)
+    with pytest.raises(ConfigError, match=r"^fedcore.clip: must be a positive number below 1e6, got 0$"):
+        FedCoreSettings(clip=0)
+    with pytest.raises(ConfigError, match=r"^fedcore.max_weight: must be an integer from 1 to 1000000000, got 0$"):
+        FedCoreSettings(max_weight=0)
+
+
+def test_rounds_sum_to_stage_2s_epochs():
+    assert core_rounds(_cfg()) == 2 and core_rounds(_cfg("mapping.epochs=6"), 3) == 2
+    with pytest.raises(PpcmiError, match=r"^--local-epochs: 4 does not divide mapping.epochs = 6, so the rounds could not "
+                                         r"sum to stage 2's budget$"):
+        core_rounds(_cfg("mapping.epochs=6"), 4)
+
+
+def test_the_core_apps_run_config_round_trips(tmp_path):
+    import tomllib
+
+    from flwr.common.config import flatten_dict
+
+    from ppcmi.config import shared_settings
+
+    cfg = _cfg()
+    fed = FedCoreSettings(rounds=3, local_epochs=2, clip=16.0, quantization=2**24, max_weight=77)
+    write_core_app(tmp_path / "app", cfg, FlowerSettings(nodes=3), fed)
+    meta = tomllib.loads((tmp_path / "app" / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    assert meta["components"] == {"serverapp": "ppcmi.flower.core_server_app:app", "clientapp": "ppcmi.flower.core_client_app:app"}
+    got_cfg, settings, got = read_core_run_config(flatten_dict(meta["config"]))
+    assert got == fed and settings.nodes == 3 and shared_settings(got_cfg) == shared_settings(cfg)
+    assert got_cfg.mapping.scope == "federated"
+    with pytest.raises(ConfigError, match=r"^run config: unknown key 'fedcore.noise'$"):
+        read_core_run_config({**flatten_dict(meta["config"]), "fedcore.noise": 1.0})
+
+
+# ----------------------------------------------------------------------------- a real federation with SecAgg+
+
+
+def _subset(root: Path) -> Path:
+    """4, 6 and 8 images of three patients of the bundled Sunnybrook subset (symlinks): one test patient, two hospitals
+    holding different numbers of images."""
+    for sub in ("images", "masks"):
+        (root / sub).mkdir(parents=True)
+    for pid, n in (("SCD0000101", 4), ("SCD0000201", 6), ("SCD0000301", 8)):
+        for p in sorted((BUNDLED / "images").glob(f"{pid}_*"))[6:6 + n]:
+            for sub in ("images", "masks"):
+                os.symlink(BUNDLED / sub / p.name, root / sub / p.name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def federated(tmp_path_factory):
+    from ppcmi.bench import run_method
+
+    root = tmp_path_factory.mktemp("fedcore")
+    data = _subset(root / "data")
+    cfg = load_config(None, TINY)
+    out = root / "bench" / "ppcmi_federated"
+    result = run_method("ppcmi_federated", cfg, data, out, progress=False)
+    return cfg, data, out, result, processes_mentioning(str(out))
+
+
+def _sites(out: Path) -> dict[str, Path]:
+    return {p.name: p / "site" for p in sorted((out / "federation" / "sites").iterdir())}
+
+
+@pytest.mark.slow
+def test_the_global_core_is_secaggs_aggregate_of_the_hospitals_cores(federated):
+    _, _, out, result, leftovers = federated
+    assert not leftovers, f"processes still running after the federation: {leftovers}"
+    f = result["federated"]
+    assert f["rounds"] == 2 and f["local_epochs"] == 1 and f["secagg"]["num_shares_resolved"] == 2
+    glob = load_file(str(Path(f["server_dir"]) / "global.safetensors"))
+    sites = _sites(out)
+    assert set(sites) == set(f["hospitals"]) == {"hospital1", "hospital2"}
+    cores = {h: load_file(str(s / "fedcore" / "rounds" / "round-2.safetensors")) for h, s in sites.items()}
+    rows = {h: json.loads((s / "fedcore" / "rounds" / "round-2.json").read_text())["rows"] for h, s in sites.items()}
+    assert rows == {h: v["num_examples"] for h, v in f["hospitals"].items()}
+    fed = FedCoreSettings(clip=f["secagg"]["clipping_range"], quantization=f["secagg"]["quantization_range"],
+                          max_weight=int(f["secagg"]["max_weight"]))
+    tol = quantization_tolerance(fed, list(rows.values()))
+    assert tol < 2e-5  # clip 8, 2**24 levels: a few millionths
+    total = sum(rows.values())
+    worst, spread = 0.0, 0.0
+    for k, g in glob.items():
+        avg = sum(cores[h][k].double() * (rows[h] / total) for h in cores)
+        # SecAgg+'s rounding, then float32 storage of the aggregate
+        worst = max(worst, float((g.double() - avg).abs().max() - 1.2e-7 * avg.abs().max()))
+        spread = max(spread, float((cores["hospital1"][k].double() - cores["hospital2"][k].double()).abs().max()))
+    assert worst <= tol, (worst, tol)
+    assert spread > 100 * tol  # the hospitals' cores differ far beyond the tolerance, so the check can tell an average apart
+    assert sorted(glob) == sorted(initial_core(load_config(None, [*TINY, "mapping.scope=federated"])))
+
+
+@pytest.mark.slow
+def test_no_array_that_crossed_has_a_per_image_dimension(federated):
+    cfg, _, out, result, _ = federated
+    f = result["federated"]
+    core = initial_core(load_config(None, [*TINY, "mapping.scope=federated"]))
+    shapes = [list(v.shape) for v in core.values()]
+    n_params = sum(v.size for v in core.values())
+    assert n_params == f["core_parameters"]
+    log = [json.loads(line) for line in (Path(f["server_dir"]) / "messages.jsonl").read_text().splitlines()]
+    # 2 rounds x 4 SecAgg+ steps + the final evaluation, each way, for each of the 2 hospitals
+    assert len(log) == f["messages"] == (2 * 4 + 1) * 2 * 2
+    images = {h: len(list((out / "federation" / "sites" / h / "data" / "images").iterdir())) for h in f["hospitals"]}
+    carried = 0
+    for e in log:
+        arrays = e["arrays"]
+        if e["step"] == "collect_masked_vectors" and e["direction"] == "up":  # SecAgg+'s masked vector: weight factor + core
+            assert [a["shape"] for a in arrays] == [[1]] + shapes and {a["dtype"] for a in arrays} == {"<i8"}, e["step"]
+            assert not any(v["record"].startswith("fitres.parameters") for v in e["values"])  # the plain core never left
+            carried += 1
+        elif e["step"] in ("collect_masked_vectors", "evaluate") and e["direction"] == "down":  # the global core
+            assert [a["shape"] for a in arrays] == shapes and {a["dtype"] for a in arrays} == {"<f4"}, e["step"]
+            assert sum(int(np.prod(a["shape"])) for a in arrays) == n_params
+            carried += 1
+        else:
+            assert arrays == [], (e["step"], e["direction"])
+        for v in e["values"]:  # everything else: keys, shares, node ids, counts, settings
+            assert v["bytes"] <= 1024 and v["items"] <= 2, v  # at most one item per hospital (2), none above 1 KiB
+        assert e["bytes"] <= 4096 or arrays, e  # messages without core tensors are small whatever the number of images
+    assert carried == 2 * 2 * 2 + 2  # per round: the core down and the masked core up, each hospital; the final core down
+    # hospitals holding different numbers of images send and receive the same bytes at every step: nothing is sized by them
+    assert len(set(images.values())) == 2, images
+    for step in ("setup", "share_keys", "collect_masked_vectors", "unmask", "evaluate"):
+        for direction in ("down", "up"):
+            sizes = {e["site"]: e["bytes"] for e in log if e["step"] == step and e["direction"] == direction and e["round"] == 2}
+            assert len(sizes) == 2 and len(set(sizes.values())) == 1, (step, direction, sizes)
+    assert all(v["uploaded_bytes"] > 0 and v["downloaded_bytes"] > 0 for v in f["hospitals"].values())
+
+
+@pytest.mark.slow
+def test_each_hospital_predicts_with_its_own_local_model(federated):
+    from ppcmi.client.site import Hospital
+    from ppcmi.errors import ProtocolError
+    from ppcmi.metrics import summarize
+    from ppcmi.server.mapping import MappingServer
+    from ppcmi.simulate import infer_and_score, load_test, plan
+
+    cfg, data, out, result, _ = federated
+    f = result["federated"]
+    glob = load_file(str(Path(f["server_dir"]) / "global.safetensors"))
+    sites = _sites(out)
+    servers = {h: MappingServer(s / "fedcore" / "model") for h, s in sites.items()}
+    adapters = {}
+    for h, s in sites.items():
+        saved = load_file(str(s / "fedcore" / "model" / "mapping.safetensors"))
+        own = load_file(str(s / "fedcore" / "own.safetensors"))
+        assert servers[h].clients == [h]
+        assert all(torch.equal(saved[k], glob[k]) for k in glob)  # the final global core
+        assert all(torch.equal(saved[k], own[k]) for k in own)  # and its own adapters and frames
+        adapters[h] = {k.replace(h, "*"): v for k, v in own.items() if "_adapters." in k}
+    a, b = adapters.values()
+    assert all(not torch.equal(a[k], b[k]) for k in a)  # two hospitals, two sets of adapters
+    pl = plan(load_config(None, [*TINY, "mapping.scope=federated"]), data)
+    test = load_test(pl)
+    hospitals = {h: Hospital(s) for h, s in sites.items()}
+    q = hospitals["hospital1"].protect(test["images"][:2])
+    with pytest.raises(ProtocolError, match=r"^client: unknown hospital 'hospital1'$"):
+        servers["hospital2"].handle(q)  # another hospital's model has no adapters for it
+    _, rows = infer_and_score(hospitals, servers, test, pl.labels)  # the bench's scoring path, each with its own model
+    assert len(rows) == 2 * len(pl.test) and {r["site"] for r in rows} == set(sites)
+    assert result["summary"]["fg_dice"]["mean"] == pytest.approx(summarize(rows, group_key="site")["fg_dice"]["mean"], abs=1e-9)
+    assert 0 <= result["summary"]["fg_dice"]["mean"] <= 1
+    t = result["timings_s"]
+    assert t["flwr_run_s"] >= t["train_s"] > 0 and result["wall_s"] > t["flwr_run_s"]
+    assert json.loads((out / "summary.json").read_text())["method"] == "ppcmi_federated"
