@@ -110,6 +110,19 @@ def test_the_coordinators_stage_2_refuses_the_federated_scope():
         load_config(None, ["mapping.scope=secure"])
 
 
+def test_simulate_and_deploy_refuse_the_federated_scope_before_any_work(tmp_path):
+    from ppcmi.flower.deploy import deploy
+    from ppcmi.simulate import run_simulation
+
+    cfg = load_config(None, ["mapping.scope=federated"])
+    for run, where in ((lambda out: run_simulation(cfg, BUNDLED, out, progress=False), "simulate"),
+                       (lambda out: deploy(cfg, BUNDLED, out, sites=2), "deploy")):
+        out = tmp_path / where
+        with pytest.raises(ConfigError, match=rf"ppcmi_federated\); {where} does not run it yet$"):
+            run(out)
+        assert not out.exists()  # refused before the run folder, let alone stage 1
+
+
 # ----------------------------------------------------------------------------- a hospital's round
 
 

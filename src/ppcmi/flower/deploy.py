@@ -52,6 +52,7 @@ from ..device import resolve_device
 from ..errors import PpcmiError
 from ..fileio import atomic_write_json, atomic_write_text
 from ..metrics import write_summary
+from ..server.stages import refuse_federated
 from ..simulate import Plan, plan
 from .auth import PRIVATE, PUBLIC, supernode_keygen
 from .server_app import PROGRESS_PREFIX, SERVER_DIR_ENV
@@ -300,6 +301,7 @@ def deploy(cfg: Config, data: str | Path, out: str | Path, *, sites: int, port: 
     SuperNode's ``node_config``: each hospital states its own data's modality in its fingerprint. ``device`` goes
     into every SuperNode's ``node_config`` and into the ServerApp's ``flower.server-device`` (one machine plays
     every role here; in a real federation each party sets its own)."""
+    refuse_federated(cfg.mapping, "deploy")
     run = Path(out).absolute()
     if run.exists() and any(run.iterdir()):
         raise DeployError(f"{run}: folder is not empty; choose another --out")

@@ -46,6 +46,15 @@ class TrainedMapping:
         return {"per_hospital": rows}
 
 
+def refuse_federated(cfg: MappingTrainConfig, runner: str) -> None:
+    """A one-line :class:`ConfigError` when ``cfg.scope`` is ``"federated"``, which ``runner`` does not run: that scope keeps
+    the latents at the hospitals and trains the core through Flower with secure aggregation. Runners call it before any
+    work, so a wrong scope never costs a stage 1."""
+    if cfg.scope == "federated":
+        raise ConfigError(f"mapping.scope: \"federated\" keeps the latents at the hospitals and trains the core through Flower "
+                          f"with secure aggregation (ppcmi bench --methods ppcmi_federated); {runner} does not run it yet")
+
+
 def train_mappings(batches: list[LatentBatch] | list[TrainingSet], cfg: MappingTrainConfig, out_dir: str | Path, *, seed: int,
                    resume: bool = False, reuse: bool = False, progress: bool = True, device: Device = None) -> TrainedMapping:
     """Stage 2 under ``cfg.scope`` on messages in memory or training sets opened from chunk files
@@ -53,9 +62,7 @@ def train_mappings(batches: list[LatentBatch] | list[TrainingSet], cfg: MappingT
     a finished stage); ``resume`` continues an interrupted one. ``device`` is the coordinator's own choice of where to
     train (:func:`ppcmi.device.resolve_device`; None is the CPU), never a shared setting."""
     out = Path(out_dir)
-    if cfg.scope == "federated":
-        raise ConfigError("mapping.scope: \"federated\" keeps the latents at the hospitals and trains the core through Flower "
-                          "with secure aggregation (ppcmi bench --methods ppcmi_federated); the coordinator's stage 2 does not run it")
+    refuse_federated(cfg, "the coordinator's stage 2")
     if not batches:
         raise ProtocolError("inbox: no training messages received")
     groups: dict[str, list] = {}
