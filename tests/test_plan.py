@@ -242,16 +242,22 @@ def test_a_plan_for_one_thread_per_training_costs_steps_at_the_one_thread_table(
             assert gflop == COST_TABLE[size][net][1] and sec > COST_TABLE[size][net][0]
     g = {"image_ae": 16.6, "mask_ae": 16.9, "mapping": 35.5}
     assert step_seconds(128, g, 1)["mapping"] == pytest.approx(COST_TABLE_1THREAD[128]["mapping"][0])
-    fp = [_fake("h1", n=400, size=128, extent=(0, 1, 0, 1))]
+    # slower steps in the same budget, at the smallest size the plan uses (64): fewer epochs of both stages
+    fp = [_fake("h1", n=400, size=64, extent=(0, 1, 0, 1))]
     two, one = make_plan(fp, Config(), budget_min=30), make_plan(fp, Config(), budget_min=30, threads=1)
     assert two["expected"]["threads"] == 2 and one["expected"]["threads"] == 1
-    assert "1 torch thread per training" in describe(one)
-    # slower steps in the same budget: no more epochs of either stage, and the estimate still fits the budget
-    assert one["settings"]["autoencoder.epochs"] <= two["settings"]["autoencoder.epochs"]
-    assert one["settings"]["mapping.epochs"] <= two["settings"]["mapping.epochs"]
-    assert (one["settings"]["autoencoder.epochs"], one["settings"]["mapping.epochs"]) != \
-        (two["settings"]["autoencoder.epochs"], two["settings"]["mapping.epochs"])
-    assert one["expected"]["total_s"] <= one["expected"]["budget_s"] * 1.01
+    assert "1 torch thread per training" in describe(one) and "2 torch threads per training" in describe(two)
+    assert one["settings"]["data.size"] == two["settings"]["data.size"] == 64
+    assert one["settings"]["autoencoder.epochs"] < two["settings"]["autoencoder.epochs"]
+    assert one["settings"]["mapping.epochs"] < two["settings"]["mapping.epochs"]
+    # above the floor, the plan may lower the size instead, to keep 20 epochs of each stage; either way it fits the budget
+    fp = [_fake("h1", n=400, size=128, extent=(0, 1, 0, 1))]
+    two, one = make_plan(fp, Config(), budget_min=30), make_plan(fp, Config(), budget_min=30, threads=1)
+    assert one["settings"]["data.size"] < two["settings"]["data.size"] or \
+        one["settings"]["autoencoder.epochs"] < two["settings"]["autoencoder.epochs"]
+    for p in (one, two):
+        assert p["expected"]["total_s"] <= p["expected"]["budget_s"] * 1.01
+        assert p["settings"]["autoencoder.epochs"] >= 20 and p["settings"]["mapping.epochs"] >= 20
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ConfigError, match="plan threads"):
             make_plan(fp, Config(), budget_min=30, threads=bad)

@@ -81,12 +81,12 @@ COST_THREADS = 2
 # The same steps on one torch thread (benchmarks/plan_costs.py --threads 1: benchmarks/results/plan_costs-1thread.json, the
 # same 2-core AMD EPYC): what each of ``ppcmi demo``'s two concurrent trainings (the pipeline and the reference U-Net) gets
 # on two cores. A plan for fewer threads than COST_THREADS uses it (``make_plan(threads=1)``).
-# Measured at a load average of 4 to 5 (other work on both cores), so an upper bound; as in COST_TABLE, the image and
-# mask autoencoders (2 % apart in FLOPs) share the faster of their two cells.
+# Measured with the machine otherwise idle (load average about 1): 1.5x to 2.0x COST_TABLE's seconds. As in COST_TABLE,
+# the image and mask autoencoders (2 % apart in FLOPs) share the faster of their two cells.
 COST_TABLE_1THREAD = {
-    64: {"image_ae": (0.098, 4.15), "mask_ae": (0.098, 4.22), "mapping": (0.137, 8.94)},
-    128: {"image_ae": (0.368, 16.6), "mask_ae": (0.368, 16.9), "mapping": (0.348, 35.5)},
-    256: {"image_ae": (1.93, 66.4), "mask_ae": (1.93, 67.5), "mapping": (1.44, 141.4)},
+    64: {"image_ae": (0.084, 4.15), "mask_ae": (0.084, 4.22), "mapping": (0.121, 8.94)},
+    128: {"image_ae": (0.275, 16.6), "mask_ae": (0.275, 16.9), "mapping": (0.326, 35.5)},
+    256: {"image_ae": (1.71, 66.4), "mask_ae": (1.71, 67.5), "mapping": (1.10, 141.4)},
 }
 
 
