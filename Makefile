@@ -77,14 +77,17 @@ audit-sunnybrook: $(STAMP)
 audit-psfhs audit-acdc: audit-%: $(STAMP)
 	$(PY) benchmarks/privacy_audit.py --dataset $* --data $(SHARED_DATA)/$* --out runs/privacy-$* --reuse runs/bench-$* $(AUDIT_ARGS)
 
+# Two pytest-xdist workers, a test file each at a time (its module fixtures built once): the Flower tests spend much of
+# their time in Flower's polling sleeps, which the other worker's training fills. TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile)
 
 # The suite without the tests marked slow (pytest -m slow lists them): under 2 minutes on 2 cores.
 test-fast: $(STAMP)
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile)
 
 clean:
 	rm -rf $(VENV) runs build src/*.egg-info

@@ -13,7 +13,9 @@ REPO = Path(__file__).resolve().parents[1]
 BUNDLED = REPO / "data" / "sunnybrook_lv"
 SHARED_DATA = REPO.parent / "shared" / "data"
 
-torch.set_num_threads(2)
+# Two torch threads, the project's 2-core machines; under pytest-xdist (make test runs two workers) each worker gets
+# its share of the cores instead, so two workers never run four threads on two cores.
+torch.set_num_threads(max(1, 2 // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
 
 @pytest.fixture
