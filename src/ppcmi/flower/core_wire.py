@@ -47,7 +47,7 @@ from ..config import Config
 from ..errors import ConfigError
 from ..models import AEConfig, MappingConfig, MappingNet, core_state
 from ..training import seeded_init
-from .wire import FlowerSettings, read_run_config, write_app
+from .wire import FlowerSettings, read_app_run_config, write_app
 
 _SECTION = "fedcore"
 MODULUS = 2**32  # SecAgg+'s modulus_range (Flower's default and largest)
@@ -111,22 +111,7 @@ def write_core_app(out: str | Path, cfg: Config, settings: FlowerSettings, fed: 
 
 def read_core_run_config(rc: Mapping[str, Any]) -> tuple[Config, FlowerSettings, FedCoreSettings]:
     """Inverse of the run configuration :func:`write_core_app` wrote, on Flower's flattened ``context.run_config``."""
-    fed: dict[str, Any] = {}
-    rest: dict[str, Any] = {}
-    for key, value in rc.items():
-        if key.startswith(_SECTION + "."):
-            name = key[len(_SECTION) + 1:].replace("-", "_")
-            if name not in FedCoreSettings.__dataclass_fields__:
-                raise ConfigError(f"run config: unknown key {key!r}")
-            fed[name] = value
-        else:
-            rest[key] = value
-    cfg, settings = read_run_config(rest)
-    try:
-        fed = {k: float(v) if k == "clip" else int(v) for k, v in fed.items()}
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"run config: fedcore.* settings: {e}") from None
-    return cfg, settings, FedCoreSettings(**fed)
+    return read_app_run_config(dict(rc), _SECTION, FedCoreSettings)
 
 
 # ----------------------------------------------------------------------------- the core

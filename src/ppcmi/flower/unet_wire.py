@@ -31,7 +31,7 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from ..config import Config
 from ..errors import ConfigError, ProtocolError
 from ..protocol import CLIENT_RE
-from .wire import FlowerSettings, read_run_config, write_app
+from .wire import FlowerSettings, read_app_run_config, write_app
 
 STRATEGIES = ("fedavg", "fedprox")
 ARRAYS, CONFIG, METRICS, SITE = "arrays", "config", "metrics", "site"  # Flower's record names, and the site's own
@@ -76,23 +76,7 @@ def write_unet_app(out: str | Path, cfg: Config, settings: FlowerSettings, fed: 
 
 def read_unet_run_config(rc: Mapping[str, Any]) -> tuple[Config, FlowerSettings, FedUnetSettings]:
     """Inverse of the run configuration :func:`write_unet_app` wrote, on Flower's flattened ``context.run_config``."""
-    fed: dict[str, Any] = {}
-    rest: dict[str, Any] = {}
-    for key, value in rc.items():
-        if key.startswith(_SECTION + "."):
-            name = key[len(_SECTION) + 1:].replace("-", "_")
-            if name not in FedUnetSettings.__dataclass_fields__:
-                raise ConfigError(f"run config: unknown key {key!r}")
-            fed[name] = value
-        else:
-            rest[key] = value
-    cfg, settings = read_run_config(rest)
-    kinds = {f.name: f.type for f in FedUnetSettings.__dataclass_fields__.values()}
-    try:
-        fed = {k: (str(v) if kinds[k] == "str" else int(v) if kinds[k] == "int" else float(v)) for k, v in fed.items()}
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"run config: fedunet.* settings: {e}") from None
-    return cfg, settings, FedUnetSettings(**fed)
+    return read_app_run_config(dict(rc), _SECTION, FedUnetSettings)
 
 
 # ----------------------------------------------------------------------------- weights

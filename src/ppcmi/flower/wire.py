@@ -141,6 +141,29 @@ def _toml(obj: dict[str, Any], prefix: str) -> list[str]:
     return lines
 
 
+def read_app_run_config(rc: dict[str, Any], section: str, settings_cls: type) -> tuple[Config, FlowerSettings, Any]:
+    """Inverse of :func:`write_app` with ``extra={section: asdict(settings)}``: the shared configuration, the Flower
+    settings and the app's own ``settings_cls`` (a dataclass of str, int and float fields, keys ``section.name-with-dashes``),
+    each value cast to its field's type; an unknown or uncastable key is a one-line :class:`ConfigError` naming it."""
+    own: dict[str, Any] = {}
+    rest: dict[str, Any] = {}
+    for key, value in rc.items():
+        if key.startswith(section + "."):
+            name = key[len(section) + 1:].replace("-", "_")
+            if name not in settings_cls.__dataclass_fields__:
+                raise ConfigError(f"run config: unknown key {key!r}")
+            own[name] = value
+        else:
+            rest[key] = value
+    cfg, settings = read_run_config(rest)
+    kinds = {f.name: f.type for f in settings_cls.__dataclass_fields__.values()}  # (the annotations' names, as strings)
+    try:
+        own = {k: (str(v) if kinds[k] == "str" else int(v) if kinds[k] == "int" else float(v)) for k, v in own.items()}
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"run config: {section}.* settings: {e}") from None
+    return cfg, settings, settings_cls(**own)
+
+
 def write_app(out: str | Path, cfg: Config, settings: FlowerSettings, *, name: str = "ppcmi-flower",
               description: str = "PPCMI-SF across hospitals: keyed latents only; the ServerApp trains the mapping network",
               serverapp: str = "ppcmi.flower.server_app:app", clientapp: str = "ppcmi.flower.client_app:app",
