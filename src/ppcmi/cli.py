@@ -705,7 +705,9 @@ def bench(dataset: str = typer.Option(..., "--dataset", help="Preset: psfhs, acd
           methods: str = typer.Option("ppcmi_cpu,ppcmi_cpu_pca,no_klt,no_skips,no_pyramid,per_hospital_mapping,unet_centralized,unet_local,"
                                       "ppcmi_cpu_matched,ppcmi_published",
                                       help="Comma-separated methods to run, in order. Variants that keep the autoencoder "
-                                           "settings reuse ppcmi_cpu's autoencoders (with fresh keys), so run it first."),
+                                           "settings reuse ppcmi_cpu's autoencoders (with fresh keys), so run it first. "
+                                           "Also: unet_fedavg, unet_fedprox (Flower U-Nets) and ppcmi_federated (the "
+                                           "federated core under SecAgg+)."),
           published_epochs: Optional[int] = typer.Option(None, "--published-epochs", min=1,
                                                          help="Mapping epochs for ppcmi_published and ppcmi_cpu_matched "
                                                               "(default: the preset's; the published network is ~10x slower)."),
@@ -717,8 +719,9 @@ def bench(dataset: str = typer.Option(..., "--dataset", help="Preset: psfhs, acd
           device: str = typer.Option("auto", "--device", help="Where every method computes: auto (CUDA, then MPS, then "
                                      "the CPU), cpu, cuda, cuda:N or mps."),
           quiet: bool = QuietOpt,
-          local_epochs: int = typer.Option(1, "--local-epochs", min=1, help="unet_fedavg / unet_fedprox: local epochs per "
-                                           "Flower round (rounds = the centralized U-Net's epochs / this)."),
+          local_epochs: int = typer.Option(1, "--local-epochs", min=1, help="unet_fedavg / unet_fedprox / ppcmi_federated: "
+                                           "local epochs per Flower round (rounds = the centralized U-Net's epochs / this; "
+                                           "ppcmi_federated: mapping.epochs / this)."),
           proximal_mu: float = typer.Option(0.01, "--proximal-mu", min=0.0, help="unet_fedprox: FedProx's mu "
                                             "(proximal term mu/2 ||w - w_global||^2).")):
     """PPCMI-SF, its ablations and U-Net baselines on one dataset with the same split and budget.
