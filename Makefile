@@ -77,8 +77,9 @@ audit-sunnybrook: $(STAMP)
 audit-psfhs audit-acdc: audit-%: $(STAMP)
 	$(PY) benchmarks/privacy_audit.py --dataset $* --data $(SHARED_DATA)/$* --out runs/privacy-$* --reuse runs/bench-$* $(AUDIT_ARGS)
 
-# Two pytest-xdist workers, a test file each at a time (its module fixtures built once): the Flower tests spend much of
-# their time in Flower's polling sleeps, which the other worker's training fills. TEST_WORKERS=0 runs in one process.
+# Two pytest-xdist workers, a test file each at a time (its module fixtures built once), each on one torch thread
+# (tests/conftest.py): both cores stay busy while one worker waits on Flower's processes; three workers were slower
+# (BENCHMARKS.md, "The README's two commands"). TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(VENV)/bin/lint-imports
