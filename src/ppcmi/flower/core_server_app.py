@@ -52,7 +52,7 @@ from ..errors import PpcmiError
 from ..fileio import atomic_write_bytes, atomic_write_json, ensure_dir
 from ..metrics import write_summary
 from .core_wire import FINAL, FedCoreSettings, initial_core, read_core_run_config, secagg_parameters
-from .server_app import PROGRESS_PREFIX, Coordinator, server_dir
+from .server_app import PROGRESS_PREFIX, Coordinator, WatchedGrid, server_dir
 from .wire import FlowerSettings, attach_log
 
 log = logging.getLogger(__name__)
@@ -112,24 +112,16 @@ def describe(content: RecordDict) -> tuple[list[dict], list[dict], int]:
     return arrays, values, total
 
 
-class RecordingGrid:
+class RecordingGrid(WatchedGrid):
     """The Grid as the workflows see it: passes every call through, logs every message, stops on a failed reply."""
 
     def __init__(self, grid, nodes: list[int], log_path: Path):
-        self.grid, self.nodes, self.path = grid, list(nodes), log_path
-        self.sites: dict[int, str] = {}
-        self.downloaded = {n: 0 for n in nodes}  # coordinator -> hospital
-        self.uploaded = {n: 0 for n in nodes}  # hospital -> coordinator
+        super().__init__(grid, nodes)
+        self.path = log_path
         self.fit_metrics: dict[int, dict[int, dict]] = {}  # round -> node -> metrics of its masked-vector reply
         self.eval_metrics: dict[int, dict] = {}  # node -> the final evaluation's loss and rows
         self.messages = 0
         self.t0 = time.perf_counter()
-
-    def __getattr__(self, name: str) -> Any:  # get_node_ids and the rest: the real Grid's
-        return getattr(self.grid, name)
-
-    def who(self, node: int) -> str:
-        return f"{self.sites[node]} (node {node})" if node in self.sites else f"node {node}"
 
     def _write(self, entry: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
@@ -142,9 +134,7 @@ class RecordingGrid:
             return []
         sent: dict[int, tuple[str, str]] = {}
         for m in messages:
-            n = m.metadata.dst_node_id
-            if n not in self.downloaded:
-                raise PpcmiError(f"the workflow addressed node {n}, which is not one of the {len(self.nodes)} hospitals")
+            n = self.addressed(m, "workflow")
             conf = m.content.config_records.get(RECORD_KEY_CONFIGS)
             step = str(conf[Key.STAGE]) if conf is not None and Key.STAGE in conf else m.metadata.message_type
             arrays, values, size = describe(m.content)
@@ -153,16 +143,8 @@ class RecordingGrid:
             self._write({"t": round(time.perf_counter() - self.t0, 3), "round": int(m.metadata.group_id), "step": step, "direction": "down", "node": n,
                          "site": self.sites.get(n), "message_type": m.metadata.message_type, "bytes": size,
                          "arrays": arrays, "values": values})
-        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
-        got: dict[int, Message] = {}
-        for r in replies:
-            if r.metadata.src_node_id in sent and r.metadata.src_node_id not in got:
-                got[r.metadata.src_node_id] = r
-        problems = [f"{self.who(n)}: no reply" + (f" within {timeout:.0f} s" if timeout else "") for n in sent if n not in got]
-        problems += [f"{self.who(n)}: error reply ({r.error.reason})" for n, r in got.items() if r.has_error()]
         step, group = next(iter(sent.values()))
-        if problems:
-            raise PpcmiError(f"round {group}, {step}: " + "; ".join(problems) + " (a round without every hospital stops the run)")
+        replies, got = self.exchange(messages, sent, timeout=timeout, label=f"round {group}, {step}")
         for n, r in got.items():
             arrays, values, size = describe(r.content)
             self.uploaded[n] += size

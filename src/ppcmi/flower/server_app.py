@@ -79,6 +79,46 @@ def _describe(content: RecordDict) -> dict[str, Any]:
     return out
 
 
+class WatchedGrid:
+    """The Grid as a federated baseline's strategy or workflow sees it: every call passes through to the real Grid;
+    :meth:`exchange` sends one batch of messages and returns each addressed hospital's first reply, stopping the run on
+    a missing or an error reply (a round without every hospital). Subclasses record what crossed."""
+
+    def __init__(self, grid: Grid, nodes: list[int]):
+        self.grid, self.nodes = grid, list(nodes)
+        self.sites: dict[int, str] = {}
+        self.downloaded = {n: 0 for n in nodes}  # coordinator -> hospital
+        self.uploaded = {n: 0 for n in nodes}  # hospital -> coordinator
+
+    def __getattr__(self, name: str) -> Any:  # get_node_ids and the rest: the real Grid's
+        return getattr(self.grid, name)
+
+    def who(self, node: int) -> str:
+        return f"{self.sites[node]} (node {node})" if node in self.sites else f"node {node}"
+
+    def addressed(self, m: Message, sender: str) -> int:
+        """The hospital node ``m`` goes to; a node outside the federation is refused, naming ``sender``."""
+        n = m.metadata.dst_node_id
+        if n not in self.downloaded:
+            raise PpcmiError(f"the {sender} addressed node {n}, which is not one of the {len(self.nodes)} hospitals")
+        return n
+
+    def exchange(self, messages: list[Message], nodes, *, timeout: float | None, label: str) -> tuple[list[Message], dict[int, Message]]:
+        """Send ``messages`` to ``nodes`` (those they address); (every reply, each node's first one). A node without a
+        reply or with an error reply stops the run in one line starting with ``label``."""
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        got: dict[int, Message] = {}
+        for r in replies:
+            if r.metadata.src_node_id in nodes and r.metadata.src_node_id not in got:
+                got[r.metadata.src_node_id] = r
+        problems = [f"{self.who(n)}: no reply" + (f" within {timeout:.0f} s" if timeout else "") if n not in got
+                    else f"{self.who(n)}: error reply ({got[n].error.reason})" for n in nodes
+                    if n not in got or got[n].has_error()]
+        if problems:
+            raise PpcmiError(f"{label}: " + "; ".join(problems) + " (a round without every hospital stops the run)")
+        return replies, got
+
+
 class Coordinator:
     """Sends one message type to a set of SuperNodes and collects checked replies, with bounded retries."""
 

@@ -43,7 +43,7 @@ from ..labels import parse_labels
 from ..metrics import write_summary
 from ..models import make_unet
 from ..training import seeded_init
-from .server_app import PROGRESS_PREFIX, Coordinator, server_dir
+from .server_app import PROGRESS_PREFIX, Coordinator, WatchedGrid, server_dir
 from .unet_wire import (ARRAYS, CONFIG, REPLY_METRICS, FedUnetSettings, array_bytes, read_site_reply, read_unet_run_config,
                         weights_digest)
 from .wire import FlowerSettings, attach_log
@@ -55,22 +55,13 @@ BYTES_COUNTED = ("ArrayRecord.count_bytes() of every ArrayRecord in the messages
                  "(array data with its NumPy header, and key names; no gRPC framing or Flower object headers)")
 
 
-class RecordingGrid:
+class RecordingGrid(WatchedGrid):
     """The Grid as the strategy sees it: passes every call through, counts bytes and checks every round's replies."""
 
     def __init__(self, grid: Grid, nodes: list[int]):
-        self.grid, self.nodes = grid, list(nodes)
-        self.sites: dict[int, str] = {}
-        self.downloaded = {n: 0 for n in nodes}  # coordinator -> hospital
-        self.uploaded = {n: 0 for n in nodes}  # hospital -> coordinator
+        super().__init__(grid, nodes)
         self.last: dict[int, tuple[ArrayRecord, dict[str, float]]] = {}  # each hospital's last reply: weights, metrics
         self.rounds: list[dict[str, Any]] = []
-
-    def __getattr__(self, name: str) -> Any:  # get_node_ids and the rest: the real Grid's
-        return getattr(self.grid, name)
-
-    def who(self, node: int) -> str:
-        return f"{self.sites[node]} (node {node})" if node in self.sites else f"node {node}"
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         messages = list(messages)
@@ -78,26 +69,11 @@ class RecordingGrid:
             return []
         sent: dict[int, str] = {}
         for m in messages:
-            n = m.metadata.dst_node_id
-            if n not in self.downloaded:
-                raise PpcmiError(f"the strategy addressed node {n}, which is not one of the {len(self.nodes)} hospitals")
+            n = self.addressed(m, "strategy")
             self.downloaded[n] += array_bytes(m.content)
             sent[n] = weights_digest(m.content[ARRAYS])
         round_ = int(messages[0].content[CONFIG]["server-round"])
-        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
-        got: dict[int, Message] = {}
-        for r in replies:
-            n = r.metadata.src_node_id
-            if n in sent and n not in got:
-                got[n] = r
-        problems = []
-        for n in sent:
-            if n not in got:
-                problems.append(f"{self.who(n)}: no reply" + (f" within {timeout:.0f} s" if timeout else ""))
-            elif got[n].has_error():
-                problems.append(f"{self.who(n)}: error reply ({got[n].error.reason})")
-        if problems:
-            raise PpcmiError(f"round {round_}: " + "; ".join(problems) + " (a round without every hospital stops the run)")
+        replies, got = self.exchange(messages, sent, timeout=timeout, label=f"round {round_}")
         entry: dict[str, Any] = {"round": round_, "sent_sha256": sorted(set(sent.values())), "hospitals": {}}
         for n, r in got.items():
             self.uploaded[n] += array_bytes(r.content)
