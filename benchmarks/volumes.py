@@ -23,10 +23,10 @@ import numpy as np
 from ppcmi.baselines import predict_unet
 from ppcmi.client.site import Hospital
 from ppcmi.config import from_dict
-from ppcmi.demo import volume_table
+from ppcmi.demo import volume_results, volume_table
 from ppcmi.experiment import machine
 from ppcmi.fileio import atomic_write_json, atomic_write_text
-from ppcmi.metrics import evaluate_cases, volume_dice, volume_summary
+from ppcmi.metrics import evaluate_cases
 from ppcmi.models import make_unet
 from ppcmi.server.mapping import MappingServer
 from ppcmi.simulate import infer_and_score, load_test, plan
@@ -51,8 +51,7 @@ def main() -> None:
     raw = json.loads((run / "config.json").read_text())
     cfg = from_dict({k: v for k, v in raw.items() if k != "data_dir"})
     pl = plan(cfg, raw["data_dir"])
-    vols = [c.volume for c in pl.test]
-    if not any(v is not None for v in vols):
+    if not any(c.volume is not None for c in pl.test):
         raise SystemExit(f"{run}: its test cases are 2D files, not planes of volumes")
     test = load_test(pl)
     names, k = list(pl.labels.names), pl.labels.n_classes
@@ -65,12 +64,10 @@ def main() -> None:
     urows = evaluate_cases(upred, test["native_masks"], test["case_ids"], k, spacings=test["native_spacings"], class_names=names)
     planes = {"ppcmi": float(np.mean([r["fg_dice"] for r in rows])), "unet_centralized": float(np.mean([r["fg_dice"] for r in urows]))}
     saved = json.loads((run / "summary.json").read_text())["methods"]
-    vp = [r for h, p in preds.items() for r in volume_dice(p, test["native_masks"], vols, k, class_names=names, extra={"site": h})]
-    vu = volume_dice(upred, test["native_masks"], vols, k, class_names=names, extra={"site": "pooled"})
+    vol = volume_results(preds, upred, test, pl)
     result = {"run": run.name, "machine": machine(), "n_test_planes": len(pl.test),
               "planes_mean_fg_dice": planes, "planes_mean_fg_dice_in_run_summary": {m: saved[m]["dice"] for m in planes},
-              "volumes": {"ppcmi": volume_summary(vp, group_key="site"), "unet_centralized": volume_summary(vu)},
-              "per_volume": {"ppcmi": vp, "unet_centralized": vu}}
+              "volumes": {m: vol[m] for m in ("ppcmi", "unet_centralized")}, "per_volume": vol["per_volume"]}
     name = args.name or run.name
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out / f"{name}.volumes.json", result)

@@ -222,13 +222,8 @@ def run_demo(data: str | Path | None = None, out: str | Path = "runs/demo", cfg:
     tab = table({"methods": {"PPCMI-SF": ppc, "centralized U-Net": usum}})
     summary["table_md"] = tab
     summary["dice_gap_points"] = 100 * (summary["methods"]["unet_centralized"]["dice"] - summary["methods"]["ppcmi"]["dice"])
-    vols = [c.volume for c in pl.test]
-    if any(v is not None for v in vols):  # planes cut from volumes: also the 3D Dice of each restacked test volume
-        k = pl.labels.n_classes
-        vp = [r for site, p in preds.items()
-              for r in volume_dice(p, test["native_masks"], vols, k, class_names=names, extra={"site": site})]
-        vu = volume_dice(upred, test["native_masks"], vols, k, class_names=names, extra={"site": "pooled"})
-        summary["volumes"] = {"ppcmi": volume_summary(vp, group_key="site"), "unet_centralized": volume_summary(vu)}
+    if any(c.volume is not None for c in pl.test):  # planes cut from volumes: also the 3D Dice of each restacked test volume
+        summary["volumes"] = {k: v for k, v in volume_results(preds, upred, test, pl).items() if k != "per_volume"}
         summary["volume_table_md"] = volume_table({"PPCMI-SF": summary["volumes"]["ppcmi"],
                                                    "centralized U-Net": summary["volumes"]["unet_centralized"]}, names)
     atomic_write_json(out / "summary.json", summary)
@@ -236,6 +231,18 @@ def run_demo(data: str | Path | None = None, out: str | Path = "runs/demo", cfg:
     _plots(out, public_summary(result), u["history"], test, preds, upred, pl.test)
     atomic_write_text(out / "report.md", report_md(summary))
     return summary
+
+
+def volume_results(preds: dict[str, list[np.ndarray]], upred: list[np.ndarray], test: dict, pl) -> dict:
+    """Whole-volume Dice (:func:`ppcmi.metrics.volume_dice`) of every hospital's PPCMI-SF predictions and the U-Net's on
+    the test planes of ``pl`` (a :class:`ppcmi.simulate.Plan`; ``test`` its arrays, in its order):
+    ``{"ppcmi": summary by hospital, "unet_centralized": summary, "per_volume": {method: rows}}``."""
+    vols, k, names = [c.volume for c in pl.test], pl.labels.n_classes, list(pl.labels.names)
+    vp = [r for site, p in preds.items()
+          for r in volume_dice(p, test["native_masks"], vols, k, class_names=names, extra={"site": site})]
+    vu = volume_dice(upred, test["native_masks"], vols, k, class_names=names, extra={"site": "pooled"})
+    return {"ppcmi": volume_summary(vp, group_key="site"), "unet_centralized": volume_summary(vu),
+            "per_volume": {"ppcmi": vp, "unet_centralized": vu}}
 
 
 def volume_section(s: dict) -> str:
