@@ -30,8 +30,7 @@ import torch
 
 from ppcmi.experiment import machine
 from ppcmi.fileio import atomic_write_json, atomic_write_text
-from ppcmi.models import AEConfig, MappingConfig, MappingNet, count_parameters
-from ppcmi.server.mapping import _loss_fn as mapping_loss
+from ppcmi.models import AEConfig, MappingConfig, MappingNet, count_parameters, mapping_loss
 from ppcmi.training import seeded_init
 
 # name: (autoencoder width, network input size, mapping widths, what uses it)
