@@ -307,3 +307,27 @@ def test_a_message_from_before_chunks_is_a_set_of_one(rng, tmp_path):
     (tmp_path / "again.train").write_bytes(protocol.encode(msg))
     with pytest.raises(ProtocolError, match=r"again.train: a second whole training message from 'h1' \(also .*old.train\)"):
         inbox.open_sets([tmp_path / "old.train", tmp_path / "again.train"])
+
+
+def test_loader_workers_read_the_same_rows_and_train_the_same(rng, tmp_path):
+    import pickle
+
+    from ppcmi.training import FitConfig, fit, loader_workers
+
+    msg = _message(rng, n=23)
+    files = _write(protocol.split(msg, 3 * (msg.nbytes() // msg.n) + 4096), tmp_path / "in")
+    cols = inbox.pool_sets(inbox.open_sets(files))[3]
+    x, y = cols[1], cols[4]  # zt_img_s3, zt_msk_s3
+    x[torch.arange(3)]  # a file is open in this process before the workers fork: their reads must not move each other's
+    assert torch.equal(pickle.loads(pickle.dumps(x))[torch.tensor([22, 0, 5])], torch.from_numpy(msg.arrays["zt_img_s3"][[22, 0, 5]]))
+    assert loader_workers([x, y], torch.device("cpu")) == 0  # the cores are training on a CPU
+    trained = []
+    for workers in (0, 2):
+        torch.manual_seed(0)
+        net = torch.nn.Conv2d(4, 4, 1)
+        fit(net, lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1]), [x, y], None,
+            FitConfig(epochs=3, batch_size=4, patience=3, workers=workers), tmp_path / f"w{workers}", progress=False)
+        trained.append(net.state_dict())
+    assert all(torch.equal(trained[0][k], trained[1][k]) for k in trained[0])
+    with pytest.raises(PpcmiError, match="workers must be 0 or more"):
+        fit(torch.nn.Conv2d(4, 4, 1), lambda m, b: m(b[0]).mean(), [x], None, FitConfig(epochs=1, workers=-1), tmp_path / "bad", progress=False)

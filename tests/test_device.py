@@ -436,6 +436,32 @@ def test_the_service_maps_on_the_gpu(tiny_run, tmp_path):
     assert _agreement(p_gpu, p_cpu) >= MIXED_LABEL_AGREEMENT
 
 
+@needs_cuda
+def test_rows_from_chunk_files_reach_the_gpu_through_loader_workers(tmp_path):
+    """On CUDA, rows read from chunk files come through DataLoader workers into pinned memory by default; float32
+    training gives the same weights as reading them in the training thread, within float32 rounding."""
+    from ppcmi import protocol
+    from ppcmi.server import inbox
+    from ppcmi.training import loader_workers
+
+    g = np.random.default_rng(3)
+    arrays = {f"zt_{m}_{s}": g.standard_normal((19, 4, 8, 8)).astype(np.float32) for m in ("img", "msk") for s in ("s3", "s4", "b")}
+    msg = protocol.LatentBatch("train", "h1", arrays)
+    (tmp_path / "in").mkdir()
+    for c in protocol.split(msg, 3 * (msg.nbytes() // msg.n) + 4096):
+        (tmp_path / "in" / f"h1-{c.index}.ppcmi").write_bytes(protocol.encode(c))
+    cols = inbox.pool_sets(inbox.open_sets([tmp_path / "in"]))[3]
+    assert loader_workers(cols[1:], torch.device("cuda")) >= 1
+    trained = []
+    for workers in (None, 0):
+        net = seeded_init(lambda: torch.nn.Conv2d(4, 4, 1), 0)
+        fit(net, lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1]), [cols[1], cols[4]], None,
+            FitConfig(epochs=2, batch_size=4, patience=2, workers=workers), tmp_path / f"w{workers}", progress=False,
+            device="cuda", mixed=False)
+        trained.append({k: v.cpu() for k, v in net.state_dict().items()})
+    assert all(torch.allclose(trained[0][k], trained[1][k], atol=1e-6) for k in trained[0])
+
+
 # ----------------------------------------------------------------------------- the GPU benchmark, here where there is none
 
 

@@ -12,7 +12,8 @@ from ``(seed, epoch)`` inside ``torch.random.fork_rng``, so an interrupted-and-r
 uninterrupted one bit for bit.
 
 ``fit(..., device=...)`` trains on that device (:mod:`ppcmi.device`): the model and the training tensors
-are moved there once (rows read from disk, batch by batch through pinned memory on CUDA), the batch order
+are moved there once (rows read from disk batch by batch, on CUDA by DataLoader workers a few batches ahead
+into pinned memory: :func:`loader_workers`), the batch order
 and augmentation draws still come from CPU generators, and on CUDA the forward passes run under mixed
 precision and channels-last by default. Checkpoints are written from host copies and load onto any device,
 so a run begun on a GPU resumes on a CPU and the other way round. ``device=None`` (or ``"cpu"``) leaves
@@ -33,6 +34,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+import torch.utils.data
 from safetensors.torch import load, load_file, save
 from torch import nn
 from tqdm.auto import tqdm
@@ -55,6 +57,7 @@ class FitConfig:
     patience: int = 15
     seed: int = 0
     schedule: str = "constant"  # "constant" | "cosine" (lr decays to 2 % of ``lr`` over ``epochs``)
+    workers: int | None = None  # loader processes reading disk-backed rows ahead of the step; None: see loader_workers
 
     def lr_at(self, epoch: int) -> float:
         """The learning rate for a 1-based ``epoch``: a pure function of the epoch, so resuming needs no state."""
@@ -300,6 +303,9 @@ def fit(model: nn.Module, loss_fn: LossFn, train: Sequence[torch.Tensor], val: S
     data = {"sha256": data_digest([*train, *(val or [])]),
             "about": about or f"{n} training and {val[0].shape[0] if val else 0} validation rows"}
     train, val = _place(train, dev), _place(val, dev) if val is not None else None  # once, not per step
+    workers = loader_workers(train, dev) if cfg.workers is None else cfg.workers
+    if workers < 0:
+        raise PpcmiError(f"{desc}: workers must be 0 or more, got {workers}")
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     scaler = grad_scaler(dev, mixed)
     files: dict = {"last": None, "best": None}
@@ -348,10 +354,9 @@ def fit(model: nn.Module, loss_fn: LossFn, train: Sequence[torch.Tensor], val: S
             gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
             model.train()
             tot, count = 0.0, 0
-            for idx in _batches(n, cfg.batch_size, gen):
-                if len(idx) < 2 and n >= 2:  # BatchNorm needs two samples: fold a lone sample into training next epoch
-                    continue
-                batch = [_rows(t, idx, dev) for t in train]
+            # BatchNorm needs two samples: a lone last sample is folded into training next epoch
+            order = [idx for idx in _batches(n, cfg.batch_size, gen) if len(idx) >= 2 or n < 2]
+            for idx, batch in _epoch_rows(train, order, dev, workers):
                 if augment is not None:
                     batch = augment(batch, gen)
                 with autocast(dev, mixed):
@@ -422,6 +427,45 @@ def _rows(t, idx: torch.Tensor, dev: torch.device) -> torch.Tensor:
     if dev.type == "cuda":
         return rows.pin_memory().to(dev, non_blocking=True)
     return rows.to(dev)
+
+
+def loader_workers(data: Sequence, dev: torch.device) -> int:
+    """How many loader processes ``fit`` uses by default: on CUDA, when some training column is read from disk
+    (chunk files, :class:`ppcmi.server.inbox.Column`), half the CPU cores up to 4, so the next batches are read and
+    pinned while the GPU computes; otherwise 0 (rows are read in the training thread: on a CPU the cores are
+    training, and in-memory tensors are already on the device)."""
+    if dev.type != "cuda" or all(isinstance(t, torch.Tensor) for t in data):
+        return 0
+    return max(1, min(4, (os.cpu_count() or 2) // 2))
+
+
+class _DiskRows(torch.utils.data.Dataset):
+    """Item ``k``: the rows of batch ``k`` of every disk-backed column (read in a loader worker)."""
+
+    def __init__(self, columns: list, order: list[torch.Tensor]):
+        self.columns, self.order = columns, order
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, k: int) -> list[torch.Tensor]:
+        return [c[self.order[k]] for c in self.columns]
+
+
+def _epoch_rows(data: Sequence, order: list[torch.Tensor], dev: torch.device, workers: int):
+    """``(idx, rows on dev)`` for each batch ``idx`` of ``order``, in order. With ``workers`` > 0 the disk-backed
+    columns are read by that many DataLoader processes a few batches ahead (into pinned memory on CUDA); the
+    rows, and so the training, are the same either way."""
+    disk = [i for i, t in enumerate(data) if not isinstance(t, torch.Tensor)]
+    if not disk or workers == 0 or not order:
+        for idx in order:
+            yield idx, [_rows(t, idx, dev) for t in data]
+        return
+    loader = torch.utils.data.DataLoader(_DiskRows([data[i] for i in disk], order), batch_size=None, shuffle=False,
+                                         num_workers=workers, pin_memory=dev.type == "cuda")
+    for idx, read in zip(order, loader):
+        rows = dict(zip(disk, read))
+        yield idx, [rows[i].to(dev, non_blocking=True) if i in rows else _rows(t, idx, dev) for i, t in enumerate(data)]
 
 
 @torch.no_grad()

@@ -49,6 +49,25 @@ class _Files:
         while self.open:
             self.open.popitem()[1].close()
 
+    def __getstate__(self) -> dict:  # a loader worker started by spawn opens its own files
+        return {"limit": self.limit}
+
+    def __setstate__(self, state: dict) -> None:
+        self.limit, self.open = state["limit"], OrderedDict()
+
+
+def _pread(fd: int, n: int, offset: int) -> bytes:
+    """``n`` bytes from ``offset`` (fewer only at the end of the file). ``os.pread`` keeps no shared file position, so
+    training-loader workers forked with these files open cannot move each other's reads."""
+    parts, got = [], 0
+    while got < n:
+        part = os.pread(fd, n - got, offset + got)
+        if not part:
+            break
+        parts.append(part)
+        got += len(part)
+    return b"".join(parts)
+
 
 @dataclass
 class _FilePiece:
@@ -70,8 +89,7 @@ class _FilePiece:
             j = i + 1
             while j < len(rows) and rows[j] == rows[j - 1] + 1:
                 j += 1
-            f.seek(self.offset + int(rows[i]) * width)
-            buf = f.read(width * (j - i))
+            buf = _pread(f.fileno(), width * (j - i), self.offset + int(rows[i]) * width)
             if len(buf) != width * (j - i):
                 raise ProtocolError(f"{self.path}: shorter than its header says (changed after it was checked?)")
             out[i:j] = np.frombuffer(buf, self.dtype).reshape((j - i,) + self.row_shape)
