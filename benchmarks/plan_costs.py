@@ -2,7 +2,7 @@
 
 For the default widths (``Config()``: autoencoder width 1.0, the default mapping widths), batch 16, it times
 ``--reps`` bare training steps (forward, loss, backward, Adam) after two warm-up steps, on random inputs (the
-time does not depend on the values), keeps the fastest and the median, and counts each step's FLOPs with
+time does not depend on the values; the U-Net is the centralized reference of demo and bench), keeps the fastest and the median, and counts each step's FLOPs with
 ``ppcmi.server.plan.training_gflop``. It writes ``plan_costs.json`` (with the CPU and the load average, since
 other work on the machine slows every step) and ``plan_costs.md`` into ``--out``; sizes measured in separate
 runs are merged. ``ppcmi.server.plan.COST_TABLE`` holds the numbers; what the training loop adds around a bare
@@ -25,8 +25,8 @@ import torch
 from ppcmi.config import Config
 from ppcmi.experiment import machine
 from ppcmi.fileio import atomic_write_json, atomic_write_text
-from ppcmi.models import AEConfig, Autoencoder, MappingConfig, MappingNet
-from ppcmi.server.plan import training_gflop
+from ppcmi.models import AEConfig, Autoencoder, MappingConfig, MappingNet, make_unet
+from ppcmi.server.plan import training_gflop, unet_gflop
 from ppcmi.training import bce_dice_loss
 
 
@@ -43,11 +43,31 @@ def _time(step, reps: int) -> tuple[float, float]:
     return float(min(times)), float(sorted(times)[len(times) // 2])
 
 
-def measure(size: int, reps: int, n_classes: int = 2, batch: int = 16) -> dict[str, tuple[float, float]]:
+NETWORKS = ("image_ae", "mask_ae", "mapping", "unet")
+
+
+def measure(size: int, reps: int, n_classes: int = 2, batch: int = 16, networks=NETWORKS) -> dict[str, tuple[float, float]]:
     cfg = Config()
     gen = torch.Generator().manual_seed(0)
     out = {}
+    if "unet" in networks:  # the centralized reference of demo and bench, with its loss
+        from monai.losses import DiceCELoss
+
+        unet = make_unet(1, n_classes).train()
+        uopt = torch.optim.Adam(unet.parameters(), lr=1e-3)
+        ux = torch.rand(batch, 1, size, size, generator=gen)
+        uy = torch.randint(0, n_classes, (batch, 1, size, size), generator=gen)
+        dice_ce = DiceCELoss(to_onehot_y=True, softmax=True)
+
+        def unet_step():
+            uopt.zero_grad(set_to_none=True)
+            dice_ce(unet(ux), uy).backward()
+            uopt.step()
+
+        out["unet"] = _time(unet_step, reps)
     for name, cin in (("image_ae", 1), ("mask_ae", n_classes)):
+        if name not in networks:
+            continue
         model = Autoencoder(AEConfig(in_channels=cin, width=cfg.autoencoder.width)).train()
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
         x = torch.rand(batch, cin, size, size, generator=gen)
@@ -58,6 +78,8 @@ def measure(size: int, reps: int, n_classes: int = 2, batch: int = 16) -> dict[s
             opt.step()
 
         out[name] = _time(step, reps)
+    if "mapping" not in networks:
+        return out
     shapes = AEConfig(width=cfg.autoencoder.width).latent_shapes(size)
     ch = {s: c for s, (c, _, _) in shapes.items()}
     net = MappingNet(ch, ch, ["h"], MappingConfig()).train()
@@ -79,6 +101,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--sizes", default="64,128,256")
     ap.add_argument("--reps", type=int, default=9)
+    ap.add_argument("--networks", default=",".join(NETWORKS),
+                    help="which steps to time (comma-separated; the others keep the values an earlier run wrote)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (default: torch's, every core); other than 2, results go to plan_costs-Nthread.{json,md} "
                          "(the planner's table for a training that gets N threads, e.g. the demo's two concurrent trainings)")
@@ -90,8 +114,11 @@ def main() -> None:
     stem = "plan_costs" if torch.get_num_threads() == 2 else f"plan_costs-{torch.get_num_threads()}thread"
     rows = {}
     for size in (int(s) for s in args.sizes.split(",")):
-        sec = measure(size, args.reps)
-        g = training_gflop(size, Config(), 2)
+        networks = tuple(n for n in args.networks.split(",") if n)
+        if not networks or set(networks) - set(NETWORKS):
+            ap.error(f"--networks: a comma-separated subset of {','.join(NETWORKS)}, got {args.networks!r}")
+        sec = measure(size, args.reps, networks=networks)
+        g = {**training_gflop(size, Config(), 2), "unet": unet_gflop(size, 2)}
         rows[size] = {k: {"seconds": round(sec[k][0], 4), "median_s": round(sec[k][1], 4), "gflop": round(g[k], 3)} for k in sec}
         print(size, rows[size], flush=True)
     meta = {"cpu": machine()["cpu"], "threads": torch.get_num_threads(), "torch": torch.__version__, "batch": 16, "reps": args.reps,
@@ -99,18 +126,21 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{stem}.json"
     old = json.loads(path.read_text()) if path.exists() else {}
-    if "sizes" in old:  # sizes measured in separate runs land in one table (plan_costs.json itself was merged by hand)
-        rows = {**{int(k): v for k, v in old["sizes"].items()}, **rows}
+    if "sizes" in old:  # sizes (and networks) measured in separate runs land in one table (plan_costs.json was merged by hand)
+        earlier = {int(k): v for k, v in old["sizes"].items()}
+        rows = {**earlier, **{k: {**earlier.get(k, {}), **v} for k, v in rows.items()}}
         meta = {**meta, "earlier_runs": old["meta"]}
     elif old:  # the hand-merged form: kept whole inside the new file, never dropped
         meta = {**meta, "earlier_file": old}
     rows = dict(sorted(rows.items()))
     atomic_write_json(path, {"meta": meta, "sizes": rows})
     md = [f"Seconds per bare training step (fastest of {args.reps}), batch 16, default widths ({meta['cpu']}, {meta['threads']} threads, torch {meta['torch']})", "",
-          "| size | image AE s | mask AE s | mapping s | image AE GFLOP | mask AE GFLOP | mapping GFLOP |", "|---|---|---|---|---|---|---|"]
+          "| size | image AE s | mask AE s | mapping s | U-Net s | image AE GFLOP | mask AE GFLOP | mapping GFLOP | U-Net GFLOP |",
+          "|---|---|---|---|---|---|---|---|---|"]
+    cell = lambda r, k, f: format(r[k][f], ".3f" if f == "seconds" else ".2f") if k in r else ""  # noqa: E731
     for size, r in rows.items():
-        md.append(f"| {size} | {r['image_ae']['seconds']:.3f} | {r['mask_ae']['seconds']:.3f} | {r['mapping']['seconds']:.3f} | "
-                  f"{r['image_ae']['gflop']:.2f} | {r['mask_ae']['gflop']:.2f} | {r['mapping']['gflop']:.2f} |")
+        md.append(f"| {size} | " + " | ".join(cell(r, k, "seconds") for k in NETWORKS) + " | "
+                  + " | ".join(cell(r, k, "gflop") for k in NETWORKS) + " |")
     atomic_write_text(args.out / f"{stem}.md", "\n".join(md) + "\n")
 
 

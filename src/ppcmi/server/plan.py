@@ -71,11 +71,13 @@ STAGE1_SHARE = 0.4              # of the budget beyond both minimums, before a s
 # down 64-32-16), with the training FLOPs of the same step: per size the fastest cell over the runs of that script
 # (benchmarks/results/plan_costs.json), taken while other work shared the machine. The planner divides a
 # configuration's FLOPs by the throughput at the nearest measured size, so other widths are costed through their FLOPs.
+# "unet" is the centralized reference U-Net of demo and bench (ppcmi.models.make_unet, MONAI's DiceCE loss), measured
+# later (--networks unet, fastest of 15) with the machine's two other jobs at nice 10 and 19.
 COST_TABLE = {
     # size: {network: (seconds per step, GFLOP per step)}
-    64: {"image_ae": (0.049, 4.15), "mask_ae": (0.054, 4.22), "mapping": (0.080, 8.94)},
-    128: {"image_ae": (0.18, 16.6), "mask_ae": (0.18, 16.9), "mapping": (0.16, 35.5)},
-    256: {"image_ae": (0.86, 66.4), "mask_ae": (0.86, 67.5), "mapping": (0.56, 141.4)},
+    64: {"image_ae": (0.049, 4.15), "mask_ae": (0.054, 4.22), "mapping": (0.080, 8.94), "unet": (0.044, 4.57)},
+    128: {"image_ae": (0.18, 16.6), "mask_ae": (0.18, 16.9), "mapping": (0.16, 35.5), "unet": (0.154, 18.3)},
+    256: {"image_ae": (0.86, 66.4), "mask_ae": (0.86, 67.5), "mapping": (0.56, 141.4), "unet": (0.605, 73.1)},
 }
 COST_THREADS = 2
 # The same steps on one torch thread (benchmarks/plan_costs.py --threads 1: benchmarks/results/plan_costs-1thread.json, the
@@ -84,9 +86,9 @@ COST_THREADS = 2
 # Measured with the machine otherwise idle (load average about 1): 1.5x to 2.0x COST_TABLE's seconds. As in COST_TABLE,
 # the image and mask autoencoders (2 % apart in FLOPs) share the faster of their two cells.
 COST_TABLE_1THREAD = {
-    64: {"image_ae": (0.084, 4.15), "mask_ae": (0.084, 4.22), "mapping": (0.121, 8.94)},
-    128: {"image_ae": (0.275, 16.6), "mask_ae": (0.275, 16.9), "mapping": (0.326, 35.5)},
-    256: {"image_ae": (1.71, 66.4), "mask_ae": (1.71, 67.5), "mapping": (1.10, 141.4)},
+    64: {"image_ae": (0.084, 4.15), "mask_ae": (0.084, 4.22), "mapping": (0.121, 8.94), "unet": (0.082, 4.57)},
+    128: {"image_ae": (0.275, 16.6), "mask_ae": (0.275, 16.9), "mapping": (0.326, 35.5), "unet": (0.264, 18.3)},
+    256: {"image_ae": (1.71, 66.4), "mask_ae": (1.71, 67.5), "mapping": (1.10, 141.4), "unet": (1.13, 73.1)},
 }
 
 
@@ -99,6 +101,11 @@ def cost_table(threads: int | None = None) -> dict[int, dict[str, tuple[float, f
 # in the PSFHS benchmark (benchmarks/results/bench-psfhs.json, default widths at 128, an Intel Xeon) 24 more mapping
 # epochs of 55 steps took 540 s, 0.41 s a step, 2.5x the bare step above; stage 1 came out alike (at least 0.43 s).
 OVERHEAD = 2.5
+# The reference U-Net's loop adds little to its bare step: in the planned msd_hippocampus demo (64 px, one thread) it
+# trained 13 epochs of 373 steps in 394 s, 0.081 s a step with augmentation, validation and checkpoints, against the
+# 0.082 s bare step above. Its estimate had used the image autoencoder's throughput times OVERHEAD and came out 2.9x
+# too long (1132 s). 1.1 allows for the validation pass weighing more on smaller sets.
+UNET_OVERHEAD = 1.1
 
 
 # ----------------------------------------------------------------------------- pooling fingerprints
@@ -305,14 +312,14 @@ def unet_gflop(size: int, n_classes: int, channels: int = 1, batch: int = 16) ->
 def reference_epochs(seconds: float, size: int, pooled: Pooled, channels: int, batch: int,
                      val_frac: float = 0.2, threads: int | None = None) -> tuple[int, float]:
     """Epochs of the centralized reference U-Net on every hospital's planes pooled (``val_frac`` held out, batches of
-    ``batch``) that take about ``seconds``, and the seconds of one epoch: its FLOPs at the throughput the image
-    autoencoder (a convolutional network of the same kind) was measured at, times :data:`OVERHEAD`."""
+    ``batch``) that take about ``seconds``, and the seconds of one epoch: its FLOPs at the throughput its own step
+    was measured at (the ``unet`` cells of :func:`cost_table`), times :data:`UNET_OVERHEAD`."""
     table = cost_table(threads)
     ref = min(table, key=lambda s: abs(math.log(s / size)))
-    sec, gflop = table[ref]["image_ae"]
+    sec, gflop = table[ref]["unet"]
     n = sum(pooled.n_planes)
     n_train = max(1, n - max(1, int(round(n * val_frac)))) if n >= 4 else n
-    epoch = OVERHEAD * unet_gflop(size, pooled.n_classes, channels, batch) * sec / gflop * math.ceil(n_train / batch)
+    epoch = UNET_OVERHEAD * unet_gflop(size, pooled.n_classes, channels, batch) * sec / gflop * math.ceil(n_train / batch)
     return max(1, min(UNET_MAX_EPOCHS, int(seconds / epoch))), epoch
 
 
