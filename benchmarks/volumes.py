@@ -23,7 +23,8 @@ import numpy as np
 from ppcmi.baselines import predict_unet
 from ppcmi.client.site import Hospital
 from ppcmi.config import from_dict
-from ppcmi.demo import volume_results, volume_table
+from ppcmi.demo import volume_results
+from ppcmi.simulate import volume_table
 from ppcmi.experiment import machine
 from ppcmi.fileio import atomic_write_json, atomic_write_text
 from ppcmi.metrics import evaluate_cases

@@ -23,6 +23,7 @@ def test_bench_runs_methods_with_one_split_and_skips_finished_ones(tmp_path):
     assert res["unet_centralized"]["summary"]["n_cases"] * 2 == n  # PPCMI: every hospital segments every test case
     assert res["unet_local"]["summary"]["n_cases"] == n  # one local U-Net per hospital
     assert res["no_klt"]["config"]["klt"] is False
+    assert not any("volumes" in r for r in res.values())  # 2D planes: no whole-volume scores
     # the ablation reuses ppcmi_cpu's autoencoders (identical weights) under a fresh key
     b = tmp_path / "b"
     assert res["no_klt"]["stage1_from"] == "ppcmi_cpu"
@@ -125,3 +126,38 @@ def test_privacy_audit_gives_each_dp_setting_its_own_folder():
     assert pa.variant_key("dp", args) == "dp-n0.8-c1-b128"
     m = pa.variant_config(cfg, "dp", args).mapping
     assert (m.batch_size, m.dp_noise, m.dp, m.norm) == (128, 0.8, True, "group")
+
+
+def _volumes(root, n=6):
+    """An MSD-style folder of ``n`` small 3D MR volumes (a box that shifts from volume to volume), no test list."""
+    import nibabel as nib
+    import numpy as np
+
+    rng = np.random.default_rng(5)
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    for i in range(n):
+        m = np.zeros((24, 24, 4), np.uint8)
+        m[4 + i % 3:16, 6:18, 1:] = 1
+        nib.save(nib.Nifti1Image(m, np.diag([1.0, 1.0, 2.0, 1.0])), str(root / "labelsTr" / f"v{i}.nii.gz"))
+        img = (rng.normal(size=m.shape) + 4.0 * m).astype(np.float32)
+        nib.save(nib.Nifti1Image(img, np.diag([1.0, 1.0, 2.0, 1.0])), str(root / "imagesTr" / f"v{i}.nii.gz"))
+    (root / "dataset.json").write_text(json.dumps({
+        "name": "BOX", "modality": {"0": "MRI"}, "labels": {"0": "background", "1": "lv"}, "numTraining": n,
+        "training": [{"image": f"./imagesTr/v{i}.nii.gz", "label": f"./labelsTr/v{i}.nii.gz"} for i in range(n)]}))
+    return root
+
+
+@pytest.mark.slow
+def test_bench_scores_whole_volumes_of_3d_data(tmp_path):
+    data = _volumes(tmp_path / "data")
+    res = run_bench("sunnybrook_lv", data, tmp_path / "b", ["ppcmi_cpu", "unet_centralized"],
+                    overrides=[*TINY, "data.group_regex=", "data.test_frac=0.34"], progress=False)
+    n_test_planes = res["unet_centralized"]["summary"]["n_cases"]
+    for m, sites in (("ppcmi_cpu", {"hospital1", "hospital2"}), ("unet_centralized", {"pooled"})):
+        v = res[m]["volumes"]
+        assert set(v["by_group"]) == sites and v["n_volumes"] == 2 * len(sites)  # 2 of the 6 volumes are held out
+        assert all(0.0 <= v[k] <= 1.0 for k in ("lv_dice", "fg_dice")) and v["lv_dice"] == v["fg_dice"]  # one structure
+    assert n_test_planes == 8  # the held-out volumes' 4 planes each, scored one by one in the table above
+    md = (tmp_path / "b" / "results.md").read_text()
+    assert "Whole test volumes" in md and "| unet_centralized | pooled | 2 |" in md and "| ppcmi_cpu | overall | 4 |" in md

@@ -27,20 +27,27 @@ from .data import load_arrays
 from .device import Device, resolve_device
 from .errors import PpcmiError
 from .fileio import atomic_write_json, atomic_write_text
-from .metrics import evaluate_cases, summarize, write_evaluation
+from .metrics import evaluate_cases, summarize, volume_summary, write_evaluation
 from .client.site import Hospital
 from .server.mapping import MappingServer
 from .experiment import DATASETS, DEFAULT_PROXIMAL_MU, FEDERATED, MATCHED, METHODS, PUBLISHED_EPOCHS, dataset_config
 from .server.plan import apply_plan
-from .simulate import infer_and_score, load_test, plan, plan_run, run_simulation, write_plan
+from .simulate import infer_and_score, load_test, plan, plan_run, run_simulation, volume_rows, volume_table, write_plan
 
 log = logging.getLogger(__name__)
 
-def _score_unet(model, test: dict, labels, site: str, device: Device = None) -> list[dict]:
-    """Per-case rows of a U-Net's predictions on the test cases, on their native grids (every U-Net method's scoring)."""
+def _score_unet(model, test: dict, labels, site: str, device: Device = None) -> tuple[list[dict], list[np.ndarray]]:
+    """Per-case rows of a U-Net's predictions on the test cases, on their native grids (every U-Net method's scoring),
+    and the predictions."""
     pred = predict_unet(model, test["images"], test["geometries"], device=device)
     return evaluate_cases(pred, test["native_masks"], test["case_ids"], labels.n_classes, spacings=test["native_spacings"],
-                          class_names=list(labels.names), extra=[{"site": site}] * len(pred))
+                          class_names=list(labels.names), extra=[{"site": site}] * len(pred)), pred
+
+
+def _volumes(preds: dict[str, list[np.ndarray]], test: dict, pl) -> dict:
+    """``{"volumes": whole-volume Dice by site}`` when the test planes were cut from 3D volumes, else ``{}``."""
+    rows = volume_rows(preds, test, pl)
+    return {"volumes": volume_summary(rows, group_key="site")} if rows else {}
 
 
 def _unet(cfg: Config, data: Path, out: Path, local: bool, progress: bool, device: Device = None) -> tuple[list[dict], dict]:
@@ -50,14 +57,16 @@ def _unet(cfg: Config, data: Path, out: Path, local: bool, progress: bool, devic
     arrays = {h: load_arrays(c, pl.prep, pl.labels) for h, c in pl.hospitals.items()}
     groups = {h: [a] for h, a in arrays.items()} if local else {"pooled": list(arrays.values())}
     rows: list[dict] = []
+    preds: dict[str, list[np.ndarray]] = {}
     seconds = 0.0
     for g, parts in groups.items():
         t0 = time.perf_counter()
         model, _ = train_reference_unet(cfg, parts, pl.labels.n_classes, out / g, desc=f"U-Net {g}", progress=progress,
                                         device=device)
         seconds += time.perf_counter() - t0
-        rows += _score_unet(model, test, pl.labels, g, device)
-    return rows, {"train_s": seconds}
+        got, preds[g] = _score_unet(model, test, pl.labels, g, device)
+        rows += got
+    return rows, {"timings_s": {"train_s": seconds}, **_volumes(preds, test, pl)}
 
 
 def _fed_unet(method: str, cfg: Config, data: Path, out: Path, *, local_epochs: int, proximal_mu: float,
@@ -79,10 +88,10 @@ def _fed_unet(method: str, cfg: Config, data: Path, out: Path, *, local_epochs: 
     test = load_test(pl)
     model = make_unet(s["in_channels"], pl.labels.n_classes)
     load_weights(model, Path(s["server_dir"]) / "global.safetensors")
-    rows = _score_unet(model, test, pl.labels, "global", device)
+    rows, pred = _score_unet(model, test, pl.labels, "global", device)
     keep = ("strategy", "proximal_mu", "rounds", "local_epochs", "epochs", "payload_bytes", "bytes_counted", "hospitals", "server_dir")
     return rows, {"timings_s": {"train_s": s["timings_s"]["train_s"], "flwr_run_s": s["wall_s"]},
-                  "federated": {k: s[k] for k in keep}}
+                  "federated": {k: s[k] for k in keep}, **_volumes({"global": pred}, test, pl)}
 
 
 def _fed_core(cfg: Config, data: Path, out: Path, *, local_epochs: int, device: Device = None) -> tuple[list[dict], dict]:
@@ -101,12 +110,12 @@ def _fed_core(cfg: Config, data: Path, out: Path, *, local_epochs: int, device: 
     hospitals = {h: Hospital(sites[h], device=dev) for h in pl.hospitals}
     servers = {h: MappingServer(sites[h] / "fedcore" / "model", device=dev) for h in pl.hospitals}  # each its own local model
     t0 = time.perf_counter()
-    _, rows = infer_and_score(hospitals, servers, test, pl.labels, noise=cfg.autoencoder.send_noise)
+    preds, rows = infer_and_score(hospitals, servers, test, pl.labels, noise=cfg.autoencoder.send_noise)
     keep = ("strategy", "rounds", "local_epochs", "epochs", "secagg", "core_parameters", "payload_bytes_float32", "bytes_counted",
             "messages", "hospitals", "server_dir")
     return rows, {"timings_s": {"stage1_s": s["stage1_s"], "train_s": s["timings_s"]["train_s"], "flwr_run_s": s["wall_s"],
                                 "inference_s": time.perf_counter() - t0},
-                  "federated": {k: s[k] for k in keep}}
+                  "federated": {k: s[k] for k in keep}, **_volumes(preds, test, pl)}
 
 
 def _reuse_stage1(src: Path, dst: Path, klt: bool) -> bool:
@@ -173,17 +182,19 @@ def run_method(method: str, cfg: Config, data: Path, out: Path, *, published_epo
     elif method.startswith("unet_"):
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "config.json", {**to_dict(mcfg), "data_dir": str(data)})
-        rows, timings = _unet(mcfg, data, out, local=method == "unet_local", progress=progress, device=device)
+        rows, result = _unet(mcfg, data, out, local=method == "unet_local", progress=progress, device=device)
         summ = summarize(rows, group_key="site")
         write_evaluation(rows, summ, out / "eval")
-        result = {"summary": summ, "timings_s": timings}
+        result["summary"] = summ
     else:
         source = out.parent / "ppcmi_cpu"
         if method != "ppcmi_cpu" and mcfg.autoencoder == cfg.autoencoder and (source / "summary.json").exists():
             if _reuse_stage1(source, out, mcfg.klt):
                 result["stage1_from"] = "ppcmi_cpu"
         res = run_simulation(mcfg, data, out, resume=True, progress=progress, device=device)
-        res.pop("_arrays", None)
+        arrays = res.pop("_arrays", None)
+        if arrays is not None:
+            result.update(_volumes(arrays["preds"], arrays["test"], arrays["plan"]))
         if "stage1_from" in result:  # the autoencoders were trained once, by ppcmi_cpu
             res["timings_s"]["stage1_s"] = json.loads((source / "summary.json").read_text())["timings_s"]["stage1_s"]
         result.update(summary=res["ppcmi"], timings_s=res["timings_s"], payload=res["payload"])
@@ -226,6 +237,12 @@ def results_md(dataset: str, results: dict[str, dict]) -> str:
         c = from_dict(r["config"])
         epochs = reference_schedule(c)[0] if m.startswith("unet_") else c.mapping.epochs
         lines.append(f"| {m} | {epochs} | {r['wall_s']:.0f} | {t} |")
+    vols = {m: r["volumes"] for m, r in results.items() if "volumes" in r}
+    if vols:
+        first = next(iter(vols.values()))  # its structures, in class order (volume_dice's)
+        names = ["background", *[k[:-5] for k in first if k.endswith("_dice") and k != "fg_dice"]]
+        lines += ["", "Whole test volumes (the 3D Dice of each restacked test volume; the table above averages planes):", "",
+                  volume_table(vols, names)]
     fed = {m: r["federated"] for m, r in results.items() if "federated" in r}
     if fed:
         lines += ["", "| method | Flower strategy | rounds x local epochs | MB per hospital, uploaded / downloaded (ArrayRecord bytes; ppcmi_federated: and SecAgg+'s) |",

@@ -24,10 +24,10 @@ from .config import AutoencoderConfig, Config, DataConfig, MappingTrainConfig, f
 from .data import Case, crop_plane, load_arrays, read_image
 from .device import resolve_device
 from .fileio import atomic_write_json, atomic_write_text
-from .metrics import EMPTY_RULE, evaluate_cases, summarize, volume_dice, volume_summary, write_evaluation, write_per_case_csv
+from .metrics import EMPTY_RULE, evaluate_cases, summarize, volume_summary, write_evaluation, write_per_case_csv
 from .server.mapping import MappingServer
 from .experiment import measure_latency
-from .simulate import plan, prepare_run_dir, public_summary, run_simulation
+from .simulate import plan, prepare_run_dir, public_summary, run_simulation, volume_rows, volume_table
 
 log = logging.getLogger(__name__)
 
@@ -80,19 +80,6 @@ def table(summary: dict, structure: str = "fg") -> str:
         for g, gs in groups:
             m = lambda k: gs.get(f"{structure}_{k}", {}).get("mean", float("nan"))  # noqa: E731
             lines.append(f"| {method} | {g} | {_fmt(m('dice'), True)} | {_fmt(m('hd95_px'))} | {_fmt(m('asd_px'))} | {gs.get('n_cases', '')} |")
-    return "\n".join(lines)
-
-
-def volume_table(methods: dict[str, dict], class_names: list[str]) -> str:
-    """Markdown table of :func:`ppcmi.metrics.volume_summary` results: Dice (%) per structure of whole test volumes,
-    per hospital and overall."""
-    structures = [*class_names[1:], "fg"]
-    lines = ["| method | hospital | volumes | " + " | ".join(f"{'merged' if n == 'fg' else n} Dice %" for n in structures) + " |",
-             "|---|---|---|" + "---|" * len(structures)]
-    for method, s in methods.items():
-        for g, gs in [*s.get("by_group", {}).items(), ("overall", s)]:
-            lines.append(f"| {method} | {g} | {gs['n_volumes']} | "
-                         + " | ".join(_fmt(gs.get(f"{n}_dice", float("nan")), True) for n in structures) + " |")
     return "\n".join(lines)
 
 
@@ -237,10 +224,7 @@ def volume_results(preds: dict[str, list[np.ndarray]], upred: list[np.ndarray], 
     """Whole-volume Dice (:func:`ppcmi.metrics.volume_dice`) of every hospital's PPCMI-SF predictions and the U-Net's on
     the test planes of ``pl`` (a :class:`ppcmi.simulate.Plan`; ``test`` its arrays, in its order):
     ``{"ppcmi": summary by hospital, "unet_centralized": summary, "per_volume": {method: rows}}``."""
-    vols, k, names = [c.volume for c in pl.test], pl.labels.n_classes, list(pl.labels.names)
-    vp = [r for site, p in preds.items()
-          for r in volume_dice(p, test["native_masks"], vols, k, class_names=names, extra={"site": site})]
-    vu = volume_dice(upred, test["native_masks"], vols, k, class_names=names, extra={"site": "pooled"})
+    vp, vu = volume_rows(preds, test, pl), volume_rows({"pooled": upred}, test, pl)
     return {"ppcmi": volume_summary(vp, group_key="site"), "unet_centralized": volume_summary(vu),
             "per_volume": {"ppcmi": vp, "unet_centralized": vu}}
 

@@ -39,7 +39,7 @@ from .experiment import partition, payload
 from .labels import LabelMap, parse_labels
 from .errors import PpcmiError
 from .fileio import atomic_write_bytes, atomic_write_json, ensure_dir
-from .metrics import evaluate_cases, summarize, write_evaluation
+from .metrics import evaluate_cases, summarize, volume_dice, write_evaluation
 from .server import stages as server_stages
 from .server.inbox import open_sets
 from .server.mapping import MappingServer
@@ -130,6 +130,28 @@ def infer_and_score(hospitals: dict[str, Hospital], servers: dict[str, MappingSe
     return preds, rows
 
 
+def volume_rows(preds: dict[str, list[np.ndarray]], test: dict, pl: Plan) -> list[dict]:
+    """Whole-volume Dice rows (:func:`ppcmi.metrics.volume_dice`, one per test volume and site) of each site's native label
+    maps ``preds`` (in test order) when the test planes of ``pl`` were cut from volumes; [] for 2D data."""
+    if not any(c.volume is not None for c in pl.test):
+        return []
+    vols, k, names = [c.volume for c in pl.test], pl.labels.n_classes, list(pl.labels.names)
+    return [r for site, p in preds.items() for r in volume_dice(p, test["native_masks"], vols, k, class_names=names, extra={"site": site})]
+
+
+def volume_table(methods: dict[str, dict], class_names: list[str]) -> str:
+    """Markdown table of :func:`ppcmi.metrics.volume_summary` results: Dice (%) per structure of whole test volumes,
+    per hospital and overall."""
+    structures = [*class_names[1:], "fg"]
+    pct = lambda v: "n/a" if v is None or not np.isfinite(v) else f"{100 * v:.2f}"  # noqa: E731
+    lines = ["| method | hospital | volumes | " + " | ".join(f"{'merged' if n == 'fg' else n} Dice %" for n in structures) + " |",
+             "|---|---|---|" + "---|" * len(structures)]
+    for method, vs in methods.items():
+        for g, gs in [*vs.get("by_group", {}).items(), ("overall", vs)]:
+            lines.append(f"| {method} | {g} | {gs['n_volumes']} | " + " | ".join(pct(gs.get(f"{n}_dice", float("nan"))) for n in structures) + " |")
+    return "\n".join(lines)
+
+
 def prepare_run_dir(cfg: Config, data_dir: str | Path, out: str | Path, *, resume: bool = False) -> Path:
     """Create the run folder and save the resolved config in it; never reuse a folder holding other things."""
     out = Path(out)
@@ -209,4 +231,4 @@ def public_summary(result: dict) -> dict:
     return {k: v for k, v in result.items() if not k.startswith("_")}
 
 
-__all__ = ["Plan", "plan", "plan_run", "write_plan", "load_test", "infer_and_score", "prepare_run_dir", "run_simulation", "public_summary"]
+__all__ = ["Plan", "plan", "plan_run", "write_plan", "load_test", "infer_and_score", "volume_rows", "volume_table", "prepare_run_dir", "run_simulation", "public_summary"]
