@@ -402,3 +402,29 @@ def test_each_hospital_predicts_with_its_own_local_model(federated):
     t = result["timings_s"]
     assert t["flwr_run_s"] >= t["train_s"] > 0 and result["wall_s"] > t["flwr_run_s"]
     assert json.loads((out / "summary.json").read_text())["method"] == "ppcmi_federated"
+
+
+def test_predict_maps_with_the_sites_own_local_model_by_default(federated, tmp_path):
+    from typer.testing import CliRunner
+
+    from ppcmi.cli import app
+
+    cfg, data, out, result, _ = federated
+    site = _sites(out)["hospital1"]
+    images = [str(p) for p in sorted((data / "images").iterdir())[:2]]
+    cli = CliRunner()
+    r = cli.invoke(app, ["predict", *images, "--site-dir", str(site), "--out", str(tmp_path / "own")])
+    assert r.exit_code == 0, r.output
+    assert f"mapping with this site's own local model of the federated core: {site / 'fedcore' / 'model'}" in r.output
+    r2 = cli.invoke(app, ["predict", *images, "--site-dir", str(site), "--out", str(tmp_path / "named"),
+                          "--model", str(site / "fedcore" / "model")])
+    assert r2.exit_code == 0, r2.output
+    own, named = sorted((tmp_path / "own").iterdir()), sorted((tmp_path / "named").iterdir())
+    assert [p.name for p in own] == [p.name for p in named] and len(own) == 2
+    assert all(a.read_bytes() == b.read_bytes() for a, b in zip(own, named))
+    # a site without a local model still has to name a mapping
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    r3 = cli.invoke(app, ["predict", *images, "--site-dir", str(bare), "--out", str(tmp_path / "x")])
+    assert r3.exit_code == 2 and r3.output.strip().splitlines()[-1].endswith(
+        f"{bare} has no local model of the federated core ({bare / 'fedcore' / 'model'}) to use by default")

@@ -507,7 +507,9 @@ def certs_issue_client(name: str = typer.Argument(..., help="The hospital's site
 def predict(images: List[Path] = typer.Argument(..., help="Image files (PNG, JPEG, TIFF, NIfTI, MHA) or DICOM series folders."),
             site_dir: Path = typer.Option(..., "--site-dir", "-s", help="This hospital's site folder."),
             out: Path = typer.Option(..., "--out", "-o", help="Folder for the label maps (PNG for 2D, NIfTI for volumes)."),
-            model: Optional[Path] = typer.Option(None, "--model", "-m", help="Mapping model folder (an in-process server)."),
+            model: Optional[Path] = typer.Option(None, "--model", "-m", help="Mapping model folder (an in-process server). "
+                                                 "Default with neither option: this site's own local model of the "
+                                                 "federated core (SITE/fedcore/model), where it has one."),
             server: Optional[str] = typer.Option(None, "--server", help="Inference service URL, https://HOST:PORT "
                                                  "('ppcmi server serve'), instead of --model."),
             cert: Optional[Path] = typer.Option(None, "--cert", help="With --server: this hospital's client certificate "
@@ -522,14 +524,23 @@ def predict(images: List[Path] = typer.Argument(..., help="Image files (PNG, JPE
     """Hospital -> server -> hospital for image files; writes label maps in the inputs' format.
 
     With --model the server runs in this process; with --server the keyed latents travel to the
-    inference service over mutual TLS. Either way only keyed latents leave this site. Every output
+    inference service over mutual TLS. Either way only keyed latents leave this site. A site that trained
+    in the federated core mode (mapping.scope = "federated") maps with its own local model by default,
+    so nothing leaves it at all. Every output
     path is checked before any image is sent: two inputs with the same file name, or (without
     --overwrite) an existing label map, refuse the whole call and nothing is written.
     """
     from .client.inference import predict_files, predict_remote
 
+    from .client.fedcore import local_model_dir
+
+    if model is None and server is None and local_model_dir(site_dir) is not None:
+        model = local_model_dir(site_dir)
+        typer.echo(f"mapping with this site's own local model of the federated core: {model}", err=True)
     if (model is None) == (server is None):
-        raise PpcmiError("give exactly one of --model (in-process server) and --server (HTTPS inference service)")
+        raise PpcmiError("give exactly one of --model (in-process server) and --server (HTTPS inference service)"
+                         + ("" if model is not None else f"; {site_dir} has no local model of the federated core "
+                            f"({site_dir / 'fedcore' / 'model'}) to use by default"))
     dev = _device(device)
     if server is not None:
         missing = [o for o, v in (("--cert", cert), ("--key", key), ("--ca", ca)) if v is None]

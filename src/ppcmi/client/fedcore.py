@@ -251,6 +251,12 @@ def save_local_model(core: Mapping[str, torch.Tensor], pairs: Mapping[str, torch
     return out
 
 
+def local_model_dir(site_dir: str | Path) -> Path | None:
+    """This site's local model folder (:func:`save_local_model`'s default), or None where it trained none."""
+    d = Path(site_dir) / FOLDER / "model"
+    return d if (d / "mapping.safetensors").is_file() else None
+
+
 def pairs_loss(net_dir: str | Path, pairs: Mapping[str, torch.Tensor], cfg: MappingTrainConfig, *, site: str,
                init_seed: int) -> float:
     """Stage 2's loss of the local model in ``net_dir`` on this hospital's own pairs (in evaluation mode)."""
