@@ -28,6 +28,7 @@ import argparse
 import json
 import logging
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -110,6 +111,14 @@ def judged(att: dict, base: dict, ctrl: dict, ctrl_base: dict) -> dict:
 
 
 def main(argv=None) -> dict:
+    work = Path(tempfile.mkdtemp(prefix="core-inversion-"))  # the hospitals' site folders (keys included): removed at the end
+    try:
+        return run(argv, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run(argv, work: Path) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(ROOT / "data" / "sunnybrook_lv"))
     ap.add_argument("--clients", type=int, default=2)
@@ -127,7 +136,6 @@ def main(argv=None) -> dict:
     cfg = load_config(None, [f"clients={args.clients}", *OVERRIDES, *args.mapping])
     pl = plan(cfg, args.data)
     rounds = cfg.mapping.epochs
-    work = Path(tempfile.mkdtemp(prefix="core-inversion-"))
     core = {k: torch.from_numpy(v) for k, v in initial_core(cfg).items()}
     sites: dict = {}
     for i, (name, cases) in enumerate(pl.hospitals.items()):
