@@ -3,7 +3,8 @@
 Fast and in-process, as ``tests/test_fedcore.py`` runs a hospital's round: the attacker's replay of a round equals the
 round :func:`ppcmi.client.fedcore.local_round` really runs (to float rounding with identity frames; in canonical
 coordinates with the hospital's principal frames, to the rounding that Adam's sign step amplifies), the objective is
-zero at the true rows and grows away from them (the update identifies them), the inversion lowers it, the SecAgg+ case
+zero at the true rows and grows away from them (the update identifies them), its gradient is its finite difference
+(smoothed Adam included), the inversion lowers it, the SecAgg+ case
 holds and inverts only the sum, the positive control's mapping back (frames, key, decoder) is exact, and bad input is
 a one-line error naming the field. Randomness comes only from local generators.
 """
@@ -152,6 +153,33 @@ def test_the_inversion_lowers_the_objective_and_is_reproducible():
     assert a.objective[1] < a.objective[0]
     assert np.array_equal(a.h["v"]["s3"], b.h["v"]["s3"]) and np.array_equal(a.t["v"]["s3"], b.t["v"]["s3"])
     assert a.h["v"]["s3"].shape == (2, 4, 4, 4)
+
+
+def test_the_objectives_gradient_is_the_finite_difference_of_the_objective():
+    """The attacker descends the replayed round's real gradient, smoothed Adam included (float64 differences)."""
+    cfg = _cfg("mapping.dropout=0")
+    spec = INV.RoundSpec(_spec(cfg, 4).mapping, {"s3": (16, 4, 4)}, {"s3": (16, 4, 4)}, 4, 1.0, 1, 16, INV.fit_seed(3, 1))
+    from ppcmi.models import MappingNet
+    from ppcmi.training import seeded_init
+
+    core = {k: v.clone() for k, v in core_state(seeded_init(lambda: MappingNet({"s3": 16}, {"s3": 16}, ["x"], spec.mapping), 0)).items()}
+    g = torch.Generator().manual_seed(5)
+    h, t = {"s3": torch.randn(4, 16, 4, 4, generator=g)}, {"s3": torch.randn(4, 16, 4, 4, generator=g)}
+    obs = INV.simulate_update(core, h, t, spec, smooth=100)
+    hd, td = {"s3": torch.randn(4, 16, 4, 4, generator=g).requires_grad_()}, {"s3": torch.randn(4, 16, 4, 4, generator=g).requires_grad_()}
+
+    def f(a, b, graph=False):
+        return INV.update_distance(INV.simulate_update(core, a, b, spec, create_graph=graph, smooth=100), obs, stat_weight=0)
+
+    f(hd, td, True).backward()
+    for side, d in (("h", hd), ("t", td)):
+        for idx in ((1, 3, 2, 1), (2, 5, 1, 3)):
+            e = torch.zeros(4, 16, 4, 4)
+            e[idx] = 1e-3
+            a, b = hd["s3"].detach(), td["s3"].detach()
+            ea, eb = (e, 0) if side == "h" else (0, e)
+            fd = (float(f({"s3": a + ea}, {"s3": b + eb})) - float(f({"s3": a - ea}, {"s3": b - eb}))) / 2e-3
+            assert float(d["s3"].grad[idx]) == pytest.approx(fd, rel=0.05), (side, idx)
 
 
 # ----------------------------------------------------------------------------- SecAgg+: only the sum

@@ -209,7 +209,7 @@ def simulate_update(core: Mapping[str, torch.Tensor], h: Mapping[str, torch.Tens
                         m_state[n] = torch.lerp(m_state[n], g, 1 - b1)
                         v_state[n] = torch.addcmul(v_state[n].mul(b2), g, g, value=1 - b2)
                         denom = (v_state[n] + 1e-30).sqrt() / c2 if create_graph else v_state[n].sqrt() / c2
-                        eps = ADAM_EPS + (smooth * float(denom.detach().pow(2).mean().sqrt()) if smooth > 0 else 0.0)
+                        eps = ADAM_EPS + (smooth * denom.pow(2).mean().sqrt() if smooth > 0 else 0.0)  # (differentiable)
                         new[n] = torch.addcdiv(params[n], m_state[n], denom.add(eps), value=-(spec.lr / c1))
                     params = new if create_graph else {n: p.detach() for n, p in new.items()}
                     tot += float(loss.detach()) * len(idx)
