@@ -16,10 +16,12 @@ import numpy as np
 import torch
 
 from .. import protocol
+from ..errors import PpcmiError
 from . import attacks as A
+from . import inversion as INV
 from . import membership as M
-from .views import (CandidatePool, LeakedPairs, MembershipChallenge, OtherHospital, PublicData, ServerView, TargetModel,
-                    VictimDecoder)
+from .views import (CandidatePool, CoreUpdates, LeakedPairs, MembershipChallenge, OtherHospital, PublicData, ServerView, StolenKey,
+                    TargetModel, VictimDecoder, VictimFrames)
 
 K_PROCRUSTES = (1, 2, 5, 10)
 K_INVERSION = (10, 100)
@@ -181,6 +183,72 @@ def a8(server: ServerView, other: OtherHospital) -> dict:
     zt_i = {s: a[:n] for s, a in server.keyed(other.victim, "image").items()}
     zt_m = {s: a[:n] for s, a in server.keyed(other.victim, "mask").items()}
     return {"images": other.kit.decode_keyed(zt_i, "image")[:, 0], "fg": fg_of_probs(other.kit.decode_keyed(zt_m, "mask"))}
+
+
+# ----------------------------------------------------------------------------- A9 (CoreUpdates, PublicData)
+
+
+def invert_core_updates(updates: CoreUpdates, **tuning) -> INV.Inversion:
+    """The inversion half of A9 (:func:`ppcmi.privacy.inversion.invert_update`): without SecAgg+ each hospital's update
+    on its own, with it one joint inversion of every hospital's rows against the average, which is all it holds."""
+    core = {k: torch.as_tensor(np.asarray(v)) for k, v in updates.global_core.items()}
+    if updates.secure:
+        weights = {n: float(sp.n_rows) for n, sp in updates.specs.items()}
+        return INV.invert_update(core, {k: torch.as_tensor(np.asarray(v)) for k, v in updates.updates["sum"].items()},
+                                 updates.specs, weights=weights, **tuning)
+    h, t, first, last = {}, {}, [], []
+    for n, u in updates.updates.items():
+        inv = INV.invert_update(core, {k: torch.as_tensor(np.asarray(v)) for k, v in u.items()}, {n: updates.specs[n]}, **tuning)
+        h.update(inv.h)
+        t.update(inv.t)
+        first.append(inv.objective[0])
+        last.append(inv.objective[1])
+    return INV.Inversion(h, t, (float(np.mean(first)), float(np.mean(last))))
+
+
+def public_frames(public: PublicData) -> dict[str, dict]:
+    """The attacker's stand-in for a hospital's canonical frames: the principal frames of its own autoencoders'
+    latents of the public images and masks (the same sign rule; nothing ties them to the hospital's)."""
+    from ..latent import principal_frame
+
+    k = int(public.autoencoders["mask"].cfg.in_channels)  # the mask classes, background included
+    onehot = np.eye(k, dtype=np.float32)[public.masks].transpose(0, 3, 1, 2)
+    return {"image": {s: principal_frame(z) for s, z in _enc(public.autoencoders["image"], public.images).items()},
+            "mask": {s: principal_frame(z) for s, z in _enc(public.autoencoders["mask"], onehot).items()}}
+
+
+def a9(updates: CoreUpdates, public: PublicData, **tuning) -> dict:
+    """Inverting the federated core's round updates: dummy rows whose simulated round 1 update matches what the
+    coordinator saw (:func:`invert_core_updates`), in the canonical coordinates of each hospital's latents; then,
+    public data only, decoded by the attacker's own autoencoders as if the hospital's canonical frames were the
+    principal frames of the attacker's public latents (:func:`public_frames`).
+
+    Returns ``{"inversion": Inversion, "victims": {hospital: {"images": (n, S, S), "fg": (n, S, S) bool}}}``,
+    rows in the inversion's order (a batch's update does not order its rows: the referee matches them)."""
+    inv = invert_core_updates(updates, **tuning)
+    frames = public_frames(public)
+    img_ae, msk_ae = public.autoencoders["image"], public.autoencoders["mask"]
+    victims = {}
+    for n in inv.h:
+        z_i = INV.from_canonical({s: v.astype(np.float64) for s, v in inv.h[n].items()}, frames["image"])
+        z_m = INV.from_canonical({s: v.astype(np.float64) for s, v in inv.t[n].items()}, frames["mask"])
+        probs = _dec(msk_ae, z_m)
+        victims[n] = {"images": _dec(img_ae, z_i)[:, 0], "fg": fg_of_probs(probs) if probs.shape[1] > 1 else probs[:, 0] > 0.5}
+    return {"inversion": inv, "victims": victims}
+
+
+def a9_control(updates: CoreUpdates, stolen: StolenKey, frames: VictimFrames, **tuning) -> dict:
+    """A9's positive control: the same inversion, and the recovered canonical coordinates mapped back exactly, with the
+    victim's own frames (``U c + mu``: its keyed latents), its key and its decoders (:class:`StolenKey`). Where the
+    update carries the rows and the inversion finds them, this reconstructs them; returns as :func:`a9` for the victim."""
+    if updates.secure or set(updates.updates) != {stolen.victim} or frames.victim != stolen.victim:
+        raise PpcmiError(f"A9 control: needs the per-hospital update of the victim {stolen.victim!r} only, and its own frames")
+    inv = invert_core_updates(updates, **tuning)
+    v = stolen.victim
+    zt_i = INV.from_canonical({s: a.astype(np.float64) for s, a in inv.h[v].items()}, frames.image)
+    zt_m = INV.from_canonical({s: a.astype(np.float64) for s, a in inv.t[v].items()}, frames.mask)
+    return {"inversion": inv, "victims": {v: {"images": stolen.kit.decode_keyed(zt_i, "image")[:, 0],
+                                              "fg": fg_of_probs(stolen.kit.decode_keyed(zt_m, "mask"))}}}
 
 
 # ----------------------------------------------------------------------------- M1, M3 (TargetModel, MembershipChallenge)

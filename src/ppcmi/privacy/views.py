@@ -23,6 +23,7 @@ import torch
 from ..config import MappingTrainConfig
 from ..errors import PpcmiError
 from ..protocol import LatentBatch
+from .inversion import RoundSpec
 from .membership import MembershipSplit
 
 # ----------------------------------------------------------------------------- attackers' views
@@ -168,6 +169,40 @@ class OtherHospital:
 
 
 @dataclass(frozen=True)
+class CoreUpdates:
+    """What a curious coordinator sees of one round of the federated core (``mapping.scope = "federated"``, T1): the
+    global core it sent, each hospital's round settings (public or crossed: row count, learning rate, local epochs,
+    batch size; the fit seed, granted as the worst case) and the update, the returned core minus the global one.
+
+    ``secure = False``: ``updates`` holds one update per hospital, as a coordinator would see them without SecAgg+
+    (the worst case). ``secure = True``: it holds only ``"sum"``, the FedAvg average ``sum_i n_i update_i / sum_i n_i``,
+    which is all SecAgg+ lets the coordinator see."""
+
+    global_core: Mapping[str, np.ndarray]
+    updates: Mapping[str, Mapping[str, np.ndarray]]
+    specs: Mapping[str, RoundSpec]
+    secure: bool
+
+    def __post_init__(self) -> None:
+        if not self.specs:
+            raise PpcmiError("core updates: specs names no hospital")
+        if self.secure and set(self.updates) != {"sum"}:
+            raise PpcmiError(f"core updates: with SecAgg+ the coordinator holds only the sum, got updates {sorted(self.updates)}")
+        if not self.secure and (not self.updates or not set(self.updates) <= set(self.specs)):
+            raise PpcmiError(f"core updates: per-hospital updates {sorted(self.updates)} must name hospitals of specs {sorted(self.specs)}")
+
+
+@dataclass(frozen=True)
+class VictimFrames:
+    """One hospital's canonical frames ``{scale: (U, mu)}`` (its mapping network's fixed input and output frames, which
+    never leave it: ``SITE/fedcore/own.safetensors``). With :class:`StolenKey`, the holding of A9's positive control."""
+
+    victim: str
+    image: Mapping[str, tuple[np.ndarray, np.ndarray]]
+    mask: Mapping[str, tuple[np.ndarray, np.ndarray]]
+
+
+@dataclass(frozen=True)
 class TargetModel:
     """The mapping network under a membership attack (T5: its weights or query access), and the public recipe
     it was trained by (for the attacker's reference networks)."""
@@ -241,6 +276,8 @@ GRANTS: dict[type, tuple[str | None, str | None]] = {
     VictimDecoder: (None, "the victim's decoder"),
     OtherHospital: (None, "another hospital's key and decoder (collusion)"),
     TargetModel: ("T5", None),
+    CoreUpdates: ("T1", "the federated core's round updates"),
+    VictimFrames: (None, "the victim's mapping frames (kept at the hospital)"),
     MembershipChallenge: ("T5", None),
 }
 
@@ -276,5 +313,6 @@ def threat_of(needs: tuple[type, ...]) -> Threat:
 
 
 __all__ = ["ServerView", "PublicData", "CandidatePool", "LeakedPairs", "SiteKit", "VictimDecoder", "StolenKey",
-           "OtherHospital", "TargetModel", "ChallengePart", "MembershipChallenge", "GroundTruth", "MembershipTruth",
+           "OtherHospital", "CoreUpdates", "VictimFrames", "TargetModel", "ChallengePart", "MembershipChallenge", "GroundTruth",
+           "MembershipTruth",
            "GRANTS", "Threat", "threat_of"]
