@@ -24,6 +24,16 @@ def rng() -> np.random.Generator:
 
 
 @pytest.fixture
+def one_thread():
+    """One torch thread for the test (tiny networks: several times faster than two on a shared 2-core machine, as each
+    SuperNode uses); a module opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def key() -> bytes:
     return bytes(range(32))
 

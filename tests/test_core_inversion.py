@@ -34,12 +34,7 @@ TINY = ["clients=2", "data.size=64", "autoencoder.width=0.25", "mapping.widen=[8
         "mapping.down=[8,8,8]", "mapping.batch_size=4", "mapping.epochs=2", "mapping.scope=federated"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(*extra: str):

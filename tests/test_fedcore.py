@@ -45,13 +45,7 @@ CHANNELS = {"s3": 16, "s4": 32, "b": 64}  # autoencoder.width 0.25; at size 32: 
 SIDE = {"s3": 4, "s4": 2, "b": 1}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny networks: one torch thread is several times faster than two on a shared 2-core machine (as each SuperNode uses)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _pairs(n: int = 10, seed: int = 0) -> dict[str, torch.Tensor]:
