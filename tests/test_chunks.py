@@ -331,3 +331,11 @@ def test_loader_workers_read_the_same_rows_and_train_the_same(rng, tmp_path):
     assert all(torch.equal(trained[0][k], trained[1][k]) for k in trained[0])
     with pytest.raises(PpcmiError, match="workers must be 0 or more"):
         fit(torch.nn.Conv2d(4, 4, 1), lambda m, b: m(b[0]).mean(), [x], None, FitConfig(epochs=1, workers=-1), tmp_path / "bad", progress=False)
+    # a chunk file cut short during training (after epoch 1): a worker's read fails, and the caller gets its one line
+    def cut(epoch, _):
+        if epoch == 1:
+            files[0].write_bytes(files[0].read_bytes()[:100])
+
+    with pytest.raises(ProtocolError, match=r"^\S+: shorter than its header says \(changed after it was checked\?\)$"):
+        fit(torch.nn.Conv2d(4, 4, 1), lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1]), [x, y], None,
+            FitConfig(epochs=2, batch_size=4, patience=2, workers=2), tmp_path / "cut", progress=False, on_epoch=cut)

@@ -448,8 +448,11 @@ class _DiskRows(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.order)
 
-    def __getitem__(self, k: int) -> list[torch.Tensor]:
-        return [c[self.order[k]] for c in self.columns]
+    def __getitem__(self, k: int) -> list[torch.Tensor] | PpcmiError:
+        try:
+            return [c[self.order[k]] for c in self.columns]
+        except PpcmiError as e:  # returned, and raised by the training process as its one line (DataLoader would wrap it)
+            return e
 
 
 def _epoch_rows(data: Sequence, order: list[torch.Tensor], dev: torch.device, workers: int):
@@ -464,6 +467,8 @@ def _epoch_rows(data: Sequence, order: list[torch.Tensor], dev: torch.device, wo
     loader = torch.utils.data.DataLoader(_DiskRows([data[i] for i in disk], order), batch_size=None, shuffle=False,
                                          num_workers=workers, pin_memory=dev.type == "cuda")
     for idx, read in zip(order, loader):
+        if isinstance(read, PpcmiError):
+            raise read
         rows = dict(zip(disk, read))
         yield idx, [rows[i].to(dev, non_blocking=True) if i in rows else _rows(t, idx, dev) for i, t in enumerate(data)]
 
