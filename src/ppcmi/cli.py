@@ -530,17 +530,18 @@ def predict(images: List[Path] = typer.Argument(..., help="Image files (PNG, JPE
     path is checked before any image is sent: two inputs with the same file name, or (without
     --overwrite) an existing label map, refuse the whole call and nothing is written.
     """
+    from .client.fedcore import FOLDER, local_model_dir
     from .client.inference import predict_files, predict_remote
 
-    from .client.fedcore import local_model_dir
-
-    if model is None and server is None and local_model_dir(site_dir) is not None:
+    if model is None and server is None:
         model = local_model_dir(site_dir)
-        typer.echo(f"mapping with this site's own local model of the federated core: {model}", err=True)
-    if (model is None) == (server is None):
-        raise PpcmiError("give exactly one of --model (in-process server) and --server (HTTPS inference service)"
-                         + ("" if model is not None else f"; {site_dir} has no local model of the federated core "
-                            f"({site_dir / 'fedcore' / 'model'}) to use by default"))
+        if model is not None:
+            typer.echo(f"mapping with this site's own local model of the federated core: {model}", err=True)
+        else:
+            raise PpcmiError("give exactly one of --model (in-process server) and --server (HTTPS inference service); "
+                             f"{site_dir} has no local model of the federated core ({site_dir / FOLDER / 'model'}) to use by default")
+    if model is not None and server is not None:
+        raise PpcmiError("give exactly one of --model (in-process server) and --server (HTTPS inference service)")
     dev = _device(device)
     if server is not None:
         missing = [o for o, v in (("--cert", cert), ("--key", key), ("--ca", ca)) if v is None]

@@ -209,8 +209,9 @@ def run_demo(data: str | Path | None = None, out: str | Path = "runs/demo", cfg:
     tab = table({"methods": {"PPCMI-SF": ppc, "centralized U-Net": usum}})
     summary["table_md"] = tab
     summary["dice_gap_points"] = 100 * (summary["methods"]["unet_centralized"]["dice"] - summary["methods"]["ppcmi"]["dice"])
-    if any(c.volume is not None for c in pl.test):  # planes cut from volumes: also the 3D Dice of each restacked test volume
-        summary["volumes"] = {k: v for k, v in volume_results(preds, upred, test, pl).items() if k != "per_volume"}
+    vol = volume_results(preds, upred, test, pl)
+    if vol["per_volume"]["ppcmi"]:  # planes cut from volumes: also the 3D Dice of each restacked test volume
+        summary["volumes"] = {k: v for k, v in vol.items() if k != "per_volume"}
         summary["volume_table_md"] = volume_table({"PPCMI-SF": summary["volumes"]["ppcmi"],
                                                    "centralized U-Net": summary["volumes"]["unet_centralized"]}, names)
     atomic_write_json(out / "summary.json", summary)
