@@ -94,28 +94,16 @@ def _fed_unet(method: str, cfg: Config, data: Path, out: Path, *, local_epochs: 
                   "federated": {k: s[k] for k in keep}, **_volumes({"global": pred}, test, pl)}
 
 
-def _fed_core(cfg: Config, data: Path, out: Path, *, local_epochs: int, device: Device = None) -> tuple[list[dict], dict]:
-    """The federated mapping core (``mapping.scope = "federated"``: :mod:`ppcmi.flower.fedcore`, a real federation with
-    SecAgg+); every hospital then segments the test cases through its own local model (global core + its adapters),
-    through the same protocol bytes and scoring as the other ppcmi methods (:func:`ppcmi.simulate.infer_and_score`)."""
-    from .flower.fedcore import train_federated_core
+def _fed_core(cfg: Config, data: Path, out: Path, *, local_epochs: int, device: Device = None) -> dict:
+    """The federated mapping core (``mapping.scope = "federated"``) as ``simulate`` and ``deploy`` run it
+    (:func:`ppcmi.flower.fedcore.run_federated_core`: a real federation with SecAgg+, then every hospital segments the
+    test cases through its own local model; it writes ``OUT/config.json`` and ``OUT/eval``)."""
+    from .flower.fedcore import run_federated_core
 
-    if (out / "federation").exists():  # an unfinished earlier attempt (a Flower run cannot resume): start again
-        log.info("%s: removing the unfinished federation of an earlier attempt", out / "federation")
-        shutil.rmtree(out / "federation")
-    s, pl, sites = train_federated_core(cfg, data, out / "federation", local_epochs=local_epochs,
-                                        device="cpu" if device is None else str(device))
-    test = load_test(pl)
-    dev = resolve_device(device)
-    hospitals = {h: Hospital(sites[h], device=dev) for h in pl.hospitals}
-    servers = {h: MappingServer(sites[h] / "fedcore" / "model", device=dev) for h in pl.hospitals}  # each its own local model
-    t0 = time.perf_counter()
-    preds, rows = infer_and_score(hospitals, servers, test, pl.labels, noise=cfg.autoencoder.send_noise)
-    keep = ("strategy", "rounds", "local_epochs", "epochs", "secagg", "core_parameters", "payload_bytes_float32", "bytes_counted",
-            "messages", "hospitals", "server_dir")
-    return rows, {"timings_s": {"stage1_s": s["stage1_s"], "train_s": s["timings_s"]["train_s"], "flwr_run_s": s["wall_s"],
-                                "inference_s": time.perf_counter() - t0},
-                  "federated": {k: s[k] for k in keep}, **_volumes(preds, test, pl)}
+    res = run_federated_core(cfg, data, out, local_epochs=local_epochs, device="cpu" if device is None else str(device))
+    arrays = res.pop("_arrays")
+    return {"summary": res["ppcmi"], "timings_s": res["timings_s"], "federated": res["federated"],
+            **_volumes(arrays["preds"], arrays["test"], arrays["plan"])}
 
 
 def _reuse_stage1(src: Path, dst: Path, klt: bool) -> bool:
@@ -173,12 +161,7 @@ def run_method(method: str, cfg: Config, data: Path, out: Path, *, published_epo
         write_evaluation(rows, summ, out / "eval")
         result["summary"] = summ
     elif mcfg.mapping.scope == "federated":
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / "config.json", {**to_dict(mcfg), "data_dir": str(data)})
-        rows, result = _fed_core(mcfg, data, out, local_epochs=local_epochs, device=device)
-        summ = summarize(rows, group_key="site")
-        write_evaluation(rows, summ, out / "eval")
-        result["summary"] = summ
+        result = _fed_core(mcfg, data, out, local_epochs=local_epochs, device=device)
     elif method.startswith("unet_"):
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "config.json", {**to_dict(mcfg), "data_dir": str(data)})

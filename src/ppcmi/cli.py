@@ -83,6 +83,36 @@ ModalityOpt = typer.Option(None, "--modality", help="CT, MR, US, XR, PET or OTHE
                            "not tell (it picks the intensity normalisation).")
 
 
+LocalEpochsOpt = typer.Option(None, "--local-epochs", min=1, help="With --set mapping.scope=federated: local epochs per Flower "
+                              "round (rounds = mapping.epochs / this; default: the divisor giving about 10 rounds).")
+
+
+def _federated_core(cfg, data: Path, out: Path, *, local_epochs: Optional[int], device: str, quiet: bool,
+                    planned=None, port: Optional[int] = None, settings=None, title: str = "PPCMI-SF federated core") -> dict:
+    """``mapping.scope = "federated"`` for ``simulate`` and ``deploy``: the latents stay at the hospitals, so the core trains
+    on a real loopback Flower federation with SecAgg+ (:func:`ppcmi.flower.fedcore.run_federated_core`) whichever runner
+    asked; prints the scores and what crossed."""
+    from .demo import table
+    from .fileio import atomic_write_json
+    from .flower.fedcore import run_federated_core
+    from .simulate import public_summary, write_plan
+
+    if out.exists() and any(out.iterdir()) and not (out / "config.json").exists():
+        raise PpcmiError(f"{out}: folder is not empty; choose another --out")
+    res = run_federated_core(cfg, data, out, local_epochs=local_epochs, settings=settings, port=port, progress=not quiet,
+                             device=device, echo=lambda line: typer.echo(line))
+    if planned is not None:
+        write_plan(out, *planned)
+    atomic_write_json(out / "summary.json", public_summary(res))
+    f, t = res["federated"], res["timings_s"]
+    typer.echo("")
+    typer.echo(table({"methods": {title: res["ppcmi"]}}))
+    per = ", ".join(f"{h} {b['uploaded_bytes'] / 1e6:.1f} / {b['downloaded_bytes'] / 1e6:.1f}" for h, b in f["hospitals"].items())
+    typer.echo(f"\n{f['rounds']} rounds x {f['local_epochs']} local epochs under SecAgg+; MB per hospital up / down: {per}; "
+               f"wall time: stage 1 {t['stage1_s']:.0f} s, federation {t['flwr_run_s']:.0f} s; results in {out}")
+    return res
+
+
 def _data_sets(labels: Optional[str], names: Optional[str], size: Optional[int], window: Optional[str],
                offset: Optional[float]) -> list[str]:
     """The data options as --set overrides (they win over the config file)."""
@@ -627,8 +657,12 @@ def simulate(data: Path = typer.Option(..., "--data", "-d", help="Dataset folder
              resume: bool = typer.Option(False, help="Reuse finished stages and continue interrupted ones."),
              device: str = typer.Option("auto", "--device", help="Where every role computes (one machine plays them all): "
                                         "auto (CUDA, then MPS, then the CPU), cpu, cuda, cuda:N or mps."),
-             quiet: bool = QuietOpt):
-    """All roles in one process, through the same protocol bytes: plan, stage 1, stage 2, inference, evaluation."""
+             local_epochs: Optional[int] = LocalEpochsOpt, quiet: bool = QuietOpt):
+    """All roles in one process, through the same protocol bytes: plan, stage 1, stage 2, inference, evaluation.
+
+    With --set mapping.scope=federated (the privacy mode: the latents never leave the hospitals) the mapping core trains
+    on a real Flower federation on loopback with SecAgg+ instead, as that mode always does, and each hospital then
+    segments the test images with its own local model."""
     from .simulate import public_summary, run_simulation
     from .fileio import atomic_write_json
 
@@ -644,6 +678,13 @@ def simulate(data: Path = typer.Option(..., "--data", "-d", help="Dataset folder
         cfg = from_dict({k: v for k, v in json.loads((out / "config.json").read_text()).items() if k != "data_dir"})
     elif plan:
         cfg, planned = _planned(cfg, config, sets, data, budget, modality)
+    if cfg.mapping.scope == "federated":
+        if resume:
+            raise PpcmiError("--resume: a Flower run cannot resume; mapping.scope \"federated\" starts again in a new --out")
+        _federated_core(cfg, data, out, local_epochs=local_epochs, device=device, quiet=quiet, planned=planned)
+        return
+    if local_epochs is not None:
+        raise PpcmiError("--local-epochs: only with --set mapping.scope=federated (rounds of the federated core)")
     res = run_simulation(cfg, data, out, resume=resume, progress=not quiet, planned=planned, device=dev)
     res.pop("_arrays", None)
     atomic_write_json(out / "summary.json", public_summary(res))
@@ -772,11 +813,17 @@ def deploy(sites: int = typer.Option(3, "--sites", "-n", help="Number of hospita
            budget: Optional[float] = BudgetOpt, modality: Optional[str] = ModalityOpt,
            device: str = typer.Option("auto", "--device", help="Where the SuperNodes and the ServerApp compute (the SuperNodes' "
                                       "node_config device, the run config's flower.server-device): auto (CUDA, then MPS, "
-                                      "then the CPU), cpu, cuda, cuda:N or mps.")):
+                                      "then the CPU), cpu, cuda, cuda:N or mps."),
+           local_epochs: Optional[int] = LocalEpochsOpt):
     """A real Flower federation on this machine: SuperLink (TLS, SuperNode authentication), one SuperNode per hospital.
 
     Without --config it uses the demo's settings (for the bundled data, the demo's crop and schedule) with
     data.partition=group (a volume's slices stay at one hospital); --set overrides any of them, e.g. --set autoencoder.epochs=5 --set mapping.epochs=5 for a short run.
+
+    With --set mapping.scope=federated (the privacy mode) the hospitals train their autoencoders, then the mapping core
+    with Flower's FedAvg under SecAgg+ on the same kind of federation; only the core's masked updates cross, and each
+    hospital segments its test images with its own local model. --plan then plans from the same fingerprints before
+    the federation starts.
     """
     from dataclasses import replace
 
@@ -801,6 +848,20 @@ def deploy(sites: int = typer.Option(3, "--sites", "-n", help="Number of hospita
         raise PpcmiError("--budget/--modality: they steer the plan; add --plan")
     settings = FlowerSettings(retries=retries, timeout=timeout, plan=plan, keep=",".join(_explicit(config, set_)),
                               **({} if budget is None else {"budget": budget}))
+    if cfg.mapping.scope == "federated":
+        planned = None
+        cfg = replace(cfg, clients=sites)
+        if plan:
+            cfg, planned = _planned(cfg, config, list(set_ or []) + [f"clients={sites}"], data, budget, modality)
+        try:
+            _federated_core(cfg, data, out, local_epochs=local_epochs, device=device, quiet=True, planned=planned, port=port,
+                            settings=replace(settings, plan=False), title="PPCMI-SF federated core (Flower)")
+        except KeyboardInterrupt:
+            typer.echo("interrupted: every process ppcmi deploy started has been stopped", err=True)
+            raise typer.Exit(130)
+        return
+    if local_epochs is not None:
+        raise PpcmiError("--local-epochs: only with --set mapping.scope=federated (rounds of the federated core)")
     try:
         s = run_deploy(cfg, data, out, sites=sites, port=port, settings=settings, modality=modality, device=device,
                        echo=lambda line: typer.echo(line))

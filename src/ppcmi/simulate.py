@@ -171,7 +171,7 @@ def run_simulation(cfg: Config, data_dir: str | Path, out: str | Path, *, resume
     ``planned``: the plan ``cfg`` came from and its fingerprint bytes (:func:`plan_run`), saved in the run folder.
     ``device``: where every role computes (one machine plays them all; :func:`ppcmi.device.resolve_device`, None is
     the CPU)."""
-    server_stages.refuse_federated(cfg.mapping, "simulate")
+    server_stages.refuse_federated(cfg.mapping, "run_simulation (the shared and per-hospital scopes)")
     out = prepare_run_dir(cfg, data_dir, out, resume=resume)
     if planned is not None:
         write_plan(out, *planned)

@@ -301,7 +301,7 @@ def deploy(cfg: Config, data: str | Path, out: str | Path, *, sites: int, port: 
     SuperNode's ``node_config``: each hospital states its own data's modality in its fingerprint. ``device`` goes
     into every SuperNode's ``node_config`` and into the ServerApp's ``flower.server-device`` (one machine plays
     every role here; in a real federation each party sets its own)."""
-    refuse_federated(cfg.mapping, "deploy")
+    refuse_federated(cfg.mapping, "this app (the shared and per-hospital scopes)")
     run = Path(out).absolute()
     if run.exists() and any(run.iterdir()):
         raise DeployError(f"{run}: folder is not empty; choose another --out")

@@ -17,17 +17,22 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
 from ..client.fedcore import FOLDER
+from ..client.site import Hospital
 from ..client.stages import prepare, site_seed, train_autoencoders
 from ..config import Config, to_dict
+from ..device import resolve_device
 from ..errors import PpcmiError
 from ..fileio import atomic_write_json
-from ..simulate import Plan
+from ..metrics import summarize, write_evaluation
+from ..server.mapping import MappingServer
+from ..simulate import Plan, infer_and_score, load_test
 from .core_wire import FedCoreSettings, write_core_app
 from .deploy import DeployError, deal, federation, node_config, run_app
 from .wire import FlowerSettings
@@ -43,6 +48,14 @@ def core_rounds(cfg: Config, local_epochs: int = 1) -> int:
         raise PpcmiError(f"--local-epochs: {local_epochs} does not divide mapping.epochs = {cfg.mapping.epochs}, "
                          "so the rounds could not sum to stage 2's budget")
     return cfg.mapping.epochs // local_epochs
+
+
+def default_local_epochs(epochs: int, rounds: int = 10) -> int:
+    """The local epochs per round for a run that does not say: the divisor of ``epochs`` whose round count is nearest
+    ``rounds`` (ties: more rounds). Every Flower round costs SecAgg+'s four message steps, seconds each, so one epoch a
+    round would spend most of a short run waiting; ten rounds keep the hospitals' cores close to each other."""
+    divisors = [d for d in range(1, epochs + 1) if epochs % d == 0]
+    return min(divisors, key=lambda d: (abs(epochs // d - rounds), d))
 
 
 def train_federated_core(cfg: Config, data: str | Path, out: str | Path, *, local_epochs: int = 1,
@@ -95,3 +108,46 @@ def train_federated_core(cfg: Config, data: str | Path, out: str | Path, *, loca
     if missing:
         raise PpcmiError(f"{', '.join(missing)}: no local model after the run (see the SuperNode logs in {run / 'logs'})")
     return summary, pl, sites
+
+
+# what a federated run's summary keeps of the ServerApp's (per-round digests and messages stay in its folder)
+KEEP = ("strategy", "rounds", "local_epochs", "epochs", "secagg", "core_parameters", "payload_bytes_float32", "bytes_counted",
+        "messages", "hospitals", "server_dir")
+
+
+def run_federated_core(cfg: Config, data: str | Path, out: str | Path, *, local_epochs: int | None = None,
+                       settings: FlowerSettings | None = None, port: int | None = None, echo: Callable[[str], None] = log.info,
+                       run_timeout: float = 24 * 3600.0, progress: bool = False, device: str = "cpu") -> dict:
+    """The federated scope end to end, as ``ppcmi simulate``, ``ppcmi deploy`` and ``ppcmi bench`` run it: stage 1 and the
+    federated core (:func:`train_federated_core`, in ``out/federation``), then every hospital segments the held-out test
+    cases through its own local model (global core + its adapters, at the hospital) over the same protocol bytes and
+    scoring as the shared scope (:func:`ppcmi.simulate.infer_and_score`); per-case CSVs in ``out/eval``. Returns the
+    summary (``ppcmi``: the scores; ``federated``: rounds, SecAgg+, bytes per hospital; ``timings_s``) with the arrays
+    under ``_arrays`` as :func:`ppcmi.simulate.run_simulation` does. ``local_epochs`` defaults to
+    :func:`default_local_epochs`."""
+    out = Path(out)
+    if (out / "summary.json").exists():
+        raise PpcmiError(f"{out}: holds a finished run; choose another --out")
+    if (out / "federation").exists():  # an unfinished earlier attempt (a Flower run cannot resume): start again
+        log.info("%s: removing the unfinished federation of an earlier attempt", out / "federation")
+        shutil.rmtree(out / "federation")
+    local_epochs = default_local_epochs(cfg.mapping.epochs) if local_epochs is None else local_epochs
+    core_rounds(cfg, local_epochs)  # a bad --local-epochs fails before stage 1
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "config.json", {**to_dict(cfg), "data_dir": str(data)})
+    s, pl, sites = train_federated_core(cfg, data, out / "federation", local_epochs=local_epochs, settings=settings, port=port,
+                                        echo=echo, run_timeout=run_timeout, progress=progress, device=device)
+    test = load_test(pl)
+    dev = resolve_device(device)
+    hospitals = {h: Hospital(sites[h], device=dev) for h in pl.hospitals}
+    servers = {h: MappingServer(sites[h] / FOLDER / "model", device=dev) for h in pl.hospitals}  # each its own local model
+    t0 = time.perf_counter()
+    preds, rows = infer_and_score(hospitals, servers, test, pl.labels, noise=cfg.autoencoder.send_noise)
+    summ = summarize(rows, group_key="site")
+    write_evaluation(rows, summ, out / "eval")
+    return {"dataset": str(data), "hospitals": {h: len(c) for h, c in pl.hospitals.items()}, "n_test": len(pl.test),
+            "labels": {"values": list(pl.labels.values), "names": list(pl.labels.names)}, "ppcmi": summ,
+            "timings_s": {"stage1_s": s["stage1_s"], "train_s": s["timings_s"]["train_s"], "flwr_run_s": s["wall_s"],
+                          "inference_s": time.perf_counter() - t0},
+            "federated": {k: s[k] for k in KEEP}, "deployment": s["deployment"],
+            "_arrays": {"test": test, "preds": preds, "plan": pl, "rows": rows}}

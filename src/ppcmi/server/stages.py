@@ -52,7 +52,8 @@ def refuse_federated(cfg: MappingTrainConfig, runner: str) -> None:
     work, so a wrong scope never costs a stage 1."""
     if cfg.scope == "federated":
         raise ConfigError(f"mapping.scope: \"federated\" keeps the latents at the hospitals and trains the core through Flower "
-                          f"with secure aggregation (ppcmi bench --methods ppcmi_federated); {runner} does not run it yet")
+                          f"with secure aggregation (ppcmi simulate, ppcmi deploy or ppcmi bench --methods ppcmi_federated "
+                          f"run it on a loopback federation); {runner} does not")
 
 
 def train_mappings(batches: list[LatentBatch] | list[TrainingSet], cfg: MappingTrainConfig, out_dir: str | Path, *, seed: int,
