@@ -1,0 +1,204 @@
+"""M1 and M3 against the federated core's final model, measured on a finished ``ppcmi_federated`` run (plays the referee).
+
+The run is a folder ``ppcmi bench --methods ppcmi_federated`` (or ``ppcmi simulate --set mapping.scope=federated``)
+wrote: ``federation/config.json``, ``federation/sites/NAME/site/`` (each hospital's autoencoders, key, cached keyed
+pairs and local model ``fedcore/model``: the final global core with its own adapters).
+
+Who can attack, with what:
+
+  * **the coordinator alone** holds the final global core and the per-round aggregates. Every membership score needs a
+    record's loss, and a loss needs the record keyed and framed by a hospital (its autoencoders, key, frames and
+    adapters), none of which crossed (``messages.jsonl``: ``tests/test_fedcore.py``). M1 and M3 have no input there;
+    nothing is run for it.
+  * **the coordinator with a colluding hospital B** (this script): B hands over its whole site, so the attacker holds the
+    final core, B's adapters, frames, autoencoders and key. Given candidate records (a patient's slices and masks), it
+    encodes each with B's autoencoders and key into a keyed pair, as B would for its own training (the slice and
+    ``send_copies - 1`` augmented copies), and scores it under B's local model: M1, the loss threshold; M3, offline
+    LiRA against reference networks B trains itself, each on a random half of the candidate slices (with their copies),
+    by stage 2's recipe in its own frame (:func:`ppcmi.privacy.procedures.m3`). Members: the slices the other hospitals
+    (the victims) trained on; non-members: the held-out test patients' slices.
+  * **the positive control**: the same attack on B's own training rows (the exact pairs it trained the core on, its
+    cached ``fedcore/pairs.safetensors``) against the same non-members, through the same local model. If the final
+    model memorised what it was trained on in B's frame, the attack sees it there; a void control means the attack
+    cannot tell members from non-members even where it has every advantage.
+
+Verdicts use the audit's margins (:mod:`ppcmi.privacy.verdicts`: TPR at 1 % FPR <= 0.02 with its 95 % upper bound <=
+0.05, AUC in [0.45, 0.55]); beside every TPR is the formal bound TPR <= e^eps FPR + delta, which without differential
+privacy (eps infinite) bounds nothing. Passing the margins empirically is not a guarantee.
+
+Writes ``OUT/core-membership-TAG.json`` and ``.md``. Usage::
+
+    PYTHONPATH=src python benchmarks/core_membership.py --run runs/bench-sunnybrook_lv/ppcmi_federated --tag sunnybrook_lv
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from ppcmi.client import fedcore  # noqa: E402
+from ppcmi.client.site import Hospital  # noqa: E402
+from ppcmi.client.stages import prepare  # noqa: E402
+from ppcmi.config import from_dict  # noqa: E402
+from ppcmi.privacy import membership as M  # noqa: E402
+from ppcmi.privacy import procedures as P  # noqa: E402
+from ppcmi.privacy import verdicts as V  # noqa: E402
+from ppcmi.privacy.views import ChallengePart, MembershipChallenge, TargetModel  # noqa: E402
+from ppcmi.protocol import LatentBatch  # noqa: E402
+from ppcmi.server.mapping import MappingServer  # noqa: E402
+from ppcmi.simulate import plan  # noqa: E402
+
+CANDIDATE_SEED = 9173  # the attacker's own augmentation draws for the candidates' copies (not the hospitals')
+
+
+def say(msg: str) -> None:
+    print(f"[core-membership {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def keyed_rows(hosp: Hospital, arrays: dict, cfg, tag: str) -> tuple[LatentBatch, list[str]]:
+    """Candidate records keyed by the colluding hospital as it keys its own training pairs, and a unit id per row (a
+    slice and its copies share one: rows run copy after copy, so row i is slice i mod n)."""
+    batch = hosp.training_batch(arrays["images"], arrays["masks"], copies=cfg.autoencoder.send_copies,
+                                noise=cfg.autoencoder.send_noise, seed=CANDIDATE_SEED)
+    n = len(arrays["images"])
+    return batch, [f"{tag}/{i % n}" for i in range(batch.n)]
+
+
+def own_rows(site_dir: Path, name: str, n_slices: int) -> tuple[LatentBatch, list[str]]:
+    """The exact keyed pairs the hospital trained the core on (its cache), and their unit ids."""
+    from safetensors.numpy import load_file
+
+    pairs = load_file(str(site_dir / fedcore.FOLDER / "pairs.safetensors"))
+    batch = LatentBatch("train", name, pairs)
+    return batch, [f"own/{i % n_slices}" for i in range(batch.n)]
+
+
+def bound(tpr: dict) -> str:
+    return f"TPR <= e^eps x {tpr['achieved_fpr']:.4f} + delta: no bound without DP (eps infinite)"
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--run", required=True, help="a finished ppcmi_federated run folder (holds federation/)")
+    ap.add_argument("--colluder", default=None, help="the colluding hospital (default: the first)")
+    ap.add_argument("--references", type=int, default=2, help="M3's reference networks (0: M1 only)")
+    ap.add_argument("--ref-epochs", type=int, default=None, help="their epochs (default: the run's mapping.epochs)")
+    ap.add_argument("--tag", default="run")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    t0 = time.perf_counter()
+    run = Path(args.run)
+    fed_dir = run / "federation"
+    raw = json.loads((fed_dir / "config.json").read_text())
+    data = raw.pop("data_dir")
+    cfg = from_dict(raw)
+    pl = plan(cfg, data)
+    names = list(pl.hospitals)
+    colluder = args.colluder or names[0]
+    if colluder not in names:
+        raise SystemExit(f"--colluder: {colluder!r} is not one of {names}")
+    victims = [h for h in names if h != colluder]
+    site = fed_dir / "sites" / colluder / "site"
+    hosp = Hospital(site)
+    net = MappingServer(site / fedcore.FOLDER / "model").model.to(memory_format=torch.contiguous_format).eval()
+    say(f"colluder {colluder}, victims {victims}; {len(pl.test)} held-out test slices")
+
+    parts, member, control = [], [], []
+    for v in victims:  # the victims' training slices, as candidates the attacker keys itself
+        b, u = keyed_rows(hosp, prepare(pl.hospitals[v], cfg, pl.labels), cfg, f"{v}/m")
+        parts.append(ChallengePart(colluder, b, tuple(u)))
+        member.append(np.ones(b.n, bool))
+        control.append(np.zeros(b.n, bool))
+    b, u = keyed_rows(hosp, prepare(pl.test, cfg, pl.labels), cfg, "test/n")
+    parts.append(ChallengePart(colluder, b, tuple(u)))
+    member.append(np.zeros(b.n, bool))
+    control.append(np.zeros(b.n, bool))
+    nonmember = np.concatenate([np.zeros(p.batch.n, bool) for p in parts[:-1]] + [np.ones(b.n, bool)])
+    b, u = own_rows(site, colluder, len(pl.hospitals[colluder]))
+    parts.append(ChallengePart(colluder, b, tuple(u)))
+    member.append(np.zeros(b.n, bool))
+    control.append(np.ones(b.n, bool))
+    nonmember = np.concatenate([nonmember, np.zeros(b.n, bool)])
+    member, control = np.concatenate(member), np.concatenate(control)
+    challenge = MembershipChallenge(tuple(parts))
+    target = TargetModel(lambda h: net, cfg.mapping)
+    say(f"{int(member.sum())} victim member rows, {int(nonmember.sum())} non-member rows, {int(control.sum())} own rows (control)")
+
+    results: dict = {}
+    s1 = P.m1(target, challenge)
+    results["M1"] = V.mia_entry(M.evaluate_scores(s1[member], s1[nonmember]), M.evaluate_scores(s1[control], s1[nonmember]))
+    say(f"M1: AUC {results['M1']['attack']['auc']:.3f}, control AUC {results['M1']['control']['auc']:.3f}: {results['M1']['status']}")
+    if args.references:
+        work = Path(tempfile.mkdtemp(prefix="core-membership-"))
+        try:
+            m3 = P.m3(target, challenge, references=args.references, epochs=args.ref_epochs, work=work, progress=False)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        s3 = m3["scores"]
+        results["M3"] = V.mia_entry(M.evaluate_scores(s3[member], s3[nonmember]), M.evaluate_scores(s3[control], s3[nonmember]))
+        results["M3"]["references"] = {"n": args.references, "epochs": m3["references"].epochs}
+        say(f"M3: AUC {results['M3']['attack']['auc']:.3f}, control AUC {results['M3']['control']['auc']:.3f}: {results['M3']['status']}")
+    for r in results.values():
+        for k in ("attack", "control"):
+            r[k].pop("roc", None)
+            r[k]["formal_bound"] = bound(r[k]["tpr_at_1pct_fpr"])
+    out = {"run": str(run), "tag": args.tag, "colluder": colluder, "victims": victims, "margins": V.MARGINS,
+           "rows": {"victim_members": int(member.sum()), "nonmembers": int(nonmember.sum()), "control_members": int(control.sum())},
+           "rounds": json.loads((site / fedcore.FOLDER / "model" / "config.json").read_text()).get("rounds"),
+           "results": results, "seconds": time.perf_counter() - t0,
+           "machine": {"cpu": cpu_model(), "torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version()}}
+    dest = Path(args.out) / f"core-membership-{args.tag}"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.with_suffix(".json").write_text(json.dumps(out, indent=1, default=float) + "\n")
+    dest.with_suffix(".md").write_text(markdown(out))
+    say(f"wrote {dest}.json and .md ({out['seconds']:.0f} s)")
+    return out
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def markdown(r: dict) -> str:
+    lines = [f"# Membership against the federated core's final model: {r['tag']}", "",
+             f"Colluding hospital {r['colluder']} (the attacker holds its whole site and the final core); victims "
+             f"{', '.join(r['victims'])}. Rows: {r['rows']['victim_members']} victim member rows, {r['rows']['nonmembers']} "
+             f"non-member rows (held-out test patients), {r['rows']['control_members']} of the colluder's own training rows "
+             "(the positive control). The coordinator alone has no input for either attack (no hospital's frames, "
+             "adapters, autoencoders or key crossed).", "",
+             "| attack | AUC | TPR at 1 % FPR [95 % CP] | achieved FPR | control AUC | control TPR at 1 % FPR [95 % CP] | verdict |",
+             "|---|---|---|---|---|---|---|"]
+    for name, e in r["results"].items():
+        a, c = e["attack"], e["control"]
+        ta, tc = a["tpr_at_1pct_fpr"], c["tpr_at_1pct_fpr"]
+        lines.append(f"| {name} | {a['auc']:.3f} | {ta['tpr']:.3f} [{ta['tpr_ci95'][0]:.3f}, {ta['tpr_ci95'][1]:.3f}] | "
+                     f"{ta['achieved_fpr']:.4f} | {c['auc']:.3f} | {tc['tpr']:.3f} [{tc['tpr_ci95'][0]:.3f}, {tc['tpr_ci95'][1]:.3f}] | "
+                     f"{e['status']}{' (' + ', '.join(e['exceeded']) + ')' if e['exceeded'] else ''} |")
+    lines += ["", "Formal bound beside every TPR: TPR <= e^eps x FPR + delta; this run has no differential privacy (eps "
+              "infinite), so it bounds nothing. Passing the margins empirically is not a guarantee.",
+              f"Machine: {r['machine']['cpu']}, torch {r['machine']['torch']}; {r['seconds']:.0f} s."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
