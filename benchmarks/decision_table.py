@@ -1,0 +1,169 @@
+"""One table a reader can decide from: every way to segment together, per dataset, from the committed result files.
+
+Reads ``benchmarks/results/bench-DATASET.json`` (Dice, the federated methods' bytes and rows), ``privacy-DATASET.json``
+(the audit's verdicts on the default's kind of messages), ``core-membership-DATASET.json`` and ``core-inversion.json``
+(the attacks on the federated core) and writes ``benchmarks/results/decision-table.{json,md}``. Nothing is measured
+here: a cell whose source file lacks it says so.
+
+Bytes per hospital for training: the federated methods' are what Flower counted (``bytes_counted`` in their results);
+PPCMI-SF's shared and per-hospital scopes send the keyed pairs once (the hospital's rows, counted by its federated run on
+the same split and copies, times one image and one mask latent in float32: both autoencoders have the same widths) and
+receive nothing. Per inference: a keyed query up and keyed mask latents down (same size) where the coordinator maps; 0
+where the model is at the hospital.
+
+Usage::
+
+    python benchmarks/decision_table.py [--results benchmarks/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATASETS = ("psfhs", "acdc", "sunnybrook_lv")
+ROWS = [  # (method in the bench results, label, where the model runs at inference, what the coordinator sees)
+    ("ppcmi_cpu_pca", "PPCMI-SF default (coordinator maps keyed latents)", "coordinator",
+     "every training pair and every query as keyed latents; it holds the mapping network"),
+    ("ppcmi_federated", "PPCMI-SF federated core (`mapping.scope = \"federated\"`)", "hospital",
+     "the SecAgg+ sum of the cores each round, row counts, training losses; no per-image array"),
+    ("per_hospital_mapping", "per-hospital mapping (no pooling)", "coordinator",
+     "every training pair and every query as keyed latents; one network per hospital"),
+    ("unet_fedavg", "U-Net FedAvg (Flower)", "hospital", "every hospital's U-Net weights each round (no SecAgg+)"),
+    ("unet_fedprox", "U-Net FedProx (Flower)", "hospital", "every hospital's U-Net weights each round (no SecAgg+)"),
+    ("unet_local", "local U-Nets (no collaboration)", "hospital", "nothing"),
+    ("unet_centralized", "centralized U-Net (data pooled)", "coordinator", "every image and mask in the clear"),
+]
+
+
+def _load(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _mb(b: float) -> str:
+    return f"{b / 1e6:.1f}"
+
+
+def training_bytes(method: str, res: dict, rows: dict | None) -> str:
+    r = res.get(method)
+    if r is None:
+        return "not run"
+    if "federated" in r:
+        h = r["federated"]["hospitals"]
+        up = [v["uploaded_bytes"] for v in h.values()]
+        down = [v["downloaded_bytes"] for v in h.values()]
+        return f"{_mb(min(up))}–{_mb(max(up))} up / {_mb(min(down))}–{_mb(max(down))} down"
+    if method.startswith("ppcmi") or method == "per_hospital_mapping":
+        if rows is None:
+            return "n/a (rows per hospital come from the federated run)"
+        pair = 2 * r["payload"]["float32_bytes"]
+        sent = [n * pair for n in rows.values()]
+        return f"{_mb(min(sent))}–{_mb(max(sent))} up / 0 down"
+    if method == "unet_local":
+        return "0"
+    return "every image and mask, once"
+
+
+def inference_bytes(method: str, res: dict, where: str) -> str:
+    r = res.get(method)
+    if r is None:
+        return "not run"
+    if where == "hospital":
+        return "0 (the model is at the hospital)"
+    if "payload" in r:
+        q = r["payload"]["wire_bytes_query"]
+        return f"{q / 1e3:.0f} kB up + {q / 1e3:.0f} kB down"
+    return "the image up, the label map down"
+
+
+def attacks(method: str, ds: str, results: Path) -> str:
+    priv = _load(results / f"privacy-{ds}.json")
+    base = (priv or {}).get("variants", {}).get("baseline", {})
+    if method == "ppcmi_cpu_pca":
+        got = ", ".join(base.get("succeeded", [])) or "none"
+        return f"{got} (audited on the identity-adapter network's messages, the same kind)" if base else "not audited"
+    if method == "per_hospital_mapping":
+        return "A1, A5, A6, A7 apply unchanged (the same messages reach the coordinator); not re-run"
+    if method == "ppcmi_federated":
+        parts = ["A1–A8: no input (no per-image array crosses: tests/test_fedcore.py)"]
+        inv = _load(results / "core-inversion.json")
+        if inv:
+            st = sorted({v["status"] for v in inv["verdicts"].values()})
+            parts.append(f"A9 (update inversion, Sunnybrook): {'/'.join(st)}")
+        mem = _load(results / f"core-membership-{ds}.json")
+        if mem:
+            for name, e in mem["results"].items():
+                parts.append(f"{name} from a colluding hospital: {e['status']}")
+        else:
+            parts.append("M1/M3: not run on this dataset")
+        return "; ".join(parts)
+    if method in ("unet_fedavg", "unet_fedprox"):
+        return "not audited (the coordinator holds every hospital's weights each round)"
+    if method == "unet_local":
+        return "none apply (nothing crosses)"
+    return "none needed: it holds the data"
+
+
+def build(results: Path) -> dict:
+    out: dict = {}
+    for ds in DATASETS:
+        bench = _load(results / f"bench-{ds}.json")
+        if bench is None:
+            continue
+        res = bench["results"]
+        fed = res.get("ppcmi_federated", {}).get("federated")
+        rows = {h: v["num_examples"] for h, v in fed["hospitals"].items()} if fed else None
+        table = []
+        for method, label, where, sees in ROWS:
+            r = res.get(method)
+            table.append({"method": method, "label": label,
+                          "dice": None if r is None else r["summary"]["fg_dice"]["mean"],
+                          "training_bytes_per_hospital": training_bytes(method, res, rows),
+                          "inference_bytes_per_image": inference_bytes(method, res, where),
+                          "coordinator_sees": sees, "attacks_succeeded": attacks(method, ds, results)})
+        d = {r["method"]: r["dice"] for r in table}
+        verdict = {}
+        if d.get("ppcmi_federated") is not None:
+            f = d["ppcmi_federated"]
+            verdict = {"federated_minus_default_points": 100 * (f - d["ppcmi_cpu_pca"]),
+                       "federated_minus_per_hospital_points": 100 * (f - d["per_hospital_mapping"]),
+                       "federated_minus_fedavg_points": 100 * (f - d["unet_fedavg"]) if d.get("unet_fedavg") is not None else None}
+        out[ds] = {"rows": table, "targets": verdict}
+    return out
+
+
+def markdown(t: dict) -> str:
+    lines = ["# Decision table (from the committed result files; `python benchmarks/decision_table.py`)", ""]
+    for ds, v in t.items():
+        lines += [f"## {ds}", "", "| method | Dice | training MB per hospital | per inference (one image) | what the coordinator sees | attacks that succeeded |",
+                  "|---|---|---|---|---|---|"]
+        for r in v["rows"]:
+            dice = "not run" if r["dice"] is None else f"{r['dice']:.4f}"
+            lines.append(f"| {r['label']} | {dice} | {r['training_bytes_per_hospital']} | {r['inference_bytes_per_image']} | "
+                         f"{r['coordinator_sees']} | {r['attacks_succeeded']} |")
+        g = v["targets"]
+        if g:
+            fa = g["federated_minus_fedavg_points"]
+            lines += ["", f"Federated core against the default: {g['federated_minus_default_points']:+.2f} points (target: within 1); "
+                      f"against per-hospital mapping: {g['federated_minus_per_hospital_points']:+.2f} (target: above); "
+                      f"against U-Net FedAvg: {'n/a' if fa is None else f'{fa:+.2f}'} points."]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
+    args = ap.parse_args(argv)
+    results = Path(args.results)
+    t = build(results)
+    (results / "decision-table.json").write_text(json.dumps(t, indent=1) + "\n")
+    (results / "decision-table.md").write_text(markdown(t))
+    print(markdown(t))
+    return t
+
+
+if __name__ == "__main__":
+    main()
