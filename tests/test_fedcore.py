@@ -34,7 +34,7 @@ from ppcmi.flower.core_wire import (FedCoreSettings, initial_core, quantization_
 from ppcmi.flower.fedcore import core_rounds  # noqa: E402
 from ppcmi.flower.wire import FlowerSettings  # noqa: E402
 from ppcmi.models import MappingConfig, MappingNet, core_state, mapping_loss  # noqa: E402
-from ppcmi.training import seeded_init  # noqa: E402
+from ppcmi.training import evaluate_loss, recalibrate_batchnorm, seeded_init  # noqa: E402
 from conftest import BUNDLED, processes_mentioning  # noqa: E402
 
 TINY = ["clients=2", "data.size=32", "data.intensity=percentile", "data.crop=0.375", "data.group_regex=^(SCD\\d+)_",
@@ -213,16 +213,23 @@ def test_the_local_model_folder_maps_with_the_global_core_and_this_hospitals_ada
     assert server.clients == ["hospital1"] and server.meta["scope"] == "federated"
     saved = load_file(str(folder / "mapping.safetensors"))
     own = load_file(str(tmp_path / "fedcore" / "own.safetensors"))
-    assert all(torch.equal(saved[k], r.core[k]) for k in r.core) and all(torch.equal(saved[k], own[k]) for k in own)
-    q = {f"zt_img_{s}": pairs[f"zt_img_{s}"][:3].numpy() for s in CHANNELS}
-    reply = server.handle(LatentBatch("query", "hospital1", q, query="0" * 32))
+    stats = {k for k in r.core if k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+    assert stats and all(torch.equal(saved[k], r.core[k]) for k in r.core if k not in stats)  # the global core's weights
+    assert all(torch.equal(saved[k], own[k]) for k in own)  # its own adapters and frames
+    assert all(not torch.equal(saved[k], r.core[k]) for k in stats if "running" in k)  # BatchNorm: its own statistics
     net = fedcore.local_network("hospital1", pairs, cfg.mapping, cfg.seed, frames=False)
     net.load_state_dict({**r.core, **own})
+    rows = fedcore._tensors(pairs, list(CHANNELS))
+    assert recalibrate_batchnorm(net, mapping_loss(list(CHANNELS)), rows, cfg.mapping.batch_size) > 0
+    assert all(torch.equal(saved[k], v) for k, v in net.state_dict().items())  # exactly that re-estimate
+    q = {f"zt_img_{s}": pairs[f"zt_img_{s}"][:3].numpy() for s in CHANNELS}
+    reply = server.handle(LatentBatch("query", "hospital1", q, query="0" * 32))
     with torch.no_grad():
         want = net.eval()({s: torch.from_numpy(q[f"zt_img_{s}"]) for s in CHANNELS}, "hospital1")
     for s in CHANNELS:
         np.testing.assert_allclose(reply.arrays[f"zt_msk_{s}"], want[s].numpy(), rtol=1e-4, atol=1e-5)
-    assert fedcore.pairs_loss(folder, pairs, cfg.mapping, site="hospital1", init_seed=cfg.seed) > 0
+    assert 0 < fedcore.pairs_loss(folder, pairs, cfg.mapping, site="hospital1", init_seed=cfg.seed) == pytest.approx(
+        evaluate_loss(net, mapping_loss(list(CHANNELS)), rows, cfg.mapping.batch_size), rel=1e-6)
 
 
 # ----------------------------------------------------------------------------- SecAgg+ settings
@@ -415,7 +422,8 @@ def test_each_hospital_predicts_with_its_own_local_model(federated):
         saved = load_file(str(s / "fedcore" / "model" / "mapping.safetensors"))
         own = load_file(str(s / "fedcore" / "own.safetensors"))
         assert servers[h].clients == [h]
-        assert all(torch.equal(saved[k], glob[k]) for k in glob)  # the final global core
+        assert all(torch.equal(saved[k], glob[k]) for k in glob if "running" not in k)  # the final global core's weights
+        assert all(not torch.equal(saved[k], glob[k]) for k in glob if "running" in k)  # BatchNorm: its own statistics
         assert all(torch.equal(saved[k], own[k]) for k in own)  # and its own adapters and frames
         adapters[h] = {k.replace(h, "*"): v for k, v in own.items() if "_adapters." in k}
     a, b = adapters.values()

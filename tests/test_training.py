@@ -366,3 +366,29 @@ def test_mask_loss_by_hand_and_a_dropped_small_class_costs_a_share_of_the_dice()
     # the autoencoder losses by kind
     with pytest.raises(Exception, match="kind must be 'image' or 'mask'"):
         autoencoder_loss("label")
+
+
+def test_recalibrate_batchnorm_is_the_cumulative_average_of_the_batches_statistics_in_evaluation_mode():
+    from ppcmi.training import recalibrate_batchnorm
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(12, 3, generator=g) * 2 + 1
+    lin = torch.nn.Linear(3, 4)
+    torch.nn.init.normal_(lin.weight, generator=g)
+    model = torch.nn.Sequential(lin, torch.nn.Dropout(0.5), torch.nn.BatchNorm1d(4))
+    model[2].running_mean.fill_(7.0)  # an average that describes nobody's data
+    seen = []
+
+    def loss_fn(m, batch):
+        seen.append(m[1].training)
+        return m(batch[0]).sum()
+
+    assert recalibrate_batchnorm(model, loss_fn, [x], batch_size=4) == 1
+    with torch.no_grad():
+        h = lin(x).double().numpy()  # dropout off: evaluation-time activations
+    batches = [h[i:i + 4] for i in range(0, 12, 4)]  # in order, 3 batches of 4
+    want_mean = np.mean([b.mean(0) for b in batches], 0)
+    want_var = np.mean([b.var(0, ddof=1) for b in batches], 0)  # BatchNorm's running variance is unbiased
+    np.testing.assert_allclose(model[2].running_mean.numpy(), want_mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(model[2].running_var.numpy(), want_var, rtol=1e-5, atol=1e-6)
+    assert seen == [False] * 3 and not model.training and model[2].momentum == 0.1  # dropout stayed off; settings restored

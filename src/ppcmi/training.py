@@ -474,6 +474,32 @@ def _epoch_rows(data: Sequence, order: list[torch.Tensor], dev: torch.device, wo
 
 
 @torch.no_grad()
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, loss_fn: LossFn, data: Sequence[torch.Tensor], batch_size: int, *,
+                          device: Device = None) -> int:
+    """Re-estimate every BatchNorm layer's running statistics from ``data`` (one pass in order, no gradient, the rest of
+    the model in evaluation mode so that the statistics are those of evaluation-time activations), as the cumulative
+    average over the batches; returns the number of layers. A federated average of running statistics describes no
+    one's data: a hospital recalibrates the layers on its own rows before it uses the model."""
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    model.eval()
+    saved = [m.momentum for m in layers]
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+        m.train()
+    dev = resolve_device(device)
+    data = _place(data, dev)
+    try:
+        for idx in _batches(data[0].shape[0], batch_size, None):
+            loss_fn(model, [_rows(t, idx, dev) for t in data])
+    finally:
+        for m, mo in zip(layers, saved):
+            m.momentum = mo
+        model.eval()
+    return len(layers)
+
+
 def evaluate_loss(model: nn.Module, loss_fn: LossFn, data: Sequence[torch.Tensor], batch_size: int, *, device: Device = None,
                   mixed: bool | None = None) -> float:
     model.eval()

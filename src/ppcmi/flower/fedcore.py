@@ -115,6 +115,20 @@ KEEP = ("strategy", "rounds", "local_epochs", "epochs", "secagg", "core_paramete
         "messages", "hospitals", "server_dir")
 
 
+def score_local_models(cfg: Config, pl: Plan, sites: dict[str, Path], eval_dir: str | Path, *, device: str = "cpu"):
+    """Every hospital segments the held-out test cases of ``pl`` with its own local model (``SITE/fedcore/model``) through
+    protocol bytes and scores them (:func:`ppcmi.simulate.infer_and_score`); per-case CSV and summary in ``eval_dir``.
+    Returns (test arrays, predictions per hospital, per-case rows, summary)."""
+    test = load_test(pl)
+    dev = resolve_device(device)
+    hospitals = {h: Hospital(sites[h], device=dev) for h in pl.hospitals}
+    servers = {h: MappingServer(sites[h] / FOLDER / "model", device=dev) for h in pl.hospitals}  # each its own local model
+    preds, rows = infer_and_score(hospitals, servers, test, pl.labels, noise=cfg.autoencoder.send_noise)
+    summ = summarize(rows, group_key="site")
+    write_evaluation(rows, summ, eval_dir)
+    return test, preds, rows, summ
+
+
 def run_federated_core(cfg: Config, data: str | Path, out: str | Path, *, local_epochs: int | None = None,
                        settings: FlowerSettings | None = None, port: int | None = None, echo: Callable[[str], None] = log.info,
                        run_timeout: float = 24 * 3600.0, progress: bool = False, device: str = "cpu") -> dict:
@@ -137,14 +151,8 @@ def run_federated_core(cfg: Config, data: str | Path, out: str | Path, *, local_
     atomic_write_json(out / "config.json", {**to_dict(cfg), "data_dir": str(data)})
     s, pl, sites = train_federated_core(cfg, data, out / "federation", local_epochs=local_epochs, settings=settings, port=port,
                                         echo=echo, run_timeout=run_timeout, progress=progress, device=device)
-    test = load_test(pl)
-    dev = resolve_device(device)
-    hospitals = {h: Hospital(sites[h], device=dev) for h in pl.hospitals}
-    servers = {h: MappingServer(sites[h] / FOLDER / "model", device=dev) for h in pl.hospitals}  # each its own local model
     t0 = time.perf_counter()
-    preds, rows = infer_and_score(hospitals, servers, test, pl.labels, noise=cfg.autoencoder.send_noise)
-    summ = summarize(rows, group_key="site")
-    write_evaluation(rows, summ, out / "eval")
+    test, preds, rows, summ = score_local_models(cfg, pl, sites, out / "eval", device=device)
     return {"dataset": str(data), "hospitals": {h: len(c) for h, c in pl.hospitals.items()}, "n_test": len(pl.test),
             "labels": {"values": list(pl.labels.values), "names": list(pl.labels.names)}, "ppcmi": summ,
             "timings_s": {"stage1_s": s["stage1_s"], "train_s": s["timings_s"]["train_s"], "flwr_run_s": s["wall_s"],
