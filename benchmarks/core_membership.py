@@ -156,7 +156,7 @@ def main(argv=None) -> dict:
         for k in ("attack", "control"):
             r[k].pop("roc", None)
             r[k]["formal_bound"] = bound(r[k]["tpr_at_1pct_fpr"])
-    out = {"run": str(run), "tag": args.tag, "colluder": colluder, "victims": victims, "margins": V.MARGINS,
+    out = {"run": str(run) if not run.is_absolute() else "/".join(run.parts[-3:]), "tag": args.tag, "colluder": colluder, "victims": victims, "margins": V.MARGINS,
            "rows": {"victim_members": int(member.sum()), "nonmembers": int(nonmember.sum()), "control_members": int(control.sum())},
            "rounds": json.loads((site / fedcore.FOLDER / "model" / "config.json").read_text()).get("rounds"),
            "results": results, "seconds": time.perf_counter() - t0,

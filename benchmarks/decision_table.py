@@ -94,8 +94,9 @@ def attacks(method: str, ds: str, results: Path) -> str:
             parts.append(f"A9 (update inversion, Sunnybrook): {'/'.join(st)}")
         mem = _load(results / f"core-membership-{ds}.json")
         if mem:
-            for name, e in mem["results"].items():
-                parts.append(f"{name} from a colluding hospital: {e['status']}")
+            for name in ("M1", "M3"):
+                e = mem["results"].get(name)
+                parts.append(f"{name} from a colluding hospital: {e['status'] if e else 'not run'}")
         else:
             parts.append("M1/M3: not run on this dataset")
         return "; ".join(parts)
