@@ -474,7 +474,6 @@ def _epoch_rows(data: Sequence, order: list[torch.Tensor], dev: torch.device, wo
 
 
 @torch.no_grad()
-@torch.no_grad()
 def recalibrate_batchnorm(model: nn.Module, loss_fn: LossFn, data: Sequence[torch.Tensor], batch_size: int, *,
                           device: Device = None) -> int:
     """Re-estimate every BatchNorm layer's running statistics from ``data`` (one pass in order, no gradient, the rest of
@@ -500,6 +499,7 @@ def recalibrate_batchnorm(model: nn.Module, loss_fn: LossFn, data: Sequence[torc
     return len(layers)
 
 
+@torch.no_grad()
 def evaluate_loss(model: nn.Module, loss_fn: LossFn, data: Sequence[torch.Tensor], batch_size: int, *, device: Device = None,
                   mixed: bool | None = None) -> float:
     model.eval()
