@@ -83,7 +83,8 @@ def spec_of(cfg, pairs: dict, n_rows: int, seed: int, rounds: int) -> INV.RoundS
     return INV.RoundSpec(MappingConfig(**{f.name: getattr(cfg.mapping, f.name) for f in fields(MappingConfig)}),
                          {s: tuple(int(d) for d in pairs[f"zt_img_{s}"].shape[1:]) for s in scales},
                          {s: tuple(int(d) for d in pairs[f"zt_msk_{s}"].shape[1:]) for s in scales},
-                         n_rows, fedcore.round_lr(cfg.mapping, 1, rounds, 1), 1, cfg.mapping.batch_size, INV.fit_seed(seed, 1))
+                         n_rows, fedcore.round_lr(cfg.mapping, 1, rounds, 1), 1, cfg.mapping.batch_size, INV.fit_seed(seed, 1),
+                         cfg.mapping.federated_norm)
 
 
 def canonical(pairs: dict, frames: dict) -> tuple[dict, dict]:

@@ -55,7 +55,7 @@ def test_a_version_3_config_has_no_target_spacing_and_keeps_its_central_crop():
     """Version 3 had neither data.spacing nor data.roi: its planes were fitted by pixels and kept the central
     data.crop; it reads back so, and a value a later default might give is not put in its place."""
     raw = to_dict(Config())
-    assert CONFIG_VERSION == 4 and raw["data"]["spacing"] is None and raw["data"]["roi"] is None
+    assert CONFIG_VERSION == 5 and raw["data"]["spacing"] is None and raw["data"]["roi"] is None
     v3 = {**raw, "version": 3, "data": {k: v for k, v in raw["data"].items() if k not in ("spacing", "roi")}}
     v3["data"]["crop"] = 0.375
     cfg = from_dict(v3)
@@ -63,6 +63,18 @@ def test_a_version_3_config_has_no_target_spacing_and_keeps_its_central_crop():
     assert "spacing" not in v3["data"]  # the caller's dict is left alone
     with pytest.raises(ConfigError, match="unknown key"):  # a version-3 file cannot have known a later key it lacks
         from_dict({**v3, "data": {**v3["data"], "bogus": 1}})
+
+
+def test_a_version_4_config_shared_its_federated_cores_normalisation_layers():
+    """Before version 5 a federated core averaged its normalisation layers with the rest; such a run reads back as
+    "shared", while a new configuration keeps them at each hospital (FedBN) unless told otherwise."""
+    raw = to_dict(Config())
+    assert raw["mapping"]["federated_norm"] == "local"
+    v4 = {**raw, "version": 4, "mapping": {k: v for k, v in raw["mapping"].items() if k != "federated_norm"}}
+    assert from_dict(v4).mapping.federated_norm == "shared"
+    assert from_dict({**v4, "mapping": {**v4["mapping"], "federated_norm": "local"}}).mapping.federated_norm == "local"
+    with pytest.raises(ConfigError, match="mapping.federated_norm: must be one of local, shared, got 'global'"):
+        load_config(None, ["mapping.federated_norm=global"])
 
 
 def test_target_spacing_and_roi_are_checked_in_one_line():

@@ -48,13 +48,15 @@ def _pairs(n: int, seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def _core(cfg, pairs) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in core_state(fedcore.local_network("hospital1", pairs, cfg.mapping, cfg.seed, frames=False)).items()}
+    return {k: v.clone() for k, v in core_state(fedcore.local_network("hospital1", pairs, cfg.mapping, cfg.seed, frames=False),
+                                                 norm=cfg.mapping.federated_norm).items()}
 
 
 def _spec(cfg, n: int, site_seed: int = 3) -> INV.RoundSpec:
     shapes = {s: (CHANNELS[s], SIDE[s], SIDE[s]) for s in SCALES}
     return INV.RoundSpec(MappingConfig(**{f.name: getattr(cfg.mapping, f.name) for f in fields(MappingConfig)}), shapes, shapes,
-                         n, fedcore.round_lr(cfg.mapping, 1, 2, 1), 1, cfg.mapping.batch_size, INV.fit_seed(site_seed, 1))
+                         n, fedcore.round_lr(cfg.mapping, 1, 2, 1), 1, cfg.mapping.batch_size, INV.fit_seed(site_seed, 1),
+                         cfg.mapping.federated_norm)
 
 
 def _real_update(cfg, pairs, core, tmp_path, site_seed: int = 3) -> dict[str, torch.Tensor]:
@@ -91,6 +93,12 @@ def test_the_replayed_round_equals_local_round_with_identity_frames(tmp_path):
     sim = INV.simulate_update(core, {s: pairs[f"zt_img_{s}"] for s in SCALES}, {s: pairs[f"zt_msk_{s}"] for s in SCALES},
                               _spec(cfg, 10))
     assert list(sim) == list(real)
+    # federated_norm "local" (the default, FedBN): no normalisation affine or statistic is in what crosses, yet the
+    # hospital's own BatchNorm layers (starting from their initial values) are replayed exactly with the rest
+    net = fedcore.local_network("hospital1", pairs, cfg.mapping, cfg.seed, frames=False)
+    norm_layers = set(core_state(net, norm="shared")) - set(core_state(net, norm="local"))
+    assert cfg.mapping.federated_norm == "local" and any(k.endswith(".running_var") for k in norm_layers)
+    assert not norm_layers & set(real) and len(norm_layers) == 4 * len([m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)])
     assert max(float((sim[k] - real[k]).abs().max()) for k in real) < 1e-6  # (core + update - core: float rounding only)
     assert sum(int((real[k] != 0).sum()) for k in real) > 0.5 * sum(v.numel() for v in real.values())  # it trained
     other = INV.simulate_update(core, {s: pairs[f"zt_img_{s}"] for s in SCALES}, {s: pairs[f"zt_msk_{s}"] for s in SCALES},
@@ -99,7 +107,9 @@ def test_the_replayed_round_equals_local_round_with_identity_frames(tmp_path):
 
 
 def test_the_replayed_round_in_canonical_coordinates_matches_the_pca_framed_round(tmp_path):
-    cfg = _cfg()  # adapter_init = "pca": the hospital's private principal frames around its adapters
+    # adapter_init = "pca": the hospital's private principal frames around its adapters; federated_norm "shared": the
+    # BatchNorm statistics cross too (the worst case: they tell the batch means and variances)
+    cfg = _cfg("mapping.federated_norm=shared")
     pairs = _pairs(12)
     core = _core(cfg, pairs)
     real = _real_update(cfg, pairs, core, tmp_path)
@@ -135,11 +145,11 @@ def test_the_objective_is_zero_at_the_true_rows_and_grows_away_from_them():
 
 def test_the_inversion_lowers_the_objective_and_is_reproducible():
     cfg = _cfg()
-    spec = INV.RoundSpec(_spec(cfg, 2).mapping, {"s3": (4, 4, 4)}, {"s3": (4, 4, 4)}, 2, 1e-3, 1, 4, INV.fit_seed(3, 1))
+    spec = INV.RoundSpec(_spec(cfg, 2).mapping, {"s3": (4, 4, 4)}, {"s3": (4, 4, 4)}, 2, 1e-3, 1, 4, INV.fit_seed(3, 1), "shared")
     from ppcmi.models import MappingNet
     from ppcmi.training import seeded_init
 
-    core = {k: v.clone() for k, v in core_state(seeded_init(lambda: MappingNet({"s3": 4}, {"s3": 4}, ["x"], spec.mapping), 0)).items()}
+    core = {k: v.clone() for k, v in core_state(seeded_init(lambda: MappingNet({"s3": 4}, {"s3": 4}, ["x"], spec.mapping), 0), norm="shared").items()}
     g = torch.Generator().manual_seed(2)
     h, t = {"s3": torch.randn(2, 4, 4, 4, generator=g)}, {"s3": torch.randn(2, 4, 4, 4, generator=g)}
     obs = INV.simulate_update(core, h, t, spec)
@@ -153,11 +163,11 @@ def test_the_inversion_lowers_the_objective_and_is_reproducible():
 def test_the_objectives_gradient_is_the_finite_difference_of_the_objective():
     """The attacker descends the replayed round's real gradient, smoothed Adam included (float64 differences)."""
     cfg = _cfg("mapping.dropout=0")
-    spec = INV.RoundSpec(_spec(cfg, 4).mapping, {"s3": (16, 4, 4)}, {"s3": (16, 4, 4)}, 4, 1.0, 1, 16, INV.fit_seed(3, 1))
+    spec = INV.RoundSpec(_spec(cfg, 4).mapping, {"s3": (16, 4, 4)}, {"s3": (16, 4, 4)}, 4, 1.0, 1, 16, INV.fit_seed(3, 1), "shared")
     from ppcmi.models import MappingNet
     from ppcmi.training import seeded_init
 
-    core = {k: v.clone() for k, v in core_state(seeded_init(lambda: MappingNet({"s3": 16}, {"s3": 16}, ["x"], spec.mapping), 0)).items()}
+    core = {k: v.clone() for k, v in core_state(seeded_init(lambda: MappingNet({"s3": 16}, {"s3": 16}, ["x"], spec.mapping), 0), norm="shared").items()}
     g = torch.Generator().manual_seed(5)
     h, t = {"s3": torch.randn(4, 16, 4, 4, generator=g)}, {"s3": torch.randn(4, 16, 4, 4, generator=g)}
     obs = INV.simulate_update(core, h, t, spec, smooth=100)
@@ -260,9 +270,9 @@ def test_bad_cores_updates_and_specs_are_one_line_errors_naming_the_field():
     with pytest.raises(PpcmiError, match=rf"^observed update: {first} holds non-finite values$"):
         INV.invert_update(core, {**core, first: bad}, {"v": spec}, iters=1)
     with pytest.raises(PpcmiError, match=r"^round spec: n_rows must be an integer >= 1, got 0$"):
-        INV.RoundSpec(spec.mapping, spec.in_shapes, spec.out_shapes, 0, 1e-3, 1, 4, 0)
+        INV.RoundSpec(spec.mapping, spec.in_shapes, spec.out_shapes, 0, 1e-3, 1, 4, 0, "shared")
     with pytest.raises(PpcmiError, match=r"^round spec: lr must be a positive finite number, got nan$"):
-        INV.RoundSpec(spec.mapping, spec.in_shapes, spec.out_shapes, 4, float("nan"), 1, 4, 0)
+        INV.RoundSpec(spec.mapping, spec.in_shapes, spec.out_shapes, 4, float("nan"), 1, 4, 0, "shared")
     with pytest.raises(PpcmiError, match=r"^rows h\[s3\]: shape \(3, 16, 8, 8\), expected \(4, 16, 8, 8\)$"):
         h = {s: torch.zeros((4, *spec.in_shapes[s])) for s in SCALES}
         INV.simulate_update(core, {**h, "s3": torch.zeros(3, 16, 8, 8)}, h, spec)

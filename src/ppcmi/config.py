@@ -188,6 +188,8 @@ class MappingTrainConfig(MappingConfig):
     scope: str = "shared"              # shared (one network, per-hospital adapters) | per_hospital (no collaboration)
     #                                    | federated: each hospital trains on its own keyed latents, which never leave it; only
     #                                      the shared core's weights cross, combined by Flower with SecAgg+; adapters stay local
+    federated_norm: str = "local"      # scope federated: where the core's normalisation layers live: local (FedBN: each hospital
+    #                                    keeps its own affines and running statistics; only the convolutions cross) | shared
     adapter_init: str = "pca"          # pca: fixed per-hospital frames (principal axes of its keyed latents) around its adapters | identity (published)
     patience: int = 20
     val_frac: float = 0.2
@@ -201,6 +203,7 @@ class MappingTrainConfig(MappingConfig):
         _check_training("mapping", self)
         check_bool("mapping.dp", self.dp)
         _choice("mapping.scope", self.scope, ("shared", "per_hospital", "federated"))
+        _choice("mapping.federated_norm", self.federated_norm, ("local", "shared"))
         _choice("mapping.adapter_init", self.adapter_init, ("identity", "pca"))
         if self.dp and self.adapter_init == "pca":
             raise ConfigError('mapping.dp: the default mapping.adapter_init = "pca" reads each hospital\'s latent statistics without '
@@ -259,8 +262,8 @@ class Config:
         check_bool("klt", self.klt)
 
 
-CONFIG_VERSION = 4  # 2: data.val_frac removed (nothing read it); mapping.adapter_init recorded. 3: data.resize; data.eval_size retired.
-# 4: data.spacing (target in-plane spacing) and data.roi (a region-of-interest box)
+CONFIG_VERSION = 5  # 2: data.val_frac removed (nothing read it); mapping.adapter_init recorded. 3: data.resize; data.eval_size retired.
+# 4: data.spacing (target in-plane spacing) and data.roi (a region-of-interest box). 5: mapping.federated_norm
 
 # settings that no longer exist, and why: naming one (TOML or --set) is an error with this message
 RETIRED = {"data.eval_size": "retired in config version 3: test cases are scored at their native resolution (class "
@@ -308,7 +311,8 @@ def migrate(raw: dict) -> dict:
     was squashed to size x size (``data.resize = "squash"``); ``data.eval_size`` (a scoring size) is dropped,
     as test cases are now scored at their native resolution (logged when it was set). Versions 1 to 3: no
     plane was resampled to a target spacing (``data.spacing = None``) and the kept region was the central
-    ``data.crop`` (``data.roi = None``)."""
+    ``data.crop`` (``data.roi = None``). Versions 1 to 4: a federated core averaged its normalisation layers with the rest
+    (``mapping.federated_norm = "shared"``)."""
     raw = json.loads(json.dumps(raw))
     version = raw.pop("version", 1)
     if not isinstance(version, int) or not 1 <= version <= CONFIG_VERSION:
@@ -325,6 +329,8 @@ def migrate(raw: dict) -> dict:
     if version < 4 and isinstance(raw.get("data"), dict):
         raw["data"].setdefault("spacing", None)
         raw["data"].setdefault("roi", None)
+    if version < 5 and isinstance(raw.get("mapping"), dict):
+        raw["mapping"].setdefault("federated_norm", "shared")
     return raw
 
 

@@ -295,6 +295,8 @@ METHODS: dict[str, list[str]] = {
     "no_pyramid": ["mapping.pyramid=false"],
     "per_hospital_mapping": ["mapping.scope=per_hospital"],
     "ppcmi_federated": ["mapping.scope=federated"],  # the privacy mode: Flower + SecAgg+ over the cores (ppcmi.flower.fedcore)
+    # ... with the core's normalisation layers averaged too (config versions before 5; FedBN's ablation)
+    "ppcmi_federated_shared_norm": ["mapping.scope=federated", "mapping.federated_norm=shared"],
     "unet_centralized": [],
     "unet_local": [],
     "unet_fedavg": [],

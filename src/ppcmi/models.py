@@ -354,12 +354,23 @@ def set_frames(net: MappingNet, client: str, img: dict, msk: dict) -> None:
             frame.bias.copy_(torch.as_tensor(b.copy()).float())
 
 
-def core_state(net: MappingNet) -> dict[str, torch.Tensor]:
-    """What a federated round shares of ``net`` (``mapping.scope = "federated"``): every floating-point tensor of the shared
-    core ``net.cores`` (weights, biases, normalisation affines and running statistics), named as in ``net.state_dict()``,
-    in its order. The adapters, the frames and the integer ``num_batches_tracked`` counters (unused with a fixed BatchNorm
-    momentum) are not part of it."""
-    return {k: v for k, v in net.state_dict().items() if k.startswith("cores.") and v.is_floating_point()}
+NORM_SCOPES = ("local", "shared")
+
+
+def core_state(net: MappingNet, *, norm: str) -> dict[str, torch.Tensor]:
+    """What a federated round shares of ``net`` (``mapping.scope = "federated"``): the floating-point tensors of the shared
+    core ``net.cores``, named as in ``net.state_dict()``, in its order. ``norm`` (``mapping.federated_norm``) says where the
+    normalisation layers live: "local" (FedBN, Li et al., ICLR 2021): their affines and running statistics stay at each
+    hospital and only the convolutions cross; "shared": they cross and are averaged with the rest. The adapters, the frames
+    and the integer ``num_batches_tracked`` counters (unused with a fixed BatchNorm momentum) are never part of it."""
+    if norm not in NORM_SCOPES:
+        raise ConfigError(f"mapping.federated_norm: must be one of {', '.join(NORM_SCOPES)}, got {norm!r}")
+    kept = set()
+    if norm == "local":
+        kept = {f"cores.{name}." for name, m in net.cores.named_modules()
+                if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm))}
+    return {k: v for k, v in net.state_dict().items()
+            if k.startswith("cores.") and v.is_floating_point() and not any(k.startswith(p) for p in kept)}
 
 
 def config_dict(cfg) -> dict:

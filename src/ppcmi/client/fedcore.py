@@ -3,14 +3,18 @@
 The hospital trains the mapping network of stage 2 on its own keyed training pairs (the very rows it would have sent
 the coordinator: :func:`ppcmi.client.stages.training_batch`), with stage 2's loss (:func:`ppcmi.models.mapping_loss`)
 and a network of one client, itself. A round starts from the global core it received, trains ``local_epochs`` epochs
-and returns the core (:func:`ppcmi.models.core_state`) and its row count; its adapters, frames and latents stay here.
+and returns the core (:func:`ppcmi.models.core_state`) and its row count; its adapters, frames and latents stay here,
+and so, with ``mapping.federated_norm = "local"`` (the default; FedBN, Li et al., ICLR 2021), do the core's normalisation
+layers: each hospital keeps its own affines and running statistics, fitted to its own latents, and only the
+convolutions are averaged.
 After the last round :func:`save_local_model` writes its local model (global core + its own adapters) in the format of a
 stage-2 model folder, so :class:`ppcmi.server.mapping.MappingServer` (or any code reading one) maps its queries locally.
 
 What it keeps, in ``SITE/fedcore/`` (it never leaves the hospital)::
 
     pairs.safetensors     its keyed training pairs, computed once (recomputed only when the settings behind them change)
-    own.safetensors       its adapters, frames and normalisation counters after the last round it trained
+    own.safetensors       its adapters, frames, normalisation counters (and with federated_norm "local" its normalisation
+                          layers) after the last round it trained
     rounds/round-R.*      the core it sent in round R (safetensors) and its row count, loss and largest value (json)
     model/                its final local model: mapping.safetensors + config.json (a stage-2 model folder)
 
@@ -121,12 +125,13 @@ def local_network(site: str, pairs: Mapping[str, torch.Tensor], cfg: MappingTrai
 
 def core_names(site: str, pairs: Mapping[str, torch.Tensor], cfg: MappingTrainConfig) -> list[str]:
     """The names of the core tensors, in the order the federation sends them."""
-    return list(core_state(local_network(site, pairs, cfg, 0, frames=False)))
+    return list(core_state(local_network(site, pairs, cfg, 0, frames=False), norm=cfg.federated_norm))
 
 
-def _load_core(net: MappingNet, core: Mapping[str, torch.Tensor]) -> None:
-    """Put the global ``core`` into ``net``; a core of another network is refused naming the first difference."""
-    own = core_state(net)
+def _load_core(net: MappingNet, core: Mapping[str, torch.Tensor], norm: str) -> None:
+    """Put the global ``core`` (:func:`ppcmi.models.core_state` with ``norm``) into ``net``; a core of another network is
+    refused naming the first difference."""
+    own = core_state(net, norm=norm)
     missing, extra = [k for k in own if k not in core], [k for k in core if k not in own]
     if missing or extra:
         raise PpcmiError(f"global core: does not fit this hospital's mapping network ({len(core)} tensors for {len(own)}; "
@@ -146,7 +151,7 @@ def _own_path(site_dir: Path) -> Path:
     return site_dir / FOLDER / "own.safetensors"
 
 
-def _restore(net: MappingNet, site_dir: Path, round_: int) -> None:
+def _restore(net: MappingNet, site_dir: Path, round_: int, norm: str) -> None:
     """Round 1 starts from fresh adapters and frames; a later round from what this hospital kept after the previous one."""
     if round_ == 1:
         return
@@ -154,9 +159,10 @@ def _restore(net: MappingNet, site_dir: Path, round_: int) -> None:
     if not path.exists():
         raise CheckpointError(f"{path}: round {round_} needs the adapters this hospital kept after round {round_ - 1}")
     own = load_file(str(path))
-    expected = {k for k in net.state_dict() if k not in core_state(net)}
+    expected = {k for k in net.state_dict() if k not in core_state(net, norm=norm)}
     if set(own) != expected:
-        raise CheckpointError(f"{path}: holds other tensors than this hospital's adapters and frames")
+        raise CheckpointError(f"{path}: holds other tensors than this hospital's adapters, frames and normalisation layers "
+                              f"(mapping.federated_norm = {norm!r})")
     net.load_state_dict({**net.state_dict(), **own})
 
 
@@ -184,8 +190,8 @@ def local_round(core: Mapping[str, torch.Tensor], pairs: Mapping[str, torch.Tens
     site_dir = Path(site_dir)
     scales = _scales(pairs)
     net = local_network(site, pairs, cfg, init_seed, frames=round_ == 1)  # (later rounds restore the frames of round 1)
-    _load_core(net, core)
-    _restore(net, site_dir, round_)
+    _load_core(net, core, cfg.federated_norm)
+    _restore(net, site_dir, round_, cfg.federated_norm)
     rows = _tensors(pairs, scales)
     work = ensure_dir(site_dir / FOLDER)
     lr = round_lr(cfg, round_, rounds, local_epochs)
@@ -195,9 +201,9 @@ def local_round(core: Mapping[str, torch.Tensor], pairs: Mapping[str, torch.Tens
                             seed=seed * 100_019 + round_, schedule="constant"),
                   tmp, desc=f"{site} core round {round_}", progress=False, device=device)
     state = host_state(net)
-    crossing = set(core_state(net))
+    crossing = list(core_state(net, norm=cfg.federated_norm))
     _save_tensors({k: v for k, v in state.items() if k not in crossing}, _own_path(site_dir))
-    out = {k: state[k] for k in core_state(net)}
+    out = {k: state[k] for k in crossing}
     max_abs = max(float(v.abs().max()) for v in out.values())
     result = CoreRound(out, int(rows[0].shape[0]), float(res.history[res.best_epoch - 1]["train_loss"]), max_abs)
     _save_tensors(out, site_dir / FOLDER / "rounds" / f"round-{round_}.safetensors")
@@ -231,13 +237,15 @@ def save_local_model(core: Mapping[str, torch.Tensor], pairs: Mapping[str, torch
                      extra: dict | None = None) -> Path:
     """Write this hospital's local model, the final global ``core`` with its own adapters and frames, as a stage-2 model
     folder (``mapping.safetensors`` + ``config.json`` naming one hospital, itself) in ``out_dir``
-    (default ``SITE/fedcore/model``); returns the folder. Its adapters are those of the last round it trained; its BatchNorm
-    running statistics are re-estimated on its own ``pairs`` (:func:`ppcmi.training.recalibrate_batchnorm`)."""
+    (default ``SITE/fedcore/model``); returns the folder. Its adapters (and with ``federated_norm = "local"`` its
+    normalisation layers) are those of the last round it trained; its BatchNorm running statistics are re-estimated on its
+    own ``pairs`` (:func:`ppcmi.training.recalibrate_batchnorm`): with "shared" they would be the global core's average,
+    with "local" the moving average of its training batches, neither the statistics of its pairs in evaluation mode."""
     site_dir = Path(site_dir)
     out = Path(out_dir) if out_dir is not None else site_dir / FOLDER / "model"
     scales = _scales(pairs)
     net = local_network(site, pairs, cfg, init_seed, frames=False)  # (its frames are in its own tensors)
-    _load_core(net, core)
+    _load_core(net, core, cfg.federated_norm)
     path = _own_path(site_dir)
     if not path.exists():
         raise CheckpointError(f"{path}: no adapters trained here yet; a local model needs at least one round")

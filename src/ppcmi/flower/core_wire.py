@@ -28,9 +28,10 @@ Clipping and quantization: a hospital's core tensors ``w`` are multiplied by its
 stochastically rounded to integers in ``[0, quantization]``. A value outside the range would be clipped silently by
 Flower, so each hospital refuses to send a core with any scaled value beyond ``clip``
 (:func:`ppcmi.client.fedcore.check_clipping`): a run either averages exactly what the hospitals trained, up to the
-quantization, or stops naming ``fedcore.clip``. The largest core values are BatchNorm running variances: 20.3 on
-Sunnybrook and 24.4 on PSFHS after one round of 5 local epochs at the bench's widths (the weights stay near 1), which
-Flower's default ``clip`` of 8 refused; ``clip`` 128 leaves a factor 5. Flower quantizes in float32, so more than
+quantization, or stops naming ``fedcore.clip``. With ``mapping.federated_norm = "shared"`` the largest core values are
+BatchNorm running variances: 20.3 on Sunnybrook and 24.4 on PSFHS after one round of 5 local epochs at the bench's widths
+(the weights stay near 1), which Flower's default ``clip`` of 8 refused; ``clip`` 128 leaves a factor 5. With "local"
+(the default, FedBN) the normalisation layers stay at the hospitals and only convolutions cross. Flower quantizes in float32, so more than
 2**24 levels would add nothing (float32 holds integers exactly up to 2**24): ``quantization`` is 2**24, a level
 ``2 clip / 2**24`` (about 1.5e-5). The aggregate then differs from the exact weighted average by at most
 :func:`quantization_tolerance` per value.
@@ -126,4 +127,4 @@ def initial_core(cfg: Config) -> dict[str, np.ndarray]:
         ch = {"b": ch["b"]}
     mcfg = MappingConfig(**{f: getattr(cfg.mapping, f) for f in MappingConfig.__dataclass_fields__})
     net = seeded_init(lambda: MappingNet(ch, ch, [], mcfg), cfg.seed)
-    return {k: v.numpy().copy() for k, v in core_state(net).items()}
+    return {k: v.numpy().copy() for k, v in core_state(net, norm=cfg.mapping.federated_norm).items()}

@@ -3,7 +3,8 @@
 
 A hospital's round (:func:`ppcmi.client.fedcore.local_round`) loads the global core into a one-client
 :class:`~ppcmi.models.MappingNet`, trains it with Adam on stage 2's loss (:func:`ppcmi.models.mapping_loss`) and returns
-the core (:func:`ppcmi.models.core_state`: weights, biases, normalisation affines and running statistics). Everything
+the core (:func:`ppcmi.models.core_state`: weights and biases, and with ``mapping.federated_norm = "shared"`` also the
+normalisation affines and running statistics; with "local", FedBN, those stay at the hospital). Everything
 that shapes that update is public or crossed: the architecture and widths, the loss, the learning rate of the round,
 the local epochs, the batch size, the hospital's row count and the global core it was sent. What is not public is
 the rows themselves and the hospital's own adapters and frames.
@@ -29,9 +30,10 @@ the hospital's trained adapters, which never cross; only round 1 is modelled exa
 
 Adam's first step is ``lr * g / (|g| + eps)``, the sign of the gradient: one step of one row tells the sign of every
 core gradient and, exactly, the batch means and variances behind every BatchNorm layer (its running statistics move by
-``momentum x (batch statistic - running)``). The attack (:func:`invert_update`) therefore matches the weights' update
-by cosine through an Adam whose ``eps`` is smoothed (``smooth x`` the RMS of the denominator; a pure sign has no
-gradient) and the running statistics by relative squared error.
+``momentum x (batch statistic - running)``) when they cross (``federated_norm = "shared"``). The attack
+(:func:`invert_update`) therefore matches the weights' update by cosine through an Adam whose ``eps`` is smoothed
+(``smooth x`` the RMS of the denominator; a pure sign has no gradient) and the running statistics, where they cross, by
+relative squared error.
 
 Nothing here imports hospital code or key handling (the import contract in ``pyproject.toml`` checks).
 """
@@ -47,7 +49,7 @@ import torch
 from torch import nn
 
 from ..errors import PpcmiError
-from ..models import SCALES, MappingConfig, MappingNet, mapping_loss
+from ..models import NORM_SCOPES, SCALES, MappingConfig, MappingNet, core_state, mapping_loss
 
 ADAM_BETAS = (0.9, 0.999)   # torch.optim.Adam's defaults, which ppcmi.training.fit uses
 ADAM_EPS = 1e-8
@@ -65,7 +67,8 @@ class RoundSpec:
     """Everything that shapes one hospital's round 1 update besides its rows: public settings and what crossed.
 
     ``in_shapes`` / ``out_shapes``: ``{scale: (C, H, W)}`` of its image and mask latents (from ``autoencoder.width``,
-    ``skips`` and the working size); ``lr`` the round's learning rate; ``seed`` the fit seed (:func:`fit_seed`)."""
+    ``skips`` and the working size); ``lr`` the round's learning rate; ``seed`` the fit seed (:func:`fit_seed`); ``norm``
+    the run's ``mapping.federated_norm`` (which tensors cross: :func:`ppcmi.models.core_state`)."""
 
     mapping: MappingConfig
     in_shapes: Mapping[str, tuple[int, int, int]]
@@ -75,6 +78,7 @@ class RoundSpec:
     local_epochs: int
     batch_size: int
     seed: int
+    norm: str
 
     def __post_init__(self) -> None:
         scales = [s for s in SCALES if s in self.in_shapes]
@@ -87,6 +91,8 @@ class RoundSpec:
                 raise PpcmiError(f"round spec: {name} must be an integer >= {lo}, got {v!r}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise PpcmiError(f"round spec: lr must be a positive finite number, got {self.lr!r}")
+        if self.norm not in NORM_SCOPES:
+            raise PpcmiError(f"round spec: norm must be one of {', '.join(NORM_SCOPES)}, got {self.norm!r}")
 
     @property
     def scales(self) -> list[str]:
@@ -115,7 +121,7 @@ def _network(spec: RoundSpec) -> MappingNet:
 def check_core(core: Mapping[str, torch.Tensor], spec: RoundSpec, what: str = "global core") -> dict[str, torch.Tensor]:
     """``core`` as float32 tensors in the network's order, checked against the architecture ``spec`` describes:
     the same names, shapes, finite values (one-line PpcmiError naming the first tensor that differs)."""
-    own = {k: v for k, v in _network(spec).state_dict().items() if k.startswith("cores.") and v.is_floating_point()}
+    own = core_state(_network(spec), norm=spec.norm)
     missing, extra = [k for k in own if k not in core], [k for k in core if k not in own]
     if missing or extra:
         raise PpcmiError(f"{what}: not the core of this architecture ({len(core)} tensors for {len(own)}; "
@@ -168,7 +174,9 @@ def simulate_update(core: Mapping[str, torch.Tensor], h: Mapping[str, torch.Tens
         key = n[len("net."):]
         params[n] = (core[key].clone() if key in core else p.detach().clone()).requires_grad_()
     bufs = {n: b.detach().clone() for n, b in wrapper.named_buffers()}
-    running = {n: core[n[len("net."):]] for n in bufs if n[len("net."):] in core}  # the core's statistics, tracked here
+    # the running statistics, tracked here: the core's where they cross, else the hospital's own, which in round 1 are
+    # BatchNorm's initial ones (as its affines are: fresh parameters above)
+    running = {n: core.get(n[len("net."):], b) for n, b in bufs.items() if _is_stat(n)}
     bn = {name: m for name, m in wrapper.named_modules() if isinstance(m, nn.BatchNorm2d)}
     seen: dict[str, torch.Tensor] = {}
     hooks = [m.register_forward_pre_hook(lambda mod, args, name=name: seen.__setitem__(name, args[0])) for name, m in bn.items()]
