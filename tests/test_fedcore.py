@@ -31,7 +31,7 @@ from ppcmi.config import load_config  # noqa: E402
 from ppcmi.errors import ConfigError, PpcmiError  # noqa: E402
 from ppcmi.flower.core_wire import (FedCoreSettings, initial_core, quantization_tolerance, read_core_run_config,  # noqa: E402
                                     secagg_parameters, write_core_app)
-from ppcmi.flower.fedcore import core_rounds  # noqa: E402
+from ppcmi.flower.fedcore import core_rounds, reuse_stage1  # noqa: E402
 from ppcmi.flower.wire import FlowerSettings  # noqa: E402
 from ppcmi.models import MappingConfig, MappingNet, core_state, mapping_loss  # noqa: E402
 from ppcmi.training import evaluate_loss, recalibrate_batchnorm, seeded_init  # noqa: E402
@@ -492,3 +492,26 @@ def test_predict_maps_with_the_sites_own_local_model_by_default(federated, tmp_p
     r3 = cli.invoke(app, ["predict", *images, "--site-dir", str(bare), "--out", str(tmp_path / "x")])
     assert r3.exit_code == 2 and r3.output.strip().splitlines()[-1].endswith(
         f"{bare} has no local model of the federated core ({bare / 'fedcore' / 'model'}) to use by default")
+
+
+@pytest.mark.slow
+def test_a_later_run_reuses_each_hospitals_stage1_only_under_the_same_settings(federated, tmp_path):
+    """``benchmarks/fedcore_dp_curve.py`` trains stage 1 once: a later federation folder copies every hospital's
+    autoencoders, key and site record (not its federated-core state), and only when the data and settings agree."""
+    _, _, out, _, _, _ = federated
+    src = out / "federation"
+    before = json.loads((src / "config.json").read_text())
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({**before, "mapping": {**before["mapping"], "dp_noise": 3.0}}))  # stage 2 only
+    sites = {h: run / "sites" / h / "site" for h in _sites(out)}
+    reuse_stage1(src, run, sites)
+    for h, d in sites.items():
+        assert (d / "klt.key").read_bytes() == (src / "sites" / h / "site" / "klt.key").read_bytes()
+        assert (d / "image_ae").is_dir() and (d / "mask_ae").is_dir() and not (d / "fedcore").exists()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({**before, "autoencoder": {**before["autoencoder"], "epochs": 99}}))
+    with pytest.raises(PpcmiError, match=r"its stage 1 was made with other 'autoencoder' settings; train stage 1 again$"):
+        reuse_stage1(src, other, {h: other / "sites" / h / "site" for h in sites})
+    assert not (other / "sites").exists()

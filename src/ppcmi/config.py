@@ -196,7 +196,8 @@ class MappingTrainConfig(MappingConfig):
     dp: bool = False                   # DP-SGD (Opacus): needs norm = "group"; fixed epochs, no early stopping or best-epoch pick
     dp_noise: float = 1.0              # noise multiplier (ignored when dp_epsilon is set)
     dp_clip: float = 1.0               # per-sample gradient norm bound
-    dp_epsilon: float | None = None    # target epsilon at delta = 1/N (N = training rows); sets the noise multiplier
+    dp_epsilon: float | None = None    # target epsilon at delta = 1/N (N = training rows; scope federated: patients); sets the noise
+    dp_patients: int = 16              # scope federated: expected patients per DP-SGD step (Poisson sampling at each hospital)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -208,8 +209,11 @@ class MappingTrainConfig(MappingConfig):
         if self.dp and self.adapter_init == "pca":
             raise ConfigError('mapping.dp: the default mapping.adapter_init = "pca" reads each hospital\'s latent statistics without '
                               'noise, which DP-SGD\'s accounting does not cover; set mapping.adapter_init = "identity" with mapping.dp')
-        if self.dp and self.norm != "group":
-            raise ConfigError('mapping.dp: DP-SGD needs mapping.norm = "group" (BatchNorm mixes samples, so per-sample gradients are undefined)')
+        if self.dp and self.norm != "group" and not (self.scope == "federated" and self.federated_norm == "local"):
+            raise ConfigError('mapping.dp: DP-SGD needs mapping.norm = "group" (BatchNorm mixes samples, so per-sample gradients are '
+                              'undefined), or mapping.scope = "federated" with mapping.federated_norm = "local" (each patient\'s '
+                              'gradient from its own rows; the running statistics never leave the hospital)')
+        check_int("mapping.dp_patients", self.dp_patients, 1, 10**6)
         object.__setattr__(self, "dp_noise", check_real("mapping.dp_noise", self.dp_noise, 0.0, 1e6))
         object.__setattr__(self, "dp_clip", check_real("mapping.dp_clip", self.dp_clip, 0.0, 1e6, lo_open=True))
         if self.dp_epsilon is not None:

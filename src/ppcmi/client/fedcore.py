@@ -32,14 +32,14 @@ import logging
 import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save
 
 from ..config import CONFIG_VERSION, Config, MappingTrainConfig
-from ..device import Device
+from ..device import Device, resolve_device
 from ..errors import CheckpointError, PpcmiError
 from ..fileio import atomic_write_bytes, atomic_write_json, ensure_dir
 from ..latent import principal_frame
@@ -57,8 +57,9 @@ FOLDER = "fedcore"
 class CoreRound:
     core: dict[str, torch.Tensor]  # the core after the local epochs (CPU, float32): what this hospital sends
     n_rows: int                    # its training rows: its weight in Flower's average
-    train_loss: float              # of the epoch fit kept
+    train_loss: float              # of the epoch fit kept (NaN with mapping.dp: not private, not sent)
     max_abs: float                 # the largest magnitude in ``core``
+    epsilon: float | None = None   # with mapping.dp: this hospital's epsilon per patient after this round (delta = 1/patients)
 
 
 def _mapping_config(cfg: MappingTrainConfig) -> MappingConfig:
@@ -83,19 +84,40 @@ def training_pairs(hospital: Hospital, arrays: Callable[[], dict], cfg: Config, 
     """This hospital's keyed training pairs ``{zt_img_<scale>, zt_msk_<scale>: (N, C, H, W)}``: the rows of its stage-2
     message, computed once from ``arrays()`` (its prepared cases) and cached in ``SITE/fedcore/pairs.safetensors``; a
     cache made under other settings (or another key) is computed again."""
-    path = Path(site_dir) / FOLDER / "pairs.safetensors"
+    path = _pairs_path(site_dir)
     want = _pairs_record(hospital, cfg)
     if path.exists():
         from safetensors import safe_open
 
         with safe_open(str(path), "pt") as f:
-            if (f.metadata() or {}) == want:
+            meta = f.metadata() or {}
+            if {k: v for k, v in meta.items() if k != "groups"} == want and "groups" in meta:
                 return {k: f.get_tensor(k) for k in f.keys()}
         log.info("%s: cached training pairs were made under other settings; computing them again", path)
-    batch = training_batch(hospital, arrays(), cfg)
+    prepared = arrays()
+    batch = training_batch(hospital, prepared, cfg)
     pairs = {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for k, v in batch.arrays.items()}
-    _save_tensors(pairs, path, metadata=want)
+    # the patient of every plane, for patient-level DP (mapping.dp): kept with the pairs, at the hospital
+    _save_tensors(pairs, path, metadata={**want, "groups": json.dumps([str(g) for g in prepared["groups"]])})
     return pairs
+
+
+def _pairs_path(site_dir: str | Path) -> Path:
+    return Path(site_dir) / FOLDER / "pairs.safetensors"
+
+
+def pair_groups(site_dir: str | Path) -> list[str]:
+    """The patient of each prepared plane behind the cached training pairs (:func:`training_pairs`)."""
+    from safetensors import safe_open
+
+    path = _pairs_path(site_dir)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no training pairs cached here yet")
+    with safe_open(str(path), "pt") as f:
+        groups = (f.metadata() or {}).get("groups")
+    if groups is None:
+        raise CheckpointError(f"{path}: the cached training pairs do not record their patients")
+    return json.loads(groups)
 
 
 def _scales(pairs: Mapping[str, torch.Tensor]) -> list[str]:
@@ -159,7 +181,8 @@ def _restore(net: MappingNet, site_dir: Path, round_: int, norm: str) -> None:
     if not path.exists():
         raise CheckpointError(f"{path}: round {round_} needs the adapters this hospital kept after round {round_ - 1}")
     own = load_file(str(path))
-    expected = {k for k in net.state_dict() if k not in core_state(net, norm=norm)}
+    crossing = core_state(net, norm=norm)
+    expected = {k for k in net.state_dict() if k not in crossing}
     if set(own) != expected:
         raise CheckpointError(f"{path}: holds other tensors than this hospital's adapters, frames and normalisation layers "
                               f"(mapping.federated_norm = {norm!r})")
@@ -178,13 +201,18 @@ def round_lr(cfg: MappingTrainConfig, round_: int, rounds: int, local_epochs: in
 
 def local_round(core: Mapping[str, torch.Tensor], pairs: Mapping[str, torch.Tensor], cfg: MappingTrainConfig, *, site: str,
                 site_dir: str | Path, round_: int, rounds: int, local_epochs: int, seed: int, init_seed: int,
-                device: Device = None) -> CoreRound:
+                device: Device = None, groups: Sequence[str] | None = None) -> CoreRound:
     """One round at this hospital: load the global ``core`` (name -> tensor, :func:`ppcmi.models.core_state` of a network
     like this hospital's) into its network, train ``local_epochs`` epochs on its ``pairs`` and return the core.
 
     ``seed`` (its site seed) and ``round_`` seed the batch order and dropout (the same inputs give the same core);
     ``init_seed`` (the shared seed) draws the initial adapters. Its adapters and frames are read from and written back
-    to ``site_dir`` (``SITE/fedcore/own.safetensors``); only the core is returned."""
+    to ``site_dir`` (``SITE/fedcore/own.safetensors``); only the core is returned.
+
+    With ``mapping.dp`` the round is patient-level DP-SGD (:mod:`ppcmi.client.dp`; ``groups``: the patient of each
+    prepared plane, :func:`pair_groups`): the mechanism is fixed for the whole budget before round 1, the steps of every
+    round compose, the final weights of the round are kept (no selection by a loss), and the returned training loss is
+    NaN (it is not private, so it is not sent)."""
     if not 1 <= round_ <= rounds:
         raise PpcmiError(f"server-round: must be from 1 to {rounds}, got {round_}")
     site_dir = Path(site_dir)
@@ -195,21 +223,37 @@ def local_round(core: Mapping[str, torch.Tensor], pairs: Mapping[str, torch.Tens
     rows = _tensors(pairs, scales)
     work = ensure_dir(site_dir / FOLDER)
     lr = round_lr(cfg, round_, rounds, local_epochs)
-    with tempfile.TemporaryDirectory(dir=work, prefix=f"round-{round_}-") as tmp:
-        res = fit(net, mapping_loss(scales), rows, None,
-                  FitConfig(epochs=local_epochs, batch_size=cfg.batch_size, lr=lr, patience=local_epochs,
-                            seed=seed * 100_019 + round_, schedule="constant"),
-                  tmp, desc=f"{site} core round {round_}", progress=False, device=device)
+    dp_report = None
+    if cfg.dp:
+        from .dp import fit_patients, patients_of_rows, plan_dp
+
+        if groups is None:
+            raise PpcmiError("mapping.dp: a DP round needs the patient of every training row")
+        patient, names = patients_of_rows(groups, int(rows[0].shape[0]))
+        mech = plan_dp(cfg, len(names), rounds * local_epochs)
+        net.to(resolve_device(device))
+        losses = fit_patients(net, mapping_loss(scales), rows, patient, mech, epochs=local_epochs, lr=lr,
+                              seed=seed * 100_019 + round_, batch_size=cfg.batch_size)
+        dp_report = mech.report(round_ * local_epochs * mech.steps_per_epoch)
+        dp_report["local_train_loss"] = losses[-1]  # (kept at the hospital: not private)
+        train_loss = float("nan")
+    else:
+        with tempfile.TemporaryDirectory(dir=work, prefix=f"round-{round_}-") as tmp:
+            res = fit(net, mapping_loss(scales), rows, None,
+                      FitConfig(epochs=local_epochs, batch_size=cfg.batch_size, lr=lr, patience=local_epochs,
+                                seed=seed * 100_019 + round_, schedule="constant"),
+                      tmp, desc=f"{site} core round {round_}", progress=False, device=device)
+        train_loss = float(res.history[res.best_epoch - 1]["train_loss"])
     state = host_state(net)
     crossing = list(core_state(net, norm=cfg.federated_norm))
     _save_tensors({k: v for k, v in state.items() if k not in crossing}, _own_path(site_dir))
     out = {k: state[k] for k in crossing}
     max_abs = max(float(v.abs().max()) for v in out.values())
-    result = CoreRound(out, int(rows[0].shape[0]), float(res.history[res.best_epoch - 1]["train_loss"]), max_abs)
+    result = CoreRound(out, int(rows[0].shape[0]), train_loss, max_abs, None if dp_report is None else dp_report["epsilon"])
     _save_tensors(out, site_dir / FOLDER / "rounds" / f"round-{round_}.safetensors")
     atomic_write_json(site_dir / FOLDER / "rounds" / f"round-{round_}.json",
-                      {"round": round_, "rows": result.n_rows, "train_loss": result.train_loss, "max_abs": max_abs, "lr": lr,
-                       "local_epochs": local_epochs})
+                      {"round": round_, "rows": result.n_rows, "train_loss": None if cfg.dp else result.train_loss, "max_abs": max_abs, "lr": lr,
+                       "local_epochs": local_epochs, "dp": dp_report})
     return result
 
 

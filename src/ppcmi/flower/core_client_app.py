@@ -65,19 +65,23 @@ class HospitalCore(NumPyClient):
     def fit(self, parameters: list, config: dict[str, Any]):
         node = None
         try:
-            from ..client.fedcore import check_clipping, local_round
+            from ..client.fedcore import check_clipping, local_round, pair_groups
 
             node, cfg, fed, pairs = self._setup()
             round_, rounds, epochs = int(config["server-round"]), int(config["rounds"]), int(config["local-epochs"])
             r = local_round(self._named(parameters, node, cfg, pairs), pairs, cfg.mapping, site=node.name, site_dir=node.site_dir,
                             round_=round_, rounds=rounds, local_epochs=epochs, seed=node.site_seed(cfg), init_seed=cfg.seed,
-                            device=node.device)
+                            device=node.device, groups=pair_groups(node.site_dir) if cfg.mapping.dp else None)
             scaled = check_clipping(r, clip=fed.clip, max_weight=fed.max_weight)
             log.info("core round %d/%d: %d local epoch(s) on %d keyed pairs: train loss %.4f; largest core value %.4g "
-                     "(%.4g of SecAgg+'s clipping range +-%g after the weight ratio)", round_, rounds, epochs, r.n_rows,
-                     r.train_loss, r.max_abs, scaled, fed.clip)
-            return [v.numpy() for v in r.core.values()], r.n_rows, {"site": node.name, "train-loss": r.train_loss,
-                                                                   "max-abs": r.max_abs}
+                     "(%.4g of SecAgg+'s clipping range +-%g after the weight ratio)%s", round_, rounds, epochs, r.n_rows,
+                     r.train_loss, r.max_abs, scaled, fed.clip,
+                     "" if r.epsilon is None else f"; DP-SGD: epsilon {r.epsilon:.3g} per patient so far")
+            # with mapping.dp the training loss is not private: NaN crosses in its place, with the epsilon spent so far
+            metrics = {"site": node.name, "train-loss": r.train_loss, "max-abs": r.max_abs}
+            if r.epsilon is not None:
+                metrics["epsilon"] = r.epsilon
+            return [v.numpy() for v in r.core.values()], r.n_rows, metrics
         except Exception as e:  # noqa: BLE001 - every failure is reported, without its text
             log.exception("core round failed")
             who = node.name if node is not None else "SuperNode"
@@ -95,7 +99,8 @@ class HospitalCore(NumPyClient):
             folder = save_local_model(self._named(parameters, node, cfg, pairs), pairs, cfg.mapping, site=node.name,
                                       site_dir=node.site_dir, init_seed=cfg.seed,
                                       extra={"rounds": fed.rounds, "local_epochs": fed.local_epochs})
-            loss = pairs_loss(folder, pairs, cfg.mapping, site=node.name, init_seed=cfg.seed)
+            # (with mapping.dp its loss on its own pairs is not private: NaN is sent instead)
+            loss = float("nan") if cfg.mapping.dp else pairs_loss(folder, pairs, cfg.mapping, site=node.name, init_seed=cfg.seed)
             n = int(next(iter(pairs.values())).shape[0])
             log.info("final global core: local model written to %s; loss on its %d keyed pairs %.4f", folder, n, loss)
             return loss, n, {"site": node.name}

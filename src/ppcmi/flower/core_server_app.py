@@ -209,9 +209,10 @@ def run(grid, context: Context, cfg: Config, settings: FlowerSettings, fed: FedC
     def after_round(round_: int, arrays: list[np.ndarray], _config: dict) -> None:  # Flower's centralized-evaluation hook
         digests.append(digest(arrays))
         if round_:
+            got = sorted(rec.fit_metrics.get(round_, {}).values(), key=lambda m: m["site"])
             log.info("%s  round %d/%d (%.0f s): %s", PROGRESS_PREFIX, round_, fed.rounds, time.perf_counter() - t0,
-                     ", ".join(f"{m['site']}: train {m['train-loss']:.4f}" for m in sorted(rec.fit_metrics.get(round_, {}).values(),
-                                                                                          key=lambda m: m["site"])))
+                     ", ".join(f"{m['site']}: train {m['train-loss']:.4f}" + (f" (epsilon {m['epsilon']:.3g})" if "epsilon" in m else "")
+                               for m in got))
         return None
 
     strategy = FedAvgFloat32(fraction_fit=1.0, fraction_evaluate=1.0, min_fit_clients=n, min_evaluate_clients=n, min_available_clients=n,
@@ -246,9 +247,12 @@ def run(grid, context: Context, cfg: Config, settings: FlowerSettings, fed: FedC
         "messages": rec.messages, "initial_sha256": digests[0] if digests else None, "global_sha256": digest(final),
         "hospitals": {rec.sites[m]: {"node": m, "num_examples": rec.fit_metrics[fed.rounds][m]["num_examples"],
                                      "downloaded_bytes": rec.downloaded[m], "uploaded_bytes": rec.uploaded[m],
-                                     "final_loss": rec.eval_metrics[m]["loss"]}
+                                     "final_loss": rec.eval_metrics[m]["loss"],
+                                     **({"epsilon": rec.fit_metrics[fed.rounds][m]["epsilon"]}
+                                        if "epsilon" in rec.fit_metrics[fed.rounds][m] else {})}
                       for m in sorted(nodes, key=rec.sites.__getitem__)},
         "history": [{"round": r, "global_sha256": d, "hospitals": {rec.sites[m]: {"train_loss": v["train-loss"], "max_abs": v["max-abs"],
+                                                                                 **({"epsilon": v["epsilon"]} if "epsilon" in v else {}),
                                                                                  "num_examples": v["num_examples"]}
                                                                    for m, v in sorted(rec.fit_metrics[r].items())}}
                     for r, d in zip(range(1, fed.rounds + 1), digests[1:])],

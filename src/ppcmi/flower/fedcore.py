@@ -15,6 +15,7 @@ ServerApp's output (``messages.jsonl``, ``global.safetensors``, ``summary.json``
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -61,11 +62,13 @@ def default_local_epochs(epochs: int, rounds: int = 10) -> int:
 def train_federated_core(cfg: Config, data: str | Path, out: str | Path, *, local_epochs: int = 1,
                          fed: FedCoreSettings | None = None, settings: FlowerSettings | None = None, port: int | None = None,
                          echo: Callable[[str], None] = log.info, run_timeout: float = 24 * 3600.0, progress: bool = False,
-                         device: str = "cpu") -> tuple[dict, Plan, dict[str, Path]]:
+                         device: str = "cpu", stage1_from: str | Path | None = None) -> tuple[dict, Plan, dict[str, Path]]:
     """Stage 1 at every hospital, then the federated core over ``cfg.clients`` hospitals; returns the ServerApp's summary
     (with ``server_dir`` and ``wall_s``, ``flwr run`` included), the split, and each hospital's site folder (its local
     model is in ``SITE/fedcore/model``). ``fed`` (default: rounds from ``local_epochs``, ``max_weight`` from the split)
-    sets the SecAgg+ parameters."""
+    sets the SecAgg+ parameters. ``stage1_from``: the federation folder of an earlier run whose stage 1 was made under the
+    same data, split, autoencoder and key settings (:func:`reuse_stage1`); its hospitals' autoencoders and keys are
+    copied instead of trained again (each hospital reusing its own, as a rerun at the same hospitals would)."""
     if cfg.mapping.scope != "federated":
         raise PpcmiError(f"mapping.scope: train_federated_core runs scope \"federated\", got {cfg.mapping.scope!r}")
     run = Path(out).absolute()
@@ -83,10 +86,13 @@ def train_federated_core(cfg: Config, data: str | Path, out: str | Path, *, loca
     sites = {n: run / "sites" / n / "site" for n in names}
     t0 = time.perf_counter()
     rows = {}
+    if stage1_from is not None:
+        reuse_stage1(stage1_from, run, sites)
     for i, n in enumerate(names):  # stage 1, each hospital on its own cases (what its SuperNode would run first)
         arrays = prepare(pl.hospitals[n], cfg, pl.labels)
         rows[n] = int(arrays["images"].shape[0]) * cfg.autoencoder.send_copies  # the keyed pairs it will train on
-        train_autoencoders(sites[n], n, arrays, cfg, pl.labels, seed=site_seed(cfg.seed, i), progress=progress, device=device)
+        if stage1_from is None:
+            train_autoencoders(sites[n], n, arrays, cfg, pl.labels, seed=site_seed(cfg.seed, i), progress=progress, device=device)
     stage1_s = time.perf_counter() - t0
     # SecAgg+'s max_weight bounds every hospital's weight: here the largest hospital's rows (a count that crosses anyway,
     # as Flower's num_examples), so that its weight ratio is 1 and the quantization keeps the most precision
@@ -110,6 +116,29 @@ def train_federated_core(cfg: Config, data: str | Path, out: str | Path, *, loca
     return summary, pl, sites
 
 
+STAGE1_SETTINGS = ("data_dir", "seed", "clients", "klt", "data", "autoencoder")  # what a reused stage 1 must share
+
+
+def reuse_stage1(src: str | Path, run: Path, sites: dict[str, Path]) -> None:
+    """Copy every hospital's stage 1 (its site folder without ``fedcore/``: autoencoders, key, site record) from the
+    federation folder ``src`` of an earlier run into ``sites`` of the federation folder ``run``; refused, naming the
+    first setting that differs, where the two runs' ``config.json`` differ in data, split, autoencoder or key settings."""
+    src = Path(src)
+    try:
+        before = json.loads((src / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise PpcmiError(f"{src / 'config.json'}: cannot read the earlier run's settings ({e})") from None
+    now = json.loads((run / "config.json").read_text())
+    for key in STAGE1_SETTINGS:
+        if before.get(key) != now.get(key):
+            raise PpcmiError(f"{src}: its stage 1 was made with other {key!r} settings; train stage 1 again")
+    for n, dst in sites.items():
+        site = src / "sites" / n / "site"
+        if not (site / "site.json").is_file():
+            raise PpcmiError(f"{site}: no stage 1 of hospital {n} there")
+        shutil.copytree(site, dst, ignore=shutil.ignore_patterns(FOLDER), dirs_exist_ok=False)
+
+
 # what a federated run's summary keeps of the ServerApp's (per-round digests and messages stay in its folder)
 KEEP = ("strategy", "rounds", "local_epochs", "epochs", "secagg", "core_parameters", "payload_bytes_float32", "bytes_counted",
         "messages", "hospitals", "server_dir")
@@ -131,14 +160,15 @@ def score_local_models(cfg: Config, pl: Plan, sites: dict[str, Path], eval_dir: 
 
 def run_federated_core(cfg: Config, data: str | Path, out: str | Path, *, local_epochs: int | None = None,
                        settings: FlowerSettings | None = None, port: int | None = None, echo: Callable[[str], None] = log.info,
-                       run_timeout: float = 24 * 3600.0, progress: bool = False, device: str = "cpu") -> dict:
+                       run_timeout: float = 24 * 3600.0, progress: bool = False, device: str = "cpu",
+                       stage1_from: str | Path | None = None) -> dict:
     """The federated scope end to end, as ``ppcmi simulate``, ``ppcmi deploy`` and ``ppcmi bench`` run it: stage 1 and the
     federated core (:func:`train_federated_core`, in ``out/federation``), then every hospital segments the held-out test
     cases through its own local model (global core + its adapters, at the hospital) over the same protocol bytes and
     scoring as the shared scope (:func:`ppcmi.simulate.infer_and_score`); per-case CSVs in ``out/eval``. Returns the
     summary (``ppcmi``: the scores; ``federated``: rounds, SecAgg+, bytes per hospital; ``timings_s``) with the arrays
     under ``_arrays`` as :func:`ppcmi.simulate.run_simulation` does. ``local_epochs`` defaults to
-    :func:`default_local_epochs`."""
+    :func:`default_local_epochs`; ``stage1_from`` as :func:`train_federated_core` takes it."""
     out = Path(out)
     if (out / "summary.json").exists():
         raise PpcmiError(f"{out}: holds a finished run; choose another --out")
@@ -150,7 +180,8 @@ def run_federated_core(cfg: Config, data: str | Path, out: str | Path, *, local_
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "config.json", {**to_dict(cfg), "data_dir": str(data)})
     s, pl, sites = train_federated_core(cfg, data, out / "federation", local_epochs=local_epochs, settings=settings, port=port,
-                                        echo=echo, run_timeout=run_timeout, progress=progress, device=device)
+                                        echo=echo, run_timeout=run_timeout, progress=progress, device=device,
+                                        stage1_from=stage1_from)
     t0 = time.perf_counter()
     test, preds, rows, summ = score_local_models(cfg, pl, sites, out / "eval", device=device)
     return {"dataset": str(data), "hospitals": {h: len(c) for h, c in pl.hospitals.items()}, "n_test": len(pl.test),
