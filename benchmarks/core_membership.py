@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import platform
 import shutil
 import sys
@@ -86,8 +87,27 @@ def own_rows(site_dir: Path, name: str, n_slices: int) -> tuple[LatentBatch, lis
     return batch, [f"own/{i % n_slices}" for i in range(batch.n)]
 
 
-def bound(tpr: dict) -> str:
-    return f"TPR <= e^eps x {tpr['achieved_fpr']:.4f} + delta: no bound without DP (eps infinite)"
+def victims_dp(fed_dir: Path, victims: list[str]) -> dict | None:
+    """The victims' differential privacy (``mapping.dp``): the largest epsilon per patient any victim reached after its
+    last round, with its delta, from the round records each keeps; None where a victim trained without DP."""
+    worst = None
+    for v in victims:
+        rounds = sorted((fed_dir / "sites" / v / "site" / fedcore.FOLDER / "rounds").glob("round-*.json"),
+                        key=lambda p: int(p.stem.split("-")[1]))
+        dp = json.loads(rounds[-1].read_text()).get("dp") if rounds else None
+        if dp is None:
+            return None
+        if worst is None or dp["epsilon"] > worst["epsilon"]:
+            worst = {"epsilon": dp["epsilon"], "delta": dp["delta"], "unit": dp["unit"], "hospital": v}
+    return worst
+
+
+def bound(tpr: dict, dp: dict | None) -> str:
+    fpr = tpr["achieved_fpr"]
+    if dp is None:
+        return f"TPR <= e^eps x {fpr:.4f} + delta: no bound without DP (eps infinite)"
+    b = min(1.0, math.exp(dp["epsilon"]) * fpr + dp["delta"])
+    return f"TPR <= e^{dp['epsilon']:.3g} x {fpr:.4f} + {dp['delta']:.3g} = {b:.4f}"
 
 
 def main(argv=None) -> dict:
@@ -134,6 +154,7 @@ def main(argv=None) -> dict:
     target = TargetModel(lambda h: net, cfg.mapping)
     say(f"{int(member.sum())} victim member rows, {int(nonmember.sum())} non-member rows, {int(control.sum())} own rows (control)")
 
+    dp = victims_dp(fed_dir, victims)
     results: dict = {}
     s1 = P.m1(target, challenge)
     results["M1"] = V.mia_entry(M.evaluate_scores(s1[member], s1[nonmember]), M.evaluate_scores(s1[control], s1[nonmember]))
@@ -151,8 +172,8 @@ def main(argv=None) -> dict:
     for r in results.values():
         for k in ("attack", "control"):
             r[k].pop("roc", None)
-            r[k]["formal_bound"] = bound(r[k]["tpr_at_1pct_fpr"])
-    out = {"run": str(run) if not run.is_absolute() else "/".join(run.parts[-3:]), "tag": args.tag, "colluder": colluder, "victims": victims, "margins": V.MARGINS,
+            r[k]["formal_bound"] = bound(r[k]["tpr_at_1pct_fpr"], dp if k == "attack" else None)
+    out = {"run": str(run) if not run.is_absolute() else "/".join(run.parts[-3:]), "tag": args.tag, "colluder": colluder, "victims": victims, "margins": V.MARGINS, "dp": dp,
            "rows": {"victim_members": int(member.sum()), "nonmembers": int(nonmember.sum()), "control_members": int(control.sum())},
            "rounds": json.loads((site / fedcore.FOLDER / "model" / "config.json").read_text()).get("rounds"),
            "results": results, "seconds": time.perf_counter() - t0,
@@ -190,8 +211,16 @@ def markdown(r: dict) -> str:
         lines.append(f"| {name} | {a['auc']:.3f} | {ta['tpr']:.3f} [{ta['tpr_ci95'][0]:.3f}, {ta['tpr_ci95'][1]:.3f}] | "
                      f"{ta['achieved_fpr']:.4f} | {c['auc']:.3f} | {tc['tpr']:.3f} [{tc['tpr_ci95'][0]:.3f}, {tc['tpr_ci95'][1]:.3f}] | "
                      f"{e['status']}{' (' + ', '.join(e['exceeded']) + ')' if e['exceeded'] else ''} |")
-    lines += ["", "Formal bound beside every TPR: TPR <= e^eps x FPR + delta; this run has no differential privacy (eps "
-              "infinite), so it bounds nothing. Passing the margins empirically is not a guarantee.",
+    dp = r.get("dp")
+    if dp is None:
+        words = ("Formal bound beside every TPR: TPR <= e^eps x FPR + delta; this run has no differential privacy (eps "
+                 "infinite), so it bounds nothing.")
+    else:
+        words = (f"Formal bound: the victims trained with patient-level DP-SGD, epsilon {dp['epsilon']:.3g} at delta "
+                 f"{dp['delta']:.3g} per patient (the largest, {dp['hospital']}'s), which bounds every row of a patient: "
+                 + "; ".join(f"{n}: {e['attack']['formal_bound']}" for n, e in r["results"].items())
+                 + " (the control's rows are the colluder's own: no bound applies).")
+    lines += ["", words + " Passing the margins empirically is not a guarantee.",
               f"Machine: {r['machine']['cpu']}, torch {r['machine']['torch']}; {r['seconds']:.0f} s."]
     return "\n".join(lines) + "\n"
 

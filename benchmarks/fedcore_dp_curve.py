@@ -8,8 +8,9 @@ TLS, SuperNode authentication and SecAgg+), on a bench preset, with only the DP 
            which separates what clipping and few steps cost from what the noise costs
     EPS    DP-SGD with ``mapping.dp_epsilon = EPS`` per patient at delta = 1/patients, over the whole budget
 
-The first point trains stage 1; the others copy its hospitals' autoencoders and keys (the same data, split and
-autoencoder settings: :func:`ppcmi.flower.fedcore.reuse_stage1`), so the points differ only in stage 2.
+The first point trains stage 1 (or ``--stage1-from`` names an earlier run's); the others copy its hospitals'
+autoencoders and keys (the same data, split and autoencoder settings: :func:`ppcmi.flower.fedcore.reuse_stage1`), so
+the points differ only in stage 2.
 
 Writes ``OUT/POINT/`` (each run) and ``benchmarks/results/fedcore-dp-TAG.{json,md}``. Usage::
 
@@ -90,6 +91,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--points", default="none,inf,8,1", help="comma-separated: none, inf, or epsilons")
     ap.add_argument("--local-epochs", type=int, default=5)
     ap.add_argument("--set", dest="sets", action="append", default=[], help="KEY=VALUE for every point (e.g. mapping.epochs=10)")
+    ap.add_argument("--stage1-from", type=Path, default=None,
+                    help="the federation folder of an earlier federated run on the same data and stage-1 settings (e.g. a "
+                         "bench ppcmi_federated run's OUT/ppcmi_federated/federation): every point reuses its stage 1")
     ap.add_argument("--tag", default=None, help="results name (default: the dataset)")
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
     args = ap.parse_args(argv)
@@ -99,7 +103,7 @@ def main(argv=None) -> dict:
         from dataclasses import replace
 
         base = replace(base, data=replace(base.data, split_lists={k: str(args.data / v) for k, v in base.data.split_lists.items()}))
-    rows, first = [], None
+    rows, first = [], args.stage1_from
     for point in [p.strip() for p in args.points.split(",") if p.strip()]:
         cfg = load_config(None, point_settings(point), base=base)
         out = args.out / point
