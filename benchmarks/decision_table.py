@@ -27,8 +27,11 @@ DATASETS = ("psfhs", "acdc", "sunnybrook_lv")
 ROWS = [  # (method in the bench results, label, where the model runs at inference, what the coordinator sees)
     ("ppcmi_cpu_pca", "PPCMI-SF default (coordinator maps keyed latents)", "coordinator",
      "every training pair and every query as keyed latents; it holds the mapping network"),
-    ("ppcmi_federated", "PPCMI-SF federated core (`mapping.scope = \"federated\"`)", "hospital",
-     "the SecAgg+ sum of the cores each round, row counts, training losses; no per-image array"),
+    ("ppcmi_federated", "PPCMI-SF federated core (`mapping.scope = \"federated\"`; FedBN: normalisation layers stay local)",
+     "hospital", "the SecAgg+ sum of the cores' convolutions each round, row counts, training losses; no per-image array"),
+    ("ppcmi_federated_shared_norm", "PPCMI-SF federated core, normalisation layers averaged too (`federated_norm = \"shared\"`)",
+     "hospital", "the SecAgg+ sum of the whole cores (BatchNorm statistics included) each round, row counts, training losses; "
+     "no per-image array"),
     ("per_hospital_mapping", "per-hospital mapping (no pooling)", "coordinator",
      "every training pair and every query as keyed latents; one network per hospital"),
     ("unet_fedavg", "U-Net FedAvg (Flower)", "hospital", "every hospital's U-Net weights each round (no SecAgg+)"),
@@ -78,6 +81,9 @@ def inference_bytes(method: str, res: dict, where: str) -> str:
     return "the image up, the label map down"
 
 
+FEDCORE = {"ppcmi_federated": "", "ppcmi_federated_shared_norm": "-shared-norm"}  # method -> its membership file's suffix
+
+
 def attacks(method: str, ds: str, results: Path) -> str:
     priv = _load(results / f"privacy-{ds}.json")
     base = (priv or {}).get("variants", {}).get("baseline", {})
@@ -86,13 +92,13 @@ def attacks(method: str, ds: str, results: Path) -> str:
         return f"{got} (audited on the identity-adapter network's messages, the same kind)" if base else "not audited"
     if method == "per_hospital_mapping":
         return "A1, A5, A6, A7 apply unchanged (the same messages reach the coordinator); not re-run"
-    if method == "ppcmi_federated":
+    if method in FEDCORE:
         parts = ["A1–A8: no input (no per-image array crosses: tests/test_fedcore.py)"]
         inv = _load(results / "core-inversion.json")
         if inv:
             st = sorted({v["status"] for v in inv["verdicts"].values()})
-            parts.append(f"A9 (update inversion, Sunnybrook): {'/'.join(st)}")
-        mem = _load(results / f"core-membership-{ds}.json")
+            parts.append(f"A9 (update inversion, Sunnybrook, normalisation layers shared): {'/'.join(st)}")
+        mem = _load(results / f"core-membership-{ds}{FEDCORE[method]}.json")
         if mem:
             for name in ("M1", "M3"):
                 e = mem["results"].get(name)
@@ -114,7 +120,7 @@ def build(results: Path) -> dict:
         if bench is None:
             continue
         res = bench["results"]
-        fed = res.get("ppcmi_federated", {}).get("federated")
+        fed = (res.get("ppcmi_federated") or res.get("ppcmi_federated_shared_norm") or {}).get("federated")
         rows = {h: v["num_examples"] for h, v in fed["hospitals"].items()} if fed else None
         table = []
         for method, label, where, sees in ROWS:
@@ -126,9 +132,10 @@ def build(results: Path) -> dict:
                           "coordinator_sees": sees, "attacks_succeeded": attacks(method, ds, results)})
         d = {r["method"]: r["dice"] for r in table}
         verdict = {}
-        if d.get("ppcmi_federated") is not None:
-            f = d["ppcmi_federated"]
-            verdict = {"federated_minus_default_points": 100 * (f - d["ppcmi_cpu_pca"]),
+        core = "ppcmi_federated" if d.get("ppcmi_federated") is not None else "ppcmi_federated_shared_norm"
+        if d.get(core) is not None:
+            f = d[core]
+            verdict = {"method": core, "federated_minus_default_points": 100 * (f - d["ppcmi_cpu_pca"]),
                        "federated_minus_per_hospital_points": 100 * (f - d["per_hospital_mapping"]),
                        "federated_minus_fedavg_points": 100 * (f - d["unet_fedavg"]) if d.get("unet_fedavg") is not None else None}
         out[ds] = {"rows": table, "targets": verdict}
@@ -147,7 +154,8 @@ def markdown(t: dict) -> str:
         g = v["targets"]
         if g:
             fa = g["federated_minus_fedavg_points"]
-            lines += ["", f"Federated core against the default: {g['federated_minus_default_points']:+.2f} points (target: within 1); "
+            which = "" if g["method"] == "ppcmi_federated" else " (normalisation layers shared: the FedBN row was not run here)"
+            lines += ["", f"Federated core{which} against the default: {g['federated_minus_default_points']:+.2f} points (target: within 1); "
                       f"against per-hospital mapping: {g['federated_minus_per_hospital_points']:+.2f} (target: above); "
                       f"against U-Net FedAvg: {'n/a' if fa is None else f'{fa:+.2f}'} points."]
         lines.append("")
