@@ -245,15 +245,15 @@ def local_round(core: Mapping[str, torch.Tensor], pairs: Mapping[str, torch.Tens
                       tmp, desc=f"{site} core round {round_}", progress=False, device=device)
         train_loss = float(res.history[res.best_epoch - 1]["train_loss"])
     state = host_state(net)
-    crossing = list(core_state(net, norm=cfg.federated_norm))
+    crossing = core_state(net, norm=cfg.federated_norm)  # (names in the order they cross)
     _save_tensors({k: v for k, v in state.items() if k not in crossing}, _own_path(site_dir))
     out = {k: state[k] for k in crossing}
     max_abs = max(float(v.abs().max()) for v in out.values())
     result = CoreRound(out, int(rows[0].shape[0]), train_loss, max_abs, None if dp_report is None else dp_report["epsilon"])
     _save_tensors(out, site_dir / FOLDER / "rounds" / f"round-{round_}.safetensors")
     atomic_write_json(site_dir / FOLDER / "rounds" / f"round-{round_}.json",
-                      {"round": round_, "rows": result.n_rows, "train_loss": None if cfg.dp else result.train_loss, "max_abs": max_abs, "lr": lr,
-                       "local_epochs": local_epochs, "dp": dp_report})
+                      {"round": round_, "rows": result.n_rows, "train_loss": None if cfg.dp else result.train_loss,
+                       "max_abs": max_abs, "lr": lr, "local_epochs": local_epochs, "dp": dp_report})
     return result
 
 
