@@ -4,6 +4,7 @@ Each point is a real federated run (``ppcmi.flower.fedcore.run_federated_core``:
 TLS, SuperNode authentication and SecAgg+), on a bench preset, with only the DP settings changing between points:
 
     none   no DP (the anchor: the federated core as ``ppcmi bench --methods ppcmi_federated`` trains it)
+    shared no DP, the core's normalisation layers averaged too (``mapping.federated_norm = "shared"``: FedBN's ablation)
     inf    DP-SGD's mechanism without noise (patient-level clipping and Poisson sampling only: epsilon infinite),
            which separates what clipping and few steps cost from what the noise costs
     EPS    DP-SGD with ``mapping.dp_epsilon = EPS`` per patient at delta = 1/patients, over the whole budget
@@ -40,11 +41,13 @@ from ppcmi.flower.fedcore import run_federated_core  # noqa: E402
 def point_settings(point: str) -> list[str]:
     if point == "none":
         return []
+    if point == "shared":
+        return ["mapping.federated_norm=shared"]
     if point == "inf":
         return ["mapping.dp=true", "mapping.dp_noise=0"]
     eps = float(point)
     if not (math.isfinite(eps) and eps > 0):
-        raise SystemExit(f"--points: {point!r} is not none, inf or a positive epsilon")
+        raise SystemExit(f"--points: {point!r} is not none, shared, inf or a positive epsilon")
     return ["mapping.dp=true", f"mapping.dp_epsilon={eps:g}"]
 
 
@@ -75,7 +78,8 @@ def table(tag: str, meta: dict, rows: list[dict]) -> str:
              "| point | epsilon per patient (largest hospital's; delta = 1/patients) | foreground Dice | 95 % CI | per class | "
              "stage 2 (flwr run) s |", "|---|---|---|---|---|---|"]
     for r in rows:
-        eps = "no DP" if r["point"] == "none" else ("inf (no noise)" if r["point"] == "inf" else f"{r['epsilon_max']:.3g}")
+        eps = {"none": "no DP", "shared": "no DP (normalisation layers averaged)", "inf": "inf (no noise)"}.get(
+            r["point"], None) or f"{r['epsilon_max']:.3g}"
         ci = r["fg_dice_ci95"]
         cls = ", ".join(f"{k} {v:.3f}" for k, v in r["class_dice"].items())
         lines.append(f"| {r['point']} | {eps} | {r['fg_dice']:.4f} | [{ci[0]:.3f}, {ci[1]:.3f}] | {cls} | "
@@ -88,7 +92,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--dataset", required=True, help="a bench preset: psfhs, acdc or sunnybrook_lv")
     ap.add_argument("--data", required=True, type=Path)
     ap.add_argument("--out", required=True, type=Path)
-    ap.add_argument("--points", default="none,inf,8,1", help="comma-separated: none, inf, or epsilons")
+    ap.add_argument("--points", default="none,inf,8,1", help="comma-separated: none, shared, inf, or epsilons")
     ap.add_argument("--local-epochs", type=int, default=5)
     ap.add_argument("--set", dest="sets", action="append", default=[], help="KEY=VALUE for every point (e.g. mapping.epochs=10)")
     ap.add_argument("--stage1-from", type=Path, default=None,
