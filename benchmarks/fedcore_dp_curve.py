@@ -5,9 +5,10 @@ TLS, SuperNode authentication and SecAgg+), on a bench preset, with only the DP 
 
     none   no DP (the anchor: the federated core as ``ppcmi bench --methods ppcmi_federated`` trains it)
     shared no DP, the core's normalisation layers averaged too (``mapping.federated_norm = "shared"``: FedBN's ablation)
-    inf    DP-SGD's mechanism without noise (patient-level clipping and Poisson sampling only: epsilon infinite),
+    group  no DP, GroupNorm instead of BatchNorm (``mapping.norm = "group"``, which DP-SGD needs): the DP points' anchor
+    inf    DP-SGD's mechanism (GroupNorm) without noise (patient-level clipping and Poisson sampling only: epsilon infinite),
            which separates what clipping and few steps cost from what the noise costs
-    EPS    DP-SGD with ``mapping.dp_epsilon = EPS`` per patient at delta = 1/patients, over the whole budget
+    EPS    DP-SGD (GroupNorm) with ``mapping.dp_epsilon = EPS`` per patient at delta = 1/patients, over the whole budget
 
 The first point trains stage 1 (or ``--stage1-from`` names an earlier run's); the others copy its hospitals'
 autoencoders and keys (the same data, split and autoencoder settings: :func:`ppcmi.flower.fedcore.reuse_stage1`), so
@@ -43,12 +44,14 @@ def point_settings(point: str) -> list[str]:
         return []
     if point == "shared":
         return ["mapping.federated_norm=shared"]
+    if point == "group":
+        return ["mapping.norm=group"]
     if point == "inf":
-        return ["mapping.dp=true", "mapping.dp_noise=0"]
+        return ["mapping.norm=group", "mapping.dp=true", "mapping.dp_noise=0"]
     eps = float(point)
     if not (math.isfinite(eps) and eps > 0):
-        raise SystemExit(f"--points: {point!r} is not none, shared, inf or a positive epsilon")
-    return ["mapping.dp=true", f"mapping.dp_epsilon={eps:g}"]
+        raise SystemExit(f"--points: {point!r} is not none, shared, group, inf or a positive epsilon")
+    return ["mapping.norm=group", "mapping.dp=true", f"mapping.dp_epsilon={eps:g}"]
 
 
 def _cpu() -> str:
@@ -78,7 +81,7 @@ def table(tag: str, meta: dict, rows: list[dict]) -> str:
              "| point | epsilon per patient (largest hospital's; delta = 1/patients) | foreground Dice | 95 % CI | per class | "
              "stage 2 (flwr run) s |", "|---|---|---|---|---|---|"]
     for r in rows:
-        eps = {"none": "no DP", "shared": "no DP (normalisation layers averaged)", "inf": "inf (no noise)"}.get(
+        eps = {"none": "no DP", "shared": "no DP (normalisation layers averaged)", "group": "no DP (GroupNorm)", "inf": "inf (no noise)"}.get(
             r["point"], None) or f"{r['epsilon_max']:.3g}"
         ci = r["fg_dice_ci95"]
         cls = ", ".join(f"{k} {v:.3f}" for k, v in r["class_dice"].items())
@@ -92,7 +95,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--dataset", required=True, help="a bench preset: psfhs, acdc or sunnybrook_lv")
     ap.add_argument("--data", required=True, type=Path)
     ap.add_argument("--out", required=True, type=Path)
-    ap.add_argument("--points", default="none,inf,8,1", help="comma-separated: none, shared, inf, or epsilons")
+    ap.add_argument("--points", default="none,inf,8,1", help="comma-separated: none, shared, group, inf, or epsilons")
     ap.add_argument("--local-epochs", type=int, default=5)
     ap.add_argument("--set", dest="sets", action="append", default=[], help="KEY=VALUE for every point (e.g. mapping.epochs=10)")
     ap.add_argument("--stage1-from", type=Path, default=None,

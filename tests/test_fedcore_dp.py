@@ -17,7 +17,7 @@ from ppcmi.flower.core_wire import initial_core  # noqa: E402
 from test_fedcore import TINY, _pairs  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-DPCFG = ["mapping.scope=federated", "mapping.dp=true", "mapping.adapter_init=identity"]
+DPCFG = ["mapping.scope=federated", "mapping.dp=true", "mapping.adapter_init=identity", "mapping.norm=group"]
 
 
 def _cfg(*extra):
@@ -114,10 +114,9 @@ def test_dp_rounds_compose_their_epsilon_keep_the_final_weights_and_send_no_loss
 def test_dp_settings_that_the_accounting_would_not_cover_are_refused():
     with pytest.raises(ConfigError, match=r'^mapping.dp: the default mapping.adapter_init = "pca" reads'):
         load_config(None, [*TINY, "mapping.scope=federated", "mapping.dp=true"])
-    with pytest.raises(ConfigError, match=r'^mapping.dp: DP-SGD needs mapping.norm = "group"'):
-        load_config(None, [*TINY, *DPCFG, "mapping.federated_norm=shared"])
-    with pytest.raises(ConfigError, match=r'^mapping.dp: DP-SGD needs mapping.norm = "group"'):
-        load_config(None, [*TINY, "mapping.dp=true", "mapping.adapter_init=identity"])  # the coordinator's DP: Opacus, per row
+    for scope in ("federated", "shared"):  # BatchNorm mixes a batch's rows (and cannot normalise a patient of one row)
+        with pytest.raises(ConfigError, match=r'^mapping.dp: DP-SGD needs mapping.norm = "group"'):
+            load_config(None, [*TINY, f"mapping.scope={scope}", "mapping.dp=true", "mapping.adapter_init=identity"])
     with pytest.raises(ConfigError, match=r"^mapping.dp_patients: "):
         _cfg("mapping.dp_patients=0")
-    assert _cfg().mapping.federated_norm == "local"  # BatchNorm is fine: each patient's rows are normalised on their own
+    assert _cfg().mapping.federated_norm == "local"  # the GroupNorm affines stay at the hospital too

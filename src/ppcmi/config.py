@@ -209,10 +209,9 @@ class MappingTrainConfig(MappingConfig):
         if self.dp and self.adapter_init == "pca":
             raise ConfigError('mapping.dp: the default mapping.adapter_init = "pca" reads each hospital\'s latent statistics without '
                               'noise, which DP-SGD\'s accounting does not cover; set mapping.adapter_init = "identity" with mapping.dp')
-        if self.dp and self.norm != "group" and not (self.scope == "federated" and self.federated_norm == "local"):
-            raise ConfigError('mapping.dp: DP-SGD needs mapping.norm = "group" (BatchNorm mixes samples, so per-sample gradients are '
-                              'undefined), or mapping.scope = "federated" with mapping.federated_norm = "local" (each patient\'s '
-                              'gradient from its own rows; the running statistics never leave the hospital)')
+        if self.dp and self.norm != "group":
+            raise ConfigError('mapping.dp: DP-SGD needs mapping.norm = "group" (BatchNorm mixes samples, so per-sample or '
+                              'per-patient gradients are undefined, and cannot normalise a patient with one row)')
         check_int("mapping.dp_patients", self.dp_patients, 1, 10**6)
         object.__setattr__(self, "dp_noise", check_real("mapping.dp_noise", self.dp_noise, 0.0, 1e6))
         object.__setattr__(self, "dp_clip", check_real("mapping.dp_clip", self.dp_clip, 0.0, 1e6, lo_open=True))

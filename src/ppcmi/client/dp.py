@@ -22,9 +22,9 @@ releases and of other hospitals' data). ``mapping.dp_epsilon`` sets ``sigma`` fo
 (rounds x local epochs) before the first round; else ``mapping.dp_noise`` is ``sigma``.
 
 What the guarantee covers, and what not: every tensor a hospital sends is a function of its DP-trained parameters and
-of data-independent settings. BatchNorm (allowed with ``mapping.federated_norm = "local"``) normalises each patient's
-rows with their own statistics in training, so a patient's gradient depends on no one else; its running statistics are
-never used in training and never leave the hospital. Fixed frames from the hospital's rows (``mapping.adapter_init =
+of data-independent settings. The network normalises with GroupNorm (``mapping.norm = "group"``, required with DP):
+per row, so a patient's gradient depends on no one else's rows (BatchNorm would mix them, and cannot normalise a
+patient with a single row whose deepest maps are 1 x 1, as a first run on PSFHS found). Fixed frames from the hospital's rows (``mapping.adapter_init =
 "pca"``) are refused with DP (a data-dependent preprocessing outside the accounting). The noise comes from torch's
 seeded generator, fine for measuring, not a cryptographically secure source for a release (PRIVACY.md).
 """
@@ -105,7 +105,7 @@ def patients_of_rows(groups: Sequence[str], n_rows: int) -> tuple[torch.Tensor, 
 
 
 def _chunks(idx: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
-    """A patient's rows in nearly equal chunks of at most ``batch_size`` (none of one row where it has more: BatchNorm)."""
+    """A patient's rows in nearly equal chunks of at most ``batch_size``."""
     return list(torch.tensor_split(idx, max(1, math.ceil(len(idx) / batch_size))))
 
 
