@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import sys
 import time
 from pathlib import Path
@@ -34,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from ppcmi.config import load_config  # noqa: E402
-from ppcmi.experiment import METHODS, dataset_config  # noqa: E402
+from ppcmi.experiment import METHODS, dataset_config, machine  # noqa: E402
 from ppcmi.fileio import atomic_write_json, atomic_write_text  # noqa: E402
 from ppcmi.flower.fedcore import run_federated_core  # noqa: E402
 
@@ -52,16 +51,6 @@ def point_settings(point: str) -> list[str]:
     if not (math.isfinite(eps) and eps > 0):
         raise SystemExit(f"--points: {point!r} is not none, shared, group, inf or a positive epsilon")
     return ["mapping.norm=group", "mapping.dp=true", f"mapping.dp_epsilon={eps:g}"]
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def row(point: str, res: dict) -> dict:
@@ -126,7 +115,7 @@ def main(argv=None) -> dict:
         rows.append(row(point, res))
         print(f"{point}: Dice {rows[-1]['fg_dice']:.4f}, epsilon {rows[-1]['epsilon_max']}")
     m = base.mapping
-    meta = {"dataset": args.dataset, "cpu": _cpu(), "rounds": rows[0]["rounds"], "local_epochs": rows[0]["local_epochs"],
+    meta = {"dataset": args.dataset, "cpu": machine()["cpu"], "rounds": rows[0]["rounds"], "local_epochs": rows[0]["local_epochs"],
             "settings": ", ".join(args.sets) or "the preset's budget", "dp_patients": m.dp_patients, "dp_clip": m.dp_clip,
             "command": "PYTHONPATH=src python benchmarks/fedcore_dp_curve.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     doc = {"meta": meta, "rows": rows}
