@@ -55,7 +55,7 @@ def point_settings(point: str) -> list[str]:
 
 def row(point: str, res: dict) -> dict:
     s, f = res["ppcmi"], res["federated"]
-    per_class = {k[:-len("_dice")]: s[k]["mean"] for k in s if k.endswith("_dice") and k.startswith("class")}
+    per_class = {k[:-len("_dice")]: s[k]["mean"] for k in s if k.endswith("_dice") and k != "fg_dice"}
     eps = [h.get("epsilon") for h in f["hospitals"].values()]
     return {"point": point, "fg_dice": s["fg_dice"]["mean"], "fg_dice_ci95": s["fg_dice"]["ci95"], "class_dice": per_class,
             "epsilon_per_hospital": {n: h.get("epsilon") for n, h in f["hospitals"].items()},
