@@ -29,7 +29,7 @@ from typing import Any
 
 from .errors import ConfigError, DataError, check_bool, check_int, check_real
 from .fileio import read_text
-from .models import AEShape, MappingConfig
+from .models import NORM_SCOPES, AEShape, MappingConfig
 from .protocol import CHUNK_BYTES, MAX_BYTES, MIN_CHUNK_BYTES
 
 log = logging.getLogger(__name__)
@@ -204,7 +204,7 @@ class MappingTrainConfig(MappingConfig):
         _check_training("mapping", self)
         check_bool("mapping.dp", self.dp)
         _choice("mapping.scope", self.scope, ("shared", "per_hospital", "federated"))
-        _choice("mapping.federated_norm", self.federated_norm, ("local", "shared"))
+        _choice("mapping.federated_norm", self.federated_norm, NORM_SCOPES)
         _choice("mapping.adapter_init", self.adapter_init, ("identity", "pca"))
         if self.dp and self.adapter_init == "pca":
             raise ConfigError('mapping.dp: the default mapping.adapter_init = "pca" reads each hospital\'s latent statistics without '

@@ -24,9 +24,10 @@ releases and of other hospitals' data). ``mapping.dp_epsilon`` sets ``sigma`` fo
 What the guarantee covers, and what not: every tensor a hospital sends is a function of its DP-trained parameters and
 of data-independent settings. The network normalises with GroupNorm (``mapping.norm = "group"``, required with DP):
 per row, so a patient's gradient depends on no one else's rows (BatchNorm would mix them, and cannot normalise a
-patient with a single row whose deepest maps are 1 x 1, as a first run on PSFHS found). Fixed frames from the hospital's rows (``mapping.adapter_init =
-"pca"``) are refused with DP (a data-dependent preprocessing outside the accounting). The noise comes from torch's
-seeded generator, fine for measuring, not a cryptographically secure source for a release (PRIVACY.md).
+patient with a single row whose deepest maps are 1 x 1, as a first run on PSFHS found). Fixed frames from the
+hospital's rows (``mapping.adapter_init = "pca"``) are refused with DP (a data-dependent preprocessing outside the
+accounting). The noise comes from torch's seeded generator, fine for measuring, not a cryptographically secure source
+for a release (PRIVACY.md).
 """
 
 from __future__ import annotations
