@@ -44,7 +44,7 @@ TINY = ["--set", "data.size=32", "--set", "data.group_csv=groups.csv", "--set", 
         "--set", "data.test_frac=0.25", "--set", "autoencoder.width=0.25", "--set", "autoencoder.epochs=1",
         "--set", "autoencoder.send_copies=1", "--set", "mapping.epochs=1", "--set", "mapping.widen=[8,8,8]",
         "--set", "mapping.mid=[8,8]", "--set", "mapping.down=[8,8,8]",
-        "--set", "chunk_bytes=8192"]  # one pair per chunk: stage 2 takes several Flower rounds
+        "--set", "chunk_bytes=12288"]  # two pairs per chunk (4 KB each): stage 2 takes several Flower rounds
 METRIC_KEY = re.compile(r"^(n_cases|[A-Za-z0-9_]+\.(mean|std|n|n_undefined|ci95)|counts\.[A-Za-z0-9_]+\.[a-z_]+)$")
 
 

@@ -108,7 +108,8 @@ def _federated_core(cfg, data: Path, out: Path, *, local_epochs: Optional[int], 
     typer.echo("")
     typer.echo(table({"methods": {title: res["ppcmi"]}}))
     per = ", ".join(f"{h} {b['uploaded_bytes'] / 1e6:.1f} / {b['downloaded_bytes'] / 1e6:.1f}" for h, b in f["hospitals"].items())
-    typer.echo(f"\n{f['rounds']} rounds x {f['local_epochs']} local epochs under SecAgg+; MB per hospital up / down: {per}; "
+    rounds = f"{f['rounds']} round{'s' * (f['rounds'] != 1)} x {f['local_epochs']} local epoch{'s' * (f['local_epochs'] != 1)}"
+    typer.echo(f"\n{rounds} under SecAgg+; MB per hospital up / down: {per}; "
                f"wall time: stage 1 {t['stage1_s']:.0f} s, federation {t['flwr_run_s']:.0f} s; results in {out}")
     return res
 
