@@ -347,11 +347,12 @@ def federated(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("fedcore")
     data = _subset(root / "data")
-    cfg = load_config(None, TINY)
-    out = root / "simulate"
     # one round of one local epoch (Flower's polling makes a SecAgg+ round cost ~45 s on 2 cores; a second round's start
     # from the kept adapters is tested without processes above)
-    sets = [a for s in [*TINY, "mapping.epochs=1", "mapping.scope=federated"] for a in ("--set", s)]
+    settings = [*TINY, "mapping.epochs=1", "mapping.scope=federated"]
+    cfg = load_config(None, settings)  # the configuration the run is given
+    out = root / "simulate"
+    sets = [a for s in settings for a in ("--set", s)]
     r = CliRunner().invoke(app, ["simulate", "--data", str(data), "--clients", "2", "--no-plan", *sets, "--out", str(out), "--quiet"])
     assert r.exit_code == 0, r.output
     return cfg, data, out, json.loads((out / "summary.json").read_text()), processes_mentioning(str(out)), r.output
