@@ -9,6 +9,7 @@ TLS, SuperNode authentication and SecAgg+), on a bench preset, with only the DP 
     inf    DP-SGD's mechanism (GroupNorm) without noise (patient-level clipping and Poisson sampling only: epsilon infinite),
            which separates what clipping and few steps cost from what the noise costs
     EPS    DP-SGD (GroupNorm) with ``mapping.dp_epsilon = EPS`` per patient at delta = 1/patients, over the whole budget
+    EPS@B  the same with ``mapping.dp_patients = B`` expected patients per step (a larger logical batch: De et al. 2022)
 
 The first point trains stage 1 (or ``--stage1-from`` names an earlier run's); the others copy its hospitals'
 autoencoders and keys (the same data, split and autoencoder settings: :func:`ppcmi.flower.fedcore.reuse_stage1`), so
@@ -47,34 +48,40 @@ def point_settings(point: str) -> list[str]:
         return ["mapping.norm=group"]
     if point == "inf":
         return ["mapping.norm=group", "mapping.dp=true", "mapping.dp_noise=0"]
-    eps = float(point)
-    if not (math.isfinite(eps) and eps > 0):
-        raise SystemExit(f"--points: {point!r} is not none, shared, group, inf or a positive epsilon")
-    return ["mapping.norm=group", "mapping.dp=true", f"mapping.dp_epsilon={eps:g}"]
+    eps_text, _, batch = point.partition("@")
+    try:
+        eps, patients = float(eps_text), int(batch) if batch else None
+    except ValueError:
+        eps, patients = math.nan, None
+    if not (math.isfinite(eps) and eps > 0) or (patients is not None and patients < 1):
+        raise SystemExit(f"--points: {point!r} is not none, shared, group, inf, a positive epsilon or EPSILON@PATIENTS")
+    return ["mapping.norm=group", "mapping.dp=true", f"mapping.dp_epsilon={eps:g}",
+            *([f"mapping.dp_patients={patients}"] if patients else [])]
 
 
-def row(point: str, res: dict) -> dict:
+def row(point: str, res: dict, patients_per_step: int) -> dict:
     s, f = res["ppcmi"], res["federated"]
     per_class = {k[:-len("_dice")]: s[k]["mean"] for k in s if k.endswith("_dice") and k != "fg_dice"}
     eps = [h.get("epsilon") for h in f["hospitals"].values()]
     return {"point": point, "fg_dice": s["fg_dice"]["mean"], "fg_dice_ci95": s["fg_dice"]["ci95"], "class_dice": per_class,
             "epsilon_per_hospital": {n: h.get("epsilon") for n, h in f["hospitals"].items()},
             "epsilon_max": max(e for e in eps) if all(e is not None for e in eps) else None,
+            "dp_patients": patients_per_step if point not in ("none", "shared", "group") else None,
             "rounds": f["rounds"], "local_epochs": f["local_epochs"], "timings_s": res["timings_s"]}
 
 
 def table(tag: str, meta: dict, rows: list[dict]) -> str:
     lines = [f"# Federated core: Dice against epsilon per patient ({tag})", "",
              f"{meta['rounds']} rounds x {meta['local_epochs']} local epochs; {meta['settings']}; "
-             f"expected patients per step: {meta['dp_patients']}; clip {meta['dp_clip']}; machine: {meta['cpu']}.", "",
-             "| point | epsilon per patient (largest hospital's; delta = 1/patients) | foreground Dice | 95 % CI | per class | "
-             "stage 2 (flwr run) s |", "|---|---|---|---|---|---|"]
+             f"expected patients per step: {meta['dp_patients']} unless a row says; clip {meta['dp_clip']}; machine: {meta['cpu']}.", "",
+             "| point | epsilon per patient (largest hospital's; delta = 1/patients) | patients per step | foreground Dice | 95 % CI | "
+             "per class | stage 2 (flwr run) s |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         eps = {"none": "no DP", "shared": "no DP (normalisation layers averaged)", "group": "no DP (GroupNorm)", "inf": "inf (no noise)"}.get(
             r["point"], None) or f"{r['epsilon_max']:.3g}"
         ci = r["fg_dice_ci95"]
         cls = ", ".join(f"{k} {v:.3f}" for k, v in r["class_dice"].items())
-        lines.append(f"| {r['point']} | {eps} | {r['fg_dice']:.4f} | [{ci[0]:.3f}, {ci[1]:.3f}] | {cls} | "
+        lines.append(f"| {r['point']} | {eps} | {r.get('dp_patients') or '-'} | {r['fg_dice']:.4f} | [{ci[0]:.3f}, {ci[1]:.3f}] | {cls} | "
                      f"{r['timings_s']['flwr_run_s']:.0f} |")
     return "\n".join(lines) + "\n"
 
@@ -112,7 +119,7 @@ def main(argv=None) -> dict:
             res["wall_s"] = time.perf_counter() - t0
             atomic_write_json(out / "summary.json", res)
         first = first or out / "federation"
-        rows.append(row(point, res))
+        rows.append(row(point, res, cfg.mapping.dp_patients))
         print(f"{point}: Dice {rows[-1]['fg_dice']:.4f}, epsilon {rows[-1]['epsilon_max']}")
     m = base.mapping
     meta = {"dataset": args.dataset, "cpu": machine()["cpu"], "rounds": rows[0]["rounds"], "local_epochs": rows[0]["local_epochs"],

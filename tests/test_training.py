@@ -250,7 +250,7 @@ def test_adapters_make_keyed_training_match_plain(tmp_path):
     ch = {"s3": 8, "s4": 16, "b": 32}
     keys = [bytes([i] * 32) for i in (1, 2)]
     data = [_latent_pairs(10 + i) for i in range(2)]
-    cfg = MappingTrainConfig(**TINY, epochs=40, patience=40, batch_size=24, lr=3e-3, val_frac=0.25, adapter_init="identity")
+    cfg = MappingTrainConfig(**TINY, epochs=20, patience=20, batch_size=24, lr=3e-3, val_frac=0.25, adapter_init="identity")
     plain = [_batch(f"h{i}", *data[i]) for i in range(2)]
     keyed = [_batch(f"h{i}", *data[i], KeyedLatentTransform(keys[i], ch)) for i in range(2)]
     _, rp = train_mapping(plain, cfg, tmp_path / "plain", progress=False)
@@ -329,7 +329,7 @@ def test_key_rotation_with_pca_adapters_keeps_the_predictions(tmp_path):
 @pytest.mark.slow
 def test_mapping_overfits_a_tiny_batch(tmp_path):
     img, msk = _latent_pairs(0, n=8)
-    cfg = MappingTrainConfig(**TINY, epochs=80, patience=80, batch_size=8, lr=5e-3, val_frac=0.0)
+    cfg = MappingTrainConfig(**TINY, epochs=40, patience=40, batch_size=8, lr=5e-3, val_frac=0.0)
     _, r = train_mapping([_batch("h0", img, msk)], cfg, tmp_path, progress=False)
     assert r.history[-1]["train_loss"] < 0.05 * r.history[0]["train_loss"]
 
