@@ -59,14 +59,14 @@ def point_settings(point: str) -> list[str]:
             *([f"mapping.dp_patients={patients}"] if patients else [])]
 
 
-def row(point: str, res: dict, patients_per_step: int) -> dict:
+def row(point: str, res: dict, patients_per_step: int | None) -> dict:
     s, f = res["ppcmi"], res["federated"]
     per_class = {k[:-len("_dice")]: s[k]["mean"] for k in s if k.endswith("_dice") and k != "fg_dice"}
     eps = [h.get("epsilon") for h in f["hospitals"].values()]
     return {"point": point, "fg_dice": s["fg_dice"]["mean"], "fg_dice_ci95": s["fg_dice"]["ci95"], "class_dice": per_class,
             "epsilon_per_hospital": {n: h.get("epsilon") for n, h in f["hospitals"].items()},
             "epsilon_max": max(e for e in eps) if all(e is not None for e in eps) else None,
-            "dp_patients": patients_per_step if point not in ("none", "shared", "group") else None,
+            "dp_patients": patients_per_step,
             "rounds": f["rounds"], "local_epochs": f["local_epochs"], "timings_s": res["timings_s"]}
 
 
@@ -119,7 +119,7 @@ def main(argv=None) -> dict:
             res["wall_s"] = time.perf_counter() - t0
             atomic_write_json(out / "summary.json", res)
         first = first or out / "federation"
-        rows.append(row(point, res, cfg.mapping.dp_patients))
+        rows.append(row(point, res, cfg.mapping.dp_patients if cfg.mapping.dp else None))  # (None: no DP-SGD steps)
         print(f"{point}: Dice {rows[-1]['fg_dice']:.4f}, epsilon {rows[-1]['epsilon_max']}")
     m = base.mapping
     meta = {"dataset": args.dataset, "cpu": machine()["cpu"], "rounds": rows[0]["rounds"], "local_epochs": rows[0]["local_epochs"],
