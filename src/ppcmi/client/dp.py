@@ -17,7 +17,7 @@ Opacus computes per-*sample* gradients and clips them one row at a time; user-le
 gradient over its rows, which one backward pass of its own rows gives, so the aggregation above is written here and
 Opacus's RDP accountant does the accounting: epsilon after ``k`` steps is that of the subsampled Gaussian mechanism
 ``(sigma, q)`` composed ``k`` times, at ``delta = 1 / P``. A round starts where the last left off, so the steps of all
-rounds compose (adaptive composition: the global cores a hospital receives are post- processing of its own earlier
+rounds compose (adaptive composition: the global cores a hospital receives are post-processing of its own earlier
 releases and of other hospitals' data). ``mapping.dp_epsilon`` sets ``sigma`` for the whole budget (rounds x local
 epochs) before the first round; else ``mapping.dp_noise`` is ``sigma``. Opacus's own per-row hooks (``GradSampleModule``
 over a batch of patients' rows) were measured against this loop on PSFHS-sized latents with one torch thread: 1.5x
