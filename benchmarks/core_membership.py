@@ -87,6 +87,18 @@ def own_rows(site_dir: Path, name: str, n_slices: int) -> tuple[LatentBatch, lis
     return batch, [f"own/{i % n_slices}" for i in range(batch.n)]
 
 
+def held_out(fed_dir: Path, name: str, groups: list[str], n_rows: int, cfg) -> np.ndarray:
+    """Which of ``n_rows`` rows (copy after copy of planes with patients ``groups``) hospital ``name`` held out of its
+    training with ``mapping.federated_select = "val"`` (:func:`ppcmi.client.fedcore.holdout_rows`); none otherwise."""
+    out = np.zeros(n_rows, dtype=bool)
+    if cfg.mapping.federated_select == "val":
+        meta = json.loads((fed_dir / "sites" / name / "site" / fedcore.FOLDER / "model" / "config.json").read_text())
+        seed = meta["selected"].get("holdout_seed")
+        if seed is not None:
+            out[fedcore.holdout_rows(groups, n_rows, seed, cfg.mapping.val_frac)[1].numpy()] = True
+    return out
+
+
 def victims_dp(fed_dir: Path, victims: list[str]) -> dict | None:
     """The victims' differential privacy (``mapping.dp``): the largest epsilon per patient any victim reached after its
     last round, with its delta, from the round records each keeps; None where a victim trained without DP."""
@@ -139,16 +151,17 @@ def main(argv=None) -> dict:
 
     parts, roles = [], []  # roles: "member" (a victim's training slice), "non" (a test slice), "own" (the control's members)
     for v in victims:  # the victims' training slices, as candidates the attacker keys itself
-        b, u = keyed_rows(hosp, prepare(pl.hospitals[v], cfg, pl.labels), cfg, f"{v}/m")
+        arrays = prepare(pl.hospitals[v], cfg, pl.labels)
+        b, u = keyed_rows(hosp, arrays, cfg, f"{v}/m")
         parts.append(ChallengePart(colluder, b, tuple(u)))
-        roles.append("member")
+        roles.append(np.where(held_out(fed_dir, v, list(arrays["groups"]), b.n, cfg), "held", "member"))
     b, u = keyed_rows(hosp, prepare(pl.test, cfg, pl.labels), cfg, "test/n")
     parts.append(ChallengePart(colluder, b, tuple(u)))
-    roles.append("non")
+    roles.append(np.full(b.n, "non"))
     b, u = own_rows(site, colluder, len(pl.hospitals[colluder]))
     parts.append(ChallengePart(colluder, b, tuple(u)))
-    roles.append("own")
-    row_role = np.concatenate([np.full(p.batch.n, r) for p, r in zip(parts, roles)])
+    roles.append(np.where(held_out(fed_dir, colluder, fedcore.pair_groups(site), b.n, cfg), "held", "own"))
+    row_role = np.concatenate(roles)  # ("held": a hospital's held-out patients, never trained on: left out of every set)
     member, nonmember, control = (row_role == "member"), (row_role == "non"), (row_role == "own")
     challenge = MembershipChallenge(tuple(parts))
     target = TargetModel(lambda h: net, cfg.mapping)
@@ -174,7 +187,8 @@ def main(argv=None) -> dict:
             r[k].pop("roc", None)
             r[k]["formal_bound"] = bound(r[k]["tpr_at_1pct_fpr"], dp if k == "attack" else None)
     out = {"run": str(run) if not run.is_absolute() else "/".join(run.parts[-3:]), "tag": args.tag, "colluder": colluder, "victims": victims, "margins": V.MARGINS, "dp": dp,
-           "rows": {"victim_members": int(member.sum()), "nonmembers": int(nonmember.sum()), "control_members": int(control.sum())},
+           "rows": {"victim_members": int(member.sum()), "nonmembers": int(nonmember.sum()), "control_members": int(control.sum()),
+                    "held_out": int((row_role == "held").sum())},
            "rounds": json.loads((site / fedcore.FOLDER / "model" / "config.json").read_text()).get("rounds"),
            "results": results, "seconds": time.perf_counter() - t0,
            "machine": {"cpu": cpu_model(), "torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version()}}

@@ -195,6 +195,64 @@ def test_a_round_is_deterministic_and_changes_only_the_core_and_this_hospitals_a
         _round(cfg, tmp_path / "new", pairs, core=a.core, round_=2)
 
 
+def test_the_held_out_rows_are_whole_patients_with_every_copy_of_their_planes():
+    groups = ["p1", "p1", "p2", "p3", "p3", "p4", "p5", "p5", "p5", "p2"]  # 10 planes of 5 patients
+    tr, va = fedcore.holdout_rows(groups, 30, seed=7, val_frac=0.2)  # the planes, then two blocks of augmented copies
+    held = {groups[int(r) % 10] for r in va}
+    assert len(held) == 1 and held.isdisjoint({groups[int(r) % 10] for r in tr})  # round(5 x 0.2) = 1 patient, all of him
+    assert sorted(torch.cat([tr, va]).tolist()) == list(range(30))
+    assert len(va) == 3 * groups.count(next(iter(held)))
+    again = fedcore.holdout_rows(groups, 30, seed=7, val_frac=0.2)
+    assert torch.equal(again[0], tr) and torch.equal(again[1], va)  # seeded
+    assert len(fedcore.holdout_rows(groups, 30, seed=7, val_frac=0.99)[0]) > 0  # never every patient
+    assert len(fedcore.holdout_rows(["a", "b", "c", "a"], 4, seed=7, val_frac=0.5)[1]) == 0  # below 4 patients: none
+    with pytest.raises(PpcmiError, match=r"^training pairs: 31 rows are not whole copies of 10 planes$"):
+        fedcore.holdout_rows(groups, 31, seed=7, val_frac=0.2)
+
+
+def test_val_selection_keeps_the_core_that_scored_best_on_held_out_patients(tmp_path):
+    cfg = _cfg("mapping.federated_select=val", "mapping.val_frac=0.34")
+    pairs = _pairs(12)
+    groups = [f"p{i // 2}" for i in range(12)]  # 6 patients of 2 planes: 2 held out
+    tr, va = fedcore.holdout_rows(groups, 12, seed=3, val_frac=0.34)
+    assert len(va) == 4
+
+    def rnd(core, round_):
+        return fedcore.local_round(core, pairs, cfg.mapping, site="hospital1", site_dir=tmp_path, round_=round_, rounds=3,
+                                   local_epochs=1, seed=3, init_seed=cfg.seed, groups=groups)
+
+    one = rnd(_core(cfg), 1)
+    assert one.n_rows == 8 and not (tmp_path / "fedcore" / "best.json").exists()  # it trains on its 8 training rows only
+    rnd(one.core, 2)  # round 2 first scores the core it received (round 1's) on the held-out rows and keeps it
+    best = json.loads((tmp_path / "fedcore" / "best.json").read_text())
+    logged = json.loads((tmp_path / "fedcore" / "rounds" / "round-2.json").read_text())
+    assert best["round"] == 1 and logged["rows"] == 8 and logged["received_val_loss"] == best["val_loss"] > 0
+    kept = load_file(str(tmp_path / "fedcore" / "best.safetensors"))
+
+    ruined = {k: v * 50 for k, v in one.core.items()}  # a final core far worse on every row
+    folder = fedcore.save_local_model(ruined, pairs, cfg.mapping, site="hospital1", site_dir=tmp_path, init_seed=cfg.seed,
+                                      seed=3, groups=groups)
+    meta = json.loads((folder / "config.json").read_text())
+    assert meta["selected"]["rule"] == "val" and meta["selected"]["round"] == 1
+    assert meta["selected"]["val_loss"] == best["val_loss"] < meta["selected"]["last_val_loss"]
+    assert meta["n_val_rows"] == 4 and meta["n_train_rows"] == 8
+    saved = load_file(str(folder / "mapping.safetensors"))
+    assert set(saved) == set(kept) and all(torch.equal(saved[k], kept[k]) for k in kept)  # exactly the kept model
+    net = fedcore.local_network("hospital1", pairs, cfg.mapping, cfg.seed, frames=False)
+    net.load_state_dict(saved)
+    rows = fedcore._tensors(pairs, list(CHANNELS))
+    assert evaluate_loss(net, mapping_loss(list(CHANNELS)), [t[va] for t in rows], 4) == pytest.approx(best["val_loss"], rel=1e-5)
+
+    with pytest.raises(PpcmiError, match=r'^mapping.federated_select: "val" needs the patient of every training row$'):
+        fedcore.local_round(one.core, pairs, cfg.mapping, site="hospital1", site_dir=tmp_path, round_=2, rounds=3,
+                            local_epochs=1, seed=3, init_seed=cfg.seed)
+    with pytest.raises(ConfigError, match=r'^mapping.dp: DP-SGD trains a fixed budget and keeps its last weights'):
+        load_config(None, ["mapping.federated_select=val", "mapping.dp=true", "mapping.norm=group",
+                           "mapping.adapter_init=identity"])
+    with pytest.raises(ConfigError, match=r"^mapping.federated_select: must be one of last, val, got 'best'$"):
+        load_config(None, ["mapping.federated_select=best"])
+
+
 def test_a_round_refuses_a_core_of_another_network(tmp_path):
     cfg = _cfg()
     pairs = _pairs()

@@ -94,16 +94,28 @@ def _fed_unet(method: str, cfg: Config, data: Path, out: Path, *, local_epochs: 
                   "federated": {k: s[k] for k in keep}, **_volumes({"global": pred}, test, pl)}
 
 
-def _fed_core(cfg: Config, data: Path, out: Path, *, local_epochs: int, device: Device = None) -> dict:
+def _fed_core(method: str, cfg: Config, data: Path, out: Path, *, local_epochs: int, device: Device = None) -> dict:
     """The federated mapping core (``mapping.scope = "federated"``) as ``simulate`` and ``deploy`` run it
     (:func:`ppcmi.flower.fedcore.run_federated_core`: a real federation with SecAgg+, then every hospital segments the
-    test cases through its own local model; it writes ``OUT/config.json`` and ``OUT/eval``)."""
-    from .flower.fedcore import run_federated_core
+    test cases through its own local model; it writes ``OUT/config.json`` and ``OUT/eval``). A variant of
+    ``ppcmi_federated`` starts from that finished run's stage 1 (autoencoders and keys) where it was made under the same
+    settings, so the comparison isolates what the variant changes."""
+    from .flower.fedcore import run_federated_core, stage1_difference
 
-    res = run_federated_core(cfg, data, out, local_epochs=local_epochs, device="cpu" if device is None else str(device))
+    source = out.parent / "ppcmi_federated"
+    stage1_from = None
+    if method != "ppcmi_federated" and (source / "summary.json").exists():
+        before = json.loads((source / "federation" / "config.json").read_text())
+        if stage1_difference(before, {**to_dict(cfg), "data_dir": str(Path(data).absolute())}) is None:
+            stage1_from = source / "federation"
+    res = run_federated_core(cfg, data, out, local_epochs=local_epochs, device="cpu" if device is None else str(device),
+                             stage1_from=stage1_from)
     arrays = res.pop("_arrays")
+    if stage1_from is not None:  # (its own stage 1 only copied the folders)
+        res["timings_s"]["stage1_s"] = json.loads((source / "summary.json").read_text())["timings_s"]["stage1_s"]
     return {"summary": res["ppcmi"], "timings_s": res["timings_s"], "federated": res["federated"],
-            **_volumes(arrays["preds"], arrays["test"], arrays["plan"])}
+            **_volumes(arrays["preds"], arrays["test"], arrays["plan"]),
+            **({"stage1_from": "ppcmi_federated"} if stage1_from is not None else {})}
 
 
 def _reuse_stage1(src: Path, dst: Path, klt: bool) -> bool:
@@ -161,7 +173,7 @@ def run_method(method: str, cfg: Config, data: Path, out: Path, *, published_epo
         write_evaluation(rows, summ, out / "eval")
         result["summary"] = summ
     elif mcfg.mapping.scope == "federated":
-        result = _fed_core(mcfg, data, out, local_epochs=local_epochs, device=device)
+        result = _fed_core(method, mcfg, data, out, local_epochs=local_epochs, device=device)
     elif method.startswith("unet_"):
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "config.json", {**to_dict(mcfg), "data_dir": str(data)})
@@ -215,7 +227,7 @@ def results_md(dataset: str, results: dict[str, dict]) -> str:
             lines.append(_row(f"{m} ({v.replace('_', ' ')})", summ))
     lines += ["", "| method | epochs (mapping network; U-Net: its own) | wall time s | stage times s |", "|---|---|---|---|"]
     for m, r in results.items():
-        t = ", ".join(f"{k} {v:.0f}" + (" (shared with ppcmi_cpu)" if k == "stage1_s" and r.get("stage1_from") else "")
+        t = ", ".join(f"{k} {v:.0f}" + (f" (shared with {r['stage1_from']})" if k == "stage1_s" and r.get("stage1_from") else "")
                       for k, v in r.get("timings_s", {}).items())
         c = from_dict(r["config"])
         epochs = reference_schedule(c)[0] if m.startswith("unet_") else c.mapping.epochs

@@ -190,6 +190,9 @@ class MappingTrainConfig(MappingConfig):
     #                                      the shared core's weights cross, combined by Flower with SecAgg+; adapters stay local
     federated_norm: str = "local"      # scope federated: where the core's normalisation layers live: local (FedBN: each hospital
     #                                    keeps its own affines and running statistics; only the convolutions cross) | shared
+    federated_select: str = "last"     # scope federated: the local model a hospital keeps: last (the final global core) | val
+    #                                    (the round whose global core, with its own adapters, scored lowest on its own held-out
+    #                                    patients, mapping.val_frac of them, never trained on: stage 2's best-epoch rule)
     adapter_init: str = "pca"          # pca: fixed per-hospital frames (principal axes of its keyed latents) around its adapters | identity (published)
     patience: int = 20
     val_frac: float = 0.2
@@ -205,6 +208,10 @@ class MappingTrainConfig(MappingConfig):
         check_bool("mapping.dp", self.dp)
         _choice("mapping.scope", self.scope, ("shared", "per_hospital", "federated"))
         _choice("mapping.federated_norm", self.federated_norm, NORM_SCOPES)
+        _choice("mapping.federated_select", self.federated_select, ("last", "val"))
+        if self.dp and self.federated_select == "val":
+            raise ConfigError('mapping.dp: DP-SGD trains a fixed budget and keeps its last weights (choosing a round by a held-out '
+                              'loss is outside its accounting); set mapping.federated_select = "last" with mapping.dp')
         _choice("mapping.adapter_init", self.adapter_init, ("identity", "pca"))
         if self.dp and self.adapter_init == "pca":
             raise ConfigError('mapping.dp: the default mapping.adapter_init = "pca" reads each hospital\'s latent statistics without '

@@ -297,6 +297,8 @@ METHODS: dict[str, list[str]] = {
     "ppcmi_federated": ["mapping.scope=federated"],  # the privacy mode: Flower + SecAgg+ over the cores (ppcmi.flower.fedcore)
     # ... with the core's normalisation layers averaged too (config versions before 5; FedBN's ablation)
     "ppcmi_federated_shared_norm": ["mapping.scope=federated", "mapping.federated_norm=shared"],
+    # ... each hospital keeping the round that scored best on its own held-out patients (stage 2's best-epoch rule)
+    "ppcmi_federated_val": ["mapping.scope=federated", "mapping.federated_select=val"],
     "unet_centralized": [],
     "unet_local": [],
     "unet_fedavg": [],

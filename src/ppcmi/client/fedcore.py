@@ -16,17 +16,22 @@ What it keeps, in ``SITE/fedcore/`` (it never leaves the hospital)::
     own.safetensors       its adapters, frames, normalisation counters (and with federated_norm "local" its normalisation
                           layers) after the last round it trained
     rounds/round-R.*      the core it sent in round R (safetensors) and its row count, loss and largest value (json)
+    best.*                with mapping.federated_select = "val": the best local model so far by its held-out loss
     model/                its final local model: mapping.safetensors + config.json (a stage-2 model folder)
 
 Training follows stage 2 where it can: the same rows, loss, batch size and initial adapters and frames
 (``mapping.adapter_init``); the learning rate of round R is ``mapping.lr_schedule``'s at its first epoch (constant within
 the round), with a fresh Adam each round, as Flower's examples do. There is no validation part and no early stopping:
 the budget is fixed (rounds x local epochs = ``mapping.epochs``); within a round ``fit`` keeps the epoch of lowest
-training loss, with one local epoch the only one.
+training loss, with one local epoch the only one. With ``mapping.federated_select = "val"`` a hospital holds out
+``mapping.val_frac`` of its patients (:func:`holdout_rows`; it never trains on them), scores each global core it receives
+(with its own adapters and normalisation layers) on them, and keeps as its local model the lowest-scoring one, the last
+included: stage 2's best-epoch rule, applied at the hospital; the scores never leave it.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import tempfile
@@ -194,6 +199,44 @@ def _tensors(pairs: Mapping[str, torch.Tensor], scales: list[str]) -> list[torch
     return [torch.zeros(n, dtype=torch.long), *(pairs[f"zt_img_{s}"] for s in scales), *(pairs[f"zt_msk_{s}"] for s in scales)]
 
 
+def holdout_rows(groups: Sequence[str], n_rows: int, seed: int, val_frac: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training rows, validation rows) of a hospital's pairs for ``mapping.federated_select = "val"``: a seeded
+    ``val_frac`` of its patients (at least one, at most all but one; none below 4 patients) with every row of theirs.
+    ``groups`` is the patient of each prepared plane; row ``r`` comes from plane ``r mod len(groups)`` (the planes, then
+    blocks of their augmented copies), so no copy of a held-out plane is trained on."""
+    n = len(groups)
+    if n == 0 or n_rows % n:
+        raise PpcmiError(f"training pairs: {n_rows} rows are not whole copies of {n} planes")
+    names = sorted(set(groups))
+    n_val = min(len(names) - 1, max(1, int(round(len(names) * val_frac)))) if len(names) >= 4 and val_frac > 0 else 0
+    held = {names[i] for i in np.random.default_rng(seed).permutation(len(names))[:n_val]}
+    is_val = np.tile(np.array([g in held for g in groups], dtype=bool), n_rows // n)
+    return torch.from_numpy(np.flatnonzero(~is_val)), torch.from_numpy(np.flatnonzero(is_val))
+
+
+def _best_paths(site_dir: Path) -> tuple[Path, Path]:
+    return site_dir / FOLDER / "best.safetensors", site_dir / FOLDER / "best.json"
+
+
+def _score(net: MappingNet, rows: list[torch.Tensor], tr: torch.Tensor, va: torch.Tensor, cfg: MappingTrainConfig,
+           scales: list[str], device: Device) -> float:
+    """Recalibrate ``net``'s BatchNorm statistics on the training rows, then its loss on the held-out ones (in place)."""
+    loss = mapping_loss(scales)
+    net.to(resolve_device(device))
+    recalibrate_batchnorm(net, loss, [t[tr] for t in rows], cfg.batch_size, device=device)
+    return evaluate_loss(net, loss, [t[va] for t in rows], cfg.batch_size, device=device)
+
+
+def _keep_if_best(net: MappingNet, val_loss: float, site_dir: Path, round_: int | str) -> bool:
+    """Keep ``net`` (already scored) as this hospital's best local model when its held-out loss is the lowest yet."""
+    weights, meta = _best_paths(site_dir)
+    if meta.exists() and json.loads(meta.read_text())["val_loss"] <= val_loss:
+        return False
+    save_weights(net, weights)
+    atomic_write_json(meta, {"round": round_, "val_loss": val_loss})
+    return True
+
+
 def round_lr(cfg: MappingTrainConfig, round_: int, rounds: int, local_epochs: int) -> float:
     """The learning rate of round ``round_`` (1-based): the schedule's at the round's first epoch of the whole budget."""
     return FitConfig(epochs=rounds * local_epochs, lr=cfg.lr, schedule=cfg.lr_schedule).lr_at((round_ - 1) * local_epochs + 1)
@@ -212,7 +255,11 @@ def local_round(core: Mapping[str, torch.Tensor], pairs: Mapping[str, torch.Tens
     With ``mapping.dp`` the round is patient-level DP-SGD (:mod:`ppcmi.client.dp`; ``groups``: the patient of each
     prepared plane, :func:`pair_groups`): the mechanism is fixed for the whole budget before round 1, the steps of every
     round compose, the final weights of the round are kept (no selection by a loss), and the returned training loss is
-    NaN (it is not private, so it is not sent)."""
+    NaN (it is not private, so it is not sent).
+
+    With ``mapping.federated_select = "val"`` (``groups`` needed too) the round trains on its training rows only
+    (:func:`holdout_rows`), and from round 2 first scores the global core it received, with this hospital's adapters of
+    the round before, on its held-out rows, keeping it in ``SITE/fedcore/best.*`` when it is the best yet."""
     if not 1 <= round_ <= rounds:
         raise PpcmiError(f"server-round: must be from 1 to {rounds}, got {round_}")
     site_dir = Path(site_dir)
@@ -223,7 +270,19 @@ def local_round(core: Mapping[str, torch.Tensor], pairs: Mapping[str, torch.Tens
     rows = _tensors(pairs, scales)
     work = ensure_dir(site_dir / FOLDER)
     lr = round_lr(cfg, round_, rounds, local_epochs)
-    dp_report = None
+    dp_report, received_val = None, None
+    if cfg.federated_select == "val":
+        if groups is None:
+            raise PpcmiError('mapping.federated_select: "val" needs the patient of every training row')
+        tr, va = holdout_rows(groups, int(rows[0].shape[0]), seed, cfg.val_frac)
+        if round_ == 1:
+            for p in _best_paths(site_dir):
+                p.unlink(missing_ok=True)  # (a best model of an earlier federation in this folder)
+        elif len(va):
+            cand = copy.deepcopy(net)
+            received_val = _score(cand, rows, tr, va, cfg, scales, device)
+            _keep_if_best(cand, received_val, site_dir, round_ - 1)
+        rows = [t[tr] for t in rows]
     if cfg.dp:
         from .dp import fit_patients, patients_of_rows, plan_dp
 
@@ -253,7 +312,8 @@ def local_round(core: Mapping[str, torch.Tensor], pairs: Mapping[str, torch.Tens
     _save_tensors(out, site_dir / FOLDER / "rounds" / f"round-{round_}.safetensors")
     atomic_write_json(site_dir / FOLDER / "rounds" / f"round-{round_}.json",
                       {"round": round_, "rows": result.n_rows, "train_loss": None if cfg.dp else result.train_loss,
-                       "max_abs": max_abs, "lr": lr, "local_epochs": local_epochs, "dp": dp_report})
+                       "max_abs": max_abs, "lr": lr, "local_epochs": local_epochs, "dp": dp_report,
+                       "received_val_loss": received_val})
     return result
 
 
@@ -278,13 +338,17 @@ def check_clipping(result: CoreRound, *, clip: float, max_weight: int) -> float:
 
 def save_local_model(core: Mapping[str, torch.Tensor], pairs: Mapping[str, torch.Tensor], cfg: MappingTrainConfig, *,
                      site: str, site_dir: str | Path, init_seed: int, out_dir: str | Path | None = None,
-                     extra: dict | None = None) -> Path:
+                     extra: dict | None = None, seed: int | None = None, groups: Sequence[str] | None = None) -> Path:
     """Write this hospital's local model, the final global ``core`` with its own adapters and frames, as a stage-2 model
     folder (``mapping.safetensors`` + ``config.json`` naming one hospital, itself) in ``out_dir``
     (default ``SITE/fedcore/model``); returns the folder. Its adapters (and with ``federated_norm = "local"`` its
     normalisation layers) are those of the last round it trained; its BatchNorm running statistics are re-estimated on its
     own ``pairs`` (:func:`ppcmi.training.recalibrate_batchnorm`): with "shared" they would be the global core's average,
-    with "local" the moving average of its training batches, neither the statistics of its pairs in evaluation mode."""
+    with "local" the moving average of its training batches, neither the statistics of its pairs in evaluation mode.
+
+    With ``mapping.federated_select = "val"`` (``seed``, its site seed, and ``groups`` needed) the statistics come from
+    its training rows, the final model is scored on its held-out rows, and the folder gets the lowest-scoring of it and
+    the best kept by the rounds; ``config.json``'s ``selected`` says which round and why."""
     site_dir = Path(site_dir)
     out = Path(out_dir) if out_dir is not None else site_dir / FOLDER / "model"
     scales = _scales(pairs)
@@ -297,14 +361,34 @@ def save_local_model(core: Mapping[str, torch.Tensor], pairs: Mapping[str, torch
     # the global core's BatchNorm statistics are an average over hospitals whose latents live in different frames; in
     # evaluation mode they gave 3 to 4 times the training loss on a hospital's own pairs (Sunnybrook, 10 rounds): the local
     # model re-estimates them on this hospital's pairs (they never leave it)
-    recalibrate_batchnorm(net, mapping_loss(scales), _tensors(pairs, scales), cfg.batch_size)
+    rows = _tensors(pairs, scales)
+    selected = {"rule": cfg.federated_select, "round": "last"}
+    va = ()
+    if cfg.federated_select == "val":
+        if seed is None or groups is None:
+            raise PpcmiError('mapping.federated_select: "val" needs the site seed and the patient of every training row')
+        tr, va = holdout_rows(groups, int(rows[0].shape[0]), seed, cfg.val_frac)
+    if len(va):
+        final = _score(net, rows, tr, va, cfg, scales, None)
+        selected.update(val_loss=final, last_val_loss=final, val_rows=int(len(va)), holdout_seed=seed)
+        if not _keep_if_best(net, final, site_dir, "last"):
+            weights, meta = _best_paths(site_dir)
+            net.load_state_dict(load_file(str(weights)))
+            selected.update(json.loads(meta.read_text()))
+        log.info("%s: keeps the global core of round %s (loss %.4f on %d held-out rows; the last core's %.4f)", site,
+                 selected["round"], selected["val_loss"], len(va), final)
+    else:
+        if cfg.federated_select == "val":
+            log.warning("%s: fewer than 4 patients, none held out: mapping.federated_select = \"val\" keeps the last core", site)
+        recalibrate_batchnorm(net, mapping_loss(scales), rows, cfg.batch_size)
     save_weights(net, out / "mapping.safetensors")
     n = int(pairs[f"zt_img_{scales[0]}"].shape[0])
     atomic_write_json(out / "config.json", {
         "version": CONFIG_VERSION, "mapping": asdict(_mapping_config(cfg)), "train": asdict(cfg), "clients": [site],
         "image_shapes": {s: list(pairs[f"zt_img_{s}"].shape[1:]) for s in scales},
         "mask_shapes": {s: list(pairs[f"zt_msk_{s}"].shape[1:]) for s in scales},
-        "n_pairs": {site: n}, "n_train_rows": n, "n_val_rows": 0, "scope": "federated", **(extra or {})})
+        "n_pairs": {site: n}, "n_train_rows": n - len(va), "n_val_rows": len(va), "scope": "federated", "selected": selected,
+        **(extra or {})})
     return out
 
 

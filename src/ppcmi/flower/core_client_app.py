@@ -71,7 +71,7 @@ class HospitalCore(NumPyClient):
             round_, rounds, epochs = int(config["server-round"]), int(config["rounds"]), int(config["local-epochs"])
             r = local_round(self._named(parameters, node, cfg, pairs), pairs, cfg.mapping, site=node.name, site_dir=node.site_dir,
                             round_=round_, rounds=rounds, local_epochs=epochs, seed=node.site_seed(cfg), init_seed=cfg.seed,
-                            device=node.device, groups=pair_groups(node.site_dir) if cfg.mapping.dp else None)
+                            device=node.device, groups=pair_groups(node.site_dir) if _needs_groups(cfg.mapping) else None)
             scaled = check_clipping(r, clip=fed.clip, max_weight=fed.max_weight)
             log.info("core round %d/%d: %d local epoch(s) on %d keyed pairs: train loss %.4f; largest core value %.4g "
                      "(%.4g of SecAgg+'s clipping range +-%g after the weight ratio)%s", round_, rounds, epochs, r.n_rows,
@@ -90,7 +90,7 @@ class HospitalCore(NumPyClient):
     def evaluate(self, parameters: list, config: dict[str, Any]):
         node = None
         try:
-            from ..client.fedcore import pairs_loss, save_local_model
+            from ..client.fedcore import pair_groups, pairs_loss, save_local_model
             from .core_wire import FINAL
 
             node, cfg, fed, pairs = self._setup()
@@ -98,7 +98,8 @@ class HospitalCore(NumPyClient):
                 raise RuntimeError("only the final global core is evaluated")
             folder = save_local_model(self._named(parameters, node, cfg, pairs), pairs, cfg.mapping, site=node.name,
                                       site_dir=node.site_dir, init_seed=cfg.seed,
-                                      extra={"rounds": fed.rounds, "local_epochs": fed.local_epochs})
+                                      extra={"rounds": fed.rounds, "local_epochs": fed.local_epochs}, seed=node.site_seed(cfg),
+                                      groups=pair_groups(node.site_dir) if _needs_groups(cfg.mapping) else None)
             # (with mapping.dp its loss on its own pairs is not private: NaN is sent instead)
             loss = float("nan") if cfg.mapping.dp else pairs_loss(folder, pairs, cfg.mapping, site=node.name, init_seed=cfg.seed)
             n = int(next(iter(pairs.values())).shape[0])
@@ -108,6 +109,11 @@ class HospitalCore(NumPyClient):
             log.exception("final evaluation failed")
             who = node.name if node is not None else "SuperNode"
             raise RuntimeError(f"{who}: final evaluation failed ({type(e).__name__}); details are in this SuperNode's log") from None
+
+
+def _needs_groups(cfg) -> bool:
+    """Whether a round needs the patient of each training row: patient-level DP, or a held-out set of patients."""
+    return bool(cfg.dp) or cfg.federated_select == "val"
 
 
 def client_fn(context: Context) -> Client:

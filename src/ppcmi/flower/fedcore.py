@@ -119,6 +119,11 @@ def train_federated_core(cfg: Config, data: str | Path, out: str | Path, *, loca
 STAGE1_SETTINGS = ("data_dir", "seed", "clients", "klt", "data", "autoencoder")  # what a reused stage 1 must share
 
 
+def stage1_difference(before: dict, now: dict) -> str | None:
+    """The first of :data:`STAGE1_SETTINGS` in which two federation ``config.json`` records differ, or None."""
+    return next((k for k in STAGE1_SETTINGS if before.get(k) != now.get(k)), None)
+
+
 def reuse_stage1(src: str | Path, run: Path, sites: dict[str, Path]) -> None:
     """Copy every hospital's stage 1 (its site folder without ``fedcore/``: autoencoders, key, site record) from the
     federation folder ``src`` of an earlier run into ``sites`` of the federation folder ``run``; refused, naming the
@@ -128,10 +133,9 @@ def reuse_stage1(src: str | Path, run: Path, sites: dict[str, Path]) -> None:
         before = json.loads((src / "config.json").read_text())
     except (OSError, ValueError) as e:
         raise PpcmiError(f"{src / 'config.json'}: cannot read the earlier run's settings ({e})") from None
-    now = json.loads((run / "config.json").read_text())
-    for key in STAGE1_SETTINGS:
-        if before.get(key) != now.get(key):
-            raise PpcmiError(f"{src}: its stage 1 was made with other {key!r} settings; train stage 1 again")
+    key = stage1_difference(before, json.loads((run / "config.json").read_text()))
+    if key is not None:
+        raise PpcmiError(f"{src}: its stage 1 was made with other {key!r} settings; train stage 1 again")
     for n, dst in sites.items():
         site = src / "sites" / n / "site"
         if not (site / "site.json").is_file():
