@@ -315,6 +315,21 @@ def test_discover_group_regex(tmp_path):
         discover_cases(root, group_regex=r"^Q")
 
 
+def test_discover_volume_regex_names_the_volume_of_each_2d_plane(tmp_path):
+    root = tmp_path / "ds"
+    for stem in ["patient001_frame01_slice_1", "patient001_frame01_slice_2", "patient001_frame12_slice_1"]:
+        _pair(root, stem, np.zeros((6, 8), np.uint8), _binary_mask())
+    assert [c.volume for c in discover_cases(root)] == [None, None, None]  # 2D files name no volume by themselves
+    cases = discover_cases(root, group_regex=r"^(patient\d+)_", volume_regex=r"^(patient\d+_frame\d+)_")
+    assert [c.volume for c in cases] == ["patient001_frame01", "patient001_frame01", "patient001_frame12"]
+    assert [c.group for c in cases] == ["patient001"] * 3 and all(c.slice_index is None for c in cases)
+    with pytest.raises(DataError, match=r"patient001_frame01_slice_1.png: stem 'patient001_frame01_slice_1' does not "
+                                        r"match volume_regex '\^study'"):
+        discover_cases(root, volume_regex=r"^study")
+    with pytest.raises(DataError, match=r"^volume_regex: invalid regular expression '\('"):
+        discover_cases(root, volume_regex="(")
+
+
 def test_discover_group_csv(tmp_path):
     root = tmp_path / "ds"
     for stem in ["a", "b", "c"]:

@@ -124,6 +124,8 @@ class DataConfig(Preprocess):
     rois: str | None = None            # RTSTRUCT masks: "GTV-1,Lung-Left" (classes 1, 2, ... in this order); None: every ROI, sorted
     group_regex: str | None = None     # patient id from the file stem, e.g. "^(patient\\d+)_"
     group_csv: str | None = None
+    volume_regex: str | None = None    # 2D files that are planes of volumes: the volume from the stem, e.g.
+    #                                    "^(patient\\d+_frame\\d+)_"; whole test volumes are then scored too
     split_lists: dict[str, str] | None = None  # {"train": "...", "val": "...", "test": "..."}
     test_frac: float = 0.2
     partition: str = "group"           # iid | group | site
@@ -134,7 +136,7 @@ class DataConfig(Preprocess):
             raise ConfigError(f"data.size: must be a multiple of 32 (the autoencoder halves it five times), got {self.size!r}")
         object.__setattr__(self, "test_frac", check_real("data.test_frac", self.test_frac, 0.0, 1.0, hi_open=True))
         _choice("data.partition", self.partition, ("iid", "group", "site"))
-        for name in ("labels", "class_names", "rois", "group_regex", "group_csv"):
+        for name in ("labels", "class_names", "rois", "group_regex", "group_csv", "volume_regex"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
                 raise ConfigError(f"data.{name}: must be a string, got {getattr(self, name)!r}")
         if self.rois is not None:
@@ -280,7 +282,7 @@ RETIRED = {"data.eval_size": "retired in config version 3: test cases are scored
                              "probabilities resampled to each plane's own grid before the argmax); remove the setting"}
 
 HOSPITAL = ("data.group_regex", "data.group_csv", "autoencoder.send_noise")
-EXPERIMENT = ("clients", "data.split_lists", "data.test_frac", "data.partition", "unet.epochs", "unet.patience")
+EXPERIMENT = ("clients", "data.volume_regex", "data.split_lists", "data.test_frac", "data.partition", "unet.epochs", "unet.patience")
 
 
 def reader(key: str) -> str:

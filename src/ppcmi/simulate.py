@@ -61,7 +61,7 @@ class Plan:
 def plan(cfg: Config, data_dir: str | Path) -> Plan:
     """Discover the dataset, split off test patients, and partition the rest into hospitals."""
     d = cfg.data
-    cases = discover_cases(data_dir, group_regex=d.group_regex, group_csv=d.group_csv, rois=d.roi_names())
+    cases = discover_cases(data_dir, group_regex=d.group_regex, group_csv=d.group_csv, rois=d.roi_names(), volume_regex=d.volume_regex)
     labels = parse_labels(d.labels, d.class_names) or discover_labels(cases)
     if d.split_lists:
         sp = split_from_lists(cases, d.split_lists)

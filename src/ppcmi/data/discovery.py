@@ -63,11 +63,13 @@ class Case:
     image_paths: tuple[Path, ...] = ()
     labels: LabelMap | None = None
     rois: tuple[str, ...] = ()
+    stack: str | None = None  # a 2D file that is one plane of a volume: the volume's name (``volume_regex``)
 
     @property
     def volume(self) -> str | None:
-        """The volume a slice was cut from (its file stem, ``case_id`` without ``_zNNN``), None for a 2D file."""
-        return None if self.slice_index is None else self.case_id[: -len(f"_z{self.slice_index:03d}")]
+        """The volume a slice was cut from (its file stem, ``case_id`` without ``_zNNN``); for a 2D file the volume
+        ``volume_regex`` named (its ``stack``), else None."""
+        return self.stack if self.slice_index is None else self.case_id[: -len(f"_z{self.slice_index:03d}")]
 
     @property
     def image_source(self) -> Path | tuple[Path, ...]:
@@ -403,8 +405,8 @@ def _choose_rois(pairs: list[tuple[str, tuple[Path, ...], Path]], rois: Sequence
     return chosen
 
 
-def discover_cases(root: str | Path, *, group_regex: str | None = None,
-                   group_csv: str | Path | None = None, rois: Sequence[str] | None = None) -> list[Case]:
+def discover_cases(root: str | Path, *, group_regex: str | None = None, group_csv: str | Path | None = None,
+                   rois: Sequence[str] | None = None, volume_regex: str | None = None) -> list[Case]:
     """Pair images with masks and return the cases sorted by case_id.
 
     Layouts: ``root/images/<id>.*`` + ``root/masks/<id>.*``, or nnU-Net's raw dataset
@@ -423,6 +425,10 @@ def discover_cases(root: str | Path, *, group_regex: str | None = None,
     is the patient folder's name). ``rois`` chooses the ROIs that become classes 1, 2, ... in that
     order (default: the first RTSTRUCT's ROI names, sorted); overlaps follow
     :func:`ppcmi.data.readers.rtstruct_volume` (the smaller ROI wins).
+
+    ``volume_regex``: where 2D files are the planes of volumes (a slice per file), the volume's name is the first
+    capture group (or the whole match) of ``re.search(volume_regex, stem)``, so whole test volumes are scored too
+    (:func:`ppcmi.metrics.volume_dice`); a 2D stem that does not match is a DataError. 3D files name their own volume.
     """
     root = Path(root)
     if not root.is_dir():
@@ -435,6 +441,12 @@ def discover_cases(root: str | Path, *, group_regex: str | None = None,
             pattern = re.compile(group_regex)
         except re.error as e:
             raise DataError(f"group_regex: invalid regular expression {group_regex!r} ({e})") from e
+    stacks = None
+    if volume_regex is not None:
+        try:
+            stacks = re.compile(volume_regex)
+        except re.error as e:
+            raise DataError(f"volume_regex: invalid regular expression {volume_regex!r} ({e})") from e
     table, csv_path = None, None
     if group_csv is not None:
         csv_path = Path(group_csv)
@@ -485,7 +497,14 @@ def discover_cases(root: str | Path, *, group_regex: str | None = None,
                 return "2D" if n is None else f"{n} slices"
             raise DataError(f"{ipath} and {mpath}: image is {desc(n_img)} but mask is {desc(n_mask)}")
         if n_img is None:
-            cases.append(Case(stem, ipath, mpath, None, group, site, extra, labels, chosen))
+            stack = None
+            if stacks is not None:
+                m = stacks.search(stem)
+                stack = (m.group(1) if stacks.groups and m.group(1) is not None else m.group(0)) if m else None
+                if not stack:
+                    raise DataError(f"{ipath}: stem {stem!r} does not match volume_regex {volume_regex!r} "
+                                    "(or names an empty volume)")
+            cases.append(Case(stem, ipath, mpath, None, group, site, extra, labels, chosen, stack))
         else:
             if not chosen and _format(ipath) != _format(mpath):
                 log.warning("%s: image and mask are different 3D formats; they are paired in stored voxel order", ipath)
