@@ -253,6 +253,18 @@ def test_val_selection_keeps_the_core_that_scored_best_on_held_out_patients(tmp_
         load_config(None, ["mapping.federated_select=best"])
 
 
+def test_stage1_settings_compare_as_settings_so_a_newer_default_is_no_difference():
+    from ppcmi.config import to_dict
+    from ppcmi.flower.fedcore import stage1_difference
+
+    now = {**to_dict(_cfg()), "data_dir": "/data/x"}
+    older = {**now, "data": {k: v for k, v in now["data"].items() if k != "volume_regex"}}  # written before the setting
+    assert stage1_difference(older, now) is None
+    assert stage1_difference({**now, "mapping": {**now["mapping"], "epochs": 9}}, now) is None  # stage 2 may differ
+    assert stage1_difference({**now, "autoencoder": {**now["autoencoder"], "epochs": 9}}, now) == "autoencoder"
+    assert stage1_difference({**now, "data_dir": "/data/y"}, now) == "data_dir"
+
+
 def test_a_round_refuses_a_core_of_another_network(tmp_path):
     cfg = _cfg()
     pairs = _pairs()

@@ -27,7 +27,7 @@ from typing import Callable
 from ..client.fedcore import FOLDER
 from ..client.site import Hospital
 from ..client.stages import prepare, site_seed, train_autoencoders
-from ..config import Config, to_dict
+from ..config import Config, from_dict, to_dict
 from ..device import resolve_device
 from ..errors import PpcmiError
 from ..fileio import atomic_write_json
@@ -120,8 +120,14 @@ STAGE1_SETTINGS = ("data_dir", "seed", "clients", "klt", "data", "autoencoder") 
 
 
 def stage1_difference(before: dict, now: dict) -> str | None:
-    """The first of :data:`STAGE1_SETTINGS` in which two federation ``config.json`` records differ, or None."""
-    return next((k for k in STAGE1_SETTINGS if before.get(k) != now.get(k)), None)
+    """The first of :data:`STAGE1_SETTINGS` in which two federation ``config.json`` records differ, or None. Both are
+    read as settings first (:func:`ppcmi.config.from_dict`), so a setting added since, at its default, is no difference."""
+    def settings(raw: dict) -> dict:
+        rest = {k: v for k, v in raw.items() if k != "data_dir"}
+        return {**to_dict(from_dict(rest)), "data_dir": raw.get("data_dir")}
+
+    a, b = settings(before), settings(now)
+    return next((k for k in STAGE1_SETTINGS if a.get(k) != b.get(k)), None)
 
 
 def reuse_stage1(src: str | Path, run: Path, sites: dict[str, Path]) -> None:
