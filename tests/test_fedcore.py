@@ -131,7 +131,7 @@ def test_the_cli_runs_the_federated_scope_and_refuses_what_it_cannot_before_any_
     from ppcmi.cli import app
     from ppcmi.flower.fedcore import default_local_epochs
 
-    assert [default_local_epochs(e) for e in (50, 30, 24, 17, 2, 1, 100)] == [5, 3, 2, 1, 1, 1, 10]
+    assert [default_local_epochs(e) for e in (50, 30, 24, 17, 2, 1, 100)] == [5, 2, 2, 1, 1, 1, 5]
     cli = CliRunner()
     fed = ["--set", "mapping.scope=federated", "--set", "mapping.epochs=4", "--no-plan"]
     cases = [

@@ -84,7 +84,7 @@ ModalityOpt = typer.Option(None, "--modality", help="CT, MR, US, XR, PET or OTHE
 
 
 LocalEpochsOpt = typer.Option(None, "--local-epochs", min=1, help="With --set mapping.scope=federated: local epochs per Flower "
-                              "round (rounds = mapping.epochs / this; default: the divisor giving about 10 rounds).")
+                              "round (rounds = mapping.epochs / this; default: the divisor giving about 15 rounds).")
 
 
 def _federated_core(cfg, data: Path, out: Path, *, local_epochs: Optional[int], device: str, quiet: bool,

@@ -110,14 +110,28 @@ def _group_of(stem: str, path: Path, pattern: re.Pattern[str] | None, table: dic
             raise DataError(f"{path}: case {stem!r} is missing from the group CSV {csv_path}")
         return table[stem]
     if pattern is not None:
-        m = pattern.search(stem)
-        if m is None:
-            raise DataError(f"{path}: stem {stem!r} does not match group_regex {pattern.pattern!r}")
-        g = m.group(1) if pattern.groups and m.group(1) is not None else m.group(0)
-        if not g:
-            raise DataError(f"{path}: group_regex {pattern.pattern!r} gives an empty group for {stem!r}")
-        return g, None
+        return _captured("group_regex", pattern, stem, path), None
     return stem, None
+
+
+def _compile(name: str, regex: str | None) -> re.Pattern[str] | None:
+    if regex is None:
+        return None
+    try:
+        return re.compile(regex)
+    except re.error as e:
+        raise DataError(f"{name}: invalid regular expression {regex!r} ({e})") from e
+
+
+def _captured(name: str, pattern: re.Pattern[str], stem: str, path: Path) -> str:
+    """The first capture group (or the whole match) of ``pattern`` in ``stem``; a DataError naming the file without one."""
+    m = pattern.search(stem)
+    if m is None:
+        raise DataError(f"{path}: stem {stem!r} does not match {name} {pattern.pattern!r}")
+    g = m.group(1) if pattern.groups and m.group(1) is not None else m.group(0)
+    if not g:
+        raise DataError(f"{path}: {name} {pattern.pattern!r} gives an empty name for {stem!r}")
+    return g
 
 
 def _read_group_csv(path: Path) -> dict[str, tuple[str, str | None]]:
@@ -435,18 +449,7 @@ def discover_cases(root: str | Path, *, group_regex: str | None = None, group_cs
         raise DataError(f"{root}: dataset folder does not exist")
     if group_regex is not None and group_csv is not None:
         raise DataError("group_regex and group_csv: give one of them, not both")
-    pattern = None
-    if group_regex is not None:
-        try:
-            pattern = re.compile(group_regex)
-        except re.error as e:
-            raise DataError(f"group_regex: invalid regular expression {group_regex!r} ({e})") from e
-    stacks = None
-    if volume_regex is not None:
-        try:
-            stacks = re.compile(volume_regex)
-        except re.error as e:
-            raise DataError(f"volume_regex: invalid regular expression {volume_regex!r} ({e})") from e
+    pattern, stacks = _compile("group_regex", group_regex), _compile("volume_regex", volume_regex)
     table, csv_path = None, None
     if group_csv is not None:
         csv_path = Path(group_csv)
@@ -497,13 +500,7 @@ def discover_cases(root: str | Path, *, group_regex: str | None = None, group_cs
                 return "2D" if n is None else f"{n} slices"
             raise DataError(f"{ipath} and {mpath}: image is {desc(n_img)} but mask is {desc(n_mask)}")
         if n_img is None:
-            stack = None
-            if stacks is not None:
-                m = stacks.search(stem)
-                stack = (m.group(1) if stacks.groups and m.group(1) is not None else m.group(0)) if m else None
-                if not stack:
-                    raise DataError(f"{ipath}: stem {stem!r} does not match volume_regex {volume_regex!r} "
-                                    "(or names an empty volume)")
+            stack = None if stacks is None else _captured("volume_regex", stacks, stem, ipath)
             cases.append(Case(stem, ipath, mpath, None, group, site, extra, labels, chosen, stack))
         else:
             if not chosen and _format(ipath) != _format(mpath):
