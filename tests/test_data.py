@@ -330,6 +330,25 @@ def test_discover_volume_regex_names_the_volume_of_each_2d_plane(tmp_path):
         discover_cases(root, volume_regex="(")
 
 
+def test_the_planes_of_a_volume_stored_a_slice_per_file_are_scored_together(tmp_path):
+    from types import SimpleNamespace
+
+    from ppcmi.data import LabelMap
+    from ppcmi.simulate import volume_rows
+
+    root = tmp_path / "ds"
+    for stem in ["v1_s1", "v1_s2", "v2_s1"]:
+        _pair(root, stem, np.zeros((6, 8), np.uint8), _binary_mask())
+    cases = discover_cases(root, volume_regex=r"^(v\d+)_")
+    gt = [np.zeros((6, 8), np.int64) for _ in cases]
+    gt[0][0, :2] = 1  # v1: 2 true pixels, on its first plane
+    pred = [g.copy() for g in gt]
+    pred[1][5, :2] = 1  # v1: and 2 false ones on its second; v2: both empty
+    rows = volume_rows({"h1": pred}, {"native_masks": gt}, SimpleNamespace(test=cases, labels=LabelMap((0, 1), ("bg", "x"))))
+    assert [(r["volume"], r["n_planes"]) for r in rows] == [("v1", 2), ("v2", 1)]
+    assert rows[0]["x_dice"] == pytest.approx(2 * 2 / (4 + 2)) and rows[1]["x_dice"] == 1.0  # 2|P and G| / (|P| + |G|)
+
+
 def test_discover_group_csv(tmp_path):
     root = tmp_path / "ds"
     for stem in ["a", "b", "c"]:
