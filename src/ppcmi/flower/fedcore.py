@@ -55,7 +55,8 @@ def default_local_epochs(epochs: int, rounds: int = 15) -> int:
     """The local epochs per round for a run that does not say: the divisor of ``epochs`` whose round count is nearest
     ``rounds`` (ties: more rounds). Every Flower round costs SecAgg+'s four message steps, about a minute on 2 cores, so
     one epoch a round would spend much of a run waiting; averaging often keeps the hospitals' cores close to each other:
-    at 30 epochs, 15 rounds of 2 beat 6 of 5 by 0.85 Dice points on PSFHS and 10.1 on ACDC (BENCHMARKS.md)."""
+    at 30 epochs, 15 rounds of 2 beat 6 of 5 by 0.85 Dice points on PSFHS and 10.1 on ACDC, and 30 of 1 did no better
+    on ACDC (BENCHMARKS.md)."""
     divisors = [d for d in range(1, epochs + 1) if epochs % d == 0]
     return min(divisors, key=lambda d: (abs(epochs // d - rounds), d))
 
