@@ -206,7 +206,7 @@ def test_the_held_out_rows_are_whole_patients_with_every_copy_of_their_planes():
     assert torch.equal(again[0], tr) and torch.equal(again[1], va)  # seeded
     assert len(fedcore.holdout_rows(groups, 30, seed=7, val_frac=0.99)[0]) > 0  # never every patient
     assert len(fedcore.holdout_rows(["a", "b", "c", "a"], 4, seed=7, val_frac=0.5)[1]) == 0  # below 4 patients: none
-    with pytest.raises(PpcmiError, match=r"^training pairs: 31 rows are not whole copies of 10 planes$"):
+    with pytest.raises(PpcmiError, match=r"^mapping.federated_select: 31 training rows are not whole copies of 10 planes$"):
         fedcore.holdout_rows(groups, 31, seed=7, val_frac=0.2)
 
 

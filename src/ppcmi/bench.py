@@ -103,16 +103,16 @@ def _fed_core(method: str, cfg: Config, data: Path, out: Path, *, local_epochs: 
     from .flower.fedcore import run_federated_core, stage1_difference
 
     source = out.parent / "ppcmi_federated"
-    stage1_from = None
+    stage1_from, source_summary = None, None
     if method != "ppcmi_federated" and (source / "summary.json").exists():
         before = json.loads((source / "federation" / "config.json").read_text())
         if stage1_difference(before, {**to_dict(cfg), "data_dir": str(Path(data).absolute())}) is None:
-            stage1_from = source / "federation"
+            stage1_from, source_summary = source / "federation", json.loads((source / "summary.json").read_text())
     res = run_federated_core(cfg, data, out, local_epochs=local_epochs, device="cpu" if device is None else str(device),
                              stage1_from=stage1_from)
     arrays = res.pop("_arrays")
-    if stage1_from is not None:  # (its own stage 1 only copied the folders)
-        res["timings_s"]["stage1_s"] = json.loads((source / "summary.json").read_text())["timings_s"]["stage1_s"]
+    if source_summary is not None:  # (its own stage 1 only copied the folders)
+        res["timings_s"]["stage1_s"] = source_summary["timings_s"]["stage1_s"]
     return {"summary": res["ppcmi"], "timings_s": res["timings_s"], "federated": res["federated"],
             **_volumes(arrays["preds"], arrays["test"], arrays["plan"]),
             **({"stage1_from": "ppcmi_federated"} if stage1_from is not None else {})}

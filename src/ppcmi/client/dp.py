@@ -94,13 +94,13 @@ def plan_dp(cfg, n_patients: int, total_epochs: int) -> PatientDP:
     return PatientDP(sigma, float(cfg.dp_clip), q, steps, n_patients, delta)
 
 
-def patients_of_rows(groups: Sequence[str], n_rows: int) -> tuple[torch.Tensor, list[str]]:
+def patients_of_rows(groups: Sequence[str], n_rows: int, setting: str = "mapping.dp") -> tuple[torch.Tensor, list[str]]:
     """The patient index of each training row and the patients' names. ``groups`` is the patient of each prepared plane
     (``arrays["groups"]``); row ``r`` of the training pairs comes from plane ``r mod len(groups)``
     (:func:`ppcmi.client.site.training_inputs`: the planes, then blocks of their augmented copies)."""
     n = len(groups)
     if n == 0 or n_rows % n:
-        raise PpcmiError(f"mapping.dp: {n_rows} training rows are not whole copies of {n} planes")
+        raise PpcmiError(f"{setting}: {n_rows} training rows are not whole copies of {n} planes")
     names = sorted(set(groups))
     index = {g: i for i, g in enumerate(names)}
     plane = torch.tensor([index[g] for g in groups], dtype=torch.long)

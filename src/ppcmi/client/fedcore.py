@@ -203,15 +203,14 @@ def holdout_rows(groups: Sequence[str], n_rows: int, seed: int, val_frac: float)
     """(training rows, validation rows) of a hospital's pairs for ``mapping.federated_select = "val"``: a seeded
     ``val_frac`` of its patients (at least one, at most all but one; none below 4 patients) with every row of theirs.
     ``groups`` is the patient of each prepared plane; row ``r`` comes from plane ``r mod len(groups)`` (the planes, then
-    blocks of their augmented copies), so no copy of a held-out plane is trained on."""
-    n = len(groups)
-    if n == 0 or n_rows % n:
-        raise PpcmiError(f"training pairs: {n_rows} rows are not whole copies of {n} planes")
-    names = sorted(set(groups))
+    blocks of their augmented copies: :func:`ppcmi.client.dp.patients_of_rows`), so no copy of a held-out plane is
+    trained on."""
+    from .dp import patients_of_rows
+
+    patient, names = patients_of_rows(groups, n_rows, setting="mapping.federated_select")
     n_val = min(len(names) - 1, max(1, int(round(len(names) * val_frac)))) if len(names) >= 4 and val_frac > 0 else 0
-    held = {names[i] for i in np.random.default_rng(seed).permutation(len(names))[:n_val]}
-    is_val = np.tile(np.array([g in held for g in groups], dtype=bool), n_rows // n)
-    return torch.from_numpy(np.flatnonzero(~is_val)), torch.from_numpy(np.flatnonzero(is_val))
+    is_val = torch.isin(patient, torch.from_numpy(np.random.default_rng(seed).permutation(len(names))[:n_val]))
+    return torch.nonzero(~is_val).flatten(), torch.nonzero(is_val).flatten()
 
 
 def _best_paths(site_dir: Path) -> tuple[Path, Path]:
@@ -227,14 +226,19 @@ def _score(net: MappingNet, rows: list[torch.Tensor], tr: torch.Tensor, va: torc
     return evaluate_loss(net, loss, [t[va] for t in rows], cfg.batch_size, device=device)
 
 
-def _keep_if_best(net: MappingNet, val_loss: float, site_dir: Path, round_: int | str) -> bool:
+def _best_so_far(site_dir: Path) -> dict | None:
+    """The round and held-out loss of the best local model the rounds kept, or None."""
+    meta = _best_paths(site_dir)[1]
+    return json.loads(meta.read_text()) if meta.exists() else None
+
+
+def _keep_if_best(net: MappingNet, val_loss: float, site_dir: Path, round_: int) -> None:
     """Keep ``net`` (already scored) as this hospital's best local model when its held-out loss is the lowest yet."""
-    weights, meta = _best_paths(site_dir)
-    if meta.exists() and json.loads(meta.read_text())["val_loss"] <= val_loss:
-        return False
-    save_weights(net, weights)
-    atomic_write_json(meta, {"round": round_, "val_loss": val_loss})
-    return True
+    best = _best_so_far(site_dir)
+    if best is None or val_loss < best["val_loss"]:
+        weights, meta = _best_paths(site_dir)
+        save_weights(net, weights)
+        atomic_write_json(meta, {"round": round_, "val_loss": val_loss})
 
 
 def round_lr(cfg: MappingTrainConfig, round_: int, rounds: int, local_epochs: int) -> float:
@@ -371,10 +375,10 @@ def save_local_model(core: Mapping[str, torch.Tensor], pairs: Mapping[str, torch
     if len(va):
         final = _score(net, rows, tr, va, cfg, scales, None)
         selected.update(val_loss=final, last_val_loss=final, val_rows=int(len(va)), holdout_seed=seed)
-        if not _keep_if_best(net, final, site_dir, "last"):
-            weights, meta = _best_paths(site_dir)
-            net.load_state_dict(load_file(str(weights)))
-            selected.update(json.loads(meta.read_text()))
+        best = _best_so_far(site_dir)
+        if best is not None and best["val_loss"] <= final:  # (a tie keeps the earlier round, as the rounds do)
+            net.load_state_dict(load_file(str(_best_paths(site_dir)[0])))
+            selected.update(best)
         log.info("%s: keeps the global core of round %s (loss %.4f on %d held-out rows; the last core's %.4f)", site,
                  selected["round"], selected["val_loss"], len(va), final)
     else:
