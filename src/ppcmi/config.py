@@ -195,6 +195,9 @@ class MappingTrainConfig(MappingConfig):
     federated_select: str = "last"     # scope federated: the local model a hospital keeps: last (the final global core) | val
     #                                    (the round whose global core, with its own adapters, scored lowest on its own held-out
     #                                    patients, mapping.val_frac of them, never trained on: stage 2's best-epoch rule)
+    federated_loss: str = "latent"     # scope federated: what a hospital's rounds minimise: latent (stage 2's MSE on keyed latents)
+    #                                    | decoded (that plus the mask autoencoder's loss of the prediction decoded by the hospital's
+    #                                    own key and mask decoder, against its decoded target; possible only where the decoder is)
     adapter_init: str = "pca"          # pca: fixed per-hospital frames (principal axes of its keyed latents) around its adapters | identity (published)
     patience: int = 20
     val_frac: float = 0.2
@@ -214,6 +217,10 @@ class MappingTrainConfig(MappingConfig):
         if self.dp and self.federated_select == "val":
             raise ConfigError('mapping.dp: DP-SGD trains a fixed budget and keeps its last weights (choosing a round by a held-out '
                               'loss is outside its accounting); set mapping.federated_select = "last" with mapping.dp')
+        _choice("mapping.federated_loss", self.federated_loss, ("latent", "decoded"))
+        if self.dp and self.federated_loss == "decoded":
+            raise ConfigError('mapping.dp: patient-level DP-SGD is implemented for the latent loss only; set '
+                              'mapping.federated_loss = "latent" with mapping.dp')
         _choice("mapping.adapter_init", self.adapter_init, ("identity", "pca"))
         if self.dp and self.adapter_init == "pca":
             raise ConfigError('mapping.dp: the default mapping.adapter_init = "pca" reads each hospital\'s latent statistics without '

@@ -299,6 +299,8 @@ METHODS: dict[str, list[str]] = {
     "ppcmi_federated_shared_norm": ["mapping.scope=federated", "mapping.federated_norm=shared"],
     # ... each hospital keeping the round that scored best on its own held-out patients (stage 2's best-epoch rule)
     "ppcmi_federated_val": ["mapping.scope=federated", "mapping.federated_select=val"],
+    # ... each hospital's rounds also minimising the segmentation loss of the prediction through its own key and mask decoder
+    "ppcmi_federated_decoded": ["mapping.scope=federated", "mapping.federated_loss=decoded"],
     "unet_centralized": [],
     "unet_local": [],
     "unet_fedavg": [],

@@ -327,17 +327,21 @@ def mixed_forward(model: MappingNet, zt: dict[str, torch.Tensor], cid: torch.Ten
     return out
 
 
-def mapping_loss(scales: list[str]):
+def mapping_loss(scales: list[str], extra=None):
     """Stage 2's loss, ``loss(model, batch)``: the sum over ``scales`` of the MSE of the mapped keyed image latents
-    against the keyed mask latents; ``batch`` is ``[hospital index per row, img_<scale>..., msk_<scale>...]``
+    against the keyed mask latents; ``batch`` is ``[hospital index per row, img_<scale>..., msk_<scale>..., *more]``
     (rows through their own hospital's adapters: :func:`mixed_forward`). The coordinator's stage 2 and a hospital's
-    federated round (:mod:`ppcmi.client.fedcore`) both train with this one definition."""
+    federated round (:mod:`ppcmi.client.fedcore`) both train with this one definition. ``extra(pred, target, more)``,
+    where given, is added: a term only a hospital can compute (``mapping.federated_loss = "decoded"``); ``pred`` and
+    ``target`` are the keyed latents by scale, ``more`` the batch's tensors after them."""
     k = len(scales)
 
     def loss_fn(m: MappingNet, batch) -> torch.Tensor:
         c, rest = batch[0], batch[1:]
         pred = mixed_forward(m, dict(zip(scales, rest[:k])), c)
-        return sum(F.mse_loss(pred[s], t) for s, t in zip(scales, rest[k:]))
+        target = dict(zip(scales, rest[k:2 * k]))
+        loss = sum(F.mse_loss(pred[s], target[s]) for s in scales)
+        return loss if extra is None else loss + extra(pred, target, rest[2 * k:])
 
     return loss_fn
 

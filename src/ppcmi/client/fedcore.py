@@ -49,7 +49,7 @@ from ..errors import CheckpointError, PpcmiError
 from ..fileio import atomic_write_bytes, atomic_write_json, ensure_dir
 from ..latent import principal_frame
 from ..models import SCALES, MappingConfig, MappingNet, core_state, mapping_loss, set_frames
-from ..training import FitConfig, evaluate_loss, fit, host_state, recalibrate_batchnorm, save_weights, seeded_init
+from ..training import FitConfig, evaluate_loss, fit, host_state, mask_loss, recalibrate_batchnorm, save_weights, seeded_init
 from .site import Hospital
 from .stages import training_batch
 
@@ -241,6 +241,37 @@ def _keep_if_best(net: MappingNet, val_loss: float, site_dir: Path, round_: int)
         atomic_write_json(meta, {"round": round_, "val_loss": val_loss})
 
 
+Decoder = Callable[[dict[str, torch.Tensor]], torch.Tensor]  # keyed mask latents -> class logits (Hospital.keyed_decoder)
+
+
+@torch.no_grad()
+def decoded_targets(decoder: Decoder, pairs: Mapping[str, torch.Tensor], batch_size: int = 64) -> torch.Tensor:
+    """(N, S, S) uint8: the class map this hospital's own key and mask decoder give each training pair's keyed mask latents
+    (what the mask autoencoder makes of the true mask), the target of ``mapping.federated_loss = "decoded"``."""
+    scales = _scales(pairs)
+    n = int(pairs[f"zt_msk_{scales[0]}"].shape[0])
+    parts = [decoder({s: pairs[f"zt_msk_{s}"][i:i + batch_size] for s in scales}).argmax(1).to(torch.uint8)
+             for i in range(0, n, batch_size)]
+    return torch.cat(parts)
+
+
+def round_loss(scales: list[str], decoder: Decoder | None = None):
+    """The loss of a federated round: stage 2's (:func:`ppcmi.models.mapping_loss`), plus with a ``decoder``
+    (``mapping.federated_loss = "decoded"``) the mask autoencoder's loss (:func:`ppcmi.training.mask_loss`) of the
+    decoded prediction against the decoded target, the batch's last tensor (:func:`decoded_targets`). The latent term keeps
+    the prediction where the decoder was trained; the decoded one weighs what the latents encode by what it does to the
+    segmentation (a thin structure held by few latent dimensions counts as much as the background)."""
+    if decoder is None:
+        return mapping_loss(scales)
+
+    def decoded(pred: dict, target: dict, more: list[torch.Tensor]) -> torch.Tensor:
+        logits = decoder(pred)
+        truth = torch.nn.functional.one_hot(more[0].long(), logits.shape[1]).permute(0, 3, 1, 2)
+        return mask_loss(logits, truth)
+
+    return mapping_loss(scales, decoded)
+
+
 def round_lr(cfg: MappingTrainConfig, round_: int, rounds: int, local_epochs: int) -> float:
     """The learning rate of round ``round_`` (1-based): the schedule's at the round's first epoch of the whole budget."""
     return FitConfig(epochs=rounds * local_epochs, lr=cfg.lr, schedule=cfg.lr_schedule).lr_at((round_ - 1) * local_epochs + 1)
@@ -248,7 +279,7 @@ def round_lr(cfg: MappingTrainConfig, round_: int, rounds: int, local_epochs: in
 
 def local_round(core: Mapping[str, torch.Tensor], pairs: Mapping[str, torch.Tensor], cfg: MappingTrainConfig, *, site: str,
                 site_dir: str | Path, round_: int, rounds: int, local_epochs: int, seed: int, init_seed: int,
-                device: Device = None, groups: Sequence[str] | None = None) -> CoreRound:
+                device: Device = None, groups: Sequence[str] | None = None, decoder: Decoder | None = None) -> CoreRound:
     """One round at this hospital: load the global ``core`` (name -> tensor, :func:`ppcmi.models.core_state` of a network
     like this hospital's) into its network, train ``local_epochs`` epochs on its ``pairs`` and return the core.
 
@@ -263,7 +294,11 @@ def local_round(core: Mapping[str, torch.Tensor], pairs: Mapping[str, torch.Tens
 
     With ``mapping.federated_select = "val"`` (``groups`` needed too) the round trains on its training rows only
     (:func:`holdout_rows`), and from round 2 first scores the global core it received, with this hospital's adapters of
-    the round before, on its held-out rows, keeping it in ``SITE/fedcore/best.*`` when it is the best yet."""
+    the round before, on its held-out rows, keeping it in ``SITE/fedcore/best.*`` when it is the best yet (scored by
+    stage 2's latent loss, whatever the round trains on).
+
+    With ``mapping.federated_loss = "decoded"`` (``decoder``: this hospital's :meth:`ppcmi.client.site.Hospital.keyed_decoder`
+    needed) the round trains on :func:`round_loss` with the decoder."""
     if not 1 <= round_ <= rounds:
         raise PpcmiError(f"server-round: must be from 1 to {rounds}, got {round_}")
     site_dir = Path(site_dir)
@@ -272,6 +307,12 @@ def local_round(core: Mapping[str, torch.Tensor], pairs: Mapping[str, torch.Tens
     _load_core(net, core, cfg.federated_norm)
     _restore(net, site_dir, round_, cfg.federated_norm)
     rows = _tensors(pairs, scales)
+    if cfg.federated_loss == "decoded":
+        if decoder is None:
+            raise PpcmiError('mapping.federated_loss: "decoded" needs this hospital\'s keyed mask decoder')
+        rows.append(decoded_targets(decoder, pairs))
+    else:
+        decoder = None
     work = ensure_dir(site_dir / FOLDER)
     lr = round_lr(cfg, round_, rounds, local_epochs)
     dp_report, received_val = None, None
@@ -302,7 +343,7 @@ def local_round(core: Mapping[str, torch.Tensor], pairs: Mapping[str, torch.Tens
         train_loss = float("nan")
     else:
         with tempfile.TemporaryDirectory(dir=work, prefix=f"round-{round_}-") as tmp:
-            res = fit(net, mapping_loss(scales), rows, None,
+            res = fit(net, round_loss(scales, decoder), rows, None,
                       FitConfig(epochs=local_epochs, batch_size=cfg.batch_size, lr=lr, patience=local_epochs,
                                 seed=seed * 100_019 + round_, schedule="constant"),
                       tmp, desc=f"{site} core round {round_}", progress=False, device=device)

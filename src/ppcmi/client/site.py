@@ -344,6 +344,28 @@ class Hospital:
             logits = self.models["mask"].decode_logits(z)
         return torch.softmax(logits.float(), dim=1).cpu()
 
+    def keyed_decoder(self):
+        """``decode(zt) -> logits``: keyed mask latents ``{scale: (n, C, H, W)}`` to the mask decoder's class logits
+        (n, K, S, S) on the latents' device, through this hospital's inverse keyed transform, with gradients to ``zt``
+        (computed on this hospital's device in float32, no autocast). The decoder is a frozen copy of its mask autoencoder
+        (its weights get no gradient); for a hospital training the federated core through its own decoder
+        (``mapping.federated_loss = "decoded"``), so neither key nor decoder leaves the hospital."""
+        import copy
+
+        model = copy.deepcopy(self.models["mask"]).eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+
+        def decode(zt: dict[str, torch.Tensor]) -> torch.Tensor:
+            back = next(iter(zt.values())).device
+            z = {s: v.float().to(self.device) for s, v in zt.items()}
+            if self._klt is not None:
+                z = self._klt.inverse(z, "mask")
+            with torch.autocast(self.device.type, enabled=False):
+                return model.decode_logits(z).float().to(back)
+
+        return decode
+
     def segment(self, reply: LatentBatch, geometries: list[PlaneGeometry], *, batch: int = 16) -> list[np.ndarray]:
         """The reply's label maps on each plane's native grid (``geometries``: one per row, in order):
         probabilities restored by :func:`ppcmi.data.restore_labels`, ``batch`` rows at a time."""

@@ -71,7 +71,8 @@ class HospitalCore(NumPyClient):
             round_, rounds, epochs = int(config["server-round"]), int(config["rounds"]), int(config["local-epochs"])
             r = local_round(self._named(parameters, node, cfg, pairs), pairs, cfg.mapping, site=node.name, site_dir=node.site_dir,
                             round_=round_, rounds=rounds, local_epochs=epochs, seed=node.site_seed(cfg), init_seed=cfg.seed,
-                            device=node.device, groups=pair_groups(node.site_dir) if _needs_groups(cfg.mapping) else None)
+                            device=node.device, groups=pair_groups(node.site_dir) if _needs_groups(cfg.mapping) else None,
+                            decoder=node.hospital().keyed_decoder() if cfg.mapping.federated_loss == "decoded" else None)
             scaled = check_clipping(r, clip=fed.clip, max_weight=fed.max_weight)
             log.info("core round %d/%d: %d local epoch(s) on %d keyed pairs: train loss %.4f; largest core value %.4g "
                      "(%.4g of SecAgg+'s clipping range +-%g after the weight ratio)%s", round_, rounds, epochs, r.n_rows,
