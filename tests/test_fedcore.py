@@ -652,11 +652,13 @@ def test_a_decoded_round_fits_the_decoded_prediction_better_than_a_latent_one_an
     assert 0 < decoded < 0.9 * latent  # (0.79 against 1.11 when written)
 
 
-def test_the_decoded_loss_is_refused_with_dp_and_an_unknown_loss_is_named():
+def test_the_decoded_loss_is_refused_with_dp_and_outside_the_federated_scope_and_an_unknown_loss_is_named():
     with pytest.raises(ConfigError, match=r'^mapping\.dp: patient-level DP-SGD is implemented for the latent loss only'):
         _cfg("mapping.federated_loss=decoded", "mapping.dp=true", "mapping.adapter_init=identity", "mapping.norm=group")
     with pytest.raises(ConfigError, match=r"mapping\.federated_loss"):
         _cfg("mapping.federated_loss=pixels")
+    with pytest.raises(ConfigError, match=r'^mapping\.federated_loss: "decoded" needs mapping\.scope = "federated" .*\'shared\''):
+        load_config(None, [*TINY, "mapping.federated_loss=decoded"])
 
 
 def test_the_keyed_decoder_decodes_as_the_hospital_does_with_gradients_to_the_latents_only(tmp_path):

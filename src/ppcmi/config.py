@@ -218,6 +218,9 @@ class MappingTrainConfig(MappingConfig):
             raise ConfigError('mapping.dp: DP-SGD trains a fixed budget and keeps its last weights (choosing a round by a held-out '
                               'loss is outside its accounting); set mapping.federated_select = "last" with mapping.dp')
         _choice("mapping.federated_loss", self.federated_loss, ("latent", "decoded"))
+        if self.federated_loss == "decoded" and self.scope != "federated":
+            raise ConfigError('mapping.federated_loss: "decoded" needs mapping.scope = "federated" (only a hospital holds its key '
+                              f'and mask decoder; the coordinator of scope {self.scope!r} never does)')
         if self.dp and self.federated_loss == "decoded":
             raise ConfigError('mapping.dp: patient-level DP-SGD is implemented for the latent loss only; set '
                               'mapping.federated_loss = "latent" with mapping.dp')
