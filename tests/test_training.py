@@ -368,6 +368,38 @@ def test_mask_loss_by_hand_and_a_dropped_small_class_costs_a_share_of_the_dice()
         autoencoder_loss("label")
 
 
+def test_mask_noise_perturbs_each_latent_channel_by_its_spread_in_training_only():
+    from ppcmi.models import AEConfig, Autoencoder
+    from ppcmi.training import autoencoder_loss, mask_loss, noisy_latents
+
+    g = torch.Generator().manual_seed(1)
+    z = {"s3": torch.randn(4, 3, 5, 5, generator=g) * torch.tensor([0.1, 1.0, 10.0])[None, :, None, None]}
+    torch.manual_seed(7)
+    got = noisy_latents(z, 0.5)["s3"]
+    torch.manual_seed(7)
+    eps = torch.randn(4, 3, 5, 5)
+    sd = z["s3"].std(dim=(0, 2, 3), keepdim=True)
+    assert torch.allclose(got, z["s3"] + 0.5 * sd * eps)
+    rel = ((got - z["s3"]) / sd).std(dim=(0, 2, 3))  # each channel's noise in units of its own spread
+    assert torch.allclose(rel, torch.full((3,), 0.5), atol=0.12)
+    assert torch.equal(noisy_latents(z, 0.0)["s3"], z["s3"])
+    model = seeded_init(lambda: Autoencoder(AEConfig(in_channels=2, width=0.25)), 0)
+    y = torch.nn.functional.one_hot(torch.randint(0, 2, (2, 32, 32), generator=g), 2).permute(0, 3, 1, 2).float()
+    clean, noisy = autoencoder_loss("mask"), autoencoder_loss("mask", noise=1.0)
+    model.eval()  # validation decodes the latents as they are
+    with torch.no_grad():
+        assert float(noisy(model, [y])) == float(clean(model, [y])) == pytest.approx(
+            float(mask_loss(model.decode_logits(model.encode(y)), y)))
+    model.train()
+    with torch.no_grad():
+        torch.manual_seed(3)
+        a = float(noisy(model, [y]))
+        torch.manual_seed(3)
+        assert float(noisy(model, [y])) == a != float(clean(model, [y]))  # seeded by the caller's generator, and perturbed
+    with pytest.raises(Exception, match="latent noise is for the mask autoencoder only"):
+        autoencoder_loss("image", noise=0.5)
+
+
 def test_recalibrate_batchnorm_is_the_cumulative_average_of_the_batches_statistics_in_evaluation_mode():
     from ppcmi.training import recalibrate_batchnorm
 

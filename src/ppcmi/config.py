@@ -170,6 +170,8 @@ class AutoencoderConfig(AEShape):
     augment: bool = False              # random rotation/flip/scale/intensity of training batches (also for the U-Net baseline)
     send_copies: int = 1               # stage 2: each training pair plus send_copies-1 augmented copies (1-32)
     send_noise: float = 0.0            # std of Gaussian noise added to plain latents before the KLT (train and query); a defence knob, no DP claim
+    mask_noise: float = 0.0            # the mask autoencoder trains decoding its latents plus Gaussian noise of this std relative to
+    #                                    each latent channel's spread in the batch, so it decodes the mapping network's inexact latents
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -177,6 +179,7 @@ class AutoencoderConfig(AEShape):
         check_bool("autoencoder.augment", self.augment)
         check_int("autoencoder.send_copies", self.send_copies, 1, 32, why=" (each pair plus up to 31 augmented copies)")
         object.__setattr__(self, "send_noise", check_real("autoencoder.send_noise", self.send_noise, 0.0, 1e6))
+        object.__setattr__(self, "mask_noise", check_real("autoencoder.mask_noise", self.mask_noise, 0.0, 10.0))
 
 
 @dataclass(frozen=True)

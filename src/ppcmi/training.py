@@ -549,11 +549,26 @@ def mask_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> t
         return 0.5 * ce + 0.5 * (1 - dice.mean())
 
 
-def autoencoder_loss(kind: str) -> Callable[[nn.Module, list[torch.Tensor]], torch.Tensor]:
+def noisy_latents(z: dict[str, torch.Tensor], noise: float) -> dict[str, torch.Tensor]:
+    """``z`` plus Gaussian noise (from the global generator, which :func:`fit` seeds per epoch) of std ``noise`` times each
+    channel's standard deviation over the batch and the pixels (that spread taken as a constant: no gradient through it)."""
+    return {s: v + noise * v.detach().std(dim=(0, *range(2, v.ndim)), keepdim=True) * torch.randn_like(v) for s, v in z.items()}
+
+
+def autoencoder_loss(kind: str, *, noise: float = 0.0) -> Callable[[nn.Module, list[torch.Tensor]], torch.Tensor]:
     """``loss(model, [x])`` of an autoencoder reconstructing its own input ``x``: :func:`bce_dice_loss` on the sigmoid
-    outputs for ``"image"``, :func:`mask_loss` on the logits for ``"mask"`` (one-hot class maps)."""
+    outputs for ``"image"``, :func:`mask_loss` on the logits for ``"mask"`` (one-hot class maps). ``noise`` > 0 (mask
+    only; ``autoencoder.mask_noise``): in training mode the decoder reads :func:`noisy_latents`, so that it learns to
+    decode latents near, not only at, the encoder's, as the mapping network's predictions are; validation decodes them
+    as they are."""
     if kind == "image":
+        if noise:
+            raise PpcmiError("autoencoder_loss: latent noise is for the mask autoencoder only")
         return lambda model, batch: bce_dice_loss(model(batch[0]), batch[0])
     if kind == "mask":
-        return lambda model, batch: mask_loss(model.decode_logits(model.encode(batch[0])), batch[0])
+        def loss(model, batch):
+            z = model.encode(batch[0])
+            return mask_loss(model.decode_logits(noisy_latents(z, noise) if noise and model.training else z), batch[0])
+
+        return loss
     raise PpcmiError(f"autoencoder_loss: kind must be 'image' or 'mask', got {kind!r}")
