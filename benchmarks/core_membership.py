@@ -16,7 +16,9 @@ Who can attack, with what:
     ``send_copies - 1`` augmented copies), and scores it under B's local model: M1, the loss threshold; M3, offline
     LiRA against reference networks B trains itself, each on a random half of the candidate slices (with their copies),
     by stage 2's recipe in its own frame (:func:`ppcmi.privacy.procedures.m3`). Members: the slices the other hospitals
-    (the victims) trained on; non-members: the held-out test patients' slices.
+    (the victims) trained on; non-members: the held-out test patients' slices. Members and non-members are different
+    patients, so beside each AUC the referee also gives what the patients alone produce: the AUC's null range when the
+    member label is dealt to random whole patients (:func:`ppcmi.privacy.membership.patient_permutation`).
   * **the positive control**: the same attack on B's own training rows (the exact pairs it trained the core on, its
     cached ``fedcore/pairs.safetensors``) against the same non-members, through the same local model. If the final
     model memorised what it was trained on in B's frame, the attack sees it there; a void control means the attack
@@ -63,6 +65,7 @@ from ppcmi.server.mapping import MappingServer  # noqa: E402
 from ppcmi.simulate import plan  # noqa: E402
 
 CANDIDATE_SEED = 9173  # the attacker's own augmentation draws for the candidates' copies (not the hospitals')
+PERMUTATION_SEED = 0    # the referee's patient permutations
 
 
 def say(msg: str) -> None:
@@ -76,6 +79,12 @@ def keyed_rows(hosp: Hospital, arrays: dict, cfg, tag: str) -> tuple[LatentBatch
                                 noise=cfg.autoencoder.send_noise, seed=CANDIDATE_SEED)
     n = len(arrays["images"])
     return batch, [f"{tag}/{i % n}" for i in range(batch.n)]
+
+
+def row_patients(groups, n_rows: int) -> np.ndarray:
+    """The patient of each of ``n_rows`` keyed rows (copy after copy of the planes, so row i is plane i mod n)."""
+    g = np.asarray(groups, dtype=str)
+    return g[np.arange(n_rows) % len(g)]
 
 
 def own_rows(site_dir: Path, name: str, n_slices: int) -> tuple[LatentBatch, list[str]]:
@@ -149,18 +158,23 @@ def main(argv=None) -> dict:
     net = MappingServer(site / fedcore.FOLDER / "model").model.to(memory_format=torch.contiguous_format).eval()
     say(f"colluder {colluder}, victims {victims}; {len(pl.test)} held-out test slices")
 
-    parts, roles = [], []  # roles: "member" (a victim's training slice), "non" (a test slice), "own" (the control's members)
+    parts, roles, patients = [], [], []  # roles: "member" (a victim's training slice), "non" (a test slice), "own" (the control's members)
     for v in victims:  # the victims' training slices, as candidates the attacker keys itself
         arrays = prepare(pl.hospitals[v], cfg, pl.labels)
         b, u = keyed_rows(hosp, arrays, cfg, f"{v}/m")
         parts.append(ChallengePart(colluder, b, tuple(u)))
         roles.append(np.where(held_out(fed_dir, v, list(arrays["groups"]), b.n, cfg), "held", "member"))
-    b, u = keyed_rows(hosp, prepare(pl.test, cfg, pl.labels), cfg, "test/n")
+        patients.append(row_patients(arrays["groups"], b.n))
+    test = prepare(pl.test, cfg, pl.labels)
+    b, u = keyed_rows(hosp, test, cfg, "test/n")
     parts.append(ChallengePart(colluder, b, tuple(u)))
     roles.append(np.full(b.n, "non"))
+    patients.append(row_patients(test["groups"], b.n))
     b, u = own_rows(site, colluder, len(pl.hospitals[colluder]))
     parts.append(ChallengePart(colluder, b, tuple(u)))
     roles.append(np.where(held_out(fed_dir, colluder, fedcore.pair_groups(site), b.n, cfg), "held", "own"))
+    patients.append(np.full(b.n, ""))  # the control's rows: not in the permutation
+    row_patient = np.concatenate(patients)
     row_role = np.concatenate(roles)  # ("held": a hospital's held-out patients, never trained on: left out of every set)
     member, nonmember, control = (row_role == "member"), (row_role == "non"), (row_role == "own")
     challenge = MembershipChallenge(tuple(parts))
@@ -171,6 +185,8 @@ def main(argv=None) -> dict:
     results: dict = {}
     s1 = P.m1(target, challenge)
     results["M1"] = V.mia_entry(M.evaluate_scores(s1[member], s1[nonmember]), M.evaluate_scores(s1[control], s1[nonmember]))
+    results["M1"]["patient_permutation"] = M.patient_permutation(s1[member], row_patient[member], s1[nonmember],
+                                                                 row_patient[nonmember], seed=PERMUTATION_SEED)
     say(f"M1: AUC {results['M1']['attack']['auc']:.3f}, control AUC {results['M1']['control']['auc']:.3f}: {results['M1']['status']}")
     if args.references:
         work = Path(tempfile.mkdtemp(prefix="core-membership-"))
@@ -180,6 +196,8 @@ def main(argv=None) -> dict:
             shutil.rmtree(work, ignore_errors=True)
         s3 = m3["scores"]
         results["M3"] = V.mia_entry(M.evaluate_scores(s3[member], s3[nonmember]), M.evaluate_scores(s3[control], s3[nonmember]))
+        results["M3"]["patient_permutation"] = M.patient_permutation(s3[member], row_patient[member], s3[nonmember],
+                                                                     row_patient[nonmember], seed=PERMUTATION_SEED)
         results["M3"]["references"] = {"n": args.references, "epochs": m3["references"].epochs}
         say(f"M3: AUC {results['M3']['attack']['auc']:.3f}, control AUC {results['M3']['control']['auc']:.3f}: {results['M3']['status']}")
     for r in results.values():
@@ -200,6 +218,14 @@ def main(argv=None) -> dict:
     return out
 
 
+def permutation_cell(e: dict) -> str:
+    q = e.get("patient_permutation")
+    if q is None:
+        return "not run"
+    lo, _, hi = q["null_auc_percentiles"]
+    return f"[{lo:.3f}, {hi:.3f}], p = {q['p_two_sided']:.3f} ({q['member_patients']} / {q['nonmember_patients']} patients)"
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -217,14 +243,15 @@ def markdown(r: dict) -> str:
              f"non-member rows (held-out test patients), {r['rows']['control_members']} of the colluder's own training rows "
              "(the positive control). The coordinator alone has no input for either attack (no hospital's frames, "
              "adapters, autoencoders or key crossed).", "",
-             "| attack | AUC | TPR at 1 % FPR [95 % CP] | achieved FPR | control AUC | control TPR at 1 % FPR [95 % CP] | verdict |",
-             "|---|---|---|---|---|---|---|"]
+             "| attack | AUC | TPR at 1 % FPR [95 % CP] | achieved FPR | control AUC | control TPR at 1 % FPR [95 % CP] | verdict "
+             "| AUC of patients alone: null 95 % range, p |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, e in r["results"].items():
         a, c = e["attack"], e["control"]
         ta, tc = a["tpr_at_1pct_fpr"], c["tpr_at_1pct_fpr"]
         lines.append(f"| {name} | {a['auc']:.3f} | {ta['tpr']:.3f} [{ta['tpr_ci95'][0]:.3f}, {ta['tpr_ci95'][1]:.3f}] | "
                      f"{ta['achieved_fpr']:.4f} | {c['auc']:.3f} | {tc['tpr']:.3f} [{tc['tpr_ci95'][0]:.3f}, {tc['tpr_ci95'][1]:.3f}] | "
-                     f"{e['status']}{' (' + ', '.join(e['exceeded']) + ')' if e['exceeded'] else ''} |")
+                     f"{e['status']}{' (' + ', '.join(e['exceeded']) + ')' if e['exceeded'] else ''} | {permutation_cell(e)} |")
     dp = r.get("dp")
     if dp is None:
         words = ("Formal bound beside every TPR: TPR <= e^eps x FPR + delta; this run has no differential privacy (eps "
@@ -234,7 +261,12 @@ def markdown(r: dict) -> str:
                  f"{dp['delta']:.3g} per patient (the largest, {dp['hospital']}'s), which bounds every row of a patient: "
                  + "; ".join(f"{n}: {e['attack']['formal_bound']}" for n, e in r["results"].items())
                  + " (the control's rows are the colluder's own: no bound applies).")
-    lines += ["", words + " Passing the margins empirically is not a guarantee.",
+    lines += ["", words + " Passing the margins empirically is not a guarantee.", "",
+              "The last column: members and non-members are different patients, so the AUC can stray from 0.5 through "
+              "the patients alone. The referee deals the member label to random patients (every row of a patient with "
+              "it, as many patients as the victims have) and recomputes the AUC; the column gives that null's central "
+              "95 % and the two-sided p-value of the observed |AUC - 0.5| among the draws. A p-value that is not small "
+              "says the observed AUC is what patient differences alone produce; the margins' verdict stands either way.",
               f"Machine: {r['machine']['cpu']}, torch {r['machine']['torch']}; {r['seconds']:.0f} s."]
     return "\n".join(lines) + "\n"
 

@@ -687,3 +687,24 @@ def test_the_keyed_decoder_decodes_as_the_hospital_does_with_gradients_to_the_la
     logits.square().sum().backward()
     assert all(v.grad is not None and v.grad.abs().sum() > 0 for v in zt.values())
     assert all(p.grad is None for p in h.models["mask"].parameters())  # (its own decoder is untouched)
+
+
+@pytest.mark.slow
+def test_core_membership_scores_m1_with_its_patient_permutation_on_a_real_federation(federated, tmp_path):
+    """benchmarks/core_membership.py against the fixture's federation: one victim patient against one test patient,
+    so whatever the AUC, relabelling the two patients gives 1 - AUC or AUC: p is exactly 1, and the table says so."""
+    import importlib.util
+
+    _, _, out, _, _, _ = federated
+    spec = importlib.util.spec_from_file_location("core_membership", Path(__file__).resolve().parents[1] / "benchmarks" / "core_membership.py")
+    cm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cm)
+    r = cm.main(["--run", str(out), "--references", "0", "--tag", "t", "--out", str(tmp_path)])
+    m1 = r["results"]["M1"]
+    q = m1["patient_permutation"]
+    assert r["colluder"] == "hospital1" and r["victims"] == ["hospital2"]
+    assert q["member_patients"] == 1 and q["nonmember_patients"] == 1 and q["p_two_sided"] == 1.0
+    assert q["observed_auc"] == pytest.approx(m1["attack"]["auc"], abs=1e-12)
+    assert r["rows"]["victim_members"] > 0 and r["rows"]["nonmembers"] > 0
+    md = (tmp_path / "core-membership-t.md").read_text()
+    assert "p = 1.000 (1 / 1 patients)" in md

@@ -112,6 +112,34 @@ def test_tpr_at_fpr_and_clopper_pearson_by_hand():
     assert 0.27 < lo < 0.28 and 0.72 < hi < 0.73
 
 
+def test_patient_permutation_separates_patient_shift_from_membership():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(3)
+    # one patient each side, every row of a patient alike: AUC 1.0, yet either labelling of the two patients gives
+    # 1.0 or 0.0, so it is no evidence at all
+    one = M.patient_permutation(5 + rng.random(40), ["a"] * 40, rng.random(30), ["b"] * 30, draws=200)
+    assert one["observed_auc"] == 1.0 and one["p_two_sided"] == 1.0
+    # four member patients above four non-member patients: of the C(8, 4) = 70 labellings two give |AUC - 0.5| = 0.5
+    m = np.repeat([5.0, 6.0, 7.0, 8.0], 3) + rng.random(12) * 0.1
+    nm = np.repeat([1.0, 2.0, 3.0, 4.0], 3) + rng.random(12) * 0.1
+    gm, gn = np.repeat(["p1", "p2", "p3", "p4"], 3), np.repeat(["q1", "q2", "q3", "q4"], 3)
+    r = M.patient_permutation(m, gm, nm, gn, draws=4000, seed=1)
+    assert r["observed_auc"] == 1.0 and abs(r["p_two_sided"] - 2 / 70) < 0.012
+    assert r["member_patients"] == 4 and r["nonmember_patients"] == 4
+    assert r == M.patient_permutation(m, gm, nm, gn, draws=4000, seed=1)  # seeded
+    # the rank formula is roc_auc_score's, ties included
+    s = np.round(rng.random(50), 1)
+    g = np.array([f"p{i % 7}" for i in range(50)])
+    mem = np.isin(g, ["p0", "p3", "p5"])
+    t = M.patient_permutation(s[mem], g[mem], s[~mem], g[~mem], draws=10)
+    assert abs(t["observed_auc"] - roc_auc_score(mem, s)) < 1e-12
+    with pytest.raises(PpcmiError, match="both sides"):
+        M.patient_permutation(m, gm, nm, gm, draws=10)
+    with pytest.raises(PpcmiError, match="patient ids"):
+        M.patient_permutation(m, gm[:3], nm, gn, draws=10)
+
+
 def test_lira_offline_scores_prefer_records_the_target_fits_better_than_its_references():
     ref = np.array([[1.0, 1.0, 2.0, 2.0], [1.1, 0.9, 2.1, 1.9]])
     ref_in = np.zeros_like(ref, bool)
