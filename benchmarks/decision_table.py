@@ -136,7 +136,9 @@ def attacks(method: str, ds: str, results: Path) -> str:
         if mem:
             for name in ("M1", "M3"):
                 e = mem["results"].get(name)
-                parts.append(f"{name} from a colluding hospital: {e['status'] if e else 'not run'}")
+                q = (e or {}).get("patient_permutation")
+                shift = f" (AUC {e['attack']['auc']:.3f}; patients alone: p = {q['p_two_sided']:.3f})" if q else ""
+                parts.append(f"{name} from a colluding hospital: {e['status'] if e else 'not run'}{shift}")
         else:
             parts.append("M1/M3: not run against this core")
         return "; ".join(parts)

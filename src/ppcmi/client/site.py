@@ -125,7 +125,8 @@ def train_site(site_dir: str | Path, name: str, images: np.ndarray, masks: np.nd
         final = d / "model.safetensors"
         fc = FitConfig(epochs=ae_cfg.epochs, batch_size=ae_cfg.batch_size, lr=ae_cfg.lr, patience=ae_cfg.patience, seed=seed,
                        schedule=ae_cfg.lr_schedule)
-        res = fit(model, autoencoder_loss(kind, noise=ae_cfg.mask_noise if kind == "mask" else 0.0), [x[tr_idx]], [x[val_idx]] if n_val else None, fc, d / "train",
+        loss = autoencoder_loss(kind, noise=ae_cfg.mask_noise if kind == "mask" else 0.0)
+        res = fit(model, loss, [x[tr_idx]], [x[val_idx]] if n_val else None, fc, d / "train",
                   resume=resume and (d / "train" / "state.json").exists(), desc=f"{name} {kind} AE", progress=progress,
                   augment=batch_augmenter([kind]) if ae_cfg.augment else None, device=device)
         save_weights(model, final)
