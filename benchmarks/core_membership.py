@@ -266,7 +266,7 @@ def markdown(r: dict) -> str:
               "the patients alone. The referee deals the member label to random patients (every row of a patient with "
               "it, as many patients as the victims have) and recomputes the AUC; the column gives that null's central "
               "95 % and the two-sided p-value of the observed |AUC - 0.5| among the draws. A p-value that is not small "
-              "says the observed AUC is what patient differences alone produce; the margins' verdict stands either way.",
+              "says the observed AUC is what patient differences alone produce; the margins' verdict stands either way.", "",
               f"Machine: {r['machine']['cpu']}, torch {r['machine']['torch']}; {r['seconds']:.0f} s."]
     return "\n".join(lines) + "\n"
 
