@@ -182,11 +182,14 @@ def main(argv=None) -> dict:
     say(f"{int(member.sum())} victim member rows, {int(nonmember.sum())} non-member rows, {int(control.sum())} own rows (control)")
 
     dp = victims_dp(fed_dir, victims)
-    results: dict = {}
-    s1 = P.m1(target, challenge)
-    results["M1"] = V.mia_entry(M.evaluate_scores(s1[member], s1[nonmember]), M.evaluate_scores(s1[control], s1[nonmember]))
-    results["M1"]["patient_permutation"] = M.patient_permutation(s1[member], row_patient[member], s1[nonmember],
-                                                                 row_patient[nonmember], seed=PERMUTATION_SEED)
+    def judged(s: np.ndarray) -> dict:
+        """An attack's entry from its scores: the margins' verdict with its control, and the patients-alone null."""
+        e = V.mia_entry(M.evaluate_scores(s[member], s[nonmember]), M.evaluate_scores(s[control], s[nonmember]))
+        e["patient_permutation"] = M.patient_permutation(s[member], row_patient[member], s[nonmember],
+                                                         row_patient[nonmember], seed=PERMUTATION_SEED)
+        return e
+
+    results: dict = {"M1": judged(P.m1(target, challenge))}
     say(f"M1: AUC {results['M1']['attack']['auc']:.3f}, control AUC {results['M1']['control']['auc']:.3f}: {results['M1']['status']}")
     if args.references:
         work = Path(tempfile.mkdtemp(prefix="core-membership-"))
@@ -194,10 +197,7 @@ def main(argv=None) -> dict:
             m3 = P.m3(target, challenge, references=args.references, epochs=args.ref_epochs, work=work, progress=False)
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        s3 = m3["scores"]
-        results["M3"] = V.mia_entry(M.evaluate_scores(s3[member], s3[nonmember]), M.evaluate_scores(s3[control], s3[nonmember]))
-        results["M3"]["patient_permutation"] = M.patient_permutation(s3[member], row_patient[member], s3[nonmember],
-                                                                     row_patient[nonmember], seed=PERMUTATION_SEED)
+        results["M3"] = judged(m3["scores"])
         results["M3"]["references"] = {"n": args.references, "epochs": m3["references"].epochs}
         say(f"M3: AUC {results['M3']['attack']['auc']:.3f}, control AUC {results['M3']['control']['auc']:.3f}: {results['M3']['status']}")
     for r in results.values():
